@@ -1,0 +1,2601 @@
+#!/usr/bin/env python3
+"""bharatgen_openai: an OpenAI-compatible API in front of BharatGen's Param chat model.
+
+Param is served as a Gradio app.  This one file, standard library only (Python 3.9+),
+speaks Gradio's HTTP protocol to that app, turns the app's HTML replies into the model's
+exact text, and offers that text two ways:
+
+* an SDK shaped like the official ``openai`` package::
+
+      from bharatgen_openai import BharatGenOpenAI
+      client = BharatGenOpenAI(base_url="https://<id>.gradio.live/")
+      reply = client.chat.completions.create(messages=[{"role": "user", "content": "Hi"}])
+      print(reply.choices[0].message.content)
+
+* an HTTP server with the OpenAI routes (``/v1/chat/completions``, ``/v1/completions``,
+  ``/v1/responses``, ``/v1/models``), so that any OpenAI client works unchanged::
+
+      python bharatgen_openai.py serve --upstream https://<id>.gradio.live/
+      python bharatgen_openai.py serve --demo      # a built-in stand-in upstream
+
+Security: the server binds 127.0.0.1 by default.  Give it API keys (``--api-key`` or
+``BHARATGEN_API_KEYS``) before exposing it; keys are compared in constant time.
+"""
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # errors
+    "BharatGenError", "APIError", "BadRequestError", "AuthenticationError",
+    "NotFoundError", "MethodNotAllowedError", "RequestTooLargeError", "RateLimitError",
+    "InternalServerError", "UpstreamError", "UpstreamOverloadedError",
+    "APIConnectionError", "APITimeoutError", "UpstreamTimeout",
+    # protocol pieces
+    "CleanReply", "clean_reply", "estimate_tokens",
+    # objects
+    "ChatCompletion", "Choice", "ChatCompletionMessage", "ChatCompletionChunk",
+    "ChunkChoice", "ChoiceDelta", "CompletionUsage", "CompletionTokensDetails",
+    "Model", "ModelList", "Completion", "CompletionChoice",
+    # upstream, SDK, server
+    "GradioClient", "BharatGenOpenAI", "AsyncBharatGenOpenAI", "Stream", "AsyncStream",
+    "Config", "GatewayServer", "DemoUpstream", "main",
+]
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import html
+import http.client
+import json
+import logging
+import os
+import queue
+import re
+import secrets
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from html.parser import HTMLParser
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+DEFAULT_MODEL = "param-1"
+DEFAULT_ENDPOINT = "chat_fn_1"
+DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant. You think step-by-step."
+DEFAULT_TEMPERATURE = 0.7
+DEFAULT_MAX_TOKENS = 1024
+DEFAULT_TOP_P = 0.95
+DEFAULT_TOP_K = 50
+DEFAULT_PORT = 8000
+MAX_BODY_BYTES = 4 * 1024 * 1024
+REASONING_MODES = ("separate", "inline", "none")
+
+_log = logging.getLogger("bharatgen_openai")
+
+
+###############################################################################
+# Errors #######################################################################
+###############################################################################
+
+class BharatGenError(Exception):
+    """Root of every error this module raises.
+
+    Each subclass maps to one OpenAI error ``type``, one ``code`` and one HTTP status,
+    here and nowhere else; :meth:`to_dict` gives the OpenAI error body.
+    """
+
+    status: int = 500
+    type: str = "server_error"
+    code: Optional[str] = None
+
+    def __init__(self, message: str, *, param: Optional[str] = None,
+                 code: Optional[str] = None, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+        if status is not None:
+            self.status = status
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {"error": {"message": self.message, "type": self.type,
+                          "param": self.param, "code": self.code}}
+
+
+APIError = BharatGenError  # the openai SDK's name for its root error
+
+
+class BadRequestError(BharatGenError, ValueError):
+    """The request is malformed or asks for something this server cannot do (400)."""
+    status = 400
+    type = "invalid_request_error"
+
+
+class RequestTooLargeError(BadRequestError):
+    """The request body is larger than the server accepts (413)."""
+    status = 413
+    code = "request_too_large"
+
+
+class AuthenticationError(BharatGenError):
+    """No API key, or one the server does not know (401)."""
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class NotFoundError(BharatGenError):
+    """Unknown route or model (404)."""
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowedError(BharatGenError):
+    """A known route asked with the wrong HTTP method (405)."""
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class RateLimitError(BharatGenError):
+    """Too many requests (429)."""
+    status = 429
+    type = "requests"
+    code = "rate_limit_exceeded"
+
+
+class InternalServerError(BharatGenError):
+    """A fault in this server (500)."""
+
+
+class UpstreamError(InternalServerError):
+    """The Gradio app failed or answered something unusable (502)."""
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+
+
+class UpstreamOverloadedError(UpstreamError):
+    """The Gradio app's queue is full (503); retrying later may help."""
+    status = 503
+    code = "upstream_overloaded"
+
+
+class APIConnectionError(UpstreamError, ConnectionError):
+    """The Gradio app could not be reached, or dropped the connection (502)."""
+    code = "upstream_unreachable"
+
+
+class APITimeoutError(APIConnectionError, TimeoutError):
+    """The Gradio app did not answer in time (504)."""
+    status = 504
+    code = "upstream_timeout"
+
+
+UpstreamTimeout = APITimeoutError
+
+
+###############################################################################
+# Protocol pieces: SSE, the HTML cleaner, stop sequences, token counts #########
+###############################################################################
+
+def _iter_sse(readline: Callable[[], bytes]) -> Iterator[Tuple[str, str]]:
+    """Yield ``(event, data)`` from a server-sent event stream, one event at a time.
+
+    ``readline`` returns one line as bytes, ``b""`` at the end.  Follows the WHATWG
+    rules that matter here: ``event``/``data`` fields, multi-line data joined by
+    ``\\n``, comments (``:``) ignored, an event dispatched on a blank line.
+    """
+    event, data = "", []
+    while True:
+        raw = readline()
+        if not raw:
+            if data:
+                yield event or "message", "\n".join(data)
+            return
+        line = raw.decode("utf-8").rstrip("\r\n")
+        if not line:
+            if data or event:
+                yield event or "message", "\n".join(data)
+            event, data = "", []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            if value.startswith(" "):
+                value = value[1:]
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+
+
+def _sse(obj: Any, event: Optional[str] = None) -> bytes:
+    """One server-sent event carrying ``obj`` as compact JSON (or a literal string)."""
+    payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False,
+                                                          separators=(",", ":"))
+    head = "event: %s\n" % event if event else ""
+    return ("%sdata: %s\n\n" % (head, payload)).encode("utf-8")
+
+
+class _TagReader(HTMLParser):
+    """Reads the name and attributes of the first start tag it is fed."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tag: Optional[str] = None
+        self.attrs: Dict[str, str] = {}
+
+    def handle_starttag(self, tag: str, attrs: List[Tuple[str, Optional[str]]]) -> None:
+        if self.tag is None:
+            self.tag, self.attrs = tag, {k: v or "" for k, v in attrs}
+
+    handle_startendtag = handle_starttag
+
+
+def _parse_tag(text: str) -> Tuple[Optional[str], Dict[str, str]]:
+    """Name and attributes of the start tag ``text`` (``<details class='x'>``)."""
+    reader = _TagReader()
+    reader.feed(text)
+    reader.close()
+    return reader.tag, reader.attrs
+
+
+_DETAILS_RE = re.compile(r"\s*<details\b[^>]*>", re.I)
+_SUMMARY_RE = re.compile(r"\s*<summary\b[^>]*>.*?</summary>", re.I | re.S)
+_DETAILS_END = "</details>"
+_MARKER_RE = re.compile(r"<(?:details|div)\b[^>]*>", re.I)
+_PARTIAL_TAG_RE = re.compile(r"<(?:d|de|det|deta|detai|detail|details|di|div)"
+                             r"(?:[\s/][^>]*)?\Z", re.I)
+
+
+def _is_tail_marker(tag_text: str) -> bool:
+    """True for the app's debug ``<details style='opacity…'>`` or latency ``<div style='color:#666…'>``."""
+    name, attrs = _parse_tag(tag_text)
+    style = attrs.get("style", "").replace(" ", "").lower()
+    if name == "details":
+        return "opacity" in style
+    return name == "div" and "color:#666" in style
+
+
+@dataclass
+class CleanReply:
+    """The model's text found in one assistant HTML reply.
+
+    ``answer`` is verbatim (no unescaping); ``thought`` is unescaped.  The ``*_done``
+    flags say whether more may still be written to each part.
+    """
+
+    answer: str
+    thought: str
+    thought_done: bool = True
+    answer_done: bool = True
+
+
+def clean_reply(html_text: str) -> CleanReply:
+    """Split the Param app's assistant HTML into the thought and the exact answer.
+
+    The thought is the ``<details>`` block whose class contains ``thought``; the answer
+    follows it and ends where the debug ``<details>`` (style with ``opacity``) or the
+    latency ``<div>`` (style with ``color:#666``) begins.  The answer region is cut out,
+    never re-serialized, so code that contains ``<div>``, ``&`` or ``a < b`` survives.
+    Text without those blocks is returned whole as the answer.
+    """
+    pos, thought, thought_done = 0, "", True
+    m = _DETAILS_RE.match(html_text)
+    if m is None and _PARTIAL_TAG_RE.match(html_text.lstrip()):
+        return CleanReply("", "", False, False)          # a tag still being written
+    if m is not None and "thought" in _parse_tag(m.group().strip())[1].get("class", ""):
+        body = m.end()
+        s = _SUMMARY_RE.match(html_text, body)
+        if s is not None:
+            body = s.end()
+        end = html_text.find(_DETAILS_END, body)
+        if end < 0:                                       # still thinking
+            return CleanReply("", html.unescape(html_text[body:]).strip(), False, False)
+        thought = html.unescape(html_text[body:end]).strip()
+        pos = end + len(_DETAILS_END)
+        for _ in range(2):                                # the "\n\n" separator
+            if html_text.startswith("\n", pos):
+                pos += 1
+    for marker in _MARKER_RE.finditer(html_text, pos):
+        if _is_tail_marker(marker.group()):
+            return CleanReply(html_text[pos:marker.start()].rstrip(), thought, True, True)
+    return CleanReply(html_text[pos:], thought, thought_done, False)
+
+
+def _stable_prefix(text: str) -> str:
+    """The part of a growing text that no later update can change.
+
+    Holds back a tag still being written (``<det``), then trailing whitespace (it may
+    be the separator before the debug block) and U+FFFD (a half-written character).
+    """
+    i = text.rfind("<")
+    if i >= 0 and _PARTIAL_TAG_RE.match(text, i):
+        text = text[:i]
+    return text.rstrip().rstrip("\ufffd").rstrip()
+
+
+class _StreamCleaner:
+    """Turns successive whole-reply HTML snapshots into thought and answer deltas.
+
+    Only text that no later snapshot can change is released, so the deltas joined
+    always equal :func:`clean_reply` of the final snapshot.
+    """
+
+    def __init__(self) -> None:
+        self.thought = ""
+        self.answer = ""
+        self.diverged = False
+
+    def update(self, html_text: str, final: bool = False) -> Tuple[str, str]:
+        """Feed the latest snapshot; return the new ``(thought, answer)`` text."""
+        reply = clean_reply(html_text)
+        thought = reply.thought if (final or reply.thought_done) else _stable_prefix(reply.thought)
+        answer = reply.answer if (final or reply.answer_done) else _stable_prefix(reply.answer)
+        return self._advance("thought", thought), self._advance("answer", answer)
+
+    def _advance(self, name: str, text: str) -> str:
+        sent = getattr(self, name)
+        if len(text) <= len(sent):
+            return ""
+        if not text.startswith(sent):
+            if not self.diverged:
+                _log.warning("upstream rewrote %s text already sent; keeping what was sent", name)
+            self.diverged = True
+            return ""
+        setattr(self, name, text)
+        return text[len(sent):]
+
+
+class _StopCutter:
+    """Cuts a streamed text before the first of the stop sequences.
+
+    Holds back the longest tail that could still grow into a stop sequence, so a stop
+    split across two deltas is still caught and nothing after it is released.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.held = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Add ``text``; return what can be released now."""
+        if self.stopped or not self.stops:
+            return "" if self.stopped else text
+        buf = self.held + text
+        hits = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped, self.held = True, ""
+            return buf[:min(hits)]
+        keep = 0
+        for stop in self.stops:
+            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
+                if stop.startswith(buf[len(buf) - k:]):
+                    keep = k
+                    break
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+    def flush(self) -> str:
+        """The end of the text: release what was held."""
+        held, self.held = self.held, ""
+        return "" if self.stopped else held
+
+
+# Token estimator: counts by script, calibrated against tiktoken's o200k_base.
+_TOKEN_RE = re.compile(
+    r"(?P<latin>[A-Za-z\u00C0-\u024F]+)"
+    r"|(?P<digits>[0-9]+)"
+    r"|(?P<indic>[\u0900-\u0DFF\uA8E0-\uA8FF\u1CD0-\u1CFF]+)"
+    r"|(?P<cjk>[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF\uF900-\uFAFF]+)"
+    r"|(?P<space>\s+)"
+    r"|(?P<punct>[!-/:-@\[-`{-~]+)"
+    r"|(?P<other>.)", re.S)
+
+# Characters per token for the Indic blocks, by script (o200k_base has many Devanagari
+# merges, fewer for the southern scripts).
+_INDIC_CHARS_PER_TOKEN = (
+    (0x0980, 3.0),   # Devanagari
+    (0x0A00, 2.4),   # Bengali
+    (0x0B00, 2.2),   # Gurmukhi, Gujarati
+    (0x0B80, 2.0),   # Oriya
+    (0x0C00, 2.4),   # Tamil
+    (0x0D00, 2.2),   # Telugu, Kannada
+    (0x0E00, 2.2),   # Malayalam, Sinhala
+)
+
+
+def estimate_tokens(text: str) -> int:
+    """Estimate how many tokens ``text`` takes, by script; far closer than ``len/4``.
+
+    Latin words cost one token up to about eight letters, more beyond; digits go in
+    threes; Indic scripts by a per-script rate; CJK about one per character; runs of
+    punctuation (code) about one per two characters.
+    """
+    total = 0.0
+    for m in _TOKEN_RE.finditer(text):
+        kind, s = m.lastgroup, m.group()
+        n = len(s)
+        if kind == "latin":
+            total += 1 if n <= 8 else 1 + (n - 8) / 4.0
+        elif kind == "digits":
+            total += (n + 2) // 3
+        elif kind == "indic":
+            rate = 2.2
+            for limit, r in _INDIC_CHARS_PER_TOKEN:
+                if ord(s[0]) < limit:
+                    rate = r
+                    break
+            total += max(1.0, n / rate)
+        elif kind == "cjk":
+            total += n * 0.9
+        elif kind == "space":
+            total += 0 if s == " " else 1 + s.count("\n") // 4
+        elif kind == "punct":
+            total += (n + 1) // 2
+        else:
+            total += 1 if ord(s) < 0x2000 else 2
+    return int(round(total)) if text else 0
+
+
+###############################################################################
+# Objects shaped like the openai SDK's #########################################
+###############################################################################
+
+def _extension(default: Any = None) -> Any:
+    """A dataclass field that is left out of the JSON while it is ``None``.
+
+    Used for fields OpenAI does not define (``reasoning_content``), so that
+    :meth:`_Object.to_dict` gives exactly the OpenAI JSON when they are unused.
+    """
+    return field(default=default, metadata={"omit_none": True})
+
+
+class _Object:
+    """Base of the response objects: attribute access plus OpenAI-exact JSON."""
+
+    def to_dict(self) -> Dict[str, Any]:
+        """The object as the OpenAI API's JSON (a fresh dict)."""
+        out: Dict[str, Any] = {}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            value = getattr(self, f.name)
+            if value is None and f.metadata.get("omit_none"):
+                continue
+            out[f.name] = _to_json(value)
+        return out
+
+    def model_dump(self, **_: Any) -> Dict[str, Any]:
+        """Alias of :meth:`to_dict`, as pydantic (and so the openai SDK) names it."""
+        return self.to_dict()
+
+    def model_dump_json(self, **_: Any) -> str:
+        """The JSON text of :meth:`to_dict`."""
+        return json.dumps(self.to_dict(), ensure_ascii=False)
+
+    def __getitem__(self, key: str) -> Any:
+        return getattr(self, key)
+
+
+def _to_json(value: Any) -> Any:
+    if isinstance(value, _Object):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_json(v) for k, v in value.items()}
+    return value
+
+
+@dataclass
+class CompletionTokensDetails(_Object):
+    """How many of the completion tokens were reasoning."""
+    reasoning_tokens: int = 0
+
+
+@dataclass
+class CompletionUsage(_Object):
+    """Token counts of one request (estimated: the upstream reports none)."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens_details: Optional[CompletionTokensDetails] = _extension()
+
+
+@dataclass
+class ChatCompletionMessage(_Object):
+    """The assistant's message in a non-streamed chat completion."""
+    role: str = "assistant"
+    content: Optional[str] = None
+    refusal: Optional[str] = None
+    annotations: List[Any] = field(default_factory=list)
+    reasoning_content: Optional[str] = _extension()
+
+
+@dataclass
+class Choice(_Object):
+    """One choice of a chat completion."""
+    index: int = 0
+    message: ChatCompletionMessage = field(default_factory=ChatCompletionMessage)
+    finish_reason: Optional[str] = "stop"
+    logprobs: Optional[Any] = None
+
+
+@dataclass
+class ChatCompletion(_Object):
+    """A non-streamed chat completion (``object: "chat.completion"``)."""
+    id: str = ""
+    choices: List[Choice] = field(default_factory=list)
+    created: int = 0
+    model: str = DEFAULT_MODEL
+    object: str = "chat.completion"
+    system_fingerprint: Optional[str] = None
+    usage: Optional[CompletionUsage] = None
+
+
+@dataclass
+class ChoiceDelta(_Object):
+    """What one streamed chunk adds to a choice."""
+    role: Optional[str] = _extension()
+    content: Optional[str] = _extension()
+    reasoning_content: Optional[str] = _extension()
+
+
+@dataclass
+class ChunkChoice(_Object):
+    """One choice of a streamed chunk."""
+    index: int = 0
+    delta: ChoiceDelta = field(default_factory=ChoiceDelta)
+    finish_reason: Optional[str] = None
+    logprobs: Optional[Any] = None
+
+
+@dataclass
+class ChatCompletionChunk(_Object):
+    """One streamed piece of a chat completion (``object: "chat.completion.chunk"``)."""
+    id: str = ""
+    choices: List[ChunkChoice] = field(default_factory=list)
+    created: int = 0
+    model: str = DEFAULT_MODEL
+    object: str = "chat.completion.chunk"
+    system_fingerprint: Optional[str] = None
+    usage: Optional[CompletionUsage] = None
+
+
+@dataclass
+class CompletionChoice(_Object):
+    """One choice of a legacy text completion."""
+    index: int = 0
+    text: str = ""
+    finish_reason: Optional[str] = "stop"
+    logprobs: Optional[Any] = None
+
+
+@dataclass
+class Completion(_Object):
+    """A legacy text completion (``object: "text_completion"``), streamed or not."""
+    id: str = ""
+    choices: List[CompletionChoice] = field(default_factory=list)
+    created: int = 0
+    model: str = DEFAULT_MODEL
+    object: str = "text_completion"
+    system_fingerprint: Optional[str] = None
+    usage: Optional[CompletionUsage] = None
+
+
+@dataclass
+class Model(_Object):
+    """One served model, as ``/v1/models`` lists it."""
+    id: str = DEFAULT_MODEL
+    created: int = 0
+    object: str = "model"
+    owned_by: str = "bharatgen"
+
+
+@dataclass
+class ModelList(_Object):
+    """The answer of ``/v1/models``; iterable like the SDK's page."""
+    data: List[Model] = field(default_factory=list)
+    object: str = "list"
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(self.data)
+
+
+def _new_id(prefix: str) -> str:
+    return prefix + secrets.token_hex(12)
+
+
+_FINGERPRINT = "fp_bharatgen_" + hashlib.sha1(__version__.encode()).hexdigest()[:8]
+
+
+###############################################################################
+# Upstream: a Gradio client over http.client ###################################
+###############################################################################
+
+@dataclass
+class _AppInfo:
+    """What :meth:`GradioClient.discover` learned of the app."""
+    prefix: str
+    version: str
+    protocol: str
+    history_format: str            # "parts" (Gradio 6), "messages" (5), "pairs" (4)
+    fn_index: Optional[int] = None
+    n_inputs: Optional[int] = None
+
+
+def _normalize_base_url(url: str) -> str:
+    """The app's root URL from whatever users paste: root, ``/gradio_api``, a Space."""
+    url = url.strip()
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", url):               # owner/space
+        url = "https://huggingface.co/spaces/" + url
+    m = re.match(r"https?://huggingface\.co/spaces/([\w.-]+)/([\w.-]+)", url)
+    if m:
+        host = ("%s-%s" % m.groups()).lower().replace("_", "-").replace(".", "-")
+        url = "https://%s.hf.space" % host
+    if "://" not in url:
+        url = "http://" + url
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip("/")
+    for tail in ("/gradio_api", "/config", "/info"):
+        if path.endswith(tail):
+            path = path[:-len(tail)]
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
+
+
+def _message_text(content: Any) -> str:
+    """The text of a chatbot message's content: a string or a list of parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text") or "" for p in content
+                       if isinstance(p, dict) and p.get("type", "text") == "text")
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    return ""
+
+
+def _reply_from_output(output: Any) -> str:
+    """The newest assistant text in a Gradio chat output (``[chatbot, textbox]``).
+
+    The chatbot value is the whole conversation; the reply is its last message, and
+    only while that message is the assistant's (before it appears, there is none).
+    A ``gr.ChatInterface`` returns the reply itself as a string.
+    """
+    value = output[0] if isinstance(output, list) and output else output
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and "value" in value:      # Gradio 4 "update" dicts
+        value = value["value"]
+    if isinstance(value, list):
+        if not value:
+            return ""
+        last = value[-1]
+        if isinstance(last, dict):
+            return _message_text(last.get("content")) if last.get("role") == "assistant" else ""
+        if isinstance(last, (list, tuple)) and len(last) == 2:
+            return last[1] if isinstance(last[1], str) else ""
+    raise UpstreamError("the Gradio app returned an output this client cannot read: %s"
+                        % json.dumps(output, ensure_ascii=False)[:200])
+
+
+def _upstream_error_message(data: str) -> str:
+    """The message of a Gradio ``error`` event's data, whatever its shape."""
+    try:
+        payload = json.loads(data) if data else None
+    except ValueError:
+        payload = data
+    if isinstance(payload, dict):
+        payload = payload.get("error") or payload.get("message")
+    if isinstance(payload, str) and payload.strip():
+        return "the Gradio app reported an error: " + payload.strip()
+    return "the Gradio app failed without a message (it may hide errors; see its logs)"
+
+
+class GradioClient:
+    """Calls one chat endpoint of a Gradio app and streams the reply's HTML.
+
+    ``base_url`` may be the app's root, its ``/gradio_api`` URL or a Hugging Face Space
+    (``owner/space``).  The client reads ``/config`` once to learn the API prefix and the
+    history format, then uses the two-step ``/call`` API.  ``HF_TOKEN`` (or ``hf_token``)
+    is sent as a bearer token for private Spaces.
+    """
+
+    def __init__(self, base_url: str, *, endpoint: str = DEFAULT_ENDPOINT,
+                 timeout: float = 120.0, connect_timeout: float = 10.0,
+                 hf_token: Optional[str] = None) -> None:
+        self.base_url = _normalize_base_url(base_url)
+        self.endpoint = endpoint.strip("/")
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.hf_token = hf_token if hf_token is not None else os.environ.get("HF_TOKEN")
+        parts = urllib.parse.urlsplit(self.base_url)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname or "127.0.0.1"
+        self._port = parts.port or (443 if self._https else 80)
+        self._root = parts.path
+        self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
+        self._info: Optional[_AppInfo] = None
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return "GradioClient(%r, endpoint=%r)" % (self.base_url, self.endpoint)
+
+    # -- HTTP -------------------------------------------------------------------------
+
+    def _connect(self) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        return cls(self._host, self._port, timeout=self.connect_timeout)
+
+    def _headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        headers = {"User-Agent": "bharatgen_openai/" + __version__}
+        if self.hf_token:
+            headers["Authorization"] = "Bearer " + self.hf_token
+            headers["X-HF-Authorization"] = "Bearer " + self.hf_token
+        headers.update(extra or {})
+        return headers
+
+    def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
+              body: Optional[Any] = None) -> http.client.HTTPResponse:
+        """Send one request; turn socket failures into the matching error."""
+        data = None if body is None else json.dumps(body).encode("utf-8")
+        headers = self._headers({"Content-Type": "application/json"} if data else None)
+        try:
+            conn.request(method, self._root + path, body=data, headers=headers)
+            if conn.sock is not None:
+                conn.sock.settimeout(self.timeout)
+            return conn.getresponse()
+        except socket.timeout:
+            raise APITimeoutError("the Gradio app at %s did not answer within %ss"
+                                  % (self.base_url, self.timeout)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise APIConnectionError("cannot reach the Gradio app at %s: %s"
+                                     % (self.base_url, exc)) from None
+
+    def _get_json(self, path: str) -> Tuple[int, Any]:
+        conn = self._connect()
+        try:
+            resp = self._send(conn, "GET", path)
+            raw = resp.read()
+        except socket.timeout:
+            raise APITimeoutError("the Gradio app at %s did not answer within %ss"
+                                  % (self.base_url, self.timeout)) from None
+        finally:
+            conn.close()
+        try:
+            return resp.status, json.loads(raw)
+        except ValueError:
+            return resp.status, None
+
+    # -- discovery ----------------------------------------------------------------------
+
+    def discover(self, refresh: bool = False) -> _AppInfo:
+        """Read the app's ``/config`` (once): API prefix, version, history format."""
+        with self._lock:
+            if self._info is not None and not refresh:
+                return self._info
+            status, config = self._get_json("/config")
+            if status != 200 or not isinstance(config, dict):
+                config = {}
+            prefix = config.get("api_prefix", self._prefix_hint) if config else self._prefix_hint
+            version = str(config.get("version") or "")
+            major = int(version.split(".")[0]) if version[:1].isdigit() else 6
+            fmt = "parts" if major >= 6 else "messages" if major == 5 else "pairs"
+            fn_index = n_inputs = None
+            for dep in config.get("dependencies") or []:
+                if isinstance(dep, dict) and dep.get("api_name") == self.endpoint:
+                    fn_index, n_inputs = dep.get("id"), len(dep.get("inputs") or [])
+            self._info = _AppInfo(prefix=(prefix or "").rstrip("/"), version=version,
+                                  protocol=str(config.get("protocol") or ""),
+                                  history_format=fmt, fn_index=fn_index, n_inputs=n_inputs)
+            return self._info
+
+    @staticmethod
+    def _history(history: Sequence[Tuple[str, str]], fmt: str) -> List[Any]:
+        """The conversation so far in the format the app's Chatbot accepts."""
+        if fmt == "pairs":
+            pairs: List[List[Optional[str]]] = []
+            for role, text in history:
+                if role == "user" or not pairs or pairs[-1][1] is not None:
+                    pairs.append([text, None] if role == "user" else [None, text])
+                else:
+                    pairs[-1][1] = text
+            return pairs
+        if fmt == "messages":
+            return [{"role": r, "content": t} for r, t in history]
+        return [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
+
+    # -- calling ------------------------------------------------------------------------
+
+    def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
+               system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+               temperature: float = DEFAULT_TEMPERATURE,
+               max_tokens: int = DEFAULT_MAX_TOKENS, top_p: float = DEFAULT_TOP_P,
+               top_k: int = DEFAULT_TOP_K) -> Iterator[Tuple[str, bool]]:
+        """Call the endpoint; yield ``(reply_html, is_final)`` for every update.
+
+        The Param layout: ``[message, history, system_prompt, temperature, max_tokens,
+        top_p, top_k]``.  Closing the generator closes the event stream, which makes
+        Gradio cancel the job.
+        """
+        info = self.discover()
+        data = [message, self._history(history, info.history_format), system_prompt,
+                temperature, max_tokens, top_p, top_k]
+        base = "%s/call/%s" % (info.prefix, self.endpoint)
+        conn = self._connect()
+        try:
+            resp = self._send(conn, "POST", base, {"data": data})
+            raw = self._read_all(resp)
+            if resp.status == 503:
+                raise UpstreamOverloadedError("the Gradio app's queue is full; try again later")
+            if resp.status != 200:
+                raise UpstreamError("the Gradio app refused the call to /%s (HTTP %d): %s"
+                                    % (self.endpoint, resp.status,
+                                       raw.decode("utf-8", "replace").strip()[:300]))
+            try:
+                event_id = json.loads(raw)["event_id"]
+            except (ValueError, KeyError, TypeError):
+                raise UpstreamError("the Gradio app answered the call without an event_id: %r"
+                                    % raw[:200]) from None
+            resp = self._send(conn, "GET", "%s/%s" % (base, event_id))
+            if resp.status != 200:
+                raise UpstreamError("the Gradio app refused the event stream (HTTP %d)"
+                                    % resp.status)
+            yield from self._read_call_events(resp)
+        finally:
+            conn.close()
+
+    def _read_all(self, resp: http.client.HTTPResponse) -> bytes:
+        try:
+            return resp.read()
+        except socket.timeout:
+            raise APITimeoutError("the Gradio app did not answer within %ss" % self.timeout) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
+
+    def _read_call_events(self, resp: http.client.HTTPResponse) -> Iterator[Tuple[str, bool]]:
+        """Follow a ``/call`` event stream to its first ``complete`` or ``error``."""
+        try:
+            for event, data in _iter_sse(resp.readline):
+                if event in ("generating", "complete"):
+                    try:
+                        output = json.loads(data)
+                    except ValueError:
+                        raise UpstreamError("the Gradio app sent a malformed %s event: %r"
+                                            % (event, data[:200])) from None
+                    if output is None:
+                        raise UpstreamError("the Gradio app cancelled the job")
+                    yield _reply_from_output(output), event == "complete"
+                    if event == "complete":
+                        return
+                elif event == "error":
+                    raise UpstreamError(_upstream_error_message(data))
+        except socket.timeout:
+            raise APITimeoutError("the Gradio app sent nothing for %ss" % self.timeout) from None
+        except UnicodeDecodeError:
+            raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
+        raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
+
+
+###############################################################################
+# Requests: validation and the mapping of a conversation onto the app ##########
+###############################################################################
+
+_TEXT_PART_TYPES = ("text", "input_text", "output_text")
+_MEDIA_PART_TYPES = ("image_url", "input_image", "input_audio", "audio", "file", "input_file",
+                     "image", "video")
+
+
+def _bad(message: str, param: Optional[str], code: Optional[str] = None) -> BadRequestError:
+    return BadRequestError(message, param=param, code=code or "invalid_value")
+
+
+def _number(body: Dict[str, Any], name: str, lo: float, hi: float,
+            integer: bool = False) -> Optional[float]:
+    """``body[name]`` checked to be a number in ``[lo, hi]`` (``None`` when absent)."""
+    value = body.get(name)
+    if value is None:
+        return None
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds):
+        raise _bad("%r must be %s, not %s" % (name, "an integer" if integer else "a number",
+                                              json.dumps(value)[:50]), name, "invalid_type")
+    if not lo <= value <= hi:
+        raise _bad("%r must be between %s and %s; got %s" % (name, lo, hi, value), name)
+    return value
+
+
+def _content_text(content: Any, param: str, allow_none: bool = False) -> str:
+    """The text of a message's ``content``: a string or a list of text parts."""
+    if content is None:
+        if allow_none:
+            return ""
+        raise _bad("%s is required" % param, param, "missing_required_parameter")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _bad("%s must be a string or a list of content parts" % param, param, "invalid_type")
+    texts = []
+    for i, part in enumerate(content):
+        where = "%s[%d]" % (param, i)
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind in _MEDIA_PART_TYPES:
+            raise _bad("%s is a %r part, but this model takes text only" % (where, kind),
+                       where, "unsupported_content_type")
+        elif kind == "refusal":
+            texts.append(str(part.get("refusal") or ""))
+        else:
+            raise _bad("%s must be a content part like {\"type\": \"text\", \"text\": \"...\"}"
+                       % where, where, "invalid_type")
+    return "".join(texts)
+
+
+@dataclass
+class _Conversation:
+    """A chat mapped onto the app's inputs: system prompt, history, new message."""
+    system: Optional[str]
+    history: List[Tuple[str, str]]
+    message: str
+    prompt_tokens: int = 0
+
+
+def _conversation(messages: Any, param: str = "messages") -> _Conversation:
+    """Validate OpenAI ``messages`` and map them onto (system, history, message).
+
+    System and developer messages, wherever they stand, are joined into the system
+    prompt; consecutive messages of one role are joined; the last must be the user's.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise _bad("%r must be a non-empty list of messages" % param, param,
+                   "invalid_type" if not isinstance(messages, list) else "invalid_value")
+    system: List[str] = []
+    turns: List[Tuple[str, str]] = []
+    tokens = 3
+    for i, msg in enumerate(messages):
+        where = "%s[%d]" % (param, i)
+        if not isinstance(msg, dict):
+            raise _bad("%s must be an object with 'role' and 'content'" % where, where, "invalid_type")
+        role = msg.get("role")
+        if role in ("tool", "function"):
+            raise _bad("%s has role %r, but this server does not support tools yet; send "
+                       "the conversation without tool messages" % (where, role),
+                       where + ".role", "unsupported_role")
+        if role not in ("system", "developer", "user", "assistant"):
+            raise _bad("%s.role must be one of 'system', 'developer', 'user', 'assistant'; "
+                       "got %s" % (where, json.dumps(role)[:40]), where + ".role")
+        if role == "assistant" and msg.get("tool_calls"):
+            raise _bad("%s has tool_calls, but this server does not support tools yet" % where,
+                       where + ".tool_calls", "unsupported_parameter")
+        text = _content_text(msg.get("content"), where + ".content", allow_none=role == "assistant")
+        tokens += 4 + estimate_tokens(text)
+        if role in ("system", "developer"):
+            system.append(text)
+        elif turns and turns[-1][0] == role:
+            turns[-1] = (role, turns[-1][1] + "\n\n" + text)
+        else:
+            turns.append((role, text))
+    if not turns or turns[-1][0] != "user":
+        raise _bad("the last message (other than system messages) must have role 'user'",
+                   param, "invalid_value")
+    return _Conversation(system="\n\n".join(system) if system else None,
+                         history=turns[:-1], message=turns[-1][1], prompt_tokens=tokens)
+
+
+@dataclass
+class _Sampling:
+    """The sampling settings sent to the app, and what shapes the answer afterwards."""
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    max_tokens: Optional[int] = None
+    stop: List[str] = field(default_factory=list)
+    n: int = 1
+
+
+_IGNORED_NUMBERS = (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
+                    ("repetition_penalty", 0, 10), ("min_p", 0, 1))
+
+
+def _sampling(body: Dict[str, Any], max_tokens_names: Sequence[str]) -> _Sampling:
+    """Validate the sampling fields shared by every generation endpoint."""
+    s = _Sampling(temperature=_number(body, "temperature", 0, 2),
+                  top_p=_number(body, "top_p", 0, 1))
+    top_k = _number(body, "top_k", -1, 1000, integer=True)
+    s.top_k = None if top_k is None or top_k <= 0 else int(top_k)
+    for name in max_tokens_names:                 # later names win (max_completion_tokens)
+        value = _number(body, name, 1, 1 << 20, integer=True)
+        if value is not None:
+            s.max_tokens = int(value)
+    n = _number(body, "n", 1, 16, integer=True)
+    s.n = int(n) if n is not None else 1
+    stop = body.get("stop")
+    if isinstance(stop, str):
+        s.stop = [stop]
+    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop):
+        s.stop = list(stop)
+    elif stop is not None:
+        raise _bad("'stop' must be a string or a list of up to 4 strings", "stop")
+    for name, lo, hi in _IGNORED_NUMBERS:
+        _number(body, name, lo, hi)
+    if body.get("seed") is not None:
+        _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
+    if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
+        raise _bad("logprobs are not available: the upstream app does not report them",
+                   "logprobs", "unsupported_parameter")
+    if body.get("tools"):
+        raise _bad("tool calling is not supported by this model yet; send the request "
+                   "without 'tools'", "tools", "unsupported_parameter")
+    if body.get("tool_choice") not in (None, "none", "auto"):
+        raise _bad("'tool_choice' needs 'tools', which this model does not support yet",
+                   "tool_choice", "unsupported_parameter")
+    fmt = body.get("response_format")
+    if fmt is not None:
+        kind = fmt.get("type") if isinstance(fmt, dict) else None
+        if kind in ("json_object", "json_schema"):
+            raise _bad("response_format %r is not supported yet: this model can only be "
+                       "asked for text" % kind, "response_format", "unsupported_parameter")
+        if kind != "text":
+            raise _bad("'response_format' must be {\"type\": \"text\"}", "response_format")
+    if body.get("modalities") not in (None, ["text"]) or body.get("audio"):
+        raise _bad("this model produces text only", "modalities", "unsupported_parameter")
+    return s
+
+
+def _flag(body: Dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad("%r must be a boolean" % name, name, "invalid_type")
+    return value
+
+
+def _include_usage(body: Dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    if opts is None:
+        return False
+    if not isinstance(opts, dict):
+        raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    return _flag(opts, "include_usage")
+
+
+###############################################################################
+# The engine: upstream snapshots -> clean deltas, shared by SDK and server #####
+###############################################################################
+
+@dataclass
+class _Piece:
+    """One step of a generated choice: ``kind`` is reasoning, content or finish."""
+    index: int
+    kind: str
+    text: str
+
+
+class _Generation:
+    """Runs ``n`` upstream calls for one request and yields their pieces interleaved.
+
+    Each choice's HTML snapshots pass through a :class:`_StreamCleaner` and a
+    :class:`_StopCutter`; a stop sequence or :meth:`close` ends the upstream call at
+    once.  Streamed and non-streamed answers come from this one path, so they agree.
+    """
+
+    def __init__(self, client: GradioClient, conv: _Conversation, sampling: _Sampling,
+                 system_default: str) -> None:
+        self.client, self.conv, self.sampling = client, conv, sampling
+        self.system = conv.system if conv.system is not None else system_default
+        self.thought: List[str] = [""] * sampling.n
+        self.answer: List[str] = [""] * sampling.n
+        self._closed = threading.Event()
+
+    def _choice(self, index: int) -> Iterator[_Piece]:
+        s = self.sampling
+        upstream = self.client.stream(
+            self.conv.message, self.conv.history, system_prompt=self.system,
+            temperature=DEFAULT_TEMPERATURE if s.temperature is None else s.temperature,
+            max_tokens=DEFAULT_MAX_TOKENS if s.max_tokens is None else s.max_tokens,
+            top_p=DEFAULT_TOP_P if s.top_p is None else s.top_p,
+            top_k=DEFAULT_TOP_K if s.top_k is None else s.top_k)
+        cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
+        try:
+            for html_text, final in upstream:
+                thought, answer = cleaner.update(html_text, final)
+                if thought:
+                    self.thought[index] += thought
+                    yield _Piece(index, "reasoning", thought)
+                text = cutter.feed(answer) if answer else ""
+                if text:
+                    self.answer[index] += text
+                    yield _Piece(index, "content", text)
+                if cutter.stopped or self._closed.is_set():
+                    break
+            text = cutter.flush()
+            if text:
+                self.answer[index] += text
+                yield _Piece(index, "content", text)
+            yield _Piece(index, "finish", "stop")
+        finally:
+            upstream.close()
+
+    def __iter__(self) -> Iterator[_Piece]:
+        if self.sampling.n == 1:
+            yield from self._choice(0)
+            return
+        pieces: "queue.Queue[Any]" = queue.Queue()
+
+        def run(index: int) -> None:
+            try:
+                for piece in self._choice(index):
+                    pieces.put(piece)
+                    if self._closed.is_set():
+                        break
+            except BaseException as exc:      # handed to the consumer, raised there
+                pieces.put(exc)
+            finally:
+                pieces.put(None)
+
+        for i in range(self.sampling.n):
+            threading.Thread(target=run, args=(i,), daemon=True,
+                             name="bharatgen-choice-%d" % i).start()
+        running = self.sampling.n
+        try:
+            while running:
+                item = pieces.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:
+            self._closed.set()
+
+    def close(self) -> None:
+        """Stop every upstream call (the consumer went away)."""
+        self._closed.set()
+
+    def usage(self) -> CompletionUsage:
+        """Estimated token counts of the prompt and everything generated so far."""
+        reasoning = sum(estimate_tokens(t) for t in self.thought)
+        completion = reasoning + sum(estimate_tokens(a) for a in self.answer)
+        return CompletionUsage(
+            prompt_tokens=self.conv.prompt_tokens, completion_tokens=completion,
+            total_tokens=self.conv.prompt_tokens + completion,
+            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
+
+
+class _Reasoning:
+    """Places the thought text where ``--reasoning`` says: its own field, inline, or nowhere."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self._open: Dict[int, bool] = {}
+
+    def apply(self, piece: _Piece) -> Tuple[Optional[str], Optional[str]]:
+        """``(reasoning_text, content_text)`` for one piece."""
+        if piece.kind == "reasoning":
+            if self.mode == "separate":
+                return piece.text, None
+            if self.mode == "inline":
+                opening = "" if self._open.get(piece.index) else "<think>\n"
+                self._open[piece.index] = True
+                return None, opening + piece.text
+            return None, None
+        if piece.kind == "content" and self._open.pop(piece.index, False):
+            return None, "\n</think>\n\n" + piece.text
+        if piece.kind == "finish" and self._open.pop(piece.index, False):
+            return None, "\n</think>"
+        return None, piece.text if piece.kind == "content" else None
+
+
+###############################################################################
+# Configuration #################################################################
+###############################################################################
+
+def _split_list(value: str) -> List[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@dataclass
+class Config:
+    """Every setting, filled from flags, then the environment (``BHARATGEN_<NAME>``), then
+    these defaults.  ``upstream`` also reads ``BHARATGEN_BASE_URL``."""
+
+    upstream: Optional[str] = None
+    endpoint: str = DEFAULT_ENDPOINT
+    model: str = DEFAULT_MODEL
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    timeout: float = 120.0
+    connect_timeout: float = 10.0
+    reasoning: str = "separate"
+    reasoning_field: str = "reasoning_content"
+    host: str = "127.0.0.1"
+    port: int = DEFAULT_PORT
+    api_keys: List[str] = field(default_factory=list)
+    max_body_bytes: int = MAX_BODY_BYTES
+    demo: bool = False
+    demo_token_delay: float = 0.02
+
+    @classmethod
+    def load(cls, environ: Optional[Dict[str, str]] = None, **flags: Any) -> "Config":
+        """Build a config: ``flags`` that are not ``None`` win over ``environ``
+        (default ``os.environ``), which wins over the defaults."""
+        env = os.environ if environ is None else environ
+        values: Dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            names = ["BHARATGEN_" + f.name.upper()]
+            if f.name == "upstream":
+                names.append("BHARATGEN_BASE_URL")
+            raw = next((env[n] for n in names if env.get(n)), None)
+            if flags.get(f.name) is not None:
+                values[f.name] = flags[f.name]
+            elif raw is not None:
+                values[f.name] = cls._parse(f, raw, names[0])
+        config = cls(**values)
+        config.check()
+        return config
+
+    @staticmethod
+    def _parse(f: "dataclasses.Field[Any]", raw: str, name: str) -> Any:
+        kind = str(f.type)
+        try:
+            if "List" in kind:
+                return _split_list(raw)
+            if kind in ("bool", "<class 'bool'>"):
+                return raw.strip().lower() in ("1", "true", "yes", "on")
+            if kind in ("int", "<class 'int'>"):
+                return int(raw)
+            if kind in ("float", "<class 'float'>"):
+                return float(raw)
+        except ValueError:
+            raise ValueError("%s=%r is not a valid %s" % (name, raw, kind)) from None
+        return raw
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for settings that cannot work."""
+        if self.reasoning not in REASONING_MODES:
+            raise ValueError("reasoning must be one of %s, not %r"
+                             % (", ".join(REASONING_MODES), self.reasoning))
+        if self.timeout <= 0 or self.connect_timeout <= 0:
+            raise ValueError("timeouts must be positive")
+        if not 0 <= self.port <= 65535:
+            raise ValueError("port %r is out of range" % self.port)
+
+
+###############################################################################
+# The backend: requests in, OpenAI objects out (used by the SDK and the server)
+###############################################################################
+
+class _Backend:
+    """Serves the OpenAI operations for one model in front of one Gradio app."""
+
+    def __init__(self, config: Config, client: Optional[GradioClient] = None) -> None:
+        self.config = config
+        if client is None:
+            if not config.upstream:
+                raise ValueError("no upstream: give base_url / --upstream, or set "
+                                 "BHARATGEN_BASE_URL")
+            client = GradioClient(config.upstream, endpoint=config.endpoint,
+                                  timeout=config.timeout,
+                                  connect_timeout=config.connect_timeout)
+        self.client = client
+        self.created = int(time.time())
+
+    # -- models -------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        owner = "bharatgen (demo upstream: canned answers)" if self.config.demo else "bharatgen"
+        return ModelList(data=[Model(id=self.config.model, created=self.created, owned_by=owner)])
+
+    def model(self, model_id: str) -> Model:
+        for m in self.models().data:
+            if m.id == model_id:
+                return m
+        raise NotFoundError("The model %r does not exist; this server serves %r"
+                            % (model_id, self.config.model), param="model",
+                            code="model_not_found")
+
+    def _check_model(self, body: Dict[str, Any]) -> str:
+        model = body.get("model")
+        if model is None:
+            return self.config.model
+        if not isinstance(model, str):
+            raise _bad("'model' must be a string", "model", "invalid_type")
+        return self.model(model).id
+
+    def _generation(self, conv: _Conversation, sampling: _Sampling) -> _Generation:
+        return _Generation(self.client, conv, sampling, self.config.system_prompt)
+
+    @staticmethod
+    def _body(body: Any) -> Dict[str, Any]:
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object", None, "invalid_type")
+        return body
+
+    # -- chat completions ---------------------------------------------------------------
+
+    def chat(self, body: Any) -> Any:
+        """``POST /v1/chat/completions``: a :class:`ChatCompletion`, or an iterator of
+        :class:`ChatCompletionChunk` when ``stream`` is true."""
+        body = self._body(body)
+        model = self._check_model(body)
+        conv = _conversation(body.get("messages"))
+        sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
+        stream = _flag(body, "stream")
+        include_usage = _include_usage(body)
+        gen = self._generation(conv, sampling)
+        if stream:
+            return self._chat_chunks(gen, model, include_usage)
+        reasoning = _Reasoning(self.config.reasoning)
+        thoughts = [""] * sampling.n
+        contents = [""] * sampling.n
+        for piece in gen:
+            thought, content = reasoning.apply(piece)
+            thoughts[piece.index] += thought or ""
+            contents[piece.index] += content or ""
+        choices = [Choice(index=i, message=ChatCompletionMessage(
+            content=contents[i], reasoning_content=thoughts[i] or None))
+            for i in range(sampling.n)]
+        return ChatCompletion(id=_new_id("chatcmpl-"), choices=choices, created=int(time.time()),
+                              model=model, system_fingerprint=_FINGERPRINT, usage=gen.usage())
+
+    def _chat_chunks(self, gen: _Generation, model: str,
+                     include_usage: bool) -> Iterator[ChatCompletionChunk]:
+        cid, created = _new_id("chatcmpl-"), int(time.time())
+        reasoning = _Reasoning(self.config.reasoning)
+
+        def chunk(index: int, delta: ChoiceDelta, finish: Optional[str] = None) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=cid, created=created, model=model,
+                                       system_fingerprint=_FINGERPRINT,
+                                       choices=[ChunkChoice(index=index, delta=delta,
+                                                            finish_reason=finish)])
+
+        pieces = iter(gen)
+        try:
+            first = next(pieces, None)           # errors before any output raise here
+            for i in range(gen.sampling.n):
+                yield chunk(i, ChoiceDelta(role="assistant", content=""))
+            for piece in _chain_first(first, pieces):
+                yield from self._chat_piece(piece, reasoning, chunk)
+            if include_usage:
+                yield ChatCompletionChunk(id=cid, created=created, model=model,
+                                          system_fingerprint=_FINGERPRINT, choices=[],
+                                          usage=gen.usage())
+        finally:
+            gen.close()
+            pieces.close()  # type: ignore[attr-defined]
+
+    @staticmethod
+    def _chat_piece(piece: _Piece, reasoning: _Reasoning,
+                    chunk: Callable[..., ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
+        thought, content = reasoning.apply(piece)
+        if thought or content:
+            yield chunk(piece.index, ChoiceDelta(content=content, reasoning_content=thought))
+        if piece.kind == "finish":
+            yield chunk(piece.index, ChoiceDelta(), piece.text)
+
+    # -- legacy completions -------------------------------------------------------------
+
+    def completions(self, body: Any) -> Any:
+        """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
+        body = self._body(body)
+        model = self._check_model(body)
+        prompt = body.get("prompt")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise _bad("'prompt' must be a string or a non-empty list of strings", "prompt",
+                       "invalid_type" if not isinstance(prompts, list) else "invalid_value")
+        if body.get("suffix"):
+            raise _bad("'suffix' (fill-in-the-middle) is not supported", "suffix",
+                       "unsupported_parameter")
+        if body.get("best_of") not in (None, 1):
+            raise _bad("'best_of' is not supported", "best_of", "unsupported_parameter")
+        sampling = _sampling(body, ("max_tokens",))
+        echo, stream = _flag(body, "echo"), _flag(body, "stream")
+        include_usage = _include_usage(body)
+        gens = [self._generation(_Conversation(None, [], p, estimate_tokens(p)), sampling)
+                for p in prompts]
+        cid, created = _new_id("cmpl-"), int(time.time())
+        if stream:
+            return self._completion_chunks(gens, prompts, echo, model, cid, created, include_usage)
+        choices: List[CompletionChoice] = []
+        reasoning = _Reasoning("inline" if self.config.reasoning == "inline" else "none")
+        for p, gen in enumerate(gens):
+            texts = [prompts[p] if echo else ""] * sampling.n
+            for piece in gen:
+                texts[piece.index] += reasoning.apply(piece)[1] or ""
+            choices += [CompletionChoice(index=p * sampling.n + i, text=t)
+                        for i, t in enumerate(texts)]
+        return Completion(id=cid, choices=choices, created=created, model=model,
+                          system_fingerprint=_FINGERPRINT, usage=self._sum_usage(gens))
+
+    def _completion_chunks(self, gens: List[_Generation], prompts: List[str], echo: bool,
+                           model: str, cid: str, created: int,
+                           include_usage: bool) -> Iterator[Completion]:
+        n = gens[0].sampling.n
+
+        def chunk(index: int, text: str, finish: Optional[str] = None) -> Completion:
+            return Completion(id=cid, created=created, model=model, system_fingerprint=_FINGERPRINT,
+                              choices=[CompletionChoice(index=index, text=text,
+                                                        finish_reason=finish)])
+
+        for p, gen in enumerate(gens):
+            reasoning = _Reasoning("inline" if self.config.reasoning == "inline" else "none")
+            pieces = iter(gen)
+            try:
+                first = next(pieces, None)
+                if echo:
+                    for i in range(n):
+                        yield chunk(p * n + i, prompts[p])
+                for piece in _chain_first(first, pieces):
+                    text = reasoning.apply(piece)[1]
+                    if text:
+                        yield chunk(p * n + piece.index, text)
+                    if piece.kind == "finish":
+                        yield chunk(p * n + piece.index, "", piece.text)
+            finally:
+                gen.close()
+                pieces.close()  # type: ignore[attr-defined]
+        if include_usage:
+            usage = Completion(id=cid, created=created, model=model,
+                               system_fingerprint=_FINGERPRINT, usage=self._sum_usage(gens))
+            yield usage
+
+    @staticmethod
+    def _sum_usage(gens: List[_Generation]) -> CompletionUsage:
+        total = CompletionUsage(completion_tokens_details=CompletionTokensDetails())
+        for gen in gens:
+            u = gen.usage()
+            total.prompt_tokens += u.prompt_tokens
+            total.completion_tokens += u.completion_tokens
+            total.total_tokens += u.total_tokens
+            total.completion_tokens_details.reasoning_tokens += (  # type: ignore[union-attr]
+                u.completion_tokens_details.reasoning_tokens)  # type: ignore[union-attr]
+        return total
+
+    # -- responses ----------------------------------------------------------------------
+
+    def responses(self, body: Any) -> Any:
+        """``POST /v1/responses``: a response dict, or an iterator of ``(event, data)``."""
+        body = self._body(body)
+        model = self._check_model(body)
+        for name in ("previous_response_id", "conversation"):
+            if body.get(name):
+                raise _bad("%r is not supported: this server stores no responses" % name,
+                           name, "unsupported_parameter")
+        text = body.get("text")
+        if isinstance(text, dict) and isinstance(text.get("format"), dict):
+            body = dict(body, response_format=text["format"])
+        messages = self._response_messages(body)
+        conv = _conversation(messages, "input")
+        sampling = _sampling(body, ("max_output_tokens",))
+        if sampling.n != 1:
+            raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
+        gen = self._generation(conv, sampling)
+        rid, mid = _new_id("resp_"), _new_id("msg_")
+        base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
+                "error": None, "incomplete_details": None,
+                "instructions": body.get("instructions"),
+                "max_output_tokens": sampling.max_tokens, "metadata": body.get("metadata") or {},
+                "parallel_tool_calls": True, "previous_response_id": None,
+                "reasoning": {"effort": None, "summary": None}, "store": False,
+                "temperature": sampling.temperature, "text": {"format": {"type": "text"}},
+                "tool_choice": "auto", "tools": [], "top_p": sampling.top_p,
+                "truncation": "disabled", "user": body.get("user")}
+        if _flag(body, "stream"):
+            return self._response_events(gen, base, mid)
+        answer = "".join(p.text for p in gen if p.kind == "content")
+        return dict(base, status="completed", output=[self._response_message(mid, answer)],
+                    usage=self._response_usage(gen))
+
+    @staticmethod
+    def _response_messages(body: Dict[str, Any]) -> List[Any]:
+        instructions = body.get("instructions")
+        if instructions is not None and not isinstance(instructions, str):
+            raise _bad("'instructions' must be a string", "instructions", "invalid_type")
+        messages: List[Any] = [{"role": "system", "content": instructions}] if instructions else []
+        items = body.get("input")
+        if isinstance(items, str):
+            return messages + [{"role": "user", "content": items}]
+        if not isinstance(items, list) or not items:
+            raise _bad("'input' must be a string or a non-empty list of input items", "input",
+                       "invalid_type")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict) or item.get("type", "message") != "message":
+                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
+                raise _bad("input[%d] is a %r item; this server takes message items only"
+                           % (i, kind), "input[%d]" % i, "unsupported_input")
+            messages.append({"role": item.get("role"), "content": item.get("content")})
+        return messages
+
+    @staticmethod
+    def _response_message(mid: str, text: str, status: str = "completed") -> Dict[str, Any]:
+        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
+        return {"type": "message", "id": mid, "status": status, "role": "assistant",
+                "content": content}
+
+    @staticmethod
+    def _response_usage(gen: _Generation) -> Dict[str, Any]:
+        u = gen.usage()
+        return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": u.completion_tokens,
+                "output_tokens_details": {
+                    "reasoning_tokens": u.completion_tokens_details.reasoning_tokens},  # type: ignore[union-attr]
+                "total_tokens": u.total_tokens}
+
+    def _response_events(self, gen: _Generation, base: Dict[str, Any],
+                         mid: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        seq = iter(range(1 << 62))
+
+        def event(kind: str, **data: Any) -> Tuple[str, Dict[str, Any]]:
+            return kind, dict(type=kind, sequence_number=next(seq), **data)
+
+        pieces = iter(gen)
+        try:
+            first = next(pieces, None)
+            pending = dict(base, status="in_progress", output=[], usage=None)
+            yield event("response.created", response=pending)
+            yield event("response.in_progress", response=pending)
+            yield event("response.output_item.added", output_index=0,
+                        item=self._response_message(mid, "", "in_progress"))
+            part = {"type": "output_text", "text": "", "annotations": []}
+            yield event("response.content_part.added", item_id=mid, output_index=0,
+                        content_index=0, part=part)
+            text = []
+            for piece in _chain_first(first, pieces):
+                if piece.kind == "content":
+                    text.append(piece.text)
+                    yield event("response.output_text.delta", item_id=mid, output_index=0,
+                                content_index=0, delta=piece.text, logprobs=[])
+            answer = "".join(text)
+            yield event("response.output_text.done", item_id=mid, output_index=0,
+                        content_index=0, text=answer, logprobs=[])
+            yield event("response.content_part.done", item_id=mid, output_index=0,
+                        content_index=0, part=dict(part, text=answer))
+            item = self._response_message(mid, answer)
+            yield event("response.output_item.done", output_index=0, item=item)
+            yield event("response.completed", response=dict(
+                base, status="completed", output=[item], usage=self._response_usage(gen)))
+        finally:
+            gen.close()
+            pieces.close()  # type: ignore[attr-defined]
+
+
+def _chain_first(first: Optional[_Piece], rest: Iterator[_Piece]) -> Iterator[_Piece]:
+    if first is not None:
+        yield first
+    yield from rest
+
+
+###############################################################################
+# SDK: BharatGenOpenAI and AsyncBharatGenOpenAI ################################
+###############################################################################
+
+class Stream:
+    """The chunks of a streamed completion; iterate it, or use it in ``with``."""
+
+    def __init__(self, chunks: Iterator[Any]) -> None:
+        self._chunks = chunks
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        """Stop reading; the upstream call is cancelled."""
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "Stream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class _Resource:
+    def __init__(self, backend: _Backend) -> None:
+        self._backend = backend
+
+
+def _body_from(kwargs: Dict[str, Any]) -> Dict[str, Any]:
+    """Request body from SDK keyword arguments (``extra_body`` merged, openai-style)."""
+    extra = kwargs.pop("extra_body", None) or {}
+    for name in ("extra_headers", "extra_query", "timeout"):
+        kwargs.pop(name, None)
+    body = {k: v for k, v in kwargs.items() if v is not None}
+    body.update(extra)
+    return body
+
+
+class _ChatCompletions(_Resource):
+    def create(self, *, messages: List[Dict[str, Any]], model: Optional[str] = None,
+               stream: bool = False, **kwargs: Any) -> Any:
+        """Create a chat completion; with ``stream=True`` a :class:`Stream` of chunks."""
+        result = self._backend.chat(_body_from(dict(kwargs, messages=messages, model=model,
+                                                    stream=stream)))
+        return Stream(result) if stream else result
+
+
+class _Chat:
+    def __init__(self, backend: _Backend) -> None:
+        self.completions = _ChatCompletions(backend)
+
+
+class _Completions(_Resource):
+    def create(self, *, prompt: Any, model: Optional[str] = None, stream: bool = False,
+               **kwargs: Any) -> Any:
+        """Create a legacy text completion."""
+        result = self._backend.completions(_body_from(dict(kwargs, prompt=prompt, model=model,
+                                                           stream=stream)))
+        return Stream(result) if stream else result
+
+
+class _Models(_Resource):
+    def list(self) -> ModelList:
+        """The served models."""
+        return self._backend.models()
+
+    def retrieve(self, model: str) -> Model:
+        """One served model; :class:`NotFoundError` for others."""
+        return self._backend.model(model)
+
+
+class BharatGenOpenAI:
+    """A client shaped like ``openai.OpenAI`` that talks to the Param Gradio app directly.
+
+    ``base_url`` is the Gradio app (default ``BHARATGEN_BASE_URL``); ``api_key`` is
+    accepted for compatibility (a Hugging Face token for private Spaces goes in
+    ``HF_TOKEN``).  Errors are this module's, named as the openai SDK names them.
+    """
+
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
+                 model: Optional[str] = None, timeout: Optional[float] = None,
+                 endpoint: Optional[str] = None, reasoning: Optional[str] = None,
+                 system_prompt: Optional[str] = None) -> None:
+        self.config = Config.load(upstream=base_url, model=model, timeout=timeout,
+                                  endpoint=endpoint, reasoning=reasoning,
+                                  system_prompt=system_prompt)
+        self.api_key = api_key
+        backend = _Backend(self.config)
+        self.base_url = backend.client.base_url
+        self.chat = _Chat(backend)
+        self.completions = _Completions(backend)
+        self.models = _Models(backend)
+
+    def close(self) -> None:
+        """Nothing to release (connections are per call); kept for openai parity."""
+
+    def __enter__(self) -> "BharatGenOpenAI":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class AsyncStream:
+    """The chunks of a streamed completion, for ``async for``."""
+
+    _END = object()
+
+    def __init__(self, stream: Stream) -> None:
+        self._stream = stream
+
+    def __aiter__(self) -> "AsyncStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        item = await asyncio.get_running_loop().run_in_executor(
+            None, next, self._stream, self._END)
+        if item is self._END:
+            raise StopAsyncIteration
+        return item
+
+    async def close(self) -> None:
+        """Stop reading; the upstream call is cancelled."""
+        await asyncio.get_running_loop().run_in_executor(None, self._stream.close)
+
+    async def __aenter__(self) -> "AsyncStream":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+class _AsyncWrap:
+    """Runs a sync resource's methods in the default executor; streams become AsyncStream."""
+
+    def __init__(self, sync: Any) -> None:
+        self._sync = sync
+
+    def __getattr__(self, name: str) -> Any:
+        target = getattr(self._sync, name)
+        if not callable(target):
+            return _AsyncWrap(target)
+
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            loop = asyncio.get_running_loop()
+            result = await loop.run_in_executor(None, lambda: target(*args, **kwargs))
+            return AsyncStream(result) if isinstance(result, Stream) else result
+        return call
+
+
+class AsyncBharatGenOpenAI:
+    """:class:`BharatGenOpenAI` for asyncio: ``await client.chat.completions.create(...)``."""
+
+    def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None,
+                 **kwargs: Any) -> None:
+        self._sync = BharatGenOpenAI(base_url, api_key, **kwargs)
+        self.config, self.base_url = self._sync.config, self._sync.base_url
+        self.chat = _AsyncWrap(self._sync.chat)
+        self.completions = _AsyncWrap(self._sync.completions)
+        self.models = _AsyncWrap(self._sync.models)
+
+    async def close(self) -> None:
+        """Nothing to release; kept for openai parity."""
+
+    async def __aenter__(self) -> "AsyncBharatGenOpenAI":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.close()
+
+
+###############################################################################
+# HTTP plumbing shared by the gateway and the demo upstream #####################
+###############################################################################
+
+class _BaseHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive handler with JSON and chunked-stream writers."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = "bharatgen_openai/" + __version__
+    sys_version = ""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Send the access log to the module's logger; override to log elsewhere."""
+        _log.info("%s %s", self.address_string(), format % args)
+
+    def _write_head(self, status: int, headers: Dict[str, str]) -> None:
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+
+    def _send_bytes(self, status: int, body: bytes, content_type: str,
+                    headers: Optional[Dict[str, str]] = None) -> None:
+        head = {"Content-Type": content_type, "Content-Length": str(len(body))}
+        head.update(headers or {})
+        self._write_head(status, head)
+        if self.command != "HEAD":
+            self.wfile.write(body)
+
+    def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
+        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        self._send_bytes(status, body, "application/json", headers)
+
+    def _start_chunked(self, status: int, headers: Dict[str, str]) -> None:
+        head = {"Transfer-Encoding": "chunked"}
+        head.update(headers)
+        self._write_head(status, head)
+
+    def _chunk(self, data: bytes) -> None:
+        """Write one HTTP/1.1 chunk (RFC 9112 section 7.1) and flush it to the socket."""
+        if data:
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+            self.wfile.flush()
+
+    def _end_chunked(self) -> None:
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def _read_body(self, limit: int) -> bytes:
+        """The request body (Content-Length or chunked), at most ``limit`` bytes."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            parts, size = [], 0
+            while True:
+                line = self.rfile.readline(65537)
+                try:
+                    n = int(line.split(b";")[0].strip(), 16)
+                except ValueError:
+                    self.close_connection = True
+                    raise _bad("malformed chunked request body", None, "invalid_body") from None
+                if n == 0:
+                    self.rfile.readline(65537)
+                    return b"".join(parts)
+                size += n
+                if size > limit:
+                    self.close_connection = True
+                    raise RequestTooLargeError("the request body is larger than %d bytes" % limit)
+                parts.append(self.rfile.read(n))
+                self.rfile.readline(3)
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return b""
+        try:
+            length = int(raw)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            self.close_connection = True
+            raise _bad("invalid Content-Length header %r" % raw, None, "invalid_header") from None
+        if length > limit:
+            self.close_connection = True
+            raise RequestTooLargeError("the request body has %d bytes; the limit is %d"
+                                       % (length, limit))
+        body = self.rfile.read(length)
+        if len(body) < length:
+            self.close_connection = True
+            raise _bad("the request body ended after %d of %d bytes" % (len(body), length),
+                       None, "invalid_body")
+        return body
+
+
+###############################################################################
+# The gateway: an OpenAI-compatible HTTP server ################################
+###############################################################################
+
+def _json_body(raw: bytes) -> Any:
+    if not raw.strip():
+        raise _bad("the request has no body; send a JSON object", None, "invalid_body")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _bad("the request body is not valid UTF-8", None, "invalid_body") from None
+    except RecursionError:
+        raise _bad("the JSON body is nested too deeply", None, "invalid_json") from None
+    except ValueError as exc:
+        raise _bad("could not parse the JSON body: %s" % exc, None, "invalid_json") from None
+
+
+class _GatewayHandler(_BaseHandler):
+    """Serves the OpenAI routes; one instance per connection."""
+
+    server: "GatewayServer"
+    _routes = {
+        "/health": {"GET": "health"},
+        "/v1/models": {"GET": "list_models"},
+        "/v1/chat/completions": {"POST": "chat"},
+        "/v1/completions": {"POST": "completions"},
+        "/v1/responses": {"POST": "responses"},
+        "/v1/embeddings": {"POST": "embeddings"},
+    }
+    _public = ("/health",)
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
+
+    def do_OPTIONS(self) -> None:
+        """CORS preflight: answered without a key, as browsers send none."""
+        self.request_id = _new_id("req_")
+        self._send_bytes(204, b"", "text/plain", self._cors_headers(
+            {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+             "Access-Control-Allow-Headers":
+                 self.headers.get("Access-Control-Request-Headers") or "authorization, content-type",
+             "Access-Control-Max-Age": "600"}))
+
+    def _cors_headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        headers = {"x-request-id": self.request_id}
+        if self.headers.get("Origin"):
+            headers["Access-Control-Allow-Origin"] = "*"
+            headers["Access-Control-Expose-Headers"] = "x-request-id"
+        headers.update(extra or {})
+        return headers
+
+    def _route(self) -> Tuple[str, Dict[str, str], Optional[str]]:
+        """``(path, methods, model_id)`` for the request; :class:`NotFoundError` if none."""
+        path = re.sub(r"/{2,}", "/", urllib.parse.urlsplit(self.path).path).rstrip("/") or "/"
+        if not path.startswith("/v1/") and "/v1" + path in self._routes:
+            path = "/v1" + path
+        if path in self._routes:
+            return path, self._routes[path], None
+        m = re.fullmatch(r"/v1/models/(.+)", path)
+        if m:
+            return path, {"GET": "get_model"}, urllib.parse.unquote(m.group(1))
+        raise NotFoundError("Unknown request URL: %s %s. Please check the URL for typos; "
+                            "this server serves /v1/chat/completions, /v1/completions, "
+                            "/v1/responses and /v1/models" % (self.command, path),
+                            code="unknown_url")
+
+    def _authorize(self) -> None:
+        keys = self.server.config.api_keys
+        if not keys:
+            return
+        auth = self.headers.get("Authorization") or ""
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise AuthenticationError("Missing API key: send the header "
+                                      "'Authorization: Bearer <key>'")
+        given = token.strip().encode("utf-8")
+        ok = False
+        for key in keys:        # no early exit: the time taken does not depend on the key
+            ok |= hmac.compare_digest(given, key.encode("utf-8"))
+        if not ok:
+            raise AuthenticationError("Incorrect API key provided")
+
+    def _dispatch(self) -> None:
+        self.request_id = _new_id("req_")
+        started = time.monotonic()
+        status = 200
+        try:
+            path, methods, model_id = self._route()
+            if self.command not in methods:
+                self.close_connection = self.command not in ("GET", "HEAD", "OPTIONS")
+                raise MethodNotAllowedError("%s is not allowed on %s; use %s"
+                                            % (self.command, path, ", ".join(methods)))
+            if path not in self._public:
+                self._authorize()
+            name = methods[self.command]
+            if name == "get_model":
+                status = self._respond(self.server.backend.model(model_id or ""))
+            else:
+                status = getattr(self, "_op_" + name)()
+        except BharatGenError as exc:
+            status = self._send_error(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception:                               # the catch-all, at the boundary
+            if not self.server.catch_all:
+                raise
+            _log.exception("internal error while serving %s %s", self.command, self.path)
+            status = self._send_error(InternalServerError(
+                "internal error in the gateway; request id %s" % self.request_id))
+        finally:
+            _log.info('%s "%s %s" %d %.3fs %s', self.client_address[0], self.command,
+                      self.path, status, time.monotonic() - started, self.request_id)
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """The access log is written once per request by :meth:`_dispatch` instead."""
+
+    def _send_error(self, exc: BharatGenError) -> int:
+        headers: Dict[str, str] = {}
+        if isinstance(exc, MethodNotAllowedError):
+            try:
+                headers["Allow"] = ", ".join(self._route()[1])
+            except BharatGenError:
+                pass
+        if isinstance(exc, (UpstreamOverloadedError, RateLimitError)):
+            headers["Retry-After"] = "1"
+        elif type(exc) is UpstreamError:
+            headers["x-should-retry"] = "false"
+        self._send_json(exc.status, exc.to_dict(), self._cors_headers(headers))
+        return exc.status
+
+    def _respond(self, obj: Any) -> int:
+        self._send_json(200, obj.to_dict() if isinstance(obj, _Object) else obj,
+                        self._cors_headers())
+        return 200
+
+    def _request_json(self) -> Any:
+        return _json_body(self._read_body(self.server.config.max_body_bytes))
+
+    # -- operations ---------------------------------------------------------------------
+
+    def _op_health(self) -> int:
+        return self._respond({"status": "ok", "model": self.server.config.model,
+                              "upstream": self.server.backend.client.base_url,
+                              "demo": self.server.config.demo, "version": __version__})
+
+    def _op_list_models(self) -> int:
+        return self._respond(self.server.backend.models())
+
+    def _op_embeddings(self) -> int:
+        self._request_json()
+        raise NotFoundError("%s is a chat model and serves no embeddings"
+                            % self.server.config.model, param="model", code="model_not_found")
+
+    def _op_chat(self) -> int:
+        result = self.server.backend.chat(self._request_json())
+        if isinstance(result, ChatCompletion):
+            return self._respond(self._rename_reasoning(result.to_dict()))
+        return self._stream((_sse(self._rename_reasoning(c.to_dict())) for c in result),
+                            result, done=True)
+
+    def _op_completions(self) -> int:
+        result = self.server.backend.completions(self._request_json())
+        if isinstance(result, Completion):
+            return self._respond(result)
+        return self._stream((_sse(c.to_dict()) for c in result), result, done=True)
+
+    def _op_responses(self) -> int:
+        result = self.server.backend.responses(self._request_json())
+        if isinstance(result, dict):
+            return self._respond(result)
+        return self._stream((_sse(data, event) for event, data in result), result,
+                            done=False, error_event="error")
+
+    def _rename_reasoning(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+        """Rename ``reasoning_content`` to the configured field name (e.g. ``reasoning``)."""
+        name = self.server.config.reasoning_field
+        if name != "reasoning_content":
+            for choice in obj.get("choices", ()):
+                for part in (choice.get("message"), choice.get("delta")):
+                    if part and "reasoning_content" in part:
+                        part[name] = part.pop("reasoning_content")
+        return obj
+
+    def _stream(self, events: Iterator[bytes], source: Any, done: bool,
+                error_event: Optional[str] = None) -> int:
+        """Send ``events`` as SSE over a chunked response.
+
+        The first event is produced before the headers, so a failure before any output
+        still gets its own status code; a failure after it is sent as an error event the
+        openai SDK raises on, and the stream ends.
+        """
+        try:
+            first = next(events, None)
+        except BaseException:
+            getattr(source, "close", lambda: None)()
+            raise
+        self._start_chunked(200, self._cors_headers({
+            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no"}))
+        try:
+            if first is not None:
+                self._chunk(first)
+            for event in events:
+                self._chunk(event)
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True            # the client went away mid-stream
+            return 499
+        except BharatGenError as exc:
+            _log.warning("stream %s failed after output began: %s", self.request_id, exc)
+            body = exc.to_dict()
+            if error_event:
+                body = dict(body, type="error", sequence_number=0, **body["error"])
+            try:
+                self._chunk(_sse(body, error_event))
+            except OSError:
+                self.close_connection = True
+                return exc.status
+        finally:
+            getattr(source, "close", lambda: None)()
+        try:
+            if done:
+                self._chunk(b"data: [DONE]\n\n")
+            self._end_chunked()
+        except OSError:
+            self.close_connection = True
+        return 200
+
+
+class GatewayServer(ThreadingHTTPServer):
+    """The OpenAI-compatible server: one thread per connection, state on the instance.
+
+    ``GatewayServer(config).start()`` serves in a background thread (tests, embedding);
+    ``serve_forever()`` serves in the caller's.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+    catch_all = True          # tests may set False to see the real exception
+
+    def __init__(self, config: Config, backend: Optional[_Backend] = None) -> None:
+        self.config = config
+        self.backend = backend or _Backend(config)
+        self._thread: Optional[threading.Thread] = None
+        super().__init__((config.host, config.port), _GatewayHandler)
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, e.g. ``http://127.0.0.1:8000``."""
+        host, port = self.server_address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in str(host) else host, port)
+
+    def start(self) -> "GatewayServer":
+        """Serve in a daemon thread and return at once."""
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,),
+                                        daemon=True, name="bharatgen-gateway")
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the socket."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self.server_close()
+
+    def __enter__(self) -> "GatewayServer":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+###############################################################################
+# The demo upstream: a stand-in Param app speaking Gradio's protocol ###########
+###############################################################################
+
+_DEMO_FORMATTING = (
+    "Here is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n"
+    "```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n"
+    "```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\n"
+    "Math: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  two  spaces.\nTrailing line")
+_DEMO_ANSWERS = (
+    ("format", _DEMO_FORMATTING),
+    ("hindi", "नमस्ते! भारत की राजधानी नई दिल्ली है। 🙏"),
+    ("tamil", "வணக்கம்! இந்தியாவின் தலைநகரம் புது தில்லி. 🙏"),
+    ("hello", "Hello! How are you doing today?"),
+)
+_DEMO_WORDS = ("Param is a bilingual model trained for India, and this demo answer "
+               "repeats a fixed text so that its length can be chosen.").split()
+_THOUGHT_HEAD = "<details class='thought'%s><summary>🧠 Thinking...</summary>\n\n"
+_DEBUG_HEAD = ("\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍 Debug: Raw "
+               "Response</summary>\n\n<pre>")
+_LATENCY = ("</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px "
+            "solid #eee; margin-top:8px; padding-top:4px'>⏱️ Latency: %.2fs | Processing "
+            "time: %.2fs</div>")
+
+
+def _demo_reply(message: str, history: Any, system: Any, params: Sequence[Any]) -> Tuple[str, str]:
+    """The demo's (thought, answer) for a message: chosen by keywords in the prompt."""
+    thought = "The user said: %s. Let me think step by step." % message[:200]
+    lower = message.lower()
+    m = re.search(r"(\d+) words", lower)
+    if m:
+        n = min(int(m.group(1)), 20000)
+        return thought, " ".join(_DEMO_WORDS[i % len(_DEMO_WORDS)] for i in range(n))
+    if "history" in lower:
+        return thought, "SYSTEM=%s | HISTORY=%s" % (system, json.dumps(history, sort_keys=True))
+    if "params" in lower:
+        return thought, "PARAMS temperature=%r max_tokens=%r top_p=%r top_k=%r" % tuple(params)
+    for key, answer in _DEMO_ANSWERS:
+        if key in lower:
+            return thought, answer
+    return thought, ("This is the bharatgen_openai demo upstream, not the Param model. "
+                     "You said: %s" % message)
+
+
+def _demo_tokens(text: str) -> Iterator[str]:
+    """Cumulative prefixes of ``text``, token by token; a token ending in a non-ASCII
+    character first shows up half-written, as U+FFFD, as a real tokenizer's does."""
+    done = ""
+    for token in re.findall(r"\s*\S+|\s+", text):
+        if ord(token[-1]) > 0x7F:
+            yield done + token[:-1] + "\ufffd"
+        done += token
+        yield done
+
+
+class _DemoHandler(_BaseHandler):
+    """Routes of a Gradio 6 app: ``/config``, ``/gradio_api/info`` and the ``/call`` API."""
+
+    server: "DemoUpstream"
+    _endpoints = ("chat_fn", "chat_fn_1")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _log.debug("demo upstream: " + format, *args)
+
+    def do_GET(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path in ("/config", "/config/"):
+            return self._send_json(200, self.server.config_json())
+        if path == "/gradio_api/info":
+            return self._send_json(200, self.server.info_json())
+        m = re.fullmatch(r"/gradio_api/call/(\w+)/(\w+)", path)
+        if m and m.group(1) in self._endpoints:
+            return self._stream(m.group(2))
+        self._send_json(404, {"detail": "Not Found"})
+
+    def do_POST(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        m = re.fullmatch(r"/gradio_api/call/(\w+)/?", path)
+        try:
+            body = json.loads(self._read_body(1 << 24) or b"null")
+        except (ValueError, BharatGenError):
+            return self._send_json(422, {"detail": [{"type": "json_invalid"}]})
+        if not m or m.group(1) not in self._endpoints:
+            return self._send_bytes(500, b"Internal Server Error", "text/plain; charset=utf-8")
+        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+            return self._send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
+        data = body["data"]
+        if data and isinstance(data[0], str) and "[[busy]]" in data[0]:
+            return self._send_json(503, {"detail": "Queue is full. Max size is 0 and size is 0."})
+        event_id = secrets.token_hex(16)
+        with self.server.lock:
+            self.server.jobs[event_id] = data
+            self.server.calls.append(data)
+        self._send_json(200, {"event_id": event_id})
+
+    def _stream(self, event_id: str) -> None:
+        with self.server.lock:
+            data = self.server.jobs.pop(event_id, None)
+            self.server.active_streams += 1
+        try:
+            self._start_chunked(200, {"Content-Type": "text/event-stream; charset=utf-8",
+                                      "Cache-Control": "no-cache"})
+            if data is None:
+                self._chunk(b'event: error\ndata: "404: Not Found"\n\n')
+            else:
+                for chunk in self.server.events(data):
+                    if chunk is None:                       # the "drop" fault
+                        self.close_connection = True
+                        return
+                    self._chunk(chunk)
+            self._end_chunked()
+        except OSError:
+            self.close_connection = True
+        finally:
+            with self.server.lock:
+                self.server.active_streams -= 1
+
+
+class DemoUpstream(ThreadingHTTPServer):
+    """A stand-in for the Param Gradio app (Gradio 6 routes, events and HTML).
+
+    It answers from the prompt: "hello", "format", "hindi", "tamil", "history" (echoes the
+    system prompt and history), "params" (echoes the sampling values), "N words"; and it
+    fails on demand: ``[[error]]``, ``[[error-null]]``, ``[[fail-midstream]]``,
+    ``[[drop]]``, ``[[hang]]``, ``[[malformed]]``, ``[[busy]]``.  ``replay`` maps a prompt to
+    the bytes of a captured ``/call`` stream to send verbatim.
+    """
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0,
+                 replay: Optional[Dict[str, bytes]] = None) -> None:
+        self.token_delay = token_delay
+        self.replay = dict(replay or {})
+        self.jobs: Dict[str, Any] = {}
+        self.calls: List[Any] = []
+        self.active_streams = 0
+        self.lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        super().__init__((host, port), _DemoHandler)
+
+    url = GatewayServer.url
+    start = GatewayServer.start
+
+    def stop(self) -> None:
+        """Stop serving, end hanging streams, release the socket."""
+        self._stopping.set()
+        GatewayServer.stop(self)  # type: ignore[arg-type]
+
+    def __enter__(self) -> "DemoUpstream":
+        return self.start()  # type: ignore[return-value]
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    @staticmethod
+    def config_json() -> Dict[str, Any]:
+        """What ``GET /config`` answers (the part clients read)."""
+        dep = {"inputs": [2, 1, 4, 5, 6, 7, 8], "outputs": [1, 2], "backend_fn": True,
+               "queue": True, "api_visibility": "public", "connection": "sse"}
+        return {"version": "6.31.0", "api_prefix": "/gradio_api", "protocol": "sse_v3",
+                "enable_queue": True, "title": "bharatgen_openai demo upstream",
+                "dependencies": [dict(dep, id=0, api_name="chat_fn"),
+                                 dict(dep, id=1, api_name="chat_fn_1")]}
+
+    @staticmethod
+    def info_json() -> Dict[str, Any]:
+        """What ``GET /gradio_api/info`` answers: the Param signature."""
+        def param(name: str, component: str, default: Any) -> Dict[str, Any]:
+            return {"label": name, "parameter_name": name, "component": component,
+                    "parameter_has_default": True, "parameter_default": default,
+                    "type": {}, "python_type": {"type": "Any", "description": ""}}
+        params = [param("message", "Textbox", ""), param("chat_history", "Chatbot", []),
+                  param("system_prompt", "Textbox", DEFAULT_SYSTEM_PROMPT),
+                  param("temperature", "Slider", DEFAULT_TEMPERATURE),
+                  param("max_tokens", "Slider", DEFAULT_MAX_TOKENS),
+                  param("top_p", "Slider", DEFAULT_TOP_P), param("top_k", "Slider", DEFAULT_TOP_K)]
+        endpoint = {"parameters": params, "returns": [{"component": "Chatbot"},
+                                                     {"component": "Textbox"}],
+                    "show_api": True}
+        return {"named_endpoints": {"/chat_fn": endpoint, "/chat_fn_1": endpoint},
+                "unnamed_endpoints": {}}
+
+    def _pause(self) -> None:
+        if self.token_delay:
+            self._stopping.wait(self.token_delay)
+
+    def events(self, data: List[Any]) -> Iterator[Optional[bytes]]:
+        """The ``/call`` event stream for one job's inputs (``None`` means: drop the socket)."""
+        def event(name: str, payload: Any) -> bytes:
+            return ("event: %s\ndata: %s\n\n" % (name, json.dumps(payload))).encode("utf-8")
+
+        message = data[0] if data and isinstance(data[0], str) else ""
+        for prompt, capture in self.replay.items():
+            if message == prompt:
+                for raw in capture.split(b"\n\n"):
+                    if raw.strip():
+                        self._pause()
+                        yield raw + b"\n\n"
+                return
+        if len(data) < 7:
+            yield event("error", {"error": "An event handler (chat_fn) didn't receive enough "
+                                           "input values (needed: 7, got: %d)." % len(data),
+                                  "visible": True})
+            return
+        history = data[1]
+        bad = [h for h in history if not (isinstance(h, dict) and isinstance(h.get("content"), list))] \
+            if isinstance(history, list) else [history]
+        if bad:
+            yield event("error", {"error": "%d validation error for ChatbotDataMessages: "
+                                           "content must be a list of parts" % len(bad),
+                                  "visible": True})
+            return
+        if "[[error]]" in message:
+            yield event("error", {"error": "Model is overloaded, try again", "duration": 10,
+                                  "visible": True, "title": "Error"})
+            return
+        if "[[error-null]]" in message:
+            yield event("error", {"error": None})
+            return
+        if "[[malformed]]" in message:
+            yield b"event: generating\ndata: {not json\n\n"
+            return
+        if "[[hang]]" in message:
+            self._stopping.wait(30)
+            return
+        started = time.monotonic()
+        chat = [dict(h, metadata=h.get("metadata"), options=h.get("options")) for h in history]
+        chat.append({"role": "user", "metadata": None,
+                     "content": [{"text": message, "type": "text"}], "options": None})
+
+        def snapshot(name: str, text: str) -> bytes:
+            reply = {"role": "assistant", "metadata": None,
+                     "content": [{"text": text, "type": "text"}], "options": None}
+            return event(name, [chat + [reply], ""])
+
+        thought, answer = _demo_reply(message, history, data[2], data[3:7])
+        for part in _demo_tokens(thought):
+            self._pause()
+            yield snapshot("generating", _THOUGHT_HEAD % " open" + html.escape(part) +
+                           "\n\n</details>")
+        closed = _THOUGHT_HEAD % "" + html.escape(thought) + "\n\n</details>\n\n"
+        for i, part in enumerate(_demo_tokens(answer)):
+            self._pause()
+            yield snapshot("generating", closed + part)
+            if i == 3 and "[[fail-midstream]]" in message:
+                yield event("error", {"error": "error after output began", "visible": True})
+                return
+            if i == 3 and "[[drop]]" in message:
+                yield None
+                return
+        took = time.monotonic() - started
+        final = (closed + answer + _DEBUG_HEAD +
+                 html.escape("<think>%s</think>%s" % (thought, answer)) + _LATENCY % (took, took))
+        yield snapshot("generating", final)
+        yield snapshot("complete", final)
+
+
+###############################################################################
+# Command line ##################################################################
+###############################################################################
+
+def _config_from_args(args: Any) -> Config:
+    """A :class:`Config` from parsed flags, the environment and the defaults."""
+    flags = {name: getattr(args, name, None) for name in
+             ("upstream", "endpoint", "model", "system_prompt", "timeout", "connect_timeout",
+              "reasoning", "reasoning_field", "host", "port", "max_body_bytes")}
+    if getattr(args, "api_key", None):
+        flags["api_keys"] = list(args.api_key)
+    return Config.load(**flags)
+
+
+def _start_demo(config: Config, token_delay: float, out: Any) -> DemoUpstream:
+    demo = DemoUpstream(token_delay=token_delay).start()
+    config.upstream, config.demo = demo.url, True  # type: ignore[attr-defined]
+    print("DEMO: serving canned answers from the built-in demo upstream at %s; this is "
+          "NOT the Param model. Give --upstream URL (or BHARATGEN_BASE_URL) for the real one."
+          % demo.url, file=out, flush=True)
+    return demo  # type: ignore[return-value]
+
+
+def _cmd_serve(args: Any) -> int:
+    config = _config_from_args(args)
+    demo = None
+    if args.demo or not config.upstream:
+        demo = _start_demo(config, args.token_delay, sys.stderr)
+    server = GatewayServer(config)
+    print("bharatgen_openai %s: OpenAI API at %s/v1 (model %r) in front of %s"
+          % (__version__, server.url, config.model, config.upstream), file=sys.stderr, flush=True)
+    if not config.api_keys:
+        print("WARNING: no API key configured; anyone who can reach %s can use it. "
+              "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
+    try:
+        import signal
+        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    except (ValueError, OSError):        # not the main thread
+        pass
+    try:
+        server.serve_forever(0.2)
+    except KeyboardInterrupt:
+        print("stopping", file=sys.stderr)
+    finally:
+        server.server_close()
+        if demo is not None:
+            demo.stop()
+    return 0
+
+
+def _cmd_demo(args: Any) -> int:
+    demo = DemoUpstream(args.host, args.port, token_delay=args.token_delay)
+    print("demo upstream (a stand-in Gradio app, not the Param model) at %s" % demo.url,
+          file=sys.stderr, flush=True)
+    try:
+        demo.serve_forever(0.2)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        demo.stop()
+    return 0
+
+
+def _cmd_info(args: Any) -> int:
+    config = _config_from_args(args)
+    if not config.upstream:
+        raise SystemExit("info: give --upstream URL (or set BHARATGEN_BASE_URL)")
+    client = GradioClient(config.upstream, endpoint=config.endpoint,
+                          timeout=config.timeout, connect_timeout=config.connect_timeout)
+    info = client.discover()
+    print("app:            %s" % client.base_url)
+    print("gradio version: %s" % (info.version or "unknown (no /config)"))
+    print("api prefix:     %s" % (info.prefix or "(root)"))
+    print("protocol:       %s" % (info.protocol or "unknown"))
+    print("endpoint:       /%s%s" % (client.endpoint, "" if info.fn_index is not None
+                                     else "  (not listed in /config)"))
+    print("inputs:         %s" % (info.n_inputs if info.n_inputs is not None else "unknown"))
+    print("history format: %s" % info.history_format)
+    return 0
+
+
+def _cmd_chat(args: Any) -> int:
+    config = _config_from_args(args)
+    demo = _start_demo(config, args.token_delay, sys.stderr) if args.demo or not config.upstream else None
+    try:
+        client = BharatGenOpenAI(config.upstream, model=config.model, timeout=config.timeout,
+                                 endpoint=config.endpoint, system_prompt=config.system_prompt)
+        history: List[Dict[str, str]] = []
+        if args.prompt:
+            _chat_turn(client, history, " ".join(args.prompt), args)
+            return 0
+        print("Chatting with %s at %s. /reset forgets the conversation, /exit leaves."
+              % (config.model, client.base_url), file=sys.stderr)
+        while True:
+            try:
+                line = input(">>> ").strip()
+            except EOFError:
+                print()
+                return 0
+            if line in ("/exit", "/quit"):
+                return 0
+            if line == "/reset":
+                history.clear()
+                print("(conversation forgotten)", file=sys.stderr)
+            elif line:
+                _chat_turn(client, history, line, args)
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        if demo is not None:
+            demo.stop()
+
+
+def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: str,
+               args: Any) -> None:
+    """Stream one answer to the terminal; remember the turn on success."""
+    dim = sys.stdout.isatty()
+    messages = history + [{"role": "user", "content": prompt}]
+    answer: List[str] = []
+    thinking = False
+    stream = client.chat.completions.create(messages=messages, stream=True,
+                                            temperature=args.temperature,
+                                            max_tokens=args.max_tokens)
+    with stream:
+        for chunk in stream:
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta.reasoning_content and args.show_reasoning:
+                    if not thinking:
+                        thinking = True
+                        sys.stdout.write("\x1b[2m" if dim else "[thinking] ")
+                    sys.stdout.write(delta.reasoning_content)
+                if delta.content:
+                    if thinking:
+                        thinking = False
+                        sys.stdout.write("\x1b[0m\n\n" if dim else "\n\n")
+                    answer.append(delta.content)
+                    sys.stdout.write(delta.content)
+                sys.stdout.flush()
+    if thinking and dim:
+        sys.stdout.write("\x1b[0m")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    history += [{"role": "user", "content": prompt},
+                {"role": "assistant", "content": "".join(answer)}]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line: ``serve``, ``chat``, ``info``, ``demo``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="bharatgen_openai",
+        description="An OpenAI-compatible API in front of BharatGen's Param Gradio app.")
+    parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default: INFO")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def upstream_flags(p: Any) -> None:
+        p.add_argument("--upstream", "--base-url", dest="upstream", metavar="URL",
+                       help="the Gradio app: its root, /gradio_api URL, or owner/space "
+                            "(env BHARATGEN_UPSTREAM or BHARATGEN_BASE_URL)")
+        p.add_argument("--endpoint", help="the app's chat endpoint (default %s)" % DEFAULT_ENDPOINT)
+        p.add_argument("--model", help="the model name to serve (default %s)" % DEFAULT_MODEL)
+        p.add_argument("--system-prompt", help="used when a request has no system message")
+        p.add_argument("--timeout", type=float, help="seconds to wait for each upstream event")
+        p.add_argument("--connect-timeout", type=float, help="seconds to connect upstream")
+        p.add_argument("--demo", action="store_true",
+                       help="use the built-in demo upstream (canned answers)")
+        p.add_argument("--token-delay", type=float, default=0.02,
+                       help="the demo upstream's pause per token, seconds (default 0.02)")
+
+    p = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    upstream_flags(p)
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default %d; 0 picks a free one)" % DEFAULT_PORT)
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="accepted bearer key; repeatable (env BHARATGEN_API_KEYS, comma list)")
+    p.add_argument("--reasoning", choices=REASONING_MODES,
+                   help="where the thought goes: its own field (separate, default), "
+                        "inline in <think> tags, or none")
+    p.add_argument("--reasoning-field", help="name of that field (default reasoning_content)")
+    p.add_argument("--max-body-bytes", type=int, help="request body limit (default 4 MiB)")
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("chat", help="chat in the terminal (one prompt, or interactive)")
+    upstream_flags(p)
+    p.add_argument("prompt", nargs="*", help="the prompt; none opens an interactive session")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--show-reasoning", action="store_true", help="print the thought, dimmed")
+    p.set_defaults(func=_cmd_chat)
+
+    p = sub.add_parser("info", help="show what the upstream app offers")
+    upstream_flags(p)
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("demo", help="run only the demo upstream (a stand-in Gradio app)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--token-delay", type=float, default=0.02)
+    p.set_defaults(func=_cmd_demo)
+
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except BharatGenError as exc:
+        raise SystemExit("error: %s" % exc.message) from None
+    except ValueError as exc:           # bad settings, from flags or the environment
+        parser.error(str(exc))
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
