@@ -251,8 +251,8 @@ _DETAILS_RE = re.compile(r"\s*<details\b[^>]*>", re.I)
 _SUMMARY_RE = re.compile(r"\s*<summary\b[^>]*>.*?</summary>", re.I | re.S)
 _DETAILS_END = "</details>"
 _MARKER_RE = re.compile(r"<(?:details|div)\b[^>]*>", re.I)
-_PARTIAL_TAG_RE = re.compile(r"<(?:d|de|det|deta|detai|detail|details|di|div)"
-                             r"(?:[\s/][^>]*)?\Z", re.I)
+_PARTIAL_TAG_RE = re.compile(r"<(?:(?:d|de|det|deta|detai|detail|details|di|div)"
+                             r"(?:[\s/][^>]*)?)?\Z", re.I)
 
 
 def _is_tail_marker(tag_text: str) -> bool:
@@ -291,7 +291,8 @@ def clean_reply(html_text: str) -> CleanReply:
     m = _DETAILS_RE.match(html_text)
     if m is None and _PARTIAL_TAG_RE.match(html_text.lstrip()):
         return CleanReply("", "", False, False)          # a tag still being written
-    if m is not None and "thought" in _parse_tag(m.group().strip())[1].get("class", ""):
+    attrs = _parse_tag(m.group().strip())[1] if m is not None else {}
+    if m is not None and "thought" in attrs.get("class", ""):
         body = m.end()
         s = _SUMMARY_RE.match(html_text, body)
         if s is not None:
@@ -301,6 +302,8 @@ def clean_reply(html_text: str) -> CleanReply:
             return CleanReply("", html.unescape(html_text[body:]).strip(), False, False)
         thought = html.unescape(html_text[body:end]).strip()
         pos = end + len(_DETAILS_END)
+        if "open" in attrs and not html_text[pos:].strip():   # still thinking
+            return CleanReply("", thought, False, False)
         for _ in range(2):                                # the "\n\n" separator
             if html_text.startswith("\n", pos):
                 pos += 1
@@ -407,7 +410,7 @@ _INDIC_CHARS_PER_TOKEN = (
     (0x0A00, 2.4),   # Bengali
     (0x0B00, 2.2),   # Gurmukhi, Gujarati
     (0x0B80, 2.0),   # Oriya
-    (0x0C00, 2.4),   # Tamil
+    (0x0C00, 2.7),   # Tamil
     (0x0D00, 2.2),   # Telugu, Kannada
     (0x0E00, 2.2),   # Malayalam, Sinhala
 )
@@ -436,11 +439,11 @@ def estimate_tokens(text: str) -> int:
                     break
             total += max(1.0, n / rate)
         elif kind == "cjk":
-            total += n * 0.9
+            total += n * 0.8
         elif kind == "space":
             total += 0 if s == " " else 1 + s.count("\n") // 4
         elif kind == "punct":
-            total += (n + 1) // 2
+            total += (n + 2) // 3
         else:
             total += 1 if ord(s) < 0x2000 else 2
     return int(round(total)) if text else 0

@@ -1,0 +1,963 @@
+"""Tests for bharatgen_openai: run with ``python -m unittest -v test_bharatgen_openai``.
+
+Two tiers: fast tests that feed text straight into the parsers, and tests over real
+sockets on 127.0.0.1 (port 0) with the demo Gradio upstream and the gateway.  Tests
+that need a third-party package (openai, langchain-openai, gradio) skip without it,
+unless BHARATGEN_REQUIRE_EXTRAS=1 (CI's venv run), where a missing package fails.
+"""
+
+import asyncio
+import contextlib
+import http.client
+import io
+import json
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import unittest
+
+import bharatgen_openai as bg
+
+HERE = pathlib.Path(__file__).resolve().parent
+FIXTURES = HERE.parent / "shared" / "fixtures"
+TIMEOUT = 20
+
+HELLO = "Hello! How are you doing today?"
+HINDI = "नमस्ते! भारत की राजधानी नई दिल्ली है। 🙏"
+
+
+def thought_of(prompt):
+    return "The user said: %s. Let me think step by step." % prompt
+
+
+def fixture(name):
+    path = FIXTURES / name
+    if not path.exists():
+        raise unittest.SkipTest("shared fixtures not found at %s" % FIXTURES)
+    return path.read_bytes()
+
+
+def snapshots(capture):
+    """The reply HTML of every generating/complete event of a /call capture."""
+    out = []
+    for event, data in bg._iter_sse(io.BytesIO(capture).readline):
+        if event in ("generating", "complete"):
+            out.append((bg._reply_from_output(json.loads(data)), event == "complete"))
+    return out
+
+
+def stream_clean(snaps):
+    """Run snapshots through the streaming cleaner; return (deltas, final CleanReply)."""
+    cleaner = bg._StreamCleaner()
+    thoughts, answers = [], []
+    for html_text, final in snaps:
+        t, a = cleaner.update(html_text, final)
+        thoughts.append(t)
+        answers.append(a)
+    return thoughts, answers
+
+
+def needs(module):
+    """Skip without ``module``, unless BHARATGEN_REQUIRE_EXTRAS=1 makes it a failure."""
+    try:
+        __import__(module)
+        return lambda cls: cls
+    except ImportError:
+        if os.environ.get("BHARATGEN_REQUIRE_EXTRAS") == "1":
+            def fail(cls):
+                @classmethod
+                def setUpClass(klass):
+                    raise AssertionError("%s is required (BHARATGEN_REQUIRE_EXTRAS=1) but "
+                                         "not installed" % module)
+                cls.setUpClass = setUpClass
+                return cls
+            return fail
+        return unittest.skip("%s is not installed" % module)
+
+
+TOKEN_SAMPLES = {
+"english": """The Indian monsoon is a seasonal reversal of winds that brings most of the country's annual rainfall between June and September. Farmers across the Gangetic plain plan their sowing around its arrival, and a delay of even two weeks can change what a whole district earns that year. Meteorologists watch sea-surface temperatures in the Indian Ocean, the strength of the Somali jet, and the position of the monsoon trough to forecast it. In recent decades, heavy downpours have become more frequent while the number of light rain days has fallen, which makes both floods and dry spells more likely. Understanding these patterns helps cities prepare their drains, reservoirs and emergency services well before the first clouds appear.""",
+"hindi": """भारतीय मानसून हवाओं का एक मौसमी बदलाव है जो जून से सितंबर के बीच देश की अधिकांश वार्षिक वर्षा लाता है। गंगा के मैदान के किसान इसके आगमन के अनुसार अपनी बुवाई की योजना बनाते हैं, और केवल दो सप्ताह की देरी भी पूरे ज़िले की उस साल की कमाई बदल सकती है। मौसम वैज्ञानिक इसका पूर्वानुमान लगाने के लिए हिंद महासागर के समुद्री सतह के तापमान और मानसून द्रोणी की स्थिति पर नज़र रखते हैं। हाल के दशकों में भारी बारिश की घटनाएँ बढ़ी हैं जबकि हल्की बारिश वाले दिनों की संख्या घटी है। इन पैटर्न को समझने से शहर अपनी नालियों, जलाशयों और आपातकालीन सेवाओं को पहले से तैयार कर पाते हैं।""",
+"tamil": """இந்தியப் பருவமழை என்பது ஜூன் முதல் செப்டம்பர் வரை நாட்டின் பெரும்பாலான ஆண்டு மழையைக் கொண்டுவரும் காற்றின் பருவகால மாற்றமாகும். கங்கைச் சமவெளியின் விவசாயிகள் அதன் வருகையைப் பொறுத்து விதைப்பைத் திட்டமிடுகின்றனர், இரண்டு வாரத் தாமதம்கூட ஒரு மாவட்டத்தின் அந்த ஆண்டு வருமானத்தை மாற்றக்கூடும். வானிலை ஆய்வாளர்கள் இந்தியப் பெருங்கடலின் கடல் மேற்பரப்பு வெப்பநிலையைக் கவனித்து அதை முன்னறிவிக்கின்றனர். சமீபத்திய பத்தாண்டுகளில் கனமழை நிகழ்வுகள் அதிகரித்துள்ளன, லேசான மழை நாட்களின் எண்ணிக்கை குறைந்துள்ளது. இந்த முறைகளைப் புரிந்துகொள்வது நகரங்கள் தங்கள் வடிகால்களையும் நீர்த்தேக்கங்களையும் முன்கூட்டியே தயார் செய்ய உதவுகிறது.""",
+"code": '''def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge overlapping closed intervals, e.g. [(1, 3), (2, 6)] -> [(1, 6)]."""
+    if not intervals:
+        return []
+    intervals = sorted(intervals, key=lambda iv: iv[0])
+    merged = [intervals[0]]
+    for start, end in intervals[1:]:
+        last_start, last_end = merged[-1]
+        if start <= last_end:
+            merged[-1] = (last_start, max(last_end, end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class Cache:
+    def __init__(self, size=128):
+        self._data = {}
+        self._size = size
+
+    def get(self, key, default=None):
+        return self._data.get(key, default)
+
+    def put(self, key, value):
+        if len(self._data) >= self._size:
+            self._data.pop(next(iter(self._data)))
+        self._data[key] = value
+''',
+}
+
+
+# -- the contract --------------------------------------------------------------------------
+
+class ContractTests(unittest.TestCase):
+    def test_all_lists_exactly_the_public_names(self):
+        public = {name for name, value in vars(bg).items()
+                  if not name.startswith("_") and getattr(value, "__module__", None) == bg.__name__}
+        public |= {"APIError", "UpstreamTimeout"}          # aliases of public classes
+        self.assertEqual(set(bg.__all__), public)
+
+    def test_product_imports_only_the_standard_library(self):
+        import ast
+        tree = ast.parse((HERE / "bharatgen_openai.py").read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        if stdlib is None:
+            self.skipTest("sys.stdlib_module_names needs Python 3.10")
+        self.assertEqual(names - set(stdlib) - {"__future__"}, set())
+
+    def test_error_hierarchy_maps_each_error_to_one_status_and_type(self):
+        cases = [(bg.BadRequestError, 400, "invalid_request_error"),
+                 (bg.AuthenticationError, 401, "invalid_request_error"),
+                 (bg.NotFoundError, 404, "invalid_request_error"),
+                 (bg.MethodNotAllowedError, 405, "invalid_request_error"),
+                 (bg.RequestTooLargeError, 413, "invalid_request_error"),
+                 (bg.RateLimitError, 429, "requests"),
+                 (bg.InternalServerError, 500, "server_error"),
+                 (bg.UpstreamError, 502, "upstream_error"),
+                 (bg.UpstreamOverloadedError, 503, "upstream_error"),
+                 (bg.APIConnectionError, 502, "upstream_error"),
+                 (bg.APITimeoutError, 504, "upstream_error")]
+        for cls, status, kind in cases:
+            exc = cls("boom", param="p")
+            self.assertIsInstance(exc, bg.BharatGenError)
+            self.assertEqual((exc.status, exc.type), (status, kind), cls)
+            self.assertEqual(exc.to_dict(), {"error": {"message": "boom", "type": kind,
+                                                       "param": "p", "code": cls.code}})
+        self.assertTrue(issubclass(bg.UpstreamTimeout, TimeoutError))
+        self.assertTrue(issubclass(bg.APIConnectionError, ConnectionError))
+        self.assertTrue(issubclass(bg.APITimeoutError, bg.UpstreamError))
+
+
+# -- protocol pieces -----------------------------------------------------------------------
+
+class SSETests(unittest.TestCase):
+    def events(self, raw):
+        return list(bg._iter_sse(io.BytesIO(raw).readline))
+
+    def test_events_multiline_data_comments_and_crlf(self):
+        raw = (b"event: generating\r\ndata: [1,\r\ndata: 2]\r\n\r\n: a comment\n\n"
+               b"data: plain\n\nevent: heartbeat\ndata: null\n\nevent: complete\ndata:[3]")
+        self.assertEqual(self.events(raw), [("generating", "[1,\n2]"), ("message", "plain"),
+                                            ("heartbeat", "null"), ("complete", "[3]")])
+
+    def test_fixture_streams_parse_into_events(self):
+        events = self.events(fixture("call_Say_hello.sse"))
+        self.assertEqual([e for e, _ in events[-2:]], ["generating", "complete"])
+        self.assertEqual(self.events(fixture("call_crash.sse")),
+                         [("error", '{"error": "internal failure in model worker", "visible": true}')])
+
+
+class CleanerTests(unittest.TestCase):
+    FORMATTING = bg._DEMO_FORMATTING
+
+    def check_capture(self, name, answer, thought):
+        snaps = snapshots(fixture(name))
+        final = bg.clean_reply(snaps[-1][0])
+        self.assertEqual(final.answer, answer)
+        self.assertEqual(final.thought, thought)
+        thoughts, answers = stream_clean(snaps)
+        self.assertEqual("".join(answers), answer)
+        self.assertEqual("".join(thoughts), thought)
+        for piece in answers + thoughts:
+            self.assertNotIn("\ufffd", piece)
+        return answers
+
+    def test_say_hello_capture(self):
+        self.check_capture("call_Say_hello.sse", HELLO, thought_of("Say hello"))
+
+    def test_formatting_capture_keeps_code_tags_indentation_and_ampersands(self):
+        answers = self.check_capture("call_show_formatting.sse", self.FORMATTING,
+                                     thought_of("show formatting"))
+        self.assertGreater(sum(1 for a in answers if a), 20)     # it really streamed
+
+    def test_hindi_capture_never_sends_a_half_written_character(self):
+        self.check_capture("call_hindi_please.sse", HINDI, thought_of("hindi please"))
+
+    def test_history_capture(self):
+        answers = self.check_capture("call_history_messages_gradio6.sse", None or
+                                     bg.clean_reply(snapshots(fixture(
+                                         "call_history_messages_gradio6.sse"))[-1][0]).answer,
+                                     thought_of("tell me the history"))
+        self.assertTrue("".join(answers).startswith("SYSTEM=Be terse. | HISTORY=[{\"content\""))
+
+    def test_thought_is_unescaped_and_answer_is_verbatim(self):
+        html_text = ("<details class='thought'><summary>🧠 Thinking...</summary>\n\n"
+                     "a &lt; b &amp;&amp; &quot;c&quot;\n\n</details>\n\n"
+                     "x &amp; <b>y</b>\n  indented\n\n\nend\n\n"
+                     "<details style='opacity:0.6'><summary>d</summary><pre>x</pre></details>\n"
+                     "<div style='color:#666'>⏱️ Latency: 1s</div>")
+        reply = bg.clean_reply(html_text)
+        self.assertEqual(reply.thought, 'a < b && "c"')
+        self.assertEqual(reply.answer, "x &amp; <b>y</b>\n  indented\n\n\nend")
+
+    def test_markup_drift_double_quotes_other_labels_and_attribute_order(self):
+        html_text = ('<details open="" class="thought x"><summary>Thinking</summary>T</details>'
+                     'Answer <div class="box">kept</div>'
+                     '<details class="dbg" style="font-size: 1em; opacity: 0.5">x</details>'
+                     '<div style="font-size:1em; color: #666">L</div>')
+        reply = bg.clean_reply(html_text)
+        self.assertEqual((reply.thought, reply.answer), ("T", 'Answer <div class="box">kept</div>'))
+
+    def test_plain_text_without_blocks_is_the_answer(self):
+        self.assertEqual(bg.clean_reply("Echo: Hello there"),
+                         bg.CleanReply("Echo: Hello there", "", True, False))
+
+    def test_open_thought_has_no_answer_yet(self):
+        reply = bg.clean_reply("<details class='thought' open><summary>s</summary>\n\nThe user\n\n</details>")
+        self.assertEqual((reply.thought, reply.answer, reply.thought_done), ("The user", "", False))
+
+    def test_stream_holds_back_partial_tags_whitespace_and_replacement_chars(self):
+        head = "<details class='thought'><summary>s</summary>\n\nT\n\n</details>\n\n"
+        steps = ["<det", "<details class='tho", head + "a <", head + "a < b", head + "a < b\n\n<d",
+                 head + "a < b\n\n<details style='opa",
+                 head + "a < b\n\nनमस\ufffd", head + "a < b\n\nनमस्ते",
+                 head + "a < b\n\nनमस्ते\n\n<details style='opacity:1'>x</details>"]
+        cleaner = bg._StreamCleaner()
+        out = [cleaner.update(s) for s in steps]
+        self.assertEqual([a for _, a in out],
+                         ["", "", "a", " < b", "", "", "\n\nनमस", "्ते", ""])
+        self.assertEqual("".join(t for t, _ in out), "T")
+
+    def test_final_update_releases_what_was_held(self):
+        cleaner = bg._StreamCleaner()
+        self.assertEqual(cleaner.update("Echo: Hello \ufffd"), ("", "Echo: Hello"))
+        self.assertEqual(cleaner.update("Echo: Hello ✓\n", final=True), ("", " ✓\n"))
+
+
+class StopCutterTests(unittest.TestCase):
+    def run_cutter(self, stops, deltas):
+        cutter = bg._StopCutter(stops)
+        out = [cutter.feed(d) for d in deltas]
+        return out, cutter.flush(), cutter.stopped
+
+    def test_stop_split_across_deltas_is_caught(self):
+        self.assertEqual(self.run_cutter(["END"], ["abc E", "N", "Dxyz", "more"]),
+                         (["abc ", "", "", ""], "", True))
+
+    def test_false_start_is_released(self):
+        self.assertEqual(self.run_cutter(["END"], ["a EN", "X b"]), (["a ", "ENX b"], "", False))
+
+    def test_earliest_of_several_stops_wins_and_tail_is_flushed(self):
+        self.assertEqual(self.run_cutter(["yy", "x"], ["a yy b x"]), (["a "], "", True))
+        self.assertEqual(self.run_cutter(["zz"], ["tail z"]), (["tail "], "z", False))
+
+
+class TokenEstimateTests(unittest.TestCase):
+    def test_counts_by_script(self):
+        self.assertEqual(bg.estimate_tokens(""), 0)
+        self.assertEqual(bg.estimate_tokens("Hello, world!"), 4)
+        self.assertEqual(bg.estimate_tokens("1234567"), 3)
+        self.assertEqual(bg.estimate_tokens(HINDI), 14)
+        self.assertEqual(bg.estimate_tokens("def f(x):\n    return x"), 8)
+
+    def test_far_better_than_four_characters_a_token_for_hindi(self):
+        text = HINDI * 10
+        self.assertGreater(bg.estimate_tokens(text), len(text.encode("utf-8")) / 8)
+
+
+@needs("bpe_openai")
+class TokenEstimateAccuracyTests(unittest.TestCase):
+    """The estimate within 15% of o200k_base (bpe_openai ships that vocabulary offline)."""
+
+    def test_within_fifteen_percent_on_english_hindi_tamil_and_code(self):
+        import bpe_openai
+        enc = bpe_openai.get_encoding("o200k_base")
+        for name, text in TOKEN_SAMPLES.items():
+            real, est = len(enc.encode(text)), bg.estimate_tokens(text)
+            with self.subTest(name=name, real=real, estimate=est):
+                self.assertLessEqual(abs(est - real) / real, 0.15)
+
+
+class ObjectTests(unittest.TestCase):
+    def test_chat_completion_json_is_exactly_openai_shaped(self):
+        c = bg.ChatCompletion(id="chatcmpl-1", created=7, model="m", choices=[
+            bg.Choice(message=bg.ChatCompletionMessage(content="hi"))],
+            usage=bg.CompletionUsage(1, 2, 3))
+        self.assertEqual(c.to_dict(), {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": "hi", "refusal": None,
+                                     "annotations": []}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+        self.assertEqual(c.model_dump(), c.to_dict())
+        self.assertEqual(c.choices[0].message.content, "hi")
+        self.assertEqual(json.loads(c.model_dump_json()), c.to_dict())
+
+    def test_chunk_delta_leaves_out_unset_fields(self):
+        chunk = bg.ChatCompletionChunk(id="x", choices=[bg.ChunkChoice(delta=bg.ChoiceDelta(
+            reasoning_content="r"))])
+        self.assertEqual(chunk.to_dict()["choices"][0]["delta"], {"reasoning_content": "r"})
+
+
+class ConfigTests(unittest.TestCase):
+    def test_flags_win_over_environment_over_defaults(self):
+        env = {"BHARATGEN_MODEL": "env-model", "BHARATGEN_TIMEOUT": "5",
+               "BHARATGEN_API_KEYS": "a, b", "BHARATGEN_BASE_URL": "http://x"}
+        c = bg.Config.load(env, model="flag-model")
+        self.assertEqual((c.model, c.timeout, c.api_keys, c.upstream, c.port),
+                         ("flag-model", 5.0, ["a", "b"], "http://x", 8000))
+        self.assertEqual(bg.Config.load({}).model, "param-1")
+
+    def test_bad_environment_values_are_reported(self):
+        with self.assertRaisesRegex(ValueError, "BHARATGEN_TIMEOUT='soon' is not a valid"):
+            bg.Config.load({"BHARATGEN_TIMEOUT": "soon"})
+        with self.assertRaisesRegex(ValueError, "reasoning must be one of"):
+            bg.Config.load({}, reasoning="loud")
+
+
+class RequestMappingTests(unittest.TestCase):
+    def test_system_developer_history_and_merged_turns(self):
+        conv = bg._conversation([
+            {"role": "system", "content": "S1"}, {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": None}, {"role": "developer", "content": "S2"},
+            {"role": "user", "content": [{"type": "text", "text": "u2"}]},
+            {"role": "user", "content": "u3"}])
+        self.assertEqual((conv.system, conv.history, conv.message),
+                         ("S1\n\nS2", [("user", "u1"), ("assistant", "")], "u2\n\nu3"))
+
+    def assert_bad(self, fn, param, message_part, code=None):
+        with self.assertRaises(bg.BadRequestError) as cm:
+            fn()
+        self.assertEqual(cm.exception.param, param)
+        self.assertIn(message_part, cm.exception.message)
+        if code:
+            self.assertEqual(cm.exception.code, code)
+
+    def test_invalid_messages_name_the_param(self):
+        self.assert_bad(lambda: bg._conversation([]), "messages", "non-empty list")
+        self.assert_bad(lambda: bg._conversation([{"role": "tool", "content": "x"}]),
+                        "messages[0].role", "does not support tools", "unsupported_role")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]),
+            "messages[0].content[0]", "text only", "unsupported_content_type")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"},
+                                                  {"role": "assistant", "content": "b"}]),
+                        "messages", "must have role 'user'")
+        self.assert_bad(lambda: bg._conversation([{"role": "robot", "content": "a"}]),
+                        "messages[0].role", "must be one of")
+
+    def test_sampling_ranges_and_types(self):
+        s = bg._sampling({"temperature": 0, "top_p": 1, "top_k": 40, "max_tokens": 9,
+                          "max_completion_tokens": 12, "stop": "x", "n": 2,
+                          "seed": 1, "presence_penalty": 0.5, "response_format": {"type": "text"}},
+                         ("max_tokens", "max_completion_tokens"))
+        self.assertEqual((s.temperature, s.top_p, s.top_k, s.max_tokens, s.stop, s.n),
+                         (0, 1, 40, 12, ["x"], 2))
+        self.assert_bad(lambda: bg._sampling({"temperature": 2.5}, ()), "temperature", "between 0 and 2")
+        self.assert_bad(lambda: bg._sampling({"temperature": "hot"}, ()), "temperature", "a number")
+        self.assert_bad(lambda: bg._sampling({"max_tokens": True}, ("max_tokens",)), "max_tokens", "an integer")
+        self.assert_bad(lambda: bg._sampling({"stop": ["a"] * 5}, ()), "stop", "up to 4")
+        self.assert_bad(lambda: bg._sampling({"logprobs": True}, ()), "logprobs", "not available")
+        self.assert_bad(lambda: bg._sampling({"response_format": {"type": "json_object"}}, ()),
+                        "response_format", "not supported yet")
+        self.assertEqual(bg._sampling({"tools": []}, ()).n, 1)
+
+
+class UrlTests(unittest.TestCase):
+    def test_accepts_root_gradio_api_and_spaces(self):
+        norm = bg._normalize_base_url
+        self.assertEqual(norm("https://abc.gradio.live/gradio_api/"), "https://abc.gradio.live")
+        self.assertEqual(norm("http://127.0.0.1:7860"), "http://127.0.0.1:7860")
+        self.assertEqual(norm("localhost:7860/app/gradio_api"), "http://localhost:7860/app")
+        self.assertEqual(norm("BharatGen/Param_Chat"), "https://bharatgen-param-chat.hf.space")
+        self.assertEqual(norm("https://huggingface.co/spaces/a/b"), "https://a-b.hf.space")
+
+
+# -- real sockets ---------------------------------------------------------------------------
+
+def start_demo(test, **kwargs):
+    demo = bg.DemoUpstream(**kwargs).start()
+    test.addCleanup(demo.stop)
+    return demo
+
+
+def start_gateway(test, upstream, **kwargs):
+    kwargs.setdefault("timeout", 10)
+    gw = bg.GatewayServer(bg.Config(upstream=upstream, port=0, **kwargs)).start()
+    test.addCleanup(gw.stop)
+    return gw
+
+
+def request(url, method, path, body=None, headers=None, raw=None):
+    """(status, headers, body bytes) of one request on a fresh connection."""
+    parts = url.split("//")[1].split(":")
+    conn = http.client.HTTPConnection(parts[0], int(parts[1]), timeout=TIMEOUT)
+    try:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        conn.request(method, path, body=data, headers=dict({"Content-Type": "application/json"},
+                                                           **(headers or {})))
+        resp = conn.getresponse()
+        return resp.status, dict(resp.getheaders()), resp.read()
+    finally:
+        conn.close()
+
+
+def sse_events(body):
+    """The data payloads of an SSE body, JSON-decoded except [DONE]."""
+    out = []
+    for block in body.decode("utf-8").split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data: "):
+                data = line[6:]
+                out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def chat(gw, content, stream=False, headers=None, **extra):
+    messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
+    body = dict({"model": "param-1", "messages": messages, "stream": stream}, **extra)
+    return request(gw.url, "POST", "/v1/chat/completions", body, headers)
+
+
+def streamed_text(events, field="content", index=0):
+    return "".join(c["choices"][0]["delta"].get(field) or "" for c in events
+                   if c != "[DONE]" and c["choices"] and c["choices"][0]["index"] == index)
+
+
+class GradioClientTests(unittest.TestCase):
+    def setUp(self):
+        self.demo = start_demo(self)
+
+    def test_discovers_prefix_and_history_format(self):
+        for url in (self.demo.url, self.demo.url + "/gradio_api/"):
+            info = bg.GradioClient(url).discover()
+            self.assertEqual((info.prefix, info.version, info.history_format, info.fn_index),
+                             ("/gradio_api", "6.31.0", "parts", 1))
+
+    def test_stream_yields_snapshots_ending_with_the_final_one(self):
+        snaps = list(bg.GradioClient(self.demo.url).stream("Say hello"))
+        self.assertTrue(all(not final for _, final in snaps[:-1]) and snaps[-1][1])
+        self.assertEqual(bg.clean_reply(snaps[-1][0]).answer, HELLO)
+        self.assertEqual(self.demo.calls[-1], ["Say hello", [], bg.DEFAULT_SYSTEM_PROMPT,
+                                               0.7, 1024, 0.95, 50])
+
+    def test_history_formats(self):
+        hist = [("user", "Hi"), ("assistant", "Hello!")]
+        fmt = bg.GradioClient._history
+        self.assertEqual(fmt(hist, "parts"), [
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}])
+        self.assertEqual(fmt(hist, "messages"), [{"role": "user", "content": "Hi"},
+                                                 {"role": "assistant", "content": "Hello!"}])
+        self.assertEqual(fmt(hist + [("user", "a"), ("user", "b")], "pairs"),
+                         [["Hi", "Hello!"], ["a", None], ["b", None]])
+
+    def test_reply_is_the_last_assistant_message_only(self):
+        chat_ = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "old"}]},
+                 {"role": "user", "content": [{"type": "text", "text": "again"}]}]
+        self.assertEqual(bg._reply_from_output([chat_, ""]), "")
+        self.assertEqual(bg._reply_from_output([chat_[:2], ""]), "old")
+        self.assertEqual(bg._reply_from_output([[["u", "pair"]], ""]), "pair")
+        self.assertEqual(bg._reply_from_output("chat interface"), "chat interface")
+
+    def test_errors(self):
+        client = bg.GradioClient(self.demo.url)
+        with self.assertRaisesRegex(bg.UpstreamError, "Model is overloaded, try again"):
+            list(client.stream("[[error]]"))
+        with self.assertRaisesRegex(bg.UpstreamError, "failed without a message"):
+            list(client.stream("[[error-null]]"))
+        with self.assertRaises(bg.UpstreamOverloadedError):
+            list(client.stream("[[busy]]"))
+        with self.assertRaisesRegex(bg.UpstreamError, "malformed generating event"):
+            list(client.stream("[[malformed]]"))
+        with self.assertRaisesRegex(bg.APIConnectionError, "ended the stream|dropped"):
+            list(client.stream("[[drop]]"))
+        with self.assertRaisesRegex(bg.UpstreamError, r"refused the call to /nope \(HTTP 500\)"):
+            list(bg.GradioClient(self.demo.url, endpoint="nope").stream("x"))
+        with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
+            list(bg.GradioClient(self.demo.url, timeout=0.3).stream("[[hang]]"))
+
+    def test_unreachable_app_is_a_connection_error(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()                                   # nothing listens there now
+        with self.assertRaisesRegex(bg.APIConnectionError, "cannot reach the Gradio app"):
+            list(bg.GradioClient("http://127.0.0.1:%d" % port).stream("x"))
+
+
+class ReplayTests(unittest.TestCase):
+    """The byte-exact captures of a real Gradio 6 app, replayed through the gateway."""
+
+    CASES = [("Say hello", "call_Say_hello.sse", HELLO),
+             ("show formatting", "call_show_formatting.sse", bg._DEMO_FORMATTING),
+             ("hindi please", "call_hindi_please.sse", HINDI)]
+
+    def setUp(self):
+        replay = {prompt: fixture(name) for prompt, name, _ in self.CASES}
+        self.demo = start_demo(self, replay=replay)
+        self.gw = start_gateway(self, self.demo.url)
+
+    def test_captures_give_exact_answers_streamed_and_not(self):
+        for prompt, _, answer in self.CASES:
+            with self.subTest(prompt=prompt):
+                status, _, body = chat(self.gw, prompt)
+                self.assertEqual(status, 200)
+                message = json.loads(body)["choices"][0]["message"]
+                self.assertEqual((message["content"], message["reasoning_content"]),
+                                 (answer, thought_of(prompt)))
+                status, _, body = chat(self.gw, prompt, stream=True)
+                events = sse_events(body)
+                self.assertEqual(streamed_text(events), answer)
+                self.assertEqual(streamed_text(events, "reasoning_content"), thought_of(prompt))
+                self.assertNotIn("\ufffd", body.decode("utf-8"))
+
+    def test_upstream_crash_capture_is_a_502_with_its_message(self):
+        self.demo.replay["crash"] = fixture("call_crash.sse")
+        status, _, body = chat(self.gw, "crash")
+        self.assertEqual((status, json.loads(body)), (502, {"error": {
+            "message": "the Gradio app reported an error: internal failure in model worker",
+            "type": "upstream_error", "param": None, "code": "upstream_error"}}))
+
+
+class GatewayTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.demo = bg.DemoUpstream(token_delay=0.001).start()
+        cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=10)).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+        cls.demo.stop()
+
+    def answer(self, prompt, **extra):
+        status, headers, body = chat(self.gw, prompt, **extra)
+        self.assertEqual(status, 200, body)
+        return json.loads(body)
+
+    def test_non_stream_exact_answers_and_thought(self):
+        for prompt, answer in (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
+                               ("hindi please", HINDI)):
+            with self.subTest(prompt=prompt):
+                reply = self.answer(prompt)
+                self.assertEqual(reply["choices"][0]["message"]["content"], answer)
+                self.assertEqual(reply["choices"][0]["message"]["reasoning_content"],
+                                 thought_of(prompt))
+                self.assertEqual(reply["object"], "chat.completion")
+                self.assertTrue(reply["id"].startswith("chatcmpl-"))
+                u = reply["usage"]
+                self.assertEqual(u["total_tokens"], u["prompt_tokens"] + u["completion_tokens"])
+
+    def test_stream_equals_non_stream_and_is_well_formed(self):
+        for prompt in ("Say hello", "show formatting", "hindi please", "300 words"):
+            with self.subTest(prompt=prompt):
+                expected = self.answer(prompt)["choices"][0]["message"]["content"]
+                status, headers, body = chat(self.gw, prompt, stream=True)
+                self.assertEqual(status, 200)
+                self.assertEqual(headers["Content-Type"], "text/event-stream; charset=utf-8")
+                self.assertTrue(headers["x-request-id"].startswith("req_"))
+                events = sse_events(body)
+                self.assertEqual(events[-1], "[DONE]")
+                chunks = events[:-1]
+                self.assertEqual(streamed_text(chunks), expected)
+                self.assertEqual([c["choices"][0]["delta"].get("role") for c in chunks][:2],
+                                 ["assistant", None])
+                self.assertEqual(sum(1 for c in chunks if c["choices"][0]["delta"].get("role")), 1)
+                finishes = [c["choices"][0]["finish_reason"] for c in chunks]
+                self.assertEqual(finishes[-1], "stop")
+                self.assertEqual(finishes.count(None), len(finishes) - 1)
+                self.assertEqual(len({c["id"] for c in chunks}), 1)
+                self.assertTrue(all(c["usage"] is None for c in chunks))
+
+    def test_reasoning_streams_before_the_answer(self):
+        _, _, body = chat(self.gw, "Say hello", stream=True)
+        kinds = [k for c in sse_events(body)[1:-1] for k in c["choices"][0]["delta"]]
+        self.assertEqual(kinds, sorted(kinds, key=lambda k: k != "reasoning_content"))
+        self.assertIn("reasoning_content", kinds)
+
+    def test_history_and_system_prompt_reach_the_upstream(self):
+        messages = [{"role": "system", "content": "Be terse."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "tell me the history"}]
+        reply = self.answer(messages, temperature=0.2, max_tokens=64, top_p=0.5, top_k=7)
+        sent = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}]
+        self.assertEqual(self.demo.calls[-1], ["tell me the history", sent, "Be terse.",
+                                               0.2, 64, 0.5, 7])
+        self.assertEqual(reply["choices"][0]["message"]["content"],
+                         "SYSTEM=Be terse. | HISTORY=" + json.dumps(sent, sort_keys=True))
+
+    def test_params_reach_the_upstream_and_max_completion_tokens_wins(self):
+        reply = self.answer("params", temperature=1.5, max_tokens=10,
+                            max_completion_tokens=20, top_p=0.3)
+        self.assertEqual(reply["choices"][0]["message"]["content"],
+                         "PARAMS temperature=1.5 max_tokens=20 top_p=0.3 top_k=50")
+
+    def test_stop_sequences_streamed_and_not(self):
+        for stop in ("doing", ["xyz", "w a"]):
+            reply = self.answer("Say hello", stop=stop)
+            expected = {"doing": "Hello! How are you ", "w a": "Hello! Ho"}[
+                stop if isinstance(stop, str) else "w a"]
+            self.assertEqual(reply["choices"][0]["message"]["content"], expected)
+            _, _, body = chat(self.gw, "Say hello", stream=True, stop=stop)
+            self.assertEqual(streamed_text(sse_events(body)), expected)
+
+    def test_n_choices_are_independent_and_exact(self):
+        reply = self.answer("Say hello", n=3)
+        self.assertEqual([(c["index"], c["message"]["content"]) for c in reply["choices"]],
+                         [(0, HELLO), (1, HELLO), (2, HELLO)])
+        _, _, body = chat(self.gw, "hindi please", stream=True, n=2)
+        events = sse_events(body)[:-1]
+        for i in (0, 1):
+            self.assertEqual(streamed_text(events, index=i), HINDI)
+            self.assertEqual([c["choices"][0]["finish_reason"] for c in events
+                              if c["choices"][0]["index"] == i].count("stop"), 1)
+
+    def test_include_usage_adds_a_last_chunk_with_empty_choices(self):
+        _, _, body = chat(self.gw, "Say hello", stream=True, stream_options={"include_usage": True})
+        events = sse_events(body)
+        self.assertEqual(events[-1], "[DONE]")
+        last = events[-2]
+        self.assertEqual(last["choices"], [])
+        self.assertEqual(last["usage"]["total_tokens"],
+                         last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"])
+        self.assertTrue(all(e["usage"] is None for e in events[:-2]))
+
+    def test_content_parts_and_developer_role(self):
+        reply = self.answer([{"role": "developer", "content": "Dev."},
+                             {"role": "user", "content": [{"type": "text", "text": "Say "},
+                                                          {"type": "text", "text": "hello"}]}])
+        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        self.assertEqual(self.demo.calls[-1][:3], ["Say hello", [], "Dev."])
+
+    def test_concurrent_streams_are_all_exact(self):
+        results, errors = [], []
+
+        def one(i):
+            try:
+                prompt = ("Say hello", "hindi please", "show formatting", "120 words")[i % 4]
+                _, _, body = chat(self.gw, prompt, stream=True)
+                results.append((prompt, streamed_text(sse_events(body))))
+            except Exception as exc:       # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertEqual(errors, [])
+        expected = {"Say hello": HELLO, "hindi please": HINDI,
+                    "show formatting": bg._DEMO_FORMATTING,
+                    "120 words": bg._demo_reply("120 words", [], "", [0] * 4)[1]}
+        self.assertEqual(len(results), 16)
+        for prompt, text in results:
+            self.assertEqual(text, expected[prompt])
+
+    def test_models_and_health(self):
+        status, headers, body = request(self.gw.url, "GET", "/v1/models")
+        models = json.loads(body)
+        self.assertEqual((status, models["object"], [m["id"] for m in models["data"]]),
+                         (200, "list", ["param-1"]))
+        status, _, body = request(self.gw.url, "GET", "//v1//models/param-1/")
+        self.assertEqual((status, json.loads(body)["id"]), (200, "param-1"))
+        status, _, body = request(self.gw.url, "GET", "/health")
+        self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+
+    def test_legacy_completions(self):
+        status, _, body = request(self.gw.url, "POST", "/v1/completions",
+                                  {"model": "param-1", "prompt": ["Say hello", "hindi please"]})
+        texts = [(c["index"], c["text"]) for c in json.loads(body)["choices"]]
+        self.assertEqual((status, texts), (200, [(0, HELLO), (1, HINDI)]))
+        _, _, body = request(self.gw.url, "POST", "/v1/completions",
+                             {"model": "param-1", "prompt": "Say hello", "stream": True, "echo": True})
+        events = sse_events(body)
+        self.assertEqual("".join(e["choices"][0]["text"] for e in events[:-1]), "Say hello" + HELLO)
+
+    def test_responses_api(self):
+        status, _, body = request(self.gw.url, "POST", "/v1/responses",
+                                  {"model": "param-1", "input": "Say hello",
+                                   "instructions": "Be kind."})
+        resp = json.loads(body)
+        self.assertEqual((status, resp["object"], resp["status"]), (200, "response", "completed"))
+        self.assertEqual(resp["output"][0]["content"][0]["text"], HELLO)
+        self.assertEqual(self.demo.calls[-1][2], "Be kind.")
+        status, _, body = request(self.gw.url, "POST", "/v1/responses",
+                                  {"model": "param-1", "stream": True, "input": [
+                                      {"role": "user", "content": [{"type": "input_text",
+                                                                    "text": "hindi please"}]}]})
+        text = body.decode("utf-8")
+        kinds = re.findall(r"^event: (\S+)$", text, re.M)
+        self.assertEqual(kinds[:4], ["response.created", "response.in_progress",
+                                     "response.output_item.added", "response.content_part.added"])
+        self.assertEqual(kinds[-4:], ["response.output_text.done", "response.content_part.done",
+                                      "response.output_item.done", "response.completed"])
+        events = sse_events(body)
+        self.assertEqual([e["sequence_number"] for e in events], list(range(len(events))))
+        self.assertEqual("".join(e["delta"] for e in events
+                                 if e["type"] == "response.output_text.delta"), HINDI)
+
+    def test_cors_preflight(self):
+        status, headers, body = request(self.gw.url, "OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://x", "Access-Control-Request-Headers": "authorization, x-stainless-os"})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"],
+                          headers["Access-Control-Allow-Headers"]),
+                         (204, "*", "authorization, x-stainless-os"))
+
+
+class GatewayErrorTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.demo = bg.DemoUpstream().start()
+        cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=0.5,
+                                            api_keys=["sk-one", "sk-two"],
+                                            max_body_bytes=10000)).start()
+        cls.auth = {"Authorization": "Bearer sk-two"}
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+        cls.demo.stop()
+
+    def assert_error(self, result, status, message, type_="invalid_request_error", param=None,
+                     code=None):
+        got_status, headers, body = result
+        self.assertEqual((got_status, json.loads(body)), (status, {"error": {
+            "message": message, "type": type_, "param": param, "code": code}}))
+        return headers
+
+    def test_keys(self):
+        self.assert_error(chat(self.gw, "hi"), 401, "Missing API key: send the header "
+                          "'Authorization: Bearer <key>'", code="invalid_api_key")
+        self.assert_error(chat(self.gw, "hi", headers={"Authorization": "Bearer sk-three"}),
+                          401, "Incorrect API key provided", code="invalid_api_key")
+        self.assertEqual(chat(self.gw, "Say hello", headers=self.auth)[0], 200)
+        self.assertEqual(request(self.gw.url, "GET", "/health")[0], 200)
+
+    def test_malformed_json_and_wrong_types(self):
+        self.assert_error(request(self.gw.url, "POST", "/v1/chat/completions", raw=b"{nope",
+                                  headers=self.auth), 400,
+                          "could not parse the JSON body: Expecting property name enclosed in "
+                          "double quotes: line 1 column 2 (char 1)", code="invalid_json")
+        self.assert_error(request(self.gw.url, "POST", "/v1/chat/completions", raw=b"\xff\xfe",
+                                  headers=self.auth), 400,
+                          "the request body is not valid UTF-8", code="invalid_body")
+        self.assert_error(request(self.gw.url, "POST", "/v1/chat/completions", [1],
+                                  headers=self.auth), 400,
+                          "the request body must be a JSON object", code="invalid_type")
+        self.assert_error(chat(self.gw, "hi", headers=self.auth, temperature="hot"), 400,
+                          "'temperature' must be a number, not \"hot\"", param="temperature",
+                          code="invalid_type")
+        self.assert_error(chat(self.gw, "hi", headers=self.auth, top_p=3), 400,
+                          "'top_p' must be between 0 and 1; got 3", param="top_p",
+                          code="invalid_value")
+        self.assert_error(chat(self.gw, "hi", headers=self.auth, stream="yes"), 400,
+                          "'stream' must be a boolean", param="stream", code="invalid_type")
+        self.assert_error(request(self.gw.url, "POST", "/v1/chat/completions",
+                                  raw=b"[" * 100000 + b"]" * 100000, headers=self.auth),
+                          413, "the request body has 200000 bytes; the limit is 10000",
+                          code="request_too_large")
+
+    def test_unknown_model_route_and_method(self):
+        self.assert_error(chat(self.gw, "hi", headers=self.auth, model="gpt-4"), 404,
+                          "The model 'gpt-4' does not exist; this server serves 'param-1'",
+                          param="model", code="model_not_found")
+        self.assert_error(request(self.gw.url, "GET", "/v1/nothing", headers=self.auth), 404,
+                          "Unknown request URL: GET /v1/nothing. Please check the URL for typos; "
+                          "this server serves /v1/chat/completions, /v1/completions, "
+                          "/v1/responses and /v1/models", code="unknown_url")
+        headers = self.assert_error(request(self.gw.url, "GET", "/v1/chat/completions",
+                                            headers=self.auth), 405,
+                                    "GET is not allowed on /v1/chat/completions; use POST",
+                                    code="method_not_allowed")
+        self.assertEqual(headers["Allow"], "POST")
+        self.assert_error(request(self.gw.url, "POST", "/v1/embeddings",
+                                  {"model": "param-1", "input": "x"}, headers=self.auth), 404,
+                          "param-1 is a chat model and serves no embeddings", param="model",
+                          code="model_not_found")
+
+    def test_upstream_failures_map_to_statuses(self):
+        headers = self.assert_error(chat(self.gw, "[[error]]", headers=self.auth), 502,
+                                    "the Gradio app reported an error: Model is overloaded, try again",
+                                    "upstream_error", code="upstream_error")
+        self.assertEqual(headers["x-should-retry"], "false")
+        self.assert_error(chat(self.gw, "[[hang]]", stream=True, headers=self.auth), 504,
+                          "the Gradio app sent nothing for 0.5s", "upstream_error",
+                          code="upstream_timeout")
+        headers = self.assert_error(chat(self.gw, "[[busy]]", headers=self.auth), 503,
+                                    "the Gradio app's queue is full; try again later",
+                                    "upstream_error", code="upstream_overloaded")
+        self.assertEqual(headers["Retry-After"], "1")
+        # the server keeps serving afterwards
+        self.assertEqual(chat(self.gw, "Say hello", headers=self.auth)[0], 200)
+
+    def test_failure_mid_stream_sends_an_error_event_then_ends(self):
+        for prompt, message in (("[[fail-midstream]]", "the Gradio app reported an error: "
+                                                       "error after output began"),
+                                ("[[drop]]", None)):
+            status, _, body = chat(self.gw, prompt, stream=True, headers=self.auth)
+            events = sse_events(body)
+            self.assertEqual(status, 200)
+            self.assertEqual(events[-1], "[DONE]")
+            error = events[-2]["error"]
+            self.assertEqual(error["type"], "upstream_error")
+            if message:
+                self.assertEqual(error["message"], message)
+            self.assertGreater(len(streamed_text(events[:-2])), 0)
+
+    def test_unreachable_upstream_is_502(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        gw = start_gateway(self, "http://127.0.0.1:%d" % port)
+        status, _, body = chat(gw, "hi")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "upstream_unreachable"))
+
+
+class ReasoningModeTests(unittest.TestCase):
+    def test_inline_none_and_renamed_field(self):
+        demo = start_demo(self)
+        thought = thought_of("Say hello")
+        inline = start_gateway(self, demo.url, reasoning="inline")
+        expected = "<think>\n%s\n</think>\n\n%s" % (thought, HELLO)
+        self.assertEqual(json.loads(chat(inline, "Say hello")[2])["choices"][0]["message"],
+                         {"role": "assistant", "content": expected, "refusal": None, "annotations": []})
+        self.assertEqual(streamed_text(sse_events(chat(inline, "Say hello", stream=True)[2])), expected)
+        none = start_gateway(self, demo.url, reasoning="none")
+        self.assertEqual(json.loads(chat(none, "Say hello")[2])["choices"][0]["message"]["content"], HELLO)
+        renamed = start_gateway(self, demo.url, reasoning_field="reasoning")
+        events = sse_events(chat(renamed, "Say hello", stream=True)[2])
+        self.assertEqual(streamed_text(events, "reasoning"), thought)
+        self.assertEqual(json.loads(chat(renamed, "Say hello")[2])["choices"][0]["message"]["reasoning"], thought)
+
+
+class SDKTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.demo = bg.DemoUpstream().start()
+        cls.client = bg.BharatGenOpenAI(cls.demo.url, timeout=10)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.demo.stop()
+
+    def test_create_stream_and_not(self):
+        reply = self.client.chat.completions.create(
+            messages=[{"role": "user", "content": "show formatting"}])
+        self.assertEqual(reply.choices[0].message.content, bg._DEMO_FORMATTING)
+        self.assertEqual(reply.choices[0].message.reasoning_content, thought_of("show formatting"))
+        with self.client.chat.completions.create(
+                messages=[{"role": "user", "content": "show formatting"}], stream=True) as stream:
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        self.assertEqual(text, bg._DEMO_FORMATTING)
+
+    def test_models_and_errors(self):
+        self.assertEqual([m.id for m in self.client.models.list()], ["param-1"])
+        with self.assertRaises(bg.NotFoundError):
+            self.client.models.retrieve("other")
+        with self.assertRaisesRegex(bg.UpstreamError, "Model is overloaded"):
+            self.client.chat.completions.create(messages=[{"role": "user", "content": "[[error]]"}])
+        with self.assertRaises(bg.BadRequestError):
+            self.client.chat.completions.create(messages=[{"role": "user", "content": "x"}],
+                                                temperature=9)
+
+    def test_environment_fills_base_url(self):
+        os.environ["BHARATGEN_BASE_URL"] = self.demo.url + "/gradio_api"
+        self.addCleanup(os.environ.pop, "BHARATGEN_BASE_URL")
+        self.assertEqual(bg.BharatGenOpenAI().base_url, self.demo.url)
+
+    def test_async_client(self):
+        async def run():
+            client = bg.AsyncBharatGenOpenAI(self.demo.url, timeout=10)
+            reply = await client.chat.completions.create(
+                messages=[{"role": "user", "content": "hindi please"}])
+            stream = await client.chat.completions.create(
+                messages=[{"role": "user", "content": "hindi please"}], stream=True)
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            models = await client.models.list()
+            return reply.choices[0].message.content, "".join(parts), models.data[0].id
+        self.assertEqual(asyncio.run(run()), (HINDI, HINDI, "param-1"))
+
+
+class CLITests(unittest.TestCase):
+    def test_help_and_version(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as cm:
+            bg.main(["--help"])
+        self.assertEqual(cm.exception.code, 0)
+        self.assertIn("serve", out.getvalue())
+        proc = subprocess.run([sys.executable, "-m", "bharatgen_openai", "--version"], cwd=str(HERE),
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(proc.stdout.strip(), "bharatgen_openai " + bg.__version__)
+
+    def test_chat_one_prompt_prints_the_answer(self):
+        demo = start_demo(self)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = bg.main(["chat", "--upstream", demo.url, "hindi", "please"])
+        self.assertEqual((code, out.getvalue()), (0, HINDI + "\n"))
+
+    def test_info_prints_what_was_found(self):
+        demo = start_demo(self)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bg.main(["info", "--upstream", demo.url])
+        self.assertIn("gradio version: 6.31.0", out.getvalue())
+        self.assertIn("api prefix:     /gradio_api", out.getvalue())
+
+    def test_bad_flag_values_exit_with_a_message(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            bg.main(["serve", "--reasoning", "loud"])
+        self.assertEqual(cm.exception.code, 2)
+
+    def test_serve_demo_in_a_subprocess(self):
+        proc = subprocess.Popen([sys.executable, "bharatgen_openai.py", "serve", "--port", "0",
+                                 "--token-delay", "0"], cwd=str(HERE), stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, BHARATGEN_UPSTREAM=""))
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(proc.terminate)
+        lines, deadline = [], time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            m = re.search(r"OpenAI API at (http://[\d.:]+)/v1", line)
+            if m:
+                break
+        else:
+            self.fail("serve did not start: %r" % lines)
+        self.assertIn("DEMO", "".join(lines))
+        reply = json.loads(chat(type("G", (), {"url": m.group(1)}), "Say hello")[2])
+        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        proc.stderr.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
