@@ -600,6 +600,7 @@ class Model(_Object):
     created: int = 0
     object: str = "model"
     owned_by: str = "bharatgen"
+    display_name: Optional[str] = _extension()
 
 
 @dataclass
@@ -623,15 +624,43 @@ _FINGERPRINT = "fp_bharatgen_" + hashlib.sha1(__version__.encode()).hexdigest()[
 # Upstream: a Gradio client over http.client ###################################
 ###############################################################################
 
+# OpenAI-side roles, and the app parameter names that take each of them.
+_ROLE_NAMES = {
+    "message": ("message", "msg", "prompt", "input", "query", "question", "user_message",
+                "text", "user_input"),
+    "system": ("system_prompt", "system_message", "system", "sys_prompt", "instructions"),
+    "temperature": ("temperature", "temp"),
+    "max_tokens": ("max_tokens", "max_new_tokens", "max_length", "max_output_tokens",
+                   "max_completion_tokens", "max_tokens_to_generate"),
+    "top_p": ("top_p",),
+    "top_k": ("top_k",),
+}
+_ENDPOINT_PREFERENCE = ("chat_fn_1", "chat", "chat_fn", "respond")
+# The Param app's inputs, used when the app does not describe itself.
+_PARAM_LAYOUT = (("message", None), ("history", []), ("system", DEFAULT_SYSTEM_PROMPT),
+                 ("temperature", DEFAULT_TEMPERATURE), ("max_tokens", DEFAULT_MAX_TOKENS),
+                 ("top_p", DEFAULT_TOP_P), ("top_k", DEFAULT_TOP_K))
+PROTOCOLS = ("auto", "queue", "call")
+
+
 @dataclass
 class _AppInfo:
     """What :meth:`GradioClient.discover` learned of the app."""
     prefix: str
     version: str
     protocol: str
+    endpoint: str
     history_format: str            # "parts" (Gradio 6), "messages" (5), "pairs" (4)
+    inputs: List[Tuple[str, Any]] = field(default_factory=lambda: list(_PARAM_LAYOUT))
+    parameters: List[Dict[str, Any]] = field(default_factory=list)
     fn_index: Optional[int] = None
-    n_inputs: Optional[int] = None
+    use_queue: bool = False
+    send_state: bool = True
+
+    @property
+    def has_history(self) -> bool:
+        """False for a ``gr.ChatInterface``, which keeps its history in a State."""
+        return any(role == "history" for role, _ in self.inputs)
 
 
 def _normalize_base_url(url: str) -> str:
@@ -689,12 +718,8 @@ def _reply_from_output(output: Any) -> str:
                         % json.dumps(output, ensure_ascii=False)[:200])
 
 
-def _upstream_error_message(data: str) -> str:
-    """The message of a Gradio ``error`` event's data, whatever its shape."""
-    try:
-        payload = json.loads(data) if data else None
-    except ValueError:
-        payload = data
+def _upstream_error_message(payload: Any) -> str:
+    """The message of a Gradio error (``/call`` event data or queue output)."""
     if isinstance(payload, dict):
         payload = payload.get("error") or payload.get("message")
     if isinstance(payload, str) and payload.strip():
@@ -702,22 +727,104 @@ def _upstream_error_message(data: str) -> str:
     return "the Gradio app failed without a message (it may hide errors; see its logs)"
 
 
+def _apply_diff(value: Any, diff: List[Any]) -> Any:
+    """Apply a queue-protocol diff (``[[op, path, value], ...]``) as Gradio's clients do."""
+    for op, path, new in diff:
+        if not path:
+            if op == "replace":
+                value = new
+            elif op == "append":
+                value = value + new
+            else:
+                raise UpstreamError("the Gradio app sent a diff this client cannot apply: %r" % op)
+            continue
+        target = value
+        for key in path[:-1]:
+            target = target[key]
+        last = path[-1]
+        if op == "replace":
+            target[last] = new
+        elif op == "append":
+            target[last] += new
+        elif op == "add":
+            if isinstance(target, list):
+                target.insert(int(last), new)
+            else:
+                target[last] = new
+        elif op == "delete":
+            del target[int(last) if isinstance(target, list) else last]
+        else:
+            raise UpstreamError("the Gradio app sent a diff this client cannot apply: %r" % op)
+    return value
+
+
+class _EventStream:
+    """The SSE events of one upstream response, under the first-output and idle timeouts.
+
+    Until :meth:`output_started`, the whole wait is bounded by ``first_event_timeout``
+    (heartbeats do not extend it); after, each silence by ``timeout``.
+    """
+
+    def __init__(self, client: "GradioClient", conn: http.client.HTTPConnection,
+                 resp: http.client.HTTPResponse) -> None:
+        self.client, self.conn, self.resp = client, conn, resp
+        self.deadline = time.monotonic() + client.first_event_timeout
+        self.started = False
+
+    def output_started(self) -> None:
+        if not self.started:
+            self.started = True
+            if self.conn.sock is not None:
+                self.conn.sock.settimeout(self.client.timeout)
+
+    def _readline(self) -> bytes:
+        if not self.started and self.conn.sock is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout()
+            self.conn.sock.settimeout(min(self.client.timeout, left))
+        return self.resp.readline()
+
+    def __iter__(self) -> Iterator[Tuple[str, str]]:
+        try:
+            yield from _iter_sse(self._readline)
+        except socket.timeout:
+            if self.started:
+                raise APITimeoutError("the Gradio app sent nothing for %ss"
+                                      % self.client.timeout) from None
+            raise APITimeoutError("the Gradio app sent no output within %ss"
+                                  % self.client.first_event_timeout) from None
+        except UnicodeDecodeError:
+            raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
+
+
 class GradioClient:
     """Calls one chat endpoint of a Gradio app and streams the reply's HTML.
 
     ``base_url`` may be the app's root, its ``/gradio_api`` URL or a Hugging Face Space
-    (``owner/space``).  The client reads ``/config`` once to learn the API prefix and the
-    history format, then uses the two-step ``/call`` API.  ``HF_TOKEN`` (or ``hf_token``)
-    is sent as a bearer token for private Spaces.
+    (``owner/space``).  :meth:`discover` reads ``/config`` and ``<prefix>/info`` once: the
+    API prefix, the chat endpoint, its inputs (mapped to OpenAI fields by name, the rest
+    filled with the app's defaults) and the history format.  Replies stream over the
+    queue protocol (``/queue/join``, diffs) when the app offers it, else over ``/call``.
+    ``HF_TOKEN`` (or ``hf_token``) is sent as a bearer token for private Spaces.
     """
 
-    def __init__(self, base_url: str, *, endpoint: str = DEFAULT_ENDPOINT,
+    def __init__(self, base_url: str, *, endpoint: Optional[str] = None,
                  timeout: float = 120.0, connect_timeout: float = 10.0,
+                 first_event_timeout: Optional[float] = None, protocol: str = "auto",
+                 param_names: Optional[Dict[str, str]] = None,
                  hf_token: Optional[str] = None) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
         self.base_url = _normalize_base_url(base_url)
-        self.endpoint = endpoint.strip("/")
+        self.endpoint = endpoint.strip("/") if endpoint else None
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.first_event_timeout = first_event_timeout or timeout
+        self.protocol = protocol
+        self.param_names = dict(param_names or {})
         self.hf_token = hf_token if hf_token is not None else os.environ.get("HF_TOKEN")
         parts = urllib.parse.urlsplit(self.base_url)
         self._https = parts.scheme == "https"
@@ -737,19 +844,15 @@ class GradioClient:
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self.connect_timeout)
 
-    def _headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-        headers = {"User-Agent": "bharatgen_openai/" + __version__}
-        if self.hf_token:
-            headers["Authorization"] = "Bearer " + self.hf_token
-            headers["X-HF-Authorization"] = "Bearer " + self.hf_token
-        headers.update(extra or {})
-        return headers
-
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
               body: Optional[Any] = None) -> http.client.HTTPResponse:
         """Send one request; turn socket failures into the matching error."""
         data = None if body is None else json.dumps(body).encode("utf-8")
-        headers = self._headers({"Content-Type": "application/json"} if data else None)
+        headers = {"User-Agent": "bharatgen_openai/" + __version__}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if self.hf_token:
+            headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
         try:
             conn.request(method, self._root + path, body=data, headers=headers)
             if conn.sock is not None:
@@ -762,14 +865,20 @@ class GradioClient:
             raise APIConnectionError("cannot reach the Gradio app at %s: %s"
                                      % (self.base_url, exc)) from None
 
-    def _get_json(self, path: str) -> Tuple[int, Any]:
+    def _read_all(self, resp: http.client.HTTPResponse) -> bytes:
+        try:
+            return resp.read()
+        except socket.timeout:
+            raise APITimeoutError("the Gradio app did not answer within %ss" % self.timeout) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
+
+    def _request_json(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+        """``(status, JSON or None)`` of one request on its own connection."""
         conn = self._connect()
         try:
-            resp = self._send(conn, "GET", path)
-            raw = resp.read()
-        except socket.timeout:
-            raise APITimeoutError("the Gradio app at %s did not answer within %ss"
-                                  % (self.base_url, self.timeout)) from None
+            resp = self._send(conn, method, path, body)
+            raw = self._read_all(resp)
         finally:
             conn.close()
         try:
@@ -780,25 +889,105 @@ class GradioClient:
     # -- discovery ----------------------------------------------------------------------
 
     def discover(self, refresh: bool = False) -> _AppInfo:
-        """Read the app's ``/config`` (once): API prefix, version, history format."""
+        """What the app offers (read once, then cached; ``refresh`` reads it again)."""
         with self._lock:
-            if self._info is not None and not refresh:
-                return self._info
-            status, config = self._get_json("/config")
-            if status != 200 or not isinstance(config, dict):
-                config = {}
-            prefix = config.get("api_prefix", self._prefix_hint) if config else self._prefix_hint
-            version = str(config.get("version") or "")
-            major = int(version.split(".")[0]) if version[:1].isdigit() else 6
-            fmt = "parts" if major >= 6 else "messages" if major == 5 else "pairs"
-            fn_index = n_inputs = None
-            for dep in config.get("dependencies") or []:
-                if isinstance(dep, dict) and dep.get("api_name") == self.endpoint:
-                    fn_index, n_inputs = dep.get("id"), len(dep.get("inputs") or [])
-            self._info = _AppInfo(prefix=(prefix or "").rstrip("/"), version=version,
-                                  protocol=str(config.get("protocol") or ""),
-                                  history_format=fmt, fn_index=fn_index, n_inputs=n_inputs)
+            if self._info is None or refresh:
+                self._info = self._discover()
             return self._info
+
+    def _discover(self) -> _AppInfo:
+        status, config = self._request_json("GET", "/config")
+        if status in (401, 403):
+            raise UpstreamError("the Gradio app at %s refused access (HTTP %d); for a private "
+                                "Space set HF_TOKEN" % (self.base_url, status))
+        config = config if status == 200 and isinstance(config, dict) else {}
+        prefix = (config.get("api_prefix") if config else self._prefix_hint) or ""
+        prefix = prefix.rstrip("/")
+        version = str(config.get("version") or "")
+        major = int(version.split(".")[0]) if version[:1].isdigit() else 6
+        status, api = self._request_json("GET", prefix + "/info")
+        named = api.get("named_endpoints") if status == 200 and isinstance(api, dict) else None
+        named = {k.strip("/"): v for k, v in (named or {}).items() if isinstance(v, dict)}
+        endpoint = self.endpoint or self._pick_endpoint(named)
+        parameters = list(named.get(endpoint, {}).get("parameters") or [])
+        dep: Dict[str, Any] = {}
+        fn_index = None
+        for i, d in enumerate(config.get("dependencies") or []):
+            if isinstance(d, dict) and d.get("api_name") == endpoint:
+                dep, fn_index = d, d.get("id", i)
+                break
+        types = {c.get("id"): str(c.get("type", "")).lower()
+                 for c in config.get("components") or [] if isinstance(c, dict)}
+        inputs = self._layout(parameters, [types.get(i, "") for i in dep.get("inputs") or []])
+        protocol = str(config.get("protocol") or "")
+        m = re.fullmatch(r"sse_v(\d+)", protocol)
+        queue_ok = bool(m and int(m.group(1)) >= 3 and fn_index is not None)
+        if self.protocol == "queue" and not queue_ok:
+            raise UpstreamError("the Gradio app at %s does not offer the queue protocol "
+                                "(protocol %r)" % (self.base_url, protocol or None))
+        use_queue = queue_ok and self.protocol != "call"
+        numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (6, 31)
+        return _AppInfo(prefix=prefix, version=version, protocol=protocol, endpoint=endpoint,
+                        history_format=self._history_format(parameters, major),
+                        inputs=inputs, parameters=parameters, fn_index=fn_index,
+                        use_queue=use_queue,
+                        # /call wants placeholders for State inputs before Gradio 6.18
+                        send_state=use_queue or numbers < (6, 18))
+
+    @staticmethod
+    def _pick_endpoint(named: Dict[str, Any]) -> str:
+        """The configured name, else a known chat name, else the one Textbox+Chatbot endpoint."""
+        for name in _ENDPOINT_PREFERENCE:
+            if name in named:
+                return name
+        chats = [n for n, e in named.items()
+                 if {"Textbox", "Chatbot"} <= {p.get("component") for p in e.get("parameters") or []}]
+        if len(chats) == 1:
+            return chats[0]
+        return next(iter(named)) if len(named) == 1 else DEFAULT_ENDPOINT
+
+    def _layout(self, parameters: List[Dict[str, Any]], dep_types: List[str]) -> List[Tuple[str, Any]]:
+        """Each input's role, in order: an OpenAI field, the history, a State, or a default."""
+        if not parameters:
+            return list(_PARAM_LAYOUT)
+        names = {alias: role for role, aliases in _ROLE_NAMES.items() for alias in aliases}
+        names.update({v: k for k, v in self.param_names.items()})
+        roles: List[Tuple[str, Any]] = []
+        for p in parameters:
+            name, component = str(p.get("parameter_name") or ""), p.get("component")
+            default = p.get("parameter_default") if p.get("parameter_has_default") else None
+            if component == "Chatbot":
+                role = "history"
+            elif component == "MultimodalTextbox":
+                role = "multimodal"
+            else:
+                role = names.get(name, "default")
+            if role in (r for r, _ in roles):
+                role = "default"
+            roles.append((role, default))
+        if not any(r in ("message", "multimodal") for r, _ in roles):
+            for i, (role, default) in enumerate(roles):
+                if role == "default" and parameters[i].get("component") == "Textbox":
+                    roles[i] = ("message", default)
+                    break
+        if dep_types and len(dep_types) > len(roles):   # State inputs, which /info leaves out
+            it = iter(roles)
+            roles = [("state", None) if t == "state" else next(it, ("state", None))
+                     for t in dep_types]
+        return roles
+
+    @staticmethod
+    def _history_format(parameters: List[Dict[str, Any]], major: int) -> str:
+        for p in parameters:
+            if p.get("component") == "Chatbot":
+                example = p.get("example_input")
+                if isinstance(example, list) and example:
+                    first = example[0]
+                    if isinstance(first, (list, tuple)):
+                        return "pairs"
+                    if isinstance(first, dict):
+                        return "parts" if isinstance(first.get("content"), list) else "messages"
+        return "parts" if major >= 6 else "messages" if major == 5 else "pairs"
 
     @staticmethod
     def _history(history: Sequence[Tuple[str, str]], fmt: str) -> List[Any]:
@@ -815,78 +1004,258 @@ class GradioClient:
             return [{"role": r, "content": t} for r, t in history]
         return [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
 
+    def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
+              values: Dict[str, Any]) -> List[Any]:
+        """The endpoint's inputs: OpenAI values where given, the app's defaults elsewhere."""
+        if history and not info.has_history:         # a ChatInterface: fold the history in
+            lines = ["%s: %s" % ("User" if r == "user" else "Assistant", t) for r, t in history]
+            message = "\n\n".join(lines + ["User: " + message])
+        data: List[Any] = []
+        for role, default in info.inputs:
+            if role == "message":
+                data.append(message)
+            elif role == "multimodal":
+                data.append({"text": message, "files": []})
+            elif role == "history":
+                data.append(self._history(history, info.history_format))
+            elif role == "state":
+                if info.send_state:
+                    data.append(None)
+            else:
+                value = values.get(role)
+                data.append(default if value is None else value)
+        return data
+
     # -- calling ------------------------------------------------------------------------
 
     def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
-               system_prompt: str = DEFAULT_SYSTEM_PROMPT,
-               temperature: float = DEFAULT_TEMPERATURE,
-               max_tokens: int = DEFAULT_MAX_TOKENS, top_p: float = DEFAULT_TOP_P,
-               top_k: int = DEFAULT_TOP_K) -> Iterator[Tuple[str, bool]]:
-        """Call the endpoint; yield ``(reply_html, is_final)`` for every update.
+               system_prompt: Optional[str] = None, temperature: Optional[float] = None,
+               max_tokens: Optional[int] = None, top_p: Optional[float] = None,
+               top_k: Optional[int] = None) -> Iterator[Tuple[str, bool]]:
+        """Call the chat endpoint; yield ``(reply_html, is_final)`` for every update.
 
-        The Param layout: ``[message, history, system_prompt, temperature, max_tokens,
-        top_p, top_k]``.  Closing the generator closes the event stream, which makes
-        Gradio cancel the job.
+        Values left ``None`` take the app's defaults.  Closing the generator closes the
+        event stream and asks Gradio to cancel the job.
         """
         info = self.discover()
-        data = [message, self._history(history, info.history_format), system_prompt,
-                temperature, max_tokens, top_p, top_k]
-        base = "%s/call/%s" % (info.prefix, self.endpoint)
-        conn = self._connect()
+        data = self._data(info, message, history, {
+            "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
+            "top_p": top_p, "top_k": top_k})
+        if info.use_queue:
+            return self._stream_queue(info, data)
+        return self._stream_call(info, data)
+
+    def _join(self, conn: http.client.HTTPConnection, path: str, body: Any) -> str:
+        """POST a job; its ``event_id``.  503 is a full queue."""
+        resp = self._send(conn, "POST", path, body)
+        raw = self._read_all(resp)
+        if resp.status == 503:
+            raise UpstreamOverloadedError("the Gradio app's queue is full; try again later")
+        if resp.status != 200:
+            raise UpstreamError("the Gradio app refused the call to /%s (HTTP %d): %s"
+                                % (path.rsplit("/", 1)[-1], resp.status,
+                                   raw.decode("utf-8", "replace").strip()[:300]))
         try:
-            resp = self._send(conn, "POST", base, {"data": data})
-            raw = self._read_all(resp)
-            if resp.status == 503:
-                raise UpstreamOverloadedError("the Gradio app's queue is full; try again later")
-            if resp.status != 200:
-                raise UpstreamError("the Gradio app refused the call to /%s (HTTP %d): %s"
-                                    % (self.endpoint, resp.status,
-                                       raw.decode("utf-8", "replace").strip()[:300]))
+            return str(json.loads(raw)["event_id"])
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError("the Gradio app answered the call without an event_id: %r"
+                                % raw[:200]) from None
+
+    def _cancel(self, info: _AppInfo, session_hash: str, event_id: str) -> None:
+        """Ask Gradio to stop a job now (best effort, in the background)."""
+        if info.fn_index is None:
+            return
+
+        def post() -> None:
             try:
-                event_id = json.loads(raw)["event_id"]
-            except (ValueError, KeyError, TypeError):
-                raise UpstreamError("the Gradio app answered the call without an event_id: %r"
-                                    % raw[:200]) from None
+                conn = self._connect()
+                conn.timeout = min(self.connect_timeout, 5.0)
+                try:
+                    self._read_all(self._send(conn, "POST", info.prefix + "/cancel", {
+                        "session_hash": session_hash, "fn_index": info.fn_index,
+                        "event_id": event_id}))
+                finally:
+                    conn.close()
+            except BharatGenError:
+                pass
+        threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
+
+    def _stream_call(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool]]:
+        """The two-step ``/call`` API: POST the inputs, then follow the event stream."""
+        base = "%s/call/%s" % (info.prefix, info.endpoint)
+        conn = self._connect()
+        event_id, done = None, False
+        try:
+            event_id = self._join(conn, base, {"data": data})
             resp = self._send(conn, "GET", "%s/%s" % (base, event_id))
             if resp.status != 200:
-                raise UpstreamError("the Gradio app refused the event stream (HTTP %d)"
-                                    % resp.status)
-            yield from self._read_call_events(resp)
-        finally:
-            conn.close()
-
-    def _read_all(self, resp: http.client.HTTPResponse) -> bytes:
-        try:
-            return resp.read()
-        except socket.timeout:
-            raise APITimeoutError("the Gradio app did not answer within %ss" % self.timeout) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
-
-    def _read_call_events(self, resp: http.client.HTTPResponse) -> Iterator[Tuple[str, bool]]:
-        """Follow a ``/call`` event stream to its first ``complete`` or ``error``."""
-        try:
-            for event, data in _iter_sse(resp.readline):
+                raise UpstreamError("the Gradio app refused the event stream (HTTP %d)" % resp.status)
+            events = _EventStream(self, conn, resp)
+            for event, payload in events:
                 if event in ("generating", "complete"):
+                    events.output_started()
                     try:
-                        output = json.loads(data)
+                        output = json.loads(payload)
                     except ValueError:
                         raise UpstreamError("the Gradio app sent a malformed %s event: %r"
-                                            % (event, data[:200])) from None
+                                            % (event, payload[:200])) from None
                     if output is None:
                         raise UpstreamError("the Gradio app cancelled the job")
-                    yield _reply_from_output(output), event == "complete"
-                    if event == "complete":
+                    done = event == "complete"
+                    yield _reply_from_output(output), done
+                    if done:
                         return
                 elif event == "error":
-                    raise UpstreamError(_upstream_error_message(data))
-        except socket.timeout:
-            raise APITimeoutError("the Gradio app sent nothing for %ss" % self.timeout) from None
-        except UnicodeDecodeError:
-            raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
-        raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
+                    done = True
+                    try:
+                        detail = json.loads(payload) if payload else None
+                    except ValueError:
+                        detail = payload
+                    raise UpstreamError(_upstream_error_message(detail))
+            raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
+        finally:
+            conn.close()
+            if event_id is not None and not done:
+                self._cancel(info, event_id, event_id)
+
+    def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool]]:
+        """The queue protocol: join, then apply the ``process_generating`` diffs."""
+        session = secrets.token_hex(6)
+        conn = self._connect()
+        event_id, done = None, False
+        try:
+            event_id = self._join(conn, info.prefix + "/queue/join", {
+                "data": data, "fn_index": info.fn_index, "session_hash": session,
+                "event_data": None, "trigger_id": None})
+            resp = self._send(conn, "GET", "%s/queue/data?session_hash=%s" % (info.prefix, session))
+            if resp.status != 200:
+                raise UpstreamError("the Gradio app refused the queue stream (HTTP %d)" % resp.status)
+            outputs: Any = None
+            events = _EventStream(self, conn, resp)
+            for _, payload in events:
+                try:
+                    msg = json.loads(payload)
+                except ValueError:
+                    raise UpstreamError("the Gradio app sent a malformed queue message: %r"
+                                        % payload[:200]) from None
+                kind = msg.get("msg") if isinstance(msg, dict) else None
+                if kind in ("process_generating", "process_completed"):
+                    events.output_started()
+                if kind == "process_generating":
+                    got = (msg.get("output") or {}).get("data")
+                    if outputs is None:
+                        outputs = got
+                    else:
+                        outputs = [_apply_diff(o, d) for o, d in zip(outputs, got)]
+                    yield _reply_from_output(outputs), False
+                elif kind == "process_completed":
+                    done = True
+                    output = msg.get("output") or {}
+                    if not msg.get("success", True) or output.get("error") is not None:
+                        raise UpstreamError(_upstream_error_message(output))
+                    if output.get("data") is None:
+                        raise UpstreamError("the Gradio app cancelled the job")
+                    yield _reply_from_output(output["data"]), True
+                    return
+                elif kind == "unexpected_error":
+                    done = True
+                    raise UpstreamError(_upstream_error_message(msg.get("message")))
+                elif kind == "close_stream":
+                    break
+            raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
+        finally:
+            conn.close()
+            if event_id is not None and not done:
+                self._cancel(info, session, event_id)
+
+
+@dataclass
+class _Replica:
+    """One upstream of a pool, with its health."""
+    client: GradioClient
+    down_until: float = 0.0
+    failures: int = 0
+    last_error: Optional[str] = None
+
+    def state(self) -> Dict[str, Any]:
+        up = self.down_until <= time.monotonic()
+        return {"url": self.client.base_url, "status": "up" if up else "down",
+                "failures": self.failures, "last_error": self.last_error}
+
+
+class _UpstreamPool:
+    """Replicas of one model: round-robin over the healthy ones, retry before output.
+
+    A replica that cannot be reached, times out or is overloaded before any output is
+    marked down for a back-off period (doubling, capped) and the request moves to the
+    next one.  Once output has started, a failure is the client's to see.
+    """
+
+    def __init__(self, clients: Sequence[GradioClient], backoff: float = 5.0,
+                 max_backoff: float = 60.0) -> None:
+        if not clients:
+            raise ValueError("an upstream pool needs at least one upstream")
+        self.replicas = [_Replica(c) for c in clients]
+        self.backoff, self.max_backoff = backoff, max_backoff
+        self._next = 0
+        self._lock = threading.Lock()
+
+    @property
+    def base_url(self) -> str:
+        return ", ".join(r.client.base_url for r in self.replicas)
+
+    def states(self) -> List[Dict[str, Any]]:
+        return [r.state() for r in self.replicas]
+
+    def _order(self) -> List[_Replica]:
+        with self._lock:
+            start = self._next
+            self._next = (self._next + 1) % len(self.replicas)
+        ring = self.replicas[start:] + self.replicas[:start]
+        now = time.monotonic()
+        return [r for r in ring if r.down_until <= now] + [r for r in ring if r.down_until > now]
+
+    def _mark(self, replica: _Replica, error: Optional[BharatGenError]) -> None:
+        with self._lock:
+            if error is None:
+                replica.failures, replica.down_until, replica.last_error = 0, 0.0, None
+                return
+            replica.failures += 1
+            replica.last_error = error.message
+            delay = min(self.max_backoff, self.backoff * 2 ** (replica.failures - 1))
+            replica.down_until = time.monotonic() + delay
+        _log.warning("upstream %s marked down for %.0fs: %s", replica.client.base_url, delay,
+                     error.message)
+
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, bool]]:
+        """:meth:`GradioClient.stream` on the first replica that gives output."""
+        error: Optional[BharatGenError] = None
+        for replica in self._order():
+            updates = None
+            try:
+                updates = replica.client.stream(*args, **kwargs)
+                first = next(updates)
+            except StopIteration:
+                first = None
+            except (APIConnectionError, UpstreamOverloadedError) as exc:
+                if updates is not None:
+                    updates.close()
+                self._mark(replica, exc)
+                error = exc
+                continue
+            self._mark(replica, None)
+            return self._rest(first, updates)
+        assert error is not None
+        raise error
+
+    @staticmethod
+    def _rest(first: Any, updates: Any) -> Iterator[Tuple[str, bool]]:
+        try:
+            if first is not None:
+                yield first
+            yield from updates
+        finally:
+            updates.close()
 
 
 ###############################################################################
@@ -1093,8 +1462,8 @@ class _Generation:
     once.  Streamed and non-streamed answers come from this one path, so they agree.
     """
 
-    def __init__(self, client: GradioClient, conv: _Conversation, sampling: _Sampling,
-                 system_default: str) -> None:
+    def __init__(self, client: Any, conv: _Conversation, sampling: _Sampling,
+                 system_default: Optional[str]) -> None:
         self.client, self.conv, self.sampling = client, conv, sampling
         self.system = conv.system if conv.system is not None else system_default
         self.thought: List[str] = [""] * sampling.n
@@ -1105,10 +1474,7 @@ class _Generation:
         s = self.sampling
         upstream = self.client.stream(
             self.conv.message, self.conv.history, system_prompt=self.system,
-            temperature=DEFAULT_TEMPERATURE if s.temperature is None else s.temperature,
-            max_tokens=DEFAULT_MAX_TOKENS if s.max_tokens is None else s.max_tokens,
-            top_p=DEFAULT_TOP_P if s.top_p is None else s.top_p,
-            top_k=DEFAULT_TOP_K if s.top_k is None else s.top_k)
+            temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p, top_k=s.top_k)
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
         try:
             for html_text, final in upstream:
@@ -1212,14 +1578,19 @@ def _split_list(value: str) -> List[str]:
 @dataclass
 class Config:
     """Every setting, filled from flags, then the environment (``BHARATGEN_<NAME>``), then
-    these defaults.  ``upstream`` also reads ``BHARATGEN_BASE_URL``."""
+    these defaults.  ``upstream`` (a list: replicas) also reads ``BHARATGEN_BASE_URL``;
+    lists in the environment are comma-separated."""
 
-    upstream: Optional[str] = None
-    endpoint: str = DEFAULT_ENDPOINT
+    upstream: List[str] = field(default_factory=list)
+    endpoint: Optional[str] = None
     model: str = DEFAULT_MODEL
-    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    models_file: Optional[str] = None
+    system_prompt: Optional[str] = None
+    protocol: str = "auto"
     timeout: float = 120.0
     connect_timeout: float = 10.0
+    first_event_timeout: Optional[float] = None
+    backoff: float = 5.0
     reasoning: str = "separate"
     reasoning_field: str = "reasoning_content"
     host: str = "127.0.0.1"
@@ -1241,7 +1612,8 @@ class Config:
                 names.append("BHARATGEN_BASE_URL")
             raw = next((env[n] for n in names if env.get(n)), None)
             if flags.get(f.name) is not None:
-                values[f.name] = flags[f.name]
+                value = flags[f.name]
+                values[f.name] = [value] if f.name == "upstream" and isinstance(value, str) else value
             elif raw is not None:
                 values[f.name] = cls._parse(f, raw, names[0])
         config = cls(**values)
@@ -1269,7 +1641,10 @@ class Config:
         if self.reasoning not in REASONING_MODES:
             raise ValueError("reasoning must be one of %s, not %r"
                              % (", ".join(REASONING_MODES), self.reasoning))
-        if self.timeout <= 0 or self.connect_timeout <= 0:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError("protocol must be one of %s, not %r"
+                             % (", ".join(PROTOCOLS), self.protocol))
+        if min(self.timeout, self.connect_timeout, self.first_event_timeout or 1) <= 0:
             raise ValueError("timeouts must be positive")
         if not 0 <= self.port <= 65535:
             raise ValueError("port %r is out of range" % self.port)
@@ -1279,45 +1654,99 @@ class Config:
 # The backend: requests in, OpenAI objects out (used by the SDK and the server)
 ###############################################################################
 
-class _Backend:
-    """Serves the OpenAI operations for one model in front of one Gradio app."""
+@dataclass
+class _ModelRoute:
+    """One served model: its upstream pool and its own defaults."""
+    id: str
+    pool: _UpstreamPool
+    system_prompt: Optional[str] = None
+    display_name: Optional[str] = None
 
-    def __init__(self, config: Config, client: Optional[GradioClient] = None) -> None:
+
+def _load_models(config: Config) -> List[_ModelRoute]:
+    """The served models: from ``models_file`` (JSON) if given, else the one in ``config``.
+
+    The file: ``{"models": [{"id", "upstreams": [url, ...], "endpoint", "protocol",
+    "params": {openai_field: app_parameter}, "system_prompt", "display_name"}]}``.
+    """
+    def pool(urls: Any, spec: Dict[str, Any]) -> _UpstreamPool:
+        urls = [urls] if isinstance(urls, str) else urls
+        if not urls or not all(isinstance(u, str) for u in urls):
+            raise ValueError("model %r needs 'upstreams': a list of URLs" % spec.get("id"))
+        return _UpstreamPool([GradioClient(
+            u, endpoint=spec.get("endpoint") or config.endpoint,
+            protocol=spec.get("protocol") or config.protocol, timeout=config.timeout,
+            connect_timeout=config.connect_timeout,
+            first_event_timeout=config.first_event_timeout,
+            param_names=spec.get("params")) for u in urls], backoff=config.backoff)
+
+    if not config.models_file:
+        if not config.upstream:
+            raise ValueError("no upstream: give base_url / --upstream, or set BHARATGEN_BASE_URL")
+        return [_ModelRoute(config.model, pool(config.upstream, {}), config.system_prompt)]
+    try:
+        with open(config.models_file, encoding="utf-8") as f:
+            spec = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError("cannot read the models file %s: %s" % (config.models_file, exc)) from None
+    models = spec.get("models") if isinstance(spec, dict) else None
+    if not isinstance(models, list) or not models:
+        raise ValueError("the models file %s needs {\"models\": [...]}" % config.models_file)
+    routes = []
+    for m in models:
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
+            raise ValueError("each model in %s needs an 'id'" % config.models_file)
+        routes.append(_ModelRoute(m["id"], pool(m.get("upstreams") or m.get("upstream"), m),
+                                  m.get("system_prompt", config.system_prompt),
+                                  m.get("display_name")))
+    return routes
+
+
+class _Backend:
+    """Serves the OpenAI operations for the configured models, each in front of its
+    Gradio app (or replicas of it)."""
+
+    def __init__(self, config: Config, routes: Optional[List[_ModelRoute]] = None) -> None:
         self.config = config
-        if client is None:
-            if not config.upstream:
-                raise ValueError("no upstream: give base_url / --upstream, or set "
-                                 "BHARATGEN_BASE_URL")
-            client = GradioClient(config.upstream, endpoint=config.endpoint,
-                                  timeout=config.timeout,
-                                  connect_timeout=config.connect_timeout)
-        self.client = client
+        self.routes = {r.id: r for r in (routes or _load_models(config))}
         self.created = int(time.time())
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.routes))
 
     # -- models -------------------------------------------------------------------------
 
     def models(self) -> ModelList:
         owner = "bharatgen (demo upstream: canned answers)" if self.config.demo else "bharatgen"
-        return ModelList(data=[Model(id=self.config.model, created=self.created, owned_by=owner)])
+        return ModelList(data=[Model(id=r.id, created=self.created, owned_by=owner,
+                                     display_name=r.display_name) for r in self.routes.values()])
 
     def model(self, model_id: str) -> Model:
         for m in self.models().data:
             if m.id == model_id:
                 return m
-        raise NotFoundError("The model %r does not exist; this server serves %r"
-                            % (model_id, self.config.model), param="model",
-                            code="model_not_found")
+        raise NotFoundError("The model %r does not exist; this server serves %s"
+                            % (model_id, ", ".join(repr(r) for r in self.routes)),
+                            param="model", code="model_not_found")
 
-    def _check_model(self, body: Dict[str, Any]) -> str:
+    def health(self) -> Tuple[bool, Dict[str, Any]]:
+        """``(ok, report)``: ok while every model has at least one replica up."""
+        report = {r.id: r.pool.states() for r in self.routes.values()}
+        ok = all(any(s["status"] == "up" for s in states) for states in report.values())
+        return ok, report
+
+    def _route(self, body: Dict[str, Any]) -> _ModelRoute:
         model = body.get("model")
         if model is None:
-            return self.config.model
+            return self.routes[self.default_model]
         if not isinstance(model, str):
             raise _bad("'model' must be a string", "model", "invalid_type")
-        return self.model(model).id
+        return self.routes[self.model(model).id]
 
-    def _generation(self, conv: _Conversation, sampling: _Sampling) -> _Generation:
-        return _Generation(self.client, conv, sampling, self.config.system_prompt)
+    @staticmethod
+    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling) -> _Generation:
+        return _Generation(route.pool, conv, sampling, route.system_prompt)
 
     @staticmethod
     def _body(body: Any) -> Dict[str, Any]:
@@ -1331,12 +1760,13 @@ class _Backend:
         """``POST /v1/chat/completions``: a :class:`ChatCompletion`, or an iterator of
         :class:`ChatCompletionChunk` when ``stream`` is true."""
         body = self._body(body)
-        model = self._check_model(body)
+        route = self._route(body)
+        model = route.id
         conv = _conversation(body.get("messages"))
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         stream = _flag(body, "stream")
         include_usage = _include_usage(body)
-        gen = self._generation(conv, sampling)
+        gen = self._generation(route, conv, sampling)
         if stream:
             return self._chat_chunks(gen, model, include_usage)
         reasoning = _Reasoning(self.config.reasoning)
@@ -1392,7 +1822,8 @@ class _Backend:
     def completions(self, body: Any) -> Any:
         """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
         body = self._body(body)
-        model = self._check_model(body)
+        route = self._route(body)
+        model = route.id
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -1406,7 +1837,7 @@ class _Backend:
         sampling = _sampling(body, ("max_tokens",))
         echo, stream = _flag(body, "echo"), _flag(body, "stream")
         include_usage = _include_usage(body)
-        gens = [self._generation(_Conversation(None, [], p, estimate_tokens(p)), sampling)
+        gens = [self._generation(route, _Conversation(None, [], p, estimate_tokens(p)), sampling)
                 for p in prompts]
         cid, created = _new_id("cmpl-"), int(time.time())
         if stream:
@@ -1471,7 +1902,8 @@ class _Backend:
     def responses(self, body: Any) -> Any:
         """``POST /v1/responses``: a response dict, or an iterator of ``(event, data)``."""
         body = self._body(body)
-        model = self._check_model(body)
+        route = self._route(body)
+        model = route.id
         for name in ("previous_response_id", "conversation"):
             if body.get(name):
                 raise _bad("%r is not supported: this server stores no responses" % name,
@@ -1484,7 +1916,7 @@ class _Backend:
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
-        gen = self._generation(conv, sampling)
+        gen = self._generation(route, conv, sampling)
         rid, mid = _new_id("resp_"), _new_id("msg_")
         base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
                 "error": None, "incomplete_details": None,
@@ -1668,13 +2100,13 @@ class BharatGenOpenAI:
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
                  model: Optional[str] = None, timeout: Optional[float] = None,
                  endpoint: Optional[str] = None, reasoning: Optional[str] = None,
-                 system_prompt: Optional[str] = None) -> None:
+                 system_prompt: Optional[str] = None, protocol: Optional[str] = None) -> None:
         self.config = Config.load(upstream=base_url, model=model, timeout=timeout,
                                   endpoint=endpoint, reasoning=reasoning,
-                                  system_prompt=system_prompt)
+                                  system_prompt=system_prompt, protocol=protocol)
         self.api_key = api_key
         backend = _Backend(self.config)
-        self.base_url = backend.client.base_url
+        self.base_url = backend.routes[backend.default_model].pool.replicas[0].client.base_url
         self.chat = _Chat(backend)
         self.completions = _Completions(backend)
         self.models = _Models(backend)
@@ -1990,9 +2422,11 @@ class _GatewayHandler(_BaseHandler):
     # -- operations ---------------------------------------------------------------------
 
     def _op_health(self) -> int:
-        return self._respond({"status": "ok", "model": self.server.config.model,
-                              "upstream": self.server.backend.client.base_url,
-                              "demo": self.server.config.demo, "version": __version__})
+        ok, report = self.server.backend.health()
+        self._send_json(200 if ok else 503, {
+            "status": "ok" if ok else "unavailable", "models": report,
+            "demo": self.server.config.demo, "version": __version__}, self._cors_headers())
+        return 200 if ok else 503
 
     def _op_list_models(self) -> int:
         return self._respond(self.server.backend.models())
@@ -2145,6 +2579,7 @@ _DEBUG_HEAD = ("\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍
 _LATENCY = ("</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px "
             "solid #eee; margin-top:8px; padding-top:4px'>⏱️ Latency: %.2fs | Processing "
             "time: %.2fs</div>")
+_DEMO_VERSIONS = {4: "4.44.1", 5: "5.50.0", 6: "6.31.0"}
 
 
 def _demo_reply(message: str, history: Any, system: Any, params: Sequence[Any]) -> Tuple[str, str]:
@@ -2177,57 +2612,98 @@ def _demo_tokens(text: str) -> Iterator[str]:
         yield done
 
 
+def _demo_html(thought: str, answer: str) -> Iterator[str]:
+    """The Param app's assistant HTML, snapshot by snapshot, as it streams."""
+    started = time.monotonic()
+    for part in _demo_tokens(thought):
+        yield _THOUGHT_HEAD % " open" + html.escape(part) + "\n\n</details>"
+    closed = _THOUGHT_HEAD % "" + html.escape(thought) + "\n\n</details>\n\n"
+    for part in _demo_tokens(answer):
+        yield closed + part
+    took = time.monotonic() - started
+    yield (closed + answer + _DEBUG_HEAD + html.escape("<think>%s</think>%s" % (thought, answer))
+           + _LATENCY % (took, took))
+
+
+@dataclass
+class _DemoJob:
+    """One submitted job of the demo upstream."""
+    data: List[Any]
+    event_id: str
+    queue: bool
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
 class _DemoHandler(_BaseHandler):
-    """Routes of a Gradio 6 app: ``/config``, ``/gradio_api/info`` and the ``/call`` API."""
+    """The routes of a Gradio app: ``/config``, ``info``, ``/call``, the queue, ``cancel``."""
 
     server: "DemoUpstream"
-    _endpoints = ("chat_fn", "chat_fn_1")
 
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("demo upstream: " + format, *args)
 
     def do_GET(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        if path in ("/config", "/config/"):
-            return self._send_json(200, self.server.config_json())
-        if path == "/gradio_api/info":
-            return self._send_json(200, self.server.info_json())
-        m = re.fullmatch(r"/gradio_api/call/(\w+)/(\w+)", path)
-        if m and m.group(1) in self._endpoints:
-            return self._stream(m.group(2))
+        srv, parts = self.server, urllib.parse.urlsplit(self.path)
+        path = parts.path
+        if path.rstrip("/") == "/config":
+            return self._send_json(200, srv.config_json())
+        if path == srv.prefix + "/info":
+            return self._send_json(200, srv.info_json())
+        m = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/(\w+)", path)
+        if m and m.group(1) == srv.endpoint:
+            with srv.lock:
+                job = srv.jobs.pop(m.group(2), None)
+            return self._stream(job, queue=False)
+        if path == srv.prefix + "/queue/data" and srv.queue:
+            session = urllib.parse.parse_qs(parts.query).get("session_hash", [""])[0]
+            with srv.lock:
+                job = srv.jobs.pop("session:" + session, None)
+            return self._stream(job, queue=True)
         self._send_json(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
-        path = urllib.parse.urlsplit(self.path).path
-        m = re.fullmatch(r"/gradio_api/call/(\w+)/?", path)
+        srv, path = self.server, urllib.parse.urlsplit(self.path).path
         try:
             body = json.loads(self._read_body(1 << 24) or b"null")
         except (ValueError, BharatGenError):
             return self._send_json(422, {"detail": [{"type": "json_invalid"}]})
-        if not m or m.group(1) not in self._endpoints:
+        if path == srv.prefix + "/cancel":
+            with srv.lock:
+                for job in srv.running.values():
+                    if job.event_id == (body or {}).get("event_id"):
+                        job.cancelled.set()
+                srv.cancels.append(body)
+            return self._send_json(200, {"success": True})
+        call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
+        join = path == srv.prefix + "/queue/join" and srv.queue
+        if not (join or (call and call.group(1) == srv.endpoint)):
             return self._send_bytes(500, b"Internal Server Error", "text/plain; charset=utf-8")
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             return self._send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
         data = body["data"]
-        if data and isinstance(data[0], str) and "[[busy]]" in data[0]:
+        message = data[0] if data and isinstance(data[0], str) else ""
+        if "[[busy]]" in message:
             return self._send_json(503, {"detail": "Queue is full. Max size is 0 and size is 0."})
-        event_id = secrets.token_hex(16)
-        with self.server.lock:
-            self.server.jobs[event_id] = data
-            self.server.calls.append(data)
-        self._send_json(200, {"event_id": event_id})
+        job = _DemoJob(data, secrets.token_hex(16), queue=bool(join))
+        with srv.lock:
+            srv.jobs["session:" + str(body.get("session_hash")) if join else job.event_id] = job
+            srv.calls.append(data)
+        self._send_json(200, {"event_id": job.event_id})
 
-    def _stream(self, event_id: str) -> None:
-        with self.server.lock:
-            data = self.server.jobs.pop(event_id, None)
-            self.server.active_streams += 1
+    def _stream(self, job: Optional[_DemoJob], queue: bool) -> None:
+        srv = self.server
+        with srv.lock:
+            srv.active_streams += 1
+            if job is not None:
+                srv.running[id(job)] = job
         try:
             self._start_chunked(200, {"Content-Type": "text/event-stream; charset=utf-8",
                                       "Cache-Control": "no-cache"})
-            if data is None:
+            if job is None:
                 self._chunk(b'event: error\ndata: "404: Not Found"\n\n')
             else:
-                for chunk in self.server.events(data):
+                render = srv.queue_events if queue else srv.call_events
+                for chunk in render(job):
                     if chunk is None:                       # the "drop" fault
                         self.close_connection = True
                         return
@@ -2236,29 +2712,41 @@ class _DemoHandler(_BaseHandler):
         except OSError:
             self.close_connection = True
         finally:
-            with self.server.lock:
-                self.server.active_streams -= 1
+            with srv.lock:
+                srv.active_streams -= 1
+                if job is not None:
+                    srv.running.pop(id(job), None)
 
 
 class DemoUpstream(ThreadingHTTPServer):
-    """A stand-in for the Param Gradio app (Gradio 6 routes, events and HTML).
+    """A stand-in for the Param Gradio app: Gradio's routes, events and the app's HTML.
 
     It answers from the prompt: "hello", "format", "hindi", "tamil", "history" (echoes the
     system prompt and history), "params" (echoes the sampling values), "N words"; and it
     fails on demand: ``[[error]]``, ``[[error-null]]``, ``[[fail-midstream]]``,
-    ``[[drop]]``, ``[[hang]]``, ``[[malformed]]``, ``[[busy]]``.  ``replay`` maps a prompt to
-    the bytes of a captured ``/call`` stream to send verbatim.
+    ``[[drop]]``, ``[[hang]]``, ``[[malformed]]``, ``[[busy]]``.  ``version`` (4, 5 or 6)
+    sets the API prefix, history format and error shapes of that Gradio; ``chat_interface``
+    makes it a ``gr.ChatInterface`` (a string reply, history kept in a State); ``queue``
+    offers the queue protocol.  ``replay`` maps a prompt to a captured ``/call`` stream.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0,
+                 version: int = 6, chat_interface: bool = False, queue: bool = True,
                  replay: Optional[Dict[str, bytes]] = None) -> None:
+        if version not in _DEMO_VERSIONS:
+            raise ValueError("version must be 4, 5 or 6, not %r" % version)
         self.token_delay = token_delay
+        self.version, self.chat_interface, self.queue = version, chat_interface, queue
+        self.prefix = "" if version == 4 else "/gradio_api"
+        self.endpoint = ("respond" if version == 6 else "chat") if chat_interface else "chat_fn_1"
         self.replay = dict(replay or {})
-        self.jobs: Dict[str, Any] = {}
+        self.jobs: Dict[str, _DemoJob] = {}
+        self.running: Dict[int, _DemoJob] = {}
         self.calls: List[Any] = []
+        self.cancels: List[Any] = []
         self.active_streams = 0
         self.lock = threading.Lock()
         self._stopping = threading.Event()
@@ -2279,107 +2767,213 @@ class DemoUpstream(ThreadingHTTPServer):
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    @staticmethod
-    def config_json() -> Dict[str, Any]:
-        """What ``GET /config`` answers (the part clients read)."""
-        dep = {"inputs": [2, 1, 4, 5, 6, 7, 8], "outputs": [1, 2], "backend_fn": True,
-               "queue": True, "api_visibility": "public", "connection": "sse"}
-        return {"version": "6.31.0", "api_prefix": "/gradio_api", "protocol": "sse_v3",
-                "enable_queue": True, "title": "bharatgen_openai demo upstream",
-                "dependencies": [dict(dep, id=0, api_name="chat_fn"),
-                                 dict(dep, id=1, api_name="chat_fn_1")]}
+    # -- what the app says of itself ---------------------------------------------------
 
-    @staticmethod
-    def info_json() -> Dict[str, Any]:
-        """What ``GET /gradio_api/info`` answers: the Param signature."""
-        def param(name: str, component: str, default: Any) -> Dict[str, Any]:
-            return {"label": name, "parameter_name": name, "component": component,
-                    "parameter_has_default": True, "parameter_default": default,
-                    "type": {}, "python_type": {"type": "Any", "description": ""}}
-        params = [param("message", "Textbox", ""), param("chat_history", "Chatbot", []),
-                  param("system_prompt", "Textbox", DEFAULT_SYSTEM_PROMPT),
-                  param("temperature", "Slider", DEFAULT_TEMPERATURE),
-                  param("max_tokens", "Slider", DEFAULT_MAX_TOKENS),
-                  param("top_p", "Slider", DEFAULT_TOP_P), param("top_k", "Slider", DEFAULT_TOP_K)]
+    def _inputs(self) -> List[Tuple[int, str, str, Any]]:
+        """(component id, type, parameter name, default) of the endpoint's inputs."""
+        if self.chat_interface:
+            return [(2, "textbox", "message", None), (3, "state", "", None),
+                    (4, "textbox", "system_prompt", "You are a friendly bot."),
+                    (5, "slider", "temperature", 0.7)]
+        return [(2, "textbox", "message", None), (1, "chatbot", "chat_history", []),
+                (4, "textbox", "system_prompt", DEFAULT_SYSTEM_PROMPT),
+                (5, "slider", "temperature", DEFAULT_TEMPERATURE),
+                (6, "slider", "max_tokens", DEFAULT_MAX_TOKENS),
+                (7, "slider", "top_p", DEFAULT_TOP_P), (8, "slider", "top_k", DEFAULT_TOP_K)]
+
+    def config_json(self) -> Dict[str, Any]:
+        """What ``GET /config`` answers (the parts clients read)."""
+        inputs = self._inputs()
+        dep = {"id": 1, "api_name": self.endpoint, "inputs": [i for i, _, _, _ in inputs],
+               "outputs": [1, 2], "backend_fn": True, "queue": True,
+               "api_visibility": "public", "connection": "sse"}
+        other = dict(dep, id=0, api_name="chat_fn")
+        return {"version": _DEMO_VERSIONS[self.version],
+                "api_prefix": self.prefix or None,
+                "protocol": "sse_v3" if self.queue else "sse_v1", "enable_queue": True,
+                "title": "bharatgen_openai demo upstream",
+                "components": [{"id": i, "type": t} for i, t, _, _ in inputs],
+                "dependencies": [other, dep]}
+
+    def info_json(self) -> Dict[str, Any]:
+        """What ``<prefix>/info`` answers: the endpoint's parameters (no State)."""
+        params = [{"label": name, "parameter_name": name,
+                   "component": {"textbox": "Textbox", "chatbot": "Chatbot",
+                                 "slider": "Slider"}[kind],
+                   "parameter_has_default": default is not None, "parameter_default": default,
+                   "type": {}, "python_type": {"type": "Any", "description": ""}}
+                  for _, kind, name, default in self._inputs() if kind != "state"]
         endpoint = {"parameters": params, "returns": [{"component": "Chatbot"},
-                                                     {"component": "Textbox"}],
-                    "show_api": True}
-        return {"named_endpoints": {"/chat_fn": endpoint, "/chat_fn_1": endpoint},
-                "unnamed_endpoints": {}}
+                                                     {"component": "Textbox"}]}
+        named = {"/" + self.endpoint: endpoint}
+        if not self.chat_interface:
+            named["/chat_fn"] = endpoint
+        return {"named_endpoints": named, "unnamed_endpoints": {}}
 
-    def _pause(self) -> None:
-        if self.token_delay:
-            self._stopping.wait(self.token_delay)
+    # -- answering ----------------------------------------------------------------------
 
-    def events(self, data: List[Any]) -> Iterator[Optional[bytes]]:
-        """The ``/call`` event stream for one job's inputs (``None`` means: drop the socket)."""
-        def event(name: str, payload: Any) -> bytes:
-            return ("event: %s\ndata: %s\n\n" % (name, json.dumps(payload))).encode("utf-8")
-
-        message = data[0] if data and isinstance(data[0], str) else ""
-        for prompt, capture in self.replay.items():
-            if message == prompt:
-                for raw in capture.split(b"\n\n"):
-                    if raw.strip():
-                        self._pause()
-                        yield raw + b"\n\n"
+    def _steps(self, job: _DemoJob) -> Iterator[Tuple[str, Any]]:
+        """What the app does for a job: ``("output", value)`` updates, then ``("done", value)``,
+        or ``("error", message)``, ``("drop", None)``, ``("malformed", None)``."""
+        data, wants_state = job.data, job.queue or self.version < 6
+        layout = self._inputs()
+        if not wants_state:
+            layout = [x for x in layout if x[1] != "state"]
+        if len(data) < len(layout):
+            yield "error", ("An event handler (%s) didn't receive enough input values "
+                            "(needed: %d, got: %d)." % (self.endpoint, len(layout), len(data)))
+            return
+        values = {name: data[i] for i, (_, _, name, _) in enumerate(layout) if name}
+        message = values["message"] if isinstance(values["message"], str) else ""
+        history = values.get("chat_history") or []
+        problem = self._check_history(history)
+        if problem:
+            yield "error", problem
+            return
+        for fault in ("error", "error-null", "malformed", "hang"):
+            if "[[%s]]" % fault in message:
+                if fault == "hang":
+                    self._wait(job, 30)
+                yield {"error": ("error", "Model is overloaded, try again"),
+                       "error-null": ("error", None), "malformed": ("malformed", None),
+                       "hang": ("drop", None)}[fault]
                 return
-        if len(data) < 7:
-            yield event("error", {"error": "An event handler (chat_fn) didn't receive enough "
-                                           "input values (needed: 7, got: %d)." % len(data),
-                                  "visible": True})
-            return
-        history = data[1]
-        bad = [h for h in history if not (isinstance(h, dict) and isinstance(h.get("content"), list))] \
-            if isinstance(history, list) else [history]
-        if bad:
-            yield event("error", {"error": "%d validation error for ChatbotDataMessages: "
-                                           "content must be a list of parts" % len(bad),
-                                  "visible": True})
-            return
-        if "[[error]]" in message:
-            yield event("error", {"error": "Model is overloaded, try again", "duration": 10,
-                                  "visible": True, "title": "Error"})
-            return
-        if "[[error-null]]" in message:
-            yield event("error", {"error": None})
-            return
-        if "[[malformed]]" in message:
-            yield b"event: generating\ndata: {not json\n\n"
-            return
-        if "[[hang]]" in message:
-            self._stopping.wait(30)
-            return
-        started = time.monotonic()
-        chat = [dict(h, metadata=h.get("metadata"), options=h.get("options")) for h in history]
-        chat.append({"role": "user", "metadata": None,
-                     "content": [{"text": message, "type": "text"}], "options": None})
-
-        def snapshot(name: str, text: str) -> bytes:
-            reply = {"role": "assistant", "metadata": None,
-                     "content": [{"text": text, "type": "text"}], "options": None}
-            return event(name, [chat + [reply], ""])
-
-        thought, answer = _demo_reply(message, history, data[2], data[3:7])
-        for part in _demo_tokens(thought):
-            self._pause()
-            yield snapshot("generating", _THOUGHT_HEAD % " open" + html.escape(part) +
-                           "\n\n</details>")
-        closed = _THOUGHT_HEAD % "" + html.escape(thought) + "\n\n</details>\n\n"
-        for i, part in enumerate(_demo_tokens(answer)):
-            self._pause()
-            yield snapshot("generating", closed + part)
-            if i == 3 and "[[fail-midstream]]" in message:
-                yield event("error", {"error": "error after output began", "visible": True})
+        params = [values.get(n) for n in ("temperature", "max_tokens", "top_p", "top_k")]
+        thought, answer = _demo_reply(message, history, values.get("system_prompt"), params)
+        chat = self._chat(history, message)
+        snapshots = list(_demo_html(thought, answer))
+        n_thought = sum(1 for _ in _demo_tokens(thought))
+        for i, text in enumerate(snapshots):
+            self._wait(job, self.token_delay)
+            if job.cancelled.is_set():
+                yield "done", None
                 return
-            if i == 3 and "[[drop]]" in message:
+            yield "output", self._output(chat, text)
+            if i == n_thought + 3 and "[[fail-midstream]]" in message:
+                yield "error", "error after output began"
+                return
+            if i == n_thought + 3 and "[[drop]]" in message:
+                yield "drop", None
+                return
+        yield "done", self._output(chat, snapshots[-1])
+
+    def _wait(self, job: _DemoJob, seconds: float) -> None:
+        if seconds:
+            deadline = time.monotonic() + seconds
+            while not (self._stopping.is_set() or job.cancelled.is_set()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                job.cancelled.wait(min(left, 0.05))
+
+    def _check_history(self, history: Any) -> Optional[str]:
+        """The validation error this Gradio version gives for a history it rejects."""
+        if self.chat_interface or history is None:
+            return None
+        if not isinstance(history, list):
+            return "chat_history must be a list"
+        for item in history:
+            if self.version == 4:
+                ok = isinstance(item, list) and len(item) == 2
+            else:
+                content = item.get("content") if isinstance(item, dict) else None
+                ok = isinstance(content, list if self.version == 6 else str)
+            if not ok:
+                return ("1 validation error for ChatbotDataMessages: %r is not a valid %s "
+                        "message" % (item, {4: "pair", 5: "string-content", 6: "content-list"}
+                                     [self.version]))
+        return None
+
+    def _chat(self, history: List[Any], message: str) -> List[Any]:
+        """The conversation so far, as this version's Chatbot returns it."""
+        if self.version == 4:
+            return [list(p) for p in history] + [[message, None]]
+        wrap = (lambda t: [{"text": t, "type": "text"}]) if self.version == 6 else (lambda t: t)
+        chat = [{"role": h["role"], "metadata": None, "content": h["content"], "options": None}
+                for h in history]
+        return chat + [{"role": "user", "metadata": None, "content": wrap(message),
+                        "options": None}]
+
+    def _output(self, chat: List[Any], text: str) -> List[Any]:
+        """The endpoint's outputs with the reply ``text``."""
+        if self.chat_interface:
+            return [text, None]
+        if self.version == 4:
+            return [chat[:-1] + [[chat[-1][0], text]], ""]
+        content = [{"text": text, "type": "text"}] if self.version == 6 else text
+        return [chat + [{"role": "assistant", "metadata": None, "content": content,
+                         "options": None}], ""]
+
+    def _reply_path(self, output: List[Any]) -> List[Any]:
+        """Where the reply text sits inside output 0, for diffs."""
+        if self.chat_interface:
+            return []
+        last = len(output[0]) - 1
+        if self.version == 4:
+            return [last, 1]
+        return [last, "content", 0, "text"] if self.version == 6 else [last, "content"]
+
+    def _replayed(self, job: _DemoJob) -> Optional[bytes]:
+        message = job.data[0] if job.data and isinstance(job.data[0], str) else None
+        return self.replay.get(message) if message is not None else None
+
+    def call_events(self, job: _DemoJob) -> Iterator[Optional[bytes]]:
+        """The ``/call`` event stream of a job (``None``: drop the connection)."""
+        capture = self._replayed(job)
+        if capture is not None:
+            for raw in capture.split(b"\n\n"):
+                if raw.strip():
+                    self._wait(job, self.token_delay)
+                    yield raw + b"\n\n"
+            return
+        for kind, value in self._steps(job):
+            if kind == "output":
+                yield b"event: generating\ndata: " + json.dumps(value).encode() + b"\n\n"
+            elif kind == "done":
+                yield b"event: complete\ndata: " + json.dumps(value).encode() + b"\n\n"
+            elif kind == "error":
+                payload = {"error": value, "visible": True} if self.version == 6 else None
+                yield b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+            elif kind == "malformed":
+                yield b"event: generating\ndata: {not json\n\n"
+            else:
+                yield None
+
+    def queue_events(self, job: _DemoJob) -> Iterator[Optional[bytes]]:
+        """The queue protocol's messages for a job: whole output first, then diffs."""
+        def msg(kind: str, **fields: Any) -> bytes:
+            return _sse(dict(msg=kind, event_id=job.event_id, **fields))
+
+        yield msg("estimation", rank=0, queue_size=1, rank_eta=0.5)
+        yield msg("process_starts", eta=0.5)
+        last: Any = None
+        for kind, value in self._steps(job):
+            if kind == "output":
+                if last is None:
+                    data = value
+                else:
+                    path, old, new = self._reply_path(value), last[0], value[0]
+                    for key in path:
+                        old, new = old[key], new[key]
+                    op = ["append", path, new[len(old):]] if new.startswith(old) else \
+                        ["replace", path, new]
+                    data = [[op], []]
+                last = value
+                yield msg("process_generating", output={"data": data, "is_generating": True},
+                          success=True)
+            elif kind == "done":
+                yield msg("process_completed", output={"data": value, "is_generating": False},
+                          success=True)
+            elif kind == "error":
+                yield msg("process_completed", output={"error": value, "visible": True},
+                          success=False)
+            elif kind == "malformed":
+                yield b"data: {not json\n\n"
+                return
+            else:
                 yield None
                 return
-        took = time.monotonic() - started
-        final = (closed + answer + _DEBUG_HEAD +
-                 html.escape("<think>%s</think>%s" % (thought, answer)) + _LATENCY % (took, took))
-        yield snapshot("generating", final)
-        yield snapshot("complete", final)
+        yield _sse({"msg": "close_stream", "event_id": None})
 
 
 ###############################################################################
@@ -2389,8 +2983,11 @@ class DemoUpstream(ThreadingHTTPServer):
 def _config_from_args(args: Any) -> Config:
     """A :class:`Config` from parsed flags, the environment and the defaults."""
     flags = {name: getattr(args, name, None) for name in
-             ("upstream", "endpoint", "model", "system_prompt", "timeout", "connect_timeout",
-              "reasoning", "reasoning_field", "host", "port", "max_body_bytes")}
+             ("endpoint", "model", "models_file", "system_prompt", "protocol", "timeout",
+              "connect_timeout", "first_event_timeout", "reasoning", "reasoning_field",
+              "host", "port", "max_body_bytes")}
+    if getattr(args, "upstream", None):
+        flags["upstream"] = [u for arg in args.upstream for u in _split_list(arg)]
     if getattr(args, "api_key", None):
         flags["api_keys"] = list(args.api_key)
     return Config.load(**flags)
@@ -2398,7 +2995,7 @@ def _config_from_args(args: Any) -> Config:
 
 def _start_demo(config: Config, token_delay: float, out: Any) -> DemoUpstream:
     demo = DemoUpstream(token_delay=token_delay).start()
-    config.upstream, config.demo = demo.url, True  # type: ignore[attr-defined]
+    config.upstream, config.models_file, config.demo = [demo.url], None, True
     print("DEMO: serving canned answers from the built-in demo upstream at %s; this is "
           "NOT the Param model. Give --upstream URL (or BHARATGEN_BASE_URL) for the real one."
           % demo.url, file=out, flush=True)
@@ -2408,11 +3005,13 @@ def _start_demo(config: Config, token_delay: float, out: Any) -> DemoUpstream:
 def _cmd_serve(args: Any) -> int:
     config = _config_from_args(args)
     demo = None
-    if args.demo or not config.upstream:
+    if args.demo or not (config.upstream or config.models_file):
         demo = _start_demo(config, args.token_delay, sys.stderr)
     server = GatewayServer(config)
-    print("bharatgen_openai %s: OpenAI API at %s/v1 (model %r) in front of %s"
-          % (__version__, server.url, config.model, config.upstream), file=sys.stderr, flush=True)
+    for route in server.backend.routes.values():
+        print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
+              % (__version__, server.url, route.id, route.pool.base_url),
+              file=sys.stderr, flush=True)
     if not config.api_keys:
         print("WARNING: no API key configured; anyone who can reach %s can use it. "
               "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
@@ -2449,17 +3048,27 @@ def _cmd_info(args: Any) -> int:
     config = _config_from_args(args)
     if not config.upstream:
         raise SystemExit("info: give --upstream URL (or set BHARATGEN_BASE_URL)")
-    client = GradioClient(config.upstream, endpoint=config.endpoint,
-                          timeout=config.timeout, connect_timeout=config.connect_timeout)
-    info = client.discover()
-    print("app:            %s" % client.base_url)
-    print("gradio version: %s" % (info.version or "unknown (no /config)"))
-    print("api prefix:     %s" % (info.prefix or "(root)"))
-    print("protocol:       %s" % (info.protocol or "unknown"))
-    print("endpoint:       /%s%s" % (client.endpoint, "" if info.fn_index is not None
-                                     else "  (not listed in /config)"))
-    print("inputs:         %s" % (info.n_inputs if info.n_inputs is not None else "unknown"))
-    print("history format: %s" % info.history_format)
+    for url in config.upstream:
+        client = GradioClient(url, endpoint=config.endpoint, protocol=config.protocol,
+                              timeout=config.timeout, connect_timeout=config.connect_timeout)
+        info = client.discover()
+        print("app:            %s" % client.base_url)
+        print("gradio:         %s, API at %s" % (info.version or "version unknown (no /config)",
+                                                 info.prefix or "the root"))
+        print("protocol:       %s (%s)" % (info.protocol or "unknown", "queue, with diffs"
+                                           if info.use_queue else "/call, whole output"))
+        print("chat endpoint:  /%s%s" % (info.endpoint, "" if info.fn_index is not None
+                                         else "  (not listed in /config)"))
+        print("history:        %s" % ("sent as " + info.history_format if info.has_history
+                                      else "not an input (a ChatInterface): folded into the message"))
+        print("inputs:")
+        params = iter(info.parameters)
+        for role, default in info.inputs:
+            p = {} if role == "state" else next(params, {})
+            what = {"state": "(State: null placeholder)", "default": "the app's default %r"
+                    % (default,)}.get(role, "<- OpenAI %s" % role)
+            print("  %-16s %-10s %s" % (p.get("parameter_name", "-"), p.get("component", ""), what))
+        print()
     return 0
 
 
@@ -2467,8 +3076,9 @@ def _cmd_chat(args: Any) -> int:
     config = _config_from_args(args)
     demo = _start_demo(config, args.token_delay, sys.stderr) if args.demo or not config.upstream else None
     try:
-        client = BharatGenOpenAI(config.upstream, model=config.model, timeout=config.timeout,
-                                 endpoint=config.endpoint, system_prompt=config.system_prompt)
+        client = BharatGenOpenAI(config.upstream[0], model=config.model, timeout=config.timeout,
+                                 endpoint=config.endpoint, system_prompt=config.system_prompt,
+                                 protocol=config.protocol)
         history: List[Dict[str, str]] = []
         if args.prompt:
             _chat_turn(client, history, " ".join(args.prompt), args)
@@ -2542,13 +3152,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def upstream_flags(p: Any) -> None:
-        p.add_argument("--upstream", "--base-url", dest="upstream", metavar="URL",
-                       help="the Gradio app: its root, /gradio_api URL, or owner/space "
+        p.add_argument("--upstream", "--base-url", dest="upstream", metavar="URL", action="append",
+                       help="the Gradio app: its root, /gradio_api URL, or owner/space; "
+                            "repeat it (or give a comma list) for replicas "
                             "(env BHARATGEN_UPSTREAM or BHARATGEN_BASE_URL)")
-        p.add_argument("--endpoint", help="the app's chat endpoint (default %s)" % DEFAULT_ENDPOINT)
+        p.add_argument("--endpoint", help="the app's chat endpoint (default: discovered; "
+                                          "%s for the Param app)" % DEFAULT_ENDPOINT)
+        p.add_argument("--protocol", choices=PROTOCOLS,
+                       help="queue (diffs), call (whole output each update), or auto (default)")
+        p.add_argument("--first-event-timeout", type=float,
+                       help="seconds to wait for the first output (default: --timeout)")
         p.add_argument("--model", help="the model name to serve (default %s)" % DEFAULT_MODEL)
         p.add_argument("--system-prompt", help="used when a request has no system message")
-        p.add_argument("--timeout", type=float, help="seconds to wait for each upstream event")
+        p.add_argument("--timeout", type=float,
+                       help="seconds of upstream silence allowed between events (default 120)")
         p.add_argument("--connect-timeout", type=float, help="seconds to connect upstream")
         p.add_argument("--demo", action="store_true",
                        help="use the built-in demo upstream (canned answers)")
@@ -2566,6 +3183,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         "inline in <think> tags, or none")
     p.add_argument("--reasoning-field", help="name of that field (default reasoning_content)")
     p.add_argument("--max-body-bytes", type=int, help="request body limit (default 4 MiB)")
+    p.add_argument("--config", dest="models_file", metavar="FILE",
+                   help="a JSON file declaring several models and their upstreams")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("chat", help="chat in the terminal (one prompt, or interactive)")
