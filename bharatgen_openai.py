@@ -1208,12 +1208,13 @@ class _UpstreamPool:
         return [r.state() for r in self.replicas]
 
     def _order(self) -> List[_Replica]:
-        with self._lock:
-            start = self._next
-            self._next = (self._next + 1) % len(self.replicas)
-        ring = self.replicas[start:] + self.replicas[:start]
+        """The replicas to try, in order: the healthy ones round-robin, then the rest."""
         now = time.monotonic()
-        return [r for r in ring if r.down_until <= now] + [r for r in ring if r.down_until > now]
+        with self._lock:
+            up = [r for r in self.replicas if r.down_until <= now]
+            start = self._next % len(up) if up else 0
+            self._next += 1
+        return up[start:] + up[:start] + [r for r in self.replicas if r.down_until > now]
 
     def _mark(self, replica: _Replica, error: Optional[BharatGenError]) -> None:
         with self._lock:
@@ -2511,22 +2512,12 @@ class _GatewayHandler(_BaseHandler):
         return 200
 
 
-class GatewayServer(ThreadingHTTPServer):
-    """The OpenAI-compatible server: one thread per connection, state on the instance.
-
-    ``GatewayServer(config).start()`` serves in a background thread (tests, embedding);
-    ``serve_forever()`` serves in the caller's.
-    """
+class _Server(ThreadingHTTPServer):
+    """A threading HTTP server that can serve in the background and stop cleanly."""
 
     daemon_threads = True
     allow_reuse_address = True
-    catch_all = True          # tests may set False to see the real exception
-
-    def __init__(self, config: Config, backend: Optional[_Backend] = None) -> None:
-        self.config = config
-        self.backend = backend or _Backend(config)
-        self._thread: Optional[threading.Thread] = None
-        super().__init__((config.host, config.port), _GatewayHandler)
+    _thread: Optional[threading.Thread] = None
 
     @property
     def url(self) -> str:
@@ -2534,10 +2525,10 @@ class GatewayServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return "http://%s:%d" % ("[%s]" % host if ":" in str(host) else host, port)
 
-    def start(self) -> "GatewayServer":
-        """Serve in a daemon thread and return at once."""
+    def start(self) -> Any:
+        """Serve in a daemon thread and return ``self`` at once."""
         self._thread = threading.Thread(target=self.serve_forever, args=(0.05,),
-                                        daemon=True, name="bharatgen-gateway")
+                                        daemon=True, name=type(self).__name__)
         self._thread.start()
         return self
 
@@ -2549,12 +2540,34 @@ class GatewayServer(ThreadingHTTPServer):
             self._thread = None
         self.server_close()
 
-    def __enter__(self) -> "GatewayServer":
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up is routine; anything else is logged."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            _log.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            _log.exception("error while serving %s", client_address)
+
+
+class GatewayServer(_Server):
+    """The OpenAI-compatible server: one thread per connection, state on the instance.
+
+    ``GatewayServer(config).start()`` serves in a background thread (tests, embedding);
+    ``serve_forever()`` serves in the caller's.
+    """
+
+    catch_all = True          # tests may set False to see the real exception
+
+    def __init__(self, config: Config, backend: Optional[_Backend] = None) -> None:
+        self.config = config
+        self.backend = backend or _Backend(config)
+        super().__init__((config.host, config.port), _GatewayHandler)
 
 ###############################################################################
 # The demo upstream: a stand-in Param app speaking Gradio's protocol ###########
@@ -2686,6 +2699,7 @@ class _DemoHandler(_BaseHandler):
             return self._send_json(503, {"detail": "Queue is full. Max size is 0 and size is 0."})
         job = _DemoJob(data, secrets.token_hex(16), queue=bool(join))
         with srv.lock:
+            srv.auth_seen.append(self.headers.get("Authorization"))
             srv.jobs["session:" + str(body.get("session_hash")) if join else job.event_id] = job
             srv.calls.append(data)
         self._send_json(200, {"event_id": job.event_id})
@@ -2718,20 +2732,19 @@ class _DemoHandler(_BaseHandler):
                     srv.running.pop(id(job), None)
 
 
-class DemoUpstream(ThreadingHTTPServer):
+class DemoUpstream(_Server):
     """A stand-in for the Param Gradio app: Gradio's routes, events and the app's HTML.
 
     It answers from the prompt: "hello", "format", "hindi", "tamil", "history" (echoes the
     system prompt and history), "params" (echoes the sampling values), "N words"; and it
     fails on demand: ``[[error]]``, ``[[error-null]]``, ``[[fail-midstream]]``,
-    ``[[drop]]``, ``[[hang]]``, ``[[malformed]]``, ``[[busy]]``.  ``version`` (4, 5 or 6)
+    ``[[drop]]``, ``[[hang]]`` (no output), ``[[stall]]`` (silent after some output),
+    ``[[malformed]]``, ``[[busy]]``.  ``version`` (4, 5 or 6)
     sets the API prefix, history format and error shapes of that Gradio; ``chat_interface``
     makes it a ``gr.ChatInterface`` (a string reply, history kept in a State); ``queue``
-    offers the queue protocol.  ``replay`` maps a prompt to a captured ``/call`` stream.
+    offers the queue protocol.  ``replay`` maps a prompt to a captured event stream, sent
+    verbatim (a ``/call`` capture on ``/call``, a queue capture on the queue).
     """
-
-    daemon_threads = True
-    allow_reuse_address = True
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0,
                  version: int = 6, chat_interface: bool = False, queue: bool = True,
@@ -2747,25 +2760,16 @@ class DemoUpstream(ThreadingHTTPServer):
         self.running: Dict[int, _DemoJob] = {}
         self.calls: List[Any] = []
         self.cancels: List[Any] = []
+        self.auth_seen: List[Optional[str]] = []
         self.active_streams = 0
         self.lock = threading.Lock()
         self._stopping = threading.Event()
-        self._thread: Optional[threading.Thread] = None
         super().__init__((host, port), _DemoHandler)
-
-    url = GatewayServer.url
-    start = GatewayServer.start
 
     def stop(self) -> None:
         """Stop serving, end hanging streams, release the socket."""
         self._stopping.set()
-        GatewayServer.stop(self)  # type: ignore[arg-type]
-
-    def __enter__(self) -> "DemoUpstream":
-        return self.start()  # type: ignore[return-value]
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+        super().stop()
 
     # -- what the app says of itself ---------------------------------------------------
 
@@ -2855,6 +2859,10 @@ class DemoUpstream(ThreadingHTTPServer):
             if i == n_thought + 3 and "[[drop]]" in message:
                 yield "drop", None
                 return
+            if i == n_thought + 3 and "[[stall]]" in message:
+                self._wait(job, 30)
+                yield "drop", None
+                return
         yield "done", self._output(chat, snapshots[-1])
 
     def _wait(self, job: _DemoJob, seconds: float) -> None:
@@ -2917,14 +2925,17 @@ class DemoUpstream(ThreadingHTTPServer):
         message = job.data[0] if job.data and isinstance(job.data[0], str) else None
         return self.replay.get(message) if message is not None else None
 
+    def _replay(self, job: _DemoJob, capture: bytes) -> Iterator[bytes]:
+        for raw in capture.split(b"\n\n"):
+            if raw.strip():
+                self._wait(job, self.token_delay)
+                yield raw + b"\n\n"
+
     def call_events(self, job: _DemoJob) -> Iterator[Optional[bytes]]:
         """The ``/call`` event stream of a job (``None``: drop the connection)."""
         capture = self._replayed(job)
         if capture is not None:
-            for raw in capture.split(b"\n\n"):
-                if raw.strip():
-                    self._wait(job, self.token_delay)
-                    yield raw + b"\n\n"
+            yield from self._replay(job, capture)
             return
         for kind, value in self._steps(job):
             if kind == "output":
@@ -2944,6 +2955,10 @@ class DemoUpstream(ThreadingHTTPServer):
         def msg(kind: str, **fields: Any) -> bytes:
             return _sse(dict(msg=kind, event_id=job.event_id, **fields))
 
+        capture = self._replayed(job)
+        if capture is not None:
+            yield from self._replay(job, capture)
+            return
         yield msg("estimation", rank=0, queue_size=1, rank_eta=0.5)
         yield msg("process_starts", eta=0.5)
         last: Any = None
@@ -2999,7 +3014,7 @@ def _start_demo(config: Config, token_delay: float, out: Any) -> DemoUpstream:
     print("DEMO: serving canned answers from the built-in demo upstream at %s; this is "
           "NOT the Param model. Give --upstream URL (or BHARATGEN_BASE_URL) for the real one."
           % demo.url, file=out, flush=True)
-    return demo  # type: ignore[return-value]
+    return demo
 
 
 def _cmd_serve(args: Any) -> int:

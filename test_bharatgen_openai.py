@@ -329,7 +329,9 @@ class ConfigTests(unittest.TestCase):
                "BHARATGEN_API_KEYS": "a, b", "BHARATGEN_BASE_URL": "http://x"}
         c = bg.Config.load(env, model="flag-model")
         self.assertEqual((c.model, c.timeout, c.api_keys, c.upstream, c.port),
-                         ("flag-model", 5.0, ["a", "b"], "http://x", 8000))
+                         ("flag-model", 5.0, ["a", "b"], ["http://x"], 8000))
+        self.assertEqual(bg.Config.load({"BHARATGEN_UPSTREAM": "http://a, http://b"}).upstream,
+                         ["http://a", "http://b"])
         self.assertEqual(bg.Config.load({}).model, "param-1")
 
     def test_bad_environment_values_are_reported(self):
@@ -407,6 +409,7 @@ def start_demo(test, **kwargs):
 
 def start_gateway(test, upstream, **kwargs):
     kwargs.setdefault("timeout", 10)
+    upstream = [upstream] if isinstance(upstream, str) else upstream
     gw = bg.GatewayServer(bg.Config(upstream=upstream, port=0, **kwargs)).start()
     test.addCleanup(gw.stop)
     return gw
@@ -455,8 +458,13 @@ class GradioClientTests(unittest.TestCase):
     def test_discovers_prefix_and_history_format(self):
         for url in (self.demo.url, self.demo.url + "/gradio_api/"):
             info = bg.GradioClient(url).discover()
-            self.assertEqual((info.prefix, info.version, info.history_format, info.fn_index),
-                             ("/gradio_api", "6.31.0", "parts", 1))
+            self.assertEqual((info.prefix, info.version, info.history_format, info.fn_index,
+                              info.endpoint, info.use_queue),
+                             ("/gradio_api", "6.31.0", "parts", 1, "chat_fn_1", True))
+
+    def test_hf_token_is_sent_as_a_bearer_token(self):
+        list(bg.GradioClient(self.demo.url, hf_token="hf_secret").stream("Say hello"))
+        self.assertEqual(self.demo.auth_seen[-1], "Bearer hf_secret")
 
     def test_stream_yields_snapshots_ending_with_the_final_one(self):
         snaps = list(bg.GradioClient(self.demo.url).stream("Say hello"))
@@ -493,14 +501,20 @@ class GradioClientTests(unittest.TestCase):
             list(client.stream("[[error-null]]"))
         with self.assertRaises(bg.UpstreamOverloadedError):
             list(client.stream("[[busy]]"))
-        with self.assertRaisesRegex(bg.UpstreamError, "malformed generating event"):
+        with self.assertRaisesRegex(bg.UpstreamError, "malformed queue message: '{not json'"):
             list(client.stream("[[malformed]]"))
+        with self.assertRaisesRegex(bg.UpstreamError, "malformed generating event"):
+            list(bg.GradioClient(self.demo.url, protocol="call").stream("[[malformed]]"))
         with self.assertRaisesRegex(bg.APIConnectionError, "ended the stream|dropped"):
             list(client.stream("[[drop]]"))
         with self.assertRaisesRegex(bg.UpstreamError, r"refused the call to /nope \(HTTP 500\)"):
             list(bg.GradioClient(self.demo.url, endpoint="nope").stream("x"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
+        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.3s"):
             list(bg.GradioClient(self.demo.url, timeout=0.3).stream("[[hang]]"))
+        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.2s"):
+            list(bg.GradioClient(self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
+        with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
+            list(bg.GradioClient(self.demo.url, timeout=0.3).stream("[[stall]]"))
 
     def test_unreachable_app_is_a_connection_error(self):
         sock = socket.socket()
@@ -520,7 +534,7 @@ class ReplayTests(unittest.TestCase):
 
     def setUp(self):
         replay = {prompt: fixture(name) for prompt, name, _ in self.CASES}
-        self.demo = start_demo(self, replay=replay)
+        self.demo = start_demo(self, replay=replay, queue=False)
         self.gw = start_gateway(self, self.demo.url)
 
     def test_captures_give_exact_answers_streamed_and_not(self):
@@ -808,7 +822,7 @@ class GatewayErrorTests(unittest.TestCase):
                                     "upstream_error", code="upstream_error")
         self.assertEqual(headers["x-should-retry"], "false")
         self.assert_error(chat(self.gw, "[[hang]]", stream=True, headers=self.auth), 504,
-                          "the Gradio app sent nothing for 0.5s", "upstream_error",
+                          "the Gradio app sent no output within 0.5s", "upstream_error",
                           code="upstream_timeout")
         headers = self.assert_error(chat(self.gw, "[[busy]]", headers=self.auth), 503,
                                     "the Gradio app's queue is full; try again later",
@@ -906,6 +920,211 @@ class SDKTests(unittest.TestCase):
         self.assertEqual(asyncio.run(run()), (HINDI, HINDI, "param-1"))
 
 
+class DiffTests(unittest.TestCase):
+    def test_queue_diff_operations(self):
+        value = [{"content": [{"text": "Echo:"}]}, ["a"], {"k": 1}]
+        value = bg._apply_diff(value, [["append", [0, "content", 0, "text"], " Hi"],
+                                       ["add", [1, 0], "z"], ["add", [2, "j"], 2],
+                                       ["delete", [2, "k"], None], ["replace", [1, 1], "b"]])
+        self.assertEqual(value, [{"content": [{"text": "Echo: Hi"}]}, ["z", "b"], {"j": 2}])
+        self.assertEqual(bg._apply_diff("ab", [["append", [], "c"]]), "abc")
+        self.assertEqual(bg._apply_diff("ab", [["replace", [], "x"]]), "x")
+        with self.assertRaisesRegex(bg.UpstreamError, "cannot apply: 'move'"):
+            bg._apply_diff([1], [["move", [0], 1]])
+
+    def test_call_and_queue_captures_give_the_same_text(self):
+        for name, answer in (("hindi_please", HINDI), ("show_formatting", bg._DEMO_FORMATTING)):
+            prompt = name.replace("_", " ")
+            texts = []
+            for queue, capture in ((False, "call_%s.sse" % name), (True, "queue_%s.sse" % name)):
+                demo = start_demo(self, queue=queue, replay={prompt: fixture(capture)})
+                gw = start_gateway(self, demo.url)
+                for stream in (False, True):
+                    status, _, body = chat(gw, prompt, stream=stream)
+                    texts.append(streamed_text(sse_events(body)) if stream else
+                                 json.loads(body)["choices"][0]["message"]["content"])
+            self.assertEqual(texts, [answer] * 4, name)
+
+
+# The demo upstream's variants: Gradio 4, 5 and 6, over /call and over the queue, and a
+# gr.ChatInterface.  Every text case runs across all of them.
+VARIANTS = [dict(version=v, queue=q) for v in (6, 5, 4) for q in (True, False)] + \
+    [dict(version=6, chat_interface=True, queue=True), dict(version=5, chat_interface=True, queue=False),
+     dict(version=4, chat_interface=True, queue=True)]
+
+
+class VariantTests(unittest.TestCase):
+    def each_variant(self):
+        for variant in VARIANTS:
+            with self.subTest(**variant):
+                demo = bg.DemoUpstream(token_delay=0.0005, **variant).start()
+                gw = bg.GatewayServer(bg.Config(upstream=[demo.url], port=0, timeout=10)).start()
+                try:
+                    yield variant, demo, gw
+                finally:
+                    gw.stop()
+                    demo.stop()
+
+    def test_discovery_of_each_variant(self):
+        for variant, demo, gw in self.each_variant():
+            info = bg.GradioClient(demo.url).discover()
+            v, ci = variant["version"], variant.get("chat_interface", False)
+            self.assertEqual(info.prefix, "" if v == 4 else "/gradio_api")
+            self.assertEqual(info.use_queue, variant["queue"])
+            self.assertEqual(info.endpoint, ("respond" if v == 6 else "chat") if ci else "chat_fn_1")
+            self.assertEqual(info.has_history, not ci)
+            if not ci:
+                self.assertEqual(info.history_format, {4: "pairs", 5: "messages", 6: "parts"}[v])
+                self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system",
+                                                               "temperature", "max_tokens",
+                                                               "top_p", "top_k"])
+            else:
+                self.assertEqual(info.inputs, [("message", None), ("state", None),
+                                               ("system", "You are a friendly bot."),
+                                               ("temperature", 0.7)])
+
+    def test_text_cases_streamed_and_not_on_every_variant(self):
+        cases = (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
+                 ("hindi please", HINDI), ("250 words", bg._demo_reply("250 words", [], "", [0] * 4)[1]))
+        for variant, demo, gw in self.each_variant():
+            for prompt, answer in cases:
+                status, _, body = chat(gw, prompt)
+                message = json.loads(body)["choices"][0]["message"]
+                self.assertEqual((status, message["content"], message["reasoning_content"]),
+                                 (200, answer, thought_of(prompt)), prompt)
+                events = sse_events(chat(gw, prompt, stream=True)[2])
+                self.assertEqual(streamed_text(events), answer, prompt)
+                self.assertEqual(streamed_text(events, "reasoning_content"), thought_of(prompt))
+
+    def test_history_and_system_prompt_on_every_variant(self):
+        messages = [{"role": "system", "content": "Be terse."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "tell me the history"}]
+        for variant, demo, gw in self.each_variant():
+            reply = json.loads(chat(gw, messages, temperature=0.3)[2])
+            text = reply["choices"][0]["message"]["content"]
+            sent = demo.calls[-1]
+            if variant.get("chat_interface"):
+                folded = "User: Hi\n\nAssistant: Hello!\n\nUser: tell me the history"
+                self.assertEqual(sent[0], folded)
+                self.assertEqual(sent[1:], ([None] if variant["queue"] or variant["version"] < 6
+                                            else []) + ["Be terse.", 0.3])
+                self.assertEqual(text, "SYSTEM=Be terse. | HISTORY=[]")
+                continue
+            history = {6: [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}],
+                       5: [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                       4: [["Hi", "Hello!"]]}[variant["version"]]
+            self.assertEqual(sent, ["tell me the history", history, "Be terse.", 0.3,
+                                    bg.DEFAULT_MAX_TOKENS, bg.DEFAULT_TOP_P, bg.DEFAULT_TOP_K])
+            self.assertEqual(text, "SYSTEM=Be terse. | HISTORY=" + json.dumps(history, sort_keys=True))
+
+    def test_errors_on_every_variant(self):
+        for variant, demo, gw in self.each_variant():
+            status, _, body = chat(gw, "[[error]]")
+            message = json.loads(body)["error"]["message"]
+            self.assertEqual(status, 502)
+            if variant["queue"] or variant["version"] == 6:
+                self.assertEqual(message, "the Gradio app reported an error: Model is overloaded, try again")
+            else:     # Gradio 4 and 5 hide the message on /call
+                self.assertEqual(message, "the Gradio app failed without a message (it may hide "
+                                          "errors; see its logs)")
+            events = sse_events(chat(gw, "[[fail-midstream]]", stream=True)[2])
+            self.assertEqual((events[-1], events[-2]["error"]["type"]), ("[DONE]", "upstream_error"))
+
+
+class ReplicaTests(unittest.TestCase):
+    def dead_url(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        return "http://127.0.0.1:%d" % port
+
+    def test_round_robin_skips_a_dead_replica_and_health_reports_it(self):
+        a, b, dead = start_demo(self), start_demo(self), self.dead_url()
+        gw = start_gateway(self, [a.url, dead, b.url], backoff=30)
+        for _ in range(6):
+            reply = json.loads(chat(gw, "Say hello")[2])
+            self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        self.assertEqual((len(a.calls), len(b.calls)), (3, 3))
+        status, _, body = request(gw.url, "GET", "/health")
+        states = json.loads(body)["models"]["param-1"]
+        self.assertEqual((status, [s["status"] for s in states]), (200, ["up", "down", "up"]))
+        self.assertIn("cannot reach the Gradio app", states[1]["last_error"])
+
+    def test_all_replicas_down_is_502_and_health_503(self):
+        gw = start_gateway(self, [self.dead_url(), self.dead_url()], backoff=30)
+        status, _, body = chat(gw, "Say hello")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "upstream_unreachable"))
+        self.assertEqual(request(gw.url, "GET", "/health")[0], 503)
+
+    def test_overloaded_replica_is_retried_on_the_next(self):
+        a, b = start_demo(self), start_demo(self)
+        gw = start_gateway(self, [a.url, b.url])
+        status, _, body = chat(gw, "[[busy]] hello")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (503, "upstream_overloaded"))
+        self.assertEqual(len(a.calls) + len(b.calls), 0)     # both were tried, both refused
+
+    def test_models_file_declares_several_models(self):
+        import tempfile
+        six, four = start_demo(self), start_demo(self, version=4, chat_interface=True)
+        spec = {"models": [
+            {"id": "param-1", "upstreams": [six.url], "display_name": "Param 1",
+             "system_prompt": "From the file."},
+            {"id": "echo-4", "upstreams": [four.url], "protocol": "call",
+             "params": {"system": "system_prompt"}}]}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(spec, f)
+        self.addCleanup(os.unlink, f.name)
+        gw = start_gateway(self, [], models_file=f.name)
+        models = json.loads(request(gw.url, "GET", "/v1/models")[2])["data"]
+        self.assertEqual([(m["id"], m.get("display_name")) for m in models],
+                         [("param-1", "Param 1"), ("echo-4", None)])
+        reply = json.loads(chat(gw, "Say hello", model="echo-4")[2])
+        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        self.assertEqual((len(four.calls), len(six.calls)), (1, 0))
+        chat(gw, "Say hello", model="param-1")
+        self.assertEqual(six.calls[-1][2], "From the file.")
+
+
+class CancellationTests(unittest.TestCase):
+    def wait_for(self, predicate, timeout=TIMEOUT):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def test_client_disconnect_closes_the_upstream_stream(self):
+        for queue in (True, False):
+            demo = start_demo(self, token_delay=0.01, queue=queue)
+            gw = start_gateway(self, demo.url)
+            threads_before = threading.active_count()
+            sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=TIMEOUT)
+            body = json.dumps({"model": "param-1", "stream": True,
+                               "messages": [{"role": "user", "content": "2000 words"}]}).encode()
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+                         b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            self.assertIn(b"200 OK", sock.recv(4096))
+            self.assertTrue(self.wait_for(lambda: demo.active_streams == 1))
+            sock.close()
+            self.assertTrue(self.wait_for(lambda: demo.active_streams == 0), "upstream left open")
+            self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1), "no cancel sent")
+            self.assertTrue(self.wait_for(lambda: threading.active_count() <= threads_before))
+
+    def test_stop_sequence_ends_the_upstream_call_early(self):
+        demo = start_demo(self, token_delay=0.01)
+        gw = start_gateway(self, demo.url)
+        started = time.monotonic()
+        reply = json.loads(chat(gw, "2000 words", stop="India")[2])
+        self.assertEqual(reply["choices"][0]["message"]["content"], "Param is a bilingual model trained for ")
+        self.assertLess(time.monotonic() - started, 10)
+        self.assertTrue(self.wait_for(lambda: demo.active_streams == 0))
+        self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1))
+
+
 class CLITests(unittest.TestCase):
     def test_help_and_version(self):
         out = io.StringIO()
@@ -929,8 +1148,9 @@ class CLITests(unittest.TestCase):
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
             bg.main(["info", "--upstream", demo.url])
-        self.assertIn("gradio version: 6.31.0", out.getvalue())
-        self.assertIn("api prefix:     /gradio_api", out.getvalue())
+        self.assertIn("gradio:         6.31.0, API at /gradio_api", out.getvalue())
+        self.assertIn("chat endpoint:  /chat_fn_1", out.getvalue())
+        self.assertIn("  top_k            Slider     <- OpenAI top_k", out.getvalue())
 
     def test_bad_flag_values_exit_with_a_message(self):
         err = io.StringIO()
