@@ -27,8 +27,9 @@ __version__ = "0.1.0"
 __all__ = [
     # errors
     "BharatGenError", "APIError", "BadRequestError", "AuthenticationError",
-    "NotFoundError", "MethodNotAllowedError", "RequestTooLargeError", "RateLimitError",
-    "InternalServerError", "UpstreamError", "UpstreamOverloadedError",
+    "NotFoundError", "MethodNotAllowedError", "RequestTooLargeError", "RequestTimeoutError",
+    "RateLimitError", "InternalServerError", "ServerOverloadedError", "UpstreamError",
+    "UpstreamOverloadedError",
     "APIConnectionError", "APITimeoutError", "UpstreamTimeout",
     # protocol pieces
     "CleanReply", "clean_reply", "estimate_tokens",
@@ -75,6 +76,7 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 REASONING_MODES = ("separate", "inline", "none")
 
 _log = logging.getLogger("bharatgen_openai")
+_access_log = logging.getLogger("bharatgen_openai.access")
 
 
 ###############################################################################
@@ -91,9 +93,11 @@ class BharatGenError(Exception):
     status: int = 500
     type: str = "server_error"
     code: Optional[str] = None
+    retry_after: Optional[int] = None
 
     def __init__(self, message: str, *, param: Optional[str] = None,
-                 code: Optional[str] = None, status: Optional[int] = None) -> None:
+                 code: Optional[str] = None, status: Optional[int] = None,
+                 headers: Optional[Dict[str, str]] = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
@@ -101,6 +105,9 @@ class BharatGenError(Exception):
             self.code = code
         if status is not None:
             self.status = status
+        self.headers: Dict[str, str] = dict(headers or {})
+        if self.retry_after is not None:
+            self.headers.setdefault("Retry-After", str(self.retry_after))
 
     def to_dict(self) -> Dict[str, Any]:
         """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -121,6 +128,12 @@ class RequestTooLargeError(BadRequestError):
     """The request body is larger than the server accepts (413)."""
     status = 413
     code = "request_too_large"
+
+
+class RequestTimeoutError(BadRequestError):
+    """The client sent its request too slowly (408)."""
+    status = 408
+    code = "request_timeout"
 
 
 class AuthenticationError(BharatGenError):
@@ -154,6 +167,13 @@ class InternalServerError(BharatGenError):
     """A fault in this server (500)."""
 
 
+class ServerOverloadedError(BharatGenError):
+    """This server is at its concurrency limit, or shutting down (503)."""
+    status = 503
+    code = "server_overloaded"
+    retry_after = 1
+
+
 class UpstreamError(InternalServerError):
     """The Gradio app failed or answered something unusable (502)."""
     status = 502
@@ -165,6 +185,7 @@ class UpstreamOverloadedError(UpstreamError):
     """The Gradio app's queue is full (503); retrying later may help."""
     status = 503
     code = "upstream_overloaded"
+    retry_after = 1
 
 
 class APIConnectionError(UpstreamError, ConnectionError):
@@ -783,7 +804,10 @@ class _EventStream:
             if left <= 0:
                 raise socket.timeout()
             self.conn.sock.settimeout(min(self.client.timeout, left))
-        return self.resp.readline()
+        line = self.resp.readline()
+        if self.client.metrics is not None:
+            self.client.metrics.inc("bharatgen_upstream_bytes_total", len(line))
+        return line
 
     def __iter__(self) -> Iterator[Tuple[str, str]]:
         try:
@@ -834,6 +858,7 @@ class GradioClient:
         self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
         self._info: Optional[_AppInfo] = None
         self._lock = threading.Lock()
+        self.metrics: Optional[Any] = None       # a server's _Metrics, counting bytes read
 
     def __repr__(self) -> str:
         return "GradioClient(%r, endpoint=%r)" % (self.base_url, self.endpoint)
@@ -1323,7 +1348,8 @@ class _Conversation:
     prompt_tokens: int = 0
 
 
-def _conversation(messages: Any, param: str = "messages") -> _Conversation:
+def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 << 30,
+                  max_chars: int = 1 << 62) -> _Conversation:
     """Validate OpenAI ``messages`` and map them onto (system, history, message).
 
     System and developer messages, wherever they stand, are joined into the system
@@ -1332,9 +1358,12 @@ def _conversation(messages: Any, param: str = "messages") -> _Conversation:
     if not isinstance(messages, list) or not messages:
         raise _bad("%r must be a non-empty list of messages" % param, param,
                    "invalid_type" if not isinstance(messages, list) else "invalid_value")
+    if len(messages) > max_messages:
+        raise _bad("%d messages is more than this server takes (%d)" % (len(messages), max_messages),
+                   param, "too_many_messages")
     system: List[str] = []
     turns: List[Tuple[str, str]] = []
-    tokens = 3
+    tokens, chars = 3, 0
     for i, msg in enumerate(messages):
         where = "%s[%d]" % (param, i)
         if not isinstance(msg, dict):
@@ -1352,6 +1381,10 @@ def _conversation(messages: Any, param: str = "messages") -> _Conversation:
                        where + ".tool_calls", "unsupported_parameter")
         text = _content_text(msg.get("content"), where + ".content", allow_none=role == "assistant")
         tokens += 4 + estimate_tokens(text)
+        chars += len(text)
+        if chars > max_chars:
+            raise _bad("the messages are longer than this server takes (%d characters)" % max_chars,
+                       param, "context_length_exceeded")
         if role in ("system", "developer"):
             system.append(text)
         elif turns and turns[-1][0] == role:
@@ -1597,7 +1630,19 @@ class Config:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
     api_keys: List[str] = field(default_factory=list)
+    api_key_file: Optional[str] = None
+    allow_no_auth: bool = False
+    cors_origins: List[str] = field(default_factory=list)
     max_body_bytes: int = MAX_BODY_BYTES
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_concurrent: int = 512
+    max_messages: int = 2048
+    max_chars: int = 1_000_000
+    rate_limit_rpm: int = 0
+    rate_limit_streams: int = 0
+    grace: float = 30.0
+    log_format: str = "text"
     demo: bool = False
     demo_token_delay: float = 0.02
 
@@ -1649,6 +1694,11 @@ class Config:
             raise ValueError("timeouts must be positive")
         if not 0 <= self.port <= 65535:
             raise ValueError("port %r is out of range" % self.port)
+        if self.log_format not in ("text", "json"):
+            raise ValueError("log format must be text or json, not %r" % self.log_format)
+        for name in ("max_body_bytes", "max_concurrent", "max_messages", "max_chars"):
+            if getattr(self, name) < 1:
+                raise ValueError("%s must be at least 1" % name)
 
 
 ###############################################################################
@@ -1763,7 +1813,8 @@ class _Backend:
         body = self._body(body)
         route = self._route(body)
         model = route.id
-        conv = _conversation(body.get("messages"))
+        conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
+                             self.config.max_chars)
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         stream = _flag(body, "stream")
         include_usage = _include_usage(body)
@@ -1830,6 +1881,9 @@ class _Backend:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
             raise _bad("'prompt' must be a string or a non-empty list of strings", "prompt",
                        "invalid_type" if not isinstance(prompts, list) else "invalid_value")
+        if len(prompts) > self.config.max_messages or sum(map(len, prompts)) > self.config.max_chars:
+            raise _bad("the prompt is longer than this server takes", "prompt",
+                       "context_length_exceeded")
         if body.get("suffix"):
             raise _bad("'suffix' (fill-in-the-middle) is not supported", "suffix",
                        "unsupported_parameter")
@@ -1913,7 +1967,7 @@ class _Backend:
         if isinstance(text, dict) and isinstance(text.get("format"), dict):
             body = dict(body, response_format=text["format"])
         messages = self._response_messages(body)
-        conv = _conversation(messages, "input")
+        conv = _conversation(messages, "input", self.config.max_messages, self.config.max_chars)
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
@@ -2281,6 +2335,243 @@ class _BaseHandler(BaseHTTPRequestHandler):
 
 
 ###############################################################################
+# Server pieces: keys, rate limits, metrics, deadlines ##########################
+###############################################################################
+
+def _key_hash(token: str) -> str:
+    """A short, stable name for a key in logs (never the key itself)."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:10]
+
+
+class _KeyStore:
+    """The accepted API keys: given ones plus a key file, re-read by :meth:`reload`.
+
+    Keys are kept only as SHA-256 digests and compared in constant time.
+    """
+
+    def __init__(self, keys: Sequence[str] = (), path: Optional[str] = None) -> None:
+        self._given = [k for k in keys if k]
+        self.path = path
+        self._digests: List[bytes] = []
+        self.reload()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._digests)
+
+    def reload(self) -> int:
+        """Read the key file again (lines; blanks and ``#`` comments skipped)."""
+        keys = list(self._given)
+        if self.path:
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    keys += [line.strip() for line in f
+                             if line.strip() and not line.lstrip().startswith("#")]
+            except OSError as exc:
+                if self._digests:
+                    _log.error("cannot re-read the key file (keeping %d keys): %s",
+                               len(self._digests), exc)
+                    return len(self._digests)
+                raise ValueError("cannot read the key file: %s" % exc) from None
+        self._digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
+        return len(self._digests)
+
+    def identify(self, authorization: Optional[str]) -> str:
+        """The key's short hash for ``Authorization: Bearer <key>``, or :class:`AuthenticationError`."""
+        scheme, _, token = (authorization or "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise AuthenticationError("Missing API key: send the header "
+                                      "'Authorization: Bearer <key>'")
+        given = hashlib.sha256(token.encode("utf-8")).digest()
+        ok = False
+        for digest in self._digests:    # no early exit: time does not depend on which key
+            ok |= hmac.compare_digest(given, digest)
+        if not ok:
+            raise AuthenticationError("Incorrect API key provided")
+        return _key_hash(token)
+
+
+def _duration(seconds: float) -> str:
+    """OpenAI's style for reset times: ``1s``, ``6m0s``, ``120ms``."""
+    if seconds < 1:
+        return "%dms" % max(1, round(seconds * 1000))
+    minutes, secs = divmod(int(round(seconds)), 60)
+    return "%dm%ds" % (minutes, secs) if minutes else "%ds" % secs
+
+
+class _RateLimiter:
+    """Per-identity limits: requests a minute (a token bucket) and concurrent streams.
+
+    ``0`` disables a limit.  Identities are key hashes (or client addresses when the
+    server has no keys).
+    """
+
+    def __init__(self, per_minute: int = 0, streams: int = 0) -> None:
+        self.per_minute, self.streams = per_minute, streams
+        self._buckets: Dict[str, List[float]] = {}
+        self._open: Dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, who: str) -> Dict[str, str]:
+        """Spend one request; the ``x-ratelimit-*`` headers, or :class:`RateLimitError`."""
+        if not self.per_minute:
+            return {}
+        rate, now = self.per_minute / 60.0, time.monotonic()
+        with self._lock:
+            if len(self._buckets) > 10000:             # forget identities at rest
+                self._buckets = {k: v for k, v in self._buckets.items()
+                                 if v[0] + (now - v[1]) * rate < self.per_minute}
+            tokens, last = self._buckets.get(who, [float(self.per_minute), now])
+            tokens = min(float(self.per_minute), tokens + (now - last) * rate)
+            allowed = tokens >= 1
+            if allowed:
+                tokens -= 1
+            self._buckets[who] = [tokens, now]
+        headers = {"x-ratelimit-limit-requests": str(self.per_minute),
+                   "x-ratelimit-remaining-requests": str(int(tokens)),
+                   "x-ratelimit-reset-requests": _duration((self.per_minute - tokens) / rate)}
+        if not allowed:
+            wait = (1 - tokens) / rate
+            raise RateLimitError("Rate limit reached: %d requests per minute; retry in %s"
+                                 % (self.per_minute, _duration(wait)),
+                                 headers=dict(headers, **{"Retry-After": str(max(1, int(wait + 0.999)))}))
+        return headers
+
+    def open_stream(self, who: str) -> None:
+        """Count one more open stream, or raise :class:`RateLimitError`."""
+        if not self.streams:
+            return
+        with self._lock:
+            if self._open.get(who, 0) >= self.streams:
+                raise RateLimitError("Too many concurrent streams: the limit is %d per key"
+                                     % self.streams, headers={"Retry-After": "1"})
+            self._open[who] = self._open.get(who, 0) + 1
+
+    def close_stream(self, who: str) -> None:
+        if self.streams:
+            with self._lock:
+                left = self._open.get(who, 1) - 1
+                if left:
+                    self._open[who] = left
+                else:
+                    self._open.pop(who, None)
+
+
+_LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class _Metrics:
+    """Counters, gauges and histograms, rendered in Prometheus' text format."""
+
+    HELP = {
+        "bharatgen_requests_total": ("counter", "Requests by route and status."),
+        "bharatgen_requests_in_flight": ("gauge", "Requests being served."),
+        "bharatgen_streams_in_flight": ("gauge", "Streamed responses being sent."),
+        "bharatgen_upstream_errors_total": ("counter", "Upstream failures by kind."),
+        "bharatgen_upstream_bytes_total": ("counter", "Bytes read from upstream apps."),
+        "bharatgen_rate_limited_total": ("counter", "Requests refused by rate limits."),
+        "bharatgen_request_duration_seconds": ("histogram",
+                                               "Generation requests, start to last byte."),
+        "bharatgen_time_to_first_token_seconds": ("histogram",
+                                                  "Streams, request start to first event."),
+    }
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._values: Dict[str, Dict[Tuple[Tuple[str, str], ...], float]] = {}
+        self._hists: Dict[str, List[float]] = {}
+
+    def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
+        key = tuple(sorted(labels.items()))
+        with self._lock:
+            series = self._values.setdefault(name, {})
+            series[key] = series.get(key, 0.0) + value
+
+    def observe(self, name: str, seconds: float) -> None:
+        with self._lock:
+            h = self._hists.setdefault(name, [0.0] * (len(_LATENCY_BUCKETS) + 2))
+            for i, bound in enumerate(_LATENCY_BUCKETS):
+                if seconds <= bound:
+                    h[i] += 1
+            h[-2] += seconds
+            h[-1] += 1
+
+    def value(self, name: str, **labels: str) -> float:
+        with self._lock:
+            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def render(self) -> str:
+        lines = []
+        with self._lock:
+            for name, (kind, text) in self.HELP.items():
+                lines += ["# HELP %s %s" % (name, text), "# TYPE %s %s" % (name, kind)]
+                if kind == "histogram":
+                    h = self._hists.get(name, [0.0] * (len(_LATENCY_BUCKETS) + 2))
+                    for bound, n in zip(_LATENCY_BUCKETS, h):
+                        lines.append('%s_bucket{le="%s"} %d' % (name, bound, n))
+                    lines += ['%s_bucket{le="+Inf"} %d' % (name, h[-1]),
+                              "%s_sum %.6f" % (name, h[-2]), "%s_count %d" % (name, h[-1])]
+                    continue
+                for labels, v in sorted(self._values.get(name, {}).items()):
+                    tag = ",".join('%s="%s"' % (k, str(val).replace("\\", "\\\\").replace('"', '\\"'))
+                                   for k, val in labels)
+                    lines.append("%s%s %s" % (name, "{%s}" % tag if tag else "", "%g" % v))
+        return "\n".join(lines) + "\n"
+
+
+class _Deadlines:
+    """Cuts off clients that send a request too slowly, with one watcher thread.
+
+    A socket armed with a deadline that passes is shut for reading, so the handler's
+    blocked read ends at once; :meth:`disarm` then says it expired.
+    """
+
+    def __init__(self) -> None:
+        self._due: Dict[Any, float] = {}
+        self._expired: set = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True,
+                                        name="bharatgen-deadlines")
+        self._thread.start()
+
+    def arm(self, sock: Any, seconds: float) -> None:
+        with self._lock:
+            self._due[sock] = time.monotonic() + seconds
+            self._expired.discard(sock)
+
+    def disarm(self, sock: Any) -> bool:
+        """Forget ``sock``; True if its deadline had passed."""
+        with self._lock:
+            self._due.pop(sock, None)
+            expired = sock in self._expired
+            self._expired.discard(sock)
+            return expired
+
+    def expired(self, sock: Any) -> bool:
+        with self._lock:
+            return sock in self._expired
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                late = [s for s, due in self._due.items() if due <= now]
+                for sock in late:
+                    del self._due[sock]
+                    self._expired.add(sock)
+            for sock in late:
+                try:
+                    sock.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+###############################################################################
 # The gateway: an OpenAI-compatible HTTP server ################################
 ###############################################################################
 
@@ -2303,6 +2594,7 @@ class _GatewayHandler(_BaseHandler):
     server: "GatewayServer"
     _routes = {
         "/health": {"GET": "health"},
+        "/metrics": {"GET": "metrics"},
         "/v1/models": {"GET": "list_models"},
         "/v1/chat/completions": {"POST": "chat"},
         "/v1/completions": {"POST": "completions"},
@@ -2310,6 +2602,61 @@ class _GatewayHandler(_BaseHandler):
         "/v1/embeddings": {"POST": "embeddings"},
     }
     _public = ("/health",)
+    _unlimited = ("/health", "/metrics")
+    request_id = ""
+
+    # -- the connection -----------------------------------------------------------------
+
+    def setup(self) -> None:
+        super().setup()
+        self._who = "ip:" + str(self.client_address[0])
+        self._extra: Dict[str, str] = {}
+
+    def handle_one_request(self) -> None:
+        """One request; the request line and headers must arrive within ``header_timeout``."""
+        deadlines = self.server.deadlines
+        deadlines.arm(self.connection, self.server.config.header_timeout)
+        try:
+            super().handle_one_request()
+        finally:
+            if deadlines.disarm(self.connection):
+                self.close_connection = True
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """http.server's own errors (bad request line, headers...) as OpenAI errors."""
+        if self.server.deadlines.expired(self.connection):
+            code, message = 408, "the request did not arrive within the time allowed"
+        code = {501: 405, 505: 400}.get(code, code)          # clients' faults stay 4xx
+        if self.request_version == "HTTP/0.9":
+            self.request_version = self.protocol_version
+        self.close_connection = True
+        self.request_id = self.request_id or _new_id("req_")
+        err = BharatGenError(message or "bad request", status=code,
+                             code="method_not_allowed" if code == 405 else "bad_request")
+        err.type = "invalid_request_error"
+        try:
+            self._send_json(code, err.to_dict(), {"x-request-id": self.request_id,
+                                                  "Connection": "close"})
+        except OSError:
+            pass
+
+    def _read_body(self, limit: int) -> bytes:
+        deadlines = self.server.deadlines
+        deadlines.arm(self.connection, self.server.config.body_timeout)
+        try:
+            body = super()._read_body(limit)
+        except BadRequestError:
+            if deadlines.disarm(self.connection):
+                self.close_connection = True
+                raise RequestTimeoutError("the request body did not arrive within %ss"
+                                          % self.server.config.body_timeout) from None
+            raise
+        if deadlines.disarm(self.connection):
+            self.close_connection = True
+            raise RequestTimeoutError("the request body did not arrive within %ss"
+                                      % self.server.config.body_timeout)
+        return body
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -2319,17 +2666,32 @@ class _GatewayHandler(_BaseHandler):
     def do_OPTIONS(self) -> None:
         """CORS preflight: answered without a key, as browsers send none."""
         self.request_id = _new_id("req_")
-        self._send_bytes(204, b"", "text/plain", self._cors_headers(
-            {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-             "Access-Control-Allow-Headers":
-                 self.headers.get("Access-Control-Request-Headers") or "authorization, content-type",
-             "Access-Control-Max-Age": "600"}))
+        self.server.deadlines.disarm(self.connection)
+        headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                   "Access-Control-Allow-Headers":
+                       self.headers.get("Access-Control-Request-Headers") or
+                       "authorization, content-type",
+                   "Access-Control-Max-Age": "600"}
+        self._send_bytes(204, b"", "text/plain", self._headers(
+            headers if self._cors_origin() else None))
 
-    def _cors_headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    def _cors_origin(self) -> Optional[str]:
+        origin, allowed = self.headers.get("Origin"), self.server.config.cors_origins
+        if not origin or not allowed:
+            return None
+        return "*" if "*" in allowed else origin if origin in allowed else None
+
+    def _headers(self, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+        """Headers every response carries: request id, rate limits, CORS."""
         headers = {"x-request-id": self.request_id}
-        if self.headers.get("Origin"):
-            headers["Access-Control-Allow-Origin"] = "*"
-            headers["Access-Control-Expose-Headers"] = "x-request-id"
+        headers.update(self._extra)
+        origin = self._cors_origin()
+        if origin:
+            headers["Access-Control-Allow-Origin"] = origin
+            headers["Access-Control-Expose-Headers"] = "x-request-id, x-ratelimit-limit-requests, " \
+                                                       "x-ratelimit-remaining-requests, retry-after"
+            if origin != "*":
+                headers["Vary"] = "Origin"
         headers.update(extra or {})
         return headers
 
@@ -2345,80 +2707,108 @@ class _GatewayHandler(_BaseHandler):
             return path, {"GET": "get_model"}, urllib.parse.unquote(m.group(1))
         raise NotFoundError("Unknown request URL: %s %s. Please check the URL for typos; "
                             "this server serves /v1/chat/completions, /v1/completions, "
-                            "/v1/responses and /v1/models" % (self.command, path),
+                            "/v1/responses and /v1/models" % (self.command, path[:200]),
                             code="unknown_url")
 
-    def _authorize(self) -> None:
-        keys = self.server.config.api_keys
-        if not keys:
-            return
-        auth = self.headers.get("Authorization") or ""
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise AuthenticationError("Missing API key: send the header "
-                                      "'Authorization: Bearer <key>'")
-        given = token.strip().encode("utf-8")
-        ok = False
-        for key in keys:        # no early exit: the time taken does not depend on the key
-            ok |= hmac.compare_digest(given, key.encode("utf-8"))
-        if not ok:
-            raise AuthenticationError("Incorrect API key provided")
+    # -- one request --------------------------------------------------------------------
 
     def _dispatch(self) -> None:
+        srv = self.server
+        srv.deadlines.disarm(self.connection)          # the headers are in
         self.request_id = _new_id("req_")
+        self._extra, self._model, self._ttft = {}, None, None
+        self._bytes_out, self._key = 0, "-"
         started = time.monotonic()
-        status = 200
+        status, route, slot = 500, "unknown", False
+        srv.track(+1)
         try:
             path, methods, model_id = self._route()
+            route = path if not model_id else "/v1/models/{id}"
             if self.command not in methods:
                 self.close_connection = self.command not in ("GET", "HEAD", "OPTIONS")
                 raise MethodNotAllowedError("%s is not allowed on %s; use %s"
-                                            % (self.command, path, ", ".join(methods)))
-            if path not in self._public:
-                self._authorize()
+                                            % (self.command, path, ", ".join(methods)),
+                                            headers={"Allow": ", ".join(methods)})
+            if path not in self._public and srv.keys.enabled:
+                self._key = srv.keys.identify(self.headers.get("Authorization"))
+                self._who = "key:" + self._key
+            if path not in self._unlimited:
+                self._extra = srv.limiter.take(self._who)
+                slot = srv.slots.acquire(blocking=False)
+                if not slot:
+                    raise ServerOverloadedError("the server is serving its limit of %d requests; "
+                                                "retry shortly" % srv.config.max_concurrent)
             name = methods[self.command]
             if name == "get_model":
-                status = self._respond(self.server.backend.model(model_id or ""))
+                status = self._respond(srv.backend.model(model_id or ""))
             else:
                 status = getattr(self, "_op_" + name)()
         except BharatGenError as exc:
             status = self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+            self.close_connection, status = True, 499
         except Exception:                               # the catch-all, at the boundary
-            if not self.server.catch_all:
+            if not srv.catch_all:
                 raise
             _log.exception("internal error while serving %s %s", self.command, self.path)
             status = self._send_error(InternalServerError(
                 "internal error in the gateway; request id %s" % self.request_id))
         finally:
-            _log.info('%s "%s %s" %d %.3fs %s', self.client_address[0], self.command,
-                      self.path, status, time.monotonic() - started, self.request_id)
+            if slot:
+                srv.slots.release()
+            srv.track(-1)
+            self._finish(route, status, time.monotonic() - started)
+
+    def _finish(self, route: str, status: int, took: float) -> None:
+        """Metrics and the access-log line of one request."""
+        m = self.server.metrics
+        m.inc("bharatgen_requests_total", route=route, status=str(status))
+        if route in ("/v1/chat/completions", "/v1/completions", "/v1/responses") and status == 200:
+            m.observe("bharatgen_request_duration_seconds", took)
+        fields = {"method": self.command, "path": self.path[:200], "status": status,
+                  "model": self._model or "-", "duration": round(took, 4),
+                  "ttft": None if self._ttft is None else round(self._ttft, 4),
+                  "bytes": self._bytes_out, "request_id": self.request_id, "key": self._key,
+                  "client": self.client_address[0]}
+        if self.server.config.log_format == "json":
+            _access_log.info(json.dumps(fields, ensure_ascii=False))
+        else:
+            _access_log.info('%s "%s %s" %d model=%s %.3fs ttft=%s bytes=%d %s key=%s',
+                             fields["client"], self.command, fields["path"], status,
+                             fields["model"], took,
+                             "-" if self._ttft is None else "%.3fs" % self._ttft,
+                             self._bytes_out, self.request_id, self._key)
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        """The access log is written once per request by :meth:`_dispatch` instead."""
+        """The access log is written once per request by :meth:`_finish` instead."""
 
     def _send_error(self, exc: BharatGenError) -> int:
-        headers: Dict[str, str] = {}
-        if isinstance(exc, MethodNotAllowedError):
-            try:
-                headers["Allow"] = ", ".join(self._route()[1])
-            except BharatGenError:
-                pass
-        if isinstance(exc, (UpstreamOverloadedError, RateLimitError)):
-            headers["Retry-After"] = "1"
-        elif type(exc) is UpstreamError:
-            headers["x-should-retry"] = "false"
-        self._send_json(exc.status, exc.to_dict(), self._cors_headers(headers))
+        headers = dict(exc.headers)
+        if isinstance(exc, RateLimitError):
+            self.server.metrics.inc("bharatgen_rate_limited_total")
+        if isinstance(exc, UpstreamError):
+            self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
+            if type(exc) is UpstreamError:
+                headers.setdefault("x-should-retry", "false")
+        if exc.status in (408, 413):
+            headers["Connection"] = "close"
+        self._send_json(exc.status, exc.to_dict(), self._headers(headers))
         return exc.status
 
+    def _send_bytes(self, status: int, body: bytes, content_type: str,
+                    headers: Optional[Dict[str, str]] = None) -> None:
+        self._bytes_out = getattr(self, "_bytes_out", 0) + len(body)
+        super()._send_bytes(status, body, content_type, headers)
+
     def _respond(self, obj: Any) -> int:
-        self._send_json(200, obj.to_dict() if isinstance(obj, _Object) else obj,
-                        self._cors_headers())
+        self._send_json(200, obj.to_dict() if isinstance(obj, _Object) else obj, self._headers())
         return 200
 
     def _request_json(self) -> Any:
-        return _json_body(self._read_body(self.server.config.max_body_bytes))
+        body = _json_body(self._read_body(self.server.config.max_body_bytes))
+        if isinstance(body, dict) and isinstance(body.get("model"), str):
+            self._model = body["model"][:100]
+        return body
 
     # -- operations ---------------------------------------------------------------------
 
@@ -2426,16 +2816,23 @@ class _GatewayHandler(_BaseHandler):
         ok, report = self.server.backend.health()
         self._send_json(200 if ok else 503, {
             "status": "ok" if ok else "unavailable", "models": report,
-            "demo": self.server.config.demo, "version": __version__}, self._cors_headers())
+            "demo": self.server.config.demo, "version": __version__}, self._headers())
         return 200 if ok else 503
+
+    def _op_metrics(self) -> int:
+        body = self.server.metrics.render().encode("utf-8")
+        self._send_bytes(200, body, "text/plain; version=0.0.4; charset=utf-8", self._headers())
+        return 200
 
     def _op_list_models(self) -> int:
         return self._respond(self.server.backend.models())
 
     def _op_embeddings(self) -> int:
-        self._request_json()
+        body = self._request_json()
+        model = body.get("model") if isinstance(body, dict) else None
         raise NotFoundError("%s is a chat model and serves no embeddings"
-                            % self.server.config.model, param="model", code="model_not_found")
+                            % (model if isinstance(model, str) else self.server.backend.default_model),
+                            param="model", code="model_not_found")
 
     def _op_chat(self) -> int:
         result = self.server.backend.chat(self._request_json())
@@ -2472,27 +2869,51 @@ class _GatewayHandler(_BaseHandler):
         """Send ``events`` as SSE over a chunked response.
 
         The first event is produced before the headers, so a failure before any output
-        still gets its own status code; a failure after it is sent as an error event the
-        openai SDK raises on, and the stream ends.
+        still gets its own status code; a failure after it (or the server shutting down
+        past its grace period) is sent as an error event the openai SDK raises on, and
+        the stream ends.
         """
+        srv, close = self.server, getattr(source, "close", lambda: None)
         try:
-            first = next(events, None)
-        except BaseException:
-            getattr(source, "close", lambda: None)()
+            srv.limiter.open_stream(self._who)
+        except BharatGenError:
+            close()
             raise
-        self._start_chunked(200, self._cors_headers({
-            "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no"}))
+        srv.metrics.inc("bharatgen_streams_in_flight")
+        started = time.monotonic()
+        try:
+            try:
+                first = next(events, None)
+            except BaseException:
+                close()
+                raise
+            self._ttft = time.monotonic() - started
+            srv.metrics.observe("bharatgen_time_to_first_token_seconds", self._ttft)
+            self._start_chunked(200, self._headers({
+                "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"}))
+            return self._send_events(first, events, close, done, error_event)
+        finally:
+            srv.metrics.inc("bharatgen_streams_in_flight", -1)
+            srv.limiter.close_stream(self._who)
+
+    def _send_events(self, first: Optional[bytes], events: Iterator[bytes],
+                     close: Callable[[], None], done: bool, error_event: Optional[str]) -> int:
         try:
             if first is not None:
                 self._chunk(first)
             for event in events:
+                if self.server.closing.is_set():
+                    raise ServerOverloadedError("the server is shutting down; the stream was "
+                                                "cut off after the grace period")
                 self._chunk(event)
         except (BrokenPipeError, ConnectionResetError, socket.timeout):
             self.close_connection = True            # the client went away mid-stream
             return 499
         except BharatGenError as exc:
-            _log.warning("stream %s failed after output began: %s", self.request_id, exc)
+            _log.warning("stream %s failed after output began: %s", self.request_id, exc.message)
+            if isinstance(exc, UpstreamError):
+                self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             body = exc.to_dict()
             if error_event:
                 body = dict(body, type="error", sequence_number=0, **body["error"])
@@ -2502,7 +2923,7 @@ class _GatewayHandler(_BaseHandler):
                 self.close_connection = True
                 return exc.status
         finally:
-            getattr(source, "close", lambda: None)()
+            close()
         try:
             if done:
                 self._chunk(b"data: [DONE]\n\n")
@@ -2511,12 +2932,17 @@ class _GatewayHandler(_BaseHandler):
             self.close_connection = True
         return 200
 
+    def _chunk(self, data: bytes) -> None:
+        self._bytes_out += len(data)
+        super()._chunk(data)
+
 
 class _Server(ThreadingHTTPServer):
     """A threading HTTP server that can serve in the background and stop cleanly."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 1024          # the listen backlog; socketserver's 5 drops bursts
     _thread: Optional[threading.Thread] = None
 
     @property
@@ -2559,15 +2985,55 @@ class GatewayServer(_Server):
     """The OpenAI-compatible server: one thread per connection, state on the instance.
 
     ``GatewayServer(config).start()`` serves in a background thread (tests, embedding);
-    ``serve_forever()`` serves in the caller's.
+    ``serve_forever()`` serves in the caller's; :meth:`drain` stops it gracefully.
     """
 
     catch_all = True          # tests may set False to see the real exception
 
     def __init__(self, config: Config, backend: Optional[_Backend] = None) -> None:
         self.config = config
+        self.keys = _KeyStore(config.api_keys, config.api_key_file)
+        self.metrics = _Metrics()
         self.backend = backend or _Backend(config)
+        for route in self.backend.routes.values():
+            for replica in route.pool.replicas:
+                replica.client.metrics = self.metrics
+        self.limiter = _RateLimiter(config.rate_limit_rpm, config.rate_limit_streams)
+        self.slots = threading.BoundedSemaphore(config.max_concurrent)
+        self.deadlines = _Deadlines()
+        self.closing = threading.Event()
+        self.in_flight = 0
+        self._count_lock = threading.Lock()
         super().__init__((config.host, config.port), _GatewayHandler)
+
+    def track(self, delta: int) -> None:
+        """Count requests being served (for :meth:`drain` and the metrics)."""
+        with self._count_lock:
+            self.in_flight += delta
+        self.metrics.inc("bharatgen_requests_in_flight", delta)
+
+    def drain(self, grace: float) -> bool:
+        """Stop accepting, let requests in flight finish for up to ``grace`` seconds, then
+        cut off the streams still running (each gets an error event).  True if none was cut."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self.socket.close()
+        deadline = time.monotonic() + grace
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        clean = self.in_flight == 0
+        self.closing.set()
+        deadline = time.monotonic() + 5
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return clean
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.deadlines.close()
+
 
 ###############################################################################
 # The demo upstream: a stand-in Param app speaking Gradio's protocol ###########
@@ -3000,7 +3466,13 @@ def _config_from_args(args: Any) -> Config:
     flags = {name: getattr(args, name, None) for name in
              ("endpoint", "model", "models_file", "system_prompt", "protocol", "timeout",
               "connect_timeout", "first_event_timeout", "reasoning", "reasoning_field",
-              "host", "port", "max_body_bytes")}
+              "host", "port", "max_body_bytes", "api_key_file", "header_timeout",
+              "body_timeout", "max_concurrent", "max_messages", "max_chars", "rate_limit_rpm",
+              "rate_limit_streams", "grace", "log_format")}
+    if getattr(args, "allow_no_auth", False):
+        flags["allow_no_auth"] = True
+    if getattr(args, "cors_origin", None):
+        flags["cors_origins"] = list(args.cors_origin)
     if getattr(args, "upstream", None):
         flags["upstream"] = [u for arg in args.upstream for u in _split_list(arg)]
     if getattr(args, "api_key", None):
@@ -3017,8 +3489,24 @@ def _start_demo(config: Config, token_delay: float, out: Any) -> DemoUpstream:
     return demo
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def _cmd_serve(args: Any) -> int:
     config = _config_from_args(args)
+    if config.log_format == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(logging.Formatter("%(message)s"))
+    has_keys = bool(config.api_keys or config.api_key_file)
+    if not has_keys and not _is_loopback(config.host) and not config.allow_no_auth:
+        raise SystemExit("error: refusing to serve on %s with no API key: anyone on the network "
+                         "could use it. Give --api-key, --api-key-file or BHARATGEN_API_KEYS, "
+                         "or --allow-no-auth if that is really what you want." % config.host)
     demo = None
     if args.demo or not (config.upstream or config.models_file):
         demo = _start_demo(config, args.token_delay, sys.stderr)
@@ -3027,18 +3515,25 @@ def _cmd_serve(args: Any) -> int:
         print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
               % (__version__, server.url, route.id, route.pool.base_url),
               file=sys.stderr, flush=True)
-    if not config.api_keys:
+    if not server.keys.enabled:
         print("WARNING: no API key configured; anyone who can reach %s can use it. "
               "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
+    stop = threading.Event()
+    import signal
+    for name in ("SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), lambda *_: stop.set())
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: _log.info("reloaded %d API keys",
+                                                          server.keys.reload()))
+    server.start()
     try:
-        import signal
-        signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
-    except (ValueError, OSError):        # not the main thread
-        pass
-    try:
-        server.serve_forever(0.2)
-    except KeyboardInterrupt:
-        print("stopping", file=sys.stderr)
+        while not stop.wait(0.5):
+            pass
+        print("stopping: no new connections; letting requests in flight finish (up to %gs)"
+              % config.grace, file=sys.stderr, flush=True)
+        clean = server.drain(config.grace)
+        print("stopped%s" % ("" if clean else "; streams still running were cut off"),
+              file=sys.stderr, flush=True)
     finally:
         server.server_close()
         if demo is not None:
@@ -3193,6 +3688,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--port", type=int, help="port (default %d; 0 picks a free one)" % DEFAULT_PORT)
     p.add_argument("--api-key", action="append", metavar="KEY",
                    help="accepted bearer key; repeatable (env BHARATGEN_API_KEYS, comma list)")
+    p.add_argument("--api-key-file", metavar="FILE",
+                   help="more keys, one a line; re-read on SIGHUP")
+    p.add_argument("--allow-no-auth", action="store_true",
+                   help="serve a non-loopback address with no key (refused otherwise)")
+    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="let browser pages from ORIGIN call the API; repeatable; * for any")
+    p.add_argument("--max-concurrent", type=int,
+                   help="requests served at once; beyond it 503 (default 512)")
+    p.add_argument("--max-messages", type=int, help="messages a request may hold (default 2048)")
+    p.add_argument("--max-chars", type=int,
+                   help="characters a request's messages may hold (default 1000000)")
+    p.add_argument("--header-timeout", type=float,
+                   help="seconds a client has to send its request line and headers (default 10)")
+    p.add_argument("--body-timeout", type=float,
+                   help="seconds a client has to send its body (default 30)")
+    p.add_argument("--rate-limit-rpm", type=int, help="requests a minute per key (default: none)")
+    p.add_argument("--rate-limit-streams", type=int,
+                   help="concurrent streams per key (default: none)")
+    p.add_argument("--grace", type=float,
+                   help="on SIGTERM, seconds to let streams finish (default 30)")
+    p.add_argument("--log-format", choices=("text", "json"), help="access log format")
     p.add_argument("--reasoning", choices=REASONING_MODES,
                    help="where the thought goes: its own field (separate, default), "
                         "inline in <think> tags, or none")
