@@ -2633,13 +2633,25 @@ class _GatewayHandler(_BaseHandler):
         self.close_connection = True
         self.request_id = self.request_id or _new_id("req_")
         err = BharatGenError(message or "bad request", status=code,
-                             code="method_not_allowed" if code == 405 else "bad_request")
+                             code={405: "method_not_allowed", 408: "request_timeout"}.get(
+                                 code, "bad_request"))
         err.type = "invalid_request_error"
         try:
             self._send_json(code, err.to_dict(), {"x-request-id": self.request_id,
                                                   "Connection": "close"})
         except OSError:
             pass
+
+    def parse_request(self) -> bool:
+        """As http.server's, but blank lines before the request line are skipped (RFC 9112 2.2)."""
+        for _ in range(8):
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+        if not self.raw_requestline:
+            self.close_connection = True
+            return False
+        return super().parse_request()
 
     def _read_body(self, limit: int) -> bytes:
         deadlines = self.server.deadlines
@@ -2656,6 +2668,7 @@ class _GatewayHandler(_BaseHandler):
             self.close_connection = True
             raise RequestTimeoutError("the request body did not arrive within %ss"
                                       % self.server.config.body_timeout)
+        self._body_read = True
         return body
 
     def do_GET(self) -> None:
@@ -2717,7 +2730,7 @@ class _GatewayHandler(_BaseHandler):
         srv.deadlines.disarm(self.connection)          # the headers are in
         self.request_id = _new_id("req_")
         self._extra, self._model, self._ttft = {}, None, None
-        self._bytes_out, self._key = 0, "-"
+        self._bytes_out, self._key, self._body_read = 0, "-", False
         started = time.monotonic()
         status, route, slot = 500, "unknown", False
         srv.track(+1)
@@ -2790,7 +2803,10 @@ class _GatewayHandler(_BaseHandler):
             self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             if type(exc) is UpstreamError:
                 headers.setdefault("x-should-retry", "false")
-        if exc.status in (408, 413):
+        unread = not self._body_read and (self.headers.get("Content-Length", "0") != "0" or
+                                          "Transfer-Encoding" in self.headers)
+        if exc.status in (408, 413) or unread:     # the body's bytes must not become a request
+            self.close_connection = True
             headers["Connection"] = "close"
         self._send_json(exc.status, exc.to_dict(), self._headers(headers))
         return exc.status
@@ -2907,9 +2923,6 @@ class _GatewayHandler(_BaseHandler):
                     raise ServerOverloadedError("the server is shutting down; the stream was "
                                                 "cut off after the grace period")
                 self._chunk(event)
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True            # the client went away mid-stream
-            return 499
         except BharatGenError as exc:
             _log.warning("stream %s failed after output began: %s", self.request_id, exc.message)
             if isinstance(exc, UpstreamError):
@@ -2922,6 +2935,9 @@ class _GatewayHandler(_BaseHandler):
             except OSError:
                 self.close_connection = True
                 return exc.status
+        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+            self.close_connection = True            # the client went away mid-stream
+            return 499
         finally:
             close()
         try:

@@ -738,7 +738,8 @@ class GatewayTests(unittest.TestCase):
                                  if e["type"] == "response.output_text.delta"), HINDI)
 
     def test_cors_preflight(self):
-        status, headers, body = request(self.gw.url, "OPTIONS", "/v1/chat/completions", headers={
+        gw = start_gateway(self, self.demo.url, cors_origins=["*"])
+        status, headers, body = request(gw.url, "OPTIONS", "/v1/chat/completions", headers={
             "Origin": "http://x", "Access-Control-Request-Headers": "authorization, x-stainless-os"})
         self.assertEqual((status, headers["Access-Control-Allow-Origin"],
                           headers["Access-Control-Allow-Headers"]),
@@ -1123,6 +1124,387 @@ class CancellationTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 10)
         self.assertTrue(self.wait_for(lambda: demo.active_streams == 0))
         self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1))
+
+
+def raw_exchange(port, data, shut_write=False, timeout=TIMEOUT):
+    """Send raw bytes; return everything the server answers until it closes or goes quiet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                break
+        return b"".join(chunks)
+    finally:
+        sock.close()
+
+
+def _complete(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    m = re.search(rb"(?i)content-length: (\d+)", head)
+    return m is not None and len(body) >= int(m.group(1))
+
+
+def parse_response(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
+    return status, head.decode("latin-1"), body
+
+
+def wait_for_logs(logs, count):
+    """The server logs a request after answering it: wait for its line."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(logs.records) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+class LimitTests(unittest.TestCase):
+    def setUp(self):
+        self.demo = start_demo(self, token_delay=0.02)
+
+    def test_slow_headers_and_slow_body_are_cut_off(self):
+        gw = start_gateway(self, self.demo.url, header_timeout=0.3, body_timeout=0.3)
+        started = time.monotonic()
+        status, _, body = parse_response(raw_exchange(gw.server_address[1], b"POST /v1/chat"))
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
+        status, _, body = parse_response(raw_exchange(
+            gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Length: 100\r\n\r\n{\"model\""))
+        self.assertEqual((status, json.loads(body)["error"]), (408, {
+            "message": "the request body did not arrive within 0.3s",
+            "type": "invalid_request_error", "param": None, "code": "request_timeout"}))
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(chat(gw, "Say hello")[0], 200)
+
+    def test_concurrency_cap_answers_503_at_once(self):
+        gw = start_gateway(self, self.demo.url, max_concurrent=2)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(chat(gw, "40 words", stream=True)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + TIMEOUT
+        while gw.in_flight < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        started = time.monotonic()
+        status, headers, body = chat(gw, "Say hello")
+        self.assertLess(time.monotonic() - started, 1)
+        self.assertEqual((status, headers["Retry-After"], json.loads(body)["error"]["code"]),
+                         (503, "1", "server_overloaded"))
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertEqual([r[0] for r in results], [200, 200])
+
+    def test_message_and_character_limits(self):
+        gw = start_gateway(self, self.demo.url, max_messages=3, max_chars=50)
+        status, _, body = chat(gw, [{"role": "user", "content": "a"}] * 4)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "too_many_messages"))
+        status, _, body = chat(gw, "x" * 51)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "context_length_exceeded"))
+
+    def test_rate_limits_per_key(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["sk-a", "sk-b"], rate_limit_rpm=2,
+                           rate_limit_streams=1)
+        a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+        first = chat(gw, "Say hello", headers=a)
+        self.assertEqual((first[0], first[1]["x-ratelimit-limit-requests"],
+                          first[1]["x-ratelimit-remaining-requests"]), (200, "2", "1"))
+        self.assertEqual(chat(gw, "Say hello", headers=a)[0], 200)
+        status, headers, body = chat(gw, "Say hello", headers=a)
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["type"], error["code"]), (429, "requests", "rate_limit_exceeded"))
+        self.assertTrue(error["message"].startswith("Rate limit reached: 2 requests per minute"))
+        self.assertEqual(headers["Retry-After"], "30")
+        self.assertEqual(chat(gw, "Say hello", headers=b)[0], 200)       # another key
+        gw2 = start_gateway(self, self.demo.url, api_keys=["sk-a"], rate_limit_streams=1)
+        held = []
+        t = threading.Thread(target=lambda: held.append(chat(gw2, "60 words", stream=True, headers=a)))
+        t.start()
+        deadline = time.monotonic() + TIMEOUT
+        while gw2.in_flight < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.1)
+        status, _, body = chat(gw2, "Say hello", stream=True, headers=a)
+        self.assertEqual((status, json.loads(body)["error"]["message"]),
+                         (429, "Too many concurrent streams: the limit is 1 per key"))
+        t.join(TIMEOUT)
+        self.assertEqual(held[0][0], 200)
+
+    def test_key_file_reload_and_keys_never_logged(self):
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
+            f.write("# team keys\nsk-file-one\n\n")
+        self.addCleanup(os.unlink, f.name)
+        gw = start_gateway(self, self.demo.url, api_key_file=f.name)
+        with self.assertLogs("bharatgen_openai", "INFO") as logs:
+            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-one"})[0], 200)
+            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-two"})[0], 401)
+            with open(f.name, "a") as out:
+                out.write("sk-file-two\n")
+            self.assertEqual(gw.keys.reload(), 2)
+            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-two"})[0], 200)
+            wait_for_logs(logs, 4)
+        text = "\n".join(logs.output)
+        self.assertNotIn("sk-file", text)
+        self.assertIn("key=%s" % bg._key_hash("sk-file-two"), text)
+
+    def test_access_log_line_and_json_format(self):
+        gw = start_gateway(self, self.demo.url, log_format="json")
+        with self.assertLogs("bharatgen_openai.access", "INFO") as logs:
+            chat(gw, "Say hello", stream=True)
+            wait_for_logs(logs, 1)
+        line = json.loads(logs.records[-1].getMessage())
+        self.assertEqual((line["method"], line["path"], line["status"], line["model"], line["key"]),
+                         ("POST", "/v1/chat/completions", 200, "param-1", "-"))
+        self.assertTrue(line["request_id"].startswith("req_"))
+        self.assertGreater(line["bytes"], 100)
+        self.assertIsInstance(line["ttft"], float)
+
+    def test_metrics(self):
+        gw = start_gateway(self, self.demo.url)
+        chat(gw, "Say hello")
+        chat(gw, "Say hello", stream=True)
+        chat(gw, "[[error]]")
+        status, headers, body = request(gw.url, "GET", "/metrics")
+        text = body.decode()
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        self.assertIn('bharatgen_requests_total{route="/v1/chat/completions",status="200"} 2', text)
+        self.assertIn('bharatgen_requests_total{route="/v1/chat/completions",status="502"} 1', text)
+        self.assertIn('bharatgen_upstream_errors_total{kind="upstream_error"} 1', text)
+        self.assertIn("bharatgen_time_to_first_token_seconds_count 1", text)
+        self.assertIn("bharatgen_request_duration_seconds_count 2", text)
+        self.assertIn("bharatgen_streams_in_flight 0", text)
+        self.assertGreater(gw.metrics.value("bharatgen_upstream_bytes_total"), 1000)
+
+    def test_cors_origins(self):
+        gw = start_gateway(self, self.demo.url, cors_origins=["http://ui.example"], api_keys=["k"])
+        status, headers, _ = request(gw.url, "OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://ui.example", "Access-Control-Request-Headers": "authorization, x-stainless-os"})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"], headers["Vary"],
+                          headers["Access-Control-Allow-Headers"]),
+                         (204, "http://ui.example", "Origin", "authorization, x-stainless-os"))
+        status, headers, _ = request(gw.url, "OPTIONS", "/v1/models", headers={"Origin": "http://evil"})
+        self.assertEqual(status, 204)
+        self.assertNotIn("Access-Control-Allow-Origin", headers)
+        status, headers, _ = chat(gw, "Say hello", headers={"Origin": "http://ui.example",
+                                                           "Authorization": "Bearer k"})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (200, "http://ui.example"))
+
+    def test_non_loopback_bind_without_keys_is_refused(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            bg.main(["serve", "--host", "0.0.0.0", "--port", "0", "--demo"])
+        self.assertIn("refusing to serve on 0.0.0.0 with no API key", str(cm.exception.code))
+
+
+class FuzzTests(unittest.TestCase):
+    """Malformed requests, from a fixed seed: each gets a 4xx OpenAI error (or, when the
+    fuzzer happened to build a valid request, a 200), never a 5xx or a silent close, and
+    the server still answers a good request afterwards."""
+
+    COUNT = 1500
+
+    def test_malformed_requests(self):
+        import random
+        rng = random.Random(20261124)
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, header_timeout=2, body_timeout=2, max_body_bytes=65536)
+        port = gw.server_address[1]
+        good = json.dumps({"model": "param-1", "messages": [{"role": "user", "content": "hi"}]})
+
+        def body_variant():
+            choice = rng.randrange(9)
+            if choice == 0:
+                return good[:rng.randrange(len(good))].encode()            # truncated JSON
+            if choice == 1:
+                return bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+            if choice == 2:
+                return (b"[" * rng.randrange(1000, 60000))                  # deep nesting
+            if choice == 3:
+                field = rng.choice(["temperature", "top_p", "max_tokens", "n", "stop", "messages",
+                                    "stream", "model", "top_k", "stream_options", "seed"])
+                value = rng.choice([1e308, -1e308, 10 ** 400, "x", [], {}, None, True, -1,
+                                    [[["deep"]]], "\ud800", 2 ** 70])
+                try:
+                    return json.dumps(dict(json.loads(good), **{field: value})).encode()
+                except ValueError:
+                    return b'{"temperature": 1e999999}'
+            if choice == 4:
+                msgs = rng.choice([[], [{}], [{"role": "user"}], [{"role": 1, "content": "x"}],
+                                   [{"role": "user", "content": [{"type": "weird"}]}], "hi",
+                                   [{"role": "assistant", "content": "x"}], [None]])
+                return json.dumps({"model": "param-1", "messages": msgs}).encode()
+            if choice == 5:
+                return b'{"model": "param-1", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+            if choice == 6:
+                return json.dumps([good]).encode()
+            if choice == 7:
+                return b"null"
+            return b""
+
+        def request_variant():
+            choice = rng.randrange(8)
+            path = rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/responses",
+                               "/v1/models/%ff", "/v1/\x01", "/../../etc/passwd", "/v1/chat/completions?x=%zz"])
+            body = body_variant()
+            if choice == 0:                                                  # wrong method
+                method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "FOO", "TRACE"])
+                return b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+                    method.encode(), path.encode(), len(body), body), False
+            if choice == 1:                                                  # bad request line
+                return rng.choice([b"GARBAGE\r\n\r\n", b"POST\r\n\r\n", b"\r\n\r\nPOST /x\r\n\r\n",
+                                   b"POST /v1/chat/completions HTTP/9.9\r\n\r\n",
+                                   b"POST /v1/chat/completions HTTP/1.1 extra\r\n\r\n",
+                                   b"POST " + b"a" * 70000 + b" HTTP/1.1\r\n\r\n"]), True
+            if choice == 2:                                                  # bad headers
+                header = rng.choice([b"Content-Length: abc", b"Content-Length: -5",
+                                     b"Content-Length: 99999999999", b"NoColonHere",
+                                     b"X-" + b"a" * 70000 + b": 1",
+                                     b"Transfer-Encoding: chunked\r\n\r\nzz",
+                                     b"\xff\xfe: \xff"])
+                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % header, True
+            if choice == 3:                                                  # many headers
+                return b"POST /v1/chat/completions HTTP/1.1\r\n" + b"X-A: 1\r\n" * 150 + b"\r\n", True
+            if choice == 4:                                                  # truncated body
+                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+                    len(body) + 10, body), True
+            return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+                   b"Content-Length: %d\r\n\r\n%s" % (path.encode("latin-1", "replace"), len(body), body), False
+
+        problems = []
+        for i in range(self.COUNT):
+            data, shut = request_variant()
+            raw = raw_exchange(port, data, shut_write=shut, timeout=5)
+            status, head, body = parse_response(raw)
+            ok = status is not None and (400 <= status < 500 or status == 200)
+            if ok and status != 200:
+                try:
+                    error = json.loads(body)["error"]
+                    ok = set(error) == {"message", "type", "param", "code"}
+                except (ValueError, KeyError, TypeError):
+                    ok = False
+            if not ok:
+                problems.append((data[:120], raw[:300]))
+        self.maxDiff = None
+        self.assertEqual(problems[:3], [])
+        status, _, body = request(gw.url, "POST", "/v1/chat/completions", json.loads(good))
+        self.assertEqual(status, 200)
+
+
+class FaultTests(unittest.TestCase):
+    """Each upstream failure: the status or stream error, in time, and no thread left behind."""
+
+    def test_each_upstream_failure(self):
+        demo = start_demo(self, token_delay=0.005)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        dead = "http://127.0.0.1:%d" % sock.getsockname()[1]
+        sock.close()
+        gw = start_gateway(self, demo.url, timeout=0.5)
+        refused = start_gateway(self, dead)
+        bad_endpoint = start_gateway(self, demo.url, endpoint="no_such_fn")
+        slow = start_demo(self, token_delay=0.2)
+        slow_gw = start_gateway(self, slow.url, timeout=1)
+        chat(gw, "Say hello")                    # warm up: discovery done, threads settled
+        time.sleep(0.2)
+        before = threading.active_count()
+        cases = [(refused, "Say hello", False, 502, "upstream_unreachable"),
+                 (gw, "[[hang]]", False, 504, "upstream_timeout"),
+                 (gw, "[[stall]]", True, 200, "upstream_timeout"),
+                 (gw, "[[drop]]", True, 200, "upstream_unreachable"),
+                 (gw, "[[malformed]]", False, 502, "upstream_error"),
+                 (bad_endpoint, "Say hello", False, 502, "upstream_error"),
+                 (gw, "[[error]]", False, 502, "upstream_error"),
+                 (gw, "[[error]]", True, 502, "upstream_error"),
+                 (slow_gw, "Say hello", True, 200, None)]             # a slow drip still completes
+        for server, prompt, stream, status, code in cases:
+            with self.subTest(prompt=prompt, stream=stream):
+                started = time.monotonic()
+                got, _, body = chat(server, prompt, stream=stream)
+                self.assertLess(time.monotonic() - started, 10)
+                self.assertEqual(got, status)
+                if got != 200:
+                    self.assertEqual(json.loads(body)["error"]["code"], code)
+                else:
+                    events = sse_events(body)
+                    self.assertEqual(events[-1], "[DONE]")
+                    if code:
+                        self.assertEqual(events[-2]["error"]["code"], code)
+                    else:
+                        self.assertEqual(streamed_text(events), HELLO)
+        deadline = time.monotonic() + TIMEOUT
+        while threading.active_count() > before and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertLessEqual(threading.active_count(), before)
+
+
+class LoadTests(unittest.TestCase):
+    def test_200_concurrent_streams_all_exact(self):
+        demo = start_demo(self, token_delay=0.01)
+        gw = start_gateway(self, demo.url)
+        results, errors = [], []
+        barrier = threading.Barrier(200, timeout=TIMEOUT)
+
+        def one(i):
+            try:
+                barrier.wait()
+                prompt = ("Say hello", "hindi please")[i % 2]
+                status, _, body = chat(gw, prompt, stream=True)
+                results.append((status, prompt, streamed_text(sse_events(body))))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(200)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        self.assertEqual(errors, [])
+        expected = {"Say hello": HELLO, "hindi please": HINDI}
+        self.assertEqual(len(results), 200)
+        self.assertEqual([(s, t) for s, p, t in results if (s, t) != (200, expected[p])], [])
+
+
+class ShutdownTests(unittest.TestCase):
+    def test_sigterm_lets_a_stream_in_flight_finish(self):
+        import signal
+        proc = subprocess.Popen([sys.executable, "bharatgen_openai.py", "serve", "--demo",
+                                 "--port", "0", "--token-delay", "0.01", "--grace", "20"],
+                                cwd=str(HERE), stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, BHARATGEN_UPSTREAM=""))
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        deadline, url = time.monotonic() + TIMEOUT, None
+        while time.monotonic() < deadline and url is None:
+            m = re.search(r"OpenAI API at (http://[\d.:]+)/v1", proc.stderr.readline())
+            url = m and m.group(1)
+        self.assertIsNotNone(url)
+        gw = type("G", (), {"url": url})
+        result = []
+        t = threading.Thread(target=lambda: result.append(chat(gw, "120 words", stream=True)))
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        t.join(TIMEOUT)
+        try:
+            err = proc.communicate(timeout=TIMEOUT)[1]
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self.fail("serve did not stop: %s" % proc.communicate()[1][-2000:])
+        self.assertEqual(proc.returncode, 0, err[-2000:])
+        expected = bg._demo_reply("120 words", [], "", [0] * 4)[1]
+        self.assertEqual(result[0][0], 200)
+        self.assertEqual(streamed_text(sse_events(result[0][2])), expected)
+        self.assertIn("stopped", err)
 
 
 class CLITests(unittest.TestCase):
