@@ -347,35 +347,90 @@ def _stable_prefix(text: str) -> str:
 
 
 class _StreamCleaner:
-    """Turns successive whole-reply HTML snapshots into thought and answer deltas.
+    """Turns a reply's successive HTML snapshots into thought and answer deltas.
 
     Only text that no later snapshot can change is released, so the deltas joined
-    always equal :func:`clean_reply` of the final snapshot.
+    always equal :func:`clean_reply` of the final snapshot.  Once the answer streams,
+    an update that only appends (a queue-protocol ``append`` diff, or a ``/call``
+    snapshot extending the last one) is handled from the new text and a short held-back
+    tail alone, so the work per update does not grow with the answer.
     """
 
     def __init__(self) -> None:
         self.thought = ""
-        self.answer = ""
+        self._answer: List[str] = []      # the answer released so far, in pieces
+        self._sent = 0                    # its length
+        self._pending = ""                # answer text held back
+        self._fast = False                # appends can be taken on their own
+        self._prev: Optional[str] = None  # the last whole snapshot, if known
         self.diverged = False
 
+    @property
+    def answer(self) -> str:
+        return "".join(self._answer)
+
     def update(self, html_text: str, final: bool = False) -> Tuple[str, str]:
-        """Feed the latest snapshot; return the new ``(thought, answer)`` text."""
+        """Feed the latest whole snapshot; return the new ``(thought, answer)`` text."""
+        prev, self._prev = self._prev, html_text
+        if (self._fast and not final and prev is not None and len(html_text) >= len(prev)
+                and html_text.startswith(prev)):
+            return "", self._take(html_text[len(prev):])
+        return self._whole(html_text, final)
+
+    def append(self, text: str) -> Tuple[str, str]:
+        """Feed text appended to the last snapshot; return the new ``(thought, answer)``."""
+        if self._fast:
+            if self._prev is not None:
+                self._prev = None          # not kept whole: that would copy it every time
+            return "", self._take(text)
+        if self._prev is None:
+            raise ValueError("append before any whole snapshot")
+        return self.update(self._prev + text)
+
+    def _take(self, text: str) -> str:
+        """The answer phase, appends only: look at the held-back tail and ``text``."""
+        buf = self._pending + text
+        for marker in _MARKER_RE.finditer(buf):
+            if _is_tail_marker(marker.group()):
+                self._fast, self._pending = False, ""
+                return self._release(buf[:marker.start()].rstrip())
+        safe = _stable_prefix(buf)
+        self._pending = buf[len(safe):]
+        return self._release(safe)
+
+    def _release(self, text: str) -> str:
+        if text:
+            self._answer.append(text)
+            self._sent += len(text)
+        return text
+
+    def _whole(self, html_text: str, final: bool) -> Tuple[str, str]:
         reply = clean_reply(html_text)
         thought = reply.thought if (final or reply.thought_done) else _stable_prefix(reply.thought)
-        answer = reply.answer if (final or reply.answer_done) else _stable_prefix(reply.answer)
-        return self._advance("thought", thought), self._advance("answer", answer)
+        done = final or reply.answer_done
+        answer = reply.answer if done else _stable_prefix(reply.answer)
+        t_delta = ""
+        if len(thought) > len(self.thought):
+            if thought.startswith(self.thought):
+                t_delta, self.thought = thought[len(self.thought):], thought
+            else:
+                self._diverge("thought")
+        a_delta = ""
+        if len(answer) > self._sent:
+            if answer.startswith(self.answer):
+                a_delta = self._release(answer[self._sent:])
+            else:
+                self._diverge("answer")
+        # appends alone suffice once the answer has begun (the separator is behind it)
+        self._fast = (reply.thought_done and not done and not self.diverged
+                      and bool(reply.answer) and self._sent == len(answer))
+        self._pending = reply.answer[self._sent:] if self._fast else ""
+        return t_delta, a_delta
 
-    def _advance(self, name: str, text: str) -> str:
-        sent = getattr(self, name)
-        if len(text) <= len(sent):
-            return ""
-        if not text.startswith(sent):
-            if not self.diverged:
-                _log.warning("upstream rewrote %s text already sent; keeping what was sent", name)
-            self.diverged = True
-            return ""
-        setattr(self, name, text)
-        return text[len(sent):]
+    def _diverge(self, name: str) -> None:
+        if not self.diverged:
+            _log.warning("upstream rewrote %s text already sent; keeping what was sent", name)
+        self.diverged = True
 
 
 class _StopCutter:
@@ -708,8 +763,9 @@ def _message_text(content: Any) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        return "".join(p.get("text") or "" for p in content
-                       if isinstance(p, dict) and p.get("type", "text") == "text")
+        texts = [p.get("text") or "" for p in content
+                 if isinstance(p, dict) and p.get("type", "text") == "text"]
+        return texts[0] if len(texts) == 1 else "".join(texts)
     if isinstance(content, dict):
         return content.get("text") or ""
     return ""
@@ -737,6 +793,33 @@ def _reply_from_output(output: Any) -> str:
             return last[1] if isinstance(last[1], str) else ""
     raise UpstreamError("the Gradio app returned an output this client cannot read: %s"
                         % json.dumps(output, ensure_ascii=False)[:200])
+
+
+def _reply_path(output: Any) -> Optional[List[Any]]:
+    """The path of the reply's text inside output 0 (for spotting appends), if it has one."""
+    value = output[0] if isinstance(output, list) and output else None
+    if isinstance(value, str):
+        return []
+    if isinstance(value, list) and value:
+        last = value[-1]
+        if isinstance(last, dict) and last.get("role") == "assistant":
+            content = last.get("content")
+            if isinstance(content, str):
+                return [len(value) - 1, "content"]
+            if isinstance(content, list) and len(content) == 1 and isinstance(content[0], dict) \
+                    and isinstance(content[0].get("text"), str):
+                return [len(value) - 1, "content", 0, "text"]
+        if isinstance(last, list) and len(last) == 2 and isinstance(last[1], str):
+            return [len(value) - 1, 1]
+    return None
+
+
+def _is_append_to(diffs: Any, path: List[Any]) -> bool:
+    """True if a queue update only appends a string at ``path`` of output 0."""
+    return (isinstance(diffs, list) and bool(diffs) and isinstance(diffs[0], list)
+            and len(diffs[0]) == 1 and len(diffs[0][0]) == 3 and diffs[0][0][0] == "append"
+            and diffs[0][0][1] == path and isinstance(diffs[0][0][2], str)
+            and not any(diffs[1:]))
 
 
 def _upstream_error_message(payload: Any) -> str:
@@ -1056,8 +1139,9 @@ class GradioClient:
     def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
                system_prompt: Optional[str] = None, temperature: Optional[float] = None,
                max_tokens: Optional[int] = None, top_p: Optional[float] = None,
-               top_k: Optional[int] = None) -> Iterator[Tuple[str, bool]]:
-        """Call the chat endpoint; yield ``(reply_html, is_final)`` for every update.
+               top_k: Optional[int] = None) -> Iterator[Tuple[str, bool, bool]]:
+        """Call the chat endpoint; yield ``(text, is_final, is_append)`` for every update:
+        the reply's whole HTML, or (``is_append``) only what was appended to it.
 
         Values left ``None`` take the app's defaults.  Closing the generator closes the
         event stream and asks Gradio to cancel the job.
@@ -1105,7 +1189,7 @@ class GradioClient:
                 pass
         threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
 
-    def _stream_call(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool]]:
+    def _stream_call(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
         """The two-step ``/call`` API: POST the inputs, then follow the event stream."""
         base = "%s/call/%s" % (info.prefix, info.endpoint)
         conn = self._connect()
@@ -1127,7 +1211,7 @@ class GradioClient:
                     if output is None:
                         raise UpstreamError("the Gradio app cancelled the job")
                     done = event == "complete"
-                    yield _reply_from_output(output), done
+                    yield _reply_from_output(output), done, False
                     if done:
                         return
                 elif event == "error":
@@ -1143,7 +1227,7 @@ class GradioClient:
             if event_id is not None and not done:
                 self._cancel(info, event_id, event_id)
 
-    def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool]]:
+    def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
         """The queue protocol: join, then apply the ``process_generating`` diffs."""
         session = secrets.token_hex(6)
         conn = self._connect()
@@ -1156,6 +1240,8 @@ class GradioClient:
             if resp.status != 200:
                 raise UpstreamError("the Gradio app refused the queue stream (HTTP %d)" % resp.status)
             outputs: Any = None
+            path: Optional[List[Any]] = None      # where the reply text sits in output 0
+            appended: List[str] = []              # appends to it not yet applied to outputs
             events = _EventStream(self, conn, resp)
             for _, payload in events:
                 try:
@@ -1168,11 +1254,19 @@ class GradioClient:
                     events.output_started()
                 if kind == "process_generating":
                     got = (msg.get("output") or {}).get("data")
+                    if outputs is not None and path is not None and _is_append_to(got, path):
+                        appended.append(got[0][0][2])     # kept aside: no copy of the reply
+                        yield got[0][0][2], False, True
+                        continue
                     if outputs is None:
                         outputs = got
                     else:
+                        if appended:
+                            outputs[0] = _apply_diff(outputs[0], [["append", path, "".join(appended)]])
+                            appended.clear()
                         outputs = [_apply_diff(o, d) for o, d in zip(outputs, got)]
-                    yield _reply_from_output(outputs), False
+                    path = _reply_path(outputs)
+                    yield _reply_from_output(outputs), False, False
                 elif kind == "process_completed":
                     done = True
                     output = msg.get("output") or {}
@@ -1180,7 +1274,7 @@ class GradioClient:
                         raise UpstreamError(_upstream_error_message(output))
                     if output.get("data") is None:
                         raise UpstreamError("the Gradio app cancelled the job")
-                    yield _reply_from_output(output["data"]), True
+                    yield _reply_from_output(output["data"]), True, False
                     return
                 elif kind == "unexpected_error":
                     done = True
@@ -1253,7 +1347,7 @@ class _UpstreamPool:
         _log.warning("upstream %s marked down for %.0fs: %s", replica.client.base_url, delay,
                      error.message)
 
-    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, bool]]:
+    def stream(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, bool, bool]]:
         """:meth:`GradioClient.stream` on the first replica that gives output."""
         error: Optional[BharatGenError] = None
         for replica in self._order():
@@ -1275,7 +1369,7 @@ class _UpstreamPool:
         raise error
 
     @staticmethod
-    def _rest(first: Any, updates: Any) -> Iterator[Tuple[str, bool]]:
+    def _rest(first: Any, updates: Any) -> Iterator[Tuple[str, bool, bool]]:
         try:
             if first is not None:
                 yield first
@@ -1500,8 +1594,8 @@ class _Generation:
                  system_default: Optional[str]) -> None:
         self.client, self.conv, self.sampling = client, conv, sampling
         self.system = conv.system if conv.system is not None else system_default
-        self.thought: List[str] = [""] * sampling.n
-        self.answer: List[str] = [""] * sampling.n
+        self.thought: List[List[str]] = [[] for _ in range(sampling.n)]
+        self.answer: List[List[str]] = [[] for _ in range(sampling.n)]
         self._closed = threading.Event()
 
     def _choice(self, index: int) -> Iterator[_Piece]:
@@ -1511,20 +1605,23 @@ class _Generation:
             temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p, top_k=s.top_k)
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
         try:
-            for html_text, final in upstream:
-                thought, answer = cleaner.update(html_text, final)
+            for html_text, final, appended in upstream:
+                if appended:
+                    thought, answer = cleaner.append(html_text)
+                else:
+                    thought, answer = cleaner.update(html_text, final)
                 if thought:
-                    self.thought[index] += thought
+                    self.thought[index].append(thought)
                     yield _Piece(index, "reasoning", thought)
                 text = cutter.feed(answer) if answer else ""
                 if text:
-                    self.answer[index] += text
+                    self.answer[index].append(text)
                     yield _Piece(index, "content", text)
                 if cutter.stopped or self._closed.is_set():
                     break
             text = cutter.flush()
             if text:
-                self.answer[index] += text
+                self.answer[index].append(text)
                 yield _Piece(index, "content", text)
             yield _Piece(index, "finish", "stop")
         finally:
@@ -1569,8 +1666,8 @@ class _Generation:
 
     def usage(self) -> CompletionUsage:
         """Estimated token counts of the prompt and everything generated so far."""
-        reasoning = sum(estimate_tokens(t) for t in self.thought)
-        completion = reasoning + sum(estimate_tokens(a) for a in self.answer)
+        reasoning = sum(estimate_tokens("".join(t)) for t in self.thought)
+        completion = reasoning + sum(estimate_tokens("".join(a)) for a in self.answer)
         return CompletionUsage(
             prompt_tokens=self.conv.prompt_tokens, completion_tokens=completion,
             total_tokens=self.conv.prompt_tokens + completion,
@@ -1822,14 +1919,16 @@ class _Backend:
         if stream:
             return self._chat_chunks(gen, model, include_usage)
         reasoning = _Reasoning(self.config.reasoning)
-        thoughts = [""] * sampling.n
-        contents = [""] * sampling.n
+        thoughts: List[List[str]] = [[] for _ in range(sampling.n)]
+        contents: List[List[str]] = [[] for _ in range(sampling.n)]
         for piece in gen:
             thought, content = reasoning.apply(piece)
-            thoughts[piece.index] += thought or ""
-            contents[piece.index] += content or ""
+            if thought:
+                thoughts[piece.index].append(thought)
+            if content:
+                contents[piece.index].append(content)
         choices = [Choice(index=i, message=ChatCompletionMessage(
-            content=contents[i], reasoning_content=thoughts[i] or None))
+            content="".join(contents[i]), reasoning_content="".join(thoughts[i]) or None))
             for i in range(sampling.n)]
         return ChatCompletion(id=_new_id("chatcmpl-"), choices=choices, created=int(time.time()),
                               model=model, system_fingerprint=_FINGERPRINT, usage=gen.usage())
@@ -1900,10 +1999,10 @@ class _Backend:
         choices: List[CompletionChoice] = []
         reasoning = _Reasoning("inline" if self.config.reasoning == "inline" else "none")
         for p, gen in enumerate(gens):
-            texts = [prompts[p] if echo else ""] * sampling.n
+            texts: List[List[str]] = [[prompts[p]] if echo else [] for _ in range(sampling.n)]
             for piece in gen:
-                texts[piece.index] += reasoning.apply(piece)[1] or ""
-            choices += [CompletionChoice(index=p * sampling.n + i, text=t)
+                texts[piece.index].append(reasoning.apply(piece)[1] or "")
+            choices += [CompletionChoice(index=p * sampling.n + i, text="".join(t))
                         for i, t in enumerate(texts)]
         return Completion(id=cid, choices=choices, created=created, model=model,
                           system_fingerprint=_FINGERPRINT, usage=self._sum_usage(gens))
