@@ -941,6 +941,8 @@ class GradioClient:
         self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
         self._info: Optional[_AppInfo] = None
         self._lock = threading.Lock()
+        self._discover_lock = threading.Lock()
+        self._idle: List[http.client.HTTPConnection] = []     # keep-alive connections at rest
         self.metrics: Optional[Any] = None       # a server's _Metrics, counting bytes read
 
     def __repr__(self) -> str:
@@ -949,8 +951,33 @@ class GradioClient:
     # -- HTTP -------------------------------------------------------------------------
 
     def _connect(self) -> http.client.HTTPConnection:
+        """A keep-alive connection at rest, or a new one."""
+        with self._lock:
+            if self._idle:
+                conn = self._idle.pop()
+                conn.reused = True  # type: ignore[attr-defined]
+                return conn
         cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
         return cls(self._host, self._port, timeout=self.connect_timeout)
+
+    def _release(self, conn: http.client.HTTPConnection, resp: Optional[http.client.HTTPResponse]) -> None:
+        """Keep ``conn`` for the next call if its last response was read to the end."""
+        reusable = resp is not None and resp.isclosed() and not resp.will_close and conn.sock is not None
+        with self._lock:
+            if reusable and len(self._idle) < 32:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    def _finish(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+        """Read a finished stream to its end (briefly), so its connection can be reused."""
+        try:
+            if conn.sock is not None:
+                conn.sock.settimeout(min(self.timeout, 1.0))
+            while resp.read(65536):
+                pass
+        except (OSError, http.client.HTTPException):
+            conn.close()
 
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
               body: Optional[Any] = None) -> http.client.HTTPResponse:
@@ -961,17 +988,22 @@ class GradioClient:
             headers["Content-Type"] = "application/json"
         if self.hf_token:
             headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
-        try:
-            conn.request(method, self._root + path, body=data, headers=headers)
-            if conn.sock is not None:
-                conn.sock.settimeout(self.timeout)
-            return conn.getresponse()
-        except socket.timeout:
-            raise APITimeoutError("the Gradio app at %s did not answer within %ss"
-                                  % (self.base_url, self.timeout)) from None
-        except (OSError, http.client.HTTPException) as exc:
-            raise APIConnectionError("cannot reach the Gradio app at %s: %s"
-                                     % (self.base_url, exc)) from None
+        while True:
+            try:
+                conn.request(method, self._root + path, body=data, headers=headers)
+                if conn.sock is not None:
+                    conn.sock.settimeout(self.timeout)
+                return conn.getresponse()
+            except socket.timeout:
+                raise APITimeoutError("the Gradio app at %s did not answer within %ss"
+                                      % (self.base_url, self.timeout)) from None
+            except (OSError, http.client.HTTPException) as exc:
+                if getattr(conn, "reused", False):    # the app closed it while it rested
+                    conn.close()
+                    conn.reused = False  # type: ignore[attr-defined]
+                    continue
+                raise APIConnectionError("cannot reach the Gradio app at %s: %s"
+                                         % (self.base_url, exc)) from None
 
     def _read_all(self, resp: http.client.HTTPResponse) -> bytes:
         try:
@@ -982,13 +1014,13 @@ class GradioClient:
             raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
 
     def _request_json(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
-        """``(status, JSON or None)`` of one request on its own connection."""
-        conn = self._connect()
+        """``(status, JSON or None)`` of one request."""
+        conn, resp = self._connect(), None
         try:
             resp = self._send(conn, method, path, body)
             raw = self._read_all(resp)
         finally:
-            conn.close()
+            self._release(conn, resp)
         try:
             return resp.status, json.loads(raw)
         except ValueError:
@@ -998,7 +1030,7 @@ class GradioClient:
 
     def discover(self, refresh: bool = False) -> _AppInfo:
         """What the app offers (read once, then cached; ``refresh`` reads it again)."""
-        with self._lock:
+        with self._discover_lock:
             if self._info is None or refresh:
                 self._info = self._discover()
             return self._info
@@ -1193,7 +1225,7 @@ class GradioClient:
         """The two-step ``/call`` API: POST the inputs, then follow the event stream."""
         base = "%s/call/%s" % (info.prefix, info.endpoint)
         conn = self._connect()
-        event_id, done = None, False
+        event_id, done, resp = None, False, None
         try:
             event_id = self._join(conn, base, {"data": data})
             resp = self._send(conn, "GET", "%s/%s" % (base, event_id))
@@ -1213,6 +1245,7 @@ class GradioClient:
                     done = event == "complete"
                     yield _reply_from_output(output), done, False
                     if done:
+                        self._finish(resp, conn)
                         return
                 elif event == "error":
                     done = True
@@ -1223,7 +1256,7 @@ class GradioClient:
                     raise UpstreamError(_upstream_error_message(detail))
             raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
         finally:
-            conn.close()
+            self._release(conn, resp if done else None)
             if event_id is not None and not done:
                 self._cancel(info, event_id, event_id)
 
@@ -1231,7 +1264,7 @@ class GradioClient:
         """The queue protocol: join, then apply the ``process_generating`` diffs."""
         session = secrets.token_hex(6)
         conn = self._connect()
-        event_id, done = None, False
+        event_id, done, resp = None, False, None
         try:
             event_id = self._join(conn, info.prefix + "/queue/join", {
                 "data": data, "fn_index": info.fn_index, "session_hash": session,
@@ -1275,6 +1308,7 @@ class GradioClient:
                     if output.get("data") is None:
                         raise UpstreamError("the Gradio app cancelled the job")
                     yield _reply_from_output(output["data"]), True, False
+                    self._finish(resp, conn)
                     return
                 elif kind == "unexpected_error":
                     done = True
@@ -1283,7 +1317,7 @@ class GradioClient:
                     break
             raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
         finally:
-            conn.close()
+            self._release(conn, resp if done else None)
             if event_id is not None and not done:
                 self._cancel(info, session, event_id)
 
@@ -3233,6 +3267,11 @@ class _DemoHandler(_BaseHandler):
 
     server: "DemoUpstream"
 
+    def setup(self) -> None:
+        super().setup()
+        with self.server.lock:
+            self.server.connections += 1
+
     def log_message(self, format: str, *args: Any) -> None:
         _log.debug("demo upstream: " + format, *args)
 
@@ -3343,6 +3382,7 @@ class DemoUpstream(_Server):
         self.cancels: List[Any] = []
         self.auth_seen: List[Optional[str]] = []
         self.active_streams = 0
+        self.connections = 0
         self.lock = threading.Lock()
         self._stopping = threading.Event()
         super().__init__((host, port), _DemoHandler)

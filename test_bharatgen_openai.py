@@ -478,6 +478,14 @@ class GradioClientTests(unittest.TestCase):
                               info.endpoint, info.use_queue),
                              ("/gradio_api", "6.31.0", "parts", 1, "chat_fn_1", True))
 
+    def test_connections_are_reused(self):
+        for protocol in ("queue", "call"):
+            demo = start_demo(self)
+            client = bg.GradioClient(demo.url, protocol=protocol)
+            for _ in range(5):
+                self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
+            self.assertEqual(demo.connections, 1, protocol)
+
     def test_hf_token_is_sent_as_a_bearer_token(self):
         list(bg.GradioClient(self.demo.url, hf_token="hf_secret").stream("Say hello"))
         self.assertEqual(self.demo.auth_seen[-1], "Bearer hf_secret")
