@@ -42,7 +42,6 @@ __all__ = [
     "Config", "GatewayServer", "DemoUpstream", "main",
 ]
 
-import asyncio
 import dataclasses
 import hashlib
 import hmac
@@ -53,7 +52,6 @@ import logging
 import os
 import queue
 import re
-import secrets
 import socket
 import sys
 import threading
@@ -690,7 +688,7 @@ class ModelList(_Object):
 
 
 def _new_id(prefix: str) -> str:
-    return prefix + secrets.token_hex(12)
+    return prefix + os.urandom(12).hex()
 
 
 _FINGERPRINT = "fp_bharatgen_" + hashlib.sha1(__version__.encode()).hexdigest()[:8]
@@ -1262,7 +1260,7 @@ class GradioClient:
 
     def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
         """The queue protocol: join, then apply the ``process_generating`` diffs."""
-        session = secrets.token_hex(6)
+        session = os.urandom(6).hex()
         conn = self._connect()
         event_id, done, resp = None, False, None
         try:
@@ -2309,6 +2307,16 @@ class BharatGenOpenAI:
         self.close()
 
 
+def _run_in_thread(fn: Callable[..., Any], *args: Any) -> Any:
+    """Await ``fn(*args)`` run in the event loop's default executor.
+
+    asyncio is imported here, not at the top: it is the heaviest import of the module
+    (30 ms), and only the async SDK needs it.
+    """
+    import asyncio
+    return asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+
 class AsyncStream:
     """The chunks of a streamed completion, for ``async for``."""
 
@@ -2321,15 +2329,14 @@ class AsyncStream:
         return self
 
     async def __anext__(self) -> Any:
-        item = await asyncio.get_running_loop().run_in_executor(
-            None, next, self._stream, self._END)
+        item = await _run_in_thread(next, self._stream, self._END)
         if item is self._END:
             raise StopAsyncIteration
         return item
 
     async def close(self) -> None:
         """Stop reading; the upstream call is cancelled."""
-        await asyncio.get_running_loop().run_in_executor(None, self._stream.close)
+        await _run_in_thread(self._stream.close)
 
     async def __aenter__(self) -> "AsyncStream":
         return self
@@ -2350,8 +2357,7 @@ class _AsyncWrap:
             return _AsyncWrap(target)
 
         async def call(*args: Any, **kwargs: Any) -> Any:
-            loop = asyncio.get_running_loop()
-            result = await loop.run_in_executor(None, lambda: target(*args, **kwargs))
+            result = await _run_in_thread(lambda: target(*args, **kwargs))
             return AsyncStream(result) if isinstance(result, Stream) else result
         return call
 
@@ -3317,7 +3323,7 @@ class _DemoHandler(_BaseHandler):
         message = data[0] if data and isinstance(data[0], str) else ""
         if "[[busy]]" in message:
             return self._send_json(503, {"detail": "Queue is full. Max size is 0 and size is 0."})
-        job = _DemoJob(data, secrets.token_hex(16), queue=bool(join))
+        job = _DemoJob(data, os.urandom(16).hex(), queue=bool(join))
         with srv.lock:
             srv.auth_seen.append(self.headers.get("Authorization"))
             srv.jobs["session:" + str(body.get("session_hash")) if join else job.event_id] = job
@@ -3613,6 +3619,273 @@ class DemoUpstream(_Server):
 
 
 ###############################################################################
+# Benchmark #####################################################################
+###############################################################################
+
+def _proc_stats(pid: Optional[int]) -> Tuple[float, float]:
+    """CPU seconds used and peak RSS (MB) of a process, from /proc (Linux)."""
+    if pid is None:
+        return float("nan"), float("nan")
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/%d/status" % pid) as f:
+            peak = next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), 0)
+        return cpu, peak / 1024.0
+    except (OSError, ValueError, IndexError):
+        return float("nan"), float("nan")
+
+
+def _spawn(args: List[str], pattern: str, timeout: float = 30) -> Tuple[Any, str, float]:
+    """Run this file with ``args`` in a new process; ``(process, match, seconds to it)``.
+
+    Waits for ``pattern`` on its stderr, then keeps draining stderr so it never blocks.
+    """
+    import subprocess
+    started = time.monotonic()
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args,
+                            stderr=subprocess.PIPE, text=True)
+    lines: List[str] = []
+    while time.monotonic() - started < timeout:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        m = re.search(pattern, line)
+        if m:
+            took = time.monotonic() - started
+            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
+            return proc, m.group(1), took
+    proc.kill()
+    raise SystemExit("bench: %s did not start:\n%s" % (args[0], "".join(lines)[-2000:]))
+
+
+def _percentile(values: List[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def _gateway_request(url: str, model: str, prompt: str, stream: bool,
+                     timeout: float) -> Tuple[float, float]:
+    """One chat completion through a gateway: (seconds to the first answer text, total)."""
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    started = time.monotonic()
+    try:
+        body = json.dumps({"model": model, "stream": stream,
+                           "messages": [{"role": "user", "content": prompt}]})
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))
+        if not stream:
+            resp.read()
+            total = time.monotonic() - started
+            return total, total
+        ttft = None
+        for line in iter(resp.readline, b""):
+            if ttft is None and line.startswith(b"data: {") and b'"content":"' in line \
+                    and b'"content":""' not in line:
+                ttft = time.monotonic() - started
+            if line.startswith(b"data: [DONE]"):
+                break
+            if line.startswith(b'data: {"error"'):
+                raise RuntimeError(line[:200].decode("utf-8", "replace"))
+        total = time.monotonic() - started
+        return (total if ttft is None else ttft), total
+    finally:
+        conn.close()
+
+
+def _direct_request(client: "BharatGenOpenAI", prompt: str, stream: bool) -> Tuple[float, float]:
+    """The same request through the SDK straight to the upstream, no gateway."""
+    started = time.monotonic()
+    messages = [{"role": "user", "content": prompt}]
+    if not stream:
+        client.chat.completions.create(messages=messages)
+        total = time.monotonic() - started
+        return total, total
+    ttft = None
+    for chunk in client.chat.completions.create(messages=messages, stream=True):
+        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.monotonic() - started
+    total = time.monotonic() - started
+    return (total if ttft is None else ttft), total
+
+
+def _load(fn: Callable[[], Tuple[float, float]], concurrency: int, requests: int) -> Dict[str, Any]:
+    """Run ``requests`` calls of ``fn`` on ``concurrency`` threads; timings and errors."""
+    ttfts: List[float] = []
+    totals: List[float] = []
+    errors: List[str] = []
+    left = [requests]
+    lock = threading.Lock()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                if left[0] <= 0:
+                    return
+                left[0] -= 1
+            try:
+                ttft, total = fn()
+                with lock:
+                    ttfts.append(ttft)
+                    totals.append(total)
+            except Exception as exc:          # counted and shown, the run goes on
+                with lock:
+                    errors.append(repr(exc)[:200])
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {"wall": time.monotonic() - started, "ttft": ttfts, "total": totals, "errors": errors}
+
+
+def _scrape(url: str, name: str) -> float:
+    """One counter's value from a gateway's /metrics (0 if it cannot be read)."""
+    try:
+        status, text = _fetch_text(url + "/metrics")
+        m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
+        return float(m.group(1)) if m else 0.0
+    except OSError:
+        return 0.0
+
+
+def _fetch_text(url: str, timeout: float = 10) -> Tuple[int, str]:
+    parts = urllib.parse.urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode("utf-8", "replace")
+    finally:
+        conn.close()
+
+
+_BENCH_ROW = "%5d %-6s %-8s %5d %7.2f %6.0fms %6.0fms %7.2fs %7.2fs %6d %6.2fs %5.0fMB %9.3f"
+
+
+def _cmd_bench(args: Any) -> int:
+    """Load a gateway and the same upstream directly; print what the gateway adds."""
+    procs: List[Any] = []
+    try:
+        if args.upstream:
+            upstream = args.upstream[0]
+        else:
+            proc, upstream, _ = _spawn(["demo", "--port", "0", "--token-delay",
+                                        str(args.token_delay)], r" at (http://\S+)")
+            procs.append(proc)
+        gateways: Dict[str, Tuple[str, Optional[int]]] = {}
+
+        def gateway(protocol: str) -> Tuple[str, Optional[int]]:
+            if args.target:
+                return args.target.rstrip("/").rsplit("/v1", 1)[0], None
+            if protocol not in gateways:
+                proc, url, _ = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
+                                       "--port", "0", "--protocol", protocol,
+                                       "--max-concurrent", "100000"],
+                                      r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
+                procs.append(proc)
+                gateways[protocol] = (url, proc.pid)
+            return gateways[protocol]
+
+        model = args.model or DEFAULT_MODEL
+        prompt = "%d words" % args.words
+        print("bharatgen_openai %s bench on %d cores: %s, %d-word answers, protocol %s"
+              % (__version__, os.cpu_count() or 0,
+                 "upstream %s" % upstream if args.upstream else
+                 "demo upstream with %g ms a token" % (args.token_delay * 1000),
+                 args.words, args.protocol))
+        url, pid = gateway(args.protocol)
+        direct = BharatGenOpenAI(upstream, protocol=args.protocol, timeout=args.timeout)
+        direct_metrics = _Metrics()
+        for route in direct.chat.completions._backend.routes.values():
+            for replica in route.pool.replicas:
+                replica.client.metrics = direct_metrics
+        header = ("%5s %-6s %-8s %5s %7s %8s %8s %8s %8s %6s %7s %7s %9s"
+                  % ("conc", "mode", "path", "reqs", "wall s", "ttft p50", "ttft p95",
+                     "tot p50", "tot p95", "errors", "gw cpu", "gw rss", "up MB/req"))
+        print(header)
+        print("-" * len(header))
+        modes = [m for m in ("stream", "json") if args.mode in (m, "both")]
+        for conc in args.concurrency:
+            for mode in modes:
+                stream, n = mode == "stream", max(args.requests or conc, conc)
+                cpu0, _ = _proc_stats(pid)
+                bytes0 = _scrape(url, "bharatgen_upstream_bytes_total")
+                g = _load(lambda: _gateway_request(url, model, prompt, stream, args.timeout), conc, n)
+                cpu1, rss = _proc_stats(pid)
+                up_gw = (_scrape(url, "bharatgen_upstream_bytes_total") - bytes0) / n / 1e6
+                d0 = direct_metrics.value("bharatgen_upstream_bytes_total")
+                d = _load(lambda: _direct_request(direct, prompt, stream), conc, n)
+                up_d = (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6
+                for name, r, extra in (("gateway", g, (cpu1 - cpu0, rss, up_gw)),
+                                       ("direct", d, (float("nan"), float("nan"), up_d))):
+                    print(_BENCH_ROW % ((conc, mode, name, n, r["wall"],
+                                         _percentile(r["ttft"], .5) * 1000,
+                                         _percentile(r["ttft"], .95) * 1000,
+                                         _percentile(r["total"], .5),
+                                         _percentile(r["total"], .95), len(r["errors"])) + extra))
+                print("%5d %-6s %-8s %5s %6.3fx %7.3fx %7.3fx %7.3fx %7.3fx"
+                      % (conc, mode, "ratio", "", g["wall"] / d["wall"],
+                         _percentile(g["ttft"], .5) / _percentile(d["ttft"], .5),
+                         _percentile(g["ttft"], .95) / _percentile(d["ttft"], .95),
+                         _percentile(g["total"], .5) / _percentile(d["total"], .5),
+                         _percentile(g["total"], .95) / _percentile(d["total"], .95)))
+                for e in (g["errors"] + d["errors"])[:3]:
+                    print("      error: %s" % e)
+        if args.cpu_words and not args.target:
+            print("\nCPU and upstream bytes for one streamed answer, by length "
+                  "(gateway process; queue protocol vs /call):")
+            print("%7s %12s %12s %12s %12s" % ("words", "queue cpu", "queue MB", "call cpu", "call MB"))
+            for words in args.cpu_words:
+                cells = []
+                for protocol in ("queue", "call"):
+                    gurl, gpid = gateway(protocol)
+                    cpu0, _ = _proc_stats(gpid)
+                    b0 = _scrape(gurl, "bharatgen_upstream_bytes_total")
+                    _gateway_request(gurl, model, "%d words" % words, True, args.timeout)
+                    cpu1, _ = _proc_stats(gpid)
+                    cells += [cpu1 - cpu0, (_scrape(gurl, "bharatgen_upstream_bytes_total") - b0) / 1e6]
+                print("%7d %11.3fs %11.3f %11.3fs %11.3f" % tuple([words] + cells))
+        if args.startup:
+            import subprocess
+            code = ("import time; t = time.perf_counter(); import bharatgen_openai; "
+                    "print(time.perf_counter() - t)")
+            here = os.path.dirname(os.path.abspath(__file__))
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+            imports = [float(subprocess.run([sys.executable, "-c", code], cwd=here, env=env,
+                                            capture_output=True, text=True).stdout)
+                       for _ in range(6)][1:]          # the first run writes the bytecode cache
+            started = time.monotonic()
+            proc, gurl, _ = _spawn(["serve", "--upstream", upstream, "--port", "0"],
+                                   r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
+            procs.append(proc)
+            while _fetch_text(gurl + "/health")[0] != 200 and time.monotonic() - started < 10:
+                time.sleep(0.005)
+            ready = time.monotonic() - started
+            print("\nimport: %.0f ms (median of 5); serve ready (process start to /health "
+                  "answering): %.0f ms"
+                  % (_percentile(imports, .5) * 1000, ready * 1000))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(10)
+            except Exception:
+                proc.kill()
+    return 0
+
+
+###############################################################################
 # Command line ##################################################################
 ###############################################################################
 
@@ -3884,6 +4157,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = sub.add_parser("info", help="show what the upstream app offers")
     upstream_flags(p)
     p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("bench", help="measure what the gateway adds to calling the app directly")
+
+    def int_list(text: str) -> List[int]:
+        try:
+            return [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError("expected numbers separated by commas: %r" % text)
+    p.add_argument("--upstream", action="append", metavar="URL",
+                   help="a real Gradio app (default: a demo upstream in its own process)")
+    p.add_argument("--target", metavar="URL", help="an already running gateway to load")
+    p.add_argument("--model", help="the model name to ask for (default %s)" % DEFAULT_MODEL)
+    p.add_argument("--protocol", choices=PROTOCOLS, default="auto")
+    p.add_argument("--concurrency", type=int_list, default=[1, 16, 64, 256],
+                   help="comma list (default 1,16,64,256)")
+    p.add_argument("--requests", type=int, help="requests per run (default: the concurrency)")
+    p.add_argument("--mode", choices=("stream", "json", "both"), default="stream")
+    p.add_argument("--token-delay", type=float, default=0.02,
+                   help="the demo upstream's pause per token (default 0.02)")
+    p.add_argument("--words", type=int, default=100, help="answer length in words (default 100)")
+    p.add_argument("--timeout", type=float, default=300.0)
+    p.add_argument("--cpu-words", type=int_list, metavar="LIST",
+                   help="also measure CPU and upstream bytes per answer of these lengths")
+    p.add_argument("--startup", action="store_true", help="also measure import and serve-ready time")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="run only the demo upstream (a stand-in Gradio app)")
     p.add_argument("--host", default="127.0.0.1")
