@@ -204,41 +204,62 @@ UpstreamTimeout = APITimeoutError
 # Protocol pieces: SSE, the HTML cleaner, stop sequences, token counts #########
 ###############################################################################
 
-def _iter_sse(readline: Callable[[], bytes]) -> Iterator[Tuple[str, str]]:
+def _iter_sse(read: Callable[[], bytes]) -> Iterator[Tuple[str, str]]:
     """Yield ``(event, data)`` from a server-sent event stream, one event at a time.
 
-    ``readline`` returns one line as bytes, ``b""`` at the end.  Follows the WHATWG
-    rules that matter here: ``event``/``data`` fields, multi-line data joined by
-    ``\\n``, comments (``:``) ignored, an event dispatched on a blank line.
+    ``read`` returns the next bytes that arrived (any amount; ``b""`` at the end), so
+    whole blocks are split here rather than line by line.  Follows the WHATWG rules that
+    matter: ``event``/``data`` fields, multi-line data joined by ``\\n``, comments
+    (``:``) ignored, ``\\r\\n`` line ends, an event dispatched on a blank line.
     """
-    event, data = "", []
+    buf = b""
     while True:
-        raw = readline()
-        if not raw:
-            if data:
-                yield event or "message", "\n".join(data)
+        block = read()
+        if not block:
+            event = _sse_event(buf)
+            if event is not None:
+                yield event
             return
-        line = raw.decode("utf-8").rstrip("\r\n")
-        if not line:
-            if data or event:
-                yield event or "message", "\n".join(data)
-            event, data = "", []
-        elif line.startswith(":"):
+        buf += block
+        if b"\r" in buf:                 # a "\r" at the very end waits for its "\n"
+            buf = buf.replace(b"\r\n", b"\n")
+        start = 0
+        while True:
+            end = buf.find(b"\n\n", start)
+            if end < 0:
+                break
+            event = _sse_event(buf[start:end])
+            if event is not None:
+                yield event
+            start = end + 2
+        if start:
+            buf = buf[start:]
+
+
+def _sse_event(raw: bytes) -> Optional[Tuple[str, str]]:
+    """``(event, data)`` of one event's lines, or ``None`` if it has neither."""
+    event, data = "", []
+    for line in raw.decode("utf-8").split("\n"):
+        if not line or line[0] == ":":
             continue
-        else:
-            name, _, value = line.partition(":")
-            if value.startswith(" "):
-                value = value[1:]
-            if name == "event":
-                event = value
-            elif name == "data":
-                data.append(value)
+        name, _, value = line.partition(":")
+        if value[:1] == " ":
+            value = value[1:]
+        if name == "event":
+            event = value
+        elif name == "data":
+            data.append(value)
+    if not data and not event:
+        return None
+    return event or "message", "\n".join(data)
+
+
+_COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # stateless
 
 
 def _sse(obj: Any, event: Optional[str] = None) -> bytes:
     """One server-sent event carrying ``obj`` as compact JSON (or a literal string)."""
-    payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False,
-                                                          separators=(",", ":"))
+    payload = obj if isinstance(obj, str) else _COMPACT_JSON.encode(obj)
     head = "event: %s\n" % event if event else ""
     return ("%sdata: %s\n\n" % (head, payload)).encode("utf-8")
 
@@ -542,12 +563,25 @@ class _Object:
     def to_dict(self) -> Dict[str, Any]:
         """The object as the OpenAI API's JSON (a fresh dict)."""
         out: Dict[str, Any] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if value is None and f.metadata.get("omit_none"):
-                continue
-            out[f.name] = _to_json(value)
+        for name, omit_none in self._json_fields():
+            value = getattr(self, name)
+            if value is None:
+                if omit_none:
+                    continue
+            elif isinstance(value, (_Object, list, dict)):
+                value = _to_json(value)
+            out[name] = value
         return out
+
+    @classmethod
+    def _json_fields(cls) -> Tuple[Tuple[str, bool], ...]:
+        """``(name, omit_none)`` of each field, worked out once per class (a hot path)."""
+        found = cls.__dict__.get("_fields_for_json")
+        if found is None:
+            found = tuple((f.name, bool(f.metadata.get("omit_none")))
+                          for f in dataclasses.fields(cls))  # type: ignore[arg-type]
+            setattr(cls, "_fields_for_json", found)
+        return found
 
     def model_dump(self, **_: Any) -> Dict[str, Any]:
         """Alias of :meth:`to_dict`, as pydantic (and so the openai SDK) names it."""
@@ -879,20 +913,20 @@ class _EventStream:
             if self.conn.sock is not None:
                 self.conn.sock.settimeout(self.client.timeout)
 
-    def _readline(self) -> bytes:
+    def _read(self) -> bytes:
         if not self.started and self.conn.sock is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise socket.timeout()
             self.conn.sock.settimeout(min(self.client.timeout, left))
-        line = self.resp.readline()
+        block = self.resp.read1(65536)
         if self.client.metrics is not None:
-            self.client.metrics.inc("bharatgen_upstream_bytes_total", len(line))
-        return line
+            self.client.metrics.inc("bharatgen_upstream_bytes_total", len(block))
+        return block
 
     def __iter__(self) -> Iterator[Tuple[str, str]]:
         try:
-            yield from _iter_sse(self._readline)
+            yield from _iter_sse(self._read)
         except socket.timeout:
             if self.started:
                 raise APITimeoutError("the Gradio app sent nothing for %ss"
@@ -2413,7 +2447,7 @@ class _BaseHandler(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
-        body = json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        body = _COMPACT_JSON.encode(obj).encode("utf-8")
         self._send_bytes(status, body, "application/json", headers)
 
     def _start_chunked(self, status: int, headers: Dict[str, str]) -> None:
@@ -3472,9 +3506,8 @@ class DemoUpstream(_Server):
         params = [values.get(n) for n in ("temperature", "max_tokens", "top_p", "top_k")]
         thought, answer = _demo_reply(message, history, values.get("system_prompt"), params)
         chat = self._chat(history, message)
-        snapshots = list(_demo_html(thought, answer))
-        n_thought = sum(1 for _ in _demo_tokens(thought))
-        for i, text in enumerate(snapshots):
+        n_thought, text = sum(1 for _ in _demo_tokens(thought)), ""
+        for i, text in enumerate(_demo_html(thought, answer)):
             self._wait(job, self.token_delay)
             if job.cancelled.is_set():
                 yield "done", None
@@ -3490,7 +3523,7 @@ class DemoUpstream(_Server):
                 self._wait(job, 30)
                 yield "drop", None
                 return
-        yield "done", self._output(chat, snapshots[-1])
+        yield "done", self._output(chat, text)
 
     def _wait(self, job: _DemoJob, seconds: float) -> None:
         if seconds:

@@ -173,6 +173,16 @@ class SSETests(unittest.TestCase):
         self.assertEqual(self.events(raw), [("generating", "[1,\n2]"), ("message", "plain"),
                                             ("heartbeat", "null"), ("complete", "[3]")])
 
+    def test_blocks_split_anywhere_give_the_same_events(self):
+        import random
+        raw = fixture("call_hindi_please.sse").replace(b"\n", b"\r\n")
+        expected = self.events(fixture("call_hindi_please.sse"))
+        rng = random.Random(7)
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(1, len(raw)), 40))
+            blocks = iter([raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])])
+            self.assertEqual(list(bg._iter_sse(lambda: next(blocks, b""))), expected)
+
     def test_fixture_streams_parse_into_events(self):
         events = self.events(fixture("call_Say_hello.sse"))
         self.assertEqual([e for e, _ in events[-2:]], ["generating", "complete"])
