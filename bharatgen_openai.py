@@ -568,7 +568,9 @@ class _Object:
             if value is None:
                 if omit_none:
                     continue
-            elif isinstance(value, (_Object, list, dict)):
+            elif type(value) is list:
+                value = [v.to_dict() if isinstance(v, _Object) else _to_json(v) for v in value]
+            elif isinstance(value, (_Object, dict)):
                 value = _to_json(value)
             out[name] = value
         return out
@@ -2656,7 +2658,7 @@ class _Metrics:
         self._hists: Dict[str, List[float]] = {}
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+        key = tuple(sorted(labels.items())) if labels else ()
         with self._lock:
             series = self._values.setdefault(name, {})
             series[key] = series.get(key, 0.0) + value
