@@ -3103,8 +3103,8 @@ class _GatewayHandler(_BaseHandler):
             if isinstance(exc, UpstreamError):
                 self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             body = exc.to_dict()
-            if error_event:
-                body = dict(body, type="error", sequence_number=0, **body["error"])
+            if error_event:           # the Responses API's shape: its fields, and "error"
+                body = dict(body["error"], error=body["error"], type="error")
             try:
                 self._chunk(_sse(body, error_event))
             except OSError:

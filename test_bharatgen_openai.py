@@ -1542,6 +1542,248 @@ class ShutdownTests(unittest.TestCase):
         self.assertIn("stopped", err)
 
 
+class _RealClientBase(unittest.TestCase):
+    """A demo upstream and a keyed gateway, shared by a class of real-client tests."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.demo = bg.DemoUpstream().start()
+        cls.gw = bg.GatewayServer(bg.Config(upstream=[cls.demo.url], port=0, timeout=10,
+                                            api_keys=["sk-test"])).start()
+        cls.base_url = cls.gw.url + "/v1"
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+        cls.demo.stop()
+
+
+@needs("openai")
+class OpenAISDKTests(_RealClientBase):
+    """The official openai SDK, sync and async, against the gateway."""
+
+    def client(self, key="sk-test"):
+        import openai
+        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=TIMEOUT)
+
+    def test_chat_exact_streamed_and_not(self):
+        client = self.client()
+        for prompt, answer in (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
+                               ("hindi please", HINDI)):
+            reply = client.chat.completions.create(
+                model="param-1", messages=[{"role": "user", "content": prompt}])
+            message = reply.choices[0].message
+            self.assertEqual((message.content, message.model_extra["reasoning_content"]),
+                             (answer, thought_of(prompt)))
+            self.assertEqual((reply.choices[0].finish_reason, reply.id[:9]), ("stop", "chatcmpl-"))
+            self.assertEqual(reply.usage.total_tokens,
+                             reply.usage.prompt_tokens + reply.usage.completion_tokens)
+            chunks = list(client.chat.completions.create(
+                model="param-1", messages=[{"role": "user", "content": prompt}], stream=True,
+                stream_options={"include_usage": True}))
+            self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), answer)
+            self.assertEqual([c.choices[0].delta.role for c in chunks if c.choices][:2], ["assistant", None])
+            self.assertEqual(sum(1 for c in chunks if c.choices and c.choices[0].finish_reason), 1)
+            self.assertEqual((chunks[-1].choices, chunks[-1].usage.total_tokens > 0), ([], True))
+            self.assertTrue(all(c.usage is None for c in chunks[:-1]))
+
+    def test_stream_helper_merges_deltas_cleanly(self):
+        with self.client().chat.completions.stream(
+                model="param-1", messages=[{"role": "user", "content": "hindi please"}]) as stream:
+            for _ in stream:
+                pass
+            final = stream.get_final_completion()
+        self.assertEqual((final.choices[0].message.content, final.choices[0].message.role),
+                         (HINDI, "assistant"))
+
+    def test_request_fields(self):
+        client = self.client()
+        reply = client.chat.completions.create(
+            model="param-1", max_completion_tokens=20, n=2, stop=["doing"], seed=1, user="u",
+            messages=[{"role": "developer", "content": "Dev."},
+                      {"role": "user", "content": [{"type": "text", "text": "Say hello"}]}])
+        self.assertEqual([(c.index, c.message.content) for c in reply.choices],
+                         [(0, "Hello! How are you "), (1, "Hello! How are you ")])
+        self.assertEqual(self.demo.calls[-1][2], "Dev.")
+        reply = client.chat.completions.create(model="param-1", max_completion_tokens=20,
+                                               messages=[{"role": "user", "content": "params"}],
+                                               extra_body={"top_k": 7})
+        self.assertEqual(reply.choices[0].message.content,
+                         "PARAMS temperature=0.7 max_tokens=20 top_p=0.95 top_k=7")
+
+    def test_errors_raise_the_sdk_exceptions(self):
+        import openai
+        client = self.client()
+        with self.assertRaises(openai.BadRequestError) as cm:
+            client.chat.completions.create(model="param-1", temperature=5,
+                                           messages=[{"role": "user", "content": "x"}])
+        self.assertEqual((cm.exception.status_code, cm.exception.param, cm.exception.code),
+                         (400, "temperature", "invalid_value"))
+        with self.assertRaises(openai.BadRequestError) as cm:
+            client.chat.completions.create(model="param-1", messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}])
+        self.assertEqual(cm.exception.code, "unsupported_content_type")
+        with self.assertRaises(openai.NotFoundError) as cm:
+            client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "x"}])
+        self.assertEqual(cm.exception.code, "model_not_found")
+        with self.assertRaises(openai.AuthenticationError):
+            self.client("sk-wrong").models.list()
+        with self.assertRaises(openai.InternalServerError) as cm:
+            client.chat.completions.create(model="param-1", messages=[{"role": "user", "content": "[[error]]"}])
+        self.assertEqual(cm.exception.status_code, 502)
+        self.assertIn("Model is overloaded, try again", cm.exception.message)
+        with self.assertRaises(openai.APIError) as cm:
+            for _ in client.chat.completions.create(model="param-1", stream=True, messages=[
+                    {"role": "user", "content": "[[fail-midstream]]"}]):
+                pass
+        self.assertEqual(cm.exception.message, "the Gradio app reported an error: error after output began")
+
+    def test_models_completions_and_embeddings(self):
+        import openai
+        client = self.client()
+        self.assertEqual([m.id for m in client.models.list()], ["param-1"])
+        self.assertEqual(client.models.retrieve("param-1").owned_by, "bharatgen")
+        self.assertEqual(client.completions.create(model="param-1", prompt="Say hello").choices[0].text, HELLO)
+        self.assertEqual("".join(c.choices[0].text for c in client.completions.create(
+            model="param-1", prompt="Say hello", stream=True) if c.choices), HELLO)
+        with self.assertRaises(openai.NotFoundError):
+            client.embeddings.create(model="param-1", input="x")
+
+    def test_responses_api(self):
+        import openai
+        client = self.client()
+        resp = client.responses.create(model="param-1", input="Say hello", instructions="Be kind.")
+        self.assertEqual((resp.output_text, resp.status), (HELLO, "completed"))
+        self.assertEqual(self.demo.calls[-1][2], "Be kind.")
+        events = list(client.responses.create(model="param-1", input=[
+            {"role": "user", "content": [{"type": "input_text", "text": "hindi please"}]}], stream=True))
+        self.assertEqual("".join(e.delta for e in events if e.type == "response.output_text.delta"), HINDI)
+        self.assertEqual((events[0].type, events[-1].type), ("response.created", "response.completed"))
+        with client.responses.stream(model="param-1", input="show formatting") as stream:
+            for _ in stream:
+                pass
+            self.assertEqual(stream.get_final_response().output_text, bg._DEMO_FORMATTING)
+        with self.assertRaises(openai.APIError):
+            for _ in client.responses.create(model="param-1", input="[[fail-midstream]]", stream=True):
+                pass
+
+    def test_async_client(self):
+        import openai
+
+        async def run():
+            client = openai.AsyncOpenAI(base_url=self.base_url, api_key="sk-test", max_retries=0,
+                                        timeout=TIMEOUT)
+            reply = await client.chat.completions.create(
+                model="param-1", messages=[{"role": "user", "content": "show formatting"}])
+            stream = await client.chat.completions.create(
+                model="param-1", messages=[{"role": "user", "content": "show formatting"}], stream=True)
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            resp = await client.responses.create(model="param-1", input="hindi please")
+            try:
+                await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
+            except openai.NotFoundError as exc:
+                missing = exc.code
+            await client.close()
+            return reply.choices[0].message.content, "".join(parts), resp.output_text, missing
+        self.assertEqual(asyncio.run(run()), (bg._DEMO_FORMATTING, bg._DEMO_FORMATTING, HINDI,
+                                              "model_not_found"))
+
+
+@needs("langchain_openai")
+class LangChainTests(_RealClientBase):
+    def llm(self, **kwargs):
+        from langchain_openai import ChatOpenAI
+        return ChatOpenAI(base_url=self.base_url, api_key="sk-test", model="param-1",
+                          max_retries=0, timeout=TIMEOUT, **kwargs)
+
+    def test_invoke_stream_and_history(self):
+        from langchain_core.messages import AIMessage, HumanMessage, SystemMessage
+        llm = self.llm()
+        self.assertEqual(llm.invoke("Say hello").content, HELLO)
+        self.assertEqual("".join(c.content for c in llm.stream("hindi please")), HINDI)
+        reply = llm.invoke([SystemMessage("Be terse."), HumanMessage("Hi"), AIMessage("Hello!"),
+                            HumanMessage("tell me the history")])
+        history = self.demo.calls[-1][1]
+        self.assertEqual(history, [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                                   {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}])
+        self.assertEqual(reply.content, "SYSTEM=Be terse. | HISTORY=" + json.dumps(history, sort_keys=True))
+        self.assertEqual(self.llm(stop=["doing"], temperature=0.1).invoke("Say hello").content,
+                         "Hello! How are you ")
+
+
+def _param_app(gr):
+    """A real Gradio app with the Param app's signature and HTML (the demo's answers)."""
+    def chat_fn(message, history, system_prompt, temperature, max_tokens, top_p, top_k):
+        if "[[error]]" in message:
+            raise gr.Error("Model is overloaded, try again")
+        hist = [{"role": h["role"], "content": h["content"]} for h in history or []]
+        thought, answer = bg._demo_reply(message, hist, system_prompt,
+                                         [temperature, max_tokens, top_p, top_k])
+        chat = list(history or []) + [{"role": "user", "content": message}]
+        for text in bg._demo_html(thought, answer):
+            yield chat + [{"role": "assistant", "content": text}], ""
+
+    with gr.Blocks() as app:
+        chatbot = gr.Chatbot()
+        message = gr.Textbox()
+        system = gr.Textbox(value=bg.DEFAULT_SYSTEM_PROMPT)
+        sliders = [gr.Slider(0, 2, value=0.7), gr.Slider(1, 4096, value=1024, step=1),
+                   gr.Slider(0, 1, value=0.95), gr.Slider(1, 100, value=50, step=1)]
+        message.submit(chat_fn, [message, chatbot, system] + sliders, [chatbot, message],
+                       api_name="chat_fn_1")
+    return app
+
+
+@needs("gradio")
+class RealGradioTests(unittest.TestCase):
+    """The gateway in front of a real Gradio server running a Param-shaped app."""
+
+    @classmethod
+    def setUpClass(cls):
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        import gradio as gr
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        cls.app = _param_app(gr)
+        cls.app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                               quiet=True, show_error=True)
+        cls.url = "http://127.0.0.1:%d" % port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.app.close()
+
+    def test_discovery(self):
+        info = bg.GradioClient(self.url + "/gradio_api").discover()
+        self.assertEqual((info.prefix, info.endpoint, info.history_format, info.use_queue),
+                         ("/gradio_api", "chat_fn_1", "parts", True))
+        self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system", "temperature",
+                                                       "max_tokens", "top_p", "top_k"])
+
+    def test_text_history_and_errors_over_both_protocols(self):
+        messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}]
+        history = [{"content": [{"text": "Hi", "type": "text"}], "role": "user"},
+                   {"content": [{"text": "Hello!", "type": "text"}], "role": "assistant"}]
+        for protocol in ("queue", "call"):
+            gw = start_gateway(self, self.url, protocol=protocol, timeout=TIMEOUT)
+            for prompt, answer in (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
+                                   ("hindi please", HINDI),
+                                   ("tell me the history", "SYSTEM=Be terse. | HISTORY=" +
+                                    json.dumps(history, sort_keys=True))):
+                with self.subTest(protocol=protocol, prompt=prompt):
+                    conv = messages + [{"role": "user", "content": prompt}]
+                    status, _, body = chat(gw, conv)
+                    self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                                     (200, answer))
+                    self.assertEqual(streamed_text(sse_events(chat(gw, conv, stream=True)[2])), answer)
+            status, _, body = chat(gw, "[[error]]")
+            self.assertEqual((status, json.loads(body)["error"]["message"]),
+                             (502, "the Gradio app reported an error: Model is overloaded, try again"))
+
+
 class CLITests(unittest.TestCase):
     def test_help_and_version(self):
         out = io.StringIO()
