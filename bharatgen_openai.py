@@ -1003,6 +1003,13 @@ class GradioClient:
                 return
         conn.close()
 
+    def close(self) -> None:
+        """Close the keep-alive connections at rest."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+
     def _finish(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
         """Read a finished stream to its end (briefly), so its connection can be reused."""
         try:
@@ -1809,7 +1816,6 @@ class Config:
     grace: float = 30.0
     log_format: str = "text"
     demo: bool = False
-    demo_token_delay: float = 0.02
 
     @classmethod
     def load(cls, environ: Optional[Dict[str, str]] = None, **flags: Any) -> "Config":
@@ -1930,6 +1936,12 @@ class _Backend:
     @property
     def default_model(self) -> str:
         return next(iter(self.routes))
+
+    def close(self) -> None:
+        """Close every upstream client's idle connections."""
+        for route in self.routes.values():
+            for replica in route.pool.replicas:
+                replica.client.close()
 
     # -- models -------------------------------------------------------------------------
 
@@ -2327,14 +2339,15 @@ class BharatGenOpenAI:
                                   endpoint=endpoint, reasoning=reasoning,
                                   system_prompt=system_prompt, protocol=protocol)
         self.api_key = api_key
-        backend = _Backend(self.config)
+        backend = self._backend = _Backend(self.config)
         self.base_url = backend.routes[backend.default_model].pool.replicas[0].client.base_url
         self.chat = _Chat(backend)
         self.completions = _Completions(backend)
         self.models = _Models(backend)
 
     def close(self) -> None:
-        """Nothing to release (connections are per call); kept for openai parity."""
+        """Close the upstream connections kept alive between calls."""
+        self._backend.close()
 
     def __enter__(self) -> "BharatGenOpenAI":
         return self
@@ -2410,7 +2423,8 @@ class AsyncBharatGenOpenAI:
         self.models = _AsyncWrap(self._sync.models)
 
     async def close(self) -> None:
-        """Nothing to release; kept for openai parity."""
+        """Close the upstream connections kept alive between calls."""
+        self._sync.close()
 
     async def __aenter__(self) -> "AsyncBharatGenOpenAI":
         return self
@@ -3224,6 +3238,7 @@ class GatewayServer(_Server):
     def server_close(self) -> None:
         super().server_close()
         self.deadlines.close()
+        self.backend.close()
 
 
 ###############################################################################
@@ -4025,6 +4040,7 @@ def _cmd_info(args: Any) -> int:
         client = GradioClient(url, endpoint=config.endpoint, protocol=config.protocol,
                               timeout=config.timeout, connect_timeout=config.connect_timeout)
         info = client.discover()
+        client.close()
         print("app:            %s" % client.base_url)
         print("gradio:         %s, API at %s" % (info.version or "version unknown (no /config)",
                                                  info.prefix or "the root"))
@@ -4048,10 +4064,12 @@ def _cmd_info(args: Any) -> int:
 def _cmd_chat(args: Any) -> int:
     config = _config_from_args(args)
     demo = _start_demo(config, args.token_delay, sys.stderr) if args.demo or not config.upstream else None
+    cleanup: List[Callable[[], None]] = []
     try:
         client = BharatGenOpenAI(config.upstream[0], model=config.model, timeout=config.timeout,
                                  endpoint=config.endpoint, system_prompt=config.system_prompt,
                                  protocol=config.protocol)
+        cleanup.append(client.close)
         history: List[Dict[str, str]] = []
         if args.prompt:
             _chat_turn(client, history, " ".join(args.prompt), args)
@@ -4074,6 +4092,8 @@ def _cmd_chat(args: Any) -> int:
     except KeyboardInterrupt:
         return 130
     finally:
+        for close in cleanup:
+            close()
         if demo is not None:
             demo.stop()
 

@@ -427,6 +427,12 @@ class UrlTests(unittest.TestCase):
 
 # -- real sockets ---------------------------------------------------------------------------
 
+def gradio_client(test, *args, **kwargs):
+    client = bg.GradioClient(*args, **kwargs)
+    test.addCleanup(client.close)
+    return client
+
+
 def start_demo(test, **kwargs):
     demo = bg.DemoUpstream(**kwargs).start()
     test.addCleanup(demo.stop)
@@ -483,7 +489,7 @@ class GradioClientTests(unittest.TestCase):
 
     def test_discovers_prefix_and_history_format(self):
         for url in (self.demo.url, self.demo.url + "/gradio_api/"):
-            info = bg.GradioClient(url).discover()
+            info = gradio_client(self, url).discover()
             self.assertEqual((info.prefix, info.version, info.history_format, info.fn_index,
                               info.endpoint, info.use_queue),
                              ("/gradio_api", "6.31.0", "parts", 1, "chat_fn_1", True))
@@ -491,17 +497,17 @@ class GradioClientTests(unittest.TestCase):
     def test_connections_are_reused(self):
         for protocol in ("queue", "call"):
             demo = start_demo(self)
-            client = bg.GradioClient(demo.url, protocol=protocol)
+            client = gradio_client(self, demo.url, protocol=protocol)
             for _ in range(5):
                 self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
             self.assertEqual(demo.connections, 1, protocol)
 
     def test_hf_token_is_sent_as_a_bearer_token(self):
-        list(bg.GradioClient(self.demo.url, hf_token="hf_secret").stream("Say hello"))
+        list(gradio_client(self, self.demo.url, hf_token="hf_secret").stream("Say hello"))
         self.assertEqual(self.demo.auth_seen[-1], "Bearer hf_secret")
 
     def test_stream_yields_snapshots_ending_with_the_final_one(self):
-        snaps = list(bg.GradioClient(self.demo.url).stream("Say hello"))
+        snaps = list(gradio_client(self, self.demo.url).stream("Say hello"))
         self.assertTrue(all(not final for _, final, _ in snaps[:-1]) and snaps[-1][1])
         self.assertGreater(sum(1 for _, _, appended in snaps if appended), 3)   # queue diffs
         self.assertEqual(bg.clean_reply(snaps[-1][0]).answer, HELLO)
@@ -529,7 +535,7 @@ class GradioClientTests(unittest.TestCase):
         self.assertEqual(bg._reply_from_output("chat interface"), "chat interface")
 
     def test_errors(self):
-        client = bg.GradioClient(self.demo.url)
+        client = gradio_client(self, self.demo.url)
         with self.assertRaisesRegex(bg.UpstreamError, "Model is overloaded, try again"):
             list(client.stream("[[error]]"))
         with self.assertRaisesRegex(bg.UpstreamError, "failed without a message"):
@@ -539,17 +545,17 @@ class GradioClientTests(unittest.TestCase):
         with self.assertRaisesRegex(bg.UpstreamError, "malformed queue message: '{not json'"):
             list(client.stream("[[malformed]]"))
         with self.assertRaisesRegex(bg.UpstreamError, "malformed generating event"):
-            list(bg.GradioClient(self.demo.url, protocol="call").stream("[[malformed]]"))
+            list(gradio_client(self, self.demo.url, protocol="call").stream("[[malformed]]"))
         with self.assertRaisesRegex(bg.APIConnectionError, "ended the stream|dropped"):
             list(client.stream("[[drop]]"))
         with self.assertRaisesRegex(bg.UpstreamError, r"refused the call to /nope \(HTTP 500\)"):
-            list(bg.GradioClient(self.demo.url, endpoint="nope").stream("x"))
+            list(gradio_client(self, self.demo.url, endpoint="nope").stream("x"))
         with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.3s"):
-            list(bg.GradioClient(self.demo.url, timeout=0.3).stream("[[hang]]"))
+            list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[hang]]"))
         with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.2s"):
-            list(bg.GradioClient(self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
+            list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
         with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
-            list(bg.GradioClient(self.demo.url, timeout=0.3).stream("[[stall]]"))
+            list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
 
     def test_unreachable_app_is_a_connection_error(self):
         sock = socket.socket()
@@ -557,7 +563,7 @@ class GradioClientTests(unittest.TestCase):
         port = sock.getsockname()[1]
         sock.close()                                   # nothing listens there now
         with self.assertRaisesRegex(bg.APIConnectionError, "cannot reach the Gradio app"):
-            list(bg.GradioClient("http://127.0.0.1:%d" % port).stream("x"))
+            list(gradio_client(self, "http://127.0.0.1:%d" % port).stream("x"))
 
 
 class ReplayTests(unittest.TestCase):
@@ -916,6 +922,7 @@ class SDKTests(unittest.TestCase):
 
     @classmethod
     def tearDownClass(cls):
+        cls.client.close()
         cls.demo.stop()
 
     def test_create_stream_and_not(self):
@@ -941,7 +948,8 @@ class SDKTests(unittest.TestCase):
     def test_environment_fills_base_url(self):
         os.environ["BHARATGEN_BASE_URL"] = self.demo.url + "/gradio_api"
         self.addCleanup(os.environ.pop, "BHARATGEN_BASE_URL")
-        self.assertEqual(bg.BharatGenOpenAI().base_url, self.demo.url)
+        with bg.BharatGenOpenAI() as client:
+            self.assertEqual(client.base_url, self.demo.url)
 
     def test_async_client(self):
         async def run():
@@ -952,6 +960,7 @@ class SDKTests(unittest.TestCase):
                 messages=[{"role": "user", "content": "hindi please"}], stream=True)
             parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
             models = await client.models.list()
+            await client.close()
             return reply.choices[0].message.content, "".join(parts), models.data[0].id
         self.assertEqual(asyncio.run(run()), (HINDI, HINDI, "param-1"))
 
@@ -1003,7 +1012,7 @@ class VariantTests(unittest.TestCase):
 
     def test_discovery_of_each_variant(self):
         for variant, demo, gw in self.each_variant():
-            info = bg.GradioClient(demo.url).discover()
+            info = gradio_client(self, demo.url).discover()
             v, ci = variant["version"], variant.get("chat_interface", False)
             self.assertEqual(info.prefix, "" if v == 4 else "/gradio_api")
             self.assertEqual(info.use_queue, variant["queue"])
@@ -1347,7 +1356,7 @@ class FuzzTests(unittest.TestCase):
     fuzzer happened to build a valid request, a 200), never a 5xx or a silent close, and
     the server still answers a good request afterwards."""
 
-    COUNT = 1500
+    COUNT = 3000
 
     def test_malformed_requests(self):
         import random
@@ -1756,7 +1765,7 @@ class RealGradioTests(unittest.TestCase):
         cls.app.close()
 
     def test_discovery(self):
-        info = bg.GradioClient(self.url + "/gradio_api").discover()
+        info = gradio_client(self, self.url + "/gradio_api").discover()
         self.assertEqual((info.prefix, info.endpoint, info.history_format, info.use_queue),
                          ("/gradio_api", "chat_fn_1", "parts", True))
         self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system", "temperature",
@@ -1801,6 +1810,31 @@ class CLITests(unittest.TestCase):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             code = bg.main(["chat", "--upstream", demo.url, "hindi", "please"])
         self.assertEqual((code, out.getvalue()), (0, HINDI + "\n"))
+
+    def test_interactive_chat_keeps_history_and_resets(self):
+        demo = start_demo(self)
+        out, err, stdin = io.StringIO(), io.StringIO(), io.StringIO(
+            "Say hello\ntell me the history\n/reset\ntell me the history\n/exit\n")
+        old, sys.stdin = sys.stdin, stdin
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = bg.main(["chat", "--upstream", demo.url])
+        finally:
+            sys.stdin = old
+        history = [{"content": [{"text": "Say hello", "type": "text"}], "role": "user"},
+                   {"content": [{"text": HELLO, "type": "text"}], "role": "assistant"}]
+        system = bg.DEFAULT_SYSTEM_PROMPT
+        self.assertEqual((code, out.getvalue()), (0, (
+            ">>> %s\n>>> SYSTEM=%s | HISTORY=%s\n>>> >>> SYSTEM=%s | HISTORY=[]\n>>> "
+            % (HELLO, system, json.dumps(history, sort_keys=True), system))))
+        self.assertIn("(conversation forgotten)", err.getvalue())
+
+    def test_chat_shows_the_reasoning_when_asked(self):
+        demo = start_demo(self)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            bg.main(["chat", "--upstream", demo.url, "--show-reasoning", "Say hello"])
+        self.assertEqual(out.getvalue(), "[thinking] %s\n\n%s\n" % (thought_of("Say hello"), HELLO))
 
     def test_info_prints_what_was_found(self):
         demo = start_demo(self)
