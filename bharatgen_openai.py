@@ -1839,15 +1839,15 @@ class Config:
 
     @staticmethod
     def _parse(f: "dataclasses.Field[Any]", raw: str, name: str) -> Any:
-        kind = str(f.type)
+        kind = str(f.type)                  # "<class 'int'>", "typing.Optional[float]", ...
         try:
             if "List" in kind:
                 return _split_list(raw)
-            if kind in ("bool", "<class 'bool'>"):
+            if "bool" in kind:
                 return raw.strip().lower() in ("1", "true", "yes", "on")
-            if kind in ("int", "<class 'int'>"):
+            if "int" in kind:
                 return int(raw)
-            if kind in ("float", "<class 'float'>"):
+            if "float" in kind:
                 return float(raw)
         except ValueError:
             raise ValueError("%s=%r is not a valid %s" % (name, raw, kind)) from None
@@ -2926,7 +2926,8 @@ class _GatewayHandler(_BaseHandler):
         try:
             path, methods, model_id = self._route()
             route = path if not model_id else "/v1/models/{id}"
-            if self.command not in methods:
+            method = "GET" if self.command == "HEAD" else self.command
+            if method not in methods:
                 self.close_connection = self.command not in ("GET", "HEAD", "OPTIONS")
                 raise MethodNotAllowedError("%s is not allowed on %s; use %s"
                                             % (self.command, path, ", ".join(methods)),
@@ -2940,7 +2941,7 @@ class _GatewayHandler(_BaseHandler):
                 if not slot:
                     raise ServerOverloadedError("the server is serving its limit of %d requests; "
                                                 "retry shortly" % srv.config.max_concurrent)
-            name = methods[self.command]
+            name = methods[method]
             if name == "get_model":
                 status = self._respond(srv.backend.model(model_id or ""))
             else:

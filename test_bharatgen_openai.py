@@ -359,6 +359,10 @@ class ConfigTests(unittest.TestCase):
         self.assertEqual(bg.Config.load({"BHARATGEN_UPSTREAM": "http://a, http://b"}).upstream,
                          ["http://a", "http://b"])
         self.assertEqual(bg.Config.load({}).model, "param-1")
+        c = bg.Config.load({"BHARATGEN_FIRST_EVENT_TIMEOUT": "2.5", "BHARATGEN_ALLOW_NO_AUTH": "yes",
+                            "BHARATGEN_MAX_CONCURRENT": "9", "BHARATGEN_CORS_ORIGINS": "*"})
+        self.assertEqual((c.first_event_timeout, c.allow_no_auth, c.max_concurrent, c.cors_origins),
+                         (2.5, True, 9, ["*"]))
 
     def test_bad_environment_values_are_reported(self):
         with self.assertRaisesRegex(ValueError, "BHARATGEN_TIMEOUT='soon' is not a valid"):
@@ -744,6 +748,8 @@ class GatewayTests(unittest.TestCase):
         self.assertEqual((status, json.loads(body)["id"]), (200, "param-1"))
         status, _, body = request(self.gw.url, "GET", "/health")
         self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
+        status, headers, body = request(self.gw.url, "HEAD", "/v1/models")
+        self.assertEqual((status, body, int(headers["Content-Length"]) > 50), (200, b"", True))
 
     def test_legacy_completions(self):
         status, _, body = request(self.gw.url, "POST", "/v1/completions",
