@@ -3688,8 +3688,8 @@ def _proc_stats(pid: Optional[int]) -> Tuple[float, float]:
         return float("nan"), float("nan")
 
 
-def _spawn(args: List[str], pattern: str, timeout: float = 30) -> Tuple[Any, str, float]:
-    """Run this file with ``args`` in a new process; ``(process, match, seconds to it)``.
+def _spawn(args: List[str], pattern: str, timeout: float = 30) -> Tuple[Any, str]:
+    """Run this file with ``args`` in a new process; ``(process, first group of pattern)``.
 
     Waits for ``pattern`` on its stderr, then keeps draining stderr so it never blocks.
     """
@@ -3705,9 +3705,8 @@ def _spawn(args: List[str], pattern: str, timeout: float = 30) -> Tuple[Any, str
         lines.append(line)
         m = re.search(pattern, line)
         if m:
-            took = time.monotonic() - started
             threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()
-            return proc, m.group(1), took
+            return proc, m.group(1)
     proc.kill()
     raise SystemExit("bench: %s did not start:\n%s" % (args[0], "".join(lines)[-2000:]))
 
@@ -3820,7 +3819,7 @@ def _fetch_text(url: str, timeout: float = 10) -> Tuple[int, str]:
         conn.close()
 
 
-_BENCH_ROW = "%5d %-6s %-8s %5d %7.2f %6.0fms %6.0fms %7.2fs %7.2fs %6d %6.2fs %5.0fMB %9.3f"
+_BENCH_ROW = "%5d %-6s %-8s %5d %7.2f %6.0fms %6.0fms %7.2fs %7.2fs %6d %7s %7s %9.3f"
 
 
 def _cmd_bench(args: Any) -> int:
@@ -3830,7 +3829,7 @@ def _cmd_bench(args: Any) -> int:
         if args.upstream:
             upstream = args.upstream[0]
         else:
-            proc, upstream, _ = _spawn(["demo", "--port", "0", "--token-delay",
+            proc, upstream = _spawn(["demo", "--port", "0", "--token-delay",
                                         str(args.token_delay)], r" at (http://\S+)")
             procs.append(proc)
         gateways: Dict[str, Tuple[str, Optional[int]]] = {}
@@ -3839,7 +3838,7 @@ def _cmd_bench(args: Any) -> int:
             if args.target:
                 return args.target.rstrip("/").rsplit("/v1", 1)[0], None
             if protocol not in gateways:
-                proc, url, _ = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
+                proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
                                        "--port", "0", "--protocol", protocol,
                                        "--max-concurrent", "100000"],
                                       r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
@@ -3857,7 +3856,7 @@ def _cmd_bench(args: Any) -> int:
         url, pid = gateway(args.protocol)
         direct = BharatGenOpenAI(upstream, protocol=args.protocol, timeout=args.timeout)
         direct_metrics = _Metrics()
-        for route in direct.chat.completions._backend.routes.values():
+        for route in direct._backend.routes.values():
             for replica in route.pool.replicas:
                 replica.client.metrics = direct_metrics
         header = ("%5s %-6s %-8s %5s %7s %8s %8s %8s %8s %6s %7s %7s %9s"
@@ -3877,8 +3876,8 @@ def _cmd_bench(args: Any) -> int:
                 d0 = direct_metrics.value("bharatgen_upstream_bytes_total")
                 d = _load(lambda: _direct_request(direct, prompt, stream), conc, n)
                 up_d = (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6
-                for name, r, extra in (("gateway", g, (cpu1 - cpu0, rss, up_gw)),
-                                       ("direct", d, (float("nan"), float("nan"), up_d))):
+                for name, r, extra in (("gateway", g, ("%.2fs" % (cpu1 - cpu0), "%.0fMB" % rss, up_gw)),
+                                       ("direct", d, ("-", "-", up_d))):
                     print(_BENCH_ROW % ((conc, mode, name, n, r["wall"],
                                          _percentile(r["ttft"], .5) * 1000,
                                          _percentile(r["ttft"], .95) * 1000,
@@ -3919,7 +3918,7 @@ def _cmd_bench(args: Any) -> int:
                                                 capture_output=True, text=True).stdout)
                            for _ in range(6)][1:]      # the first run writes the cache
             started = time.monotonic()
-            proc, gurl, _ = _spawn(["serve", "--upstream", upstream, "--port", "0"],
+            proc, gurl = _spawn(["serve", "--upstream", upstream, "--port", "0"],
                                    r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
             procs.append(proc)
             while _fetch_text(gurl + "/health")[0] != 200 and time.monotonic() - started < 10:
