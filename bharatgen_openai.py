@@ -766,6 +766,7 @@ class _AppInfo:
     fn_index: Optional[int] = None
     use_queue: bool = False
     send_state: bool = True
+    limits: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # role -> slider range
 
     @property
     def has_history(self) -> bool:
@@ -1108,10 +1109,14 @@ class GradioClient:
                                 "(protocol %r)" % (self.base_url, protocol or None))
         use_queue = queue_ok and self.protocol != "call"
         numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (6, 31)
+        props = {c.get("id"): c.get("props") for c in config.get("components") or []
+                 if isinstance(c, dict) and isinstance(c.get("props"), dict)}
+        dep_props = [props.get(i) or {} for i in dep.get("inputs") or []
+                     if types.get(i, "") != "state"]
         return _AppInfo(prefix=prefix, version=version, protocol=protocol, endpoint=endpoint,
                         history_format=self._history_format(parameters, major),
                         inputs=inputs, parameters=parameters, fn_index=fn_index,
-                        use_queue=use_queue,
+                        use_queue=use_queue, limits=self._limits(inputs, parameters, dep_props),
                         # /call wants placeholders for State inputs before Gradio 6.18
                         send_state=use_queue or numbers < (6, 18))
 
@@ -1156,6 +1161,29 @@ class GradioClient:
             roles = [("state", None) if t == "state" else next(it, ("state", None))
                      for t in dep_types]
         return roles
+
+    @staticmethod
+    def _limits(inputs: List[Tuple[str, Any]], parameters: List[Dict[str, Any]],
+                props: List[Dict[str, Any]]) -> Dict[str, Tuple[float, float]]:
+        """The range of each sampling slider: from ``/info`` ("numeric value between 1 and
+        8192"), else from the component's ``minimum``/``maximum`` in ``/config``."""
+        limits: Dict[str, Tuple[float, float]] = {}
+        roles = [role for role, _ in inputs if role != "state"]
+        for i, (role, p) in enumerate(zip(roles, parameters)):
+            if role not in ("temperature", "max_tokens", "top_p", "top_k"):
+                continue
+            kind = p.get("type") if isinstance(p.get("type"), dict) else {}
+            m = re.search(r"between\s+(-?[\d.]+(?:e[-+]?\d+)?)\s+and\s+(-?[\d.]+(?:e[-+]?\d+)?)",
+                          str(kind.get("description") or ""))
+            bounds = m.groups() if m else ((props[i].get("minimum"), props[i].get("maximum"))
+                                           if i < len(props) else (None, None))
+            try:
+                lo, hi = float(bounds[0]), float(bounds[1])   # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                continue
+            if lo <= hi:
+                limits[role] = (lo, hi)
+        return limits
 
     @staticmethod
     def _history_format(parameters: List[Dict[str, Any]], major: int) -> str:
@@ -1204,8 +1232,21 @@ class GradioClient:
                     data.append(None)
             else:
                 value = values.get(role)
+                if value is not None and role in info.limits:
+                    self._check_range(role, value, *info.limits[role])
                 data.append(default if value is None else value)
         return data
+
+    @staticmethod
+    def _check_range(name: str, value: float, lo: float, hi: float) -> None:
+        """A value outside the app's slider would fail there; say so before calling."""
+        if lo <= value <= hi:
+            return
+        raise BadRequestError("%s=%g is %s than this model accepts (%s %g)"
+                              % (name, value, "more" if value > hi else "less",
+                                 "at most" if value > hi else "at least",
+                                 hi if value > hi else lo),
+                              param=name, code="invalid_value")
 
     # -- calling ------------------------------------------------------------------------
 
@@ -1370,19 +1411,23 @@ class _Replica:
     down_until: float = 0.0
     failures: int = 0
     last_error: Optional[str] = None
+    busy: bool = False            # set aside because its queue was full, not unreachable
 
     def state(self) -> Dict[str, Any]:
         up = self.down_until <= time.monotonic()
-        return {"url": self.client.base_url, "status": "up" if up else "down",
+        return {"url": self.client.base_url,
+                "status": "up" if up else "busy" if self.busy else "down",
                 "failures": self.failures, "last_error": self.last_error}
 
 
 class _UpstreamPool:
     """Replicas of one model: round-robin over the healthy ones, retry before output.
 
-    A replica that cannot be reached, times out or is overloaded before any output is
-    marked down for a back-off period (doubling, capped) and the request moves to the
-    next one.  Once output has started, a failure is the client's to see.
+    A replica that cannot be reached or times out before any output is marked down for
+    a back-off period (doubling, capped); one whose queue is full is set aside as busy
+    for a second (it answers, so it does not make the gateway unhealthy).  Either way
+    the request moves to the next one.  Once output has started, a failure is the
+    client's to see.
     """
 
     def __init__(self, clients: Sequence[GradioClient], backoff: float = 5.0,
@@ -1414,12 +1459,18 @@ class _UpstreamPool:
         with self._lock:
             if error is None:
                 replica.failures, replica.down_until, replica.last_error = 0, 0.0, None
+                replica.busy = False
                 return
-            replica.failures += 1
             replica.last_error = error.message
-            delay = min(self.max_backoff, self.backoff * 2 ** (replica.failures - 1))
+            replica.busy = isinstance(error, UpstreamOverloadedError)
+            if replica.busy:
+                delay = min(self.backoff, 1.0)
+            else:
+                replica.failures += 1
+                delay = min(self.max_backoff, self.backoff * 2 ** (replica.failures - 1))
             replica.down_until = time.monotonic() + delay
-        _log.warning("upstream %s marked down for %.0fs: %s", replica.client.base_url, delay,
+        _log.warning("upstream %s %s for %.0fs: %s", replica.client.base_url,
+                     "set aside as busy" if replica.busy else "marked down", delay,
                      error.message)
 
     def stream(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, bool, bool]]:
@@ -1576,6 +1627,7 @@ class _Sampling:
     max_tokens: Optional[int] = None
     stop: List[str] = field(default_factory=list)
     n: int = 1
+    max_tokens_param: str = "max_tokens"        # the name the client used for it
 
 
 _IGNORED_NUMBERS = (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
@@ -1591,7 +1643,7 @@ def _sampling(body: Dict[str, Any], max_tokens_names: Sequence[str]) -> _Samplin
     for name in max_tokens_names:                 # later names win (max_completion_tokens)
         value = _number(body, name, 1, 1 << 20, integer=True)
         if value is not None:
-            s.max_tokens = int(value)
+            s.max_tokens, s.max_tokens_param = int(value), name
     n = _number(body, "n", 1, 16, integer=True)
     s.n = int(n) if n is not None else 1
     stop = body.get("stop")
@@ -1675,9 +1727,16 @@ class _Generation:
 
     def _choice(self, index: int) -> Iterator[_Piece]:
         s = self.sampling
-        upstream = self.client.stream(
-            self.conv.message, self.conv.history, system_prompt=self.system,
-            temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p, top_k=s.top_k)
+        try:
+            upstream = self.client.stream(
+                self.conv.message, self.conv.history, system_prompt=self.system,
+                temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p,
+                top_k=s.top_k)
+        except BadRequestError as exc:      # name max_tokens as the client did
+            if exc.param == "max_tokens" and s.max_tokens_param != "max_tokens":
+                raise BadRequestError(s.max_tokens_param + exc.message[len("max_tokens"):],
+                                      param=s.max_tokens_param, code=exc.code) from None
+            raise
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
         try:
             for html_text, final, appended in upstream:
@@ -1959,9 +2018,9 @@ class _Backend:
                             param="model", code="model_not_found")
 
     def health(self) -> Tuple[bool, Dict[str, Any]]:
-        """``(ok, report)``: ok while every model has at least one replica up."""
+        """``(ok, report)``: ok while every model has a replica up (or only busy)."""
         report = {r.id: r.pool.states() for r in self.routes.values()}
-        ok = all(any(s["status"] == "up" for s in states) for states in report.values())
+        ok = all(any(s["status"] != "down" for s in states) for states in report.values())
         return ok, report
 
     def _route(self, body: Dict[str, Any]) -> _ModelRoute:
@@ -3266,6 +3325,8 @@ _LATENCY = ("</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; bor
             "solid #eee; margin-top:8px; padding-top:4px'>⏱️ Latency: %.2fs | Processing "
             "time: %.2fs</div>")
 _DEMO_VERSIONS = {4: "4.44.1", 5: "5.50.0", 6: "6.31.0"}
+_DEMO_SLIDERS = {"temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1),
+                 "top_k": (1, 100)}      # the Param app's slider ranges
 
 
 def _demo_reply(message: str, history: Any, system: Any, params: Sequence[Any]) -> Tuple[str, str]:
@@ -3475,8 +3536,23 @@ class DemoUpstream(_Server):
                 "api_prefix": self.prefix or None,
                 "protocol": "sse_v3" if self.queue else "sse_v1", "enable_queue": True,
                 "title": "bharatgen_openai demo upstream",
-                "components": [{"id": i, "type": t} for i, t, _, _ in inputs],
+                "components": [self._component(i, t, name, default)
+                               for i, t, name, default in inputs],
                 "dependencies": [other, dep]}
+
+    @staticmethod
+    def _component(cid: int, kind: str, name: str, default: Any) -> Dict[str, Any]:
+        props: Dict[str, Any] = {"label": name, "value": default}
+        if kind == "slider":
+            props["minimum"], props["maximum"] = _DEMO_SLIDERS[name]
+        return {"id": cid, "type": kind, "props": props}
+
+    @staticmethod
+    def _type(kind: str, name: str) -> Dict[str, Any]:
+        if kind == "slider":
+            return {"type": "number",
+                    "description": "numeric value between %g and %g" % _DEMO_SLIDERS[name]}
+        return {"type": "string"} if kind == "textbox" else {}
 
     def info_json(self) -> Dict[str, Any]:
         """What ``<prefix>/info`` answers: the endpoint's parameters (no State)."""
@@ -3484,7 +3560,8 @@ class DemoUpstream(_Server):
                    "component": {"textbox": "Textbox", "chatbot": "Chatbot",
                                  "slider": "Slider"}[kind],
                    "parameter_has_default": default is not None, "parameter_default": default,
-                   "type": {}, "python_type": {"type": "Any", "description": ""}}
+                   "type": self._type(kind, name),
+                   "python_type": {"type": "Any", "description": ""}}
                   for _, kind, name, default in self._inputs() if kind != "state"]
         endpoint = {"parameters": params, "returns": [{"component": "Chatbot"},
                                                      {"component": "Textbox"}]}
@@ -3494,6 +3571,18 @@ class DemoUpstream(_Server):
         return {"named_endpoints": named, "unnamed_endpoints": {}}
 
     # -- answering ----------------------------------------------------------------------
+
+    def _check_sliders(self, values: Dict[str, Any]) -> Optional[str]:
+        """Gradio 5 and later refuse a slider value outside its range."""
+        for name, (lo, hi) in _DEMO_SLIDERS.items():
+            value = values.get(name)
+            if self.version < 5 or not isinstance(value, (int, float)):
+                continue
+            if value > hi:
+                return "Value %s is greater than maximum value %s." % (value, hi)
+            if value < lo:
+                return "Value %s is less than minimum value %s." % (value, lo)
+        return None
 
     def _steps(self, job: _DemoJob) -> Iterator[Tuple[str, Any]]:
         """What the app does for a job: ``("output", value)`` updates, then ``("done", value)``,
@@ -3509,7 +3598,7 @@ class DemoUpstream(_Server):
         values = {name: data[i] for i, (_, _, name, _) in enumerate(layout) if name}
         message = values["message"] if isinstance(values["message"], str) else ""
         history = values.get("chat_history") or []
-        problem = self._check_history(history)
+        problem = self._check_history(history) or self._check_sliders(values)
         if problem:
             yield "error", problem
             return

@@ -498,6 +498,30 @@ class GradioClientTests(unittest.TestCase):
                               info.endpoint, info.use_queue),
                              ("/gradio_api", "6.31.0", "parts", 1, "chat_fn_1", True))
 
+    def test_slider_ranges_from_info_or_config(self):
+        self.assertEqual(gradio_client(self, self.demo.url).discover().limits, {
+            "temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1), "top_k": (1, 100)})
+        layout = [("message", None), ("state", None), ("max_tokens", 9), ("top_k", 5)]
+        params = [{"type": {"type": "string"}}, {"type": {"type": "number"}},
+                  {"type": {"description": "numeric value between 1 and 40"}}]
+        props = [{}, {"minimum": 16, "maximum": 4096}, {"minimum": "x"}]
+        self.assertEqual(bg.GradioClient._limits(layout, params, props),
+                         {"max_tokens": (16, 4096), "top_k": (1, 40)})
+        with self.assertRaises(bg.BadRequestError) as caught:
+            list(gradio_client(self, self.demo.url).stream("hi", top_p=1.5))
+        self.assertEqual((caught.exception.message, caught.exception.param),
+                         ("top_p=1.5 is more than this model accepts (at most 1)", "top_p"))
+        self.assertEqual(self.demo.calls, [])
+
+    def test_demo_refuses_slider_values_out_of_range_like_gradio(self):
+        client = gradio_client(self, self.demo.url)
+        info = client.discover()
+        info.limits.clear()          # as if the app had not said: Gradio itself refuses
+        with self.assertRaises(bg.UpstreamError) as caught:
+            list(client.stream("hi", max_tokens=9000))
+        self.assertEqual(caught.exception.message, "the Gradio app reported an error: "
+                         "Value 9000 is greater than maximum value 8192.")
+
     def test_connections_are_reused(self):
         for protocol in ("queue", "call"):
             demo = start_demo(self)
@@ -846,6 +870,26 @@ class GatewayErrorTests(unittest.TestCase):
                           413, "the request body has 200000 bytes; the limit is 10000",
                           code="request_too_large")
 
+    def test_values_outside_the_apps_sliders(self):
+        for stream in (False, True):
+            self.assert_error(chat(self.gw, "hi", stream, self.auth, max_tokens=8193), 400,
+                              "max_tokens=8193 is more than this model accepts (at most 8192)",
+                              param="max_tokens", code="invalid_value")
+            self.assert_error(chat(self.gw, "hi", stream, self.auth, max_completion_tokens=9000),
+                              400, "max_completion_tokens=9000 is more than this model accepts "
+                              "(at most 8192)", param="max_completion_tokens", code="invalid_value")
+            self.assert_error(chat(self.gw, "hi", stream, self.auth, top_k=101, n=2), 400,
+                              "top_k=101 is more than this model accepts (at most 100)",
+                              param="top_k", code="invalid_value")
+        self.assert_error(request(self.gw.url, "POST", "/v1/responses", {
+            "model": "param-1", "input": "hi", "max_output_tokens": 10000}, self.auth), 400,
+            "max_output_tokens=10000 is more than this model accepts (at most 8192)",
+            param="max_output_tokens", code="invalid_value")
+        status, _, body = chat(self.gw, "params", headers=self.auth, max_tokens=8192, top_k=100)
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, "PARAMS temperature=0.7 max_tokens=8192 top_p=0.95 top_k=100"))
+        self.assertEqual(request(self.gw.url, "GET", "/health")[0], 200)
+
     def test_unknown_model_route_and_method(self):
         self.assert_error(chat(self.gw, "hi", headers=self.auth, model="gpt-4"), 404,
                           "The model 'gpt-4' does not exist; this server serves 'param-1'",
@@ -1116,6 +1160,14 @@ class ReplicaTests(unittest.TestCase):
         status, _, body = chat(gw, "[[busy]] hello")
         self.assertEqual((status, json.loads(body)["error"]["code"]), (503, "upstream_overloaded"))
         self.assertEqual(len(a.calls) + len(b.calls), 0)     # both were tried, both refused
+        status, _, body = request(gw.url, "GET", "/health")   # busy, not down: still healthy
+        states = json.loads(body)["models"]["param-1"]
+        self.assertEqual((status, [(s["status"], s["failures"]) for s in states]),
+                         (200, [("busy", 0), ("busy", 0)]))
+        reply = json.loads(chat(gw, "Say hello")[2])   # busy replicas are still tried
+        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        self.assertEqual([s["status"] for s in json.loads(request(gw.url, "GET", "/health")[2])
+                          ["models"]["param-1"]].count("up"), 1)
 
     def test_models_file_declares_several_models(self):
         import tempfile
@@ -1681,6 +1733,18 @@ class OpenAISDKTests(_RealClientBase):
         with self.assertRaises(openai.APIError):
             for _ in client.responses.create(model="param-1", input="[[fail-midstream]]", stream=True):
                 pass
+        # a conversation carried on by sending the SDK's own output items back
+        items = [{"role": "user", "content": "Say hello"}]
+        items += [o.model_dump(exclude_none=True) for o in resp.output]
+        items.append({"role": "user", "content": [{"type": "input_text", "text": "tell me the history"}]})
+        resp = client.responses.create(model="param-1", input=items, instructions="Be terse.")
+        history = [{"role": r, "content": [{"type": "text", "text": t}]}
+                   for r, t in (("user", "Say hello"), ("assistant", HELLO))]
+        self.assertEqual(self.demo.calls[-1][:3], ["tell me the history", history, "Be terse."])
+        self.assertEqual(resp.output_text, "SYSTEM=Be terse. | HISTORY=" + json.dumps(history, sort_keys=True))
+        with self.assertRaises(openai.BadRequestError) as caught:
+            client.responses.create(model="param-1", input="hi", max_output_tokens=9000)
+        self.assertEqual(caught.exception.body["param"], "max_output_tokens")
 
     def test_async_client(self):
         import openai
@@ -1726,17 +1790,48 @@ class LangChainTests(_RealClientBase):
                          "Hello! How are you ")
 
 
-def _param_app(gr):
-    """A real Gradio app with the Param app's signature and HTML (the demo's answers)."""
+def _free_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def _param_app(gr, outcomes=None):
+    """A real Gradio app with the Param app's signature and HTML (the demo's answers).
+
+    ``outcomes`` gets ``(message, "completed" or "cancelled", snapshots sent)``; a message
+    with "slowly" waits 20 ms before each snapshot.
+    """
     def chat_fn(message, history, system_prompt, temperature, max_tokens, top_p, top_k):
         if "[[error]]" in message:
-            raise gr.Error("Model is overloaded, try again")
+            raise error("Model is overloaded, try again")
         hist = [{"role": h["role"], "content": h["content"]} for h in history or []]
         thought, answer = bg._demo_reply(message, hist, system_prompt,
                                          [temperature, max_tokens, top_p, top_k])
         chat = list(history or []) + [{"role": "user", "content": message}]
-        for text in bg._demo_html(thought, answer):
-            yield chat + [{"role": "assistant", "content": text}], ""
+        sent = 0
+        try:
+            for text in bg._demo_html(thought, answer):
+                if "slowly" in message:
+                    time.sleep(0.02)
+                sent += 1
+                yield chat + [{"role": "assistant", "content": text}], ""
+                if "[[fail-midstream]]" in message and sent == len(thought.split()) + 4:
+                    raise error("the GPU went away")
+            if outcomes is not None:
+                outcomes.append((message, "completed", sent))
+        except GeneratorExit:                   # Gradio cancelled the job
+            if outcomes is not None:
+                outcomes.append((message, "cancelled", sent))
+            raise
+
+    def error(message):                         # without a printed traceback where possible
+        try:
+            return gr.Error(message, print_exception=False)
+        except TypeError:
+            return gr.Error(message)
 
     with gr.Blocks() as app:
         chatbot = gr.Chatbot()
@@ -1749,6 +1844,15 @@ def _param_app(gr):
     return app
 
 
+def _launch(test, gr, app, **queue):
+    """Launch a Gradio app on a free loopback port; its URL."""
+    port = _free_port()
+    app.queue(**queue).launch(server_name="127.0.0.1", server_port=port,
+                              prevent_thread_lock=True, quiet=True, show_error=True)
+    test.addCleanup(app.close)
+    return "http://127.0.0.1:%d" % port
+
+
 @needs("gradio")
 class RealGradioTests(unittest.TestCase):
     """The gateway in front of a real Gradio server running a Param-shaped app."""
@@ -1757,11 +1861,16 @@ class RealGradioTests(unittest.TestCase):
     def setUpClass(cls):
         os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         import gradio as gr
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        cls.app = _param_app(gr)
+        import warnings
+        # Gradio's queue warns about pandas on every job, and its launch leaves event
+        # loops to the garbage collector: warnings that are not ours
+        cls.warnings = warnings.catch_warnings()
+        cls.warnings.__enter__()
+        warnings.filterwarnings("ignore", module=r"gradio\.")
+        warnings.filterwarnings("ignore", "unclosed event loop", ResourceWarning)
+        cls.gr, cls.outcomes = gr, []
+        cls.app = _param_app(gr, cls.outcomes)
+        port = _free_port()
         cls.app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
                                quiet=True, show_error=True)
         cls.url = "http://127.0.0.1:%d" % port
@@ -1769,6 +1878,20 @@ class RealGradioTests(unittest.TestCase):
     @classmethod
     def tearDownClass(cls):
         cls.app.close()
+        import gc
+        gc.collect()                            # those event loops, under the filters
+        cls.warnings.__exit__(None, None, None)
+
+    def gateways(self):
+        for protocol in ("queue", "call"):
+            with self.subTest(protocol=protocol):
+                yield start_gateway(self, self.url, protocol=protocol, timeout=TIMEOUT)
+
+    def wait_for_outcome(self):
+        deadline = time.monotonic() + 5
+        while not self.outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return [o[:2] for o in self.outcomes]
 
     def test_discovery(self):
         info = gradio_client(self, self.url + "/gradio_api").discover()
@@ -1776,27 +1899,94 @@ class RealGradioTests(unittest.TestCase):
                          ("/gradio_api", "chat_fn_1", "parts", True))
         self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system", "temperature",
                                                        "max_tokens", "top_p", "top_k"])
+        self.assertEqual(info.limits, {"temperature": (0, 2), "max_tokens": (1, 4096),
+                                       "top_p": (0, 1), "top_k": (1, 100)})
 
     def test_text_history_and_errors_over_both_protocols(self):
         messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
                     {"role": "assistant", "content": "Hello!"}]
         history = [{"content": [{"text": "Hi", "type": "text"}], "role": "user"},
                    {"content": [{"text": "Hello!", "type": "text"}], "role": "assistant"}]
-        for protocol in ("queue", "call"):
-            gw = start_gateway(self, self.url, protocol=protocol, timeout=TIMEOUT)
+        for gw in self.gateways():
             for prompt, answer in (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
                                    ("hindi please", HINDI),
                                    ("tell me the history", "SYSTEM=Be terse. | HISTORY=" +
                                     json.dumps(history, sort_keys=True))):
-                with self.subTest(protocol=protocol, prompt=prompt):
+                with self.subTest(prompt=prompt):
                     conv = messages + [{"role": "user", "content": prompt}]
                     status, _, body = chat(gw, conv)
                     self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
                                      (200, answer))
                     self.assertEqual(streamed_text(sse_events(chat(gw, conv, stream=True)[2])), answer)
-            status, _, body = chat(gw, "[[error]]")
-            self.assertEqual((status, json.loads(body)["error"]["message"]),
-                             (502, "the Gradio app reported an error: Model is overloaded, try again"))
+            for stream in (False, True):
+                status, _, body = chat(gw, "[[error]]", stream)
+                self.assertEqual((status, json.loads(body)["error"]["message"]),
+                                 (502, "the Gradio app reported an error: Model is overloaded, "
+                                       "try again"))
+
+    def test_sampling_values_and_the_apps_slider_ranges(self):
+        for gw in self.gateways():
+            status, _, body = chat(gw, "params", temperature=0.2, max_tokens=4096, top_p=0.5, top_k=7)
+            self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                             (200, "PARAMS temperature=0.2 max_tokens=4096 top_p=0.5 top_k=7"))
+            status, _, body = chat(gw, "params", max_tokens=8192)
+            self.assertEqual((status, json.loads(body)), (400, {"error": {
+                "message": "max_tokens=8192 is more than this model accepts (at most 4096)",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}}))
+
+    def test_app_error_mid_stream(self):
+        message = "the Gradio app reported an error: the GPU went away"
+        full = bg._demo_reply("[[fail-midstream]]", [], None, [None] * 4)[1]
+        for gw in self.gateways():
+            status, _, body = chat(gw, "[[fail-midstream]]")
+            self.assertEqual((status, json.loads(body)["error"]["message"]), (502, message))
+            status, _, body = chat(gw, "[[fail-midstream]]", stream=True)
+            events = sse_events(body)
+            self.assertEqual((status, events[-2], events[-1]), (200, {"error": {
+                "message": message, "type": "upstream_error", "param": None,
+                "code": "upstream_error"}}, "[DONE]"))
+            text = streamed_text(events[:-2])
+            self.assertTrue(full.startswith(text) and text != full, text)
+
+    def test_full_queue_is_503(self):
+        url = _launch(self, self.gr, _param_app(self.gr), max_size=0)
+        for protocol in ("queue", "call"):
+            gw = start_gateway(self, url, protocol=protocol, timeout=TIMEOUT)
+            for stream in (False, True):
+                with self.subTest(protocol=protocol, stream=stream):
+                    status, headers, body = chat(gw, "Say hello", stream)
+                    self.assertEqual((status, headers.get("Retry-After"), json.loads(body)), (503, "1", {
+                        "error": {"message": "the Gradio app's queue is full; try again later",
+                                  "type": "upstream_error", "param": None,
+                                  "code": "upstream_overloaded"}}))
+
+    def test_stop_and_disconnect_cancel_the_gradio_job(self):
+        prompt = "300 words slowly"             # about 330 snapshots, 20 ms apart
+        for gw in self.gateways():
+            for stream in (False, True):
+                del self.outcomes[:]
+                status, _, body = chat(gw, prompt, stream, stop=["bilingual"])
+                text = (streamed_text(sse_events(body)) if stream
+                        else json.loads(body)["choices"][0]["message"]["content"])
+                self.assertEqual((status, text), (200, "Param is a "))
+                self.assertEqual(self.wait_for_outcome(), [(prompt, "cancelled")])
+                self.assertLess(self.outcomes[0][2], 150)
+            del self.outcomes[:]
+            conn = http.client.HTTPConnection(*gw.server_address[:2], timeout=TIMEOUT)
+            try:
+                conn.request("POST", "/v1/chat/completions", json.dumps({
+                    "model": "param-1", "stream": True,
+                    "messages": [{"role": "user", "content": prompt}]}),
+                    {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                self.assertEqual(resp.status, 200)
+                self.assertTrue(resp.read1(1000).startswith(b"data: "))
+                conn.sock.shutdown(socket.SHUT_RDWR)     # the client goes away mid-stream
+            finally:
+                conn.close()
+            self.assertEqual(self.wait_for_outcome(), [(prompt, "cancelled")])
+            status, _, body = chat(gw, "Say hello")            # the queue is free again
+            self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], HELLO)
 
 
 class CLITests(unittest.TestCase):
