@@ -897,11 +897,54 @@ def _apply_diff(value: Any, diff: List[Any]) -> Any:
     return value
 
 
+class _IdleWatch:
+    """Ends upstream reads that wait too long, so streaming sockets need no timeout.
+
+    A socket with a timeout costs a ``poll()`` before every read; a blocking one does
+    not.  Each watched stream notes when its current read began; one thread, alive
+    while there is something to watch, shuts the socket of a read waiting past its
+    limit, which ends that read at once.
+    """
+
+    def __init__(self, interval: float = 0.1) -> None:
+        self.interval = interval
+        self._streams: set = set()
+        self._lock = threading.Lock()
+        self._running = False
+
+    def watch(self, stream: "_EventStream") -> None:
+        with self._lock:
+            self._streams.add(stream)
+            if not self._running:
+                self._running = True
+                threading.Thread(target=self._run, daemon=True,
+                                 name="bharatgen-idle-watch").start()
+
+    def unwatch(self, stream: "_EventStream") -> None:
+        with self._lock:
+            self._streams.discard(stream)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.interval)
+            with self._lock:
+                if not self._streams:
+                    self._running = False
+                    return
+                streams = list(self._streams)
+            now = time.monotonic()
+            for stream in streams:
+                since = stream.reading_since
+                if since and now - since > stream.client.timeout:
+                    stream.expire()
+
+
 class _EventStream:
     """The SSE events of one upstream response, under the first-output and idle timeouts.
 
     Until :meth:`output_started`, the whole wait is bounded by ``first_event_timeout``
-    (heartbeats do not extend it); after, each silence by ``timeout``.
+    (heartbeats do not extend it), with socket timeouts; after, each silence by
+    ``timeout``, kept by the client's :class:`_IdleWatch` while the socket blocks.
     """
 
     def __init__(self, client: "GradioClient", conn: http.client.HTTPConnection,
@@ -909,22 +952,47 @@ class _EventStream:
         self.client, self.conn, self.resp = client, conn, resp
         self.deadline = time.monotonic() + client.first_event_timeout
         self.started = False
+        self.bytes = 0         # counted here, added to the shared metrics once at the end
+        self.reading_since = 0.0          # when the read under way began (0: none)
+        self.expired = False
 
     def output_started(self) -> None:
         if not self.started:
             self.started = True
             if self.conn.sock is not None:
-                self.conn.sock.settimeout(self.client.timeout)
+                self.conn.sock.settimeout(None)
+                self.client._idle_watch.watch(self)
+
+    def expire(self) -> None:
+        """Called by the watch: end the read that waited too long."""
+        self.expired = True
+        try:
+            if self.conn.sock is not None:
+                self.conn.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def _read(self) -> bytes:
-        if not self.started and self.conn.sock is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
+        if not self.started:
+            if self.conn.sock is not None:
+                left = self.deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout()
+                self.conn.sock.settimeout(min(self.client.timeout, left))
+            block = self.resp.read1(65536)
+        else:
+            self.reading_since = time.monotonic()
+            try:
+                block = self.resp.read1(65536)
+            except (OSError, http.client.HTTPException):
+                if self.expired:
+                    raise socket.timeout() from None
+                raise
+            finally:
+                self.reading_since = 0.0
+            if self.expired:
                 raise socket.timeout()
-            self.conn.sock.settimeout(min(self.client.timeout, left))
-        block = self.resp.read1(65536)
-        if self.client.metrics is not None:
-            self.client.metrics.inc("bharatgen_upstream_bytes_total", len(block))
+        self.bytes += len(block)
         return block
 
     def __iter__(self) -> Iterator[Tuple[str, str]]:
@@ -940,6 +1008,12 @@ class _EventStream:
             raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
         except (OSError, http.client.HTTPException) as exc:
             raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
+        finally:
+            if self.started:
+                self.client._idle_watch.unwatch(self)
+            if self.client.metrics is not None and self.bytes:
+                self.client.metrics.inc("bharatgen_upstream_bytes_total", self.bytes)
+                self.bytes = 0
 
 
 class GradioClient:
@@ -978,6 +1052,7 @@ class GradioClient:
         self._lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._idle: List[http.client.HTTPConnection] = []     # keep-alive connections at rest
+        self._idle_watch = _IdleWatch()
         self.metrics: Optional[Any] = None       # a server's _Metrics, counting bytes read
 
     def __repr__(self) -> str:
@@ -2836,6 +2911,47 @@ def _json_body(raw: bytes) -> Any:
         raise _bad("could not parse the JSON body: %s" % exc, None, "invalid_json") from None
 
 
+class _ChunkEncoder:
+    """The SSE bytes of one stream's chat chunks, with a fast path for the common one.
+
+    Most chunks carry only a piece of content (or of reasoning) for one choice; their
+    bytes around the text are rendered once, by the general path, and reused, so each
+    such chunk costs one JSON string encoding instead of building and encoding a dict.
+    """
+
+    _MARK = "\x00bharatgen-text\x00"
+
+    def __init__(self, finish: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
+        self.finish = finish              # last touches to the dict (renaming a field)
+        self._around: Dict[Tuple[Any, ...], Tuple[bytes, bytes]] = {}
+
+    def _general(self, chunk: "ChatCompletionChunk") -> bytes:
+        return _sse(self.finish(chunk.to_dict()))
+
+    def __call__(self, chunk: "ChatCompletionChunk") -> bytes:
+        if chunk.usage is not None or len(chunk.choices) != 1:
+            return self._general(chunk)
+        choice = chunk.choices[0]
+        delta = choice.delta
+        if choice.finish_reason is not None or choice.logprobs is not None or delta.role:
+            return self._general(chunk)
+        if delta.reasoning_content is None and delta.content:
+            name, text = "content", delta.content
+        elif delta.content is None and delta.reasoning_content:
+            name, text = "reasoning_content", delta.reasoning_content
+        else:
+            return self._general(chunk)
+        key = (chunk.id, chunk.created, chunk.model, chunk.system_fingerprint, choice.index, name)
+        around = self._around.get(key)
+        if around is None:
+            probe = dataclasses.replace(chunk, choices=[dataclasses.replace(
+                choice, delta=ChoiceDelta(**{name: self._MARK}))])
+            mark = _COMPACT_JSON.encode(self._MARK).encode("utf-8")
+            before, _, after = self._general(probe).partition(mark)
+            around = self._around[key] = (before, after)
+        return b"%s%s%s" % (around[0], _COMPACT_JSON.encode(text).encode("utf-8"), around[1])
+
+
 class _GatewayHandler(_BaseHandler):
     """Serves the OpenAI routes; one instance per connection."""
 
@@ -3103,8 +3219,8 @@ class _GatewayHandler(_BaseHandler):
         result = self.server.backend.chat(self._request_json())
         if isinstance(result, ChatCompletion):
             return self._respond(self._rename_reasoning(result.to_dict()))
-        return self._stream((_sse(self._rename_reasoning(c.to_dict())) for c in result),
-                            result, done=True)
+        encode = _ChunkEncoder(self._rename_reasoning)
+        return self._stream((encode(c) for c in result), result, done=True)
 
     def _op_completions(self) -> int:
         result = self.server.backend.completions(self._request_json())
@@ -3807,6 +3923,9 @@ def _percentile(values: List[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+_FIRST_CONTENT = re.compile(rb'"content":"[^"]')     # a chunk with answer text in it
+
+
 def _gateway_request(url: str, model: str, prompt: str, stream: bool,
                      timeout: float) -> Tuple[float, float]:
     """One chat completion through a gateway: (seconds to the first answer text, total)."""
@@ -3824,15 +3943,18 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool,
             resp.read()
             total = time.monotonic() - started
             return total, total
-        ttft = None
-        for line in iter(resp.readline, b""):
-            if ttft is None and line.startswith(b"data: {") and b'"content":"' in line \
-                    and b'"content":""' not in line:
-                ttft = time.monotonic() - started
-            if line.startswith(b"data: [DONE]"):
+        ttft, seen = None, b""
+        while True:                   # whole blocks, not lines: the load stays light
+            block = resp.read1(65536)
+            if not block:
                 break
-            if line.startswith(b'data: {"error"'):
-                raise RuntimeError(line[:200].decode("utf-8", "replace"))
+            if ttft is None:
+                seen = seen[-64:] + block
+                if _FIRST_CONTENT.search(seen):
+                    ttft = time.monotonic() - started
+            if b'data: {"error"' in block:
+                raise RuntimeError(block[block.index(b'data: {"error"'):][:200].decode(
+                    "utf-8", "replace"))
         total = time.monotonic() - started
         return (total if ttft is None else ttft), total
     finally:

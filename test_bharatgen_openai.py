@@ -348,6 +348,33 @@ class ObjectTests(unittest.TestCase):
             reasoning_content="r"))])
         self.assertEqual(chunk.to_dict()["choices"][0]["delta"], {"reasoning_content": "r"})
 
+    def test_chunk_encoder_fast_path_gives_the_same_bytes(self):
+        def rename(obj):                  # as the gateway does for reasoning_field="reasoning"
+            for choice in obj["choices"]:
+                if "reasoning_content" in choice["delta"]:
+                    choice["delta"]["reasoning"] = choice["delta"].pop("reasoning_content")
+            return obj
+        texts = ["word ", "", "a\nb\t\"q\" \\ </script> & <b>", HINDI, "\u2028\x00\x1f é 🙏",
+                 "\x00bharatgen-text\x00"]
+        deltas = [bg.ChoiceDelta(role="assistant", content=""), bg.ChoiceDelta()]
+        deltas += [bg.ChoiceDelta(**{f: t}) for t in texts for f in ("content", "reasoning_content")]
+        deltas.append(bg.ChoiceDelta(content="c", reasoning_content="r"))
+        for finish in (lambda o: o, rename):
+            encode, seen = bg._ChunkEncoder(finish), 0
+            for _ in range(2):                           # the second round uses the templates
+                for index in (0, 1):
+                    for delta in deltas:
+                        for reason in (None, "stop"):
+                            chunk = bg.ChatCompletionChunk(id="chatcmpl-9", created=5, model="m",
+                                                           system_fingerprint="fp", choices=[
+                                bg.ChunkChoice(index=index, delta=delta, finish_reason=reason)])
+                            self.assertEqual(encode(chunk), bg._sse(finish(chunk.to_dict())))
+                            seen += 1
+            usage = bg.ChatCompletionChunk(id="chatcmpl-9", choices=[], usage=bg.CompletionUsage(1, 2, 3))
+            self.assertEqual(encode(usage), bg._sse(usage.to_dict()))
+            self.assertEqual(len(encode._around), 4)     # (choice, field) pairs seen
+            self.assertEqual(seen, 2 * 2 * len(deltas) * 2)
+
 
 class ConfigTests(unittest.TestCase):
     def test_flags_win_over_environment_over_defaults(self):
@@ -584,6 +611,23 @@ class GradioClientTests(unittest.TestCase):
             list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
         with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
             list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
+
+    def test_streaming_reads_block_and_the_idle_watch_ends_a_stall(self):
+        for protocol in ("queue", "call"):
+            client = gradio_client(self, self.demo.url, timeout=0.3, protocol=protocol)
+            updates = client.stream("[[stall]] Say hello")
+            next(updates)                             # output has started
+            sock = updates.gi_frame.f_locals["conn"].sock
+            self.assertIsNone(sock.gettimeout())      # no poll() before each read
+            started = time.monotonic()
+            with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
+                list(updates)
+            self.assertLess(time.monotonic() - started, 2)
+            self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
+        deadline = time.monotonic() + 2                 # the watch stops with nothing to watch
+        while any(t.name == "bharatgen-idle-watch" for t in threading.enumerate()):
+            self.assertLess(time.monotonic(), deadline)
+            time.sleep(0.05)
 
     def test_unreachable_app_is_a_connection_error(self):
         sock = socket.socket()
@@ -1999,6 +2043,19 @@ class CLITests(unittest.TestCase):
         proc = subprocess.run([sys.executable, "-m", "bharatgen_openai", "--version"], cwd=str(HERE),
                               capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(proc.stdout.strip(), "bharatgen_openai " + bg.__version__)
+
+    def test_bench_compares_the_gateway_with_direct_calls(self):
+        proc = subprocess.run([sys.executable, "bharatgen_openai.py", "bench", "--concurrency", "2",
+                               "--words", "5", "--token-delay", "0.001", "--mode", "both"],
+                              cwd=str(HERE), capture_output=True, text=True, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        rows = [line.split() for line in proc.stdout.splitlines() if line[:5].strip() == "2"]
+        self.assertEqual([(r[1], r[2]) for r in rows],
+                         [(m, p) for m in ("stream", "json") for p in ("gateway", "direct", "ratio")])
+        for r in rows:
+            if r[2] != "ratio":
+                self.assertEqual((r[3], r[9]), ("2", "0"))        # requests, errors
+        self.assertEqual(rows[0][12], rows[1][12])                 # upstream bytes per answer
 
     def test_chat_one_prompt_prints_the_answer(self):
         demo = start_demo(self)
