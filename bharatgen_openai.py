@@ -42,6 +42,7 @@ __all__ = [
     "Config", "GatewayServer", "DemoUpstream", "main",
 ]
 
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -205,7 +206,15 @@ UpstreamTimeout = APITimeoutError
 ###############################################################################
 
 def _iter_sse(read: Callable[[], bytes]) -> Iterator[Tuple[str, str]]:
-    """Yield ``(event, data)`` from a server-sent event stream, one event at a time.
+    """Yield ``(event, data)`` from a server-sent event stream, one event at a time."""
+    for batch in _iter_sse_batches(read):
+        yield from batch
+
+
+def _iter_sse_batches(read: Callable[[], bytes]) -> Iterator[List[Tuple[str, str]]]:
+    """Yield the ``(event, data)`` of a server-sent event stream in batches: all the
+    events complete in what has arrived so far, so a reader that fell behind can
+    catch up in one step.
 
     ``read`` returns the next bytes that arrived (any amount; ``b""`` at the end), so
     whole blocks are split here rather than line by line.  Follows the WHATWG rules that
@@ -218,22 +227,24 @@ def _iter_sse(read: Callable[[], bytes]) -> Iterator[Tuple[str, str]]:
         if not block:
             event = _sse_event(buf)
             if event is not None:
-                yield event
+                yield [event]
             return
         buf += block
         if b"\r" in buf:                 # a "\r" at the very end waits for its "\n"
             buf = buf.replace(b"\r\n", b"\n")
-        start = 0
+        start, batch = 0, []
         while True:
             end = buf.find(b"\n\n", start)
             if end < 0:
                 break
             event = _sse_event(buf[start:end])
             if event is not None:
-                yield event
+                batch.append(event)
             start = end + 2
         if start:
             buf = buf[start:]
+        if batch:
+            yield batch
 
 
 def _sse_event(raw: bytes) -> Optional[Tuple[str, str]]:
@@ -857,6 +868,19 @@ def _is_append_to(diffs: Any, path: List[Any]) -> bool:
             and not any(diffs[1:]))
 
 
+def _is_update(msg: Any) -> bool:
+    """True for a queue message with output data (``process_generating``)."""
+    return (isinstance(msg, dict) and msg.get("msg") == "process_generating"
+            and isinstance(msg.get("output"), dict))
+
+
+def _is_success(msg: Any) -> bool:
+    """True for a queue message that ends the job with its output."""
+    return (isinstance(msg, dict) and msg.get("msg") == "process_completed"
+            and msg.get("success", True) is not False and isinstance(msg.get("output"), dict)
+            and msg["output"].get("error") is None and msg["output"].get("data") is not None)
+
+
 def _upstream_error_message(payload: Any) -> str:
     """The message of a Gradio error (``/call`` event data or queue output)."""
     if isinstance(payload, dict):
@@ -955,6 +979,9 @@ class _EventStream:
         self.bytes = 0         # counted here, added to the shared metrics once at the end
         self.reading_since = 0.0          # when the read under way began (0: none)
         self.expired = False
+        # a chunked body is decoded here, so one read takes every chunk that has arrived
+        self._chunked = bool(resp.chunked) and resp.chunk_left is None
+        self._buf, self._left, self._ended = b"", 0, False   # framing still unread
 
     def output_started(self) -> None:
         if not self.started:
@@ -979,11 +1006,11 @@ class _EventStream:
                 if left <= 0:
                     raise socket.timeout()
                 self.conn.sock.settimeout(min(self.client.timeout, left))
-            block = self.resp.read1(65536)
+            block = self._read_body()
         else:
             self.reading_since = time.monotonic()
             try:
-                block = self.resp.read1(65536)
+                block = self._read_body()
             except (OSError, http.client.HTTPException):
                 if self.expired:
                     raise socket.timeout() from None
@@ -995,9 +1022,76 @@ class _EventStream:
         self.bytes += len(block)
         return block
 
-    def __iter__(self) -> Iterator[Tuple[str, str]]:
+    def _read_body(self) -> bytes:
+        """The body bytes that have arrived (``b""`` at its end), in one socket read.
+
+        http.client would return one HTTP chunk per read, and Gradio sends one event
+        per chunk; decoding the chunked framing here hands over all of them at once.
+        """
+        if not self._chunked:
+            return self.resp.read1(65536)
+        out: List[bytes] = []
+        while not self._ended:
+            buf, pos = self._buf, 0
+            while True:
+                if self._left > 0:                      # inside a chunk's data
+                    if pos == len(buf):
+                        break
+                    take = buf[pos:pos + self._left]
+                    out.append(take)
+                    pos += len(take)
+                    self._left -= len(take)
+                    if self._left:
+                        break
+                    self._left = -2                     # the CRLF after the data
+                if self._left == -2:
+                    if len(buf) - pos < 2:
+                        break
+                    pos, self._left = pos + 2, 0
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                if self._left == -1:                    # trailers, up to an empty line
+                    empty, pos = eol == pos, eol + 2
+                    if empty:
+                        self._ended = True
+                        break
+                    continue
+                try:
+                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
+                except ValueError:
+                    raise http.client.IncompleteRead(buf[pos:eol]) from None
+                pos = eol + 2
+                if size == 0:
+                    self._left = -1
+                    continue
+                self._left = size
+            self._buf = buf[pos:]
+            if out:
+                break
+            if not self._ended:
+                data = self.resp.fp.read1(65536)
+                if not data:
+                    raise http.client.IncompleteRead(b"")
+                self._buf += data
+        if self._ended and not out:
+            self.resp.close()                     # read to its end: the connection can be reused
+        return b"".join(out)
+
+    def finish(self) -> None:
+        """Read a finished stream to its end (briefly), so its connection can be reused."""
         try:
-            yield from _iter_sse(self._read)
+            if self.conn.sock is not None:
+                self.conn.sock.settimeout(min(self.client.timeout, 1.0))
+            while self._read_body():
+                pass
+        except (OSError, http.client.HTTPException):
+            self.conn.close()
+
+    def __iter__(self) -> Iterator[List[Tuple[str, str]]]:
+        """Batches of the events that have arrived (see :func:`_iter_sse_batches`)."""
+        try:
+            yield from _iter_sse_batches(self._read)
         except socket.timeout:
             if self.started:
                 raise APITimeoutError("the Gradio app sent nothing for %ss"
@@ -1084,16 +1178,6 @@ class GradioClient:
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
-            conn.close()
-
-    def _finish(self, resp: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
-        """Read a finished stream to its end (briefly), so its connection can be reused."""
-        try:
-            if conn.sock is not None:
-                conn.sock.settimeout(min(self.timeout, 1.0))
-            while resp.read(65536):
-                pass
-        except (OSError, http.client.HTTPException):
             conn.close()
 
     def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
@@ -1389,7 +1473,7 @@ class GradioClient:
             if resp.status != 200:
                 raise UpstreamError("the Gradio app refused the event stream (HTTP %d)" % resp.status)
             events = _EventStream(self, conn, resp)
-            for event, payload in events:
+            for event, payload in self._latest(events):
                 if event in ("generating", "complete"):
                     events.output_started()
                     try:
@@ -1402,7 +1486,7 @@ class GradioClient:
                     done = event == "complete"
                     yield _reply_from_output(output), done, False
                     if done:
-                        self._finish(resp, conn)
+                        events.finish()
                         return
                 elif event == "error":
                     done = True
@@ -1416,6 +1500,32 @@ class GradioClient:
             self._release(conn, resp if done else None)
             if event_id is not None and not done:
                 self._cancel(info, event_id, event_id)
+
+    @staticmethod
+    def _latest(events: "_EventStream") -> Iterator[Tuple[str, str]]:
+        """The ``/call`` events, leaving out a snapshot that a later one, already
+        arrived, replaces (each holds the whole reply): a reader that fell behind
+        catches up without cleaning every snapshot it missed."""
+        for batch in events:
+            for i, (event, payload) in enumerate(batch):
+                if event == "generating" and i + 1 < len(batch) \
+                        and batch[i + 1][0] in ("generating", "complete"):
+                    continue
+                yield event, payload
+
+    @staticmethod
+    def _messages(events: "_EventStream") -> Iterator[Tuple[Any, Any]]:
+        """The queue messages, each with the (decoded) ones that arrived with it."""
+        for batch in events:
+            msgs = collections.deque()
+            for _, payload in batch:
+                try:
+                    msgs.append(json.loads(payload))
+                except ValueError:
+                    raise UpstreamError("the Gradio app sent a malformed queue message: %r"
+                                        % payload[:200]) from None
+            while msgs:
+                yield msgs.popleft(), msgs
 
     def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
         """The queue protocol: join, then apply the ``process_generating`` diffs."""
@@ -1432,21 +1542,23 @@ class GradioClient:
             outputs: Any = None
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
+            unsent = False                        # outputs changed, not yet yielded whole
             events = _EventStream(self, conn, resp)
-            for _, payload in events:
-                try:
-                    msg = json.loads(payload)
-                except ValueError:
-                    raise UpstreamError("the Gradio app sent a malformed queue message: %r"
-                                        % payload[:200]) from None
+            for msg, more in self._messages(events):
                 kind = msg.get("msg") if isinstance(msg, dict) else None
                 if kind in ("process_generating", "process_completed"):
                     events.output_started()
                 if kind == "process_generating":
                     got = (msg.get("output") or {}).get("data")
-                    if outputs is not None and path is not None and _is_append_to(got, path):
-                        appended.append(got[0][0][2])     # kept aside: no copy of the reply
-                        yield got[0][0][2], False, True
+                    if not unsent and path is not None and _is_append_to(got, path):
+                        # appends already arrived behind this one join it: one update
+                        texts = [got[0][0][2]]
+                        while more and _is_update(more[0]) and \
+                                _is_append_to(more[0]["output"].get("data"), path):
+                            texts.append(more.popleft()["output"]["data"][0][0][2])
+                        text = texts[0] if len(texts) == 1 else "".join(texts)
+                        appended.append(text)             # kept aside: no copy of the reply
+                        yield text, False, True
                         continue
                     if outputs is None:
                         outputs = got
@@ -1456,7 +1568,10 @@ class GradioClient:
                             appended.clear()
                         outputs = [_apply_diff(o, d) for o, d in zip(outputs, got)]
                     path = _reply_path(outputs)
-                    yield _reply_from_output(outputs), False, False
+                    # a later update that already arrived makes this snapshot stale
+                    unsent = any(_is_update(m) or _is_success(m) for m in more)
+                    if not unsent:
+                        yield _reply_from_output(outputs), False, False
                 elif kind == "process_completed":
                     done = True
                     output = msg.get("output") or {}
@@ -1465,7 +1580,7 @@ class GradioClient:
                     if output.get("data") is None:
                         raise UpstreamError("the Gradio app cancelled the job")
                     yield _reply_from_output(output["data"]), True, False
-                    self._finish(resp, conn)
+                    events.finish()
                     return
                 elif kind == "unexpected_error":
                     done = True

@@ -183,6 +183,12 @@ class SSETests(unittest.TestCase):
             blocks = iter([raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])])
             self.assertEqual(list(bg._iter_sse(lambda: next(blocks, b""))), expected)
 
+    def test_batches_hold_every_event_complete_in_what_arrived(self):
+        blocks = iter([b"data: 1\n\ndata: 2\n\nda", b"ta: 3\n", b"\n", b"data: 4\n\ndata: 5\n\n",
+                       b": just a comment\n\n", b"data: 6"])
+        self.assertEqual([[d for _, d in batch] for batch in bg._iter_sse_batches(lambda: next(blocks, b""))],
+                         [["1", "2"], ["3"], ["4", "5"], ["6"]])
+
     def test_fixture_streams_parse_into_events(self):
         events = self.events(fixture("call_Say_hello.sse"))
         self.assertEqual([e for e, _ in events[-2:]], ["generating", "complete"])
@@ -562,11 +568,12 @@ class GradioClientTests(unittest.TestCase):
         self.assertEqual(self.demo.auth_seen[-1], "Bearer hf_secret")
 
     def test_stream_yields_snapshots_ending_with_the_final_one(self):
-        snaps = list(gradio_client(self, self.demo.url).stream("Say hello"))
+        demo = start_demo(self, token_delay=0.005)    # events one by one, not in a burst
+        snaps = list(gradio_client(self, demo.url).stream("Say hello"))
         self.assertTrue(all(not final for _, final, _ in snaps[:-1]) and snaps[-1][1])
         self.assertGreater(sum(1 for _, _, appended in snaps if appended), 3)   # queue diffs
         self.assertEqual(bg.clean_reply(snaps[-1][0]).answer, HELLO)
-        self.assertEqual(self.demo.calls[-1], ["Say hello", [], bg.DEFAULT_SYSTEM_PROMPT,
+        self.assertEqual(demo.calls[-1], ["Say hello", [], bg.DEFAULT_SYSTEM_PROMPT,
                                                0.7, 1024, 0.95, 50])
 
     def test_history_formats(self):
@@ -611,6 +618,78 @@ class GradioClientTests(unittest.TestCase):
             list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
         with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
             list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
+
+    def test_a_reader_that_falls_behind_catches_up_in_one_update(self):
+        demo = start_demo(self, token_delay=0.001)
+        thought, answer = bg._demo_reply("80 words", [], "", [0] * 4)
+        snapshots = sum(1 for _ in bg._demo_html(thought, answer))
+        for protocol in ("queue", "call"):
+            client, cleaner, texts, updates = gradio_client(self, demo.url, protocol=protocol), \
+                bg._StreamCleaner(), [], 0
+            for html_text, final, appended in client.stream("80 words"):
+                texts.append((cleaner.append(html_text) if appended
+                              else cleaner.update(html_text, final))[1])
+                updates += 1
+                time.sleep(0.03 if updates < 5 else 0)     # fall behind, then keep up
+            self.assertEqual("".join(texts), answer, protocol)
+            self.assertLess(updates, snapshots - 10, protocol)
+
+    def test_chunked_bodies_split_anywhere_decode_exactly(self):
+        import random
+        events = [("message", json.dumps({"n": i, "text": "नमस्ते 🙏 " * (i % 7) + "x" * (i * 37 % 900)}))
+                  for i in range(60)]
+        body = b"".join(b"data: %s\n\n" % d.encode("utf-8") for _, d in events)
+        chunks = [body[i:i + n] for i, n in zip(range(0, len(body), 301), [301] * len(body))]
+        framed = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                  b"Transfer-Encoding: chunked\r\n\r\n"
+                  + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks)
+                  + b"0\r\nX-Trailer: yes\r\n\r\n")
+        rng = random.Random(3)
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        self.addCleanup(server.close)
+
+        def serve():
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                pos = 0
+                while pos < len(framed):                 # odd fragments, some together
+                    n = rng.choice([1, 2, 5, 40, 333, 4000])
+                    conn.sendall(framed[pos:pos + n])
+                    pos += n
+                    if rng.random() < 0.1:
+                        time.sleep(0.002)
+                conn.recv(65536)                          # until the client hangs up
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client = gradio_client(self, "http://127.0.0.1:%d" % server.getsockname()[1], timeout=5)
+        conn = http.client.HTTPConnection("127.0.0.1", server.getsockname()[1], timeout=5)
+        self.addCleanup(conn.close)
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        stream = bg._EventStream(client, conn, resp)
+        got = [event for batch in stream for event in batch]
+        self.assertEqual(got, events)
+        self.assertTrue(resp.isclosed())                  # read to its end: reusable
+        conn.close()
+        thread.join(5)
+
+    def test_queue_appends_that_arrived_together_are_one_update(self):
+        path = [0, 1, "content", 0, "text"]
+        def gen(*diffs):
+            return {"msg": "process_generating", "output": {"data": [list(diffs), []]}}
+        batch = [gen(["append", path, "a"]), gen(["append", path, "b"]), gen(["replace", path, "x"]),
+                 gen(["append", path, "c"]), {"msg": "heartbeat"}, gen(["append", path, "d"])]
+        seen = []
+        for msg, more in bg.GradioClient._messages([[("", json.dumps(m)) for m in batch]]):
+            seen.append((msg, len(more)))
+        self.assertEqual([n for _, n in seen], [5, 4, 3, 2, 1, 0])
+        self.assertEqual(list(bg.GradioClient._latest([[("generating", "1"), ("generating", "2")],
+                                                       [("heartbeat", ""), ("generating", "3"),
+                                                        ("complete", "4")]])),
+                         [("generating", "2"), ("heartbeat", ""), ("complete", "4")])
 
     def test_streaming_reads_block_and_the_idle_watch_ends_a_stall(self):
         for protocol in ("queue", "call"):
