@@ -53,7 +53,9 @@ import logging
 import os
 import queue
 import re
+import selectors
 import socket
+import ssl
 import sys
 import threading
 import time
@@ -216,14 +218,18 @@ def _iter_sse_batches(read: Callable[[], bytes]) -> Iterator[List[Tuple[str, str
     events complete in what has arrived so far, so a reader that fell behind can
     catch up in one step.
 
-    ``read`` returns the next bytes that arrived (any amount; ``b""`` at the end), so
-    whole blocks are split here rather than line by line.  Follows the WHATWG rules that
+    ``read`` returns the next bytes that arrived (any amount; ``b""`` at the end; ``None``
+    when a non-blocking stream has nothing yet, passed on as an empty batch), so whole
+    blocks are split here rather than line by line.  Follows the WHATWG rules that
     matter: ``event``/``data`` fields, multi-line data joined by ``\\n``, comments
     (``:``) ignored, ``\\r\\n`` line ends, an event dispatched on a blank line.
     """
     buf = b""
     while True:
         block = read()
+        if block is None:                # nothing yet, on a non-blocking stream
+            yield []
+            continue
         if not block:
             event = _sse_event(buf)
             if event is not None:
@@ -982,6 +988,34 @@ class _EventStream:
         # a chunked body is decoded here, so one read takes every chunk that has arrived
         self._chunked = bool(resp.chunked) and resp.chunk_left is None
         self._buf, self._left, self._ended = b"", 0, False   # framing still unread
+        self.pumped = False               # read without blocking, by the gateway's pump
+        self.last_data = 0.0
+
+    @property
+    def pumpable(self) -> bool:
+        """True if the gateway's pump can take this stream over (a chunked body)."""
+        return self._chunked and self.started and self.conn.sock is not None
+
+    def pump(self) -> socket.socket:
+        """Make reads non-blocking (``None`` when nothing has arrived); the socket, for
+        the pump's selector."""
+        sock = self.conn.sock
+        sock.setblocking(False)
+        try:
+            self._buf += self.resp.fp.read1(65536)    # what http.client had buffered already
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            pass                                      # it had nothing
+        self.client._idle_watch.unwatch(self)     # the pump keeps the idle timeout now
+        self.pumped, self.last_data = True, time.monotonic()
+        return sock
+
+    def _recv(self) -> Optional[bytes]:
+        if not self.pumped:
+            return self.resp.fp.read1(65536)
+        try:
+            return self.conn.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
 
     def output_started(self) -> None:
         if not self.started:
@@ -999,7 +1033,13 @@ class _EventStream:
         except OSError:
             pass
 
-    def _read(self) -> bytes:
+    def _read(self) -> Optional[bytes]:
+        if self.pumped:
+            block = self._read_body()
+            if block:
+                self.bytes += len(block)
+                self.last_data = time.monotonic()
+            return block
         if not self.started:
             if self.conn.sock is not None:
                 left = self.deadline - time.monotonic()
@@ -1022,8 +1062,9 @@ class _EventStream:
         self.bytes += len(block)
         return block
 
-    def _read_body(self) -> bytes:
-        """The body bytes that have arrived (``b""`` at its end), in one socket read.
+    def _read_body(self) -> Optional[bytes]:
+        """The body bytes that have arrived (``b""`` at its end; ``None`` if nothing has,
+        when pumped), in one socket read.
 
         http.client would return one HTTP chunk per read, and Gradio sends one event
         per chunk; decoding the chunked framing here hands over all of them at once.
@@ -1070,7 +1111,9 @@ class _EventStream:
             if out:
                 break
             if not self._ended:
-                data = self.resp.fp.read1(65536)
+                data = self._recv()
+                if data is None:
+                    return None
                 if not data:
                     raise http.client.IncompleteRead(b"")
                 self._buf += data
@@ -1079,14 +1122,22 @@ class _EventStream:
         return b"".join(out)
 
     def finish(self) -> None:
-        """Read a finished stream to its end (briefly), so its connection can be reused."""
+        """Read a finished stream to its end (briefly), so its connection can be reused.
+
+        A pumped stream takes only what has arrived (the pump must not wait); if the
+        end is not there yet, the connection is closed instead of kept.
+        """
         try:
-            if self.conn.sock is not None:
+            if self.conn.sock is not None and not self.pumped:
                 self.conn.sock.settimeout(min(self.client.timeout, 1.0))
             while self._read_body():
                 pass
+            if not self._ended and self._chunked:
+                self.conn.close()
         except (OSError, http.client.HTTPException):
             self.conn.close()
+        if self.pumped and self.conn.sock is not None:
+            self.conn.sock.settimeout(self.client.timeout)
 
     def __iter__(self) -> Iterator[List[Tuple[str, str]]]:
         """Batches of the events that have arrived (see :func:`_iter_sse_batches`)."""
@@ -1412,20 +1463,24 @@ class GradioClient:
     def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
                system_prompt: Optional[str] = None, temperature: Optional[float] = None,
                max_tokens: Optional[int] = None, top_p: Optional[float] = None,
-               top_k: Optional[int] = None) -> Iterator[Tuple[str, bool, bool]]:
+               top_k: Optional[int] = None,
+               on_stream: Optional[Callable[["_EventStream"], None]] = None
+               ) -> Iterator[Tuple[str, bool, bool]]:
         """Call the chat endpoint; yield ``(text, is_final, is_append)`` for every update:
         the reply's whole HTML, or (``is_append``) only what was appended to it.
 
         Values left ``None`` take the app's defaults.  Closing the generator closes the
-        event stream and asks Gradio to cancel the job.
+        event stream and asks Gradio to cancel the job.  ``on_stream`` is shown the
+        upstream event stream (the gateway's pump may take it over, and then ``None``
+        is yielded whenever nothing has arrived).
         """
         info = self.discover()
         data = self._data(info, message, history, {
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
             "top_p": top_p, "top_k": top_k})
         if info.use_queue:
-            return self._stream_queue(info, data)
-        return self._stream_call(info, data)
+            return self._stream_queue(info, data, on_stream)
+        return self._stream_call(info, data, on_stream)
 
     def _join(self, conn: http.client.HTTPConnection, path: str, body: Any) -> str:
         """POST a job; its ``event_id``.  503 is a full queue."""
@@ -1462,7 +1517,9 @@ class GradioClient:
                 pass
         threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
 
-    def _stream_call(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
+    def _stream_call(self, info: _AppInfo, data: List[Any],
+                     on_stream: Optional[Callable[["_EventStream"], None]] = None
+                     ) -> Iterator[Tuple[str, bool, bool]]:
         """The two-step ``/call`` API: POST the inputs, then follow the event stream."""
         base = "%s/call/%s" % (info.prefix, info.endpoint)
         conn = self._connect()
@@ -1473,7 +1530,12 @@ class GradioClient:
             if resp.status != 200:
                 raise UpstreamError("the Gradio app refused the event stream (HTTP %d)" % resp.status)
             events = _EventStream(self, conn, resp)
+            if on_stream is not None:
+                on_stream(events)
             for event, payload in self._latest(events):
+                if payload is None:
+                    yield None                     # type: ignore[misc]
+                    continue
                 if event in ("generating", "complete"):
                     events.output_started()
                     try:
@@ -1507,6 +1569,8 @@ class GradioClient:
         arrived, replaces (each holds the whole reply): a reader that fell behind
         catches up without cleaning every snapshot it missed."""
         for batch in events:
+            if not batch:                          # a pumped stream has nothing yet
+                yield "", None                     # type: ignore[misc]
             for i, (event, payload) in enumerate(batch):
                 if event == "generating" and i + 1 < len(batch) \
                         and batch[i + 1][0] in ("generating", "complete"):
@@ -1515,8 +1579,12 @@ class GradioClient:
 
     @staticmethod
     def _messages(events: "_EventStream") -> Iterator[Tuple[Any, Any]]:
-        """The queue messages, each with the (decoded) ones that arrived with it."""
+        """The queue messages, each with the (decoded) ones that arrived with it;
+        ``(None, None)`` when a pumped stream has nothing yet."""
         for batch in events:
+            if not batch:
+                yield None, None
+                continue
             msgs = collections.deque()
             for _, payload in batch:
                 try:
@@ -1527,7 +1595,9 @@ class GradioClient:
             while msgs:
                 yield msgs.popleft(), msgs
 
-    def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
+    def _stream_queue(self, info: _AppInfo, data: List[Any],
+                      on_stream: Optional[Callable[["_EventStream"], None]] = None
+                      ) -> Iterator[Tuple[str, bool, bool]]:
         """The queue protocol: join, then apply the ``process_generating`` diffs."""
         session = os.urandom(6).hex()
         conn = self._connect()
@@ -1544,7 +1614,12 @@ class GradioClient:
             appended: List[str] = []              # appends to it not yet applied to outputs
             unsent = False                        # outputs changed, not yet yielded whole
             events = _EventStream(self, conn, resp)
+            if on_stream is not None:
+                on_stream(events)
             for msg, more in self._messages(events):
+                if more is None:
+                    yield None                     # type: ignore[misc]
+                    continue
                 kind = msg.get("msg") if isinstance(msg, dict) else None
                 if kind in ("process_generating", "process_completed"):
                     events.output_started()
@@ -1908,8 +1983,10 @@ class _Generation:
     """
 
     def __init__(self, client: Any, conv: _Conversation, sampling: _Sampling,
-                 system_default: Optional[str]) -> None:
+                 system_default: Optional[str],
+                 on_stream: Optional[Callable[["_EventStream"], None]] = None) -> None:
         self.client, self.conv, self.sampling = client, conv, sampling
+        self.on_stream = on_stream        # see GradioClient.stream: None means "nothing yet"
         self.system = conv.system if conv.system is not None else system_default
         self.thought: List[List[str]] = [[] for _ in range(sampling.n)]
         self.answer: List[List[str]] = [[] for _ in range(sampling.n)]
@@ -1921,7 +1998,7 @@ class _Generation:
             upstream = self.client.stream(
                 self.conv.message, self.conv.history, system_prompt=self.system,
                 temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p,
-                top_k=s.top_k)
+                top_k=s.top_k, on_stream=self.on_stream)
         except BadRequestError as exc:      # name max_tokens as the client did
             if exc.param == "max_tokens" and s.max_tokens_param != "max_tokens":
                 raise BadRequestError(s.max_tokens_param + exc.message[len("max_tokens"):],
@@ -1929,7 +2006,11 @@ class _Generation:
             raise
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
         try:
-            for html_text, final, appended in upstream:
+            for update in upstream:
+                if update is None:          # a pumped stream has nothing yet
+                    yield None              # type: ignore[misc]
+                    continue
+                html_text, final, appended = update
                 if appended:
                     thought, answer = cleaner.append(html_text)
                 else:
@@ -2064,6 +2145,7 @@ class Config:
     rate_limit_streams: int = 0
     grace: float = 30.0
     log_format: str = "text"
+    pump: bool = True                  # stream answers from one thread (see _Pump)
     demo: bool = False
 
     @classmethod
@@ -2222,8 +2304,9 @@ class _Backend:
         return self.routes[self.model(model).id]
 
     @staticmethod
-    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling) -> _Generation:
-        return _Generation(route.pool, conv, sampling, route.system_prompt)
+    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
+                    on_stream: Optional[Callable[["_EventStream"], None]] = None) -> _Generation:
+        return _Generation(route.pool, conv, sampling, route.system_prompt, on_stream)
 
     @staticmethod
     def _body(body: Any) -> Dict[str, Any]:
@@ -2233,9 +2316,14 @@ class _Backend:
 
     # -- chat completions ---------------------------------------------------------------
 
-    def chat(self, body: Any) -> Any:
+    def chat(self, body: Any,
+             on_stream: Optional[Callable[["_EventStream"], None]] = None) -> Any:
         """``POST /v1/chat/completions``: a :class:`ChatCompletion`, or an iterator of
-        :class:`ChatCompletionChunk` when ``stream`` is true."""
+        :class:`ChatCompletionChunk` when ``stream`` is true.
+
+        ``on_stream`` (a streamed single choice only) is shown the upstream event
+        stream; if it is pumped, the iterator yields ``None`` whenever nothing arrived.
+        """
         body = self._body(body)
         route = self._route(body)
         model = route.id
@@ -2244,7 +2332,8 @@ class _Backend:
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         stream = _flag(body, "stream")
         include_usage = _include_usage(body)
-        gen = self._generation(route, conv, sampling)
+        pumpable = stream and sampling.n == 1
+        gen = self._generation(route, conv, sampling, on_stream if pumpable else None)
         if stream:
             return self._chat_chunks(gen, model, include_usage)
         reasoning = _Reasoning(self.config.reasoning)
@@ -2279,6 +2368,9 @@ class _Backend:
             for i in range(gen.sampling.n):
                 yield chunk(i, ChoiceDelta(role="assistant", content=""))
             for piece in _chain_first(first, pieces):
+                if piece is None:                # a pumped stream has nothing yet
+                    yield None                   # type: ignore[misc]
+                    continue
                 yield from self._chat_piece(piece, reasoning, chunk)
             if include_usage:
                 yield ChatCompletionChunk(id=cid, created=created, model=model,
@@ -3026,6 +3118,185 @@ def _json_body(raw: bytes) -> Any:
         raise _bad("could not parse the JSON body: %s" % exc, None, "invalid_json") from None
 
 
+def _shutting_down() -> "ServerOverloadedError":
+    return ServerOverloadedError("the server is shutting down; the stream was cut off "
+                                 "after the grace period")
+
+
+class _PumpJob:
+    """One stream the pump moves: its events, its sockets, what is left to send."""
+
+    def __init__(self, handler: Any, stream: "_EventStream", events: Iterator[Optional[bytes]]):
+        self.handler, self.stream, self.events = handler, stream, events
+        self.client: socket.socket = handler.connection
+        self.upstream: Optional[socket.socket] = None
+        self.out: List[bytes] = []         # HTTP chunks the client has not taken yet
+        self.writing = False               # waiting for the client to take them
+        self.error: Optional[BaseException] = None
+        self.done = threading.Event()
+
+
+class _Pump:
+    """Moves streamed answers for the whole server on one thread.
+
+    A thread per stream costs two GIL hand-offs and two wake-ups per event; with
+    hundreds of streams that is most of the server's CPU.  Once a stream has begun
+    (headers and first event sent by its handler thread), its upstream socket joins
+    one selector: when it is readable, every event that has arrived runs through the
+    same generator chain as before (which yields ``None`` when it has read all there
+    is) and the chunks go to the client without blocking (a slow client stops the
+    reading of its own upstream until it has caught up).  The handler thread waits,
+    then ends the response as before: error event, ``[DONE]``, closing the upstream.
+    """
+
+    def __init__(self, closing: threading.Event, interval: float = 0.1) -> None:
+        self.closing, self.interval = closing, interval
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._new: List[_PumpJob] = []
+        self._jobs: List[_PumpJob] = []
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._stopping = False
+        self.served = 0                    # streams taken over so far
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="bharatgen-pump")
+        self._thread.start()
+
+    def run(self, handler: Any, stream: "_EventStream", events: Iterator[Optional[bytes]]) -> None:
+        """Stream ``events`` to ``handler``'s client; return when they end, raising what
+        the stream raised (an upstream error, a client gone, the server closing)."""
+        job = _PumpJob(handler, stream, events)
+        timeout = job.client.gettimeout()
+        with self._lock:
+            self._new.append(job)
+        self._wake()
+        job.done.wait()
+        job.client.settimeout(timeout)
+        if job.out:                        # what the client had not taken yet
+            handler.wfile.write(b"".join(job.out))
+        if job.error is not None:
+            raise job.error
+
+    def close(self) -> None:
+        """End the streams still running (as the server closing) and the thread."""
+        self._stopping = True
+        self._wake()
+        self._thread.join(5)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except OSError:                    # its buffer is full: a wake-up is pending anyway
+            pass
+
+    def _loop(self) -> None:
+        last_check = time.monotonic()
+        while not self._stopping:
+            for key, _ in self._selector.select(self.interval):
+                job = key.data
+                if job is None:
+                    self._take_new()
+                elif key.fileobj is job.client:
+                    self._flush(job)
+                else:
+                    self._step(job)
+            now = time.monotonic()
+            if now - last_check >= self.interval:
+                last_check = now
+                self._check(now)
+        for job in list(self._jobs):
+            self._end(job, _shutting_down())
+
+    def _take_new(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:
+            pass
+        with self._lock:
+            new, self._new = self._new, []
+        for job in new:
+            try:
+                job.upstream = job.stream.pump()
+                job.client.setblocking(False)
+            except OSError as exc:
+                job.error = exc
+                job.done.set()
+                continue
+            self._jobs.append(job)
+            self.served += 1
+            self._selector.register(job.upstream, selectors.EVENT_READ, job)
+            self._step(job)                # it may have events buffered already
+
+    def _step(self, job: _PumpJob) -> None:
+        """Run the stream's events that have arrived, then send what they made."""
+        handler = job.handler
+        try:
+            while True:
+                data = next(job.events)
+                if data is None:
+                    break
+                if self.closing.is_set():
+                    raise _shutting_down()
+                handler._bytes_out += len(data)
+                job.out.append(b"%X\r\n%s\r\n" % (len(data), data))
+        except StopIteration:
+            self._flush(job)
+            self._end(job, None)
+            return
+        except BaseException as exc:       # handed to the handler thread, raised there
+            self._end(job, exc)
+            return
+        self._flush(job)
+
+    def _flush(self, job: _PumpJob) -> None:
+        if job.done.is_set() or not job.out:
+            return
+        data = b"".join(job.out)
+        try:
+            sent = job.client.send(data)
+        except (BlockingIOError, ssl.SSLWantWriteError):
+            sent = 0
+        except OSError as exc:             # the client went away
+            self._end(job, exc)
+            return
+        job.out = [data[sent:]] if sent < len(data) else []
+        if job.out and not job.writing:    # wait for the client before reading on
+            job.writing = True
+            self._selector.unregister(job.upstream)
+            self._selector.register(job.client, selectors.EVENT_WRITE, job)
+        elif not job.out and job.writing:
+            job.writing = False
+            self._selector.unregister(job.client)
+            self._selector.register(job.upstream, selectors.EVENT_READ, job)
+
+    def _check(self, now: float) -> None:
+        """Idle upstreams time out; a closing server cuts its streams off."""
+        for job in list(self._jobs):
+            if self.closing.is_set():
+                self._end(job, _shutting_down())
+            elif not job.writing and now - job.stream.last_data > job.stream.client.timeout:
+                self._end(job, APITimeoutError("the Gradio app sent nothing for %ss"
+                                               % job.stream.client.timeout))
+
+    def _end(self, job: _PumpJob, error: Optional[BaseException]) -> None:
+        if job.done.is_set():
+            return
+        try:
+            self._selector.unregister(job.client if job.writing else job.upstream)
+        except (KeyError, ValueError):
+            pass
+        if job in self._jobs:
+            self._jobs.remove(job)
+        job.error = error
+        job.done.set()
+
+
 class _ChunkEncoder:
     """The SSE bytes of one stream's chat chunks, with a fast path for the common one.
 
@@ -3043,7 +3314,9 @@ class _ChunkEncoder:
     def _general(self, chunk: "ChatCompletionChunk") -> bytes:
         return _sse(self.finish(chunk.to_dict()))
 
-    def __call__(self, chunk: "ChatCompletionChunk") -> bytes:
+    def __call__(self, chunk: Optional["ChatCompletionChunk"]) -> Optional[bytes]:
+        if chunk is None:                 # a pumped stream has nothing yet
+            return None
         if chunk.usage is not None or len(chunk.choices) != 1:
             return self._general(chunk)
         choice = chunk.choices[0]
@@ -3331,11 +3604,13 @@ class _GatewayHandler(_BaseHandler):
                             param="model", code="model_not_found")
 
     def _op_chat(self) -> int:
-        result = self.server.backend.chat(self._request_json())
+        upstreams: List[_EventStream] = []
+        result = self.server.backend.chat(self._request_json(), upstreams.append)
         if isinstance(result, ChatCompletion):
             return self._respond(self._rename_reasoning(result.to_dict()))
         encode = _ChunkEncoder(self._rename_reasoning)
-        return self._stream((encode(c) for c in result), result, done=True)
+        return self._stream((encode(c) for c in result), result, done=True,
+                            upstreams=upstreams)
 
     def _op_completions(self) -> int:
         result = self.server.backend.completions(self._request_json())
@@ -3361,7 +3636,8 @@ class _GatewayHandler(_BaseHandler):
         return obj
 
     def _stream(self, events: Iterator[bytes], source: Any, done: bool,
-                error_event: Optional[str] = None) -> int:
+                error_event: Optional[str] = None,
+                upstreams: Optional[List["_EventStream"]] = None) -> int:
         """Send ``events`` as SSE over a chunked response.
 
         The first event is produced before the headers, so a failure before any output
@@ -3388,21 +3664,25 @@ class _GatewayHandler(_BaseHandler):
             self._start_chunked(200, self._headers({
                 "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
                 "X-Accel-Buffering": "no"}))
-            return self._send_events(first, events, close, done, error_event)
+            return self._send_events(first, events, close, done, error_event, upstreams)
         finally:
             srv.metrics.inc("bharatgen_streams_in_flight", -1)
             srv.limiter.close_stream(self._who)
 
     def _send_events(self, first: Optional[bytes], events: Iterator[bytes],
-                     close: Callable[[], None], done: bool, error_event: Optional[str]) -> int:
+                     close: Callable[[], None], done: bool, error_event: Optional[str],
+                     upstreams: Optional[List["_EventStream"]] = None) -> int:
         try:
             if first is not None:
                 self._chunk(first)
-            for event in events:
-                if self.server.closing.is_set():
-                    raise ServerOverloadedError("the server is shutting down; the stream was "
-                                                "cut off after the grace period")
-                self._chunk(event)
+            pump = self.server.pump
+            if pump is not None and upstreams and len(upstreams) == 1 and upstreams[0].pumpable:
+                pump.run(self, upstreams[0], events)      # the same outcomes as the loop
+            else:
+                for event in events:
+                    if self.server.closing.is_set():
+                        raise _shutting_down()
+                    self._chunk(event)
         except BharatGenError as exc:
             _log.warning("stream %s failed after output began: %s", self.request_id, exc.message)
             if isinstance(exc, UpstreamError):
@@ -3498,6 +3778,7 @@ class GatewayServer(_Server):
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.deadlines = _Deadlines()
         self.closing = threading.Event()
+        self.pump = _Pump(self.closing) if config.pump else None
         self.in_flight = 0
         self._count_lock = threading.Lock()
         super().__init__((config.host, config.port), _GatewayHandler)
@@ -3529,6 +3810,8 @@ class GatewayServer(_Server):
     def server_close(self) -> None:
         super().server_close()
         self.deadlines.close()
+        if self.pump is not None:
+            self.pump.close()
         self.backend.close()
 
 
@@ -4278,6 +4561,8 @@ def _config_from_args(args: Any) -> Config:
               "rate_limit_streams", "grace", "log_format")}
     if getattr(args, "allow_no_auth", False):
         flags["allow_no_auth"] = True
+    if getattr(args, "no_pump", False):
+        flags["pump"] = False
     if getattr(args, "cors_origin", None):
         flags["cors_origins"] = list(args.cors_origin)
     if getattr(args, "upstream", None):
@@ -4521,6 +4806,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--grace", type=float,
                    help="on SIGTERM, seconds to let streams finish (default 30)")
     p.add_argument("--log-format", choices=("text", "json"), help="access log format")
+    p.add_argument("--no-pump", action="store_true",
+                   help="stream each answer from its own thread instead of one pump thread")
     p.add_argument("--reasoning", choices=REASONING_MODES,
                    help="where the thought goes: its own field (separate, default), "
                         "inline in <think> tags, or none")

@@ -1314,6 +1314,144 @@ class ReplicaTests(unittest.TestCase):
         self.assertEqual(six.calls[-1][2], "From the file.")
 
 
+# A self-signed certificate for 127.0.0.1 (its own CA), for the TLS upstream test
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIDHDCCAgSgAwIBAgIUP/yj6H8eg0l8P1R779TeJ5W0LsgwDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyODE1NDYxM1oYDzIxMjYx
+MTA0MTU0NjEzWjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQDIN5BVDon3paXwpGSLYAlslyH+JnbNJo26OgAwx83Q
+a+BDtUzY9WVLHA3dLMC2OV2kNNGloCBfu5YiXVUN/0UcZFbjjSGylWtK33sF0qEa
+X7EA6uEaz6BWpV1YEFdW97PWHDyEzhFjbTWUbS4XRtOmd2vhWzD1yT4UeRNT89+O
+DiWwa0Qjv6M4/l1hM3kFU5gbKrkpxAoJ8jnhc2aCIkZ2lQ7co3QfzJECs6LEcJpn
+ur+KmM0oTA9UQRWX7WnvU5COhCPHgLJF+wTUsPQFRDPadVCGaKVY/tU6+0GwrDPW
++OX+N7fyMn5UN6ISUoR6m1MlpgAGFwFhxxo1IY2pEyPXAgMBAAGjZDBiMB0GA1Ud
+DgQWBBTa98NrITrHiBOqLL3Lzoig9BPoSTAfBgNVHSMEGDAWgBTa98NrITrHiBOq
+LL3Lzoig9BPoSTAPBgNVHRMBAf8EBTADAQH/MA8GA1UdEQQIMAaHBH8AAAEwDQYJ
+KoZIhvcNAQELBQADggEBAEyn9Qy88t+IzyX2jbKljG2Tg8AX2m8Ymtx9Ve9VUFZM
+k0pDxxtwXFUtud9x//OZ9ib6276U/QZczX0H7ob0x5tJPYqQLgTnn5TMUss4IIK0
+c+N4WXZcpAXkrUkwPJnoXL9MGCQyJwy5+4D8xitiJDRkxKptZ3OPGECLiWoDiKxe
+Ko+0t68/rxcMZwW2K5ZQsXXO1YDRsa6NSAOgZFRywZRdwriRzBqxJcMU1cJyCBj/
+PHI2Q0lj3kq1ZKLUE6cVtDgp9zC/sruPrrzzJcFY+D97JB0J3ZGrINA2tFOW914i
+e5RuFGUCbfP1Qc2QIj04fuVht7iZkvO7clv1zjxPjTY=
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIIEvAIBADANBgkqhkiG9w0BAQEFAASCBKYwggSiAgEAAoIBAQDIN5BVDon3paXw
+pGSLYAlslyH+JnbNJo26OgAwx83Qa+BDtUzY9WVLHA3dLMC2OV2kNNGloCBfu5Yi
+XVUN/0UcZFbjjSGylWtK33sF0qEaX7EA6uEaz6BWpV1YEFdW97PWHDyEzhFjbTWU
+bS4XRtOmd2vhWzD1yT4UeRNT89+ODiWwa0Qjv6M4/l1hM3kFU5gbKrkpxAoJ8jnh
+c2aCIkZ2lQ7co3QfzJECs6LEcJpnur+KmM0oTA9UQRWX7WnvU5COhCPHgLJF+wTU
+sPQFRDPadVCGaKVY/tU6+0GwrDPW+OX+N7fyMn5UN6ISUoR6m1MlpgAGFwFhxxo1
+IY2pEyPXAgMBAAECggEAC5vtKoFlTo60SHe/vLUc1scMmYfxa4PIw/uI90sei+81
+WbexdQMFlI1T4Hcv1WEOJO9LGKdoOSTPV77Bp8YdY8ANqbQNOCWhyv2aTIQiAz15
+LexwkPVo/p0oBGsuJUTHkKqid7DbIUC70pdiDMd2jjhucOqwtA+vIdDDZiLF256s
+BuspGIVKroSYyM0xdR8vf8F9TjxEHE5tJ7U06SSK824cPRk9pnSewf38XsYB+4rX
+nKNZbf7qvw4dhH3qreuXP5RtN4rqpCObedTwF/9F09IALp37aaD5ckfSm6d4DLIh
+m8QbOO27S+TbRCvDwZ4cv1w9KkkdAp0qTGGAJZwKgQKBgQD2p962uVdpP/b7qWEF
+Zxt8vADwX5ulcR6mc0EdAwlPgH3gocNt47BSE0ClIixd8vGtbngtd/B+8URztukr
+I69gNBrEPOVOwNccpQC/aWhLj1F9e6WXKUdGC+JmrYUMnLRBco3+2LIzQswrV8nq
+7F7vSta3EM2kDyXVoDKzWWYl3wKBgQDPzVHOYVqJeva4qfIY6z7NS7HMCrnALfGo
+kzmFbkrPnrWnRubYcdokntOSmgWq1gKGjrlGrAXSRl1VtjVYaA15b7jQc/ZS4Fci
+BrNPOUY6AVDTihPCwo3aatWyW2Z/35P7dS5fS48ZYBiFv/0EcYu5t7YwRBbAPOzt
+tQOREwgRCQKBgDxn7EEvrtqV0bTcTGh4UeEAYfJ8V6/yviDhhQbH4ZXYz/sdYrEc
+2+ed020dq2PuxYVF0qTABOPxzmPQXdY0zRRwbkW07CuXSpc3SbGW7PXkSX7Ds1AL
+yeq7qlyfDkCCeBq3JVNOWoX3S+0peMfRz4Ym++KleNc+5nMk4oXN1RhdAoGAKCKt
+9ECVbgxT7uLUIb/+B0TheFlx+w5kqHyXFZBx3pv21fI50ABdc8lBcAVTpuVi435Z
+hq7fCPgSOuXQc9zVDWlotspO/z7ZVXcZ1ulnCPkMFW+L1YgiQdd0othIedZDDMRb
+SoibgPkwg1TLl7oelKZJCBV+l26tDFRz9edJHZECgYBDa/WQHr8l7VaO1YBTlshC
+fJLMhbEdu15zWXEigcqNyfxFVMUHR7vxS30Nifs8gIiVRxW+C2FcDAgiRhYpSMyt
+hzNDG6tlV4xcrjlDqFKZCKCAJpGs4bx+tzrdrXju5OoKS832raTqQv0vYe6gGCZV
+y6hwNtJBrFTtLz+OuvqjoQ==
+-----END PRIVATE KEY-----
+"""
+
+
+class PumpTests(unittest.TestCase):
+    """Streams handed to the gateway's one pump thread once they have begun."""
+
+    def test_streams_go_through_the_pump_and_the_thread_path_agrees(self):
+        demo = start_demo(self, token_delay=0.001)
+        answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
+        pumped, threaded = start_gateway(self, demo.url), start_gateway(self, demo.url, pump=False)
+        self.assertIsNone(threaded.pump)
+        bodies = []
+        for gw in (pumped, threaded):
+            status, _, body = chat(gw, "300 words", stream=True)
+            self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
+            bodies.append(sse_events(body))
+        self.assertEqual(pumped.pump.served, 1)
+        for events in bodies:                     # the same shape either way
+            self.assertEqual((events[0]["choices"][0]["delta"], events[-1]), (
+                {"role": "assistant", "content": ""}, "[DONE]"))
+        # n > 1 and the other routes keep to their threads
+        self.assertEqual(chat(pumped, "Say hello", stream=True, n=2)[0], 200)
+        self.assertEqual(pumped.pump.served, 1)
+
+    def test_a_slow_client_holds_back_its_own_upstream_only(self):
+        demo = start_demo(self, token_delay=0)
+        gw = start_gateway(self, demo.url)
+        gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # inherited by accept()
+        answer = bg._demo_reply("20000 words", [], "", [0] * 4)[1]
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(gw.server_address[:2])
+        body = json.dumps({"model": "param-1", "stream": True,
+                           "messages": [{"role": "user", "content": "20000 words"}]}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        time.sleep(0.5)                            # not reading: the gateway must wait
+        self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
+        raw = b""
+        while True:
+            data = sock.recv(8192)
+            if not data:
+                break
+            raw += data
+            time.sleep(0.0005)
+        sock.close()
+        head, _, chunked = raw.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        payload, rest = b"", chunked
+        while True:                                # undo the chunked framing
+            size, _, rest = rest.partition(b"\r\n")
+            if int(size, 16) == 0:
+                break
+            payload, rest = payload + rest[:int(size, 16)], rest[int(size, 16) + 2:]
+        self.assertEqual(streamed_text(sse_events(payload)), answer)
+
+    def test_a_tls_upstream_is_pumped_too(self):
+        import ssl
+        import tempfile
+        folder = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, folder)
+        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+        with open(cert, "w") as f:
+            f.write(TEST_CERT)
+        with open(key, "w") as f:
+            f.write(TEST_KEY)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        demo = bg.DemoUpstream(token_delay=0.001)
+        demo.socket = context.wrap_socket(demo.socket, server_side=True)
+        demo.start()
+        self.addCleanup(demo.stop)
+        old = os.environ.get("SSL_CERT_FILE")
+        os.environ["SSL_CERT_FILE"] = cert          # trust it, as a private CA would be
+        self.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if old is None
+                        else os.environ.__setitem__("SSL_CERT_FILE", old))
+        gw = start_gateway(self, "https://127.0.0.1:%d" % demo.server_address[1])
+        for prompt, answer in (("300 words", bg._demo_reply("300 words", [], "", [0] * 4)[1]),
+                               ("hindi please", HINDI)):
+            status, _, body = chat(gw, prompt, stream=True)
+            self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
+        self.assertEqual(gw.pump.served, 2)
+        status, _, body = chat(gw, "[[fail-midstream]]", stream=True)
+        self.assertEqual(sse_events(body)[-2]["error"]["message"],
+                         "the Gradio app reported an error: error after output began")
+
+
 class CancellationTests(unittest.TestCase):
     def wait_for(self, predicate, timeout=TIMEOUT):
         deadline = time.monotonic() + timeout
