@@ -3170,6 +3170,8 @@ class _Pump:
         job = _PumpJob(handler, stream, events)
         timeout = job.client.gettimeout()
         with self._lock:
+            if self._stopping:
+                raise _shutting_down()
             self._new.append(job)
         self._wake()
         job.done.wait()
@@ -3181,7 +3183,8 @@ class _Pump:
 
     def close(self) -> None:
         """End the streams still running (as the server closing) and the thread."""
-        self._stopping = True
+        with self._lock:
+            self._stopping = True
         self._wake()
         self._thread.join(5)
         self._selector.close()
@@ -3197,19 +3200,26 @@ class _Pump:
     def _loop(self) -> None:
         last_check = time.monotonic()
         while not self._stopping:
-            for key, _ in self._selector.select(self.interval):
-                job = key.data
-                if job is None:
-                    self._take_new()
-                elif key.fileobj is job.client:
-                    self._flush(job)
-                else:
-                    self._step(job)
-            now = time.monotonic()
-            if now - last_check >= self.interval:
-                last_check = now
-                self._check(now)
-        for job in list(self._jobs):
+            try:
+                for key, _ in self._selector.select(self.interval):
+                    job = key.data
+                    if job is None:
+                        self._take_new()
+                    elif key.fileobj is job.client:
+                        self._flush(job)
+                    else:
+                        self._step(job)
+                now = time.monotonic()
+                if now - last_check >= self.interval:
+                    last_check = now
+                    self._check(now)
+            except Exception as exc:       # a bug here must not hang every stream
+                _log.exception("the stream pump failed; ending its streams")
+                for job in list(self._jobs):
+                    self._end(job, exc)
+        with self._lock:
+            new, self._new = self._new, []
+        for job in list(self._jobs) + new:
             self._end(job, _shutting_down())
 
     def _take_new(self) -> None:
@@ -3224,7 +3234,7 @@ class _Pump:
             try:
                 job.upstream = job.stream.pump()
                 job.client.setblocking(False)
-            except OSError as exc:
+            except Exception as exc:       # handed to the handler thread, raised there
                 job.error = exc
                 job.done.set()
                 continue

@@ -396,6 +396,10 @@ class ConfigTests(unittest.TestCase):
                             "BHARATGEN_MAX_CONCURRENT": "9", "BHARATGEN_CORS_ORIGINS": "*"})
         self.assertEqual((c.first_event_timeout, c.allow_no_auth, c.max_concurrent, c.cors_origins),
                          (2.5, True, 9, ["*"]))
+        self.assertEqual((bg.Config.load({}).pump, bg.Config.load({"BHARATGEN_PUMP": "0"}).pump),
+                         (True, False))
+        import argparse
+        self.assertFalse(bg._config_from_args(argparse.Namespace(no_pump=True)).pump)
 
     def test_bad_environment_values_are_reported(self):
         with self.assertRaisesRegex(ValueError, "BHARATGEN_TIMEOUT='soon' is not a valid"):
