@@ -2784,6 +2784,9 @@ class _BaseHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "bharatgen_openai/" + __version__
     sys_version = ""
+    # TCP_NODELAY: the head and the body (or one SSE event and the next) go out at once,
+    # not after the client's delayed ACK (40 ms on a kept-alive connection)
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:
         """Send the access log to the module's logger; override to log elsewhere."""
@@ -4334,22 +4337,43 @@ def _percentile(values: List[float], q: float) -> float:
 _FIRST_CONTENT = re.compile(rb'"content":"[^"]')     # a chunk with answer text in it
 
 
-def _gateway_request(url: str, model: str, prompt: str, stream: bool,
-                     timeout: float) -> Tuple[float, float]:
-    """One chat completion through a gateway: (seconds to the first answer text, total)."""
-    parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    started = time.monotonic()
+def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: float,
+                     idle: Optional[List[http.client.HTTPConnection]] = None) -> Tuple[float, float]:
+    """One chat completion through a gateway: (seconds to the first answer text, total).
+
+    ``idle`` keeps connections alive between requests, as the openai SDK's pool does
+    (the direct client keeps its upstream connections too).
+    """
+    conn = None
+    if idle:
+        try:
+            conn = idle.pop()
+        except IndexError:
+            pass
+    parts, reused = urllib.parse.urlsplit(url), conn is not None
+    if conn is None:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    started, reusable = time.monotonic(), False
     try:
         body = json.dumps({"model": model, "stream": stream,
                            "messages": [{"role": "user", "content": prompt}]})
-        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-        resp = conn.getresponse()
+        try:
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
+        except (ConnectionError, http.client.RemoteDisconnected):
+            if not reused:                            # a fresh one failed: a real error
+                raise
+            conn.close()                              # the server closed it while it rested
+            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+            started = time.monotonic()
+            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+            resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))
         if not stream:
             resp.read()
             total = time.monotonic() - started
+            reusable = not resp.will_close
             return total, total
         ttft, seen = None, b""
         while True:                   # whole blocks, not lines: the load stays light
@@ -4364,9 +4388,13 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool,
                 raise RuntimeError(block[block.index(b'data: {"error"'):][:200].decode(
                     "utf-8", "replace"))
         total = time.monotonic() - started
+        reusable = not resp.will_close
         return (total if ttft is None else ttft), total
     finally:
-        conn.close()
+        if reusable and idle is not None:
+            idle.append(conn)
+        else:
+            conn.close()
 
 
 def _direct_request(client: "BharatGenOpenAI", prompt: str, stream: bool) -> Tuple[float, float]:
@@ -4415,6 +4443,26 @@ def _load(fn: Callable[[], Tuple[float, float]], concurrency: int, requests: int
     for t in threads:
         t.join()
     return {"wall": time.monotonic() - started, "ttft": ttfts, "total": totals, "errors": errors}
+
+
+def _summary(r: Dict[str, Any]) -> Dict[str, Any]:
+    """One run's figures: wall, TTFT and total p50/p95, errors, the gateway's extras."""
+    return {"wall": r["wall"], "ttft50": _percentile(r["ttft"], .5),
+            "ttft95": _percentile(r["ttft"], .95), "tot50": _percentile(r["total"], .5),
+            "tot95": _percentile(r["total"], .95), "errors": len(r["errors"]),
+            "error_list": r["errors"], "extra": r["extra"]}
+
+
+def _median_summary(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The median of each figure over repeated runs (errors: all of them)."""
+    def median(values: List[Any]) -> Any:
+        values = [v for v in values if v is not None]
+        return sorted(values)[len(values) // 2] if values else None
+    out = {k: median([r[k] for r in runs]) for k in ("wall", "ttft50", "ttft95", "tot50", "tot95")}
+    out["errors"] = sum(r["errors"] for r in runs)
+    out["error_list"] = [e for r in runs for e in r["error_list"]]
+    out["extra"] = tuple(median([r["extra"][i] for r in runs]) for i in range(3))
+    return out
 
 
 def _scrape(url: str, name: str) -> float:
@@ -4467,11 +4515,12 @@ def _cmd_bench(args: Any) -> int:
 
         model = args.model or DEFAULT_MODEL
         prompt = "%d words" % args.words
-        print("bharatgen_openai %s bench on %d cores: %s, %d-word answers, protocol %s"
+        print("bharatgen_openai %s bench on %d cores: %s, %d-word answers, protocol %s%s"
               % (__version__, os.cpu_count() or 0,
                  "upstream %s" % upstream if args.upstream else
                  "demo upstream with %g ms a token" % (args.token_delay * 1000),
-                 args.words, args.protocol))
+                 args.words, args.protocol,
+                 "; medians of %d runs each, alternating" % args.repeat if args.repeat > 1 else ""))
         url, pid = gateway(args.protocol)
         direct = BharatGenOpenAI(upstream, protocol=args.protocol, timeout=args.timeout)
         direct_metrics = _Metrics()
@@ -4484,31 +4533,45 @@ def _cmd_bench(args: Any) -> int:
         print(header)
         print("-" * len(header))
         modes = [m for m in ("stream", "json") if args.mode in (m, "both")]
+        kept_alive: List[http.client.HTTPConnection] = []   # list.pop/append: thread-safe
         for conc in args.concurrency:
             for mode in modes:
                 stream, n = mode == "stream", max(args.requests or conc, conc)
-                cpu0, _ = _proc_stats(pid)
-                bytes0 = _scrape(url, "bharatgen_upstream_bytes_total")
-                g = _load(lambda: _gateway_request(url, model, prompt, stream, args.timeout), conc, n)
-                cpu1, rss = _proc_stats(pid)
-                up_gw = (_scrape(url, "bharatgen_upstream_bytes_total") - bytes0) / n / 1e6
-                d0 = direct_metrics.value("bharatgen_upstream_bytes_total")
-                d = _load(lambda: _direct_request(direct, prompt, stream), conc, n)
-                up_d = (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6
-                for name, r, extra in (("gateway", g, ("%.2fs" % (cpu1 - cpu0), "%.0fMB" % rss, up_gw)),
-                                       ("direct", d, ("-", "-", up_d))):
-                    print(_BENCH_ROW % ((conc, mode, name, n, r["wall"],
-                                         _percentile(r["ttft"], .5) * 1000,
-                                         _percentile(r["ttft"], .95) * 1000,
-                                         _percentile(r["total"], .5),
-                                         _percentile(r["total"], .95), len(r["errors"])) + extra))
+
+                def via_gateway() -> Dict[str, Any]:
+                    cpu0, _ = _proc_stats(pid)
+                    bytes0 = _scrape(url, "bharatgen_upstream_bytes_total")
+                    r = _load(lambda: _gateway_request(url, model, prompt, stream, args.timeout,
+                                                       kept_alive), conc, n)
+                    cpu1, rss = _proc_stats(pid)
+                    r["extra"] = (cpu1 - cpu0, rss,
+                                  (_scrape(url, "bharatgen_upstream_bytes_total") - bytes0) / n / 1e6)
+                    return _summary(r)
+
+                def via_direct() -> Dict[str, Any]:
+                    d0 = direct_metrics.value("bharatgen_upstream_bytes_total")
+                    r = _load(lambda: _direct_request(direct, prompt, stream), conc, n)
+                    r["extra"] = (None, None,
+                                  (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6)
+                    return _summary(r)
+
+                runs: Dict[str, List[Dict[str, Any]]] = {"gateway": [], "direct": []}
+                for i in range(args.repeat):      # alternate which path goes first
+                    order = (("gateway", via_gateway), ("direct", via_direct))
+                    for name, run in (order if i % 2 == 0 else order[::-1]):
+                        runs[name].append(run())
+                g, d = _median_summary(runs["gateway"]), _median_summary(runs["direct"])
+                for name, r in (("gateway", g), ("direct", d)):
+                    cpu, rss, up = r["extra"]
+                    print(_BENCH_ROW % (conc, mode, name, n, r["wall"], r["ttft50"] * 1000,
+                                        r["ttft95"] * 1000, r["tot50"], r["tot95"], r["errors"],
+                                        "-" if cpu is None else "%.2fs" % cpu,
+                                        "-" if rss is None else "%.0fMB" % rss, up))
                 print("%5d %-6s %-8s %5s %6.3fx %7.3fx %7.3fx %7.3fx %7.3fx"
-                      % (conc, mode, "ratio", "", g["wall"] / d["wall"],
-                         _percentile(g["ttft"], .5) / _percentile(d["ttft"], .5),
-                         _percentile(g["ttft"], .95) / _percentile(d["ttft"], .95),
-                         _percentile(g["total"], .5) / _percentile(d["total"], .5),
-                         _percentile(g["total"], .95) / _percentile(d["total"], .95)))
-                for e in (g["errors"] + d["errors"])[:3]:
+                      % (conc, mode, "ratio", "", g["wall"] / d["wall"], g["ttft50"] / d["ttft50"],
+                         g["ttft95"] / d["ttft95"], g["tot50"] / d["tot50"],
+                         g["tot95"] / d["tot95"]))
+                for e in (g["error_list"] + d["error_list"])[:3]:
                     print("      error: %s" % e)
         if args.cpu_words and not args.target:
             print("\nCPU and upstream bytes for one streamed answer, by length "
@@ -4854,6 +4917,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--concurrency", type=int_list, default=[1, 16, 64, 256],
                    help="comma list (default 1,16,64,256)")
     p.add_argument("--requests", type=int, help="requests per run (default: the concurrency)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs of each path, alternating which goes first; medians shown")
     p.add_argument("--mode", choices=("stream", "json", "both"), default="stream")
     p.add_argument("--token-delay", type=float, default=0.02,
                    help="the demo upstream's pause per token (default 0.02)")

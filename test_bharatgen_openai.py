@@ -1391,6 +1391,12 @@ class PumpTests(unittest.TestCase):
         self.assertEqual(chat(pumped, "Say hello", stream=True, n=2)[0], 200)
         self.assertEqual(pumped.pump.served, 1)
 
+    def test_responses_leave_without_waiting_for_delayed_acks(self):
+        # TCP_NODELAY on every connection (socketserver sets it in setup()): without it a
+        # kept-alive client waited 40 ms for the body that followed the head
+        for handler in (bg._GatewayHandler, bg._DemoHandler):
+            self.assertTrue(handler.disable_nagle_algorithm, handler)
+
     def test_a_slow_client_holds_back_its_own_upstream_only(self):
         demo = start_demo(self, token_delay=0)
         gw = start_gateway(self, demo.url)
@@ -2267,7 +2273,8 @@ class CLITests(unittest.TestCase):
 
     def test_bench_compares_the_gateway_with_direct_calls(self):
         proc = subprocess.run([sys.executable, "bharatgen_openai.py", "bench", "--concurrency", "2",
-                               "--words", "5", "--token-delay", "0.001", "--mode", "both"],
+                               "--words", "5", "--token-delay", "0.001", "--mode", "both",
+                               "--repeat", "2"],
                               cwd=str(HERE), capture_output=True, text=True, timeout=60)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         rows = [line.split() for line in proc.stdout.splitlines() if line[:5].strip() == "2"]
