@@ -3129,7 +3129,8 @@ def _shutting_down() -> "ServerOverloadedError":
 class _PumpJob:
     """One stream the pump moves: its events, its sockets, what is left to send."""
 
-    def __init__(self, handler: Any, stream: "_EventStream", events: Iterator[Optional[bytes]]):
+    def __init__(self, handler: Any, stream: "_EventStream",
+                 events: Iterator[Optional[bytes]]) -> None:
         self.handler, self.stream, self.events = handler, stream, events
         self.client: socket.socket = handler.connection
         self.upstream: Optional[socket.socket] = None
