@@ -3907,6 +3907,7 @@ class _DemoJob:
     event_id: str
     queue: bool
     cancelled: threading.Event = field(default_factory=threading.Event)
+    next_at: float = 0.0       # when its next token is due (a steady rate, like a model's)
 
 
 class _DemoHandler(_BaseHandler):
@@ -4143,7 +4144,7 @@ class DemoUpstream(_Server):
         chat = self._chat(history, message)
         n_thought, text = sum(1 for _ in _demo_tokens(thought)), ""
         for i, text in enumerate(_demo_html(thought, answer)):
-            self._wait(job, self.token_delay)
+            self._tick(job)
             if job.cancelled.is_set():
                 yield "done", None
                 return
@@ -4159,6 +4160,14 @@ class DemoUpstream(_Server):
                 yield "drop", None
                 return
         yield "done", self._output(chat, text)
+
+    def _tick(self, job: _DemoJob) -> None:
+        """Wait for the job's next token: one every ``token_delay`` from the first, so a
+        late wake-up (a busy machine) is made up, not added to every token after it."""
+        if self.token_delay:
+            now = time.monotonic()
+            job.next_at = (job.next_at or now) + self.token_delay
+            self._wait(job, job.next_at - now)
 
     def _wait(self, job: _DemoJob, seconds: float) -> None:
         if seconds:
@@ -4223,7 +4232,7 @@ class DemoUpstream(_Server):
     def _replay(self, job: _DemoJob, capture: bytes) -> Iterator[bytes]:
         for raw in capture.split(b"\n\n"):
             if raw.strip():
-                self._wait(job, self.token_delay)
+                self._tick(job)
                 yield raw + b"\n\n"
 
     def call_events(self, job: _DemoJob) -> Iterator[Optional[bytes]]:
