@@ -978,7 +978,8 @@ class _EventStream:
     """
 
     def __init__(self, client: "GradioClient", conn: http.client.HTTPConnection,
-                 resp: http.client.HTTPResponse) -> None:
+                 resp: http.client.HTTPResponse,
+                 on_stream: Optional[Callable[["_EventStream"], None]] = None) -> None:
         self.client, self.conn, self.resp = client, conn, resp
         self.deadline = time.monotonic() + client.first_event_timeout
         self.started = False
@@ -990,6 +991,8 @@ class _EventStream:
         self._buf, self._left, self._ended = b"", 0, False   # framing still unread
         self.pumped = False               # read without blocking, by the gateway's pump
         self.last_data = 0.0
+        if on_stream is not None:         # shown to the gateway, which may pump it
+            on_stream(self)
 
     @property
     def pumpable(self) -> bool:
@@ -1529,9 +1532,7 @@ class GradioClient:
             resp = self._send(conn, "GET", "%s/%s" % (base, event_id))
             if resp.status != 200:
                 raise UpstreamError("the Gradio app refused the event stream (HTTP %d)" % resp.status)
-            events = _EventStream(self, conn, resp)
-            if on_stream is not None:
-                on_stream(events)
+            events = _EventStream(self, conn, resp, on_stream)
             for event, payload in self._latest(events):
                 if payload is None:
                     yield None                     # type: ignore[misc]
@@ -1613,9 +1614,7 @@ class GradioClient:
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
             unsent = False                        # outputs changed, not yet yielded whole
-            events = _EventStream(self, conn, resp)
-            if on_stream is not None:
-                on_stream(events)
+            events = _EventStream(self, conn, resp, on_stream)
             for msg, more in self._messages(events):
                 if more is None:
                     yield None                     # type: ignore[misc]
@@ -2778,6 +2777,11 @@ class AsyncBharatGenOpenAI:
 # HTTP plumbing shared by the gateway and the demo upstream #####################
 ###############################################################################
 
+def _http_chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk (RFC 9112 section 7.1)."""
+    return b"%X\r\n%s\r\n" % (len(data), data)
+
+
 class _BaseHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive handler with JSON and chunked-stream writers."""
 
@@ -2818,7 +2822,7 @@ class _BaseHandler(BaseHTTPRequestHandler):
     def _chunk(self, data: bytes) -> None:
         """Write one HTTP/1.1 chunk (RFC 9112 section 7.1) and flush it to the socket."""
         if data:
-            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data))
+            self.wfile.write(_http_chunk(data))
             self.wfile.flush()
 
     def _end_chunked(self) -> None:
@@ -3258,7 +3262,7 @@ class _Pump:
                 if self.closing.is_set():
                     raise _shutting_down()
                 handler._bytes_out += len(data)
-                job.out.append(b"%X\r\n%s\r\n" % (len(data), data))
+                job.out.append(_http_chunk(data))
         except StopIteration:
             self._flush(job)
             self._end(job, None)
@@ -3690,8 +3694,10 @@ class _GatewayHandler(_BaseHandler):
             if first is not None:
                 self._chunk(first)
             pump = self.server.pump
-            if pump is not None and upstreams and len(upstreams) == 1 and upstreams[0].pumpable:
-                pump.run(self, upstreams[0], events)      # the same outcomes as the loop
+            # the last upstream stream opened is the one giving output (a replica that
+            # failed before output left an earlier one behind)
+            if pump is not None and upstreams and upstreams[-1].pumpable:
+                pump.run(self, upstreams[-1], events)     # the same outcomes as the loop
             else:
                 for event in events:
                     if self.server.closing.is_set():
@@ -4367,17 +4373,18 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
     try:
         body = json.dumps({"model": model, "stream": stream,
                            "messages": [{"role": "user", "content": prompt}]})
-        try:
-            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
-        except (ConnectionError, http.client.RemoteDisconnected):
-            if not reused:                            # a fresh one failed: a real error
-                raise
-            conn.close()                              # the server closed it while it rested
-            conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-            started = time.monotonic()
-            conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
-            resp = conn.getresponse()
+        while True:
+            try:
+                conn.request("POST", "/v1/chat/completions", body,
+                             {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                break
+            except ConnectionError:                   # RemoteDisconnected included
+                if not reused:                        # a fresh one failed: a real error
+                    raise
+                conn.close()                          # the server closed it while it rested
+                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+                started, reused = time.monotonic(), False
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))
         if not stream:

@@ -1391,6 +1391,14 @@ class PumpTests(unittest.TestCase):
         self.assertEqual(chat(pumped, "Say hello", stream=True, n=2)[0], 200)
         self.assertEqual(pumped.pump.served, 1)
 
+    def test_the_replica_that_answers_is_pumped_after_one_that_timed_out(self):
+        slow, quick = start_demo(self, token_delay=3), start_demo(self, token_delay=0.001)
+        gw = start_gateway(self, [slow.url, quick.url], first_event_timeout=0.3)
+        answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
+        status, _, body = chat(gw, "300 words", stream=True)     # round-robin starts at slow
+        self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
+        self.assertEqual((len(slow.calls), len(quick.calls), gw.pump.served), (1, 1, 1))
+
     def test_responses_leave_without_waiting_for_delayed_acks(self):
         # TCP_NODELAY on every connection (socketserver sets it in setup()): without it a
         # kept-alive client waited 40 ms for the body that followed the head
