@@ -748,7 +748,7 @@ _FINGERPRINT = "fp_bharatgen_" + hashlib.sha1(__version__.encode()).hexdigest()[
 
 
 ###############################################################################
-# Upstream: a Gradio client over http.client ###################################
+# Upstream: a Gradio client over plain sockets ################################
 ###############################################################################
 
 # OpenAI-side roles, and the app parameter names that take each of them.
@@ -927,6 +927,216 @@ def _apply_diff(value: Any, diff: List[Any]) -> Any:
     return value
 
 
+_MAX_HEAD = 65536                          # bytes of a response's status line and headers
+_MAX_IDLE_CONNECTIONS = 256                # kept alive per upstream, for the next requests
+_UNSAFE_IN_HEAD = re.compile(r"[\x00-\x1f\x7f]")   # would split or end a request line
+
+
+class _Response:
+    """One upstream response: its status and headers, and its body read from the
+    connection (``Content-Length``, chunked, or up to the close)."""
+
+    __slots__ = ("conn", "status", "headers", "will_close", "chunked", "length", "done", "_left")
+
+    def __init__(self, conn: "_Connection", status: int, headers: Dict[str, str],
+                 will_close: bool, chunked: bool, length: Optional[int]) -> None:
+        self.conn, self.status, self.headers = conn, status, headers
+        self.will_close, self.chunked, self.length = will_close, chunked, length
+        self.done = length == 0            # the body has been read to its end
+        self._left = 0                     # chunked: data left in this chunk (-1: trailers,
+                                           # -2: the CRLF after a chunk's data)
+
+    @property
+    def reusable(self) -> bool:
+        """True if the connection can carry the next request."""
+        return self.done and not self.will_close and self.conn.sock is not None
+
+    def read(self) -> bytes:
+        """The whole body (the socket must be blocking)."""
+        parts = []
+        while True:
+            data = self.read1()
+            if not data:
+                return b"".join(parts)
+            parts.append(data)
+
+    def read1(self) -> Optional[bytes]:
+        """The body bytes that have arrived, in at most one socket read: ``b""`` at the
+        end, ``None`` if the socket is non-blocking and nothing has arrived.
+
+        A chunked body is decoded here, so one read takes every chunk that has arrived
+        (Gradio sends one event per chunk).
+        """
+        if self.done:
+            return b""
+        conn = self.conn
+        if not self.chunked:
+            data, conn.buf = conn.buf, b""
+            if not data:
+                data = conn.recv()
+                if data is None:
+                    return None
+            if self.length is None:        # up to the close
+                self.done = not data
+                return data
+            if not data:
+                raise http.client.IncompleteRead(b"", self.length)
+            if len(data) > self.length:
+                data, conn.buf = data[:self.length], data[self.length:]
+            self.length -= len(data)
+            self.done = self.length == 0
+            return data
+        out: List[bytes] = []
+        while True:
+            buf, pos = conn.buf, 0
+            while True:
+                if self._left > 0:                      # inside a chunk's data
+                    if pos == len(buf):
+                        break
+                    take = buf[pos:pos + self._left]
+                    out.append(take)
+                    pos += len(take)
+                    self._left -= len(take)
+                    if self._left:
+                        break
+                    self._left = -2
+                if self._left == -2:
+                    if len(buf) - pos < 2:
+                        break
+                    pos, self._left = pos + 2, 0
+                eol = buf.find(b"\r\n", pos)
+                if eol < 0:
+                    break
+                if self._left == -1:                    # trailers, up to an empty line
+                    empty, pos = eol == pos, eol + 2
+                    if empty:
+                        self.done = True
+                        break
+                    continue
+                try:
+                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
+                except ValueError:
+                    raise http.client.IncompleteRead(buf[pos:eol]) from None
+                pos = eol + 2
+                self._left = size if size else -1
+            conn.buf = buf[pos:]
+            if out or self.done:
+                return b"".join(out)
+            data = conn.recv()
+            if data is None:
+                return None
+            if not data:
+                raise http.client.IncompleteRead(b"")
+            conn.buf += data
+
+
+class _Connection:
+    """One keep-alive HTTP/1.1 connection to an upstream, over TLS for ``https``.
+
+    A request goes out in one write and the response head is parsed here:
+    http.client's header parsing (the email package) costs more than the rest of
+    setting up a streamed answer.
+    """
+
+    def __init__(self, host: str, port: int, context: Optional[ssl.SSLContext],
+                 timeout: float) -> None:
+        self.host, self.port, self.context, self.timeout = host, port, context, timeout
+        self.sock: Optional[socket.socket] = None
+        self.buf = b""                     # bytes read past what was handed out
+        self.reused = False                # it came from the pool of idle connections
+        name = "[%s]" % host if ":" in host else host
+        default = 443 if context is not None else 80
+        self._host_header = name if port == default else "%s:%d" % (name, port)
+
+    def close(self) -> None:
+        sock, self.sock, self.buf = self.sock, None, b""
+        if sock is not None:
+            sock.close()
+
+    def recv(self) -> Optional[bytes]:
+        """One socket read (``None`` if the socket is non-blocking and has nothing)."""
+        try:
+            return self.sock.recv(65536)
+        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+            return None
+
+    def request(self, method: str, target: str, body: Optional[bytes],
+                headers: Dict[str, str]) -> None:
+        """Send one request (connecting first if need be)."""
+        if _UNSAFE_IN_HEAD.search(target) or " " in target or \
+                any(_UNSAFE_IN_HEAD.search(value) for value in headers.values()):
+            raise http.client.InvalidURL("a control character in the request to %r" % target[:200])
+        head = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self._host_header)]
+        head += ["%s: %s\r\n" % item for item in headers.items()]
+        if body is not None:
+            head.append("Content-Length: %d\r\n" % len(body))
+        head.append("\r\n")
+        try:
+            data = "".join(head).encode("latin-1")
+        except UnicodeEncodeError:
+            raise http.client.InvalidURL("a header that is not Latin-1 in the request to %r"
+                                         % target[:200]) from None
+        if self.sock is None:
+            sock = socket.create_connection((self.host, self.port), self.timeout)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.context is not None:
+                sock = self.context.wrap_socket(sock, server_hostname=self.host)
+            self.sock, self.buf = sock, b""
+        self.sock.sendall(data + body if body else data)
+
+    def getresponse(self, method: str) -> _Response:
+        """Read the status line and headers of the response (1xx ones skipped)."""
+        while True:
+            buf = self.buf
+            end = buf.find(b"\r\n\r\n")
+            while end < 0:
+                if len(buf) > _MAX_HEAD:
+                    raise http.client.LineTooLong("response head of over %d bytes" % _MAX_HEAD)
+                data = self.sock.recv(65536)
+                if not data:
+                    if buf:
+                        raise http.client.BadStatusLine(buf[:200].decode("latin-1"))
+                    raise http.client.RemoteDisconnected("the connection closed without a response")
+                buf += data
+                end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
+            lines = buf[:end].decode("latin-1").split("\r\n")
+            self.buf = buf[end + 4:]
+            parts = lines[0].split(None, 2)
+            try:
+                if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
+                    raise ValueError
+                status = int(parts[1])
+            except ValueError:
+                raise http.client.BadStatusLine(lines[0][:200]) from None
+            if 100 <= status < 200 and status != 101:
+                continue                       # 100 Continue and the like: the real one follows
+            headers: Dict[str, str] = {}
+            for line in lines[1:]:
+                name, colon, value = line.partition(":")
+                if not colon:
+                    raise http.client.BadStatusLine("a malformed header line: %r" % line[:200])
+                name, value = name.strip().lower(), value.strip()
+                headers[name] = headers[name] + ", " + value if name in headers else value
+            connection = headers.get("connection", "").lower()
+            will_close = "close" in connection or (parts[0] == "HTTP/1.0"
+                                                   and "keep-alive" not in connection)
+            chunked = "chunked" in headers.get("transfer-encoding", "").lower()
+            length: Optional[int] = None
+            if method == "HEAD" or status in (204, 304):
+                length = 0
+            elif not chunked:
+                try:
+                    length = int(headers["content-length"])
+                    if length < 0:
+                        raise ValueError
+                except KeyError:
+                    will_close = True          # the body runs to the close
+                except ValueError:
+                    raise http.client.BadStatusLine(
+                        "a malformed Content-Length: %r" % headers["content-length"]) from None
+            return _Response(self, status, headers, will_close, chunked, length)
+
+
 class _IdleWatch:
     """Ends upstream reads that wait too long, so streaming sockets need no timeout.
 
@@ -977,18 +1187,14 @@ class _EventStream:
     ``timeout``, kept by the client's :class:`_IdleWatch` while the socket blocks.
     """
 
-    def __init__(self, client: "GradioClient", conn: http.client.HTTPConnection,
-                 resp: http.client.HTTPResponse,
+    def __init__(self, client: "GradioClient", resp: _Response,
                  on_stream: Optional[Callable[["_EventStream"], None]] = None) -> None:
-        self.client, self.conn, self.resp = client, conn, resp
+        self.client, self.resp, self.conn = client, resp, resp.conn
         self.deadline = time.monotonic() + client.first_event_timeout
         self.started = False
         self.bytes = 0         # counted here, added to the shared metrics once at the end
         self.reading_since = 0.0          # when the read under way began (0: none)
         self.expired = False
-        # a chunked body is decoded here, so one read takes every chunk that has arrived
-        self._chunked = bool(resp.chunked) and resp.chunk_left is None
-        self._buf, self._left, self._ended = b"", 0, False   # framing still unread
         self.pumped = False               # read without blocking, by the gateway's pump
         self.last_data = 0.0
         if on_stream is not None:         # shown to the gateway, which may pump it
@@ -996,29 +1202,17 @@ class _EventStream:
 
     @property
     def pumpable(self) -> bool:
-        """True if the gateway's pump can take this stream over (a chunked body)."""
-        return self._chunked and self.started and self.conn.sock is not None
+        """True if the gateway's pump can take this stream over."""
+        return self.started and self.conn.sock is not None
 
     def pump(self) -> socket.socket:
         """Make reads non-blocking (``None`` when nothing has arrived); the socket, for
-        the pump's selector."""
+        the pump's selector (which calls once first: some may be buffered already)."""
         sock = self.conn.sock
         sock.setblocking(False)
-        try:
-            self._buf += self.resp.fp.read1(65536)    # what http.client had buffered already
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            pass                                      # it had nothing
         self.client._idle_watch.unwatch(self)     # the pump keeps the idle timeout now
         self.pumped, self.last_data = True, time.monotonic()
         return sock
-
-    def _recv(self) -> Optional[bytes]:
-        if not self.pumped:
-            return self.resp.fp.read1(65536)
-        try:
-            return self.conn.sock.recv(65536)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
-            return None
 
     def output_started(self) -> None:
         if not self.started:
@@ -1038,7 +1232,7 @@ class _EventStream:
 
     def _read(self) -> Optional[bytes]:
         if self.pumped:
-            block = self._read_body()
+            block = self.resp.read1()
             if block:
                 self.bytes += len(block)
                 self.last_data = time.monotonic()
@@ -1049,11 +1243,11 @@ class _EventStream:
                 if left <= 0:
                     raise socket.timeout()
                 self.conn.sock.settimeout(min(self.client.timeout, left))
-            block = self._read_body()
+            block = self.resp.read1()
         else:
             self.reading_since = time.monotonic()
             try:
-                block = self._read_body()
+                block = self.resp.read1()
             except (OSError, http.client.HTTPException):
                 if self.expired:
                     raise socket.timeout() from None
@@ -1065,65 +1259,6 @@ class _EventStream:
         self.bytes += len(block)
         return block
 
-    def _read_body(self) -> Optional[bytes]:
-        """The body bytes that have arrived (``b""`` at its end; ``None`` if nothing has,
-        when pumped), in one socket read.
-
-        http.client would return one HTTP chunk per read, and Gradio sends one event
-        per chunk; decoding the chunked framing here hands over all of them at once.
-        """
-        if not self._chunked:
-            return self.resp.read1(65536)
-        out: List[bytes] = []
-        while not self._ended:
-            buf, pos = self._buf, 0
-            while True:
-                if self._left > 0:                      # inside a chunk's data
-                    if pos == len(buf):
-                        break
-                    take = buf[pos:pos + self._left]
-                    out.append(take)
-                    pos += len(take)
-                    self._left -= len(take)
-                    if self._left:
-                        break
-                    self._left = -2                     # the CRLF after the data
-                if self._left == -2:
-                    if len(buf) - pos < 2:
-                        break
-                    pos, self._left = pos + 2, 0
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                if self._left == -1:                    # trailers, up to an empty line
-                    empty, pos = eol == pos, eol + 2
-                    if empty:
-                        self._ended = True
-                        break
-                    continue
-                try:
-                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                except ValueError:
-                    raise http.client.IncompleteRead(buf[pos:eol]) from None
-                pos = eol + 2
-                if size == 0:
-                    self._left = -1
-                    continue
-                self._left = size
-            self._buf = buf[pos:]
-            if out:
-                break
-            if not self._ended:
-                data = self._recv()
-                if data is None:
-                    return None
-                if not data:
-                    raise http.client.IncompleteRead(b"")
-                self._buf += data
-        if self._ended and not out:
-            self.resp.close()                     # read to its end: the connection can be reused
-        return b"".join(out)
-
     def finish(self) -> None:
         """Read a finished stream to its end (briefly), so its connection can be reused.
 
@@ -1133,9 +1268,9 @@ class _EventStream:
         try:
             if self.conn.sock is not None and not self.pumped:
                 self.conn.sock.settimeout(min(self.client.timeout, 1.0))
-            while self._read_body():
+            while self.resp.read1():
                 pass
-            if not self._ended and self._chunked:
+            if not self.resp.done:
                 self.conn.close()
         except (OSError, http.client.HTTPException):
             self.conn.close()
@@ -1199,7 +1334,11 @@ class GradioClient:
         self._info: Optional[_AppInfo] = None
         self._lock = threading.Lock()
         self._discover_lock = threading.Lock()
-        self._idle: List[http.client.HTTPConnection] = []     # keep-alive connections at rest
+        self._idle: List[_Connection] = []     # keep-alive connections at rest
+        self._tls: Optional[ssl.SSLContext] = None
+        if self._https:
+            self._tls = ssl.create_default_context()
+            self._tls.set_alpn_protocols(["http/1.1"])
         self._idle_watch = _IdleWatch()
         self.metrics: Optional[Any] = None       # a server's _Metrics, counting bytes read
 
@@ -1208,21 +1347,20 @@ class GradioClient:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    def _connect(self) -> http.client.HTTPConnection:
-        """A keep-alive connection at rest, or a new one."""
+    def _connect(self) -> _Connection:
+        """A keep-alive connection at rest, or a new one (connected on first use)."""
         with self._lock:
             if self._idle:
                 conn = self._idle.pop()
-                conn.reused = True  # type: ignore[attr-defined]
+                conn.reused = True
                 return conn
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        return cls(self._host, self._port, timeout=self.connect_timeout)
+        return _Connection(self._host, self._port, self._tls, self.connect_timeout)
 
-    def _release(self, conn: http.client.HTTPConnection, resp: Optional[http.client.HTTPResponse]) -> None:
+    def _release(self, conn: _Connection, resp: Optional[_Response]) -> None:
         """Keep ``conn`` for the next call if its last response was read to the end."""
-        reusable = resp is not None and resp.isclosed() and not resp.will_close and conn.sock is not None
+        reusable = resp is not None and resp.reusable
         with self._lock:
-            if reusable and len(self._idle) < 32:
+            if reusable and len(self._idle) < _MAX_IDLE_CONNECTIONS:
                 self._idle.append(conn)
                 return
         conn.close()
@@ -1234,33 +1372,35 @@ class GradioClient:
         for conn in idle:
             conn.close()
 
-    def _send(self, conn: http.client.HTTPConnection, method: str, path: str,
-              body: Optional[Any] = None) -> http.client.HTTPResponse:
+    def _send(self, conn: _Connection, method: str, path: str,
+              body: Optional[Any] = None) -> _Response:
         """Send one request; turn socket failures into the matching error."""
         data = None if body is None else json.dumps(body).encode("utf-8")
-        headers = {"User-Agent": "bharatgen_openai/" + __version__}
+        headers = {"User-Agent": "bharatgen_openai/" + __version__,
+                   "Accept-Encoding": "identity"}
         if data is not None:
             headers["Content-Type"] = "application/json"
         if self.hf_token:
             headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
         while True:
             try:
-                conn.request(method, self._root + path, body=data, headers=headers)
-                if conn.sock is not None:
-                    conn.sock.settimeout(self.timeout)
-                return conn.getresponse()
+                conn.request(method, self._root + path, data, headers)
+                conn.sock.settimeout(self.timeout)
+                return conn.getresponse(method)
+            except http.client.InvalidURL as exc:
+                raise UpstreamError("cannot send the request to the Gradio app: %s" % exc) from None
             except socket.timeout:
                 raise APITimeoutError("the Gradio app at %s did not answer within %ss"
                                       % (self.base_url, self.timeout)) from None
             except (OSError, http.client.HTTPException) as exc:
-                if getattr(conn, "reused", False):    # the app closed it while it rested
+                if conn.reused:                   # the app closed it while it rested
                     conn.close()
-                    conn.reused = False  # type: ignore[attr-defined]
+                    conn.reused = False
                     continue
                 raise APIConnectionError("cannot reach the Gradio app at %s: %s"
                                          % (self.base_url, exc)) from None
 
-    def _read_all(self, resp: http.client.HTTPResponse) -> bytes:
+    def _read_all(self, resp: _Response) -> bytes:
         try:
             return resp.read()
         except socket.timeout:
@@ -1485,7 +1625,7 @@ class GradioClient:
             return self._stream_queue(info, data, on_stream)
         return self._stream_call(info, data, on_stream)
 
-    def _join(self, conn: http.client.HTTPConnection, path: str, body: Any) -> str:
+    def _join(self, conn: _Connection, path: str, body: Any) -> str:
         """POST a job; its ``event_id``.  503 is a full queue."""
         resp = self._send(conn, "POST", path, body)
         raw = self._read_all(resp)
@@ -1529,10 +1669,10 @@ class GradioClient:
         event_id, done, resp = None, False, None
         try:
             event_id = self._join(conn, base, {"data": data})
-            resp = self._send(conn, "GET", "%s/%s" % (base, event_id))
+            resp = self._send(conn, "GET", "%s/%s" % (base, urllib.parse.quote(event_id, safe="")))
             if resp.status != 200:
                 raise UpstreamError("the Gradio app refused the event stream (HTTP %d)" % resp.status)
-            events = _EventStream(self, conn, resp, on_stream)
+            events = _EventStream(self, resp, on_stream)
             for event, payload in self._latest(events):
                 if payload is None:
                     yield None                     # type: ignore[misc]
@@ -1614,7 +1754,7 @@ class GradioClient:
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
             unsent = False                        # outputs changed, not yet yielded whole
-            events = _EventStream(self, conn, resp, on_stream)
+            events = _EventStream(self, resp, on_stream)
             for msg, more in self._messages(events):
                 if more is None:
                     yield None                     # type: ignore[misc]
@@ -2782,6 +2922,48 @@ def _http_chunk(data: bytes) -> bytes:
     return b"%X\r\n%s\r\n" % (len(data), data)
 
 
+class _Headers:
+    """A request's header fields, looked up by name in any case, like the email
+    ``Message`` that http.server makes of them (which costs more to parse than the
+    rest of a request)."""
+
+    __slots__ = ("_fields", "_first")
+
+    def __init__(self, fields: List[Tuple[str, str]]) -> None:
+        self._fields = fields
+        self._first: Dict[str, str] = {}
+        for name, value in fields:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._first.get(name.lower(), default)
+
+    def __getitem__(self, name: str) -> Optional[str]:
+        return self._first.get(name.lower())
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def get_all(self, name: str, failobj: Any = None) -> Any:
+        name = name.lower()
+        return [v for n, v in self._fields if n.lower() == name] or failobj
+
+    def items(self) -> List[Tuple[str, str]]:
+        return list(self._fields)
+
+    def keys(self) -> List[str]:
+        return [n for n, _ in self._fields]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __str__(self) -> str:
+        return "".join("%s: %s\n" % field for field in self._fields)
+
+
 class _BaseHandler(BaseHTTPRequestHandler):
     """HTTP/1.1 keep-alive handler with JSON and chunked-stream writers."""
 
@@ -2795,6 +2977,69 @@ class _BaseHandler(BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         """Send the access log to the module's logger; override to log elsewhere."""
         _log.info("%s %s", self.address_string(), format % args)
+
+    def parse_request(self) -> bool:
+        """Parse the request line and header fields, as http.server does, into
+        :class:`_Headers`; a field line that is not ``name: value`` is a 400."""
+        self.command = None                    # send_error needs these set
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) >= 3:
+            version = words[-1]
+            number = version[5:].split(".") if version.startswith("HTTP/") else []
+            if len(number) != 2 or not all(n.isdigit() and len(n) <= 10 for n in number):
+                self.send_error(400, "Bad request version (%r)" % version)
+                return False
+            if (int(number[0]), int(number[1])) >= (2, 0):
+                self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
+                return False
+            self.close_connection = (int(number[0]), int(number[1])) < (1, 1)
+            self.request_version = version
+        if not 2 <= len(words) <= 3:
+            self.send_error(400, "Bad request syntax (%r)" % self.requestline)
+            return False
+        self.command, self.path = words[0], words[1]
+        if len(words) == 2:                    # HTTP/0.9
+            self.close_connection = True
+            if self.command != "GET":
+                self.send_error(400, "Bad HTTP/0.9 request type (%r)" % self.command)
+                return False
+        if self.path.startswith("//"):         # not taken for a scheme-less absolute URL
+            self.path = "/" + self.path.lstrip("/")
+        fields: List[Tuple[str, str]] = []
+        while True:
+            line = self.rfile.readline(65537)
+            if len(line) > 65536:
+                self.send_error(431, "Line too long", "a header field of over 65536 bytes")
+                return False
+            if line in (b"\r\n", b"\n", b""):
+                break
+            if len(fields) >= 100:
+                self.send_error(431, "Too many headers", "more than 100 header fields")
+                return False
+            text = line.decode("iso-8859-1").rstrip("\r\n")
+            if text[:1] in (" ", "\t") and fields:      # obs-fold: the field goes on
+                fields[-1] = (fields[-1][0], (fields[-1][1] + " " + text.strip()).strip())
+                continue
+            name, colon, value = text.partition(":")
+            if not colon or not name or name != name.strip():
+                self.send_error(400, "Bad header field (%r)" % text[:100])
+                return False
+            fields.append((name, value.strip()))
+        self.headers = _Headers(fields)  # type: ignore[assignment]
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if self.headers.get("Expect", "").lower() == "100-continue" and \
+                self.request_version >= "HTTP/1.1":
+            return self.handle_expect_100()
+        return True
 
     def _write_head(self, status: int, headers: Dict[str, str]) -> None:
         self.send_response(status)
@@ -4354,8 +4599,10 @@ _FIRST_CONTENT = re.compile(rb'"content":"[^"]')     # a chunk with answer text 
 
 
 def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: float,
-                     idle: Optional[List[http.client.HTTPConnection]] = None) -> Tuple[float, float]:
-    """One chat completion through a gateway: (seconds to the first answer text, total).
+                     idle: Optional[List[http.client.HTTPConnection]] = None,
+                     started: Optional[float] = None) -> Tuple[float, float]:
+    """One chat completion through a gateway: (seconds to the first answer text, total),
+    counted from ``started`` (default: now).
 
     ``idle`` keeps connections alive between requests, as the openai SDK's pool does
     (the direct client keeps its upstream connections too).
@@ -4369,7 +4616,7 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
     parts, reused = urllib.parse.urlsplit(url), conn is not None
     if conn is None:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    started, reusable = time.monotonic(), False
+    started, reusable = started or time.monotonic(), False
     try:
         body = json.dumps({"model": model, "stream": stream,
                            "messages": [{"role": "user", "content": prompt}]})
@@ -4384,7 +4631,7 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
                     raise
                 conn.close()                          # the server closed it while it rested
                 conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-                started, reused = time.monotonic(), False
+                reused = False
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))
         if not stream:
@@ -4414,9 +4661,10 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
             conn.close()
 
 
-def _direct_request(client: "BharatGenOpenAI", prompt: str, stream: bool) -> Tuple[float, float]:
+def _direct_request(client: "BharatGenOpenAI", prompt: str, stream: bool,
+                    started: Optional[float] = None) -> Tuple[float, float]:
     """The same request through the SDK straight to the upstream, no gateway."""
-    started = time.monotonic()
+    started = started or time.monotonic()
     messages = [{"role": "user", "content": prompt}]
     if not stream:
         client.chat.completions.create(messages=messages)
@@ -4430,33 +4678,46 @@ def _direct_request(client: "BharatGenOpenAI", prompt: str, stream: bool) -> Tup
     return (total if ttft is None else ttft), total
 
 
-def _load(fn: Callable[[], Tuple[float, float]], concurrency: int, requests: int) -> Dict[str, Any]:
-    """Run ``requests`` calls of ``fn`` on ``concurrency`` threads; timings and errors."""
+def _load(fn: Callable[[float], Tuple[float, float]], concurrency: int,
+          requests: int) -> Dict[str, Any]:
+    """Run ``requests`` calls of ``fn`` on ``concurrency`` threads; timings and errors.
+
+    The threads start together, and each call's times count from when it was due (the
+    start, then the end of the thread's last call), not from when its thread got round
+    to it: a load generator slowed by its own work must not flatter the figures.
+    """
     ttfts: List[float] = []
     totals: List[float] = []
     errors: List[str] = []
     left = [requests]
     lock = threading.Lock()
+    go = threading.Event()
+    begun: List[float] = []
 
     def worker() -> None:
+        go.wait()
+        due = begun[0]
         while True:
             with lock:
                 if left[0] <= 0:
                     return
                 left[0] -= 1
             try:
-                ttft, total = fn()
+                ttft, total = fn(due)
                 with lock:
                     ttfts.append(ttft)
                     totals.append(total)
             except Exception as exc:          # counted and shown, the run goes on
                 with lock:
                     errors.append(repr(exc)[:200])
+            due = time.monotonic()
 
-    started = time.monotonic()
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
+    started = time.monotonic()
+    begun.append(started)
+    go.set()
     for t in threads:
         t.join()
     return {"wall": time.monotonic() - started, "ttft": ttfts, "total": totals, "errors": errors}
@@ -4558,8 +4819,8 @@ def _cmd_bench(args: Any) -> int:
                 def via_gateway() -> Dict[str, Any]:
                     cpu0, _ = _proc_stats(pid)
                     bytes0 = _scrape(url, "bharatgen_upstream_bytes_total")
-                    r = _load(lambda: _gateway_request(url, model, prompt, stream, args.timeout,
-                                                       kept_alive), conc, n)
+                    r = _load(lambda due: _gateway_request(url, model, prompt, stream, args.timeout,
+                                                           kept_alive, due), conc, n)
                     cpu1, rss = _proc_stats(pid)
                     r["extra"] = (cpu1 - cpu0, rss,
                                   (_scrape(url, "bharatgen_upstream_bytes_total") - bytes0) / n / 1e6)
@@ -4567,7 +4828,7 @@ def _cmd_bench(args: Any) -> int:
 
                 def via_direct() -> Dict[str, Any]:
                     d0 = direct_metrics.value("bharatgen_upstream_bytes_total")
-                    r = _load(lambda: _direct_request(direct, prompt, stream), conc, n)
+                    r = _load(lambda due: _direct_request(direct, prompt, stream, due), conc, n)
                     r["extra"] = (None, None,
                                   (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6)
                     return _summary(r)

@@ -669,15 +669,57 @@ class GradioClientTests(unittest.TestCase):
         thread = threading.Thread(target=serve, daemon=True)
         thread.start()
         client = gradio_client(self, "http://127.0.0.1:%d" % server.getsockname()[1], timeout=5)
-        conn = http.client.HTTPConnection("127.0.0.1", server.getsockname()[1], timeout=5)
+        conn = bg._Connection("127.0.0.1", server.getsockname()[1], None, 5)
         self.addCleanup(conn.close)
-        conn.request("GET", "/")
-        resp = conn.getresponse()
-        stream = bg._EventStream(client, conn, resp)
+        conn.request("GET", "/", None, {})
+        resp = conn.getresponse("GET")
+        stream = bg._EventStream(client, resp)
         got = [event for batch in stream for event in batch]
         self.assertEqual(got, events)
-        self.assertTrue(resp.isclosed())                  # read to its end: reusable
+        self.assertTrue(resp.reusable)                    # read to its end: reusable
         conn.close()
+        thread.join(5)
+
+    def test_upstream_connection_reads_each_kind_of_response(self):
+        replies = [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+                   b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nx-a:  2 \r\nTransfer-Encoding: chunked"
+                   b"\r\n\r\n5\r\nworld\r\n0\r\n\r\n",
+                   b"HTTP/1.0 200 OK\r\n\r\nup to the close"]
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen(2)
+        self.addCleanup(server.close)
+
+        def serve():
+            conn, _ = server.accept()
+            with conn:
+                for reply in replies:                     # one request, one reply, one byte at a time
+                    conn.recv(65536)
+                    for i in range(len(reply)):
+                        conn.sendall(reply[i:i + 1])
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SPDY/9 200 OK\r\n\r\n")
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        conn = bg._Connection("127.0.0.1", server.getsockname()[1], None, 5)
+        self.addCleanup(conn.close)
+        got = []
+        for _ in replies:
+            conn.request("POST", "/x?y=1", b"{}", {"Content-Type": "application/json"})
+            resp = conn.getresponse("POST")
+            got.append((resp.status, resp.headers.get("x-a"), resp.read(), resp.reusable))
+        self.assertEqual(got, [(200, None, b"hello", True), (404, "1, 2", b"world", True),
+                               (200, None, b"up to the close", False)])
+        conn.close()
+        conn.request("GET", "/", None, {})
+        with self.assertRaises(http.client.BadStatusLine):
+            conn.getresponse("GET")
+        for target, headers in (("/a b", {}), ("/a\r\nX: y", {}), ("/", {"A": "b\r\nX: y"}),
+                                ("/", {"A": "\u0928"})):
+            with self.assertRaises(http.client.InvalidURL):
+                conn.request("GET", target, None, headers)
         thread.join(5)
 
     def test_queue_appends_that_arrived_together_are_one_update(self):
@@ -1567,6 +1609,26 @@ class LimitTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 5)
         self.assertEqual(chat(gw, "Say hello")[0], 200)
 
+    def test_header_fields_are_parsed_as_http_server_would(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["sk-a"])
+        port, body = gw.server_address[1], json.dumps(
+            {"model": "param-1", "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n"
+                b"AUTHORIZATION:Bearer sk-a  \r\nX-Folded: a\r\n b\r\nConnection: close\r\n"
+                % len(body))
+        status, _, answer = parse_response(raw_exchange(port, head + b"\r\n" + body))
+        self.assertEqual((status, json.loads(answer)["choices"][0]["message"]["content"]),
+                         (200, "Hello! How are you doing today?"))
+        for extra, code, message in (
+                (b"X-Bad : 1\r\n", 400, "Bad header field ('X-Bad : 1')"),
+                (b"NoColon\r\n", 400, "Bad header field ('NoColon')"),
+                (b"X-A: 1\r\n" * 101, 431, "Too many headers")):
+            status, _, answer = parse_response(raw_exchange(port, head + extra + b"\r\n" + body))
+            self.assertEqual((status, json.loads(answer)["error"]), (code, {
+                "message": message, "type": "invalid_request_error", "param": None,
+                "code": "bad_request"}))
+        self.assertEqual(chat(gw, "Say hello", headers={"authorization": "Bearer sk-a"})[0], 200)
+
     def test_concurrency_cap_answers_503_at_once(self):
         gw = start_gateway(self, self.demo.url, max_concurrent=2)
         results = []
@@ -1823,6 +1885,10 @@ class FaultTests(unittest.TestCase):
                         self.assertEqual(events[-2]["error"]["code"], code)
                     else:
                         self.assertEqual(streamed_text(events), HELLO)
+        for server in (gw, bad_endpoint, slow_gw, refused):   # kept-alive upstream connections
+            for route in server.backend.routes.values():     # hold a demo thread each: not a leak
+                for replica in route.pool.replicas:
+                    replica.client.close()
         deadline = time.monotonic() + TIMEOUT
         while threading.active_count() > before and time.monotonic() < deadline:
             time.sleep(0.05)
