@@ -1770,7 +1770,7 @@ class GradioClient:
                         while more and _is_update(more[0]) and \
                                 _is_append_to(more[0]["output"].get("data"), path):
                             texts.append(more.popleft()["output"]["data"][0][0][2])
-                        text = texts[0] if len(texts) == 1 else "".join(texts)
+                        text = "".join(texts)
                         appended.append(text)             # kept aside: no copy of the reply
                         yield text, False, True
                         continue
@@ -2990,14 +2990,15 @@ class _BaseHandler(BaseHTTPRequestHandler):
             return False
         if len(words) >= 3:
             version = words[-1]
-            number = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(number) != 2 or not all(n.isdigit() and len(n) <= 10 for n in number):
+            digits = version[5:].split(".") if version.startswith("HTTP/") else []
+            if len(digits) != 2 or not all(n.isdigit() and len(n) <= 10 for n in digits):
                 self.send_error(400, "Bad request version (%r)" % version)
                 return False
-            if (int(number[0]), int(number[1])) >= (2, 0):
+            number = (int(digits[0]), int(digits[1]))
+            if number >= (2, 0):
                 self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
                 return False
-            self.close_connection = (int(number[0]), int(number[1])) < (1, 1)
+            self.close_connection = number < (1, 1)
             self.request_version = version
         if not 2 <= len(words) <= 3:
             self.send_error(400, "Bad request syntax (%r)" % self.requestline)
@@ -4614,8 +4615,11 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
         except IndexError:
             pass
     parts, reused = urllib.parse.urlsplit(url), conn is not None
+
+    def connect() -> http.client.HTTPConnection:
+        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     if conn is None:
-        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+        conn = connect()
     started, reusable = started or time.monotonic(), False
     try:
         body = json.dumps({"model": model, "stream": stream,
@@ -4630,7 +4634,7 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
                 if not reused:                        # a fresh one failed: a real error
                     raise
                 conn.close()                          # the server closed it while it rested
-                conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+                conn = connect()
                 reused = False
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))

@@ -468,6 +468,18 @@ class UrlTests(unittest.TestCase):
 
 # -- real sockets ---------------------------------------------------------------------------
 
+def scripted_server(test, serve):
+    """A raw TCP server on a free loopback port; ``serve(listener)`` runs on a thread.
+    Returns ``(port, thread)``."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2)
+    test.addCleanup(listener.close)
+    thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread
+
+
 def gradio_client(test, *args, **kwargs):
     client = bg.GradioClient(*args, **kwargs)
     test.addCleanup(client.close)
@@ -649,12 +661,8 @@ class GradioClientTests(unittest.TestCase):
                   + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks)
                   + b"0\r\nX-Trailer: yes\r\n\r\n")
         rng = random.Random(3)
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen(1)
-        self.addCleanup(server.close)
 
-        def serve():
+        def serve(server):
             conn, _ = server.accept()
             with conn:
                 conn.recv(65536)
@@ -666,10 +674,9 @@ class GradioClientTests(unittest.TestCase):
                     if rng.random() < 0.1:
                         time.sleep(0.002)
                 conn.recv(65536)                          # until the client hangs up
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        client = gradio_client(self, "http://127.0.0.1:%d" % server.getsockname()[1], timeout=5)
-        conn = bg._Connection("127.0.0.1", server.getsockname()[1], None, 5)
+        port, thread = scripted_server(self, serve)
+        client = gradio_client(self, "http://127.0.0.1:%d" % port, timeout=5)
+        conn = bg._Connection("127.0.0.1", port, None, 5)
         self.addCleanup(conn.close)
         conn.request("GET", "/", None, {})
         resp = conn.getresponse("GET")
@@ -685,12 +692,8 @@ class GradioClientTests(unittest.TestCase):
                    b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nx-a:  2 \r\nTransfer-Encoding: chunked"
                    b"\r\n\r\n5\r\nworld\r\n0\r\n\r\n",
                    b"HTTP/1.0 200 OK\r\n\r\nup to the close"]
-        server = socket.socket()
-        server.bind(("127.0.0.1", 0))
-        server.listen(2)
-        self.addCleanup(server.close)
 
-        def serve():
+        def serve(server):
             conn, _ = server.accept()
             with conn:
                 for reply in replies:                     # one request, one reply, one byte at a time
@@ -701,9 +704,8 @@ class GradioClientTests(unittest.TestCase):
             with conn:
                 conn.recv(65536)
                 conn.sendall(b"SPDY/9 200 OK\r\n\r\n")
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        conn = bg._Connection("127.0.0.1", server.getsockname()[1], None, 5)
+        port, thread = scripted_server(self, serve)
+        conn = bg._Connection("127.0.0.1", port, None, 5)
         self.addCleanup(conn.close)
         got = []
         for _ in replies:
