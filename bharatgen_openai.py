@@ -44,8 +44,7 @@ __all__ = [
 
 import collections
 import dataclasses
-import hashlib
-import hmac
+import heapq
 import html
 import http.client
 import json
@@ -505,15 +504,16 @@ class _StopCutter:
         return "" if self.stopped else held
 
 
-# Token estimator: counts by script, calibrated against tiktoken's o200k_base.
-_TOKEN_RE = re.compile(
+# Token estimator: counts by script, calibrated against tiktoken's o200k_base. Compiled
+# on first use (re caches it): its Unicode ranges cost a tenth of the module's import.
+_TOKEN_PATTERN = (
     r"(?P<latin>[A-Za-z\u00C0-\u024F]+)"
     r"|(?P<digits>[0-9]+)"
     r"|(?P<indic>[\u0900-\u0DFF\uA8E0-\uA8FF\u1CD0-\u1CFF]+)"
     r"|(?P<cjk>[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF\uF900-\uFAFF]+)"
     r"|(?P<space>\s+)"
     r"|(?P<punct>[!-/:-@\[-`{-~]+)"
-    r"|(?P<other>.)", re.S)
+    r"|(?P<other>.)")
 
 # Characters per token for the Indic blocks, by script (o200k_base has many Devanagari
 # merges, fewer for the southern scripts).
@@ -536,7 +536,7 @@ def estimate_tokens(text: str) -> int:
     punctuation (code) about one per two characters.
     """
     total = 0.0
-    for m in _TOKEN_RE.finditer(text):
+    for m in re.finditer(_TOKEN_PATTERN, text, re.S):
         kind, s = m.lastgroup, m.group()
         n = len(s)
         if kind == "latin":
@@ -744,7 +744,7 @@ def _new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
 
-_FINGERPRINT = "fp_bharatgen_" + hashlib.sha1(__version__.encode()).hexdigest()[:8]
+_FINGERPRINT = "fp_bharatgen_" + __version__.replace(".", "_")
 
 
 ###############################################################################
@@ -3046,6 +3046,8 @@ class _BaseHandler(BaseHTTPRequestHandler):
         self.send_response(status)
         for name, value in headers.items():
             self.send_header(name, value)
+        if self.close_connection and "connection" not in (name.lower() for name in headers):
+            self.send_header("Connection", "close")    # asked for, or HTTP/1.0 (RFC 9112 9.6)
         self.end_headers()
 
     def _send_bytes(self, status: int, body: bytes, content_type: str,
@@ -3121,9 +3123,14 @@ class _BaseHandler(BaseHTTPRequestHandler):
 # Server pieces: keys, rate limits, metrics, deadlines ##########################
 ###############################################################################
 
+def _sha256(text: str) -> bytes:
+    import hashlib      # only where keys are used: loading OpenSSL's hashes slows the import
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
 def _key_hash(token: str) -> str:
     """A short, stable name for a key in logs (never the key itself)."""
-    return hashlib.sha256(token.encode("utf-8")).hexdigest()[:10]
+    return _sha256(token).hex()[:10]
 
 
 class _KeyStore:
@@ -3156,7 +3163,7 @@ class _KeyStore:
                                len(self._digests), exc)
                     return len(self._digests)
                 raise ValueError("cannot read the key file: %s" % exc) from None
-        self._digests = [hashlib.sha256(k.encode("utf-8")).digest() for k in keys]
+        self._digests = [_sha256(k) for k in keys]
         return len(self._digests)
 
     def identify(self, authorization: Optional[str]) -> str:
@@ -3166,8 +3173,8 @@ class _KeyStore:
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationError("Missing API key: send the header "
                                       "'Authorization: Bearer <key>'")
-        given = hashlib.sha256(token.encode("utf-8")).digest()
-        ok = False
+        import hmac
+        given, ok = _sha256(token), False
         for digest in self._digests:    # no early exit: time does not depend on which key
             ok |= hmac.compare_digest(given, digest)
         if not ok:
@@ -4152,6 +4159,11 @@ def _demo_html(thought: str, answer: str) -> Iterator[str]:
            + _LATENCY % (took, took))
 
 
+_DEMO_BATCH = 0.002     # chunks due this close together go out in one wake-up of the pacer
+_DEMO_RETRY = 0.005     # a client whose socket is full is tried again after this
+_DEMO_WRITE = 65536     # at most this much is gathered for one write
+
+
 @dataclass
 class _DemoJob:
     """One submitted job of the demo upstream."""
@@ -4160,6 +4172,163 @@ class _DemoJob:
     queue: bool
     cancelled: threading.Event = field(default_factory=threading.Event)
     next_at: float = 0.0       # when its next token is due (a steady rate, like a model's)
+
+
+class _PacedStream:
+    """A job's event stream as the pacer writes it: what is due, and what waits."""
+
+    __slots__ = ("sock", "chunks", "job", "out", "held", "held_due", "end", "due", "ended", "ok")
+
+    def __init__(self, sock: socket.socket, chunks: Iterator[Optional[bytes]],
+                 job: _DemoJob) -> None:
+        self.sock, self.chunks, self.job = sock, _framed(chunks), job
+        self.out = b""                     # due, not yet sent (the client's socket was full)
+        self.held: Optional[bytes] = None  # the next HTTP chunk, until its token is due
+        self.held_due = 0.0
+        self.end: Optional[bool] = None    # once gathered: True the body's end, False a drop
+        self.due = 0.0                     # of its newest entry in the pacer's heap
+        self.ended = threading.Event()
+        self.ok = False
+
+
+def _framed(chunks: Iterator[Optional[bytes]]) -> Iterator[bytes]:
+    """A demo stream's events as HTTP chunks, then the end of the body; ``b""`` for
+    the drop fault (a ``None`` event)."""
+    for chunk in chunks:
+        if chunk is None:
+            yield b""
+            return
+        yield _http_chunk(chunk)
+    yield b"0\r\n\r\n"
+
+
+class _DemoPacer:
+    """One thread that writes every stream of a demo upstream, each chunk when due; it
+    runs while there are streams.
+
+    A thread per stream, each waking for every token, cost the demo more CPU (much of it
+    in the kernel) than the gateway in front of it; on the bench's shared cores that
+    slowed both paths. One thread takes every chunk that is due in each wake-up. Its
+    sockets do not block: a client that stops reading holds up only its own stream.
+    """
+
+    def __init__(self, stopping: threading.Event) -> None:
+        self._stopping = stopping
+        self._cond = threading.Condition()
+        self._heap: List[Tuple[float, int, _PacedStream]] = []    # (due, order, stream)
+        self._order = 0
+        self._streams: Dict[int, _PacedStream] = {}               # by id(job)
+        self._thread: Optional[threading.Thread] = None
+
+    def stream(self, sock: socket.socket, chunks: Iterator[Optional[bytes]],
+               job: _DemoJob) -> bool:
+        """Write ``chunks`` to the client on ``sock`` as a chunked body, each when it falls
+        due (a ``None`` chunk drops the connection); True if the whole body went out."""
+        paced, timeout = _PacedStream(sock, chunks, job), sock.gettimeout()
+        sock.settimeout(0)
+        with self._cond:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, daemon=True,
+                                                name="DemoPacer")
+                self._thread.start()
+            self._streams[id(job)] = paced
+            self._schedule(paced, 0.0)
+        paced.ended.wait()
+        sock.settimeout(timeout)
+        return paced.ok
+
+    def wake(self, job: _DemoJob) -> None:
+        """Make the job's next chunk due now (it was cancelled)."""
+        with self._cond:
+            paced = self._streams.get(id(job))
+            if paced is not None:
+                self._schedule(paced, 0.0)
+
+    def stop(self) -> None:
+        """End every stream (the demo is stopping)."""
+        with self._cond:
+            self._cond.notify()
+
+    def _schedule(self, paced: _PacedStream, due: float) -> None:
+        """Called with the lock held; an earlier entry for the stream goes stale."""
+        paced.due, self._order = due, self._order + 1
+        heapq.heappush(self._heap, (due, self._order, paced))
+        self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._stopping.is_set() or not self._streams:   # ends when idle
+                        for paced in list(self._streams.values()):
+                            self._finish(paced, False)
+                        self._heap.clear()
+                        self._thread = None
+                        return
+                    now = time.monotonic()
+                    if self._heap and self._heap[0][0] <= now + _DEMO_BATCH:
+                        break
+                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
+                ready = []
+                while self._heap and self._heap[0][0] <= now + _DEMO_BATCH:
+                    due, _, paced = heapq.heappop(self._heap)
+                    if due == paced.due and not paced.ended.is_set():
+                        ready.append(paced)
+            for paced in ready:
+                self._step(paced)
+
+    def _step(self, paced: _PacedStream) -> None:
+        """Send what fell due in one write, then wait for the next chunk's time."""
+        try:
+            if not paced.out:
+                self._gather(paced)
+            if paced.out:
+                paced.out = paced.out[paced.sock.send(paced.out):]
+        except BlockingIOError:
+            pass
+        except OSError:                                 # the client went away
+            return self._finish(paced, False)
+        except Exception:
+            _log.exception("demo upstream: a stream failed")
+            return self._finish(paced, False)
+        if paced.out:                                   # the client's socket is full
+            due = time.monotonic() + _DEMO_RETRY
+        elif paced.end is not None:
+            return self._finish(paced, paced.end)
+        elif paced.held is None:                        # a full write: more is due now
+            due = time.monotonic()
+        else:
+            due = 0.0 if paced.job.cancelled.is_set() else paced.held_due
+        with self._cond:
+            self._schedule(paced, due)
+
+    @staticmethod
+    def _gather(paced: _PacedStream) -> None:
+        """Move the held chunk, and every next one already due, into ``out`` (up to a
+        full write): the last events leave with the end of the body, so a reader finds
+        the body complete."""
+        job = paced.job
+        while paced.end is None and len(paced.out) < _DEMO_WRITE:
+            chunk, paced.held = paced.held, None
+            if chunk is None:
+                chunk = next(paced.chunks, None)
+                if chunk is None:
+                    paced.end = True
+                    return
+                due = 0.0 if job.cancelled.is_set() else job.next_at
+                if due > time.monotonic() + _DEMO_BATCH:
+                    paced.held, paced.held_due = chunk, due
+                    return
+            if not chunk:
+                paced.end = False                       # the drop fault
+                return
+            paced.out += chunk
+
+    def _finish(self, paced: _PacedStream, ok: bool) -> None:
+        with self._cond:
+            self._streams.pop(id(paced.job), None)
+        paced.ok = ok
+        paced.ended.set()
 
 
 class _DemoHandler(_BaseHandler):
@@ -4205,6 +4374,7 @@ class _DemoHandler(_BaseHandler):
                 for job in srv.running.values():
                     if job.event_id == (body or {}).get("event_id"):
                         job.cancelled.set()
+                        srv.pacer.wake(job)
                 srv.cancels.append(body)
             return self._send_json(200, {"success": True})
         call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
@@ -4235,14 +4405,11 @@ class _DemoHandler(_BaseHandler):
                                       "Cache-Control": "no-cache"})
             if job is None:
                 self._chunk(b'event: error\ndata: "404: Not Found"\n\n')
+                self._end_chunked()
             else:
                 render = srv.queue_events if queue else srv.call_events
-                for chunk in render(job):
-                    if chunk is None:                       # the "drop" fault
-                        self.close_connection = True
-                        return
-                    self._chunk(chunk)
-            self._end_chunked()
+                if not srv.pacer.stream(self.connection, render(job), job):  # dropped, gone
+                    self.close_connection = True
         except OSError:
             self.close_connection = True
         finally:
@@ -4285,11 +4452,13 @@ class DemoUpstream(_Server):
         self.connections = 0
         self.lock = threading.Lock()
         self._stopping = threading.Event()
+        self.pacer = _DemoPacer(self._stopping)
         super().__init__((host, port), _DemoHandler)
 
     def stop(self) -> None:
         """Stop serving, end hanging streams, release the socket."""
         self._stopping.set()
+        self.pacer.stop()
         super().stop()
 
     # -- what the app says of itself ---------------------------------------------------
@@ -4414,21 +4583,16 @@ class DemoUpstream(_Server):
         yield "done", self._output(chat, text)
 
     def _tick(self, job: _DemoJob) -> None:
-        """Wait for the job's next token: one every ``token_delay`` from the first, so a
-        late wake-up (a busy machine) is made up, not added to every token after it."""
+        """Set when the job's next token is due (the pacer writes it then): one every
+        ``token_delay`` from the first, so a late wake-up (a busy machine) is made up, not
+        added to every token after it."""
         if self.token_delay:
-            now = time.monotonic()
-            job.next_at = (job.next_at or now) + self.token_delay
-            self._wait(job, job.next_at - now)
+            job.next_at = (job.next_at or time.monotonic()) + self.token_delay
 
-    def _wait(self, job: _DemoJob, seconds: float) -> None:
-        if seconds:
-            deadline = time.monotonic() + seconds
-            while not (self._stopping.is_set() or job.cancelled.is_set()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                job.cancelled.wait(min(left, 0.05))
+    @staticmethod
+    def _wait(job: _DemoJob, seconds: float) -> None:
+        """Hold the job's next chunk for ``seconds`` (less if it is cancelled)."""
+        job.next_at = time.monotonic() + seconds
 
     def _check_history(self, history: Any) -> Optional[str]:
         """The validation error this Gradio version gives for a history it rejects."""
@@ -4600,13 +4764,14 @@ _FIRST_CONTENT = re.compile(rb'"content":"[^"]')     # a chunk with answer text 
 
 
 def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: float,
-                     idle: Optional[List[http.client.HTTPConnection]] = None,
+                     idle: Optional[List[_Connection]] = None,
                      started: Optional[float] = None) -> Tuple[float, float]:
     """One chat completion through a gateway: (seconds to the first answer text, total),
     counted from ``started`` (default: now).
 
-    ``idle`` keeps connections alive between requests, as the openai SDK's pool does
-    (the direct client keeps its upstream connections too).
+    It goes over the module's own HTTP connection, as the direct path's requests do, so
+    both paths pay the same client cost. ``idle`` keeps connections alive between
+    requests, as the openai SDK's pool does (the direct client keeps its own too).
     """
     conn = None
     if idle:
@@ -4614,38 +4779,34 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
             conn = idle.pop()
         except IndexError:
             pass
-    parts, reused = urllib.parse.urlsplit(url), conn is not None
-
-    def connect() -> http.client.HTTPConnection:
-        return http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     if conn is None:
-        conn = connect()
+        parts = urllib.parse.urlsplit(url)
+        conn = _Connection(parts.hostname or "127.0.0.1", parts.port or 80, None, timeout)
     started, reusable = started or time.monotonic(), False
     try:
         body = json.dumps({"model": model, "stream": stream,
-                           "messages": [{"role": "user", "content": prompt}]})
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
         while True:
+            reused = conn.sock is not None
             try:
                 conn.request("POST", "/v1/chat/completions", body,
                              {"Content-Type": "application/json"})
-                resp = conn.getresponse()
+                resp = conn.getresponse("POST")
                 break
             except ConnectionError:                   # RemoteDisconnected included
                 if not reused:                        # a fresh one failed: a real error
                     raise
                 conn.close()                          # the server closed it while it rested
-                conn = connect()
-                reused = False
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))
         if not stream:
             resp.read()
             total = time.monotonic() - started
-            reusable = not resp.will_close
+            reusable = resp.reusable
             return total, total
         ttft, seen = None, b""
         while True:                   # whole blocks, not lines: the load stays light
-            block = resp.read1(65536)
+            block = resp.read1()
             if not block:
                 break
             if ttft is None:
@@ -4656,7 +4817,7 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
                 raise RuntimeError(block[block.index(b'data: {"error"'):][:200].decode(
                     "utf-8", "replace"))
         total = time.monotonic() - started
-        reusable = not resp.will_close
+        reusable = resp.reusable
         return (total if ttft is None else ttft), total
     finally:
         if reusable and idle is not None:
@@ -4743,8 +4904,14 @@ def _median_summary(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     out = {k: median([r[k] for r in runs]) for k in ("wall", "ttft50", "ttft95", "tot50", "tot95")}
     out["errors"] = sum(r["errors"] for r in runs)
     out["error_list"] = [e for r in runs for e in r["error_list"]]
-    out["extra"] = tuple(median([r["extra"][i] for r in runs]) for i in range(3))
+    out["extra"] = tuple(median([r["extra"][i] for r in runs])
+                         for i in range(len(runs[0]["extra"])))
     return out
+
+
+def _seconds(cpu: Optional[float]) -> str:
+    """A CPU time for the bench table ("-" when not known)."""
+    return "-" if cpu is None or cpu != cpu else "%.2fs" % cpu
 
 
 def _scrape(url: str, name: str) -> float:
@@ -4768,19 +4935,68 @@ def _fetch_text(url: str, timeout: float = 10) -> Tuple[int, str]:
         conn.close()
 
 
-_BENCH_ROW = "%5d %-6s %-8s %5d %7.2f %6.0fms %6.0fms %7.2fs %7.2fs %6d %7s %7s %9.3f"
+_BENCH_ROW = ("%5d %-6s %-8s %5d %7.2f %6.0fms %6.0fms %7.2fs %7.2fs %6d %7s %7s %9.3f %7s "
+              "%8s")
+
+
+def _startup(upstream: str) -> str:
+    """Import and serve-ready times (medians), each beside the part of it that is
+    Python's own: importing the standard modules this file imports, starting python."""
+    import subprocess
+    import tempfile
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(__file__, encoding="utf-8") as f:
+        stdlib = sorted(set(re.findall(r"^(?:from|import) ([\w.]+)", f.read(), re.M)))
+
+    def median_of(runs: int, measure: Callable[[], float]) -> float:
+        return _percentile([measure() for _ in range(runs)], .5) * 1000
+
+    def import_time(statement: str) -> float:
+        code = "import time; t = time.perf_counter(); %s; print(time.perf_counter() - t)"
+        return float(subprocess.run([sys.executable, "-c", code % statement], cwd=here, env=env,
+                                    capture_output=True, text=True).stdout)
+
+    def python_start() -> float:
+        started = time.monotonic()
+        subprocess.run([sys.executable, "-c", "pass"], check=True)
+        return time.monotonic() - started
+
+    def serve_ready() -> float:
+        started = time.monotonic()
+        proc, url = _spawn(["serve", "--upstream", upstream, "--port", "0"],
+                           r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
+        try:
+            while _fetch_text(url + "/health")[0] != 200 and time.monotonic() - started < 10:
+                time.sleep(0.005)
+            return time.monotonic() - started
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+    with tempfile.TemporaryDirectory() as cache:   # bytecode cached there, not here
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        env["PYTHONPYCACHEPREFIX"] = cache
+        import_time("import bharatgen_openai")      # writes the cache
+        own = median_of(7, lambda: import_time("import bharatgen_openai"))
+        floor = median_of(7, lambda: import_time("import " + ", ".join(stdlib)))
+    return ("\nimport: %.0f ms, of which %.0f ms imports the standard modules it uses (medians "
+            "of 7)\nserve ready (process start to /health answering): %.0f ms; python alone "
+            "starts in %.0f ms (medians of 3)"
+            % (own, floor, median_of(3, serve_ready), median_of(3, python_start)))
 
 
 def _cmd_bench(args: Any) -> int:
     """Load a gateway and the same upstream directly; print what the gateway adds."""
     procs: List[Any] = []
     try:
+        demo_pid: Optional[int] = None             # its CPU is shown when it is ours
         if args.upstream:
             upstream = args.upstream[0]
         else:
             proc, upstream = _spawn(["demo", "--port", "0", "--token-delay",
                                         str(args.token_delay)], r" at (http://\S+)")
             procs.append(proc)
+            demo_pid = proc.pid
         gateways: Dict[str, Tuple[str, Optional[int]]] = {}
 
         def gateway(protocol: str) -> Tuple[str, Optional[int]]:
@@ -4809,13 +5025,14 @@ def _cmd_bench(args: Any) -> int:
         for route in direct._backend.routes.values():
             for replica in route.pool.replicas:
                 replica.client.metrics = direct_metrics
-        header = ("%5s %-6s %-8s %5s %7s %8s %8s %8s %8s %6s %7s %7s %9s"
+        header = ("%5s %-6s %-8s %5s %7s %8s %8s %8s %8s %6s %7s %7s %9s %7s %8s"
                   % ("conc", "mode", "path", "reqs", "wall s", "ttft p50", "ttft p95",
-                     "tot p50", "tot p95", "errors", "gw cpu", "gw rss", "up MB/req"))
+                     "tot p50", "tot p95", "errors", "gw cpu", "gw rss", "up MB/req",
+                     "up cpu", "load cpu"))
         print(header)
         print("-" * len(header))
         modes = [m for m in ("stream", "json") if args.mode in (m, "both")]
-        kept_alive: List[http.client.HTTPConnection] = []   # list.pop/append: thread-safe
+        kept_alive: List[_Connection] = []   # list.pop/append: thread-safe
         for conc in args.concurrency:
             for mode in modes:
                 stream, n = mode == "stream", max(args.requests or conc, conc)
@@ -4823,18 +5040,22 @@ def _cmd_bench(args: Any) -> int:
                 def via_gateway() -> Dict[str, Any]:
                     cpu0, _ = _proc_stats(pid)
                     bytes0 = _scrape(url, "bharatgen_upstream_bytes_total")
+                    up0, load0 = _proc_stats(demo_pid)[0], time.process_time()
                     r = _load(lambda due: _gateway_request(url, model, prompt, stream, args.timeout,
                                                            kept_alive, due), conc, n)
                     cpu1, rss = _proc_stats(pid)
                     r["extra"] = (cpu1 - cpu0, rss,
-                                  (_scrape(url, "bharatgen_upstream_bytes_total") - bytes0) / n / 1e6)
+                                  (_scrape(url, "bharatgen_upstream_bytes_total") - bytes0) / n / 1e6,
+                                  _proc_stats(demo_pid)[0] - up0, time.process_time() - load0)
                     return _summary(r)
 
                 def via_direct() -> Dict[str, Any]:
                     d0 = direct_metrics.value("bharatgen_upstream_bytes_total")
+                    up0, load0 = _proc_stats(demo_pid)[0], time.process_time()
                     r = _load(lambda due: _direct_request(direct, prompt, stream, due), conc, n)
                     r["extra"] = (None, None,
-                                  (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6)
+                                  (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6,
+                                  _proc_stats(demo_pid)[0] - up0, time.process_time() - load0)
                     return _summary(r)
 
                 runs: Dict[str, List[Dict[str, Any]]] = {"gateway": [], "direct": []}
@@ -4844,11 +5065,11 @@ def _cmd_bench(args: Any) -> int:
                         runs[name].append(run())
                 g, d = _median_summary(runs["gateway"]), _median_summary(runs["direct"])
                 for name, r in (("gateway", g), ("direct", d)):
-                    cpu, rss, up = r["extra"]
+                    cpu, rss, up, up_cpu, load_cpu = r["extra"]
                     print(_BENCH_ROW % (conc, mode, name, n, r["wall"], r["ttft50"] * 1000,
                                         r["ttft95"] * 1000, r["tot50"], r["tot95"], r["errors"],
-                                        "-" if cpu is None else "%.2fs" % cpu,
-                                        "-" if rss is None else "%.0fMB" % rss, up))
+                                        _seconds(cpu), "-" if rss is None else "%.0fMB" % rss,
+                                        up, _seconds(up_cpu), _seconds(load_cpu)))
                 print("%5d %-6s %-8s %5s %6.3fx %7.3fx %7.3fx %7.3fx %7.3fx"
                       % (conc, mode, "ratio", "", g["wall"] / d["wall"], g["ttft50"] / d["ttft50"],
                          g["ttft95"] / d["ttft95"], g["tot50"] / d["tot50"],
@@ -4870,27 +5091,7 @@ def _cmd_bench(args: Any) -> int:
                     cells += [cpu1 - cpu0, (_scrape(gurl, "bharatgen_upstream_bytes_total") - b0) / 1e6]
                 print("%7d %11.3fs %11.3f %11.3fs %11.3f" % tuple([words] + cells))
         if args.startup:
-            import subprocess
-            code = ("import time; t = time.perf_counter(); import bharatgen_openai; "
-                    "print(time.perf_counter() - t)")
-            here = os.path.dirname(os.path.abspath(__file__))
-            import tempfile
-            with tempfile.TemporaryDirectory() as cache:   # bytecode cached there, not here
-                env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-                env["PYTHONPYCACHEPREFIX"] = cache
-                imports = [float(subprocess.run([sys.executable, "-c", code], cwd=here, env=env,
-                                                capture_output=True, text=True).stdout)
-                           for _ in range(6)][1:]      # the first run writes the cache
-            started = time.monotonic()
-            proc, gurl = _spawn(["serve", "--upstream", upstream, "--port", "0"],
-                                   r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
-            procs.append(proc)
-            while _fetch_text(gurl + "/health")[0] != 200 and time.monotonic() - started < 10:
-                time.sleep(0.005)
-            ready = time.monotonic() - started
-            print("\nimport: %.0f ms (median of 5); serve ready (process start to /health "
-                  "answering): %.0f ms"
-                  % (_percentile(imports, .5) * 1000, ready * 1000))
+            print(_startup(upstream))
     finally:
         for proc in procs:
             proc.terminate()

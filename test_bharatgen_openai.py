@@ -1540,6 +1540,27 @@ class CancellationTests(unittest.TestCase):
             self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1), "no cancel sent")
             self.assertTrue(self.wait_for(lambda: threading.active_count() <= threads_before))
 
+    def test_a_demo_client_that_stops_reading_holds_up_only_its_own_stream(self):
+        demo = start_demo(self, queue=False)        # /call: every event is the whole reply
+        gw = start_gateway(self, demo.url)
+        data = ["5000 words", [], "", 0.7, 1024, 0.95, 50]
+        status, _, body = request(demo.url, "POST", "/gradio_api/call/chat_fn_1", {"data": data})
+        self.assertEqual(status, 200)
+        slow = socket.socket()
+        self.addCleanup(slow.close)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.settimeout(TIMEOUT)
+        slow.connect(("127.0.0.1", demo.server_address[1]))
+        slow.sendall(b"GET /gradio_api/call/chat_fn_1/%s HTTP/1.1\r\nHost: x\r\n\r\n"
+                     % json.loads(body)["event_id"].encode())
+        self.assertIn(b"200 OK", slow.recv(1024))
+        time.sleep(0.3)                             # its socket buffers fill; it reads no more
+        status, _, body = chat(gw, "Say hello")
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, HELLO))
+        slow.close()
+        self.assertTrue(self.wait_for(lambda: demo.active_streams == 0), "the stalled stream stays")
+
     def test_stop_sequence_ends_the_upstream_call_early(self):
         demo = start_demo(self, token_delay=0.01)
         gw = start_gateway(self, demo.url)
@@ -1618,9 +1639,10 @@ class LimitTests(unittest.TestCase):
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n"
                 b"AUTHORIZATION:Bearer sk-a  \r\nX-Folded: a\r\n b\r\nConnection: close\r\n"
                 % len(body))
-        status, _, answer = parse_response(raw_exchange(port, head + b"\r\n" + body))
+        status, head_in, answer = parse_response(raw_exchange(port, head + b"\r\n" + body))
         self.assertEqual((status, json.loads(answer)["choices"][0]["message"]["content"]),
                          (200, "Hello! How are you doing today?"))
+        self.assertRegex(head_in, r"\r\nConnection: close(\r\n|$)")   # said, then done
         for extra, code, message in (
                 (b"X-Bad : 1\r\n", 400, "Bad header field ('X-Bad : 1')"),
                 (b"NoColon\r\n", 400, "Bad header field ('NoColon')"),
