@@ -1087,6 +1087,10 @@ class GatewayErrorTests(unittest.TestCase):
         self.assert_error(chat(self.gw, "[[hang]]", stream=True, headers=self.auth), 504,
                           "the Gradio app sent no output within 0.5s", "upstream_error",
                           code="upstream_timeout")
+        deadline = time.monotonic() + 5           # the cancel ends the job's 30 s hang
+        while self.demo.active_streams and time.monotonic() < deadline:
+            time.sleep(0.02)
+        self.assertEqual(self.demo.active_streams, 0)
         headers = self.assert_error(chat(self.gw, "[[busy]]", headers=self.auth), 503,
                                     "the Gradio app's queue is full; try again later",
                                     "upstream_error", code="upstream_overloaded")
