@@ -4245,7 +4245,7 @@ class _DemoPacer:
                 self._schedule(paced, 0.0)
 
     def stop(self) -> None:
-        """End every stream (the demo is stopping)."""
+        """Wake the thread to end every stream (called once the stopping flag is set)."""
         with self._cond:
             self._cond.notify()
 
