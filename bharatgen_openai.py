@@ -1043,7 +1043,6 @@ class _Connection:
         self.host, self.port, self.context, self.timeout = host, port, context, timeout
         self.sock: Optional[socket.socket] = None
         self.buf = b""                     # bytes read past what was handed out
-        self.reused = False                # it came from the pool of idle connections
         name = "[%s]" % host if ":" in host else host
         default = 443 if context is not None else 80
         self._host_header = name if port == default else "%s:%d" % (name, port)
@@ -1083,6 +1082,24 @@ class _Connection:
                 sock = self.context.wrap_socket(sock, server_hostname=self.host)
             self.sock, self.buf = sock, b""
         self.sock.sendall(data + body if body else data)
+
+    def exchange(self, method: str, target: str, body: Optional[bytes],
+                 headers: Dict[str, str], timeout: float) -> _Response:
+        """Send one request and read its response head, waiting up to ``timeout`` for
+        it. A kept-alive connection the server closed while it rested fails at once:
+        it is opened again and the request sent once more."""
+        while True:
+            rested = self.sock is not None
+            try:
+                self.request(method, target, body, headers)
+                self.sock.settimeout(timeout)
+                return self.getresponse(method)
+            except (socket.timeout, http.client.InvalidURL):
+                raise
+            except (OSError, http.client.HTTPException):
+                if not rested:
+                    raise
+                self.close()
 
     def getresponse(self, method: str) -> _Response:
         """Read the status line and headers of the response (1xx ones skipped)."""
@@ -1351,9 +1368,7 @@ class GradioClient:
         """A keep-alive connection at rest, or a new one (connected on first use)."""
         with self._lock:
             if self._idle:
-                conn = self._idle.pop()
-                conn.reused = True
-                return conn
+                return self._idle.pop()
         return _Connection(self._host, self._port, self._tls, self.connect_timeout)
 
     def _release(self, conn: _Connection, resp: Optional[_Response]) -> None:
@@ -1382,23 +1397,16 @@ class GradioClient:
             headers["Content-Type"] = "application/json"
         if self.hf_token:
             headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
-        while True:
-            try:
-                conn.request(method, self._root + path, data, headers)
-                conn.sock.settimeout(self.timeout)
-                return conn.getresponse(method)
-            except http.client.InvalidURL as exc:
-                raise UpstreamError("cannot send the request to the Gradio app: %s" % exc) from None
-            except socket.timeout:
-                raise APITimeoutError("the Gradio app at %s did not answer within %ss"
-                                      % (self.base_url, self.timeout)) from None
-            except (OSError, http.client.HTTPException) as exc:
-                if conn.reused:                   # the app closed it while it rested
-                    conn.close()
-                    conn.reused = False
-                    continue
-                raise APIConnectionError("cannot reach the Gradio app at %s: %s"
-                                         % (self.base_url, exc)) from None
+        try:
+            return conn.exchange(method, self._root + path, data, headers, self.timeout)
+        except http.client.InvalidURL as exc:
+            raise UpstreamError("cannot send the request to the Gradio app: %s" % exc) from None
+        except socket.timeout:
+            raise APITimeoutError("the Gradio app at %s did not answer within %ss"
+                                  % (self.base_url, self.timeout)) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise APIConnectionError("cannot reach the Gradio app at %s: %s"
+                                     % (self.base_url, exc)) from None
 
     def _read_all(self, resp: _Response) -> bytes:
         try:
@@ -2922,6 +2930,9 @@ def _http_chunk(data: bytes) -> bytes:
     return b"%X\r\n%s\r\n" % (len(data), data)
 
 
+_LAST_CHUNK = b"0\r\n\r\n"                   # the end of a chunked body
+
+
 class _Headers:
     """A request's header fields, looked up by name in any case, like the email
     ``Message`` that http.server makes of them (which costs more to parse than the
@@ -3074,7 +3085,7 @@ class _BaseHandler(BaseHTTPRequestHandler):
             self.wfile.flush()
 
     def _end_chunked(self) -> None:
-        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.write(_LAST_CHUNK)
         self.wfile.flush()
 
     def _read_body(self, limit: int) -> bytes:
@@ -4199,7 +4210,7 @@ def _framed(chunks: Iterator[Optional[bytes]]) -> Iterator[bytes]:
             yield b""
             return
         yield _http_chunk(chunk)
-    yield b"0\r\n\r\n"
+    yield _LAST_CHUNK
 
 
 class _DemoPacer:
@@ -4786,17 +4797,8 @@ def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: f
     try:
         body = json.dumps({"model": model, "stream": stream,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
-        while True:
-            reused = conn.sock is not None
-            try:
-                conn.request("POST", "/v1/chat/completions", body,
-                             {"Content-Type": "application/json"})
-                resp = conn.getresponse("POST")
-                break
-            except ConnectionError:                   # RemoteDisconnected included
-                if not reused:                        # a fresh one failed: a real error
-                    raise
-                conn.close()                          # the server closed it while it rested
+        resp = conn.exchange("POST", "/v1/chat/completions", body,
+                             {"Content-Type": "application/json"}, timeout)
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))
         if not stream:

@@ -724,6 +724,32 @@ class GradioClientTests(unittest.TestCase):
                 conn.request("GET", target, None, headers)
         thread.join(5)
 
+    def test_a_connection_closed_while_it_rested_is_opened_again(self):
+        closed, accepted = threading.Event(), []
+
+        def serve(server):
+            for n in (1, 2, 3):
+                conn, _ = server.accept()
+                accepted.append(n)
+                with conn:
+                    conn.recv(65536)
+                    if n < 3:                             # the third closes without a reply
+                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % n)
+                closed.set()                              # the first one, kept alive, is gone
+
+        port, thread = scripted_server(self, serve)
+        conn = bg._Connection("127.0.0.1", port, None, 5)
+        self.addCleanup(conn.close)
+        self.assertEqual(conn.exchange("GET", "/", None, {}, 5).read(), b"1")
+        self.assertTrue(closed.wait(5))
+        self.assertEqual(conn.exchange("GET", "/", None, {}, 5).read(), b"2")
+        fresh = bg._Connection("127.0.0.1", port, None, 5)
+        self.addCleanup(fresh.close)
+        with self.assertRaises(ConnectionError):           # a fresh one is not tried twice
+            fresh.exchange("GET", "/", None, {}, 5)
+        thread.join(5)
+        self.assertEqual(accepted, [1, 2, 3])
+
     def test_queue_appends_that_arrived_together_are_one_update(self):
         path = [0, 1, "content", 0, "text"]
         def gen(*diffs):
