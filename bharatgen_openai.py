@@ -4318,22 +4318,24 @@ class _DemoPacer:
         """Move the held chunk, and every next one already due, into ``out`` (up to a
         full write): the last events leave with the end of the body, so a reader finds
         the body complete."""
-        job = paced.job
-        while paced.end is None and len(paced.out) < _DEMO_WRITE:
+        job, parts, size = paced.job, [], 0
+        while paced.end is None and size < _DEMO_WRITE:
             chunk, paced.held = paced.held, None
             if chunk is None:
                 chunk = next(paced.chunks, None)
                 if chunk is None:
                     paced.end = True
-                    return
+                    break
                 due = 0.0 if job.cancelled.is_set() else job.next_at
                 if due > time.monotonic() + _DEMO_BATCH:
                     paced.held, paced.held_due = chunk, due
-                    return
+                    break
             if not chunk:
                 paced.end = False                       # the drop fault
-                return
-            paced.out += chunk
+                break
+            parts.append(chunk)
+            size += len(chunk)
+        paced.out = b"".join(parts)
 
     def _finish(self, paced: _PacedStream, ok: bool) -> None:
         with self._cond:
