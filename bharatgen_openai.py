@@ -4930,10 +4930,9 @@ def _scrape(url: str, name: str) -> float:
 
 def _fetch_text(url: str, timeout: float = 10) -> Tuple[int, str]:
     parts = urllib.parse.urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    conn = _Connection(parts.hostname or "127.0.0.1", parts.port or 80, None, timeout)
     try:
-        conn.request("GET", parts.path)
-        resp = conn.getresponse()
+        resp = conn.exchange("GET", parts.path, None, {}, timeout)
         return resp.status, resp.read().decode("utf-8", "replace")
     finally:
         conn.close()
