@@ -22,6 +22,8 @@ Security: the server binds 127.0.0.1 by default.  Give it API keys (``--api-key`
 ``BHARATGEN_API_KEYS``) before exposing it; keys are compared in constant time.
 """
 
+from __future__ import annotations    # annotations stay text: evaluating them slowed the import
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -46,7 +48,6 @@ import collections
 import dataclasses
 import heapq
 import html
-import http.client
 import json
 import logging
 import os
@@ -54,15 +55,18 @@ import queue
 import re
 import selectors
 import socket
-import ssl
+import socketserver
 import sys
 import threading
 import time
 import urllib.parse
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+if TYPE_CHECKING:
+    import ssl                          # imported where an https upstream needs it
 
 DEFAULT_MODEL = "param-1"
 DEFAULT_ENDPOINT = "chat_fn_1"
@@ -932,6 +936,16 @@ _MAX_IDLE_CONNECTIONS = 256                # kept alive per upstream, for the ne
 _UNSAFE_IN_HEAD = re.compile(r"[\x00-\x1f\x7f]")   # would split or end a request line
 
 
+class _ProtocolError(ConnectionError):
+    """An upstream answer that is not HTTP/1.1 (status line, head or body framing): it is
+    handled as a broken connection."""
+
+
+class _UnsendableRequest(ValueError):
+    """A request target or header with a control character, or a header that is not
+    Latin-1: it would change the request's meaning, so it is never sent."""
+
+
 class _Response:
     """One upstream response: its status and headers, and its body read from the
     connection (``Content-Length``, chunked, or up to the close)."""
@@ -980,7 +994,7 @@ class _Response:
                 self.done = not data
                 return data
             if not data:
-                raise http.client.IncompleteRead(b"", self.length)
+                raise _ProtocolError("the body ended %d bytes short" % self.length)
             if len(data) > self.length:
                 data, conn.buf = data[:self.length], data[self.length:]
             self.length -= len(data)
@@ -1016,7 +1030,7 @@ class _Response:
                 try:
                     size = int(buf[pos:eol].split(b";", 1)[0], 16)
                 except ValueError:
-                    raise http.client.IncompleteRead(buf[pos:eol]) from None
+                    raise _ProtocolError("a malformed chunk size: %r" % buf[pos:eol][:40]) from None
                 pos = eol + 2
                 self._left = size if size else -1
             conn.buf = buf[pos:]
@@ -1026,7 +1040,7 @@ class _Response:
             if data is None:
                 return None
             if not data:
-                raise http.client.IncompleteRead(b"")
+                raise _ProtocolError("the chunked body ended before its last chunk")
             conn.buf += data
 
 
@@ -1038,9 +1052,13 @@ class _Connection:
     setting up a streamed answer.
     """
 
-    def __init__(self, host: str, port: int, context: Optional[ssl.SSLContext],
+    def __init__(self, host: str, port: int, context: Optional["ssl.SSLContext"],
                  timeout: float) -> None:
         self.host, self.port, self.context, self.timeout = host, port, context, timeout
+        self._nothing_yet: Tuple[type, ...] = (BlockingIOError,)  # from a non-blocking read
+        if context is not None:
+            import ssl
+            self._nothing_yet += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
         self.sock: Optional[socket.socket] = None
         self.buf = b""                     # bytes read past what was handed out
         name = "[%s]" % host if ":" in host else host
@@ -1056,7 +1074,7 @@ class _Connection:
         """One socket read (``None`` if the socket is non-blocking and has nothing)."""
         try:
             return self.sock.recv(65536)
-        except (BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+        except self._nothing_yet:
             return None
 
     def request(self, method: str, target: str, body: Optional[bytes],
@@ -1064,7 +1082,7 @@ class _Connection:
         """Send one request (connecting first if need be)."""
         if _UNSAFE_IN_HEAD.search(target) or " " in target or \
                 any(_UNSAFE_IN_HEAD.search(value) for value in headers.values()):
-            raise http.client.InvalidURL("a control character in the request to %r" % target[:200])
+            raise _UnsendableRequest("a control character in the request to %r" % target[:200])
         head = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self._host_header)]
         head += ["%s: %s\r\n" % item for item in headers.items()]
         if body is not None:
@@ -1073,8 +1091,8 @@ class _Connection:
         try:
             data = "".join(head).encode("latin-1")
         except UnicodeEncodeError:
-            raise http.client.InvalidURL("a header that is not Latin-1 in the request to %r"
-                                         % target[:200]) from None
+            raise _UnsendableRequest("a header that is not Latin-1 in the request to %r"
+                                     % target[:200]) from None
         if self.sock is None:
             sock = socket.create_connection((self.host, self.port), self.timeout)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -1094,9 +1112,9 @@ class _Connection:
                 self.request(method, target, body, headers)
                 self.sock.settimeout(timeout)
                 return self.getresponse(method)
-            except (socket.timeout, http.client.InvalidURL):
+            except socket.timeout:
                 raise
-            except (OSError, http.client.HTTPException):
+            except OSError:
                 if not rested:
                     raise
                 self.close()
@@ -1108,12 +1126,12 @@ class _Connection:
             end = buf.find(b"\r\n\r\n")
             while end < 0:
                 if len(buf) > _MAX_HEAD:
-                    raise http.client.LineTooLong("response head of over %d bytes" % _MAX_HEAD)
+                    raise _ProtocolError("a response head of over %d bytes" % _MAX_HEAD)
                 data = self.sock.recv(65536)
                 if not data:
                     if buf:
-                        raise http.client.BadStatusLine(buf[:200].decode("latin-1"))
-                    raise http.client.RemoteDisconnected("the connection closed without a response")
+                        raise _ProtocolError("the response head ended early: %r" % buf[:200])
+                    raise _ProtocolError("the connection closed without a response")
                 buf += data
                 end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
             lines = buf[:end].decode("latin-1").split("\r\n")
@@ -1124,14 +1142,14 @@ class _Connection:
                     raise ValueError
                 status = int(parts[1])
             except ValueError:
-                raise http.client.BadStatusLine(lines[0][:200]) from None
+                raise _ProtocolError("a malformed status line: %r" % lines[0][:200]) from None
             if 100 <= status < 200 and status != 101:
                 continue                       # 100 Continue and the like: the real one follows
             headers: Dict[str, str] = {}
             for line in lines[1:]:
                 name, colon, value = line.partition(":")
                 if not colon:
-                    raise http.client.BadStatusLine("a malformed header line: %r" % line[:200])
+                    raise _ProtocolError("a malformed header line: %r" % line[:200])
                 name, value = name.strip().lower(), value.strip()
                 headers[name] = headers[name] + ", " + value if name in headers else value
             connection = headers.get("connection", "").lower()
@@ -1149,7 +1167,7 @@ class _Connection:
                 except KeyError:
                     will_close = True          # the body runs to the close
                 except ValueError:
-                    raise http.client.BadStatusLine(
+                    raise _ProtocolError(
                         "a malformed Content-Length: %r" % headers["content-length"]) from None
             return _Response(self, status, headers, will_close, chunked, length)
 
@@ -1265,7 +1283,7 @@ class _EventStream:
             self.reading_since = time.monotonic()
             try:
                 block = self.resp.read1()
-            except (OSError, http.client.HTTPException):
+            except OSError:
                 if self.expired:
                     raise socket.timeout() from None
                 raise
@@ -1289,7 +1307,7 @@ class _EventStream:
                 pass
             if not self.resp.done:
                 self.conn.close()
-        except (OSError, http.client.HTTPException):
+        except OSError:
             self.conn.close()
         if self.pumped and self.conn.sock is not None:
             self.conn.sock.settimeout(self.client.timeout)
@@ -1306,7 +1324,7 @@ class _EventStream:
                                   % self.client.first_event_timeout) from None
         except UnicodeDecodeError:
             raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
         finally:
             if self.started:
@@ -1352,8 +1370,9 @@ class GradioClient:
         self._lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._idle: List[_Connection] = []     # keep-alive connections at rest
-        self._tls: Optional[ssl.SSLContext] = None
+        self._tls: Optional["ssl.SSLContext"] = None
         if self._https:
+            import ssl                             # here, not on top: it is a tenth of the import
             self._tls = ssl.create_default_context()
             self._tls.set_alpn_protocols(["http/1.1"])
         self._idle_watch = _IdleWatch()
@@ -1399,12 +1418,12 @@ class GradioClient:
             headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
         try:
             return conn.exchange(method, self._root + path, data, headers, self.timeout)
-        except http.client.InvalidURL as exc:
+        except _UnsendableRequest as exc:
             raise UpstreamError("cannot send the request to the Gradio app: %s" % exc) from None
         except socket.timeout:
             raise APITimeoutError("the Gradio app at %s did not answer within %ss"
                                   % (self.base_url, self.timeout)) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise APIConnectionError("cannot reach the Gradio app at %s: %s"
                                      % (self.base_url, exc)) from None
 
@@ -1413,7 +1432,7 @@ class GradioClient:
             return resp.read()
         except socket.timeout:
             raise APITimeoutError("the Gradio app did not answer within %ss" % self.timeout) from None
-        except (OSError, http.client.HTTPException) as exc:
+        except OSError as exc:
             raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
 
     def _request_json(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
@@ -2931,6 +2950,24 @@ def _http_chunk(data: bytes) -> bytes:
 
 
 _LAST_CHUNK = b"0\r\n\r\n"                   # the end of a chunked body
+_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def _http_date(when: Optional[float] = None) -> str:
+    """``when`` (default now) as an HTTP date (RFC 9110 5.6.7), in English in any locale."""
+    t = time.gmtime(when)
+    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (_WEEKDAYS[t.tm_wday], t.tm_mday,
+                                                  _MONTHS[t.tm_mon - 1], t.tm_year,
+                                                  t.tm_hour, t.tm_min, t.tm_sec)
+
+
+def _reason(status: int) -> str:
+    """The reason phrase of a status (none for one that HTTP does not name, e.g. 499)."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
 
 
 class _Headers:
@@ -2975,19 +3012,67 @@ class _Headers:
         return "".join("%s: %s\n" % field for field in self._fields)
 
 
-class _BaseHandler(BaseHTTPRequestHandler):
-    """HTTP/1.1 keep-alive handler with JSON and chunked-stream writers."""
+class _BaseHandler(socketserver.StreamRequestHandler):
+    """HTTP/1.1 keep-alive handler with JSON and chunked-stream writers.
+
+    It does what http.server's handler does, with the request head parsed into
+    :class:`_Headers`: http.server imports http.client and the email package, which
+    took a third of this module's import time.
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = "bharatgen_openai/" + __version__
-    sys_version = ""
+    default_request_version = "HTTP/0.9"
     # TCP_NODELAY: the head and the body (or one SSE event and the next) go out at once,
     # not after the client's delayed ACK (40 ms on a kept-alive connection)
     disable_nagle_algorithm = True
+    command: Optional[str] = None
+    request_version = default_request_version
+    requestline = ""
+    close_connection = True
+
+    def handle(self) -> None:
+        """Serve the connection's requests, one after the other, until one closes it."""
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.handle_one_request()
+
+    def handle_one_request(self) -> None:
+        """Read one request and call its ``do_<METHOD>``."""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline, self.request_version = "", self.protocol_version
+                self.send_error(414, "Request line too long")
+                return
+            if not self.raw_requestline:
+                self.close_connection = True
+                return
+            if not self.parse_request():
+                return
+            method = getattr(self, "do_" + self.command, None)
+            if method is None:
+                self.send_error(501, "Unsupported method (%r)" % self.command)
+                return
+            method()
+            self.wfile.flush()
+        except socket.timeout as exc:
+            self.log_message("request timed out: %r", exc)
+            self.close_connection = True
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """A malformed request's answer (JSON, as Gradio's are); the connection then closes."""
+        self.log_message("code %d, message %s", code, message)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":
+            self.request_version = self.protocol_version
+        self._send_json(code, {"detail": message or _reason(code)}, {"Connection": "close"})
 
     def log_message(self, format: str, *args: Any) -> None:
-        """Send the access log to the module's logger; override to log elsewhere."""
-        _log.info("%s %s", self.address_string(), format % args)
+        """Send the handler's messages to the module's logger; override to log elsewhere."""
+        _log.info("%s %s", self.client_address[0], format % args)
 
     def parse_request(self) -> bool:
         """Parse the request line and header fields, as http.server does, into
@@ -3050,16 +3135,25 @@ class _BaseHandler(BaseHTTPRequestHandler):
             self.close_connection = False
         if self.headers.get("Expect", "").lower() == "100-continue" and \
                 self.request_version >= "HTTP/1.1":
-            return self.handle_expect_100()
+            self.wfile.write(b"%s 100 Continue\r\n\r\n" % self.protocol_version.encode())
         return True
 
     def _write_head(self, status: int, headers: Dict[str, str]) -> None:
-        self.send_response(status)
+        """The status line and header fields, in one write (none for HTTP/0.9)."""
+        if self.request_version == "HTTP/0.9":
+            return
+        head = ["%s %d %s\r\nServer: %s\r\nDate: %s\r\n" % (
+            self.protocol_version, status, _reason(status), self.server_version, _http_date())]
+        said_connection = False
         for name, value in headers.items():
-            self.send_header(name, value)
-        if self.close_connection and "connection" not in (name.lower() for name in headers):
-            self.send_header("Connection", "close")    # asked for, or HTTP/1.0 (RFC 9112 9.6)
-        self.end_headers()
+            head.append("%s: %s\r\n" % (name, value))
+            if name.lower() == "connection":
+                said_connection = True
+                self.close_connection = self.close_connection or value.lower() == "close"
+        if self.close_connection and not said_connection:
+            head.append("Connection: close\r\n")     # asked for, or HTTP/1.0 (RFC 9112 9.6)
+        head.append("\r\n")
+        self.wfile.write("".join(head).encode("latin-1"))
 
     def _send_bytes(self, status: int, body: bytes, content_type: str,
                     headers: Optional[Dict[str, str]] = None) -> None:
@@ -3542,7 +3636,7 @@ class _Pump:
         data = b"".join(job.out)
         try:
             sent = job.client.send(data)
-        except (BlockingIOError, ssl.SSLWantWriteError):
+        except BlockingIOError:            # (the gateway's clients speak plain HTTP)
             sent = 0
         except OSError as exc:             # the client went away
             self._end(job, exc)
@@ -3658,7 +3752,7 @@ class _GatewayHandler(_BaseHandler):
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
-        """http.server's own errors (bad request line, headers...) as OpenAI errors."""
+        """Errors found before routing (bad request line, headers...) as OpenAI errors."""
         if self.server.deadlines.expired(self.connection):
             code, message = 408, "the request did not arrive within the time allowed"
         code = {501: 405, 505: 400}.get(code, code)          # clients' faults stay 4xx
@@ -3677,7 +3771,7 @@ class _GatewayHandler(_BaseHandler):
             pass
 
     def parse_request(self) -> bool:
-        """As http.server's, but blank lines before the request line are skipped (RFC 9112 2.2)."""
+        """As the base's, but blank lines before the request line are skipped (RFC 9112 2.2)."""
         for _ in range(8):
             if self.raw_requestline not in (b"\r\n", b"\n"):
                 break
@@ -3826,9 +3920,6 @@ class _GatewayHandler(_BaseHandler):
                              fields["model"], took,
                              "-" if self._ttft is None else "%.3fs" % self._ttft,
                              self._bytes_out, self.request_id, self._key)
-
-    def log_request(self, code: Any = "-", size: Any = "-") -> None:
-        """The access log is written once per request by :meth:`_finish` instead."""
 
     def _send_error(self, exc: BharatGenError) -> int:
         headers = dict(exc.headers)
@@ -3997,7 +4088,7 @@ class _GatewayHandler(_BaseHandler):
         super()._chunk(data)
 
 
-class _Server(ThreadingHTTPServer):
+class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A threading HTTP server that can serve in the background and stop cleanly."""
 
     daemon_threads = True

@@ -8,6 +8,7 @@ unless BHARATGEN_REQUIRE_EXTRAS=1 (CI's venv run), where a missing package fails
 
 import asyncio
 import contextlib
+import email.utils
 import http.client
 import io
 import json
@@ -716,11 +717,11 @@ class GradioClientTests(unittest.TestCase):
                                (200, None, b"up to the close", False)])
         conn.close()
         conn.request("GET", "/", None, {})
-        with self.assertRaises(http.client.BadStatusLine):
+        with self.assertRaisesRegex(bg._ProtocolError, "a malformed status line"):
             conn.getresponse("GET")
         for target, headers in (("/a b", {}), ("/a\r\nX: y", {}), ("/", {"A": "b\r\nX: y"}),
                                 ("/", {"A": "\u0928"})):
-            with self.assertRaises(http.client.InvalidURL):
+            with self.assertRaises(bg._UnsendableRequest):
                 conn.request("GET", target, None, headers)
         thread.join(5)
 
@@ -1682,6 +1683,39 @@ class LimitTests(unittest.TestCase):
                 "message": message, "type": "invalid_request_error", "param": None,
                 "code": "bad_request"}))
         self.assertEqual(chat(gw, "Say hello", headers={"authorization": "Bearer sk-a"})[0], 200)
+
+    def test_the_edges_of_http_are_answered_as_http_server_would(self):
+        gw = start_gateway(self, self.demo.url)
+        port, body = gw.server_address[1], json.dumps(
+            {"model": "param-1", "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+        raw = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: "
+                                 b"100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                           % (len(body), body))
+        interim, _, rest = raw.partition(b"\r\n\r\n")
+        status, head, answer = parse_response(rest)
+        self.assertEqual((interim, status, json.loads(answer)["choices"][0]["message"]["content"]),
+                         (b"HTTP/1.1 100 Continue", 200, "Hello! How are you doing today?"))
+        date = re.match(r"HTTP/1\.1 200 OK\r\nServer: bharatgen_openai/%s\r\nDate: ([^\r]+)\r\n"
+                        % re.escape(bg.__version__), head).group(1)
+        self.assertEqual(date, email.utils.formatdate(
+            email.utils.parsedate_to_datetime(date).timestamp(), usegmt=True))
+        self.assertLess(abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()), 60)
+        for request, status, message, code in (
+                (b"GET /%s HTTP/1.1\r\n\r\n" % (b"a" * 65540), 414, "Request line too long",
+                 "bad_request"),
+                (b"BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 405, "Unsupported method ('BREW')",
+                 "method_not_allowed"),
+                (b"GET /health HTTP/2.0\r\n\r\n", 400, "Invalid HTTP version (2.0)", "bad_request"),
+                (b"GET /health HTTP/1.1 x\r\n\r\n", 400, "Bad request version ('x')", "bad_request")):
+            got_status, head, answer = parse_response(raw_exchange(port, request))
+            self.assertEqual((got_status, json.loads(answer)["error"]), (status, {
+                "message": message, "type": "invalid_request_error", "param": None, "code": code}))
+            self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")
+        status, head, answer = parse_response(raw_exchange(port, b"GET /health HTTP/1.0\r\n\r\n"))
+        self.assertEqual((status, json.loads(answer)["status"]), (200, "ok"))
+        self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")              # HTTP/1.0: closed
+        self.assertEqual(json.loads(raw_exchange(port, b"GET /health\r\n"))["status"], "ok")  # 0.9
+        self.assertEqual(chat(gw, "Say hello")[0], 200)
 
     def test_concurrency_cap_answers_503_at_once(self):
         gw = start_gateway(self, self.demo.url, max_concurrent=2)
