@@ -4089,7 +4089,9 @@ class _GatewayHandler(_BaseHandler):
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """A threading HTTP server that can serve in the background and stop cleanly."""
+    """http.server's ``ThreadingHTTPServer`` (a thread per connection, daemon threads,
+    address reuse), defined here so that http.server is not imported; it can also serve
+    in the background and stop cleanly."""
 
     daemon_threads = True
     allow_reuse_address = True
