@@ -139,6 +139,14 @@ class ContractTests(unittest.TestCase):
             self.skipTest("sys.stdlib_module_names needs Python 3.10")
         self.assertEqual(names - set(stdlib) - {"__future__"}, set())
 
+    def test_the_import_leaves_out_the_heavy_modules(self):
+        # http.server and http.client bring in the email package; ssl is for https only
+        code = ("import sys, bharatgen_openai; print(sorted(m for m in ('http.server', "
+                "'http.client', 'email', 'ssl', 'hashlib', 'argparse') if m in sys.modules))")
+        out = subprocess.run([sys.executable, "-S", "-c", code], cwd=str(HERE), timeout=TIMEOUT,
+                             capture_output=True, text=True)
+        self.assertEqual((out.stdout, out.stderr), ("[]\n", ""))
+
     def test_error_hierarchy_maps_each_error_to_one_status_and_type(self):
         cases = [(bg.BadRequestError, 400, "invalid_request_error"),
                  (bg.AuthenticationError, 401, "invalid_request_error"),
