@@ -946,6 +946,15 @@ class _UnsendableRequest(ValueError):
     Latin-1: it would change the request's meaning, so it is never sent."""
 
 
+def _not_yet(sock: socket.socket) -> Tuple[type, ...]:
+    """What a non-blocking ``sock`` raises when it cannot read or write yet (a TLS
+    socket has its own: its records need reads and writes of their own)."""
+    ssl = sys.modules.get("ssl")           # imported only once TLS is in use
+    if ssl is not None and isinstance(sock, ssl.SSLSocket):
+        return BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError
+    return (BlockingIOError,)
+
+
 class _Response:
     """One upstream response: its status and headers, and its body read from the
     connection (``Content-Length``, chunked, or up to the close)."""
@@ -1055,10 +1064,7 @@ class _Connection:
     def __init__(self, host: str, port: int, context: Optional["ssl.SSLContext"],
                  timeout: float) -> None:
         self.host, self.port, self.context, self.timeout = host, port, context, timeout
-        self._nothing_yet: Tuple[type, ...] = (BlockingIOError,)  # from a non-blocking read
-        if context is not None:
-            import ssl
-            self._nothing_yet += (ssl.SSLWantReadError, ssl.SSLWantWriteError)
+        self._not_yet: Tuple[type, ...] = (BlockingIOError,)
         self.sock: Optional[socket.socket] = None
         self.buf = b""                     # bytes read past what was handed out
         name = "[%s]" % host if ":" in host else host
@@ -1074,7 +1080,7 @@ class _Connection:
         """One socket read (``None`` if the socket is non-blocking and has nothing)."""
         try:
             return self.sock.recv(65536)
-        except self._nothing_yet:
+        except self._not_yet:
             return None
 
     def request(self, method: str, target: str, body: Optional[bytes],
@@ -1098,7 +1104,7 @@ class _Connection:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.context is not None:
                 sock = self.context.wrap_socket(sock, server_hostname=self.host)
-            self.sock, self.buf = sock, b""
+            self.sock, self.buf, self._not_yet = sock, b"", _not_yet(sock)
         self.sock.sendall(data + body if body else data)
 
     def exchange(self, method: str, target: str, body: Optional[bytes],
@@ -3495,6 +3501,7 @@ class _PumpJob:
                  events: Iterator[Optional[bytes]]) -> None:
         self.handler, self.stream, self.events = handler, stream, events
         self.client: socket.socket = handler.connection
+        self.not_yet = _not_yet(self.client)
         self.upstream: Optional[socket.socket] = None
         self.out: List[bytes] = []         # HTTP chunks the client has not taken yet
         self.writing = False               # waiting for the client to take them
@@ -3636,7 +3643,7 @@ class _Pump:
         data = b"".join(job.out)
         try:
             sent = job.client.send(data)
-        except BlockingIOError:            # (the gateway's clients speak plain HTTP)
+        except job.not_yet:
             sent = 0
         except OSError as exc:             # the client went away
             self._end(job, exc)
@@ -4070,8 +4077,8 @@ class _GatewayHandler(_BaseHandler):
             except OSError:
                 self.close_connection = True
                 return exc.status
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
-            self.close_connection = True            # the client went away mid-stream
+        except OSError:             # the client went away (the upstream's failures are
+            self.close_connection = True            # BharatGenErrors by now)
             return 499
         finally:
             close()
@@ -4281,11 +4288,13 @@ class _DemoJob:
 class _PacedStream:
     """A job's event stream as the pacer writes it: what is due, and what waits."""
 
-    __slots__ = ("sock", "chunks", "job", "out", "held", "held_due", "end", "due", "ended", "ok")
+    __slots__ = ("sock", "not_yet", "chunks", "job", "out", "held", "held_due", "end", "due",
+                 "ended", "ok")
 
     def __init__(self, sock: socket.socket, chunks: Iterator[Optional[bytes]],
                  job: _DemoJob) -> None:
         self.sock, self.chunks, self.job = sock, _framed(chunks), job
+        self.not_yet = _not_yet(sock)
         self.out = b""                     # due, not yet sent (the client's socket was full)
         self.held: Optional[bytes] = None  # the next HTTP chunk, until its token is due
         self.held_due = 0.0
@@ -4388,7 +4397,7 @@ class _DemoPacer:
                 self._gather(paced)
             if paced.out:
                 paced.out = paced.out[paced.sock.send(paced.out):]
-        except BlockingIOError:
+        except paced.not_yet:
             pass
         except OSError:                                 # the client went away
             return self._finish(paced, False)

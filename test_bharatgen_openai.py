@@ -1453,6 +1453,27 @@ y6hwNtJBrFTtLz+OuvqjoQ==
 """
 
 
+def tls_server_context(test):
+    """``(server context, certificate file)`` for 127.0.0.1, the certificate trusted
+    (through SSL_CERT_FILE, as a private CA would be) until the test ends."""
+    import ssl
+    import tempfile
+    folder = tempfile.mkdtemp()
+    test.addCleanup(__import__("shutil").rmtree, folder)
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(cert, "w") as f:
+        f.write(TEST_CERT)
+    with open(key, "w") as f:
+        f.write(TEST_KEY)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = cert
+    test.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if old is None
+                    else os.environ.__setitem__("SSL_CERT_FILE", old))
+    return context, cert
+
+
 class PumpTests(unittest.TestCase):
     """Streams handed to the gateway's one pump thread once they have begun."""
 
@@ -1492,18 +1513,48 @@ class PumpTests(unittest.TestCase):
         demo = start_demo(self, token_delay=0)
         gw = start_gateway(self, demo.url)
         gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # inherited by accept()
-        answer = bg._demo_reply("20000 words", [], "", [0] * 4)[1]
+        sock = self.send_stream_request(gw.server_address[1], "20000 words")
+        time.sleep(0.5)                            # not reading: the gateway must wait
+        self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
+        self.assertEqual(self.read_slowly(sock), bg._demo_reply("20000 words", [], "", [0] * 4)[1])
+
+    def test_a_slow_client_over_tls_gets_its_whole_answer(self):
+        # TLS sockets that cannot take more say so with their own errors: the pump's and
+        # the demo's writes must wait on them, not take the client for gone
+        context, cert = tls_server_context(self)
+        demo = bg.DemoUpstream(token_delay=0)
+        demo.socket = context.wrap_socket(demo.socket, server_side=True)
+        self.addCleanup(demo.stop)
+        gw = bg.GatewayServer(bg.Config(upstream=["https://127.0.0.1:%d" % demo.server_address[1]],
+                                        port=0, timeout=10))
+        gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        gw.socket = context.wrap_socket(gw.socket, server_side=True)
+        self.addCleanup(gw.stop)
+        demo.start(), gw.start()
+        sock = self.send_stream_request(gw.server_address[1], "20000 words",
+                                        __import__("ssl").create_default_context(cafile=cert))
+        time.sleep(0.5)
+        self.assertEqual(self.read_slowly(sock), bg._demo_reply("20000 words", [], "", [0] * 4)[1])
+        self.assertEqual(gw.pump.served, 1)
+
+    @staticmethod
+    def send_stream_request(port, prompt, tls=None):
+        """A socket with a small receive buffer that has sent one streamed chat request."""
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.settimeout(TIMEOUT)
-        sock.connect(gw.server_address[:2])
+        sock.connect(("127.0.0.1", port))
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
         body = json.dumps({"model": "param-1", "stream": True,
-                           "messages": [{"role": "user", "content": "20000 words"}]}).encode()
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
-        time.sleep(0.5)                            # not reading: the gateway must wait
-        self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
+        return sock
+
+    def read_slowly(self, sock):
+        """The streamed text of the response on ``sock``, read a little at a time."""
         raw = b""
         while True:
             data = sock.recv(8192)
@@ -1520,28 +1571,14 @@ class PumpTests(unittest.TestCase):
             if int(size, 16) == 0:
                 break
             payload, rest = payload + rest[:int(size, 16)], rest[int(size, 16) + 2:]
-        self.assertEqual(streamed_text(sse_events(payload)), answer)
+        return streamed_text(sse_events(payload))
 
     def test_a_tls_upstream_is_pumped_too(self):
-        import ssl
-        import tempfile
-        folder = tempfile.mkdtemp()
-        self.addCleanup(__import__("shutil").rmtree, folder)
-        cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-        with open(cert, "w") as f:
-            f.write(TEST_CERT)
-        with open(key, "w") as f:
-            f.write(TEST_KEY)
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(cert, key)
+        context, _ = tls_server_context(self)
         demo = bg.DemoUpstream(token_delay=0.001)
         demo.socket = context.wrap_socket(demo.socket, server_side=True)
         demo.start()
         self.addCleanup(demo.stop)
-        old = os.environ.get("SSL_CERT_FILE")
-        os.environ["SSL_CERT_FILE"] = cert          # trust it, as a private CA would be
-        self.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if old is None
-                        else os.environ.__setitem__("SSL_CERT_FILE", old))
         gw = start_gateway(self, "https://127.0.0.1:%d" % demo.server_address[1])
         for prompt, answer in (("300 words", bg._demo_reply("300 words", [], "", [0] * 4)[1]),
                                ("hindi please", HINDI)):
