@@ -3034,7 +3034,6 @@ class _BaseHandler(socketserver.StreamRequestHandler):
     disable_nagle_algorithm = True
     command: Optional[str] = None
     request_version = default_request_version
-    requestline = ""
     close_connection = True
 
     def handle(self) -> None:
@@ -3049,7 +3048,6 @@ class _BaseHandler(socketserver.StreamRequestHandler):
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
-                self.requestline, self.request_version = "", self.protocol_version
                 self.send_error(414, "Request line too long")
                 return
             if not self.raw_requestline:
@@ -3086,8 +3084,8 @@ class _BaseHandler(socketserver.StreamRequestHandler):
         self.command = None                    # send_error needs these set
         self.request_version = self.default_request_version
         self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
+        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = requestline.split()
         if not words:
             return False
         if len(words) >= 3:
@@ -3103,7 +3101,7 @@ class _BaseHandler(socketserver.StreamRequestHandler):
             self.close_connection = number < (1, 1)
             self.request_version = version
         if not 2 <= len(words) <= 3:
-            self.send_error(400, "Bad request syntax (%r)" % self.requestline)
+            self.send_error(400, "Bad request syntax (%r)" % requestline)
             return False
         self.command, self.path = words[0], words[1]
         if len(words) == 2:                    # HTTP/0.9

@@ -1530,7 +1530,8 @@ class PumpTests(unittest.TestCase):
         gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         gw.socket = context.wrap_socket(gw.socket, server_side=True)
         self.addCleanup(gw.stop)
-        demo.start(), gw.start()
+        demo.start()
+        gw.start()
         sock = self.send_stream_request(gw.server_address[1], "20000 words",
                                         __import__("ssl").create_default_context(cafile=cert))
         time.sleep(0.5)
