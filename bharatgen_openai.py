@@ -18,13 +18,19 @@ exact text, and offers that text two ways:
       python bharatgen_openai.py serve --upstream https://<id>.gradio.live/
       python bharatgen_openai.py serve --demo      # a built-in stand-in upstream
 
+The parts: a Gradio client over ``http.client`` (proxies from ``urllib.request``'s
+settings) with a bounded SSE reader, an ``html.parser`` cleaner, dataclass objects shaped
+like the openai SDK's, and an ``http.server`` ``ThreadingHTTPServer`` (a thread per
+connection streams its own answer).
+
 Security: the server binds 127.0.0.1 by default.  Give it API keys (``--api-key`` or
-``BHARATGEN_API_KEYS``) before exposing it; keys are compared in constant time.
+``BHARATGEN_API_KEYS``) before exposing it; keys are compared in constant time.  Request
+framing is strict (RFC 9112): anything ambiguous is refused and the connection closed.
 """
 
-from __future__ import annotations    # annotations stay text: evaluating them slowed the import
+from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     # errors
@@ -46,29 +52,29 @@ __all__ = [
 
 import collections
 import dataclasses
-import heapq
 import html
+import http.client
+import http.server
+import io
 import json
 import logging
 import os
 import queue
 import re
-import selectors
+import select
 import socket
 import socketserver
+import ssl
 import sys
 import threading
 import time
 import urllib.parse
+import urllib.request
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from http import HTTPStatus
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
-if TYPE_CHECKING:
-    import ssl                          # imported where an https upstream needs it
-
-DEFAULT_MODEL = "param-1"
+DEFAULT_MODEL = "bharatgen-param-17b"      # the id the Param gateway's documents use
 DEFAULT_ENDPOINT = "chat_fn_1"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant. You think step-by-step."
 DEFAULT_TEMPERATURE = 0.7
@@ -76,8 +82,11 @@ DEFAULT_MAX_TOKENS = 1024
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 50
 DEFAULT_PORT = 8000
-MAX_BODY_BYTES = 4 * 1024 * 1024
+MAX_BODY_BYTES = 4 * 1024 * 1024           # a request body
+MAX_EVENT_BYTES = 8 * 1024 * 1024          # one upstream SSE line, and one event
+MAX_UPSTREAM_BODY = 16 * 1024 * 1024       # an upstream /config, /info or error body
 REASONING_MODES = ("separate", "inline", "none")
+PROTOCOLS = ("auto", "queue", "call")
 
 _log = logging.getLogger("bharatgen_openai")
 _access_log = logging.getLogger("bharatgen_openai.access")
@@ -210,68 +219,60 @@ UpstreamTimeout = APITimeoutError
 # Protocol pieces: SSE, the HTML cleaner, stop sequences, token counts #########
 ###############################################################################
 
-def _iter_sse(read: Callable[[], bytes]) -> Iterator[Tuple[str, str]]:
-    """Yield ``(event, data)`` from a server-sent event stream, one event at a time."""
-    for batch in _iter_sse_batches(read):
-        yield from batch
-
-
-def _iter_sse_batches(read: Callable[[], bytes]) -> Iterator[List[Tuple[str, str]]]:
+def _iter_sse(read: Callable[[], bytes],
+              limit: int = MAX_EVENT_BYTES) -> Iterator[List[Tuple[str, str]]]:
     """Yield the ``(event, data)`` of a server-sent event stream in batches: all the
-    events complete in what has arrived so far, so a reader that fell behind can
-    catch up in one step.
+    events complete in each block read, so a reader that fell behind catches up in
+    one step.
 
-    ``read`` returns the next bytes that arrived (any amount; ``b""`` at the end; ``None``
-    when a non-blocking stream has nothing yet, passed on as an empty batch), so whole
-    blocks are split here rather than line by line.  Follows the WHATWG rules that
-    matter: ``event``/``data`` fields, multi-line data joined by ``\\n``, comments
-    (``:``) ignored, ``\\r\\n`` line ends, an event dispatched on a blank line.
+    ``read`` returns the next bytes (``b""`` at the end).  Linear in the bytes: each
+    block is searched once, and a line cut across blocks is joined once.  A line or an
+    event of over ``limit`` bytes raises :class:`UpstreamError`.  Follows the WHATWG
+    rules that matter: ``event``/``data`` fields, multi-line data joined by ``\\n``,
+    comments (``:``) ignored, ``\\r\\n`` line ends, dispatch on a blank line.
     """
-    buf = b""
+    pending: List[bytes] = []              # the start of a line cut by the block's end
+    held, event, data, size = 0, "", [], 0
     while True:
         block = read()
-        if block is None:                # nothing yet, on a non-blocking stream
-            yield []
-            continue
-        if not block:
-            event = _sse_event(buf)
-            if event is not None:
-                yield [event]
-            return
-        buf += block
-        if b"\r" in buf:                 # a "\r" at the very end waits for its "\n"
-            buf = buf.replace(b"\r\n", b"\n")
-        start, batch = 0, []
+        ended = not block
+        if ended:
+            block = b"\n\n"                    # the end dispatches what is pending
+        batch, start = [], 0
         while True:
-            end = buf.find(b"\n\n", start)
+            end = block.find(b"\n", start)
             if end < 0:
                 break
-            event = _sse_event(buf[start:end])
-            if event is not None:
-                batch.append(event)
-            start = end + 2
-        if start:
-            buf = buf[start:]
+            raw = block[start:end]
+            if pending:
+                raw, pending, held = b"".join(pending) + raw, [], 0
+            start = end + 1
+            try:
+                line = raw.rstrip(b"\r").decode("utf-8")
+            except UnicodeDecodeError:
+                raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
+            if not line:
+                if data or event:
+                    batch.append((event or "message", "\n".join(data)))
+                event, data, size = "", [], 0
+                continue
+            name, _, value = line.partition(":")
+            value = value[1:] if value[:1] == " " else value
+            if name == "event":
+                event = value
+            elif name == "data":
+                data.append(value)
+                size += len(value)
+        if start < len(block):
+            pending.append(block[start:])
+            held += len(block) - start
+        if held > limit or size > limit:
+            raise UpstreamError("the Gradio app sent an event of over %d bytes (the limit)"
+                                % limit)
         if batch:
             yield batch
-
-
-def _sse_event(raw: bytes) -> Optional[Tuple[str, str]]:
-    """``(event, data)`` of one event's lines, or ``None`` if it has neither."""
-    event, data = "", []
-    for line in raw.decode("utf-8").split("\n"):
-        if not line or line[0] == ":":
-            continue
-        name, _, value = line.partition(":")
-        if value[:1] == " ":
-            value = value[1:]
-        if name == "event":
-            event = value
-        elif name == "data":
-            data.append(value)
-    if not data and not event:
-        return None
-    return event or "message", "\n".join(data)
+        if ended:
+            return
 
 
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # stateless
@@ -752,8 +753,9 @@ _FINGERPRINT = "fp_bharatgen_" + __version__.replace(".", "_")
 
 
 ###############################################################################
-# Upstream: a Gradio client over plain sockets ################################
+# Upstream: a Gradio client over http.client ###################################
 ###############################################################################
+
 
 # OpenAI-side roles, and the app parameter names that take each of them.
 _ROLE_NAMES = {
@@ -931,413 +933,96 @@ def _apply_diff(value: Any, diff: List[Any]) -> Any:
     return value
 
 
-_MAX_HEAD = 65536                          # bytes of a response's status line and headers
-_MAX_IDLE_CONNECTIONS = 256                # kept alive per upstream, for the next requests
-_UNSAFE_IN_HEAD = re.compile(r"[\x00-\x1f\x7f]")   # would split or end a request line
+class _TimedSocket:
+    """A socket whose reads are bounded twice: each waits at most ``idle`` seconds, and
+    none goes past the ``deadline`` set by :meth:`arm` (a total).  The module's one
+    timeout mechanism, for the gateway's clients (request head and body) and for the
+    upstream (response head, first output, silence between events).  Anything else is
+    passed to the socket, so http.client takes it for one."""
 
+    def __init__(self, sock: socket.socket, idle: Optional[float]) -> None:
+        self.sock, self.idle = sock, idle
+        self.deadline: Optional[float] = None
+        self.received = 0                  # bytes read since the last arm()
 
-class _ProtocolError(ConnectionError):
-    """An upstream answer that is not HTTP/1.1 (status line, head or body framing): it is
-    handled as a broken connection."""
-
-
-class _UnsendableRequest(ValueError):
-    """A request target or header with a control character, or a header that is not
-    Latin-1: it would change the request's meaning, so it is never sent."""
-
-
-def _not_yet(sock: socket.socket) -> Tuple[type, ...]:
-    """What a non-blocking ``sock`` raises when it cannot read or write yet (a TLS
-    socket has its own: its records need reads and writes of their own)."""
-    ssl = sys.modules.get("ssl")           # imported only once TLS is in use
-    if ssl is not None and isinstance(sock, ssl.SSLSocket):
-        return BlockingIOError, ssl.SSLWantReadError, ssl.SSLWantWriteError
-    return (BlockingIOError,)
-
-
-class _Response:
-    """One upstream response: its status and headers, and its body read from the
-    connection (``Content-Length``, chunked, or up to the close)."""
-
-    __slots__ = ("conn", "status", "headers", "will_close", "chunked", "length", "done", "_left")
-
-    def __init__(self, conn: "_Connection", status: int, headers: Dict[str, str],
-                 will_close: bool, chunked: bool, length: Optional[int]) -> None:
-        self.conn, self.status, self.headers = conn, status, headers
-        self.will_close, self.chunked, self.length = will_close, chunked, length
-        self.done = length == 0            # the body has been read to its end
-        self._left = 0                     # chunked: data left in this chunk (-1: trailers,
-                                           # -2: the CRLF after a chunk's data)
+    def arm(self, seconds: Optional[float]) -> None:
+        """Bound the reads from now on to ``seconds`` in all (``None``: idle bound only)."""
+        self.deadline = None if seconds is None else time.monotonic() + seconds
+        self.received = 0
 
     @property
-    def reusable(self) -> bool:
-        """True if the connection can carry the next request."""
-        return self.done and not self.will_close and self.conn.sock is not None
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
-    def read(self) -> bytes:
-        """The whole body (the socket must be blocking)."""
-        parts = []
-        while True:
-            data = self.read1()
-            if not data:
-                return b"".join(parts)
-            parts.append(data)
+    def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        return io.BufferedReader(_TimedReader(self))
 
-    def read1(self) -> Optional[bytes]:
-        """The body bytes that have arrived, in at most one socket read: ``b""`` at the
-        end, ``None`` if the socket is non-blocking and nothing has arrived.
-
-        A chunked body is decoded here, so one read takes every chunk that has arrived
-        (Gradio sends one event per chunk).
-        """
-        if self.done:
-            return b""
-        conn = self.conn
-        if not self.chunked:
-            data, conn.buf = conn.buf, b""
-            if not data:
-                data = conn.recv()
-                if data is None:
-                    return None
-            if self.length is None:        # up to the close
-                self.done = not data
-                return data
-            if not data:
-                raise _ProtocolError("the body ended %d bytes short" % self.length)
-            if len(data) > self.length:
-                data, conn.buf = data[:self.length], data[self.length:]
-            self.length -= len(data)
-            self.done = self.length == 0
-            return data
-        out: List[bytes] = []
-        while True:
-            buf, pos = conn.buf, 0
-            while True:
-                if self._left > 0:                      # inside a chunk's data
-                    if pos == len(buf):
-                        break
-                    take = buf[pos:pos + self._left]
-                    out.append(take)
-                    pos += len(take)
-                    self._left -= len(take)
-                    if self._left:
-                        break
-                    self._left = -2
-                if self._left == -2:
-                    if len(buf) - pos < 2:
-                        break
-                    pos, self._left = pos + 2, 0
-                eol = buf.find(b"\r\n", pos)
-                if eol < 0:
-                    break
-                if self._left == -1:                    # trailers, up to an empty line
-                    empty, pos = eol == pos, eol + 2
-                    if empty:
-                        self.done = True
-                        break
-                    continue
-                try:
-                    size = int(buf[pos:eol].split(b";", 1)[0], 16)
-                except ValueError:
-                    raise _ProtocolError("a malformed chunk size: %r" % buf[pos:eol][:40]) from None
-                pos = eol + 2
-                self._left = size if size else -1
-            conn.buf = buf[pos:]
-            if out or self.done:
-                return b"".join(out)
-            data = conn.recv()
-            if data is None:
-                return None
-            if not data:
-                raise _ProtocolError("the chunked body ended before its last chunk")
-            conn.buf += data
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
 
 
-class _Connection:
-    """One keep-alive HTTP/1.1 connection to an upstream, over TLS for ``https``.
+class _TimedReader(io.RawIOBase):
+    """The raw reads of a :class:`_TimedSocket`."""
 
-    A request goes out in one write and the response head is parsed here:
-    http.client's header parsing (the email package) costs more than the rest of
-    setting up a streamed answer.
-    """
+    def __init__(self, timed: _TimedSocket) -> None:
+        self.timed = timed
 
-    def __init__(self, host: str, port: int, context: Optional["ssl.SSLContext"],
-                 timeout: float) -> None:
-        self.host, self.port, self.context, self.timeout = host, port, context, timeout
-        self._not_yet: Tuple[type, ...] = (BlockingIOError,)
-        self.sock: Optional[socket.socket] = None
-        self.buf = b""                     # bytes read past what was handed out
-        name = "[%s]" % host if ":" in host else host
-        default = 443 if context is not None else 80
-        self._host_header = name if port == default else "%s:%d" % (name, port)
+    def readable(self) -> bool:
+        return True
 
-    def close(self) -> None:
-        sock, self.sock, self.buf = self.sock, None, b""
-        if sock is not None:
-            sock.close()
-
-    def recv(self) -> Optional[bytes]:
-        """One socket read (``None`` if the socket is non-blocking and has nothing)."""
-        try:
-            return self.sock.recv(65536)
-        except self._not_yet:
-            return None
-
-    def request(self, method: str, target: str, body: Optional[bytes],
-                headers: Dict[str, str]) -> None:
-        """Send one request (connecting first if need be)."""
-        if _UNSAFE_IN_HEAD.search(target) or " " in target or \
-                any(_UNSAFE_IN_HEAD.search(value) for value in headers.values()):
-            raise _UnsendableRequest("a control character in the request to %r" % target[:200])
-        head = ["%s %s HTTP/1.1\r\nHost: %s\r\n" % (method, target, self._host_header)]
-        head += ["%s: %s\r\n" % item for item in headers.items()]
-        if body is not None:
-            head.append("Content-Length: %d\r\n" % len(body))
-        head.append("\r\n")
-        try:
-            data = "".join(head).encode("latin-1")
-        except UnicodeEncodeError:
-            raise _UnsendableRequest("a header that is not Latin-1 in the request to %r"
-                                     % target[:200]) from None
-        if self.sock is None:
-            sock = socket.create_connection((self.host, self.port), self.timeout)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if self.context is not None:
-                sock = self.context.wrap_socket(sock, server_hostname=self.host)
-            self.sock, self.buf, self._not_yet = sock, b"", _not_yet(sock)
-        self.sock.sendall(data + body if body else data)
-
-    def exchange(self, method: str, target: str, body: Optional[bytes],
-                 headers: Dict[str, str], timeout: float) -> _Response:
-        """Send one request and read its response head, waiting up to ``timeout`` for
-        it. A kept-alive connection the server closed while it rested fails at once:
-        it is opened again and the request sent once more."""
-        while True:
-            rested = self.sock is not None
-            try:
-                self.request(method, target, body, headers)
-                self.sock.settimeout(timeout)
-                return self.getresponse(method)
-            except socket.timeout:
-                raise
-            except OSError:
-                if not rested:
-                    raise
-                self.close()
-
-    def getresponse(self, method: str) -> _Response:
-        """Read the status line and headers of the response (1xx ones skipped)."""
-        while True:
-            buf = self.buf
-            end = buf.find(b"\r\n\r\n")
-            while end < 0:
-                if len(buf) > _MAX_HEAD:
-                    raise _ProtocolError("a response head of over %d bytes" % _MAX_HEAD)
-                data = self.sock.recv(65536)
-                if not data:
-                    if buf:
-                        raise _ProtocolError("the response head ended early: %r" % buf[:200])
-                    raise _ProtocolError("the connection closed without a response")
-                buf += data
-                end = buf.find(b"\r\n\r\n", max(0, len(buf) - len(data) - 3))
-            lines = buf[:end].decode("latin-1").split("\r\n")
-            self.buf = buf[end + 4:]
-            parts = lines[0].split(None, 2)
-            try:
-                if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-                    raise ValueError
-                status = int(parts[1])
-            except ValueError:
-                raise _ProtocolError("a malformed status line: %r" % lines[0][:200]) from None
-            if 100 <= status < 200 and status != 101:
-                continue                       # 100 Continue and the like: the real one follows
-            headers: Dict[str, str] = {}
-            for line in lines[1:]:
-                name, colon, value = line.partition(":")
-                if not colon:
-                    raise _ProtocolError("a malformed header line: %r" % line[:200])
-                name, value = name.strip().lower(), value.strip()
-                headers[name] = headers[name] + ", " + value if name in headers else value
-            connection = headers.get("connection", "").lower()
-            will_close = "close" in connection or (parts[0] == "HTTP/1.0"
-                                                   and "keep-alive" not in connection)
-            chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-            length: Optional[int] = None
-            if method == "HEAD" or status in (204, 304):
-                length = 0
-            elif not chunked:
-                try:
-                    length = int(headers["content-length"])
-                    if length < 0:
-                        raise ValueError
-                except KeyError:
-                    will_close = True          # the body runs to the close
-                except ValueError:
-                    raise _ProtocolError(
-                        "a malformed Content-Length: %r" % headers["content-length"]) from None
-            return _Response(self, status, headers, will_close, chunked, length)
+    def readinto(self, buf: Any) -> int:
+        timed = self.timed
+        wait = timed.idle
+        if timed.deadline is not None:
+            left = timed.deadline - time.monotonic()
+            if left <= 0:
+                raise socket.timeout("the time allowed has passed")
+            wait = left if wait is None else min(wait, left)
+        timed.sock.settimeout(wait)
+        n = timed.sock.recv_into(buf)
+        timed.received += n
+        return n
 
 
-class _IdleWatch:
-    """Ends upstream reads that wait too long, so streaming sockets need no timeout.
+class _Timed:
+    """Mixed into http.client's connections: reads go through a :class:`_TimedSocket`."""
 
-    A socket with a timeout costs a ``poll()`` before every read; a blocking one does
-    not.  Each watched stream notes when its current read began; one thread, alive
-    while there is something to watch, shuts the socket of a read waiting past its
-    limit, which ends that read at once.
-    """
+    sock: Any
+    timeout: float
 
-    def __init__(self, interval: float = 0.1) -> None:
-        self.interval = interval
-        self._streams: set = set()
-        self._lock = threading.Lock()
-        self._running = False
-
-    def watch(self, stream: "_EventStream") -> None:
-        with self._lock:
-            self._streams.add(stream)
-            if not self._running:
-                self._running = True
-                threading.Thread(target=self._run, daemon=True,
-                                 name="bharatgen-idle-watch").start()
-
-    def unwatch(self, stream: "_EventStream") -> None:
-        with self._lock:
-            self._streams.discard(stream)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.interval)
-            with self._lock:
-                if not self._streams:
-                    self._running = False
-                    return
-                streams = list(self._streams)
-            now = time.monotonic()
-            for stream in streams:
-                since = stream.reading_since
-                if since and now - since > stream.client.timeout:
-                    stream.expire()
+    def connect(self) -> None:
+        super().connect()                  # type: ignore[misc]
+        self.sock = _TimedSocket(self.sock, self.timeout)
 
 
-class _EventStream:
-    """The SSE events of one upstream response, under the first-output and idle timeouts.
+class _HTTPConnection(_Timed, http.client.HTTPConnection):
+    pass
 
-    Until :meth:`output_started`, the whole wait is bounded by ``first_event_timeout``
-    (heartbeats do not extend it), with socket timeouts; after, each silence by
-    ``timeout``, kept by the client's :class:`_IdleWatch` while the socket blocks.
-    """
 
-    def __init__(self, client: "GradioClient", resp: _Response,
-                 on_stream: Optional[Callable[["_EventStream"], None]] = None) -> None:
-        self.client, self.resp, self.conn = client, resp, resp.conn
-        self.deadline = time.monotonic() + client.first_event_timeout
-        self.started = False
-        self.bytes = 0         # counted here, added to the shared metrics once at the end
-        self.reading_since = 0.0          # when the read under way began (0: none)
-        self.expired = False
-        self.pumped = False               # read without blocking, by the gateway's pump
-        self.last_data = 0.0
-        if on_stream is not None:         # shown to the gateway, which may pump it
-            on_stream(self)
+class _HTTPSConnection(_Timed, http.client.HTTPSConnection):
+    pass
 
-    @property
-    def pumpable(self) -> bool:
-        """True if the gateway's pump can take this stream over."""
-        return self.started and self.conn.sock is not None
 
-    def pump(self) -> socket.socket:
-        """Make reads non-blocking (``None`` when nothing has arrived); the socket, for
-        the pump's selector (which calls once first: some may be buffered already)."""
-        sock = self.conn.sock
-        sock.setblocking(False)
-        self.client._idle_watch.unwatch(self)     # the pump keeps the idle timeout now
-        self.pumped, self.last_data = True, time.monotonic()
-        return sock
+def _dropped(conn: http.client.HTTPConnection) -> bool:
+    """True if a kept-alive connection was closed by the server while it rested (its
+    socket reads as ready: the end, or bytes nobody asked for)."""
+    sock = getattr(conn.sock, "sock", None)
+    if sock is None:
+        return True
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return True
 
-    def output_started(self) -> None:
-        if not self.started:
-            self.started = True
-            if self.conn.sock is not None:
-                self.conn.sock.settimeout(None)
-                self.client._idle_watch.watch(self)
 
-    def expire(self) -> None:
-        """Called by the watch: end the read that waited too long."""
-        self.expired = True
-        try:
-            if self.conn.sock is not None:
-                self.conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
+_MAX_IDLE_CONNECTIONS = 64                 # kept alive per upstream, for the next requests
 
-    def _read(self) -> Optional[bytes]:
-        if self.pumped:
-            block = self.resp.read1()
-            if block:
-                self.bytes += len(block)
-                self.last_data = time.monotonic()
-            return block
-        if not self.started:
-            if self.conn.sock is not None:
-                left = self.deadline - time.monotonic()
-                if left <= 0:
-                    raise socket.timeout()
-                self.conn.sock.settimeout(min(self.client.timeout, left))
-            block = self.resp.read1()
-        else:
-            self.reading_since = time.monotonic()
-            try:
-                block = self.resp.read1()
-            except OSError:
-                if self.expired:
-                    raise socket.timeout() from None
-                raise
-            finally:
-                self.reading_since = 0.0
-            if self.expired:
-                raise socket.timeout()
-        self.bytes += len(block)
-        return block
 
-    def finish(self) -> None:
-        """Read a finished stream to its end (briefly), so its connection can be reused.
-
-        A pumped stream takes only what has arrived (the pump must not wait); if the
-        end is not there yet, the connection is closed instead of kept.
-        """
-        try:
-            if self.conn.sock is not None and not self.pumped:
-                self.conn.sock.settimeout(min(self.client.timeout, 1.0))
-            while self.resp.read1():
-                pass
-            if not self.resp.done:
-                self.conn.close()
-        except OSError:
-            self.conn.close()
-        if self.pumped and self.conn.sock is not None:
-            self.conn.sock.settimeout(self.client.timeout)
-
-    def __iter__(self) -> Iterator[List[Tuple[str, str]]]:
-        """Batches of the events that have arrived (see :func:`_iter_sse_batches`)."""
-        try:
-            yield from _iter_sse_batches(self._read)
-        except socket.timeout:
-            if self.started:
-                raise APITimeoutError("the Gradio app sent nothing for %ss"
-                                      % self.client.timeout) from None
-            raise APITimeoutError("the Gradio app sent no output within %ss"
-                                  % self.client.first_event_timeout) from None
-        except UnicodeDecodeError:
-            raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
-        except OSError as exc:
-            raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
-        finally:
-            if self.started:
-                self.client._idle_watch.unwatch(self)
-            if self.client.metrics is not None and self.bytes:
-                self.client.metrics.inc("bharatgen_upstream_bytes_total", self.bytes)
-                self.bytes = 0
+@dataclass
+class _Progress:
+    """How far one upstream job has come."""
+    started: bool = False          # output has begun: from now on each silence is bounded
+    done: bool = False             # its last event was read
 
 
 class GradioClient:
@@ -1348,14 +1033,17 @@ class GradioClient:
     API prefix, the chat endpoint, its inputs (mapped to OpenAI fields by name, the rest
     filled with the app's defaults) and the history format.  Replies stream over the
     queue protocol (``/queue/join``, diffs) when the app offers it, else over ``/call``.
-    ``HF_TOKEN`` (or ``hf_token``) is sent as a bearer token for private Spaces.
+    Requests go over http.client, kept alive between calls, through the proxy that
+    ``HTTP(S)_PROXY`` / ``NO_PROXY`` name.  ``HF_TOKEN`` (or ``hf_token``) is sent as a
+    bearer token for private Spaces.
     """
 
     def __init__(self, base_url: str, *, endpoint: Optional[str] = None,
                  timeout: float = 120.0, connect_timeout: float = 10.0,
                  first_event_timeout: Optional[float] = None, protocol: str = "auto",
                  param_names: Optional[Dict[str, str]] = None,
-                 hf_token: Optional[str] = None) -> None:
+                 hf_token: Optional[str] = None, max_event_bytes: int = MAX_EVENT_BYTES,
+                 max_body: int = MAX_UPSTREAM_BODY) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
         self.base_url = _normalize_base_url(base_url)
@@ -1366,22 +1054,23 @@ class GradioClient:
         self.protocol = protocol
         self.param_names = dict(param_names or {})
         self.hf_token = hf_token if hf_token is not None else os.environ.get("HF_TOKEN")
+        self.max_event_bytes, self.max_body = max_event_bytes, max_body
         parts = urllib.parse.urlsplit(self.base_url)
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._https else 80)
         self._root = parts.path
         self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
+        self._tls = ssl.create_default_context() if self._https else None
+        proxy = urllib.request.getproxies().get(parts.scheme)
+        if proxy and urllib.request.proxy_bypass(self._host):
+            proxy = None
+        self._proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy) \
+            if proxy else None
         self._info: Optional[_AppInfo] = None
         self._lock = threading.Lock()
         self._discover_lock = threading.Lock()
-        self._idle: List[_Connection] = []     # keep-alive connections at rest
-        self._tls: Optional["ssl.SSLContext"] = None
-        if self._https:
-            import ssl                             # here, not on top: it is a tenth of the import
-            self._tls = ssl.create_default_context()
-            self._tls.set_alpn_protocols(["http/1.1"])
-        self._idle_watch = _IdleWatch()
+        self._idle: List[http.client.HTTPConnection] = []     # kept-alive connections at rest
         self.metrics: Optional[Any] = None       # a server's _Metrics, counting bytes read
 
     def __repr__(self) -> str:
@@ -1389,20 +1078,37 @@ class GradioClient:
 
     # -- HTTP -------------------------------------------------------------------------
 
-    def _connect(self) -> _Connection:
-        """A keep-alive connection at rest, or a new one (connected on first use)."""
+    def _connection(self) -> http.client.HTTPConnection:
+        """A kept-alive connection at rest, or a new one."""
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        return _Connection(self._host, self._port, self._tls, self.connect_timeout)
+        host, port, headers = self._host, self._port, {}
+        if self._proxy is not None:
+            host, port = self._proxy.hostname or "", self._proxy.port or 80
+            if self._proxy.username:
+                import base64
+                auth = "%s:%s" % (urllib.parse.unquote(self._proxy.username),
+                                  urllib.parse.unquote(self._proxy.password or ""))
+                headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
+        if self._https:
+            conn: http.client.HTTPConnection = _HTTPSConnection(
+                host, port, timeout=self.connect_timeout, context=self._tls)
+            if self._proxy is not None:
+                conn.set_tunnel(self._host, self._port, headers)
+        else:
+            conn = _HTTPConnection(host, port, timeout=self.connect_timeout)
+            self._proxy_headers = headers
+        return conn
 
-    def _release(self, conn: _Connection, resp: Optional[_Response]) -> None:
+    def _release(self, conn: http.client.HTTPConnection,
+                 resp: Optional[http.client.HTTPResponse]) -> None:
         """Keep ``conn`` for the next call if its last response was read to the end."""
-        reusable = resp is not None and resp.reusable
-        with self._lock:
-            if reusable and len(self._idle) < _MAX_IDLE_CONNECTIONS:
-                self._idle.append(conn)
-                return
+        if resp is not None and resp.isclosed() and conn.sock is not None:
+            with self._lock:
+                if len(self._idle) < _MAX_IDLE_CONNECTIONS:
+                    self._idle.append(conn)
+                    return
         conn.close()
 
     def close(self) -> None:
@@ -1412,9 +1118,12 @@ class GradioClient:
         for conn in idle:
             conn.close()
 
-    def _send(self, conn: _Connection, method: str, path: str,
-              body: Optional[Any] = None) -> _Response:
-        """Send one request; turn socket failures into the matching error."""
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
+                  body: Optional[Any] = None) -> Tuple[http.client.HTTPResponse, _TimedSocket]:
+        """Send one request and read the response head, within ``connect_timeout`` each
+        (1xx responses included).  A GET that fails on a kept-alive connection is sent
+        once more on a new one; a POST never is: it may have reached the app, and a
+        second would be a second job."""
         data = None if body is None else json.dumps(body).encode("utf-8")
         headers = {"User-Agent": "bharatgen_openai/" + __version__,
                    "Accept-Encoding": "identity"}
@@ -1422,37 +1131,62 @@ class GradioClient:
             headers["Content-Type"] = "application/json"
         if self.hf_token:
             headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
-        try:
-            return conn.exchange(method, self._root + path, data, headers, self.timeout)
-        except _UnsendableRequest as exc:
-            raise UpstreamError("cannot send the request to the Gradio app: %s" % exc) from None
-        except socket.timeout:
-            raise APITimeoutError("the Gradio app at %s did not answer within %ss"
-                                  % (self.base_url, self.timeout)) from None
-        except OSError as exc:
-            raise APIConnectionError("cannot reach the Gradio app at %s: %s"
-                                     % (self.base_url, exc)) from None
+        target = self._root + path
+        if self._proxy is not None and not self._https:      # a plain proxy takes the URL
+            target = "http://%s:%d%s" % (self._host, self._port, target)
+            headers.update(self._proxy_headers)
+        if conn.sock is not None and _dropped(conn):
+            conn.close()                   # closed while it rested: http.client reconnects
+        retry = method == "GET" and conn.sock is not None
+        while True:
+            try:
+                conn.request(method, target, data, headers)
+                timed = conn.sock
+                timed.arm(self.connect_timeout)
+                return conn.getresponse(), timed
+            except socket.timeout:
+                conn.close()
+                raise APITimeoutError("the Gradio app at %s did not answer within %ss"
+                                      % (self.base_url, self.connect_timeout)) from None
+            except (OSError, http.client.HTTPException) as exc:
+                conn.close()
+                if retry:
+                    retry = False
+                    continue
+                if isinstance(exc, (ValueError, http.client.InvalidURL)):
+                    raise UpstreamError("cannot send the request to the Gradio app: %s"
+                                        % exc) from None
+                raise APIConnectionError("cannot reach the Gradio app at %s: %s"
+                                         % (self.base_url, exc)) from None
 
-    def _read_all(self, resp: _Response) -> bytes:
+    def _read_body(self, resp: http.client.HTTPResponse, timed: _TimedSocket) -> bytes:
+        """A whole response body, at most ``max_body`` bytes, within ``timeout``."""
+        timed.arm(self.timeout)
         try:
-            return resp.read()
+            raw = resp.read(self.max_body + 1)
         except socket.timeout:
             raise APITimeoutError("the Gradio app did not answer within %ss" % self.timeout) from None
-        except OSError as exc:
+        except (OSError, http.client.HTTPException) as exc:
             raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
+        if len(raw) > self.max_body:
+            resp.close()
+            raise UpstreamError("the Gradio app sent a body of over %d bytes (the limit)"
+                                % self.max_body)
+        return raw
 
     def _request_json(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
         """``(status, JSON or None)`` of one request."""
-        conn, resp = self._connect(), None
+        conn, resp = self._connection(), None
         try:
-            resp = self._send(conn, method, path, body)
-            raw = self._read_all(resp)
+            resp, timed = self._exchange(conn, method, path, body)
+            raw = self._read_body(resp, timed)
         finally:
             self._release(conn, resp)
         try:
             return resp.status, json.loads(raw)
         except ValueError:
             return resp.status, None
+
 
     # -- discovery ----------------------------------------------------------------------
 
@@ -1634,34 +1368,31 @@ class GradioClient:
                                  hi if value > hi else lo),
                               param=name, code="invalid_value")
 
+
     # -- calling ------------------------------------------------------------------------
 
     def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
                system_prompt: Optional[str] = None, temperature: Optional[float] = None,
                max_tokens: Optional[int] = None, top_p: Optional[float] = None,
-               top_k: Optional[int] = None,
-               on_stream: Optional[Callable[["_EventStream"], None]] = None
-               ) -> Iterator[Tuple[str, bool, bool]]:
+               top_k: Optional[int] = None) -> Iterator[Tuple[str, bool, bool]]:
         """Call the chat endpoint; yield ``(text, is_final, is_append)`` for every update:
         the reply's whole HTML, or (``is_append``) only what was appended to it.
 
         Values left ``None`` take the app's defaults.  Closing the generator closes the
-        event stream and asks Gradio to cancel the job.  ``on_stream`` is shown the
-        upstream event stream (the gateway's pump may take it over, and then ``None``
-        is yielded whenever nothing has arrived).
+        event stream and asks Gradio to cancel the job.
         """
         info = self.discover()
         data = self._data(info, message, history, {
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
             "top_p": top_p, "top_k": top_k})
         if info.use_queue:
-            return self._stream_queue(info, data, on_stream)
-        return self._stream_call(info, data, on_stream)
+            return self._stream_queue(info, data)
+        return self._stream_call(info, data)
 
-    def _join(self, conn: _Connection, path: str, body: Any) -> str:
+    def _join(self, conn: http.client.HTTPConnection, path: str, body: Any) -> str:
         """POST a job; its ``event_id``.  503 is a full queue."""
-        resp = self._send(conn, "POST", path, body)
-        raw = self._read_all(resp)
+        resp, timed = self._exchange(conn, "POST", path, body)
+        raw = self._read_body(resp, timed)
         if resp.status == 503:
             raise UpstreamOverloadedError("the Gradio app's queue is full; try again later")
         if resp.status != 200:
@@ -1681,37 +1412,68 @@ class GradioClient:
 
         def post() -> None:
             try:
-                conn = self._connect()
-                conn.timeout = min(self.connect_timeout, 5.0)
-                try:
-                    self._read_all(self._send(conn, "POST", info.prefix + "/cancel", {
-                        "session_hash": session_hash, "fn_index": info.fn_index,
-                        "event_id": event_id}))
-                finally:
-                    conn.close()
+                self._request_json("POST", info.prefix + "/cancel", {
+                    "session_hash": session_hash, "fn_index": info.fn_index,
+                    "event_id": event_id})
             except BharatGenError:
                 pass
         threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
 
-    def _stream_call(self, info: _AppInfo, data: List[Any],
-                     on_stream: Optional[Callable[["_EventStream"], None]] = None
-                     ) -> Iterator[Tuple[str, bool, bool]]:
+    def _events(self, conn: http.client.HTTPConnection, path: str,
+                progress: _Progress) -> Iterator[List[Tuple[str, str]]]:
+        """The SSE batches of the stream at ``path``: the first output within
+        ``first_event_timeout``, then each silence within ``timeout``; a socket failure
+        becomes the matching API error.  Once the job is done, the rest of the stream
+        is read briefly so that the connection can be kept; else it is closed."""
+        resp, timed = self._exchange(conn, "GET", path)
+        count = [0]
+
+        def read() -> bytes:
+            if progress.started and timed.deadline is not None:
+                timed.arm(None)
+            block = resp.read1(65536)
+            count[0] += len(block)
+            return block
+        try:
+            if resp.status != 200:
+                raise UpstreamError("the Gradio app refused the event stream (HTTP %d)"
+                                    % resp.status)
+            timed.idle = self.timeout
+            timed.arm(self.first_event_timeout)
+            yield from _iter_sse(read, self.max_event_bytes)
+        except socket.timeout:
+            if progress.started:
+                raise APITimeoutError("the Gradio app sent nothing for %ss" % self.timeout) from None
+            raise APITimeoutError("the Gradio app sent no output within %ss"
+                                  % self.first_event_timeout) from None
+        except (OSError, http.client.HTTPException) as exc:
+            if isinstance(exc, BharatGenError):
+                raise
+            raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
+        finally:
+            if progress.done and not resp.isclosed():
+                try:
+                    timed.arm(min(self.timeout, 1.0))
+                    while read():
+                        pass
+                except (OSError, http.client.HTTPException):
+                    pass
+            if self.metrics is not None and count[0]:
+                self.metrics.inc("bharatgen_upstream_bytes_total", count[0])
+            self._release(conn, resp if progress.done else None)
+
+    def _stream_call(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
         """The two-step ``/call`` API: POST the inputs, then follow the event stream."""
         base = "%s/call/%s" % (info.prefix, info.endpoint)
-        conn = self._connect()
-        event_id, done, resp = None, False, None
+        conn, progress, events = self._connection(), _Progress(), None
+        event_id = None
         try:
             event_id = self._join(conn, base, {"data": data})
-            resp = self._send(conn, "GET", "%s/%s" % (base, urllib.parse.quote(event_id, safe="")))
-            if resp.status != 200:
-                raise UpstreamError("the Gradio app refused the event stream (HTTP %d)" % resp.status)
-            events = _EventStream(self, resp, on_stream)
+            events = self._events(conn, "%s/%s" % (base, urllib.parse.quote(event_id, safe="")),
+                                  progress)
             for event, payload in self._latest(events):
-                if payload is None:
-                    yield None                     # type: ignore[misc]
-                    continue
                 if event in ("generating", "complete"):
-                    events.output_started()
+                    progress.started = True
                     try:
                         output = json.loads(payload)
                     except ValueError:
@@ -1719,13 +1481,12 @@ class GradioClient:
                                             % (event, payload[:200])) from None
                     if output is None:
                         raise UpstreamError("the Gradio app cancelled the job")
-                    done = event == "complete"
-                    yield _reply_from_output(output), done, False
-                    if done:
-                        events.finish()
+                    progress.done = event == "complete"
+                    yield _reply_from_output(output), progress.done, False
+                    if progress.done:
                         return
                 elif event == "error":
-                    done = True
+                    progress.done = True
                     try:
                         detail = json.loads(payload) if payload else None
                     except ValueError:
@@ -1733,18 +1494,26 @@ class GradioClient:
                     raise UpstreamError(_upstream_error_message(detail))
             raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
         finally:
-            self._release(conn, resp if done else None)
-            if event_id is not None and not done:
-                self._cancel(info, event_id, event_id)
+            self._end(conn, events, progress, info, event_id, event_id)
+
+    def _end(self, conn: http.client.HTTPConnection, events: Optional[Iterator[Any]],
+             progress: _Progress, info: _AppInfo, session: Optional[str],
+             event_id: Optional[str]) -> None:
+        """A job's end: its stream closed (the connection kept if it can be), the job
+        cancelled if it did not finish."""
+        if events is not None:
+            events.close()          # type: ignore[attr-defined]
+        else:
+            self._release(conn, None)
+        if event_id is not None and not progress.done:
+            self._cancel(info, session or event_id, event_id)
 
     @staticmethod
-    def _latest(events: "_EventStream") -> Iterator[Tuple[str, str]]:
+    def _latest(events: Iterator[List[Tuple[str, str]]]) -> Iterator[Tuple[str, str]]:
         """The ``/call`` events, leaving out a snapshot that a later one, already
         arrived, replaces (each holds the whole reply): a reader that fell behind
         catches up without cleaning every snapshot it missed."""
         for batch in events:
-            if not batch:                          # a pumped stream has nothing yet
-                yield "", None                     # type: ignore[misc]
             for i, (event, payload) in enumerate(batch):
                 if event == "generating" and i + 1 < len(batch) \
                         and batch[i + 1][0] in ("generating", "complete"):
@@ -1752,14 +1521,10 @@ class GradioClient:
                 yield event, payload
 
     @staticmethod
-    def _messages(events: "_EventStream") -> Iterator[Tuple[Any, Any]]:
-        """The queue messages, each with the (decoded) ones that arrived with it;
-        ``(None, None)`` when a pumped stream has nothing yet."""
+    def _messages(events: Iterator[List[Tuple[str, str]]]) -> Iterator[Tuple[Any, Any]]:
+        """The queue messages, each with the (decoded) ones that arrived with it."""
         for batch in events:
-            if not batch:
-                yield None, None
-                continue
-            msgs = collections.deque()
+            msgs: Any = collections.deque()
             for _, payload in batch:
                 try:
                     msgs.append(json.loads(payload))
@@ -1769,32 +1534,26 @@ class GradioClient:
             while msgs:
                 yield msgs.popleft(), msgs
 
-    def _stream_queue(self, info: _AppInfo, data: List[Any],
-                      on_stream: Optional[Callable[["_EventStream"], None]] = None
-                      ) -> Iterator[Tuple[str, bool, bool]]:
+
+    def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
         """The queue protocol: join, then apply the ``process_generating`` diffs."""
         session = os.urandom(6).hex()
-        conn = self._connect()
-        event_id, done, resp = None, False, None
+        conn, progress, events = self._connection(), _Progress(), None
+        event_id = None
         try:
             event_id = self._join(conn, info.prefix + "/queue/join", {
                 "data": data, "fn_index": info.fn_index, "session_hash": session,
                 "event_data": None, "trigger_id": None})
-            resp = self._send(conn, "GET", "%s/queue/data?session_hash=%s" % (info.prefix, session))
-            if resp.status != 200:
-                raise UpstreamError("the Gradio app refused the queue stream (HTTP %d)" % resp.status)
+            events = self._events(conn, "%s/queue/data?session_hash=%s" % (info.prefix, session),
+                                  progress)
             outputs: Any = None
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
             unsent = False                        # outputs changed, not yet yielded whole
-            events = _EventStream(self, resp, on_stream)
             for msg, more in self._messages(events):
-                if more is None:
-                    yield None                     # type: ignore[misc]
-                    continue
                 kind = msg.get("msg") if isinstance(msg, dict) else None
                 if kind in ("process_generating", "process_completed"):
-                    events.output_started()
+                    progress.started = True
                 if kind == "process_generating":
                     got = (msg.get("output") or {}).get("data")
                     if not unsent and path is not None and _is_append_to(got, path):
@@ -1820,25 +1579,22 @@ class GradioClient:
                     if not unsent:
                         yield _reply_from_output(outputs), False, False
                 elif kind == "process_completed":
-                    done = True
+                    progress.done = True
                     output = msg.get("output") or {}
                     if not msg.get("success", True) or output.get("error") is not None:
                         raise UpstreamError(_upstream_error_message(output))
                     if output.get("data") is None:
                         raise UpstreamError("the Gradio app cancelled the job")
                     yield _reply_from_output(output["data"]), True, False
-                    events.finish()
                     return
                 elif kind == "unexpected_error":
-                    done = True
+                    progress.done = True
                     raise UpstreamError(_upstream_error_message(msg.get("message")))
                 elif kind == "close_stream":
                     break
             raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
         finally:
-            self._release(conn, resp if done else None)
-            if event_id is not None and not done:
-                self._cancel(info, session, event_id)
+            self._end(conn, events, progress, info, session, event_id)
 
 
 @dataclass
@@ -2155,10 +1911,8 @@ class _Generation:
     """
 
     def __init__(self, client: Any, conv: _Conversation, sampling: _Sampling,
-                 system_default: Optional[str],
-                 on_stream: Optional[Callable[["_EventStream"], None]] = None) -> None:
+                 system_default: Optional[str]) -> None:
         self.client, self.conv, self.sampling = client, conv, sampling
-        self.on_stream = on_stream        # see GradioClient.stream: None means "nothing yet"
         self.system = conv.system if conv.system is not None else system_default
         self.thought: List[List[str]] = [[] for _ in range(sampling.n)]
         self.answer: List[List[str]] = [[] for _ in range(sampling.n)]
@@ -2170,7 +1924,7 @@ class _Generation:
             upstream = self.client.stream(
                 self.conv.message, self.conv.history, system_prompt=self.system,
                 temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p,
-                top_k=s.top_k, on_stream=self.on_stream)
+                top_k=s.top_k)
         except BadRequestError as exc:      # name max_tokens as the client did
             if exc.param == "max_tokens" and s.max_tokens_param != "max_tokens":
                 raise BadRequestError(s.max_tokens_param + exc.message[len("max_tokens"):],
@@ -2179,9 +1933,6 @@ class _Generation:
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
         try:
             for update in upstream:
-                if update is None:          # a pumped stream has nothing yet
-                    yield None              # type: ignore[misc]
-                    continue
                 html_text, final, appended = update
                 if appended:
                     thought, answer = cleaner.append(html_text)
@@ -2308,16 +2059,19 @@ class Config:
     allow_no_auth: bool = False
     cors_origins: List[str] = field(default_factory=list)
     max_body_bytes: int = MAX_BODY_BYTES
+    max_event_bytes: int = MAX_EVENT_BYTES
+    max_upstream_body: int = MAX_UPSTREAM_BODY
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    send_timeout: float = 60.0
     max_concurrent: int = 512
+    max_connections: int = 1024
     max_messages: int = 2048
     max_chars: int = 1_000_000
     rate_limit_rpm: int = 0
     rate_limit_streams: int = 0
     grace: float = 30.0
     log_format: str = "text"
-    pump: bool = True                  # stream answers from one thread (see _Pump)
     demo: bool = False
 
     @classmethod
@@ -2364,13 +2118,15 @@ class Config:
         if self.protocol not in PROTOCOLS:
             raise ValueError("protocol must be one of %s, not %r"
                              % (", ".join(PROTOCOLS), self.protocol))
-        if min(self.timeout, self.connect_timeout, self.first_event_timeout or 1) <= 0:
+        if min(self.timeout, self.connect_timeout, self.first_event_timeout or 1,
+               self.header_timeout, self.body_timeout, self.send_timeout) <= 0:
             raise ValueError("timeouts must be positive")
         if not 0 <= self.port <= 65535:
             raise ValueError("port %r is out of range" % self.port)
         if self.log_format not in ("text", "json"):
             raise ValueError("log format must be text or json, not %r" % self.log_format)
-        for name in ("max_body_bytes", "max_concurrent", "max_messages", "max_chars"):
+        for name in ("max_body_bytes", "max_concurrent", "max_messages", "max_chars",
+                     "max_connections", "max_event_bytes", "max_upstream_body"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
 
@@ -2402,8 +2158,9 @@ def _load_models(config: Config) -> List[_ModelRoute]:
             u, endpoint=spec.get("endpoint") or config.endpoint,
             protocol=spec.get("protocol") or config.protocol, timeout=config.timeout,
             connect_timeout=config.connect_timeout,
-            first_event_timeout=config.first_event_timeout,
-            param_names=spec.get("params")) for u in urls], backoff=config.backoff)
+            first_event_timeout=config.first_event_timeout, param_names=spec.get("params"),
+            max_event_bytes=config.max_event_bytes, max_body=config.max_upstream_body)
+            for u in urls], backoff=config.backoff)
 
     if not config.models_file:
         if not config.upstream:
@@ -2476,9 +2233,8 @@ class _Backend:
         return self.routes[self.model(model).id]
 
     @staticmethod
-    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
-                    on_stream: Optional[Callable[["_EventStream"], None]] = None) -> _Generation:
-        return _Generation(route.pool, conv, sampling, route.system_prompt, on_stream)
+    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling) -> _Generation:
+        return _Generation(route.pool, conv, sampling, route.system_prompt)
 
     @staticmethod
     def _body(body: Any) -> Dict[str, Any]:
@@ -2488,14 +2244,9 @@ class _Backend:
 
     # -- chat completions ---------------------------------------------------------------
 
-    def chat(self, body: Any,
-             on_stream: Optional[Callable[["_EventStream"], None]] = None) -> Any:
+    def chat(self, body: Any) -> Any:
         """``POST /v1/chat/completions``: a :class:`ChatCompletion`, or an iterator of
-        :class:`ChatCompletionChunk` when ``stream`` is true.
-
-        ``on_stream`` (a streamed single choice only) is shown the upstream event
-        stream; if it is pumped, the iterator yields ``None`` whenever nothing arrived.
-        """
+        :class:`ChatCompletionChunk` when ``stream`` is true."""
         body = self._body(body)
         route = self._route(body)
         model = route.id
@@ -2504,8 +2255,7 @@ class _Backend:
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         stream = _flag(body, "stream")
         include_usage = _include_usage(body)
-        pumpable = stream and sampling.n == 1
-        gen = self._generation(route, conv, sampling, on_stream if pumpable else None)
+        gen = self._generation(route, conv, sampling)
         if stream:
             return self._chat_chunks(gen, model, include_usage)
         reasoning = _Reasoning(self.config.reasoning)
@@ -2540,9 +2290,6 @@ class _Backend:
             for i in range(gen.sampling.n):
                 yield chunk(i, ChoiceDelta(role="assistant", content=""))
             for piece in _chain_first(first, pieces):
-                if piece is None:                # a pumped stream has nothing yet
-                    yield None                   # type: ignore[misc]
-                    continue
                 yield from self._chat_piece(piece, reasoning, chunk)
             if include_usage:
                 yield ChatCompletionChunk(id=cid, created=created, model=model,
@@ -2947,289 +2694,7 @@ class AsyncBharatGenOpenAI:
 
 
 ###############################################################################
-# HTTP plumbing shared by the gateway and the demo upstream #####################
-###############################################################################
-
-def _http_chunk(data: bytes) -> bytes:
-    """One HTTP/1.1 chunk (RFC 9112 section 7.1)."""
-    return b"%X\r\n%s\r\n" % (len(data), data)
-
-
-_LAST_CHUNK = b"0\r\n\r\n"                   # the end of a chunked body
-_WEEKDAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
-_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def _http_date(when: Optional[float] = None) -> str:
-    """``when`` (default now) as an HTTP date (RFC 9110 5.6.7), in English in any locale."""
-    t = time.gmtime(when)
-    return "%s, %02d %s %d %02d:%02d:%02d GMT" % (_WEEKDAYS[t.tm_wday], t.tm_mday,
-                                                  _MONTHS[t.tm_mon - 1], t.tm_year,
-                                                  t.tm_hour, t.tm_min, t.tm_sec)
-
-
-def _reason(status: int) -> str:
-    """The reason phrase of a status (none for one that HTTP does not name, e.g. 499)."""
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
-
-
-class _Headers:
-    """A request's header fields, looked up by name in any case, like the email
-    ``Message`` that http.server makes of them (which costs more to parse than the
-    rest of a request)."""
-
-    __slots__ = ("_fields", "_first")
-
-    def __init__(self, fields: List[Tuple[str, str]]) -> None:
-        self._fields = fields
-        self._first: Dict[str, str] = {}
-        for name, value in fields:
-            self._first.setdefault(name.lower(), value)
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._first.get(name.lower(), default)
-
-    def __getitem__(self, name: str) -> Optional[str]:
-        return self._first.get(name.lower())
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._first
-
-    def get_all(self, name: str, failobj: Any = None) -> Any:
-        name = name.lower()
-        return [v for n, v in self._fields if n.lower() == name] or failobj
-
-    def items(self) -> List[Tuple[str, str]]:
-        return list(self._fields)
-
-    def keys(self) -> List[str]:
-        return [n for n, _ in self._fields]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self.keys())
-
-    def __len__(self) -> int:
-        return len(self._fields)
-
-    def __str__(self) -> str:
-        return "".join("%s: %s\n" % field for field in self._fields)
-
-
-class _BaseHandler(socketserver.StreamRequestHandler):
-    """HTTP/1.1 keep-alive handler with JSON and chunked-stream writers.
-
-    It does what http.server's handler does, with the request head parsed into
-    :class:`_Headers`: http.server imports http.client and the email package, which
-    took a third of this module's import time.
-    """
-
-    protocol_version = "HTTP/1.1"
-    server_version = "bharatgen_openai/" + __version__
-    default_request_version = "HTTP/0.9"
-    # TCP_NODELAY: the head and the body (or one SSE event and the next) go out at once,
-    # not after the client's delayed ACK (40 ms on a kept-alive connection)
-    disable_nagle_algorithm = True
-    command: Optional[str] = None
-    request_version = default_request_version
-    close_connection = True
-
-    def handle(self) -> None:
-        """Serve the connection's requests, one after the other, until one closes it."""
-        self.close_connection = True
-        self.handle_one_request()
-        while not self.close_connection:
-            self.handle_one_request()
-
-    def handle_one_request(self) -> None:
-        """Read one request and call its ``do_<METHOD>``."""
-        try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.send_error(414, "Request line too long")
-                return
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            if not self.parse_request():
-                return
-            method = getattr(self, "do_" + self.command, None)
-            if method is None:
-                self.send_error(501, "Unsupported method (%r)" % self.command)
-                return
-            method()
-            self.wfile.flush()
-        except socket.timeout as exc:
-            self.log_message("request timed out: %r", exc)
-            self.close_connection = True
-
-    def send_error(self, code: int, message: Optional[str] = None,
-                   explain: Optional[str] = None) -> None:
-        """A malformed request's answer (JSON, as Gradio's are); the connection then closes."""
-        self.log_message("code %d, message %s", code, message)
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":
-            self.request_version = self.protocol_version
-        self._send_json(code, {"detail": message or _reason(code)}, {"Connection": "close"})
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Send the handler's messages to the module's logger; override to log elsewhere."""
-        _log.info("%s %s", self.client_address[0], format % args)
-
-    def parse_request(self) -> bool:
-        """Parse the request line and header fields, as http.server does, into
-        :class:`_Headers`; a field line that is not ``name: value`` is a 400."""
-        self.command = None                    # send_error needs these set
-        self.request_version = self.default_request_version
-        self.close_connection = True
-        requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = requestline.split()
-        if not words:
-            return False
-        if len(words) >= 3:
-            version = words[-1]
-            digits = version[5:].split(".") if version.startswith("HTTP/") else []
-            if len(digits) != 2 or not all(n.isdigit() and len(n) <= 10 for n in digits):
-                self.send_error(400, "Bad request version (%r)" % version)
-                return False
-            number = (int(digits[0]), int(digits[1]))
-            if number >= (2, 0):
-                self.send_error(505, "Invalid HTTP version (%s)" % version[5:])
-                return False
-            self.close_connection = number < (1, 1)
-            self.request_version = version
-        if not 2 <= len(words) <= 3:
-            self.send_error(400, "Bad request syntax (%r)" % requestline)
-            return False
-        self.command, self.path = words[0], words[1]
-        if len(words) == 2:                    # HTTP/0.9
-            self.close_connection = True
-            if self.command != "GET":
-                self.send_error(400, "Bad HTTP/0.9 request type (%r)" % self.command)
-                return False
-        if self.path.startswith("//"):         # not taken for a scheme-less absolute URL
-            self.path = "/" + self.path.lstrip("/")
-        fields: List[Tuple[str, str]] = []
-        while True:
-            line = self.rfile.readline(65537)
-            if len(line) > 65536:
-                self.send_error(431, "Line too long", "a header field of over 65536 bytes")
-                return False
-            if line in (b"\r\n", b"\n", b""):
-                break
-            if len(fields) >= 100:
-                self.send_error(431, "Too many headers", "more than 100 header fields")
-                return False
-            text = line.decode("iso-8859-1").rstrip("\r\n")
-            if text[:1] in (" ", "\t") and fields:      # obs-fold: the field goes on
-                fields[-1] = (fields[-1][0], (fields[-1][1] + " " + text.strip()).strip())
-                continue
-            name, colon, value = text.partition(":")
-            if not colon or not name or name != name.strip():
-                self.send_error(400, "Bad header field (%r)" % text[:100])
-                return False
-            fields.append((name, value.strip()))
-        self.headers = _Headers(fields)  # type: ignore[assignment]
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if self.headers.get("Expect", "").lower() == "100-continue" and \
-                self.request_version >= "HTTP/1.1":
-            self.wfile.write(b"%s 100 Continue\r\n\r\n" % self.protocol_version.encode())
-        return True
-
-    def _write_head(self, status: int, headers: Dict[str, str]) -> None:
-        """The status line and header fields, in one write (none for HTTP/0.9)."""
-        if self.request_version == "HTTP/0.9":
-            return
-        head = ["%s %d %s\r\nServer: %s\r\nDate: %s\r\n" % (
-            self.protocol_version, status, _reason(status), self.server_version, _http_date())]
-        said_connection = False
-        for name, value in headers.items():
-            head.append("%s: %s\r\n" % (name, value))
-            if name.lower() == "connection":
-                said_connection = True
-                self.close_connection = self.close_connection or value.lower() == "close"
-        if self.close_connection and not said_connection:
-            head.append("Connection: close\r\n")     # asked for, or HTTP/1.0 (RFC 9112 9.6)
-        head.append("\r\n")
-        self.wfile.write("".join(head).encode("latin-1"))
-
-    def _send_bytes(self, status: int, body: bytes, content_type: str,
-                    headers: Optional[Dict[str, str]] = None) -> None:
-        head = {"Content-Type": content_type, "Content-Length": str(len(body))}
-        head.update(headers or {})
-        self._write_head(status, head)
-        if self.command != "HEAD":
-            self.wfile.write(body)
-
-    def _send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> None:
-        body = _COMPACT_JSON.encode(obj).encode("utf-8")
-        self._send_bytes(status, body, "application/json", headers)
-
-    def _start_chunked(self, status: int, headers: Dict[str, str]) -> None:
-        head = {"Transfer-Encoding": "chunked"}
-        head.update(headers)
-        self._write_head(status, head)
-
-    def _chunk(self, data: bytes) -> None:
-        """Write one HTTP/1.1 chunk (RFC 9112 section 7.1) and flush it to the socket."""
-        if data:
-            self.wfile.write(_http_chunk(data))
-            self.wfile.flush()
-
-    def _end_chunked(self) -> None:
-        self.wfile.write(_LAST_CHUNK)
-        self.wfile.flush()
-
-    def _read_body(self, limit: int) -> bytes:
-        """The request body (Content-Length or chunked), at most ``limit`` bytes."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            parts, size = [], 0
-            while True:
-                line = self.rfile.readline(65537)
-                try:
-                    n = int(line.split(b";")[0].strip(), 16)
-                except ValueError:
-                    self.close_connection = True
-                    raise _bad("malformed chunked request body", None, "invalid_body") from None
-                if n == 0:
-                    self.rfile.readline(65537)
-                    return b"".join(parts)
-                size += n
-                if size > limit:
-                    self.close_connection = True
-                    raise RequestTooLargeError("the request body is larger than %d bytes" % limit)
-                parts.append(self.rfile.read(n))
-                self.rfile.readline(3)
-        raw = self.headers.get("Content-Length")
-        if raw is None:
-            return b""
-        try:
-            length = int(raw)
-            if length < 0:
-                raise ValueError
-        except ValueError:
-            self.close_connection = True
-            raise _bad("invalid Content-Length header %r" % raw, None, "invalid_header") from None
-        if length > limit:
-            self.close_connection = True
-            raise RequestTooLargeError("the request body has %d bytes; the limit is %d"
-                                       % (length, limit))
-        body = self.rfile.read(length)
-        if len(body) < length:
-            self.close_connection = True
-            raise _bad("the request body ended after %d of %d bytes" % (len(body), length),
-                       None, "invalid_body")
-        return body
-
-
-###############################################################################
-# Server pieces: keys, rate limits, metrics, deadlines ##########################
+# Server pieces: keys, rate limits, metrics ####################################
 ###############################################################################
 
 def _sha256(text: str) -> bytes:
@@ -3419,55 +2884,263 @@ class _Metrics:
         return "\n".join(lines) + "\n"
 
 
-class _Deadlines:
-    """Cuts off clients that send a request too slowly, with one watcher thread.
+###############################################################################
+# HTTP serving: http.server's handler, made strict and bounded ################
+###############################################################################
 
-    A socket armed with a deadline that passes is shut for reading, so the handler's
-    blocked read ends at once; :meth:`disarm` then says it expired.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")          # a field name (RFC 9110 5.6.2)
+_TOKENS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*\Z")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")              # in a field value (HTAB is fine)
+_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]\Z")
+
+
+def _printable(text: Any) -> str:
+    """``text`` with control characters escaped, for a line of a text log."""
+    return json.dumps(str(text), ensure_ascii=False)[1:-1]
+
+
+class _Recorder:
+    """Passes ``readline`` on and keeps the lines: the request head as it came."""
+
+    def __init__(self, rfile: Any) -> None:
+        self.rfile, self.lines = rfile, []
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self.rfile.readline(limit)
+        self.lines.append(line)
+        return line
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    """http.server's handler with what an API needs: a strict request head (RFC 9112),
+    reads under deadlines (the head, then the body), and one writer each for JSON and
+    for server-sent events.  The gateway and the demo upstream are its subclasses.
+
+    Request bodies must be sized by one ``Content-Length`` (no OpenAI client sends
+    chunked JSON); a body that is not read closes the connection after the answer.
     """
 
-    def __init__(self) -> None:
-        self._due: Dict[Any, float] = {}
-        self._expired: set = set()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True,
-                                        name="bharatgen-deadlines")
+    protocol_version = "HTTP/1.1"
+    server_version = "bharatgen_openai/" + __version__
+    sys_version = ""
+    disable_nagle_algorithm = True     # the head and the body (or each event) leave at once
+    header_timeout = 10.0              # seconds for a request line and head, in all
+    body_timeout = 30.0                # seconds for a body, in all
+    send_timeout = 60.0                # seconds a client may take nothing we write
+    body_length = 0                    # bytes of the request body not read yet
+    dispatched = False
+    chunked = False
+    bytes_out = 0                      # of the current answer's body
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()
+        self.timed = _TimedSocket(self.connection, None)
+        self.rfile = self.timed.makefile("rb")
+
+    def handle_one_request(self) -> None:
+        """One request; a head that began but did not arrive within ``header_timeout``
+        gets a 408, and is never dispatched."""
+        self.timed.arm(self.header_timeout)
+        self.dispatched, self.body_length, self.chunked, self.bytes_out = False, 0, False, 0
+        super().handle_one_request()
+        if not self.dispatched and self.timed.expired and self.timed.received:
+            self.send_error(408, "the request did not arrive within %ss" % self.header_timeout)
+
+    def parse_request(self) -> bool:
+        """http.server's parsing, then the checks it leaves out (RFC 9112 sections 5, 6).
+        A few blank lines before the request line are skipped (RFC 9112 section 2.2)."""
+        for _ in range(8):
+            if self.raw_requestline not in (b"\r\n", b"\n"):
+                break
+            self.raw_requestline = self.rfile.readline(65537)
+        rfile, self.rfile = self.rfile, _Recorder(self.rfile)
+        try:
+            ok = super().parse_request()
+        finally:
+            lines, self.rfile = self.rfile.lines, rfile
+        if not ok:
+            return False
+        problem = self._check_head(lines)
+        if problem is None and not hasattr(self, "do_" + self.command):
+            problem = 405, "Unsupported method (%r)" % self.command
+        if problem is not None:
+            self.send_error(*problem)
+            return False
+        self.dispatched = True
+        return True
+
+    def _check_head(self, lines: List[bytes]) -> Optional[Tuple[int, str]]:
+        """``(status, message)`` if the request cannot be taken safely, else ``None``."""
+        if not _VERSION.match(self.request_version):
+            return 400, "Bad request version (%r)" % self.request_version
+        if not lines or lines[-1] not in (b"\r\n", b"\n"):
+            return 400, "the request head ended early"
+        for raw in lines[:-1]:
+            text = raw.decode("latin-1")
+            text = text[:-2] if text.endswith("\r\n") else text[:-1]
+            name, colon, value = text.partition(":")
+            if not colon or not _TOKEN.match(name) or _CONTROL.search(value):
+                return 400, "Bad header field (%r)" % text[:100]
+        get = self.headers.get_all
+        if self.request_version == "HTTP/1.1" and len(get("Host") or ()) != 1:
+            return 400, "an HTTP/1.1 request needs exactly one Host field"
+        codings, lengths = get("Transfer-Encoding"), get("Content-Length")
+        if codings and lengths:
+            return 400, "a request with both Content-Length and Transfer-Encoding"
+        if codings:
+            if len(codings) == 1 and codings[0].strip().lower() == "chunked":
+                return 411, "send the body with a Content-Length (chunked bodies are not taken)"
+            return 501, "the transfer coding %r is not supported" % ", ".join(codings)[:100]
+        if lengths:
+            if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+                return 400, "invalid Content-Length %r" % ", ".join(lengths)[:100]
+            self.body_length = int(lengths[0])
+        return None
+
+    def read_body(self, limit: int) -> bytes:
+        """The request body, at most ``limit`` bytes, within ``body_timeout``."""
+        length, self.body_length = self.body_length, 0
+        if length > limit:
+            self.close_connection = True
+            raise RequestTooLargeError("the request body has %d bytes; the limit is %d"
+                                       % (length, limit))
+        self.timed.arm(self.body_timeout)
+        try:
+            body = self.rfile.read(length)
+        except socket.timeout:
+            self.close_connection = True
+            raise RequestTimeoutError("the request body did not arrive within %ss"
+                                      % self.body_timeout) from None
+        if len(body) < length:
+            self.close_connection = True
+            raise BadRequestError("the request body ended after %d of %d bytes" % (len(body), length),
+                                  code="invalid_body")
+        return body
+
+    def send_head(self, status: int, headers: Dict[str, str]) -> None:
+        """The status line and header fields, in one write; the connection closes after
+        this answer if the client asked, or if a body it sent was not read."""
+        if self.request_version == "HTTP/0.9":
+            self.request_version = "HTTP/1.1"
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        if self.body_length:
+            self.close_connection = True
+        if self.close_connection and "Connection" not in headers:
+            self.send_header("Connection", "close")
+        self.connection.settimeout(self.send_timeout)
+        self.end_headers()
+
+    def send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> int:
+        body = _COMPACT_JSON.encode(obj).encode("utf-8")
+        head = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+        self.send_head(status, dict(head, **(headers or {})))
+        if self.command != "HEAD":
+            self.bytes_out += len(body)
+            self.wfile.write(body)
+        return status
+
+    def start_events(self, headers: Optional[Dict[str, str]] = None) -> None:
+        """Begin a ``text/event-stream``: chunked on HTTP/1.1, up to the close on 1.0."""
+        self.chunked = self.request_version == "HTTP/1.1"
+        head = {"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+        if self.chunked:
+            head["Transfer-Encoding"] = "chunked"
+        else:
+            self.close_connection = True
+        self.send_head(200, dict(head, **(headers or {})))
+
+    def send_event(self, data: bytes) -> None:
+        """Write one or more whole events (the only write of a stream's body)."""
+        if data:
+            self.bytes_out += len(data)
+            self.wfile.write(b"%X\r\n%s\r\n" % (len(data), data) if self.chunked else data)
+
+    def end_events(self) -> None:
+        if self.chunked:
+            self.wfile.write(b"0\r\n\r\n")
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """A request head refused (by http.server's parser or :meth:`_check_head`), as
+        JSON; the connection then closes.  Override it for another error body."""
+        self.close_connection = True
+        try:
+            self.send_json(code, {"detail": message or "bad request"})
+        except OSError:
+            pass
+
+    def log_request(self, code: Any = "-", size: Any = "-") -> None:
+        """Requests are logged by the subclasses that want it."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """The handler's messages go to the module's logger (debug), escaped."""
+        _log.debug("%s %s", self.client_address[0], _printable(format % args))
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    """http.server's ``ThreadingHTTPServer`` (a thread per connection), counting its
+    connections; it can serve in the background and stop cleanly."""
+
+    request_queue_size = 1024          # the listen backlog; socketserver's 5 drops bursts
+    _thread: Optional[threading.Thread] = None
+
+    def __init__(self, address: Tuple[str, int], handler: Any) -> None:
+        self.connections = 0           # open client connections
+        self._count_lock = threading.Lock()
+        super().__init__(address, handler)
+
+    def server_bind(self) -> None:
+        """Bind, without the reverse DNS lookup of ``HTTPServer.server_bind``."""
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def verify_request(self, request: Any, client_address: Any) -> bool:
+        with self._count_lock:
+            self.connections += 1      # each accepted connection ends in shutdown_request
+        return True
+
+    def shutdown_request(self, request: Any) -> None:
+        super().shutdown_request(request)
+        with self._count_lock:
+            self.connections -= 1
+
+    @property
+    def url(self) -> str:
+        """The server's base URL, e.g. ``http://127.0.0.1:8000``."""
+        host, port = self.server_address[:2]
+        return "http://%s:%d" % ("[%s]" % host if ":" in str(host) else host, port)
+
+    def start(self) -> Any:
+        """Serve in a daemon thread and return ``self`` at once."""
+        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,),
+                                        daemon=True, name=type(self).__name__)
         self._thread.start()
+        return self
 
-    def arm(self, sock: Any, seconds: float) -> None:
-        with self._lock:
-            self._due[sock] = time.monotonic() + seconds
-            self._expired.discard(sock)
+    def stop(self) -> None:
+        """Stop serving and release the socket."""
+        if self._thread is not None:
+            self.shutdown()
+            self._thread.join(5)
+            self._thread = None
+        self.server_close()
 
-    def disarm(self, sock: Any) -> bool:
-        """Forget ``sock``; True if its deadline had passed."""
-        with self._lock:
-            self._due.pop(sock, None)
-            expired = sock in self._expired
-            self._expired.discard(sock)
-            return expired
+    def __enter__(self) -> Any:
+        return self.start()
 
-    def expired(self, sock: Any) -> bool:
-        with self._lock:
-            return sock in self._expired
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
 
-    def _watch(self) -> None:
-        while not self._stop.wait(0.1):
-            now = time.monotonic()
-            with self._lock:
-                late = [s for s, due in self._due.items() if due <= now]
-                for sock in late:
-                    del self._due[sock]
-                    self._expired.add(sock)
-            for sock in late:
-                try:
-                    sock.shutdown(socket.SHUT_RD)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self._stop.set()
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that hangs up is routine; anything else is logged."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, socket.timeout)):
+            _log.debug("connection from %s ended: %s", client_address, exc)
+        else:
+            _log.exception("error while serving %s", client_address)
 
 
 ###############################################################################
@@ -3492,237 +3165,13 @@ def _shutting_down() -> "ServerOverloadedError":
                                  "after the grace period")
 
 
-class _PumpJob:
-    """One stream the pump moves: its events, its sockets, what is left to send."""
-
-    def __init__(self, handler: Any, stream: "_EventStream",
-                 events: Iterator[Optional[bytes]]) -> None:
-        self.handler, self.stream, self.events = handler, stream, events
-        self.client: socket.socket = handler.connection
-        self.not_yet = _not_yet(self.client)
-        self.upstream: Optional[socket.socket] = None
-        self.out: List[bytes] = []         # HTTP chunks the client has not taken yet
-        self.writing = False               # waiting for the client to take them
-        self.error: Optional[BaseException] = None
-        self.done = threading.Event()
+# The error code of each status the request head can be refused with.
+_HEAD_ERRORS = {405: "method_not_allowed", 408: "request_timeout", 411: "length_required",
+                413: "request_too_large", 501: "not_implemented", 503: "server_overloaded"}
 
 
-class _Pump:
-    """Moves streamed answers for the whole server on one thread.
-
-    A thread per stream costs two GIL hand-offs and two wake-ups per event; with
-    hundreds of streams that is most of the server's CPU.  Once a stream has begun
-    (headers and first event sent by its handler thread), its upstream socket joins
-    one selector: when it is readable, every event that has arrived runs through the
-    same generator chain as before (which yields ``None`` when it has read all there
-    is) and the chunks go to the client without blocking (a slow client stops the
-    reading of its own upstream until it has caught up).  The handler thread waits,
-    then ends the response as before: error event, ``[DONE]``, closing the upstream.
-    """
-
-    def __init__(self, closing: threading.Event, interval: float = 0.1) -> None:
-        self.closing, self.interval = closing, interval
-        self._selector = selectors.DefaultSelector()
-        self._lock = threading.Lock()
-        self._new: List[_PumpJob] = []
-        self._jobs: List[_PumpJob] = []
-        self._wake_r, self._wake_w = socket.socketpair()
-        self._wake_r.setblocking(False)
-        self._wake_w.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
-        self._stopping = False
-        self.served = 0                    # streams taken over so far
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="bharatgen-pump")
-        self._thread.start()
-
-    def run(self, handler: Any, stream: "_EventStream", events: Iterator[Optional[bytes]]) -> None:
-        """Stream ``events`` to ``handler``'s client; return when they end, raising what
-        the stream raised (an upstream error, a client gone, the server closing)."""
-        job = _PumpJob(handler, stream, events)
-        timeout = job.client.gettimeout()
-        with self._lock:
-            if self._stopping:
-                raise _shutting_down()
-            self._new.append(job)
-        self._wake()
-        job.done.wait()
-        job.client.settimeout(timeout)
-        if job.out:                        # what the client had not taken yet
-            handler.wfile.write(b"".join(job.out))
-        if job.error is not None:
-            raise job.error
-
-    def close(self) -> None:
-        """End the streams still running (as the server closing) and the thread."""
-        with self._lock:
-            self._stopping = True
-        self._wake()
-        self._thread.join(5)
-        self._selector.close()
-        self._wake_r.close()
-        self._wake_w.close()
-
-    def _wake(self) -> None:
-        try:
-            self._wake_w.send(b"x")
-        except OSError:                    # its buffer is full: a wake-up is pending anyway
-            pass
-
-    def _loop(self) -> None:
-        last_check = time.monotonic()
-        while not self._stopping:
-            try:
-                for key, _ in self._selector.select(self.interval):
-                    job = key.data
-                    if job is None:
-                        self._take_new()
-                    elif key.fileobj is job.client:
-                        self._flush(job)
-                    else:
-                        self._step(job)
-                now = time.monotonic()
-                if now - last_check >= self.interval:
-                    last_check = now
-                    self._check(now)
-            except Exception as exc:       # a bug here must not hang every stream
-                _log.exception("the stream pump failed; ending its streams")
-                for job in list(self._jobs):
-                    self._end(job, exc)
-        with self._lock:
-            new, self._new = self._new, []
-        for job in list(self._jobs) + new:
-            self._end(job, _shutting_down())
-
-    def _take_new(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except OSError:
-            pass
-        with self._lock:
-            new, self._new = self._new, []
-        for job in new:
-            try:
-                job.upstream = job.stream.pump()
-                job.client.setblocking(False)
-            except Exception as exc:       # handed to the handler thread, raised there
-                job.error = exc
-                job.done.set()
-                continue
-            self._jobs.append(job)
-            self.served += 1
-            self._selector.register(job.upstream, selectors.EVENT_READ, job)
-            self._step(job)                # it may have events buffered already
-
-    def _step(self, job: _PumpJob) -> None:
-        """Run the stream's events that have arrived, then send what they made."""
-        handler = job.handler
-        try:
-            while True:
-                data = next(job.events)
-                if data is None:
-                    break
-                if self.closing.is_set():
-                    raise _shutting_down()
-                handler._bytes_out += len(data)
-                job.out.append(_http_chunk(data))
-        except StopIteration:
-            self._flush(job)
-            self._end(job, None)
-            return
-        except BaseException as exc:       # handed to the handler thread, raised there
-            self._end(job, exc)
-            return
-        self._flush(job)
-
-    def _flush(self, job: _PumpJob) -> None:
-        if job.done.is_set() or not job.out:
-            return
-        data = b"".join(job.out)
-        try:
-            sent = job.client.send(data)
-        except job.not_yet:
-            sent = 0
-        except OSError as exc:             # the client went away
-            self._end(job, exc)
-            return
-        job.out = [data[sent:]] if sent < len(data) else []
-        if job.out and not job.writing:    # wait for the client before reading on
-            job.writing = True
-            self._selector.unregister(job.upstream)
-            self._selector.register(job.client, selectors.EVENT_WRITE, job)
-        elif not job.out and job.writing:
-            job.writing = False
-            self._selector.unregister(job.client)
-            self._selector.register(job.upstream, selectors.EVENT_READ, job)
-
-    def _check(self, now: float) -> None:
-        """Idle upstreams time out; a closing server cuts its streams off."""
-        for job in list(self._jobs):
-            if self.closing.is_set():
-                self._end(job, _shutting_down())
-            elif not job.writing and now - job.stream.last_data > job.stream.client.timeout:
-                self._end(job, APITimeoutError("the Gradio app sent nothing for %ss"
-                                               % job.stream.client.timeout))
-
-    def _end(self, job: _PumpJob, error: Optional[BaseException]) -> None:
-        if job.done.is_set():
-            return
-        try:
-            self._selector.unregister(job.client if job.writing else job.upstream)
-        except (KeyError, ValueError):
-            pass
-        if job in self._jobs:
-            self._jobs.remove(job)
-        job.error = error
-        job.done.set()
-
-
-class _ChunkEncoder:
-    """The SSE bytes of one stream's chat chunks, with a fast path for the common one.
-
-    Most chunks carry only a piece of content (or of reasoning) for one choice; their
-    bytes around the text are rendered once, by the general path, and reused, so each
-    such chunk costs one JSON string encoding instead of building and encoding a dict.
-    """
-
-    _MARK = "\x00bharatgen-text\x00"
-
-    def __init__(self, finish: Callable[[Dict[str, Any]], Dict[str, Any]]) -> None:
-        self.finish = finish              # last touches to the dict (renaming a field)
-        self._around: Dict[Tuple[Any, ...], Tuple[bytes, bytes]] = {}
-
-    def _general(self, chunk: "ChatCompletionChunk") -> bytes:
-        return _sse(self.finish(chunk.to_dict()))
-
-    def __call__(self, chunk: Optional["ChatCompletionChunk"]) -> Optional[bytes]:
-        if chunk is None:                 # a pumped stream has nothing yet
-            return None
-        if chunk.usage is not None or len(chunk.choices) != 1:
-            return self._general(chunk)
-        choice = chunk.choices[0]
-        delta = choice.delta
-        if choice.finish_reason is not None or choice.logprobs is not None or delta.role:
-            return self._general(chunk)
-        if delta.reasoning_content is None and delta.content:
-            name, text = "content", delta.content
-        elif delta.content is None and delta.reasoning_content:
-            name, text = "reasoning_content", delta.reasoning_content
-        else:
-            return self._general(chunk)
-        key = (chunk.id, chunk.created, chunk.model, chunk.system_fingerprint, choice.index, name)
-        around = self._around.get(key)
-        if around is None:
-            probe = dataclasses.replace(chunk, choices=[dataclasses.replace(
-                choice, delta=ChoiceDelta(**{name: self._MARK}))])
-            mark = _COMPACT_JSON.encode(self._MARK).encode("utf-8")
-            before, _, after = self._general(probe).partition(mark)
-            around = self._around[key] = (before, after)
-        return b"%s%s%s" % (around[0], _COMPACT_JSON.encode(text).encode("utf-8"), around[1])
-
-
-class _GatewayHandler(_BaseHandler):
-    """Serves the OpenAI routes; one instance per connection."""
+class _GatewayHandler(_Handler):
+    """Serves the OpenAI routes; one instance (and thread) per connection."""
 
     server: "GatewayServer"
     _routes = {
@@ -3738,71 +3187,39 @@ class _GatewayHandler(_BaseHandler):
     _unlimited = ("/health", "/metrics")
     request_id = ""
 
-    # -- the connection -----------------------------------------------------------------
-
     def setup(self) -> None:
+        config = self.server.config
+        self.header_timeout, self.body_timeout = config.header_timeout, config.body_timeout
+        self.send_timeout = config.send_timeout
         super().setup()
         self._who = "ip:" + str(self.client_address[0])
         self._extra: Dict[str, str] = {}
 
-    def handle_one_request(self) -> None:
-        """One request; the request line and headers must arrive within ``header_timeout``."""
-        deadlines = self.server.deadlines
-        deadlines.arm(self.connection, self.server.config.header_timeout)
-        try:
-            super().handle_one_request()
-        finally:
-            if deadlines.disarm(self.connection):
-                self.close_connection = True
+    def handle(self) -> None:
+        """Serve the connection, unless the server has all the connections it takes."""
+        if self.server.connections > self.server.config.max_connections:
+            self.request_version = self.protocol_version
+            self.send_error(503, "the server has its limit of %d connections open; retry shortly"
+                            % self.server.config.max_connections)
+            return
+        super().handle()
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
-        """Errors found before routing (bad request line, headers...) as OpenAI errors."""
-        if self.server.deadlines.expired(self.connection):
-            code, message = 408, "the request did not arrive within the time allowed"
-        code = {501: 405, 505: 400}.get(code, code)          # clients' faults stay 4xx
-        if self.request_version == "HTTP/0.9":
-            self.request_version = self.protocol_version
+        """A request head refused, as an OpenAI error; the connection then closes."""
+        code = 400 if code == 505 else code             # a client's fault stays 4xx
         self.close_connection = True
-        self.request_id = self.request_id or _new_id("req_")
+        self.request_id = _new_id("req_")
         err = BharatGenError(message or "bad request", status=code,
-                             code={405: "method_not_allowed", 408: "request_timeout"}.get(
-                                 code, "bad_request"))
-        err.type = "invalid_request_error"
+                             code=_HEAD_ERRORS.get(code, "bad_request"))
+        err.type = "server_error" if code >= 500 and code != 501 else "invalid_request_error"
+        headers = {"x-request-id": self.request_id}
+        if code == 503:
+            headers["Retry-After"] = "1"
         try:
-            self._send_json(code, err.to_dict(), {"x-request-id": self.request_id,
-                                                  "Connection": "close"})
+            self.send_json(code, err.to_dict(), headers)
         except OSError:
             pass
-
-    def parse_request(self) -> bool:
-        """As the base's, but blank lines before the request line are skipped (RFC 9112 2.2)."""
-        for _ in range(8):
-            if self.raw_requestline not in (b"\r\n", b"\n"):
-                break
-            self.raw_requestline = self.rfile.readline(65537)
-        if not self.raw_requestline:
-            self.close_connection = True
-            return False
-        return super().parse_request()
-
-    def _read_body(self, limit: int) -> bytes:
-        deadlines = self.server.deadlines
-        deadlines.arm(self.connection, self.server.config.body_timeout)
-        try:
-            body = super()._read_body(limit)
-        except BadRequestError:
-            if deadlines.disarm(self.connection):
-                self.close_connection = True
-                raise RequestTimeoutError("the request body did not arrive within %ss"
-                                          % self.server.config.body_timeout) from None
-            raise
-        if deadlines.disarm(self.connection):
-            self.close_connection = True
-            raise RequestTimeoutError("the request body did not arrive within %ss"
-                                      % self.server.config.body_timeout)
-        self._body_read = True
-        return body
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -3812,14 +3229,12 @@ class _GatewayHandler(_BaseHandler):
     def do_OPTIONS(self) -> None:
         """CORS preflight: answered without a key, as browsers send none."""
         self.request_id = _new_id("req_")
-        self.server.deadlines.disarm(self.connection)
+        asked = self.headers.get("Access-Control-Request-Headers") or ""
         headers = {"Access-Control-Allow-Methods": "GET, POST, OPTIONS",
                    "Access-Control-Allow-Headers":
-                       self.headers.get("Access-Control-Request-Headers") or
-                       "authorization, content-type",
+                       asked if _TOKENS.match(asked) else "authorization, content-type",
                    "Access-Control-Max-Age": "600"}
-        self._send_bytes(204, b"", "text/plain", self._headers(
-            headers if self._cors_origin() else None))
+        self.send_head(204, self._headers(headers if self._cors_origin() else None))
 
     def _cors_origin(self) -> Optional[str]:
         origin, allowed = self.headers.get("Origin"), self.server.config.cors_origins
@@ -3860,10 +3275,9 @@ class _GatewayHandler(_BaseHandler):
 
     def _dispatch(self) -> None:
         srv = self.server
-        srv.deadlines.disarm(self.connection)          # the headers are in
         self.request_id = _new_id("req_")
         self._extra, self._model, self._ttft = {}, None, None
-        self._bytes_out, self._key, self._body_read = 0, "-", False
+        self._key = "-"
         started = time.monotonic()
         status, route, slot = 500, "unknown", False
         srv.track(+1)
@@ -3872,7 +3286,6 @@ class _GatewayHandler(_BaseHandler):
             route = path if not model_id else "/v1/models/{id}"
             method = "GET" if self.command == "HEAD" else self.command
             if method not in methods:
-                self.close_connection = self.command not in ("GET", "HEAD", "OPTIONS")
                 raise MethodNotAllowedError("%s is not allowed on %s; use %s"
                                             % (self.command, path, ", ".join(methods)),
                                             headers={"Allow": ", ".join(methods)})
@@ -3892,12 +3305,13 @@ class _GatewayHandler(_BaseHandler):
                 status = getattr(self, "_op_" + name)()
         except BharatGenError as exc:
             status = self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:                                 # the client went away, or took nothing
             self.close_connection, status = True, 499
         except Exception:                               # the catch-all, at the boundary
             if not srv.catch_all:
                 raise
-            _log.exception("internal error while serving %s %s", self.command, self.path)
+            _log.exception("internal error while serving %s %s", self.command,
+                           _printable(self.path[:200]))
             status = self._send_error(InternalServerError(
                 "internal error in the gateway; request id %s" % self.request_id))
         finally:
@@ -3915,16 +3329,16 @@ class _GatewayHandler(_BaseHandler):
         fields = {"method": self.command, "path": self.path[:200], "status": status,
                   "model": self._model or "-", "duration": round(took, 4),
                   "ttft": None if self._ttft is None else round(self._ttft, 4),
-                  "bytes": self._bytes_out, "request_id": self.request_id, "key": self._key,
+                  "bytes": self.bytes_out, "request_id": self.request_id, "key": self._key,
                   "client": self.client_address[0]}
         if self.server.config.log_format == "json":
             _access_log.info(json.dumps(fields, ensure_ascii=False))
         else:
             _access_log.info('%s "%s %s" %d model=%s %.3fs ttft=%s bytes=%d %s key=%s',
-                             fields["client"], self.command, fields["path"], status,
-                             fields["model"], took,
-                             "-" if self._ttft is None else "%.3fs" % self._ttft,
-                             self._bytes_out, self.request_id, self._key)
+                             fields["client"], _printable(self.command),
+                             _printable(fields["path"]), status, _printable(fields["model"]),
+                             took, "-" if self._ttft is None else "%.3fs" % self._ttft,
+                             self.bytes_out, self.request_id, self._key)
 
     def _send_error(self, exc: BharatGenError) -> int:
         headers = dict(exc.headers)
@@ -3934,25 +3348,16 @@ class _GatewayHandler(_BaseHandler):
             self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             if type(exc) is UpstreamError:
                 headers.setdefault("x-should-retry", "false")
-        unread = not self._body_read and (self.headers.get("Content-Length", "0") != "0" or
-                                          "Transfer-Encoding" in self.headers)
-        if exc.status in (408, 413) or unread:     # the body's bytes must not become a request
+        if exc.status in (408, 413):
             self.close_connection = True
-            headers["Connection"] = "close"
-        self._send_json(exc.status, exc.to_dict(), self._headers(headers))
-        return exc.status
-
-    def _send_bytes(self, status: int, body: bytes, content_type: str,
-                    headers: Optional[Dict[str, str]] = None) -> None:
-        self._bytes_out = getattr(self, "_bytes_out", 0) + len(body)
-        super()._send_bytes(status, body, content_type, headers)
+        return self.send_json(exc.status, exc.to_dict(), self._headers(headers))
 
     def _respond(self, obj: Any) -> int:
-        self._send_json(200, obj.to_dict() if isinstance(obj, _Object) else obj, self._headers())
-        return 200
+        return self.send_json(200, obj.to_dict() if isinstance(obj, _Object) else obj,
+                              self._headers())
 
     def _request_json(self) -> Any:
-        body = _json_body(self._read_body(self.server.config.max_body_bytes))
+        body = _json_body(self.read_body(self.server.config.max_body_bytes))
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             self._model = body["model"][:100]
         return body
@@ -3960,15 +3365,24 @@ class _GatewayHandler(_BaseHandler):
     # -- operations ---------------------------------------------------------------------
 
     def _op_health(self) -> int:
+        """Up or down for anyone; the replicas' states only with a valid key (if keys are set)."""
         ok, report = self.server.backend.health()
-        self._send_json(200 if ok else 503, {
-            "status": "ok" if ok else "unavailable", "models": report,
-            "demo": self.server.config.demo, "version": __version__}, self._headers())
-        return 200 if ok else 503
+        body: Dict[str, Any] = {"status": "ok" if ok else "unavailable"}
+        try:
+            if self.server.keys.enabled:
+                self.server.keys.identify(self.headers.get("Authorization"))
+            body.update(models=report, demo=self.server.config.demo, version=__version__)
+        except AuthenticationError:
+            pass
+        return self.send_json(200 if ok else 503, body, self._headers())
 
     def _op_metrics(self) -> int:
         body = self.server.metrics.render().encode("utf-8")
-        self._send_bytes(200, body, "text/plain; version=0.0.4; charset=utf-8", self._headers())
+        self.send_head(200, self._headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
+                                           "Content-Length": str(len(body))}))
+        if self.command != "HEAD":
+            self.bytes_out += len(body)
+            self.wfile.write(body)
         return 200
 
     def _op_list_models(self) -> int:
@@ -3982,13 +3396,11 @@ class _GatewayHandler(_BaseHandler):
                             param="model", code="model_not_found")
 
     def _op_chat(self) -> int:
-        upstreams: List[_EventStream] = []
-        result = self.server.backend.chat(self._request_json(), upstreams.append)
+        result = self.server.backend.chat(self._request_json())
         if isinstance(result, ChatCompletion):
             return self._respond(self._rename_reasoning(result.to_dict()))
-        encode = _ChunkEncoder(self._rename_reasoning)
-        return self._stream((encode(c) for c in result), result, done=True,
-                            upstreams=upstreams)
+        return self._stream((_sse(self._rename_reasoning(c.to_dict())) for c in result),
+                            result, done=True)
 
     def _op_completions(self) -> int:
         result = self.server.backend.completions(self._request_json())
@@ -4014,14 +3426,13 @@ class _GatewayHandler(_BaseHandler):
         return obj
 
     def _stream(self, events: Iterator[bytes], source: Any, done: bool,
-                error_event: Optional[str] = None,
-                upstreams: Optional[List["_EventStream"]] = None) -> int:
-        """Send ``events`` as SSE over a chunked response.
+                error_event: Optional[str] = None) -> int:
+        """Send ``events`` as server-sent events, from this thread.
 
-        The first event is produced before the headers, so a failure before any output
+        The first event is produced before the head, so a failure before any output
         still gets its own status code; a failure after it (or the server shutting down
         past its grace period) is sent as an error event the openai SDK raises on, and
-        the stream ends.
+        the stream ends.  A client that takes nothing for ``send_timeout`` is cut off.
         """
         srv, close = self.server, getattr(source, "close", lambda: None)
         try:
@@ -4039,30 +3450,19 @@ class _GatewayHandler(_BaseHandler):
                 raise
             self._ttft = time.monotonic() - started
             srv.metrics.observe("bharatgen_time_to_first_token_seconds", self._ttft)
-            self._start_chunked(200, self._headers({
-                "Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no"}))
-            return self._send_events(first, events, close, done, error_event, upstreams)
+            self.start_events(self._headers({"X-Accel-Buffering": "no"}))
+            return self._send_events(first, events, close, done, error_event)
         finally:
             srv.metrics.inc("bharatgen_streams_in_flight", -1)
             srv.limiter.close_stream(self._who)
 
     def _send_events(self, first: Optional[bytes], events: Iterator[bytes],
-                     close: Callable[[], None], done: bool, error_event: Optional[str],
-                     upstreams: Optional[List["_EventStream"]] = None) -> int:
+                     close: Callable[[], None], done: bool, error_event: Optional[str]) -> int:
         try:
-            if first is not None:
-                self._chunk(first)
-            pump = self.server.pump
-            # the last upstream stream opened is the one giving output (a replica that
-            # failed before output left an earlier one behind)
-            if pump is not None and upstreams and upstreams[-1].pumpable:
-                pump.run(self, upstreams[-1], events)     # the same outcomes as the loop
-            else:
-                for event in events:
-                    if self.server.closing.is_set():
-                        raise _shutting_down()
-                    self._chunk(event)
+            for event in _chain_first(first, events):
+                if self.server.closing.is_set():
+                    raise _shutting_down()
+                self.send_event(event)
         except BharatGenError as exc:
             _log.warning("stream %s failed after output began: %s", self.request_id, exc.message)
             if isinstance(exc, UpstreamError):
@@ -4071,72 +3471,22 @@ class _GatewayHandler(_BaseHandler):
             if error_event:           # the Responses API's shape: its fields, and "error"
                 body = dict(body["error"], error=body["error"], type="error")
             try:
-                self._chunk(_sse(body, error_event))
+                self.send_event(_sse(body, error_event))
             except OSError:
                 self.close_connection = True
                 return exc.status
-        except OSError:             # the client went away (the upstream's failures are
-            self.close_connection = True            # BharatGenErrors by now)
-            return 499
+        except OSError:             # the client went away or took nothing for send_timeout
+            self.close_connection = True          # (the upstream's failures are
+            return 499                            # BharatGenErrors by now)
         finally:
             close()
         try:
             if done:
-                self._chunk(b"data: [DONE]\n\n")
-            self._end_chunked()
+                self.send_event(b"data: [DONE]\n\n")
+            self.end_events()
         except OSError:
             self.close_connection = True
         return 200
-
-    def _chunk(self, data: bytes) -> None:
-        self._bytes_out += len(data)
-        super()._chunk(data)
-
-
-class _Server(socketserver.ThreadingMixIn, socketserver.TCPServer):
-    """http.server's ``ThreadingHTTPServer`` (a thread per connection, daemon threads,
-    address reuse), defined here so that http.server is not imported; it can also serve
-    in the background and stop cleanly."""
-
-    daemon_threads = True
-    allow_reuse_address = True
-    request_queue_size = 1024          # the listen backlog; socketserver's 5 drops bursts
-    _thread: Optional[threading.Thread] = None
-
-    @property
-    def url(self) -> str:
-        """The server's base URL, e.g. ``http://127.0.0.1:8000``."""
-        host, port = self.server_address[:2]
-        return "http://%s:%d" % ("[%s]" % host if ":" in str(host) else host, port)
-
-    def start(self) -> Any:
-        """Serve in a daemon thread and return ``self`` at once."""
-        self._thread = threading.Thread(target=self.serve_forever, args=(0.05,),
-                                        daemon=True, name=type(self).__name__)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the socket."""
-        if self._thread is not None:
-            self.shutdown()
-            self._thread.join(5)
-            self._thread = None
-        self.server_close()
-
-    def __enter__(self) -> Any:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        """A client that hangs up is routine; anything else is logged."""
-        exc = sys.exc_info()[1]
-        if isinstance(exc, (ConnectionError, socket.timeout)):
-            _log.debug("connection from %s ended: %s", client_address, exc)
-        else:
-            _log.exception("error while serving %s", client_address)
 
 
 class GatewayServer(_Server):
@@ -4158,11 +3508,8 @@ class GatewayServer(_Server):
                 replica.client.metrics = self.metrics
         self.limiter = _RateLimiter(config.rate_limit_rpm, config.rate_limit_streams)
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
-        self.deadlines = _Deadlines()
         self.closing = threading.Event()
-        self.pump = _Pump(self.closing) if config.pump else None
         self.in_flight = 0
-        self._count_lock = threading.Lock()
         super().__init__((config.host, config.port), _GatewayHandler)
 
     def track(self, delta: int) -> None:
@@ -4191,9 +3538,6 @@ class GatewayServer(_Server):
 
     def server_close(self) -> None:
         super().server_close()
-        self.deadlines.close()
-        if self.pump is not None:
-            self.pump.close()
         self.backend.close()
 
 
@@ -4220,7 +3564,6 @@ _DEBUG_HEAD = ("\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍
 _LATENCY = ("</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px "
             "solid #eee; margin-top:8px; padding-top:4px'>⏱️ Latency: %.2fs | Processing "
             "time: %.2fs</div>")
-_DEMO_VERSIONS = {4: "4.44.1", 5: "5.50.0", 6: "6.31.0"}
 _DEMO_SLIDERS = {"temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1),
                  "top_k": (1, 100)}      # the Param app's slider ranges
 
@@ -4268,11 +3611,6 @@ def _demo_html(thought: str, answer: str) -> Iterator[str]:
            + _LATENCY % (took, took))
 
 
-_DEMO_BATCH = 0.002     # chunks due this close together go out in one wake-up of the pacer
-_DEMO_RETRY = 0.005     # a client whose socket is full is tried again after this
-_DEMO_WRITE = 65536     # at most this much is gathered for one write
-
-
 @dataclass
 class _DemoJob:
     """One submitted job of the demo upstream."""
@@ -4283,305 +3621,107 @@ class _DemoJob:
     next_at: float = 0.0       # when its next token is due (a steady rate, like a model's)
 
 
-class _PacedStream:
-    """A job's event stream as the pacer writes it: what is due, and what waits."""
-
-    __slots__ = ("sock", "not_yet", "chunks", "job", "out", "held", "held_due", "end", "due",
-                 "ended", "ok")
-
-    def __init__(self, sock: socket.socket, chunks: Iterator[Optional[bytes]],
-                 job: _DemoJob) -> None:
-        self.sock, self.chunks, self.job = sock, _framed(chunks), job
-        self.not_yet = _not_yet(sock)
-        self.out = b""                     # due, not yet sent (the client's socket was full)
-        self.held: Optional[bytes] = None  # the next HTTP chunk, until its token is due
-        self.held_due = 0.0
-        self.end: Optional[bool] = None    # once gathered: True the body's end, False a drop
-        self.due = 0.0                     # of its newest entry in the pacer's heap
-        self.ended = threading.Event()
-        self.ok = False
-
-
-def _framed(chunks: Iterator[Optional[bytes]]) -> Iterator[bytes]:
-    """A demo stream's events as HTTP chunks, then the end of the body; ``b""`` for
-    the drop fault (a ``None`` event)."""
-    for chunk in chunks:
-        if chunk is None:
-            yield b""
-            return
-        yield _http_chunk(chunk)
-    yield _LAST_CHUNK
-
-
-class _DemoPacer:
-    """One thread that writes every stream of a demo upstream, each chunk when due; it
-    runs while there are streams.
-
-    A thread per stream, each waking for every token, cost the demo more CPU (much of it
-    in the kernel) than the gateway in front of it; on the bench's shared cores that
-    slowed both paths. One thread takes every chunk that is due in each wake-up. Its
-    sockets do not block: a client that stops reading holds up only its own stream.
-    """
-
-    def __init__(self, stopping: threading.Event) -> None:
-        self._stopping = stopping
-        self._cond = threading.Condition()
-        self._heap: List[Tuple[float, int, _PacedStream]] = []    # (due, order, stream)
-        self._order = 0
-        self._streams: Dict[int, _PacedStream] = {}               # by id(job)
-        self._thread: Optional[threading.Thread] = None
-
-    def stream(self, sock: socket.socket, chunks: Iterator[Optional[bytes]],
-               job: _DemoJob) -> bool:
-        """Write ``chunks`` to the client on ``sock`` as a chunked body, each when it falls
-        due (a ``None`` chunk drops the connection); True if the whole body went out."""
-        paced, timeout = _PacedStream(sock, chunks, job), sock.gettimeout()
-        sock.settimeout(0)
-        with self._cond:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, daemon=True,
-                                                name="DemoPacer")
-                self._thread.start()
-            self._streams[id(job)] = paced
-            self._schedule(paced, 0.0)
-        paced.ended.wait()
-        sock.settimeout(timeout)
-        return paced.ok
-
-    def wake(self, job: _DemoJob) -> None:
-        """Make the job's next chunk due now (it was cancelled)."""
-        with self._cond:
-            paced = self._streams.get(id(job))
-            if paced is not None:
-                self._schedule(paced, 0.0)
-
-    def stop(self) -> None:
-        """Wake the thread to end every stream (called once the stopping flag is set)."""
-        with self._cond:
-            self._cond.notify()
-
-    def _schedule(self, paced: _PacedStream, due: float) -> None:
-        """Called with the lock held; an earlier entry for the stream goes stale."""
-        paced.due, self._order = due, self._order + 1
-        heapq.heappush(self._heap, (due, self._order, paced))
-        self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while True:
-                    if self._stopping.is_set() or not self._streams:   # ends when idle
-                        for paced in list(self._streams.values()):
-                            self._finish(paced, False)
-                        self._heap.clear()
-                        self._thread = None
-                        return
-                    now = time.monotonic()
-                    if self._heap and self._heap[0][0] <= now + _DEMO_BATCH:
-                        break
-                    self._cond.wait(self._heap[0][0] - now if self._heap else None)
-                ready = []
-                while self._heap and self._heap[0][0] <= now + _DEMO_BATCH:
-                    due, _, paced = heapq.heappop(self._heap)
-                    if due == paced.due and not paced.ended.is_set():
-                        ready.append(paced)
-            for paced in ready:
-                self._step(paced)
-
-    def _step(self, paced: _PacedStream) -> None:
-        """Send what fell due in one write, then wait for the next chunk's time."""
-        try:
-            if not paced.out:
-                self._gather(paced)
-            if paced.out:
-                paced.out = paced.out[paced.sock.send(paced.out):]
-        except paced.not_yet:
-            pass
-        except OSError:                                 # the client went away
-            return self._finish(paced, False)
-        except Exception:
-            _log.exception("demo upstream: a stream failed")
-            return self._finish(paced, False)
-        if paced.out:                                   # the client's socket is full
-            due = time.monotonic() + _DEMO_RETRY
-        elif paced.end is not None:
-            return self._finish(paced, paced.end)
-        elif paced.held is None:                        # a full write: more is due now
-            due = time.monotonic()
-        else:
-            due = 0.0 if paced.job.cancelled.is_set() else paced.held_due
-        with self._cond:
-            self._schedule(paced, due)
-
-    @staticmethod
-    def _gather(paced: _PacedStream) -> None:
-        """Move the held chunk, and every next one already due, into ``out`` (up to a
-        full write): the last events leave with the end of the body, so a reader finds
-        the body complete."""
-        job, parts, size = paced.job, [], 0
-        while paced.end is None and size < _DEMO_WRITE:
-            chunk, paced.held = paced.held, None
-            if chunk is None:
-                chunk = next(paced.chunks, None)
-                if chunk is None:
-                    paced.end = True
-                    break
-                due = 0.0 if job.cancelled.is_set() else job.next_at
-                if due > time.monotonic() + _DEMO_BATCH:
-                    paced.held, paced.held_due = chunk, due
-                    break
-            if not chunk:
-                paced.end = False                       # the drop fault
-                break
-            parts.append(chunk)
-            size += len(chunk)
-        paced.out = b"".join(parts)
-
-    def _finish(self, paced: _PacedStream, ok: bool) -> None:
-        with self._cond:
-            self._streams.pop(id(paced.job), None)
-        paced.ok = ok
-        paced.ended.set()
-
-
-class _DemoHandler(_BaseHandler):
+class _DemoHandler(_Handler):
     """The routes of a Gradio app: ``/config``, ``info``, ``/call``, the queue, ``cancel``."""
 
     server: "DemoUpstream"
 
-    def setup(self) -> None:
-        super().setup()
-        with self.server.lock:
-            self.server.connections += 1
-
-    def log_message(self, format: str, *args: Any) -> None:
-        _log.debug("demo upstream: " + format, *args)
-
     def do_GET(self) -> None:
         srv, parts = self.server, urllib.parse.urlsplit(self.path)
         path = parts.path
-        if path.rstrip("/") == "/config":
-            return self._send_json(200, srv.config_json())
-        if path == srv.prefix + "/info":
-            return self._send_json(200, srv.info_json())
         m = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/(\w+)", path)
-        if m and m.group(1) == srv.endpoint:
-            with srv.lock:
-                job = srv.jobs.pop(m.group(2), None)
-            return self._stream(job, queue=False)
-        if path == srv.prefix + "/queue/data" and srv.queue:
-            session = urllib.parse.parse_qs(parts.query).get("session_hash", [""])[0]
-            with srv.lock:
-                job = srv.jobs.pop("session:" + session, None)
-            return self._stream(job, queue=True)
-        self._send_json(404, {"detail": "Not Found"})
+        session = urllib.parse.parse_qs(parts.query).get("session_hash", [""])[0]
+        if path.rstrip("/") == "/config":
+            self.send_json(200, srv.config_json())
+        elif path == srv.prefix + "/info":
+            self.send_json(200, srv.info_json())
+        elif m and m.group(1) == srv.endpoint:
+            self._stream(srv.take(m.group(2)), srv.call_events)
+        elif path == srv.prefix + "/queue/data" and srv.queue:
+            self._stream(srv.take("session:" + session), srv.queue_events)
+        else:
+            self.send_json(404, {"detail": "Not Found"})
 
     def do_POST(self) -> None:
         srv, path = self.server, urllib.parse.urlsplit(self.path).path
         try:
-            body = json.loads(self._read_body(1 << 24) or b"null")
+            body = json.loads(self.read_body(1 << 24) or b"null")
         except (ValueError, BharatGenError):
-            return self._send_json(422, {"detail": [{"type": "json_invalid"}]})
+            self.send_json(422, {"detail": [{"type": "json_invalid"}]})
+            return
         if path == srv.prefix + "/cancel":
-            with srv.lock:
-                for job in srv.running.values():
-                    if job.event_id == (body or {}).get("event_id"):
-                        job.cancelled.set()
-                        srv.pacer.wake(job)
-                srv.cancels.append(body)
-            return self._send_json(200, {"success": True})
+            srv.cancel(body)
+            self.send_json(200, {"success": True})
+            return
         call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
         join = path == srv.prefix + "/queue/join" and srv.queue
         if not (join or (call and call.group(1) == srv.endpoint)):
-            return self._send_bytes(500, b"Internal Server Error", "text/plain; charset=utf-8")
+            self.send_head(500, {"Content-Type": "text/plain; charset=utf-8", "Content-Length": "21"})
+            self.wfile.write(b"Internal Server Error")
+            return
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
-            return self._send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
-        data = body["data"]
-        message = data[0] if data and isinstance(data[0], str) else ""
-        if "[[busy]]" in message:
-            return self._send_json(503, {"detail": "Queue is full. Max size is 0 and size is 0."})
-        job = _DemoJob(data, os.urandom(16).hex(), queue=bool(join))
-        with srv.lock:
-            srv.auth_seen.append(self.headers.get("Authorization"))
-            srv.jobs["session:" + str(body.get("session_hash")) if join else job.event_id] = job
-            srv.calls.append(data)
-        self._send_json(200, {"event_id": job.event_id})
+            self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
+            return
+        self.send_json(*srv.submit(body, bool(join), self.headers))
 
-    def _stream(self, job: Optional[_DemoJob], queue: bool) -> None:
-        srv = self.server
-        with srv.lock:
-            srv.active_streams += 1
-            if job is not None:
-                srv.running[id(job)] = job
+    def _stream(self, job: Optional[_DemoJob],
+                render: Callable[[_DemoJob], Iterator[Optional[bytes]]]) -> None:
+        """A job's events, each when it is due; ``None`` from ``render`` drops the connection."""
+        self.start_events()
+        if job is None:
+            self.send_event(b'event: error\ndata: "404: Not Found"\n\n')
+            self.end_events()
+            return
+        with self.server.lock:
+            self.server.running[id(job)] = job
         try:
-            self._start_chunked(200, {"Content-Type": "text/event-stream; charset=utf-8",
-                                      "Cache-Control": "no-cache"})
-            if job is None:
-                self._chunk(b'event: error\ndata: "404: Not Found"\n\n')
-                self._end_chunked()
-            else:
-                render = srv.queue_events if queue else srv.call_events
-                if not srv.pacer.stream(self.connection, render(job), job):  # dropped, gone
+            for event in render(job):
+                if event is None:
                     self.close_connection = True
+                    return
+                self.send_event(event)
+            self.end_events()
         except OSError:
             self.close_connection = True
         finally:
-            with srv.lock:
-                srv.active_streams -= 1
-                if job is not None:
-                    srv.running.pop(id(job), None)
+            with self.server.lock:
+                self.server.running.pop(id(job), None)
 
 
 class DemoUpstream(_Server):
-    """A stand-in for the Param Gradio app: Gradio's routes, events and the app's HTML.
+    """A stand-in for the Param Gradio app (Gradio 6): its routes, events and HTML.
 
     It answers from the prompt: "hello", "format", "hindi", "tamil", "history" (echoes the
-    system prompt and history), "params" (echoes the sampling values), "N words"; and it
-    fails on demand: ``[[error]]``, ``[[error-null]]``, ``[[fail-midstream]]``,
-    ``[[drop]]``, ``[[hang]]`` (no output), ``[[stall]]`` (silent after some output),
-    ``[[malformed]]``, ``[[busy]]``.  ``version`` (4, 5 or 6)
-    sets the API prefix, history format and error shapes of that Gradio; ``chat_interface``
-    makes it a ``gr.ChatInterface`` (a string reply, history kept in a State); ``queue``
-    offers the queue protocol.  ``replay`` maps a prompt to a captured event stream, sent
-    verbatim (a ``/call`` capture on ``/call``, a queue capture on the queue).
+    system prompt and history), "params" (echoes the sampling values), "N words"; one
+    token every ``token_delay`` seconds.  ``queue`` offers the queue protocol beside
+    ``/call``.  The tests' emulator of other Gradio versions and faults subclasses it.
     """
 
+    version = "6.31.0"
+    prefix = "/gradio_api"
+    endpoint = "chat_fn_1"
+
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0,
-                 version: int = 6, chat_interface: bool = False, queue: bool = True,
-                 replay: Optional[Dict[str, bytes]] = None) -> None:
-        if version not in _DEMO_VERSIONS:
-            raise ValueError("version must be 4, 5 or 6, not %r" % version)
-        self.token_delay = token_delay
-        self.version, self.chat_interface, self.queue = version, chat_interface, queue
-        self.prefix = "" if version == 4 else "/gradio_api"
-        self.endpoint = ("respond" if version == 6 else "chat") if chat_interface else "chat_fn_1"
-        self.replay = dict(replay or {})
+                 queue: bool = True) -> None:
+        self.token_delay, self.queue = token_delay, queue
         self.jobs: Dict[str, _DemoJob] = {}
         self.running: Dict[int, _DemoJob] = {}
         self.calls: List[Any] = []
         self.cancels: List[Any] = []
-        self.auth_seen: List[Optional[str]] = []
-        self.active_streams = 0
-        self.connections = 0
         self.lock = threading.Lock()
-        self._stopping = threading.Event()
-        self.pacer = _DemoPacer(self._stopping)
         super().__init__((host, port), _DemoHandler)
 
     def stop(self) -> None:
-        """Stop serving, end hanging streams, release the socket."""
-        self._stopping.set()
-        self.pacer.stop()
+        """Stop serving, end the streams still running, release the socket."""
+        with self.lock:
+            for job in self.running.values():
+                job.cancelled.set()
         super().stop()
 
     # -- what the app says of itself ---------------------------------------------------
 
     def _inputs(self) -> List[Tuple[int, str, str, Any]]:
         """(component id, type, parameter name, default) of the endpoint's inputs."""
-        if self.chat_interface:
-            return [(2, "textbox", "message", None), (3, "state", "", None),
-                    (4, "textbox", "system_prompt", "You are a friendly bot."),
-                    (5, "slider", "temperature", 0.7)]
         return [(2, "textbox", "message", None), (1, "chatbot", "chat_history", []),
                 (4, "textbox", "system_prompt", DEFAULT_SYSTEM_PROMPT),
                 (5, "slider", "temperature", DEFAULT_TEMPERATURE),
@@ -4594,244 +3734,140 @@ class DemoUpstream(_Server):
         dep = {"id": 1, "api_name": self.endpoint, "inputs": [i for i, _, _, _ in inputs],
                "outputs": [1, 2], "backend_fn": True, "queue": True,
                "api_visibility": "public", "connection": "sse"}
-        other = dict(dep, id=0, api_name="chat_fn")
-        return {"version": _DEMO_VERSIONS[self.version],
-                "api_prefix": self.prefix or None,
+        components = []
+        for cid, kind, name, default in inputs:
+            props = {"label": name, "value": default}
+            if kind == "slider":
+                props["minimum"], props["maximum"] = _DEMO_SLIDERS[name]
+            components.append({"id": cid, "type": kind, "props": props})
+        return {"version": self.version, "api_prefix": self.prefix or None,
                 "protocol": "sse_v3" if self.queue else "sse_v1", "enable_queue": True,
-                "title": "bharatgen_openai demo upstream",
-                "components": [self._component(i, t, name, default)
-                               for i, t, name, default in inputs],
-                "dependencies": [other, dep]}
-
-    @staticmethod
-    def _component(cid: int, kind: str, name: str, default: Any) -> Dict[str, Any]:
-        props: Dict[str, Any] = {"label": name, "value": default}
-        if kind == "slider":
-            props["minimum"], props["maximum"] = _DEMO_SLIDERS[name]
-        return {"id": cid, "type": kind, "props": props}
-
-    @staticmethod
-    def _type(kind: str, name: str) -> Dict[str, Any]:
-        if kind == "slider":
-            return {"type": "number",
-                    "description": "numeric value between %g and %g" % _DEMO_SLIDERS[name]}
-        return {"type": "string"} if kind == "textbox" else {}
+                "title": "bharatgen_openai demo upstream", "components": components,
+                "dependencies": [dict(dep, id=0, api_name="chat_fn"), dep]}
 
     def info_json(self) -> Dict[str, Any]:
         """What ``<prefix>/info`` answers: the endpoint's parameters (no State)."""
-        params = [{"label": name, "parameter_name": name,
-                   "component": {"textbox": "Textbox", "chatbot": "Chatbot",
-                                 "slider": "Slider"}[kind],
+        names = {"textbox": "Textbox", "chatbot": "Chatbot", "slider": "Slider"}
+        params = [{"label": name, "parameter_name": name, "component": names[kind],
                    "parameter_has_default": default is not None, "parameter_default": default,
-                   "type": self._type(kind, name),
+                   "type": {"type": "number", "description": "numeric value between %g and %g"
+                            % _DEMO_SLIDERS[name]} if kind == "slider" else {"type": "string"},
                    "python_type": {"type": "Any", "description": ""}}
                   for _, kind, name, default in self._inputs() if kind != "state"]
         endpoint = {"parameters": params, "returns": [{"component": "Chatbot"},
                                                      {"component": "Textbox"}]}
-        named = {"/" + self.endpoint: endpoint}
-        if not self.chat_interface:
-            named["/chat_fn"] = endpoint
-        return {"named_endpoints": named, "unnamed_endpoints": {}}
+        return {"named_endpoints": {"/" + self.endpoint: endpoint, "/chat_fn": endpoint},
+                "unnamed_endpoints": {}}
 
-    # -- answering ----------------------------------------------------------------------
+    # -- jobs ---------------------------------------------------------------------------
 
-    def _check_sliders(self, values: Dict[str, Any]) -> Optional[str]:
-        """Gradio 5 and later refuse a slider value outside its range."""
-        for name, (lo, hi) in _DEMO_SLIDERS.items():
-            value = values.get(name)
-            if self.version < 5 or not isinstance(value, (int, float)):
-                continue
-            if value > hi:
-                return "Value %s is greater than maximum value %s." % (value, hi)
-            if value < lo:
-                return "Value %s is less than minimum value %s." % (value, lo)
-        return None
+    def submit(self, body: Dict[str, Any], queue: bool, headers: Any) -> Tuple[int, Any]:
+        """Take a job (``/call`` or ``queue/join``): ``(status, answer)``."""
+        job = _DemoJob(body["data"], os.urandom(16).hex(), queue=queue)
+        with self.lock:
+            self.jobs["session:" + str(body.get("session_hash")) if queue else job.event_id] = job
+            self.calls.append(job.data)
+        return 200, {"event_id": job.event_id}
+
+    def take(self, key: str) -> Optional[_DemoJob]:
+        with self.lock:
+            return self.jobs.pop(key, None)
+
+    def cancel(self, body: Any) -> None:
+        with self.lock:
+            for job in self.running.values():
+                if isinstance(body, dict) and job.event_id == body.get("event_id"):
+                    job.cancelled.set()
+            self.cancels.append(body)
+
+    def _pace(self, job: _DemoJob) -> bool:
+        """Wait until the job's next token is due (a steady rate: a late wake-up is made
+        up, not added to every later token); False once the job is cancelled."""
+        if self.token_delay:
+            now = time.monotonic()
+            job.next_at = (job.next_at or now) + self.token_delay
+            job.cancelled.wait(max(0.0, job.next_at - now))
+        return not job.cancelled.is_set()
+
+    def _values(self, job: _DemoJob) -> Dict[str, Any]:
+        """The job's inputs by parameter name."""
+        return {name: value for (_, _, name, _), value in zip(self._inputs(), job.data)}
 
     def _steps(self, job: _DemoJob) -> Iterator[Tuple[str, Any]]:
-        """What the app does for a job: ``("output", value)`` updates, then ``("done", value)``,
-        or ``("error", message)``, ``("drop", None)``, ``("malformed", None)``."""
-        data, wants_state = job.data, job.queue or self.version < 6
-        layout = self._inputs()
-        if not wants_state:
-            layout = [x for x in layout if x[1] != "state"]
-        if len(data) < len(layout):
-            yield "error", ("An event handler (%s) didn't receive enough input values "
-                            "(needed: %d, got: %d)." % (self.endpoint, len(layout), len(data)))
-            return
-        values = {name: data[i] for i, (_, _, name, _) in enumerate(layout) if name}
-        message = values["message"] if isinstance(values["message"], str) else ""
+        """What the app does for a job: ``("output", value)`` updates, then ``("done",
+        value)`` (``None`` if cancelled); subclasses add ``("error", message)``."""
+        values = self._values(job)
+        message = values.get("message") if isinstance(values.get("message"), str) else ""
         history = values.get("chat_history") or []
-        problem = self._check_history(history) or self._check_sliders(values)
-        if problem:
-            yield "error", problem
-            return
-        for fault in ("error", "error-null", "malformed", "hang"):
-            if "[[%s]]" % fault in message:
-                if fault == "hang":
-                    self._wait(job, 30)
-                yield {"error": ("error", "Model is overloaded, try again"),
-                       "error-null": ("error", None), "malformed": ("malformed", None),
-                       "hang": ("drop", None)}[fault]
-                return
         params = [values.get(n) for n in ("temperature", "max_tokens", "top_p", "top_k")]
         thought, answer = _demo_reply(message, history, values.get("system_prompt"), params)
-        chat = self._chat(history, message)
-        n_thought, text = sum(1 for _ in _demo_tokens(thought)), ""
-        for i, text in enumerate(_demo_html(thought, answer)):
-            self._tick(job)
-            if job.cancelled.is_set():
+        chat, text = self._chat(history, message), ""
+        for text in _demo_html(thought, answer):
+            if not self._pace(job):
                 yield "done", None
                 return
             yield "output", self._output(chat, text)
-            if i == n_thought + 3 and "[[fail-midstream]]" in message:
-                yield "error", "error after output began"
-                return
-            if i == n_thought + 3 and "[[drop]]" in message:
-                yield "drop", None
-                return
-            if i == n_thought + 3 and "[[stall]]" in message:
-                self._wait(job, 30)
-                yield "drop", None
-                return
         yield "done", self._output(chat, text)
 
-    def _tick(self, job: _DemoJob) -> None:
-        """Set when the job's next token is due (the pacer writes it then): one every
-        ``token_delay`` from the first, so a late wake-up (a busy machine) is made up, not
-        added to every token after it."""
-        if self.token_delay:
-            job.next_at = (job.next_at or time.monotonic()) + self.token_delay
-
-    @staticmethod
-    def _wait(job: _DemoJob, seconds: float) -> None:
-        """Hold the job's next chunk for ``seconds`` (less if it is cancelled)."""
-        job.next_at = time.monotonic() + seconds
-
-    def _check_history(self, history: Any) -> Optional[str]:
-        """The validation error this Gradio version gives for a history it rejects."""
-        if self.chat_interface or history is None:
-            return None
-        if not isinstance(history, list):
-            return "chat_history must be a list"
-        for item in history:
-            if self.version == 4:
-                ok = isinstance(item, list) and len(item) == 2
-            else:
-                content = item.get("content") if isinstance(item, dict) else None
-                ok = isinstance(content, list if self.version == 6 else str)
-            if not ok:
-                return ("1 validation error for ChatbotDataMessages: %r is not a valid %s "
-                        "message" % (item, {4: "pair", 5: "string-content", 6: "content-list"}
-                                     [self.version]))
-        return None
-
     def _chat(self, history: List[Any], message: str) -> List[Any]:
-        """The conversation so far, as this version's Chatbot returns it."""
-        if self.version == 4:
-            return [list(p) for p in history] + [[message, None]]
-        wrap = (lambda t: [{"text": t, "type": "text"}]) if self.version == 6 else (lambda t: t)
-        chat = [{"role": h["role"], "metadata": None, "content": h["content"], "options": None}
-                for h in history]
-        return chat + [{"role": "user", "metadata": None, "content": wrap(message),
-                        "options": None}]
+        """The conversation so far, as the Chatbot returns it."""
+        return [{"role": h["role"], "metadata": None, "content": h["content"], "options": None}
+                for h in history] + [{"role": "user", "metadata": None, "options": None,
+                                      "content": [{"text": message, "type": "text"}]}]
 
     def _output(self, chat: List[Any], text: str) -> List[Any]:
         """The endpoint's outputs with the reply ``text``."""
-        if self.chat_interface:
-            return [text, None]
-        if self.version == 4:
-            return [chat[:-1] + [[chat[-1][0], text]], ""]
-        content = [{"text": text, "type": "text"}] if self.version == 6 else text
-        return [chat + [{"role": "assistant", "metadata": None, "content": content,
-                         "options": None}], ""]
+        return [chat + [{"role": "assistant", "metadata": None, "options": None,
+                         "content": [{"text": text, "type": "text"}]}], ""]
 
     def _reply_path(self, output: List[Any]) -> List[Any]:
         """Where the reply text sits inside output 0, for diffs."""
-        if self.chat_interface:
-            return []
-        last = len(output[0]) - 1
-        if self.version == 4:
-            return [last, 1]
-        return [last, "content", 0, "text"] if self.version == 6 else [last, "content"]
-
-    def _replayed(self, job: _DemoJob) -> Optional[bytes]:
-        message = job.data[0] if job.data and isinstance(job.data[0], str) else None
-        return self.replay.get(message) if message is not None else None
-
-    def _replay(self, job: _DemoJob, capture: bytes) -> Iterator[bytes]:
-        for raw in capture.split(b"\n\n"):
-            if raw.strip():
-                self._tick(job)
-                yield raw + b"\n\n"
+        return [len(output[0]) - 1, "content", 0, "text"]
 
     def call_events(self, job: _DemoJob) -> Iterator[Optional[bytes]]:
-        """The ``/call`` event stream of a job (``None``: drop the connection)."""
-        capture = self._replayed(job)
-        if capture is not None:
-            yield from self._replay(job, capture)
-            return
+        """The ``/call`` event stream of a job."""
         for kind, value in self._steps(job):
-            if kind == "output":
-                yield b"event: generating\ndata: " + json.dumps(value).encode() + b"\n\n"
-            elif kind == "done":
-                yield b"event: complete\ndata: " + json.dumps(value).encode() + b"\n\n"
-            elif kind == "error":
-                payload = {"error": value, "visible": True} if self.version == 6 else None
-                yield b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
-            elif kind == "malformed":
-                yield b"event: generating\ndata: {not json\n\n"
-            else:
-                yield None
+            if kind == "error":
+                yield _sse({"error": value, "visible": True}, "error")
+                return
+            yield _sse(value, "complete" if kind == "done" else "generating")
 
     def queue_events(self, job: _DemoJob) -> Iterator[Optional[bytes]]:
         """The queue protocol's messages for a job: whole output first, then diffs."""
         def msg(kind: str, **fields: Any) -> bytes:
             return _sse(dict(msg=kind, event_id=job.event_id, **fields))
 
-        capture = self._replayed(job)
-        if capture is not None:
-            yield from self._replay(job, capture)
-            return
         yield msg("estimation", rank=0, queue_size=1, rank_eta=0.5)
         yield msg("process_starts", eta=0.5)
         last: Any = None
         for kind, value in self._steps(job):
             if kind == "output":
-                if last is None:
-                    data = value
-                else:
+                data = value
+                if last is not None:
                     path, old, new = self._reply_path(value), last[0], value[0]
                     for key in path:
                         old, new = old[key], new[key]
-                    op = ["append", path, new[len(old):]] if new.startswith(old) else \
-                        ["replace", path, new]
-                    data = [[op], []]
+                    data = [[["append", path, new[len(old):]] if new.startswith(old) else
+                             ["replace", path, new]], []]
                 last = value
                 yield msg("process_generating", output={"data": data, "is_generating": True},
                           success=True)
             elif kind == "done":
                 yield msg("process_completed", output={"data": value, "is_generating": False},
                           success=True)
-            elif kind == "error":
+            else:
                 yield msg("process_completed", output={"error": value, "visible": True},
                           success=False)
-            elif kind == "malformed":
-                yield b"data: {not json\n\n"
-                return
-            else:
-                yield None
                 return
         yield _sse({"msg": "close_stream", "event_id": None})
 
 
 ###############################################################################
-# Benchmark #####################################################################
+# Benchmark: the gateway beside direct calls to the same upstream ###############
 ###############################################################################
 
-def _proc_stats(pid: Optional[int]) -> Tuple[float, float]:
-    """CPU seconds used and peak RSS (MB) of a process, from /proc (Linux)."""
-    if pid is None:
-        return float("nan"), float("nan")
+def _proc_stats(pid: int) -> Tuple[float, float]:
+    """CPU seconds used and peak RSS (MB) of a process, from /proc (Linux; nan elsewhere)."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             fields = f.read().rsplit(")", 1)[1].split()
@@ -4844,10 +3880,8 @@ def _proc_stats(pid: Optional[int]) -> Tuple[float, float]:
 
 
 def _spawn(args: List[str], pattern: str, timeout: float = 30) -> Tuple[Any, str]:
-    """Run this file with ``args`` in a new process; ``(process, first group of pattern)``.
-
-    Waits for ``pattern`` on its stderr, then keeps draining stderr so it never blocks.
-    """
+    """Run this file with ``args`` in a new process; ``(process, first group of pattern)``
+    once ``pattern`` shows on its stderr (which is then drained, so it never blocks)."""
     import subprocess
     started = time.monotonic()
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__)] + args,
@@ -4867,112 +3901,77 @@ def _spawn(args: List[str], pattern: str, timeout: float = 30) -> Tuple[Any, str
 
 
 def _percentile(values: List[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
+    ordered = sorted(values) or [float("nan")]
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
-_FIRST_CONTENT = re.compile(rb'"content":"[^"]')     # a chunk with answer text in it
-
-
-def _gateway_request(url: str, model: str, prompt: str, stream: bool, timeout: float,
-                     idle: Optional[List[_Connection]] = None,
-                     started: Optional[float] = None) -> Tuple[float, float]:
-    """One chat completion through a gateway: (seconds to the first answer text, total),
-    counted from ``started`` (default: now).
-
-    It goes over the module's own HTTP connection, as the direct path's requests do, so
-    both paths pay the same client cost. ``idle`` keeps connections alive between
-    requests, as the openai SDK's pool does (the direct client keeps its own too).
-    """
-    conn = None
-    if idle:
-        try:
-            conn = idle.pop()
-        except IndexError:
-            pass
+def _via_gateway(url: str, prompt: str, timeout: float, kept: Any,
+                 started: float) -> Tuple[float, float]:
+    """One streamed chat through the gateway over a kept-alive http.client connection
+    (one a thread, as the openai SDK keeps a pool): seconds to the first answer text,
+    and in all, from ``started``."""
+    conn = getattr(kept, "conn", None)
     if conn is None:
         parts = urllib.parse.urlsplit(url)
-        conn = _Connection(parts.hostname or "127.0.0.1", parts.port or 80, None, timeout)
-    started, reusable = started or time.monotonic(), False
+        conn = kept.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    body = json.dumps({"model": DEFAULT_MODEL, "stream": True,
+                       "messages": [{"role": "user", "content": prompt}]})
     try:
-        body = json.dumps({"model": model, "stream": stream,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        resp = conn.exchange("POST", "/v1/chat/completions", body,
-                             {"Content-Type": "application/json"}, timeout)
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json"})
+        resp = conn.getresponse()
         if resp.status != 200:
-            raise RuntimeError("HTTP %d: %s" % (resp.status, resp.read()[:200]))
-        if not stream:
-            resp.read()
-            total = time.monotonic() - started
-            reusable = resp.reusable
-            return total, total
+            raise RuntimeError("HTTP %d: %r" % (resp.status, resp.read()[:200]))
         ttft, seen = None, b""
-        while True:                   # whole blocks, not lines: the load stays light
-            block = resp.read1()
+        while True:
+            block = resp.read1(65536)
             if not block:
                 break
             if ttft is None:
                 seen = seen[-64:] + block
-                if _FIRST_CONTENT.search(seen):
+                if re.search(rb'"content":"[^"]', seen):
                     ttft = time.monotonic() - started
             if b'data: {"error"' in block:
-                raise RuntimeError(block[block.index(b'data: {"error"'):][:200].decode(
-                    "utf-8", "replace"))
-        total = time.monotonic() - started
-        reusable = resp.reusable
-        return (total if ttft is None else ttft), total
-    finally:
-        if reusable and idle is not None:
-            idle.append(conn)
-        else:
-            conn.close()
+                raise RuntimeError(block[block.index(b'data: {"error"'):][:200])
+    except BaseException:
+        conn.close()
+        kept.conn = None
+        raise
+    total = time.monotonic() - started
+    return (total if ttft is None else ttft), total
 
 
-def _direct_request(client: "BharatGenOpenAI", prompt: str, stream: bool,
-                    started: Optional[float] = None) -> Tuple[float, float]:
-    """The same request through the SDK straight to the upstream, no gateway."""
-    started = started or time.monotonic()
-    messages = [{"role": "user", "content": prompt}]
-    if not stream:
-        client.chat.completions.create(messages=messages)
-        total = time.monotonic() - started
-        return total, total
+def _via_direct(client: BharatGenOpenAI, prompt: str, started: float) -> Tuple[float, float]:
+    """The same chat through the SDK straight to the upstream, no gateway."""
     ttft = None
-    for chunk in client.chat.completions.create(messages=messages, stream=True):
+    for chunk in client.chat.completions.create(
+            messages=[{"role": "user", "content": prompt}], stream=True):
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
             ttft = time.monotonic() - started
     total = time.monotonic() - started
     return (total if ttft is None else ttft), total
 
 
-def _load(fn: Callable[[float], Tuple[float, float]], concurrency: int,
+def _load(fn: Callable[[Any, float], Tuple[float, float]], concurrency: int,
           requests: int) -> Dict[str, Any]:
-    """Run ``requests`` calls of ``fn`` on ``concurrency`` threads; timings and errors.
-
-    The threads start together, and each call's times count from when it was due (the
-    start, then the end of the thread's last call), not from when its thread got round
-    to it: a load generator slowed by its own work must not flatter the figures.
-    """
+    """``requests`` calls of ``fn`` on ``concurrency`` threads that start together; each
+    call's times count from when it was due (the start, or the end of its thread's last
+    call), so a load generator slowed by its own work does not flatter the figures."""
     ttfts: List[float] = []
     totals: List[float] = []
     errors: List[str] = []
-    left = [requests]
-    lock = threading.Lock()
-    go = threading.Event()
-    begun: List[float] = []
+    left, lock, go = [requests], threading.Lock(), threading.Event()
 
     def worker() -> None:
+        kept = threading.local()
         go.wait()
-        due = begun[0]
+        due = begun
         while True:
             with lock:
                 if left[0] <= 0:
                     return
                 left[0] -= 1
             try:
-                ttft, total = fn(due)
+                ttft, total = fn(kept, due)
                 with lock:
                     ttfts.append(ttft)
                     totals.append(total)
@@ -4984,225 +3983,75 @@ def _load(fn: Callable[[float], Tuple[float, float]], concurrency: int,
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     for t in threads:
         t.start()
-    started = time.monotonic()
-    begun.append(started)
+    begun = time.monotonic()
     go.set()
     for t in threads:
         t.join()
-    return {"wall": time.monotonic() - started, "ttft": ttfts, "total": totals, "errors": errors}
-
-
-def _summary(r: Dict[str, Any]) -> Dict[str, Any]:
-    """One run's figures: wall, TTFT and total p50/p95, errors, the gateway's extras."""
-    return {"wall": r["wall"], "ttft50": _percentile(r["ttft"], .5),
-            "ttft95": _percentile(r["ttft"], .95), "tot50": _percentile(r["total"], .5),
-            "tot95": _percentile(r["total"], .95), "errors": len(r["errors"]),
-            "error_list": r["errors"], "extra": r["extra"]}
-
-
-def _median_summary(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """The median of each figure over repeated runs (errors: all of them)."""
-    def median(values: List[Any]) -> Any:
-        values = [v for v in values if v is not None]
-        return sorted(values)[len(values) // 2] if values else None
-    out = {k: median([r[k] for r in runs]) for k in ("wall", "ttft50", "ttft95", "tot50", "tot95")}
-    out["errors"] = sum(r["errors"] for r in runs)
-    out["error_list"] = [e for r in runs for e in r["error_list"]]
-    out["extra"] = tuple(median([r["extra"][i] for r in runs])
-                         for i in range(len(runs[0]["extra"])))
-    return out
-
-
-def _seconds(cpu: Optional[float]) -> str:
-    """A CPU time for the bench table ("-" when not known)."""
-    return "-" if cpu is None or cpu != cpu else "%.2fs" % cpu
-
-
-def _scrape(url: str, name: str) -> float:
-    """One counter's value from a gateway's /metrics (0 if it cannot be read)."""
-    try:
-        status, text = _fetch_text(url + "/metrics")
-        m = re.search(r"^%s (\S+)$" % re.escape(name), text, re.M)
-        return float(m.group(1)) if m else 0.0
-    except OSError:
-        return 0.0
-
-
-def _fetch_text(url: str, timeout: float = 10) -> Tuple[int, str]:
-    parts = urllib.parse.urlsplit(url)
-    conn = _Connection(parts.hostname or "127.0.0.1", parts.port or 80, None, timeout)
-    try:
-        resp = conn.exchange("GET", parts.path, None, {}, timeout)
-        return resp.status, resp.read().decode("utf-8", "replace")
-    finally:
-        conn.close()
-
-
-_BENCH_ROW = ("%5d %-6s %-8s %5d %7.2f %6.0fms %6.0fms %7.2fs %7.2fs %6d %7s %7s %9.3f %7s "
-              "%8s")
-
-
-def _startup(upstream: str) -> str:
-    """Import and serve-ready times (medians), each beside the part of it that is
-    Python's own: importing the standard modules this file imports, starting python."""
-    import subprocess
-    import tempfile
-    here = os.path.dirname(os.path.abspath(__file__))
-    with open(__file__, encoding="utf-8") as f:
-        stdlib = sorted(set(re.findall(r"^(?:from|import) ([\w.]+)", f.read(), re.M)))
-
-    def median_of(runs: int, measure: Callable[[], float]) -> float:
-        return _percentile([measure() for _ in range(runs)], .5) * 1000
-
-    def import_time(statement: str) -> float:
-        code = "import time; t = time.perf_counter(); %s; print(time.perf_counter() - t)"
-        return float(subprocess.run([sys.executable, "-c", code % statement], cwd=here, env=env,
-                                    capture_output=True, text=True).stdout)
-
-    def python_start() -> float:
-        started = time.monotonic()
-        subprocess.run([sys.executable, "-c", "pass"], check=True)
-        return time.monotonic() - started
-
-    def serve_ready() -> float:
-        started = time.monotonic()
-        proc, url = _spawn(["serve", "--upstream", upstream, "--port", "0"],
-                           r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
-        try:
-            while _fetch_text(url + "/health")[0] != 200 and time.monotonic() - started < 10:
-                time.sleep(0.005)
-            return time.monotonic() - started
-        finally:
-            proc.terminate()
-            proc.wait(10)
-
-    with tempfile.TemporaryDirectory() as cache:   # bytecode cached there, not here
-        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
-        env["PYTHONPYCACHEPREFIX"] = cache
-        import_time("import bharatgen_openai")      # writes the cache
-        own = median_of(7, lambda: import_time("import bharatgen_openai"))
-        floor = median_of(7, lambda: import_time("import " + ", ".join(stdlib)))
-    return ("\nimport: %.0f ms, of which %.0f ms imports the standard modules it uses (medians "
-            "of 7)\nserve ready (process start to /health answering): %.0f ms; python alone "
-            "starts in %.0f ms (medians of 3)"
-            % (own, floor, median_of(3, serve_ready), median_of(3, python_start)))
+    return {"wall": time.monotonic() - begun, "ttft": _percentile(ttfts, .5),
+            "ttft95": _percentile(ttfts, .95), "total": _percentile(totals, .5),
+            "errors": errors}
 
 
 def _cmd_bench(args: Any) -> int:
-    """Load a gateway and the same upstream directly; print what the gateway adds."""
+    """Load a gateway and the same upstream directly, side by side (alternating which
+    goes first); print wall time, TTFT and errors of each, their ratio, and the
+    gateway's CPU and peak memory."""
     procs: List[Any] = []
     try:
-        demo_pid: Optional[int] = None             # its CPU is shown when it is ours
-        if args.upstream:
-            upstream = args.upstream[0]
-        else:
+        upstream = args.upstream
+        if not upstream:
             proc, upstream = _spawn(["demo", "--port", "0", "--token-delay",
-                                        str(args.token_delay)], r" at (http://\S+)")
+                                     str(args.token_delay)], r" at (http://\S+)")
             procs.append(proc)
-            demo_pid = proc.pid
-        gateways: Dict[str, Tuple[str, Optional[int]]] = {}
-
-        def gateway(protocol: str) -> Tuple[str, Optional[int]]:
-            if args.target:
-                return args.target.rstrip("/").rsplit("/v1", 1)[0], None
-            if protocol not in gateways:
-                proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
-                                       "--port", "0", "--protocol", protocol,
-                                       "--max-concurrent", "100000"],
-                                      r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
-                procs.append(proc)
-                gateways[protocol] = (url, proc.pid)
-            return gateways[protocol]
-
-        model = args.model or DEFAULT_MODEL
+        proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
+                            "--port", "0", "--max-concurrent", "100000",
+                            "--max-connections", "100000"],
+                           r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
+        procs.append(proc)
+        gateway_pid = proc.pid
+        direct = BharatGenOpenAI(upstream, timeout=args.timeout)
         prompt = "%d words" % args.words
-        print("bharatgen_openai %s bench on %d cores: %s, %d-word answers, protocol %s%s"
-              % (__version__, os.cpu_count() or 0,
-                 "upstream %s" % upstream if args.upstream else
-                 "demo upstream with %g ms a token" % (args.token_delay * 1000),
-                 args.words, args.protocol,
-                 "; medians of %d runs each, alternating" % args.repeat if args.repeat > 1 else ""))
-        url, pid = gateway(args.protocol)
-        direct = BharatGenOpenAI(upstream, protocol=args.protocol, timeout=args.timeout)
-        direct_metrics = _Metrics()
-        for route in direct._backend.routes.values():
-            for replica in route.pool.replicas:
-                replica.client.metrics = direct_metrics
-        header = ("%5s %-6s %-8s %5s %7s %8s %8s %8s %8s %6s %7s %7s %9s %7s %8s"
-                  % ("conc", "mode", "path", "reqs", "wall s", "ttft p50", "ttft p95",
-                     "tot p50", "tot p95", "errors", "gw cpu", "gw rss", "up MB/req",
-                     "up cpu", "load cpu"))
-        print(header)
-        print("-" * len(header))
-        modes = [m for m in ("stream", "json") if args.mode in (m, "both")]
-        kept_alive: List[_Connection] = []   # list.pop/append: thread-safe
+        print("bharatgen_openai %s bench on %d cores: %s, %d-word streamed answers%s"
+              % (__version__, os.cpu_count() or 0, "upstream " + upstream if args.upstream else
+                 "demo upstream, %g ms a token" % (args.token_delay * 1000), args.words,
+                 "; medians of %d runs, alternating" % args.repeat if args.repeat > 1 else ""))
+        row = "%5s %-8s %5s %7s %9s %9s %8s %6s %7s %7s"
+        print(row % ("conc", "path", "reqs", "wall s", "ttft p50", "ttft p95", "tot p50",
+                     "errors", "gw cpu", "gw rss"))
         for conc in args.concurrency:
-            for mode in modes:
-                stream, n = mode == "stream", max(args.requests or conc, conc)
-
-                def via_gateway() -> Dict[str, Any]:
-                    cpu0, _ = _proc_stats(pid)
-                    bytes0 = _scrape(url, "bharatgen_upstream_bytes_total")
-                    up0, load0 = _proc_stats(demo_pid)[0], time.process_time()
-                    r = _load(lambda due: _gateway_request(url, model, prompt, stream, args.timeout,
-                                                           kept_alive, due), conc, n)
-                    cpu1, rss = _proc_stats(pid)
-                    r["extra"] = (cpu1 - cpu0, rss,
-                                  (_scrape(url, "bharatgen_upstream_bytes_total") - bytes0) / n / 1e6,
-                                  _proc_stats(demo_pid)[0] - up0, time.process_time() - load0)
-                    return _summary(r)
-
-                def via_direct() -> Dict[str, Any]:
-                    d0 = direct_metrics.value("bharatgen_upstream_bytes_total")
-                    up0, load0 = _proc_stats(demo_pid)[0], time.process_time()
-                    r = _load(lambda due: _direct_request(direct, prompt, stream, due), conc, n)
-                    r["extra"] = (None, None,
-                                  (direct_metrics.value("bharatgen_upstream_bytes_total") - d0) / n / 1e6,
-                                  _proc_stats(demo_pid)[0] - up0, time.process_time() - load0)
-                    return _summary(r)
-
-                runs: Dict[str, List[Dict[str, Any]]] = {"gateway": [], "direct": []}
-                for i in range(args.repeat):      # alternate which path goes first
-                    order = (("gateway", via_gateway), ("direct", via_direct))
-                    for name, run in (order if i % 2 == 0 else order[::-1]):
-                        runs[name].append(run())
-                g, d = _median_summary(runs["gateway"]), _median_summary(runs["direct"])
-                for name, r in (("gateway", g), ("direct", d)):
-                    cpu, rss, up, up_cpu, load_cpu = r["extra"]
-                    print(_BENCH_ROW % (conc, mode, name, n, r["wall"], r["ttft50"] * 1000,
-                                        r["ttft95"] * 1000, r["tot50"], r["tot95"], r["errors"],
-                                        _seconds(cpu), "-" if rss is None else "%.0fMB" % rss,
-                                        up, _seconds(up_cpu), _seconds(load_cpu)))
-                print("%5d %-6s %-8s %5s %6.3fx %7.3fx %7.3fx %7.3fx %7.3fx"
-                      % (conc, mode, "ratio", "", g["wall"] / d["wall"], g["ttft50"] / d["ttft50"],
-                         g["ttft95"] / d["ttft95"], g["tot50"] / d["tot50"],
-                         g["tot95"] / d["tot95"]))
-                for e in (g["error_list"] + d["error_list"])[:3]:
+            n = max(args.requests or conc, conc)
+            paths = [("gateway", lambda kept, due: _via_gateway(url, prompt, args.timeout, kept, due)),
+                     ("direct", lambda kept, due: _via_direct(direct, prompt, due))]
+            runs: Dict[str, List[Dict[str, Any]]] = {"gateway": [], "direct": []}
+            cpu = 0.0
+            for i in range(args.repeat):
+                for name, fn in (paths if i % 2 == 0 else paths[::-1]):
+                    before = _proc_stats(gateway_pid)[0]
+                    runs[name].append(_load(fn, conc, n))
+                    if name == "gateway":
+                        cpu += _proc_stats(gateway_pid)[0] - before
+            median = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2]
+                             for k in ("wall", "ttft", "ttft95", "total")}
+                      for name, rs in runs.items()}
+            for name in ("gateway", "direct"):
+                m, errors = median[name], [e for r in runs[name] for e in r["errors"]]
+                gw = name == "gateway"
+                print(row % (conc, name, n, "%.2f" % m["wall"], "%.0fms" % (m["ttft"] * 1000),
+                             "%.0fms" % (m["ttft95"] * 1000), "%.2fs" % m["total"], len(errors),
+                             "%.2fs" % (cpu / args.repeat) if gw else "-",
+                             "%.0fMB" % _proc_stats(gateway_pid)[1] if gw else "-"))
+                for e in errors[:3]:
                     print("      error: %s" % e)
-        if args.cpu_words and not args.target:
-            print("\nCPU and upstream bytes for one streamed answer, by length "
-                  "(gateway process; queue protocol vs /call):")
-            print("%7s %12s %12s %12s %12s" % ("words", "queue cpu", "queue MB", "call cpu", "call MB"))
-            for words in args.cpu_words:
-                cells = []
-                for protocol in ("queue", "call"):
-                    gurl, gpid = gateway(protocol)
-                    cpu0, _ = _proc_stats(gpid)
-                    b0 = _scrape(gurl, "bharatgen_upstream_bytes_total")
-                    _gateway_request(gurl, model, "%d words" % words, True, args.timeout)
-                    cpu1, _ = _proc_stats(gpid)
-                    cells += [cpu1 - cpu0, (_scrape(gurl, "bharatgen_upstream_bytes_total") - b0) / 1e6]
-                print("%7d %11.3fs %11.3f %11.3fs %11.3f" % tuple([words] + cells))
-        if args.startup:
-            print(_startup(upstream))
+            g, d = median["gateway"], median["direct"]
+            print(row % (conc, "ratio", "", "%.3fx" % (g["wall"] / d["wall"]),
+                         "%.3fx" % (g["ttft"] / d["ttft"]), "%.3fx" % (g["ttft95"] / d["ttft95"]),
+                         "%.3fx" % (g["total"] / d["total"]), "", "", ""))
+        direct.close()
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
-            try:
-                proc.wait(10)
-            except Exception:
-                proc.kill()
+            proc.wait(10)
     return 0
 
 
@@ -5216,12 +4065,11 @@ def _config_from_args(args: Any) -> Config:
              ("endpoint", "model", "models_file", "system_prompt", "protocol", "timeout",
               "connect_timeout", "first_event_timeout", "reasoning", "reasoning_field",
               "host", "port", "max_body_bytes", "api_key_file", "header_timeout",
-              "body_timeout", "max_concurrent", "max_messages", "max_chars", "rate_limit_rpm",
+              "body_timeout", "send_timeout", "max_concurrent", "max_connections",
+              "max_messages", "max_chars", "max_event_bytes", "rate_limit_rpm",
               "rate_limit_streams", "grace", "log_format")}
     if getattr(args, "allow_no_auth", False):
         flags["allow_no_auth"] = True
-    if getattr(args, "no_pump", False):
-        flags["pump"] = False
     if getattr(args, "cors_origin", None):
         flags["cors_origins"] = list(args.cors_origin)
     if getattr(args, "upstream", None):
@@ -5465,8 +4313,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--grace", type=float,
                    help="on SIGTERM, seconds to let streams finish (default 30)")
     p.add_argument("--log-format", choices=("text", "json"), help="access log format")
-    p.add_argument("--no-pump", action="store_true",
-                   help="stream each answer from its own thread instead of one pump thread")
+    p.add_argument("--max-connections", type=int,
+                   help="client connections open at once; beyond it 503 (default 1024)")
+    p.add_argument("--send-timeout", type=float,
+                   help="seconds a client may take nothing of an answer before it is cut "
+                        "off (default 60)")
+    p.add_argument("--max-event-bytes", type=int,
+                   help="the largest upstream event taken (default 8 MiB); beyond it 502")
     p.add_argument("--reasoning", choices=REASONING_MODES,
                    help="where the thought goes: its own field (separate, default), "
                         "inline in <think> tags, or none")
@@ -5495,30 +4348,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return [int(x) for x in text.split(",") if x.strip()]
         except ValueError:
             raise argparse.ArgumentTypeError("expected numbers separated by commas: %r" % text)
-    p.add_argument("--upstream", action="append", metavar="URL",
+    p.add_argument("--upstream", metavar="URL",
                    help="a real Gradio app (default: a demo upstream in its own process)")
-    p.add_argument("--target", metavar="URL", help="an already running gateway to load")
-    p.add_argument("--model", help="the model name to ask for (default %s)" % DEFAULT_MODEL)
-    p.add_argument("--protocol", choices=PROTOCOLS, default="auto")
     p.add_argument("--concurrency", type=int_list, default=[1, 16, 64, 256],
-                   help="comma list (default 1,16,64,256)")
+                   help="streams at once, a comma list (default 1,16,64,256)")
     p.add_argument("--requests", type=int, help="requests per run (default: the concurrency)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each path, alternating which goes first; medians shown")
-    p.add_argument("--mode", choices=("stream", "json", "both"), default="stream")
     p.add_argument("--token-delay", type=float, default=0.02,
                    help="the demo upstream's pause per token (default 0.02)")
     p.add_argument("--words", type=int, default=100, help="answer length in words (default 100)")
-    p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--cpu-words", type=int_list, metavar="LIST",
-                   help="also measure CPU and upstream bytes per answer of these lengths")
-    p.add_argument("--startup", action="store_true", help="also measure import and serve-ready time")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("demo", help="run only the demo upstream (a stand-in Gradio app)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
-    p.add_argument("--token-delay", type=float, default=0.02)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
+    p.add_argument("--token-delay", type=float, default=0.02,
+                   help="seconds per token (default 0.02)")
     p.set_defaults(func=_cmd_demo)
 
     args = parser.parse_args(argv)

@@ -25,7 +25,6 @@ import unittest
 import bharatgen_openai as bg
 
 HERE = pathlib.Path(__file__).resolve().parent
-FIXTURES = HERE.parent / "shared" / "fixtures"
 TIMEOUT = 20
 
 HELLO = "Hello! How are you doing today?"
@@ -37,16 +36,18 @@ def thought_of(prompt):
 
 
 def fixture(name):
-    path = FIXTURES / name
-    if not path.exists():
-        raise unittest.SkipTest("shared fixtures not found at %s" % FIXTURES)
-    return path.read_bytes()
+    return CAPTURES[name]
+
+
+def events_of(read):
+    """The events of an SSE stream, unbatched."""
+    return [event for batch in bg._iter_sse(read) for event in batch]
 
 
 def snapshots(capture):
     """The reply HTML of every generating/complete event of a /call capture."""
     out = []
-    for event, data in bg._iter_sse(io.BytesIO(capture).readline):
+    for event, data in events_of(io.BytesIO(capture).readline):
         if event in ("generating", "complete"):
             out.append((bg._reply_from_output(json.loads(data)), event == "complete"))
     return out
@@ -79,6 +80,648 @@ def needs(module):
                 return cls
             return fail
         return unittest.skip("%s is not installed" % module)
+
+
+# -- captures --------------------------------------------------------------------------------
+# Byte-exact captures from real Gradio 6.31 servers running an app shaped like Param's
+# (chat_fn_1 streaming a thought block, the answer, a debug block and a latency line; see
+# shared/docs/gradio-protocol.md), written one SSE line per source line ('' is the blank line
+# that ends an event).  call_*: the stream of GET <prefix>/call/chat_fn_1/<event_id>.  Each of
+# its events repeats the whole chat, so only some are kept, unchanged and in their order: the
+# first two; every one whose reply ends in U+FFFD (half a character) and the one after it; the
+# three around the thought block closing; the last two "generating", the "complete" and any
+# other event; and of the rest one in k, evenly, k the smallest that keeps a capture within
+# 8 KB (call_hindi_please.sse is over that with its U+FFFD events alone, and keeps none of the
+# rest).  queue_*: the stream of GET <prefix>/queue/data, whole, since its diffs only add up
+# in full.  The comment before an event gives its number in the original capture.
+
+
+def _capture(*lines):
+    """The bytes of a capture given as its lines, each without its "\\n"."""
+    return "".join(line + "\n" for line in lines).encode("utf-8")
+
+
+CAPTURES = {
+    "call_Say_hello.sse": _capture(  # events 1-2, 4, 6, 8, 10, 12, 14, 16-19, 21, 23, 25-28 of 28
+        # 1/28: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 2/28: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 4/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 6/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 8/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 10/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 12/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 14/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 16/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 17/28: thought still open
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 18/28: thought closed
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHell", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 19/28: after the close
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHello! ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 21/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHello! How are ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 23/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHello! How are you doin", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 25/28: 1 in 2 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHello! How are you doing toda", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 26/28: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHello! How are you doing today?", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 27/28: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHello! How are you doing today?\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: Say hello. Let me think step by step.&lt;/think&gt;Hello! How are you doing today?</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.04s | Processing time: 0.04s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 28/28: complete
+        'event: complete',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Say hello", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: Say hello. Let me think step by step.\n\n</details>\n\nHello! How are you doing today?\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: Say hello. Let me think step by step.&lt;/think&gt;Hello! How are you doing today?</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.04s | Processing time: 0.04s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+    ),
+    "call_show_formatting.sse": _capture(  # events 1-2, 13, 19-21, 37, 58, 79, 100, 119-121 of 121
+        # 1/121: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 2/121: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 13/121: 1 in 21 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me thin\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 19/121: thought still open
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 20/121: thought closed
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 21/121: after the close
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 37/121: 1 in 21 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 58/121: 1 in 21 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n<div class=\"box\">a < b && c > d</div>\n```", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 79/121: 1 in 21 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n```python\ndef f(x):\n    if x:\n        retu", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 100/121: 1 in 21 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 < 5 and 7 ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 119/121: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  two  spaces.\nTrailing line", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 120/121: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  two  spaces.\nTrailing line\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: show formatting. Let me think step by step.&lt;/think&gt;Here is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n&lt;div class=&quot;box&quot;&gt;a &lt; b &amp;&amp; c &gt; d&lt;/div&gt;\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 &lt; 5 and 7 &gt; 2; AT&amp;T; &#x27;quotes&#x27; &quot;double&quot;  two  spaces.\nTrailing line</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.27s | Processing time: 0.27s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 121/121: complete
+        'event: complete',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "show formatting", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  two  spaces.\nTrailing line\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: show formatting. Let me think step by step.&lt;/think&gt;Here is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n&lt;div class=&quot;box&quot;&gt;a &lt; b &amp;&amp; c &gt; d&lt;/div&gt;\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 &lt; 5 and 7 &gt; 2; AT&amp;T; &#x27;quotes&#x27; &quot;double&quot;  two  spaces.\nTrailing line</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.27s | Processing time: 0.27s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+    ),
+    "call_hindi_please.sse": _capture(  # events 1-2, 18-24, 26-43 of 43
+        # 1/43: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 2/43: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 18/43: thought still open
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 19/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 20/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 21/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947!\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 22/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 23/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 24/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 26/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 27/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 28/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 29/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 30/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 31/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 32/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 33/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 34/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 35/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 36/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 37/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 38/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964\ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 39/43: after U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964 ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 40/43: ends in U+FFFD
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964 \ufffd", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 41/43: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964 \ud83d\ude4f", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 42/43: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964 \ud83d\ude4f\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: hindi please. Let me think step by step.&lt;/think&gt;\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964 \ud83d\ude4f</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.09s | Processing time: 0.09s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 43/43: complete
+        'event: complete',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "hindi please", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\n\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964 \ud83d\ude4f\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: hindi please. Let me think step by step.&lt;/think&gt;\u0928\u092e\u0938\u094d\u0924\u0947! \u092d\u093e\u0930\u0924 \u0915\u0940 \u0930\u093e\u091c\u0927\u093e\u0928\u0940 \u0928\u0908 \u0926\u093f\u0932\u094d\u0932\u0940 \u0939\u0948\u0964 \ud83d\ude4f</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.09s | Processing time: 0.09s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+    ),
+    "call_crash.sse": _capture(  # whole: 1 event(s)
+        'event: error',
+        'data: {"error": "internal failure in model worker", "visible": true}',
+        '',
+    ),
+    "call_history_messages_gradio6.sse": _capture(  # events 1-2, 21-23, 33, 88-90 of 90
+        # 1/90: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe \n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 2/90: first
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 21/90: thought still open
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought' open><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: tell me the history. Let me think step by step.\n\n</details>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 22/90: thought closed
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: tell me the history. Let me think step by step.\n\n</details>\n\nSYST", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 23/90: after the close
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: tell me the history. Let me think step by step.\n\n</details>\n\nSYSTEM=B", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 33/90: 1 in 55 of the rest
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: tell me the history. Let me think step by step.\n\n</details>\n\nSYSTEM=Be terse. | HISTORY=[{\"content\": ", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 88/90: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: tell me the history. Let me think step by step.\n\n</details>\n\nSYSTEM=Be terse. | HISTORY=[{\"content\": [{\"text\": \"Hi\", \"type\": \"text\"}], \"metadata\": null, \"options\": null, \"role\": \"user\"}, {\"content\": [{\"text\": \"Hello!\", \"type\": \"text\"}], \"metadata\": null, \"options\": null, \"role\": \"assistant\"}]", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 89/90: last generating
+        'event: generating',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: tell me the history. Let me think step by step.\n\n</details>\n\nSYSTEM=Be terse. | HISTORY=[{\"content\": [{\"text\": \"Hi\", \"type\": \"text\"}], \"metadata\": null, \"options\": null, \"role\": \"user\"}, {\"content\": [{\"text\": \"Hello!\", \"type\": \"text\"}], \"metadata\": null, \"options\": null, \"role\": \"assistant\"}]\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: tell me the history. Let me think step by step.&lt;/think&gt;SYSTEM=Be terse. | HISTORY=[{&quot;content&quot;: [{&quot;text&quot;: &quot;Hi&quot;, &quot;type&quot;: &quot;text&quot;}], &quot;metadata&quot;: null, &quot;options&quot;: null, &quot;role&quot;: &quot;user&quot;}, {&quot;content&quot;: [{&quot;text&quot;: &quot;Hello!&quot;, &quot;type&quot;: &quot;text&quot;}], &quot;metadata&quot;: null, &quot;options&quot;: null, &quot;role&quot;: &quot;assistant&quot;}]</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.10s | Processing time: 0.10s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+        # 90/90: complete
+        'event: complete',
+        r'''data: [[{"role": "user", "metadata": null, "content": [{"text": "Hi", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "Hello!", "type": "text"}], "options": null}, {"role": "user", "metadata": null, "content": [{"text": "tell me the history", "type": "text"}], "options": null}, {"role": "assistant", "metadata": null, "content": [{"text": "<details class='thought'><summary>\ud83e\udde0 Thinking...</summary>\n\nThe user said: tell me the history. Let me think step by step.\n\n</details>\n\nSYSTEM=Be terse. | HISTORY=[{\"content\": [{\"text\": \"Hi\", \"type\": \"text\"}], \"metadata\": null, \"options\": null, \"role\": \"user\"}, {\"content\": [{\"text\": \"Hello!\", \"type\": \"text\"}], \"metadata\": null, \"options\": null, \"role\": \"assistant\"}]\n\n<details style='opacity:0.6; font-size:0.85em'><summary>\ud83d\udd0d Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: tell me the history. Let me think step by step.&lt;/think&gt;SYSTEM=Be terse. | HISTORY=[{&quot;content&quot;: [{&quot;text&quot;: &quot;Hi&quot;, &quot;type&quot;: &quot;text&quot;}], &quot;metadata&quot;: null, &quot;options&quot;: null, &quot;role&quot;: &quot;user&quot;}, {&quot;content&quot;: [{&quot;text&quot;: &quot;Hello!&quot;, &quot;type&quot;: &quot;text&quot;}], &quot;metadata&quot;: null, &quot;options&quot;: null, &quot;role&quot;: &quot;assistant&quot;}]</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>\u23f1\ufe0f Latency: 0.10s | Processing time: 0.10s</div>", "type": "text"}], "options": null}], ""]''',
+        '',
+    ),
+    "queue_hindi_please.sse": _capture(  # whole: 45 events
+        'data: {"msg":"estimation","event_id":"99d29560fdd3409a81ead51e353fdd9d","rank":0,"queue_size":1,"rank_eta":0.5411751800113254}',
+        '',
+        'data: {"msg":"process_starts","event_id":"99d29560fdd3409a81ead51e353fdd9d","eta":0.5411751800113254}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[{"role":"user","metadata":null,"content":[{"text":"hindi please","type":"text"}],"options":null},{"role":"assistant","metadata":null,"content":[{"text":"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe \n\n</details>","type":"text"}],"options":null}],""],"is_generating":true,"duration":0.0004925727844238281,"average_duration":0.0005596232664532634,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user\n\n</details>"]],[]],"is_generating":true,"duration":0.0005304813385009766,"average_duration":0.0005596216217821222,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user \n\n</details>"]],[]],"is_generating":true,"duration":0.0002880096435546875,"average_duration":0.0005596062937923802,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said\n\n</details>"]],[]],"is_generating":true,"duration":0.00038909912109375,"average_duration":0.0005595966720344264,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: \n\n</details>"]],[]],"is_generating":true,"duration":0.0002999305725097656,"average_duration":0.0005595820198450841,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hind\n\n</details>"]],[]],"is_generating":true,"duration":0.0002827644348144531,"average_duration":0.0005595664007295263,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi \n\n</details>"]],[]],"is_generating":true,"duration":0.00029087066650390625,"average_duration":0.0005595512407354942,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi plea\n\n</details>"]],[]],"is_generating":true,"duration":0.0002532005310058594,"average_duration":0.0005595339571975687,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. \n\n</details>"]],[]],"is_generating":true,"duration":0.0002593994140625,"average_duration":0.0005595170253154105,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let \n\n</details>"]],[]],"is_generating":true,"duration":0.0002665519714355469,"average_duration":0.0005595004988273482,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me \n\n</details>"]],[]],"is_generating":true,"duration":0.00025582313537597656,"average_duration":0.0005594833690121716,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me thin\n\n</details>"]],[]],"is_generating":true,"duration":0.00027489662170410156,"average_duration":0.0005594673169648306,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think \n\n</details>"]],[]],"is_generating":true,"duration":0.0002613067626953125,"average_duration":0.0005594505002387016,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step\n\n</details>"]],[]],"is_generating":true,"duration":0.0002658367156982422,"average_duration":0.0005594339408915389,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step \n\n</details>"]],[]],"is_generating":true,"duration":0.00026416778564453125,"average_duration":0.0005594172892924385,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by \n\n</details>"]],[]],"is_generating":true,"duration":0.0002834796905517578,"average_duration":0.0005594017286090381,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step\n\n</details>"]],[]],"is_generating":true,"duration":0.0002536773681640625,"average_duration":0.0005593844891616238,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>"]],[]],"is_generating":true,"duration":0.0003712177276611328,"average_duration":0.0005593738792511924,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस''' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0002887248992919922,"average_duration":0.000559358619385385,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्"]],[]],"is_generating":true,"duration":0.0002548694610595703,"average_duration":0.0005593414524936713,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"ते!' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0002903938293457031,"average_duration":0.0005593262902643813,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! "]],[]],"is_generating":true,"duration":0.0002944469451904297,"average_duration":0.0005593113582307224,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"भार' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0002655982971191406,"average_duration":0.0005592948016883825,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत"]],[]],"is_generating":true,"duration":0.0002601146697998047,"average_duration":0.0005592779379190409,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0003018379211425781,"average_duration":0.0005592634277163142,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"की' '\ufffd' '"]],[]],"is_generating":true,"duration":0.00025844573974609375,"average_duration":0.0005592464735547874,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की "]],[]],"is_generating":true,"duration":0.000263214111328125,"average_duration":0.0005592297900357259,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"राज' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0003135204315185547,"average_duration":0.0005592159433544908,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजध"]],[]],"is_generating":true,"duration":0.000324249267578125,"average_duration":0.0005592027028115078,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"ानी' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0002727508544921875,"average_duration":0.0005591865619511754,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजधानी "]],[]],"is_generating":true,"duration":0.00026535987854003906,"average_duration":0.0005591700064698022,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"नई' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0002701282501220703,"average_duration":0.0005591537215097285,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजधानी नई "]],[]],"is_generating":true,"duration":0.00028967857360839844,"average_duration":0.0005591385398112552,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"दिल' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0002720355987548828,"average_duration":0.0005591223659088803,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजधानी नई दिल्"]],[]],"is_generating":true,"duration":0.0002884864807128906,"average_duration":0.0005591071205345453,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"ली' '\ufffd' '"]],[]],"is_generating":true,"duration":0.00026702880859375,"average_duration":0.000559090668199056,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजधानी नई दिल्ली "]],[]],"is_generating":true,"duration":0.0002510547637939453,"average_duration":0.0005590733179735066,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"है।' '\ufffd' '"]],[]],"is_generating":true,"duration":0.00026798248291015625,"average_duration":0.000559056923108113,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजधानी नई दिल्ली है। "]],[]],"is_generating":true,"duration":0.0002532005310058594,"average_duration":0.0005590396975847911,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"' '\ufffd' '"]],[]],"is_generating":true,"duration":0.0002701282501220703,"average_duration":0.000559023427299976,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजधानी नई दिल्ली है। 🙏"]],[]],"is_generating":true,"duration":0.0002827644348144531,"average_duration":0.0005590078704246249,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[["append",[1,"content",0,"text"],"\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍 Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: hindi please. Let me think step by step.&lt;/think&gt;नमस्ते! भारत की राजधानी नई दिल्ली है। 🙏</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>⏱''' '\ufe0f' ' Latency: 0.03s | Processing time: 0.03s</div>"]],[]],"is_generating":true,"duration":0.0002086162567138672,"average_duration":0.000558988140056152,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_completed","event_id":"99d29560fdd3409a81ead51e353fdd9d","output":{"data":[[{"role":"user","metadata":null,"content":[{"text":"hindi please","type":"text"}],"options":null},{"role":"assistant","metadata":null,"content":[{"text":"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: hindi please. Let me think step by step.\n\n</details>\n\nनमस्ते! भारत की राजधानी नई दिल्ली है। 🙏\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍 Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: hindi please. Let me think step by step.&lt;/think&gt;नमस्ते! भारत की राजधानी नई दिल्ली है। 🙏</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>⏱''' '\ufe0f' ' Latency: 0.03s | Processing time: 0.03s</div>","type":"text"}],"options":null}],""],"is_generating":false,"duration":0.00018739700317382812,"average_duration":0.0005589672171317779,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"title":null,"used_cache":null,"cache_duration":0.00018739700317382812,"avg_time":0.0005589672171317779}',
+    ),
+    "queue_show_formatting.sse": _capture(  # whole: 123 events
+        'data: {"msg":"estimation","event_id":"33b61572aee84126a8f1cf03a8b572a7","rank":0,"queue_size":1,"rank_eta":0.530124166737432}',
+        '',
+        'data: {"msg":"process_starts","event_id":"33b61572aee84126a8f1cf03a8b572a7","eta":0.530124166737432}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[{"role":"user","metadata":null,"content":[{"text":"show formatting","type":"text"}],"options":null},{"role":"assistant","metadata":null,"content":[{"text":"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe \n\n</details>","type":"text"}],"options":null}],""],"is_generating":true,"duration":0.00034689903259277344,"average_duration":0.0005589552770279246,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user\n\n</details>"]],[]],"is_generating":true,"duration":0.0002982616424560547,"average_duration":0.0005589405999851044,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user \n\n</details>"]],[]],"is_generating":true,"duration":0.00028252601623535156,"average_duration":0.0005589250387294748,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said\n\n</details>"]],[]],"is_generating":true,"duration":0.00027298927307128906,"average_duration":0.0005589089423679763,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: \n\n</details>"]],[]],"is_generating":true,"duration":0.0002491474151611328,"average_duration":0.0005588915057495014,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show\n\n</details>"]],[]],"is_generating":true,"duration":0.00026345252990722656,"average_duration":0.0005588748762900934,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show \n\n</details>"]],[]],"is_generating":true,"duration":0.00026035308837890625,"average_duration":0.0005588580742532886,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show form\n\n</details>"]],[]],"is_generating":true,"duration":0.0002684593200683594,"average_duration":0.0005588417303342102,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatti\n\n</details>"]],[]],"is_generating":true,"duration":0.00025963783264160156,"average_duration":0.0005588248918009392,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. \n\n</details>"]],[]],"is_generating":true,"duration":0.00030159950256347656,"average_duration":0.0005588104165398679,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let \n\n</details>"]],[]],"is_generating":true,"duration":0.0002624988555908203,"average_duration":0.0005587937426576469,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me \n\n</details>"]],[]],"is_generating":true,"duration":0.0002579689025878906,"average_duration":0.000558776815759151,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me thin\n\n</details>"]],[]],"is_generating":true,"duration":0.00025653839111328125,"average_duration":0.0005587598102775415,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think \n\n</details>"]],[]],"is_generating":true,"duration":0.00026679039001464844,"average_duration":0.000558743383506963,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think step\n\n</details>"]],[]],"is_generating":true,"duration":0.00027823448181152344,"average_duration":0.000558727602415447,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think step \n\n</details>"]],[]],"is_generating":true,"duration":0.0002562999725341797,"average_duration":0.0005587105891599406,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by \n\n</details>"]],[]],"is_generating":true,"duration":0.0002696514129638672,"average_duration":0.0005586943288698919,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step\n\n</details>"]],[]],"is_generating":true,"duration":0.0002961158752441406,"average_duration":0.0005586795590164986,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought' open><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>"]],[]],"is_generating":true,"duration":0.00025463104248046875,"average_duration":0.0005586624574631752,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["replace",[1,"content",0,"text"],"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere"]],[]],"is_generating":true,"duration":0.00030517578125,"average_duration":0.0005586482006197437,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.000270843505859375,"average_duration":0.0005586320145393905,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"is "]],[]],"is_generating":true,"duration":0.0003800392150878906,"average_duration":0.000558621971079743,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"a "]],[]],"is_generating":true,"duration":0.0006129741668701172,"average_duration":0.0005586250274929349,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"list"]],[]],"is_generating":true,"duration":0.0004723072052001953,"average_duration":0.0005586201738142185,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],":"]],[]],"is_generating":true,"duration":0.00044918060302734375,"average_duration":0.0005586140203382113,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[],[]],"is_generating":true,"duration":0.0004317760467529297,"average_duration":0.0005586068890004409,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n\n1. "]],[]],"is_generating":true,"duration":0.00045871734619140625,"average_duration":0.0005586012731268922,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"Red"]],[]],"is_generating":true,"duration":0.0004718303680419922,"average_duration":0.0005585963950683648,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n2. "]],[]],"is_generating":true,"duration":0.00041294097900390625,"average_duration":0.0005585882071198538,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"Blue"]],[]],"is_generating":true,"duration":0.0004012584686279297,"average_duration":0.0005585793634021195,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[],[]],"is_generating":true,"duration":0.00040078163146972656,"average_duration":0.0005585704938764081,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n3. "]],[]],"is_generating":true,"duration":0.00044155120849609375,"average_duration":0.0005585639168032639,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"Gree"]],[]],"is_generating":true,"duration":0.00039839744567871094,"average_duration":0.0005585549151469314,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"n"]],[]],"is_generating":true,"duration":0.00039315223693847656,"average_duration":0.0005585456197283517,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[],[]],"is_generating":true,"duration":0.0005633831024169922,"average_duration":0.000558545891573403,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n\nAnd "]],[]],"is_generating":true,"duration":0.0003943443298339844,"average_duration":0.0005585366646931074,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"some"]],[]],"is_generating":true,"duration":0.0003750324249267578,"average_duration":0.0005585263537283512,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0004258155822753906,"average_duration":0.0005585188972292248,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"code"]],[]],"is_generating":true,"duration":0.0005867481231689453,"average_duration":0.0005585204832298955,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],":"]],[]],"is_generating":true,"duration":0.0004961490631103516,"average_duration":0.0005585169792175293,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[],[]],"is_generating":true,"duration":0.00041937828063964844,"average_duration":0.0005585091628758307,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n\n```h"]],[]],"is_generating":true,"duration":0.0004563331604003906,"average_duration":0.0005585034232958691,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"tml"]],[]],"is_generating":true,"duration":0.0003879070281982422,"average_duration":0.0005584938408437488,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n<div"]],[]],"is_generating":true,"duration":0.0003745555877685547,"average_duration":0.0005584835095556632,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0003960132598876953,"average_duration":0.0005584743845767434,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"clas"]],[]],"is_generating":true,"duration":0.0004367828369140625,"average_duration":0.0005584675502766388,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"s=\"b"]],[]],"is_generating":true,"duration":0.0004582405090332031,"average_duration":0.0005584619217574473,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"ox\">"]],[]],"is_generating":true,"duration":0.0004239082336425781,"average_duration":0.0005584543659573509,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"a "]],[]],"is_generating":true,"duration":0.0005276203155517578,"average_duration":0.0005584526345827423,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"< "]],[]],"is_generating":true,"duration":0.00043463706970214844,"average_duration":0.000558445682557763,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"b "]],[]],"is_generating":true,"duration":0.000606536865234375,"average_duration":0.0005584483826410081,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"&& "]],[]],"is_generating":true,"duration":0.0005307197570800781,"average_duration":0.0005584468259025418,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"c "]],[]],"is_generating":true,"duration":0.0004343986511230469,"average_duration":0.0005584398619899622,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"> "]],[]],"is_generating":true,"duration":0.0003979206085205078,"average_duration":0.0005584308511415582,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"d</d"]],[]],"is_generating":true,"duration":0.0003705024719238281,"average_duration":0.0005584203022569544,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"iv>"]],[]],"is_generating":true,"duration":0.00040435791015625,"average_duration":0.0005584116548393466,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n```"]],[]],"is_generating":true,"duration":0.00042557716369628906,"average_duration":0.0005584041993478978,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[],[]],"is_generating":true,"duration":0.00041747093200683594,"average_duration":0.0005583962897470816,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n\n```p"]],[]],"is_generating":true,"duration":0.0004024505615234375,"average_duration":0.0005583875380927675,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"ytho"]],[]],"is_generating":true,"duration":0.00038433074951171875,"average_duration":0.0005583777705962141,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"n"]],[]],"is_generating":true,"duration":0.00039649009704589844,"average_duration":0.0005583686865002852,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\ndef "]],[]],"is_generating":true,"duration":0.0004563331604003906,"average_duration":0.0005583629612435182,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"f(x)"]],[]],"is_generating":true,"duration":0.0004477500915527344,"average_duration":0.0005583567550565861,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],":"]],[]],"is_generating":true,"duration":0.00045108795166015625,"average_duration":0.0005583507368337744,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n "]],[]],"is_generating":true,"duration":0.0003910064697265625,"average_duration":0.0005583413486560966,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0004055500030517578,"average_duration":0.0005583327773924589,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0007882118225097656,"average_duration":0.0005583456723857342,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0004334449768066406,"average_duration":0.0005583386665131977,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"if "]],[]],"is_generating":true,"duration":0.0004069805145263672,"average_duration":0.0005583301770773357,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"x:"]],[]],"is_generating":true,"duration":0.00038242340087890625,"average_duration":0.0005583203113018898,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n "]],[]],"is_generating":true,"duration":0.00040721893310546875,"average_duration":0.0005583118372186529,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00033545494079589844,"average_duration":0.0005582993396358567,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00032830238342285156,"average_duration":0.0005582864423692043,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0003464221954345703,"average_duration":0.0005582745625751629,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0003380775451660156,"average_duration":0.0005582622162327233,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00032901763916015625,"average_duration":0.0005582493633185569,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0004780292510986328,"average_duration":0.0005582448659192061,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00032329559326171875,"average_duration":0.0005582316946403263,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"retu"]],[]],"is_generating":true,"duration":0.00034308433532714844,"average_duration":0.000558219634134731,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"rn "]],[]],"is_generating":true,"duration":0.00034928321838378906,"average_duration":0.0005582079224522339,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"x "]],[]],"is_generating":true,"duration":0.0003185272216796875,"average_duration":0.000558194488188416,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"* "]],[]],"is_generating":true,"duration":0.0003314018249511719,"average_duration":0.0005581817770202042,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"2"]],[]],"is_generating":true,"duration":0.00034618377685546875,"average_duration":0.0005581698957222069,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n "]],[]],"is_generating":true,"duration":0.0004436969757080078,"average_duration":0.0005581634805170952,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00042557716369628906,"average_duration":0.0005581560506310307,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0004055500030517578,"average_duration":0.0005581474993563709,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00038623809814453125,"average_duration":0.0005581378669587011,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"retu"]],[]],"is_generating":true,"duration":0.00040221214294433594,"average_duration":0.0005581291306451637,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"rn "]],[]],"is_generating":true,"duration":0.00040531158447265625,"average_duration":0.000558120568958449,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"None"]],[]],"is_generating":true,"duration":0.0004754066467285156,"average_duration":0.0005581159351252708,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[],[]],"is_generating":true,"duration":0.0004482269287109375,"average_duration":0.0005581097792232814,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n```"]],[]],"is_generating":true,"duration":0.0004355907440185547,"average_duration":0.0005581029161807536,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[],[]],"is_generating":true,"duration":0.0004360675811767578,"average_duration":0.0005580960806161423,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n\nMath"]],[]],"is_generating":true,"duration":0.0005156993865966797,"average_duration":0.000558093705983342,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],": "]],[]],"is_generating":true,"duration":0.000423431396484375,"average_duration":0.0005580861639889707,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"3 "]],[]],"is_generating":true,"duration":0.0004096031188964844,"average_duration":0.0005580778484062482,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"< "]],[]],"is_generating":true,"duration":0.00040912628173828125,"average_duration":0.0005580695070517839,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"5 "]],[]],"is_generating":true,"duration":0.00046634674072265625,"average_duration":0.0005580643708234085,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"and "]],[]],"is_generating":true,"duration":0.0004134178161621094,"average_duration":0.0005580562714586814,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"7 "]],[]],"is_generating":true,"duration":0.0004153251647949219,"average_duration":0.0005580482797953744,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"> "]],[]],"is_generating":true,"duration":0.0004296302795410156,"average_duration":0.0005580410899403687,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"2; "]],[]],"is_generating":true,"duration":0.0004189014434814453,"average_duration":0.0005580333002389658,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"AT&T"]],[]],"is_generating":true,"duration":0.00041961669921875,"average_duration":0.0005580255514509112,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"; "]],[]],"is_generating":true,"duration":0.0004215240478515625,"average_duration":0.0005580179103009112,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"'quo"]],[]],"is_generating":true,"duration":0.0003490447998046875,"average_duration":0.0005580062129535563,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"tes'"]],[]],"is_generating":true,"duration":0.0004367828369140625,"average_duration":0.0005579994278099293,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}''',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0004203319549560547,"average_duration":0.0005579917226846787,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\"dou"]],[]],"is_generating":true,"duration":0.0004277229309082031,"average_duration":0.0005579844320650359,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"ble\""]],[]],"is_generating":true,"duration":0.00042438507080078125,"average_duration":0.0005579769554652673,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00034356117248535156,"average_duration":0.0005579649568204448,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0003514289855957031,"average_duration":0.0005579533997743239,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"two "]],[]],"is_generating":true,"duration":0.0003380775451660156,"average_duration":0.0005579410969624054,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.0003135204315185547,"average_duration":0.0005579274215489077,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"spac"]],[]],"is_generating":true,"duration":0.00035834312438964844,"average_duration":0.0005579162553691405,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"es."]],[]],"is_generating":true,"duration":0.0003447532653808594,"average_duration":0.0005579043301669034,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\nTrai"]],[]],"is_generating":true,"duration":0.00042748451232910156,"average_duration":0.000557897034361475,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"ling"]],[]],"is_generating":true,"duration":0.0004131793975830078,"average_duration":0.000557888939175662,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"]," "]],[]],"is_generating":true,"duration":0.00036835670471191406,"average_duration":0.0005578783377529938,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"line"]],[]],"is_generating":true,"duration":0.0003559589385986328,"average_duration":0.0005578670440900845,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_generating","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[["append",[1,"content",0,"text"],"\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍 Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: show formatting. Let me think step by step.&lt;/think&gt;Here is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n&lt;div class=&quot;box&quot;&gt;a &lt; b &amp;&amp; c &gt; d&lt;/div&gt;\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 &lt; 5 and 7 &gt; 2; AT&amp;T; &#x27;quotes&#x27; &quot;double&quot;  two  spaces.\nTrailing line</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>⏱''' '\ufe0f' ' Latency: 0.12s | Processing time: 0.12s</div>"]],[]],"is_generating":true,"duration":0.00040793418884277344,"average_duration":0.000557858658583639,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        r'''data: {"msg":"process_completed","event_id":"33b61572aee84126a8f1cf03a8b572a7","output":{"data":[[{"role":"user","metadata":null,"content":[{"text":"show formatting","type":"text"}],"options":null},{"role":"assistant","metadata":null,"content":[{"text":"<details class='thought'><summary>🧠 Thinking...</summary>\n\nThe user said: show formatting. Let me think step by step.\n\n</details>\n\nHere is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  two  spaces.\nTrailing line\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍 Debug: Raw Response</summary>\n\n<pre>&lt;think&gt;The user said: show formatting. Let me think step by step.&lt;/think&gt;Here is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n```html\n&lt;div class=&quot;box&quot;&gt;a &lt; b &amp;&amp; c &gt; d&lt;/div&gt;\n```\n\n```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\nMath: 3 &lt; 5 and 7 &gt; 2; AT&amp;T; &#x27;quotes&#x27; &quot;double&quot;  two  spaces.\nTrailing line</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; margin-top:8px; padding-top:4px'>⏱''' '\ufe0f' ' Latency: 0.12s | Processing time: 0.12s</div>","type":"text"}],"options":null}],""],"is_generating":false,"duration":0.0003790855407714844,"average_duration":0.0005578486606462857,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"title":null,"used_cache":null,"cache_duration":0.0003790855407714844,"avg_time":0.0005578486606462857}',
+    ),
+}
 
 
 TOKEN_SAMPLES = {
@@ -174,7 +817,7 @@ class ContractTests(unittest.TestCase):
 
 class SSETests(unittest.TestCase):
     def events(self, raw):
-        return list(bg._iter_sse(io.BytesIO(raw).readline))
+        return events_of(io.BytesIO(raw).readline)
 
     def test_events_multiline_data_comments_and_crlf(self):
         raw = (b"event: generating\r\ndata: [1,\r\ndata: 2]\r\n\r\n: a comment\n\n"
@@ -190,13 +833,43 @@ class SSETests(unittest.TestCase):
         for _ in range(20):
             cuts = sorted(rng.sample(range(1, len(raw)), 40))
             blocks = iter([raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])])
-            self.assertEqual(list(bg._iter_sse(lambda: next(blocks, b""))), expected)
+            self.assertEqual(events_of(lambda: next(blocks, b"")), expected)
 
     def test_batches_hold_every_event_complete_in_what_arrived(self):
         blocks = iter([b"data: 1\n\ndata: 2\n\nda", b"ta: 3\n", b"\n", b"data: 4\n\ndata: 5\n\n",
                        b": just a comment\n\n", b"data: 6"])
-        self.assertEqual([[d for _, d in batch] for batch in bg._iter_sse_batches(lambda: next(blocks, b""))],
+        self.assertEqual([[d for _, d in batch] for batch in bg._iter_sse(lambda: next(blocks, b""))],
                          [["1", "2"], ["3"], ["4", "5"], ["6"]])
+
+    def test_a_line_or_an_event_over_the_limit_ends_the_stream(self):
+        def feed(*blocks):
+            it = iter(blocks)
+            return lambda: next(it, b"")
+        self.assertEqual([d for b in bg._iter_sse(feed(b"data: " + b"x" * 94 + b"\n\n"), 100)
+                          for _, d in b], ["x" * 94])
+        for blocks in ([b"data: " + b"x" * 60, b"x" * 60],                  # one line, no end
+                       [b"data: " + b"x" * 60 + b"\n", b"data: " + b"y" * 60 + b"\n"],   # one event
+                       [b"x" * 101]):
+            with self.assertRaisesRegex(bg.UpstreamError, "an event of over 100 bytes"):
+                list(bg._iter_sse(feed(*blocks), 100))
+        with self.assertRaisesRegex(bg.UpstreamError, "not UTF-8"):
+            list(bg._iter_sse(feed(b"data: \xff\n\n")))
+
+    def test_reading_is_linear_in_the_bytes(self):
+        # a 4 MB event in 4 KB blocks: each block is searched once (it took minutes when
+        # the buffer was searched from its start on every read)
+        calls = [0]
+        block = b"y" * 4096
+
+        def read():
+            calls[0] += 1
+            if calls[0] == 1:
+                return b"data: "
+            return block if calls[0] < 1026 else b"\n\n" if calls[0] == 1026 else b""
+        started = time.monotonic()
+        [[(_, data)]] = list(bg._iter_sse(read))
+        self.assertEqual(len(data), 4096 * 1024)
+        self.assertLess(time.monotonic() - started, 5)
 
     def test_fixture_streams_parse_into_events(self):
         events = self.events(fixture("call_Say_hello.sse"))
@@ -226,7 +899,7 @@ class CleanerTests(unittest.TestCase):
     def test_formatting_capture_keeps_code_tags_indentation_and_ampersands(self):
         answers = self.check_capture("call_show_formatting.sse", self.FORMATTING,
                                      thought_of("show formatting"))
-        self.assertGreater(sum(1 for a in answers if a), 20)     # it really streamed
+        self.assertGreater(sum(1 for a in answers if a), 5)      # it really streamed
 
     def test_hindi_capture_never_sends_a_half_written_character(self):
         self.check_capture("call_hindi_please.sse", HINDI, thought_of("hindi please"))
@@ -400,15 +1073,17 @@ class ConfigTests(unittest.TestCase):
                          ("flag-model", 5.0, ["a", "b"], ["http://x"], 8000))
         self.assertEqual(bg.Config.load({"BHARATGEN_UPSTREAM": "http://a, http://b"}).upstream,
                          ["http://a", "http://b"])
-        self.assertEqual(bg.Config.load({}).model, "param-1")
+        self.assertEqual(bg.Config.load({}).model, bg.DEFAULT_MODEL)
         c = bg.Config.load({"BHARATGEN_FIRST_EVENT_TIMEOUT": "2.5", "BHARATGEN_ALLOW_NO_AUTH": "yes",
                             "BHARATGEN_MAX_CONCURRENT": "9", "BHARATGEN_CORS_ORIGINS": "*"})
         self.assertEqual((c.first_event_timeout, c.allow_no_auth, c.max_concurrent, c.cors_origins),
                          (2.5, True, 9, ["*"]))
-        self.assertEqual((bg.Config.load({}).pump, bg.Config.load({"BHARATGEN_PUMP": "0"}).pump),
-                         (True, False))
         import argparse
-        self.assertFalse(bg._config_from_args(argparse.Namespace(no_pump=True)).pump)
+        self.assertEqual(bg._config_from_args(argparse.Namespace(
+            max_connections=7, send_timeout=2.5, max_event_bytes=99)).max_connections, 7)
+        c = bg.Config.load({"BHARATGEN_MAX_CONNECTIONS": "3", "BHARATGEN_SEND_TIMEOUT": "1.5",
+                            "BHARATGEN_MAX_EVENT_BYTES": "1024"})
+        self.assertEqual((c.max_connections, c.send_timeout, c.max_event_bytes), (3, 1.5, 1024))
 
     def test_bad_environment_values_are_reported(self):
         with self.assertRaisesRegex(ValueError, "BHARATGEN_TIMEOUT='soon' is not a valid"):
@@ -489,6 +1164,232 @@ def scripted_server(test, serve):
     return listener.getsockname()[1], thread
 
 
+# -- a Gradio emulator: the demo upstream, as Gradio 4, 5 or 6, with faults ---------------------
+
+VERSIONS = {4: "4.44.1", 5: "5.50.0", 6: "6.31.0"}
+SLIDERS = {"temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1), "top_k": (1, 100)}
+
+
+class FakeGradio(bg.DemoUpstream):
+    """The product's demo upstream made into the Gradio versions and app shapes the tests
+    need: ``version`` 4, 5 or 6 (API prefix, history format, error shapes),
+    ``chat_interface`` (a string reply, history kept in a State), ``queue`` (the queue
+    protocol or only ``/call``), ``replay`` (a prompt -> a captured event stream, sent
+    verbatim), and faults named in the prompt: ``[[error]]``, ``[[error-null]]``,
+    ``[[fail-midstream]]``, ``[[drop]]``, ``[[hang]]`` (no output), ``[[stall]]`` (silent
+    after some output), ``[[malformed]]``, ``[[busy]]`` (a full queue).  It counts what
+    it saw: ``calls``, ``cancels``, ``auth_seen``, ``accepted`` (connections) and
+    ``active_streams``."""
+
+    def __init__(self, host="127.0.0.1", port=0, *, token_delay=0.0, version=6,
+                 chat_interface=False, queue=True, replay=None):
+        self.major, self.version = version, VERSIONS[version]
+        self.chat_interface = chat_interface
+        self.prefix = "" if version == 4 else "/gradio_api"
+        self.endpoint = ("respond" if version == 6 else "chat") if chat_interface else "chat_fn_1"
+        self.replay = dict(replay or {})
+        self.auth_seen, self.accepted, self.active_streams = [], 0, 0
+        super().__init__(host, port, token_delay=token_delay, queue=queue)
+
+    def verify_request(self, request, client_address):
+        self.accepted += 1
+        return super().verify_request(request, client_address)
+
+    def _inputs(self):
+        if self.chat_interface:
+            return [(2, "textbox", "message", None), (3, "state", "", None),
+                    (4, "textbox", "system_prompt", "You are a friendly bot."),
+                    (5, "slider", "temperature", 0.7)]
+        return super()._inputs()
+
+    def info_json(self):
+        info = super().info_json()
+        if self.chat_interface:
+            del info["named_endpoints"]["/chat_fn"]
+        return info
+
+    def submit(self, body, queue, headers):
+        data = body["data"]
+        with self.lock:
+            self.auth_seen.append(headers.get("Authorization"))
+        if data and isinstance(data[0], str) and "[[busy]]" in data[0]:
+            return 503, {"detail": "Queue is full. Max size is 0 and size is 0."}
+        return super().submit(body, queue, headers)
+
+    def _check_sliders(self, values):
+        for name, (lo, hi) in SLIDERS.items():       # Gradio 5 and later refuse these
+            value = values.get(name)
+            if self.major < 5 or not isinstance(value, (int, float)):
+                continue
+            if value > hi:
+                return "Value %s is greater than maximum value %s." % (value, hi)
+            if value < lo:
+                return "Value %s is less than minimum value %s." % (value, lo)
+        return None
+
+    def _check_history(self, history):
+        if self.chat_interface or history is None:
+            return None
+        if not isinstance(history, list):
+            return "chat_history must be a list"
+        for item in history:
+            if self.major == 4:
+                ok = isinstance(item, list) and len(item) == 2
+            else:
+                content = item.get("content") if isinstance(item, dict) else None
+                ok = isinstance(content, list if self.major == 6 else str)
+            if not ok:
+                return ("1 validation error for ChatbotDataMessages: %r is not a valid %s "
+                        "message" % (item, {4: "pair", 5: "string-content", 6: "content-list"}
+                                     [self.major]))
+        return None
+
+    def _values(self, job):
+        layout = self._inputs()
+        if not (job.queue or self.major < 6):          # /call wants no State from 6.18 on
+            layout = [x for x in layout if x[1] != "state"]
+        return {name: value for (_, _, name, _), value in zip(layout, job.data) if name}
+
+    def _steps(self, job):
+        needed = len(self._inputs()) - (0 if job.queue or self.major < 6 else
+                                         sum(1 for x in self._inputs() if x[1] == "state"))
+        if len(job.data) < needed:
+            yield "error", ("An event handler (%s) didn't receive enough input values "
+                            "(needed: %d, got: %d)." % (self.endpoint, needed, len(job.data)))
+            return
+        values = self._values(job)
+        message = values["message"] if isinstance(values["message"], str) else ""
+        problem = self._check_history(values.get("chat_history") or []) or \
+            self._check_sliders(values)
+        if problem:
+            yield "error", problem
+            return
+        for fault, step in (("error", ("error", "Model is overloaded, try again")),
+                            ("error-null", ("error", None)), ("malformed", ("malformed", None)),
+                            ("hang", ("drop", None))):
+            if "[[%s]]" % fault in message:
+                if fault == "hang":
+                    job.cancelled.wait(30)
+                yield step
+                return
+        n_thought = len(list(bg._demo_tokens(thought_of(message[:200]))))
+        for i, step in enumerate(super()._steps(job)):
+            yield step
+            if i == n_thought + 3:
+                if "[[fail-midstream]]" in message:
+                    yield "error", "error after output began"
+                    return
+                if "[[drop]]" in message:
+                    yield "drop", None
+                    return
+                if "[[stall]]" in message:
+                    job.cancelled.wait(30)
+                    yield "drop", None
+                    return
+
+    def _chat(self, history, message):
+        if self.major == 4:
+            return [list(p) for p in history] + [[message, None]]
+        if self.major == 5:
+            return [{"role": h["role"], "metadata": None, "content": h["content"], "options": None}
+                    for h in history] + [{"role": "user", "metadata": None, "content": message,
+                                          "options": None}]
+        return super()._chat(history, message)
+
+    def _output(self, chat, text):
+        if self.chat_interface:
+            return [text, None]
+        if self.major == 4:
+            return [chat[:-1] + [[chat[-1][0], text]], ""]
+        if self.major == 5:
+            return [chat + [{"role": "assistant", "metadata": None, "content": text,
+                             "options": None}], ""]
+        return super()._output(chat, text)
+
+    def _reply_path(self, output):
+        if self.chat_interface:
+            return []
+        if self.major == 4:
+            return [len(output[0]) - 1, 1]
+        if self.major == 5:
+            return [len(output[0]) - 1, "content"]
+        return super()._reply_path(output)
+
+    def _replay(self, job):
+        """The captured stream for the job's prompt, if one was given, paced."""
+        message = job.data[0] if job.data and isinstance(job.data[0], str) else None
+        capture = self.replay.get(message)
+        return None if capture is None else self._paced(job, capture)
+
+    def _paced(self, job, capture):
+        for raw in capture.split(b"\n\n"):
+            if raw.strip():
+                self._pace(job)
+                yield raw + b"\n\n"
+
+    def _counted(self, events):
+        with self.lock:
+            self.active_streams += 1
+        try:
+            yield from events
+        finally:
+            with self.lock:
+                self.active_streams -= 1
+
+    def call_events(self, job):
+        return self._counted(self._replay(job) or self._call_events(job))
+
+    def _call_events(self, job):
+        for kind, value in self._steps(job):
+            if kind == "output":
+                yield b"event: generating\ndata: " + json.dumps(value).encode() + b"\n\n"
+            elif kind == "done":
+                yield b"event: complete\ndata: " + json.dumps(value).encode() + b"\n\n"
+            elif kind == "error":
+                payload = {"error": value, "visible": True} if self.major == 6 else None
+                yield b"event: error\ndata: " + json.dumps(payload).encode() + b"\n\n"
+            elif kind == "malformed":
+                yield b"event: generating\ndata: {not json\n\n"
+            else:
+                yield None
+
+    def queue_events(self, job):
+        return self._counted(self._replay(job) or self._queue_events(job))
+
+    def _queue_events(self, job):
+        def msg(kind, **fields):
+            return bg._sse(dict(msg=kind, event_id=job.event_id, **fields))
+
+        yield msg("estimation", rank=0, queue_size=1, rank_eta=0.5)
+        yield msg("process_starts", eta=0.5)
+        last = None
+        for kind, value in self._steps(job):
+            if kind == "output":
+                data = value
+                if last is not None:
+                    path, old, new = self._reply_path(value), last[0], value[0]
+                    for key in path:
+                        old, new = old[key], new[key]
+                    data = [[["append", path, new[len(old):]] if new.startswith(old) else
+                             ["replace", path, new]], []]
+                last = value
+                yield msg("process_generating", output={"data": data, "is_generating": True},
+                          success=True)
+            elif kind == "done":
+                yield msg("process_completed", output={"data": value, "is_generating": False},
+                          success=True)
+            elif kind == "error":
+                yield msg("process_completed", output={"error": value, "visible": True},
+                          success=False)
+            elif kind == "malformed":
+                yield b"data: {not json\n\n"
+                return
+            else:
+                yield None
+                return
+        yield bg._sse({"msg": "close_stream", "event_id": None})
+
+
 def gradio_client(test, *args, **kwargs):
     client = bg.GradioClient(*args, **kwargs)
     test.addCleanup(client.close)
@@ -496,7 +1397,7 @@ def gradio_client(test, *args, **kwargs):
 
 
 def start_demo(test, **kwargs):
-    demo = bg.DemoUpstream(**kwargs).start()
+    demo = FakeGradio(**kwargs).start()
     test.addCleanup(demo.stop)
     return demo
 
@@ -536,7 +1437,7 @@ def sse_events(body):
 
 def chat(gw, content, stream=False, headers=None, **extra):
     messages = content if isinstance(content, list) else [{"role": "user", "content": content}]
-    body = dict({"model": "param-1", "messages": messages, "stream": stream}, **extra)
+    body = dict({"model": bg.DEFAULT_MODEL, "messages": messages, "stream": stream}, **extra)
     return request(gw.url, "POST", "/v1/chat/completions", body, headers)
 
 
@@ -644,121 +1545,6 @@ class GradioClientTests(unittest.TestCase):
         with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
             list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
 
-    def test_a_reader_that_falls_behind_catches_up_in_one_update(self):
-        demo = start_demo(self, token_delay=0.001)
-        thought, answer = bg._demo_reply("80 words", [], "", [0] * 4)
-        snapshots = sum(1 for _ in bg._demo_html(thought, answer))
-        for protocol in ("queue", "call"):
-            client, cleaner, texts, updates = gradio_client(self, demo.url, protocol=protocol), \
-                bg._StreamCleaner(), [], 0
-            for html_text, final, appended in client.stream("80 words"):
-                texts.append((cleaner.append(html_text) if appended
-                              else cleaner.update(html_text, final))[1])
-                updates += 1
-                time.sleep(0.03 if updates < 5 else 0)     # fall behind, then keep up
-            self.assertEqual("".join(texts), answer, protocol)
-            self.assertLess(updates, snapshots - 10, protocol)
-
-    def test_chunked_bodies_split_anywhere_decode_exactly(self):
-        import random
-        events = [("message", json.dumps({"n": i, "text": "नमस्ते 🙏 " * (i % 7) + "x" * (i * 37 % 900)}))
-                  for i in range(60)]
-        body = b"".join(b"data: %s\n\n" % d.encode("utf-8") for _, d in events)
-        chunks = [body[i:i + n] for i, n in zip(range(0, len(body), 301), [301] * len(body))]
-        framed = (b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-                  b"Transfer-Encoding: chunked\r\n\r\n"
-                  + b"".join(b"%x;ext=1\r\n%s\r\n" % (len(c), c) for c in chunks)
-                  + b"0\r\nX-Trailer: yes\r\n\r\n")
-        rng = random.Random(3)
-
-        def serve(server):
-            conn, _ = server.accept()
-            with conn:
-                conn.recv(65536)
-                pos = 0
-                while pos < len(framed):                 # odd fragments, some together
-                    n = rng.choice([1, 2, 5, 40, 333, 4000])
-                    conn.sendall(framed[pos:pos + n])
-                    pos += n
-                    if rng.random() < 0.1:
-                        time.sleep(0.002)
-                conn.recv(65536)                          # until the client hangs up
-        port, thread = scripted_server(self, serve)
-        client = gradio_client(self, "http://127.0.0.1:%d" % port, timeout=5)
-        conn = bg._Connection("127.0.0.1", port, None, 5)
-        self.addCleanup(conn.close)
-        conn.request("GET", "/", None, {})
-        resp = conn.getresponse("GET")
-        stream = bg._EventStream(client, resp)
-        got = [event for batch in stream for event in batch]
-        self.assertEqual(got, events)
-        self.assertTrue(resp.reusable)                    # read to its end: reusable
-        conn.close()
-        thread.join(5)
-
-    def test_upstream_connection_reads_each_kind_of_response(self):
-        replies = [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
-                   b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nx-a:  2 \r\nTransfer-Encoding: chunked"
-                   b"\r\n\r\n5\r\nworld\r\n0\r\n\r\n",
-                   b"HTTP/1.0 200 OK\r\n\r\nup to the close"]
-
-        def serve(server):
-            conn, _ = server.accept()
-            with conn:
-                for reply in replies:                     # one request, one reply, one byte at a time
-                    conn.recv(65536)
-                    for i in range(len(reply)):
-                        conn.sendall(reply[i:i + 1])
-            conn, _ = server.accept()
-            with conn:
-                conn.recv(65536)
-                conn.sendall(b"SPDY/9 200 OK\r\n\r\n")
-        port, thread = scripted_server(self, serve)
-        conn = bg._Connection("127.0.0.1", port, None, 5)
-        self.addCleanup(conn.close)
-        got = []
-        for _ in replies:
-            conn.request("POST", "/x?y=1", b"{}", {"Content-Type": "application/json"})
-            resp = conn.getresponse("POST")
-            got.append((resp.status, resp.headers.get("x-a"), resp.read(), resp.reusable))
-        self.assertEqual(got, [(200, None, b"hello", True), (404, "1, 2", b"world", True),
-                               (200, None, b"up to the close", False)])
-        conn.close()
-        conn.request("GET", "/", None, {})
-        with self.assertRaisesRegex(bg._ProtocolError, "a malformed status line"):
-            conn.getresponse("GET")
-        for target, headers in (("/a b", {}), ("/a\r\nX: y", {}), ("/", {"A": "b\r\nX: y"}),
-                                ("/", {"A": "\u0928"})):
-            with self.assertRaises(bg._UnsendableRequest):
-                conn.request("GET", target, None, headers)
-        thread.join(5)
-
-    def test_a_connection_closed_while_it_rested_is_opened_again(self):
-        closed, accepted = threading.Event(), []
-
-        def serve(server):
-            for n in (1, 2, 3):
-                conn, _ = server.accept()
-                accepted.append(n)
-                with conn:
-                    conn.recv(65536)
-                    if n < 3:                             # the third closes without a reply
-                        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n%d" % n)
-                closed.set()                              # the first one, kept alive, is gone
-
-        port, thread = scripted_server(self, serve)
-        conn = bg._Connection("127.0.0.1", port, None, 5)
-        self.addCleanup(conn.close)
-        self.assertEqual(conn.exchange("GET", "/", None, {}, 5).read(), b"1")
-        self.assertTrue(closed.wait(5))
-        self.assertEqual(conn.exchange("GET", "/", None, {}, 5).read(), b"2")
-        fresh = bg._Connection("127.0.0.1", port, None, 5)
-        self.addCleanup(fresh.close)
-        with self.assertRaises(ConnectionError):           # a fresh one is not tried twice
-            fresh.exchange("GET", "/", None, {}, 5)
-        thread.join(5)
-        self.assertEqual(accepted, [1, 2, 3])
-
     def test_queue_appends_that_arrived_together_are_one_update(self):
         path = [0, 1, "content", 0, "text"]
         def gen(*diffs):
@@ -774,22 +1560,43 @@ class GradioClientTests(unittest.TestCase):
                                                         ("complete", "4")]])),
                          [("generating", "2"), ("heartbeat", ""), ("complete", "4")])
 
-    def test_streaming_reads_block_and_the_idle_watch_ends_a_stall(self):
+    def test_a_stall_after_output_ends_within_the_timeout(self):
         for protocol in ("queue", "call"):
             client = gradio_client(self, self.demo.url, timeout=0.3, protocol=protocol)
             updates = client.stream("[[stall]] Say hello")
             next(updates)                             # output has started
-            sock = updates.gi_frame.f_locals["conn"].sock
-            self.assertIsNone(sock.gettimeout())      # no poll() before each read
             started = time.monotonic()
             with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
                 list(updates)
             self.assertLess(time.monotonic() - started, 2)
             self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
-        deadline = time.monotonic() + 2                 # the watch stops with nothing to watch
-        while any(t.name == "bharatgen-idle-watch" for t in threading.enumerate()):
-            self.assertLess(time.monotonic(), deadline)
-            time.sleep(0.05)
+
+    def test_a_connection_closed_at_rest_is_not_used_and_a_post_is_never_sent_twice(self):
+        seen, closed = [], threading.Semaphore(0)
+        ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
+
+        def serve(server):
+            server.settimeout(2)
+            try:
+                for n in range(4):
+                    conn, _ = server.accept()
+                    with conn:
+                        seen.append(conn.recv(65536).split(b" ", 2)[:2])
+                        if n < 2:
+                            conn.sendall(ok)          # then closed while it rests
+                    closed.release()
+            except socket.timeout:
+                pass
+        port, thread = scripted_server(self, serve)
+        client = gradio_client(self, "http://127.0.0.1:%d" % port, timeout=5)
+        conn = client._connection()
+        for path in ("/a", "/b"):
+            self.assertEqual(client._read_body(*client._exchange(conn, "GET", path)), b"{}")
+            self.assertTrue(closed.acquire(timeout=5))
+        with self.assertRaisesRegex(bg.APIConnectionError, "cannot reach the Gradio app"):
+            client._exchange(conn, "POST", "/c", {})  # it reached the app: not sent again
+        thread.join(5)
+        self.assertEqual(seen, [[b"GET", b"/a"], [b"GET", b"/b"], [b"POST", b"/c"]])
 
     def test_unreachable_app_is_a_connection_error(self):
         sock = socket.socket()
@@ -837,7 +1644,7 @@ class ReplayTests(unittest.TestCase):
 class GatewayTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.demo = bg.DemoUpstream(token_delay=0.001).start()
+        cls.demo = FakeGradio(token_delay=0.001).start()
         cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=10)).start()
 
     @classmethod
@@ -973,9 +1780,9 @@ class GatewayTests(unittest.TestCase):
         status, headers, body = request(self.gw.url, "GET", "/v1/models")
         models = json.loads(body)
         self.assertEqual((status, models["object"], [m["id"] for m in models["data"]]),
-                         (200, "list", ["param-1"]))
-        status, _, body = request(self.gw.url, "GET", "//v1//models/param-1/")
-        self.assertEqual((status, json.loads(body)["id"]), (200, "param-1"))
+                         (200, "list", [bg.DEFAULT_MODEL]))
+        status, _, body = request(self.gw.url, "GET", "//v1//models/bharatgen-param-17b/")
+        self.assertEqual((status, json.loads(body)["id"]), (200, bg.DEFAULT_MODEL))
         status, _, body = request(self.gw.url, "GET", "/health")
         self.assertEqual((status, json.loads(body)["status"]), (200, "ok"))
         status, headers, body = request(self.gw.url, "HEAD", "/v1/models")
@@ -983,24 +1790,24 @@ class GatewayTests(unittest.TestCase):
 
     def test_legacy_completions(self):
         status, _, body = request(self.gw.url, "POST", "/v1/completions",
-                                  {"model": "param-1", "prompt": ["Say hello", "hindi please"]})
+                                  {"model": bg.DEFAULT_MODEL, "prompt": ["Say hello", "hindi please"]})
         texts = [(c["index"], c["text"]) for c in json.loads(body)["choices"]]
         self.assertEqual((status, texts), (200, [(0, HELLO), (1, HINDI)]))
         _, _, body = request(self.gw.url, "POST", "/v1/completions",
-                             {"model": "param-1", "prompt": "Say hello", "stream": True, "echo": True})
+                             {"model": bg.DEFAULT_MODEL, "prompt": "Say hello", "stream": True, "echo": True})
         events = sse_events(body)
         self.assertEqual("".join(e["choices"][0]["text"] for e in events[:-1]), "Say hello" + HELLO)
 
     def test_responses_api(self):
         status, _, body = request(self.gw.url, "POST", "/v1/responses",
-                                  {"model": "param-1", "input": "Say hello",
+                                  {"model": bg.DEFAULT_MODEL, "input": "Say hello",
                                    "instructions": "Be kind."})
         resp = json.loads(body)
         self.assertEqual((status, resp["object"], resp["status"]), (200, "response", "completed"))
         self.assertEqual(resp["output"][0]["content"][0]["text"], HELLO)
         self.assertEqual(self.demo.calls[-1][2], "Be kind.")
         status, _, body = request(self.gw.url, "POST", "/v1/responses",
-                                  {"model": "param-1", "stream": True, "input": [
+                                  {"model": bg.DEFAULT_MODEL, "stream": True, "input": [
                                       {"role": "user", "content": [{"type": "input_text",
                                                                     "text": "hindi please"}]}]})
         text = body.decode("utf-8")
@@ -1026,7 +1833,7 @@ class GatewayTests(unittest.TestCase):
 class GatewayErrorTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.demo = bg.DemoUpstream().start()
+        cls.demo = FakeGradio().start()
         cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=0.5,
                                             api_keys=["sk-one", "sk-two"],
                                             max_body_bytes=10000)).start()
@@ -1088,7 +1895,7 @@ class GatewayErrorTests(unittest.TestCase):
                               "top_k=101 is more than this model accepts (at most 100)",
                               param="top_k", code="invalid_value")
         self.assert_error(request(self.gw.url, "POST", "/v1/responses", {
-            "model": "param-1", "input": "hi", "max_output_tokens": 10000}, self.auth), 400,
+            "model": bg.DEFAULT_MODEL, "input": "hi", "max_output_tokens": 10000}, self.auth), 400,
             "max_output_tokens=10000 is more than this model accepts (at most 8192)",
             param="max_output_tokens", code="invalid_value")
         status, _, body = chat(self.gw, "params", headers=self.auth, max_tokens=8192, top_k=100)
@@ -1098,7 +1905,7 @@ class GatewayErrorTests(unittest.TestCase):
 
     def test_unknown_model_route_and_method(self):
         self.assert_error(chat(self.gw, "hi", headers=self.auth, model="gpt-4"), 404,
-                          "The model 'gpt-4' does not exist; this server serves 'param-1'",
+                          "The model 'gpt-4' does not exist; this server serves 'bharatgen-param-17b'",
                           param="model", code="model_not_found")
         self.assert_error(request(self.gw.url, "GET", "/v1/nothing", headers=self.auth), 404,
                           "Unknown request URL: GET /v1/nothing. Please check the URL for typos; "
@@ -1110,8 +1917,8 @@ class GatewayErrorTests(unittest.TestCase):
                                     code="method_not_allowed")
         self.assertEqual(headers["Allow"], "POST")
         self.assert_error(request(self.gw.url, "POST", "/v1/embeddings",
-                                  {"model": "param-1", "input": "x"}, headers=self.auth), 404,
-                          "param-1 is a chat model and serves no embeddings", param="model",
+                                  {"model": bg.DEFAULT_MODEL, "input": "x"}, headers=self.auth), 404,
+                          "bharatgen-param-17b is a chat model and serves no embeddings", param="model",
                           code="model_not_found")
 
     def test_upstream_failures_map_to_statuses(self):
@@ -1177,7 +1984,7 @@ class ReasoningModeTests(unittest.TestCase):
 class SDKTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
-        cls.demo = bg.DemoUpstream().start()
+        cls.demo = FakeGradio().start()
         cls.client = bg.BharatGenOpenAI(cls.demo.url, timeout=10)
 
     @classmethod
@@ -1196,7 +2003,7 @@ class SDKTests(unittest.TestCase):
         self.assertEqual(text, bg._DEMO_FORMATTING)
 
     def test_models_and_errors(self):
-        self.assertEqual([m.id for m in self.client.models.list()], ["param-1"])
+        self.assertEqual([m.id for m in self.client.models.list()], [bg.DEFAULT_MODEL])
         with self.assertRaises(bg.NotFoundError):
             self.client.models.retrieve("other")
         with self.assertRaisesRegex(bg.UpstreamError, "Model is overloaded"):
@@ -1222,7 +2029,7 @@ class SDKTests(unittest.TestCase):
             models = await client.models.list()
             await client.close()
             return reply.choices[0].message.content, "".join(parts), models.data[0].id
-        self.assertEqual(asyncio.run(run()), (HINDI, HINDI, "param-1"))
+        self.assertEqual(asyncio.run(run()), (HINDI, HINDI, bg.DEFAULT_MODEL))
 
 
 class DiffTests(unittest.TestCase):
@@ -1262,7 +2069,7 @@ class VariantTests(unittest.TestCase):
     def each_variant(self):
         for variant in VARIANTS:
             with self.subTest(**variant):
-                demo = bg.DemoUpstream(token_delay=0.0005, **variant).start()
+                demo = FakeGradio(token_delay=0.0005, **variant).start()
                 gw = bg.GatewayServer(bg.Config(upstream=[demo.url], port=0, timeout=10)).start()
                 try:
                     yield variant, demo, gw
@@ -1354,7 +2161,7 @@ class ReplicaTests(unittest.TestCase):
             self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
         self.assertEqual((len(a.calls), len(b.calls)), (3, 3))
         status, _, body = request(gw.url, "GET", "/health")
-        states = json.loads(body)["models"]["param-1"]
+        states = json.loads(body)["models"][bg.DEFAULT_MODEL]
         self.assertEqual((status, [s["status"] for s in states]), (200, ["up", "down", "up"]))
         self.assertIn("cannot reach the Gradio app", states[1]["last_error"])
 
@@ -1371,19 +2178,19 @@ class ReplicaTests(unittest.TestCase):
         self.assertEqual((status, json.loads(body)["error"]["code"]), (503, "upstream_overloaded"))
         self.assertEqual(len(a.calls) + len(b.calls), 0)     # both were tried, both refused
         status, _, body = request(gw.url, "GET", "/health")   # busy, not down: still healthy
-        states = json.loads(body)["models"]["param-1"]
+        states = json.loads(body)["models"][bg.DEFAULT_MODEL]
         self.assertEqual((status, [(s["status"], s["failures"]) for s in states]),
                          (200, [("busy", 0), ("busy", 0)]))
         reply = json.loads(chat(gw, "Say hello")[2])   # busy replicas are still tried
         self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
         self.assertEqual([s["status"] for s in json.loads(request(gw.url, "GET", "/health")[2])
-                          ["models"]["param-1"]].count("up"), 1)
+                          ["models"][bg.DEFAULT_MODEL]].count("up"), 1)
 
     def test_models_file_declares_several_models(self):
         import tempfile
         six, four = start_demo(self), start_demo(self, version=4, chat_interface=True)
         spec = {"models": [
-            {"id": "param-1", "upstreams": [six.url], "display_name": "Param 1",
+            {"id": bg.DEFAULT_MODEL, "upstreams": [six.url], "display_name": "Param 1",
              "system_prompt": "From the file."},
             {"id": "echo-4", "upstreams": [four.url], "protocol": "call",
              "params": {"system": "system_prompt"}}]}
@@ -1393,11 +2200,11 @@ class ReplicaTests(unittest.TestCase):
         gw = start_gateway(self, [], models_file=f.name)
         models = json.loads(request(gw.url, "GET", "/v1/models")[2])["data"]
         self.assertEqual([(m["id"], m.get("display_name")) for m in models],
-                         [("param-1", "Param 1"), ("echo-4", None)])
+                         [(bg.DEFAULT_MODEL, "Param 1"), ("echo-4", None)])
         reply = json.loads(chat(gw, "Say hello", model="echo-4")[2])
         self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
         self.assertEqual((len(four.calls), len(six.calls)), (1, 0))
-        chat(gw, "Say hello", model="param-1")
+        chat(gw, "Say hello", model=bg.DEFAULT_MODEL)
         self.assertEqual(six.calls[-1][2], "From the file.")
 
 
@@ -1474,26 +2281,19 @@ def tls_server_context(test):
     return context, cert
 
 
-class PumpTests(unittest.TestCase):
-    """Streams handed to the gateway's one pump thread once they have begun."""
+class StreamingTests(unittest.TestCase):
+    """Each stream is written by its connection's thread: slow clients, TLS, replicas."""
 
-    def test_streams_go_through_the_pump_and_the_thread_path_agrees(self):
+    def test_a_long_stream_is_exact_and_openai_shaped(self):
         demo = start_demo(self, token_delay=0.001)
         answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
-        pumped, threaded = start_gateway(self, demo.url), start_gateway(self, demo.url, pump=False)
-        self.assertIsNone(threaded.pump)
-        bodies = []
-        for gw in (pumped, threaded):
-            status, _, body = chat(gw, "300 words", stream=True)
-            self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
-            bodies.append(sse_events(body))
-        self.assertEqual(pumped.pump.served, 1)
-        for events in bodies:                     # the same shape either way
-            self.assertEqual((events[0]["choices"][0]["delta"], events[-1]), (
-                {"role": "assistant", "content": ""}, "[DONE]"))
-        # n > 1 and the other routes keep to their threads
-        self.assertEqual(chat(pumped, "Say hello", stream=True, n=2)[0], 200)
-        self.assertEqual(pumped.pump.served, 1)
+        gw = start_gateway(self, demo.url)
+        status, _, body = chat(gw, "300 words", stream=True)
+        events = sse_events(body)
+        self.assertEqual((status, streamed_text(events)), (200, answer))
+        self.assertEqual((events[0]["choices"][0]["delta"], events[-1]), (
+            {"role": "assistant", "content": ""}, "[DONE]"))
+        self.assertEqual(chat(gw, "Say hello", stream=True, n=2)[0], 200)
 
     def test_the_replica_that_answers_is_pumped_after_one_that_timed_out(self):
         slow, quick = start_demo(self, token_delay=3), start_demo(self, token_delay=0.001)
@@ -1501,7 +2301,7 @@ class PumpTests(unittest.TestCase):
         answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
         status, _, body = chat(gw, "300 words", stream=True)     # round-robin starts at slow
         self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
-        self.assertEqual((len(slow.calls), len(quick.calls), gw.pump.served), (1, 1, 1))
+        self.assertEqual((len(slow.calls), len(quick.calls)), (1, 1))
 
     def test_responses_leave_without_waiting_for_delayed_acks(self):
         # TCP_NODELAY on every connection (socketserver sets it in setup()): without it a
@@ -1519,8 +2319,6 @@ class PumpTests(unittest.TestCase):
         self.assertEqual(self.read_slowly(sock), bg._demo_reply("20000 words", [], "", [0] * 4)[1])
 
     def test_a_slow_client_over_tls_gets_its_whole_answer(self):
-        # TLS sockets that cannot take more say so with their own errors: the pump's and
-        # the demo's writes must wait on them, not take the client for gone
         context, cert = tls_server_context(self)
         demo = bg.DemoUpstream(token_delay=0)
         demo.socket = context.wrap_socket(demo.socket, server_side=True)
@@ -1536,7 +2334,6 @@ class PumpTests(unittest.TestCase):
                                         __import__("ssl").create_default_context(cafile=cert))
         time.sleep(0.5)
         self.assertEqual(self.read_slowly(sock), bg._demo_reply("20000 words", [], "", [0] * 4)[1])
-        self.assertEqual(gw.pump.served, 1)
 
     @staticmethod
     def send_stream_request(port, prompt, tls=None):
@@ -1547,7 +2344,7 @@ class PumpTests(unittest.TestCase):
         sock.connect(("127.0.0.1", port))
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
-        body = json.dumps({"model": "param-1", "stream": True,
+        body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -1574,9 +2371,9 @@ class PumpTests(unittest.TestCase):
             payload, rest = payload + rest[:int(size, 16)], rest[int(size, 16) + 2:]
         return streamed_text(sse_events(payload))
 
-    def test_a_tls_upstream_is_pumped_too(self):
+    def test_a_tls_upstream(self):
         context, _ = tls_server_context(self)
-        demo = bg.DemoUpstream(token_delay=0.001)
+        demo = FakeGradio(token_delay=0.001)
         demo.socket = context.wrap_socket(demo.socket, server_side=True)
         demo.start()
         self.addCleanup(demo.stop)
@@ -1585,7 +2382,6 @@ class PumpTests(unittest.TestCase):
                                ("hindi please", HINDI)):
             status, _, body = chat(gw, prompt, stream=True)
             self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
-        self.assertEqual(gw.pump.served, 2)
         status, _, body = chat(gw, "[[fail-midstream]]", stream=True)
         self.assertEqual(sse_events(body)[-2]["error"]["message"],
                          "the Gradio app reported an error: error after output began")
@@ -1606,7 +2402,7 @@ class CancellationTests(unittest.TestCase):
             gw = start_gateway(self, demo.url)
             threads_before = threading.active_count()
             sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=TIMEOUT)
-            body = json.dumps({"model": "param-1", "stream": True,
+            body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
                                "messages": [{"role": "user", "content": "2000 words"}]}).encode()
             sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
                          b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -1712,7 +2508,7 @@ class LimitTests(unittest.TestCase):
     def test_header_fields_are_parsed_as_http_server_would(self):
         gw = start_gateway(self, self.demo.url, api_keys=["sk-a"])
         port, body = gw.server_address[1], json.dumps(
-            {"model": "param-1", "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+            {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n"
                 b"AUTHORIZATION:Bearer sk-a  \r\nX-Folded: a\r\n b\r\nConnection: close\r\n"
                 % len(body))
@@ -1733,7 +2529,7 @@ class LimitTests(unittest.TestCase):
     def test_the_edges_of_http_are_answered_as_http_server_would(self):
         gw = start_gateway(self, self.demo.url)
         port, body = gw.server_address[1], json.dumps(
-            {"model": "param-1", "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+            {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
         raw = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: "
                                  b"100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                            % (len(body), body))
@@ -1842,7 +2638,7 @@ class LimitTests(unittest.TestCase):
             wait_for_logs(logs, 1)
         line = json.loads(logs.records[-1].getMessage())
         self.assertEqual((line["method"], line["path"], line["status"], line["model"], line["key"]),
-                         ("POST", "/v1/chat/completions", 200, "param-1", "-"))
+                         ("POST", "/v1/chat/completions", 200, bg.DEFAULT_MODEL, "-"))
         self.assertTrue(line["request_id"].startswith("req_"))
         self.assertGreater(line["bytes"], 100)
         self.assertIsInstance(line["ttft"], float)
@@ -1897,7 +2693,7 @@ class FuzzTests(unittest.TestCase):
         demo = start_demo(self)
         gw = start_gateway(self, demo.url, header_timeout=2, body_timeout=2, max_body_bytes=65536)
         port = gw.server_address[1]
-        good = json.dumps({"model": "param-1", "messages": [{"role": "user", "content": "hi"}]})
+        good = json.dumps({"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "hi"}]})
 
         def body_variant():
             choice = rng.randrange(9)
@@ -1920,9 +2716,9 @@ class FuzzTests(unittest.TestCase):
                 msgs = rng.choice([[], [{}], [{"role": "user"}], [{"role": 1, "content": "x"}],
                                    [{"role": "user", "content": [{"type": "weird"}]}], "hi",
                                    [{"role": "assistant", "content": "x"}], [None]])
-                return json.dumps({"model": "param-1", "messages": msgs}).encode()
+                return json.dumps({"model": bg.DEFAULT_MODEL, "messages": msgs}).encode()
             if choice == 5:
-                return b'{"model": "param-1", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
+                return b'{"model": "bharatgen-param-17b", "messages": [{"role": "user", "content": "\xff\xfe"}]}'
             if choice == 6:
                 return json.dumps([good]).encode()
             if choice == 7:
@@ -2093,7 +2889,7 @@ class _RealClientBase(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.demo = bg.DemoUpstream().start()
+        cls.demo = FakeGradio().start()
         cls.gw = bg.GatewayServer(bg.Config(upstream=[cls.demo.url], port=0, timeout=10,
                                             api_keys=["sk-test"])).start()
         cls.base_url = cls.gw.url + "/v1"
@@ -2117,7 +2913,7 @@ class OpenAISDKTests(_RealClientBase):
         for prompt, answer in (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
                                ("hindi please", HINDI)):
             reply = client.chat.completions.create(
-                model="param-1", messages=[{"role": "user", "content": prompt}])
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}])
             message = reply.choices[0].message
             self.assertEqual((message.content, message.model_extra["reasoning_content"]),
                              (answer, thought_of(prompt)))
@@ -2125,7 +2921,7 @@ class OpenAISDKTests(_RealClientBase):
             self.assertEqual(reply.usage.total_tokens,
                              reply.usage.prompt_tokens + reply.usage.completion_tokens)
             chunks = list(client.chat.completions.create(
-                model="param-1", messages=[{"role": "user", "content": prompt}], stream=True,
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": prompt}], stream=True,
                 stream_options={"include_usage": True}))
             self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks if c.choices), answer)
             self.assertEqual([c.choices[0].delta.role for c in chunks if c.choices][:2], ["assistant", None])
@@ -2135,7 +2931,7 @@ class OpenAISDKTests(_RealClientBase):
 
     def test_stream_helper_merges_deltas_cleanly(self):
         with self.client().chat.completions.stream(
-                model="param-1", messages=[{"role": "user", "content": "hindi please"}]) as stream:
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "hindi please"}]) as stream:
             for _ in stream:
                 pass
             final = stream.get_final_completion()
@@ -2145,13 +2941,13 @@ class OpenAISDKTests(_RealClientBase):
     def test_request_fields(self):
         client = self.client()
         reply = client.chat.completions.create(
-            model="param-1", max_completion_tokens=20, n=2, stop=["doing"], seed=1, user="u",
+            model=bg.DEFAULT_MODEL, max_completion_tokens=20, n=2, stop=["doing"], seed=1, user="u",
             messages=[{"role": "developer", "content": "Dev."},
                       {"role": "user", "content": [{"type": "text", "text": "Say hello"}]}])
         self.assertEqual([(c.index, c.message.content) for c in reply.choices],
                          [(0, "Hello! How are you "), (1, "Hello! How are you ")])
         self.assertEqual(self.demo.calls[-1][2], "Dev.")
-        reply = client.chat.completions.create(model="param-1", max_completion_tokens=20,
+        reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, max_completion_tokens=20,
                                                messages=[{"role": "user", "content": "params"}],
                                                extra_body={"top_k": 7})
         self.assertEqual(reply.choices[0].message.content,
@@ -2161,12 +2957,12 @@ class OpenAISDKTests(_RealClientBase):
         import openai
         client = self.client()
         with self.assertRaises(openai.BadRequestError) as cm:
-            client.chat.completions.create(model="param-1", temperature=5,
+            client.chat.completions.create(model=bg.DEFAULT_MODEL, temperature=5,
                                            messages=[{"role": "user", "content": "x"}])
         self.assertEqual((cm.exception.status_code, cm.exception.param, cm.exception.code),
                          (400, "temperature", "invalid_value"))
         with self.assertRaises(openai.BadRequestError) as cm:
-            client.chat.completions.create(model="param-1", messages=[{"role": "user", "content": [
+            client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "http://x/a.png"}}]}])
         self.assertEqual(cm.exception.code, "unsupported_content_type")
         with self.assertRaises(openai.NotFoundError) as cm:
@@ -2175,11 +2971,11 @@ class OpenAISDKTests(_RealClientBase):
         with self.assertRaises(openai.AuthenticationError):
             self.client("sk-wrong").models.list()
         with self.assertRaises(openai.InternalServerError) as cm:
-            client.chat.completions.create(model="param-1", messages=[{"role": "user", "content": "[[error]]"}])
+            client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "[[error]]"}])
         self.assertEqual(cm.exception.status_code, 502)
         self.assertIn("Model is overloaded, try again", cm.exception.message)
         with self.assertRaises(openai.APIError) as cm:
-            for _ in client.chat.completions.create(model="param-1", stream=True, messages=[
+            for _ in client.chat.completions.create(model=bg.DEFAULT_MODEL, stream=True, messages=[
                     {"role": "user", "content": "[[fail-midstream]]"}]):
                 pass
         self.assertEqual(cm.exception.message, "the Gradio app reported an error: error after output began")
@@ -2187,42 +2983,42 @@ class OpenAISDKTests(_RealClientBase):
     def test_models_completions_and_embeddings(self):
         import openai
         client = self.client()
-        self.assertEqual([m.id for m in client.models.list()], ["param-1"])
-        self.assertEqual(client.models.retrieve("param-1").owned_by, "bharatgen")
-        self.assertEqual(client.completions.create(model="param-1", prompt="Say hello").choices[0].text, HELLO)
+        self.assertEqual([m.id for m in client.models.list()], [bg.DEFAULT_MODEL])
+        self.assertEqual(client.models.retrieve(bg.DEFAULT_MODEL).owned_by, "bharatgen")
+        self.assertEqual(client.completions.create(model=bg.DEFAULT_MODEL, prompt="Say hello").choices[0].text, HELLO)
         self.assertEqual("".join(c.choices[0].text for c in client.completions.create(
-            model="param-1", prompt="Say hello", stream=True) if c.choices), HELLO)
+            model=bg.DEFAULT_MODEL, prompt="Say hello", stream=True) if c.choices), HELLO)
         with self.assertRaises(openai.NotFoundError):
-            client.embeddings.create(model="param-1", input="x")
+            client.embeddings.create(model=bg.DEFAULT_MODEL, input="x")
 
     def test_responses_api(self):
         import openai
         client = self.client()
-        resp = client.responses.create(model="param-1", input="Say hello", instructions="Be kind.")
+        resp = client.responses.create(model=bg.DEFAULT_MODEL, input="Say hello", instructions="Be kind.")
         self.assertEqual((resp.output_text, resp.status), (HELLO, "completed"))
         self.assertEqual(self.demo.calls[-1][2], "Be kind.")
-        events = list(client.responses.create(model="param-1", input=[
+        events = list(client.responses.create(model=bg.DEFAULT_MODEL, input=[
             {"role": "user", "content": [{"type": "input_text", "text": "hindi please"}]}], stream=True))
         self.assertEqual("".join(e.delta for e in events if e.type == "response.output_text.delta"), HINDI)
         self.assertEqual((events[0].type, events[-1].type), ("response.created", "response.completed"))
-        with client.responses.stream(model="param-1", input="show formatting") as stream:
+        with client.responses.stream(model=bg.DEFAULT_MODEL, input="show formatting") as stream:
             for _ in stream:
                 pass
             self.assertEqual(stream.get_final_response().output_text, bg._DEMO_FORMATTING)
         with self.assertRaises(openai.APIError):
-            for _ in client.responses.create(model="param-1", input="[[fail-midstream]]", stream=True):
+            for _ in client.responses.create(model=bg.DEFAULT_MODEL, input="[[fail-midstream]]", stream=True):
                 pass
         # a conversation carried on by sending the SDK's own output items back
         items = [{"role": "user", "content": "Say hello"}]
         items += [o.model_dump(exclude_none=True) for o in resp.output]
         items.append({"role": "user", "content": [{"type": "input_text", "text": "tell me the history"}]})
-        resp = client.responses.create(model="param-1", input=items, instructions="Be terse.")
+        resp = client.responses.create(model=bg.DEFAULT_MODEL, input=items, instructions="Be terse.")
         history = [{"role": r, "content": [{"type": "text", "text": t}]}
                    for r, t in (("user", "Say hello"), ("assistant", HELLO))]
         self.assertEqual(self.demo.calls[-1][:3], ["tell me the history", history, "Be terse."])
         self.assertEqual(resp.output_text, "SYSTEM=Be terse. | HISTORY=" + json.dumps(history, sort_keys=True))
         with self.assertRaises(openai.BadRequestError) as caught:
-            client.responses.create(model="param-1", input="hi", max_output_tokens=9000)
+            client.responses.create(model=bg.DEFAULT_MODEL, input="hi", max_output_tokens=9000)
         self.assertEqual(caught.exception.body["param"], "max_output_tokens")
 
     def test_async_client(self):
@@ -2232,11 +3028,11 @@ class OpenAISDKTests(_RealClientBase):
             client = openai.AsyncOpenAI(base_url=self.base_url, api_key="sk-test", max_retries=0,
                                         timeout=TIMEOUT)
             reply = await client.chat.completions.create(
-                model="param-1", messages=[{"role": "user", "content": "show formatting"}])
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "show formatting"}])
             stream = await client.chat.completions.create(
-                model="param-1", messages=[{"role": "user", "content": "show formatting"}], stream=True)
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "show formatting"}], stream=True)
             parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
-            resp = await client.responses.create(model="param-1", input="hindi please")
+            resp = await client.responses.create(model=bg.DEFAULT_MODEL, input="hindi please")
             try:
                 await client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])
             except openai.NotFoundError as exc:
@@ -2251,7 +3047,7 @@ class OpenAISDKTests(_RealClientBase):
 class LangChainTests(_RealClientBase):
     def llm(self, **kwargs):
         from langchain_openai import ChatOpenAI
-        return ChatOpenAI(base_url=self.base_url, api_key="sk-test", model="param-1",
+        return ChatOpenAI(base_url=self.base_url, api_key="sk-test", model=bg.DEFAULT_MODEL,
                           max_retries=0, timeout=TIMEOUT, **kwargs)
 
     def test_invoke_stream_and_history(self):
@@ -2454,7 +3250,7 @@ class RealGradioTests(unittest.TestCase):
             conn = http.client.HTTPConnection(*gw.server_address[:2], timeout=TIMEOUT)
             try:
                 conn.request("POST", "/v1/chat/completions", json.dumps({
-                    "model": "param-1", "stream": True,
+                    "model": bg.DEFAULT_MODEL, "stream": True,
                     "messages": [{"role": "user", "content": prompt}]}),
                     {"Content-Type": "application/json"})
                 resp = conn.getresponse()
