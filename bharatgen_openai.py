@@ -1168,8 +1168,7 @@ class GradioClient:
             raise APITimeoutError("the Gradio app did not answer within %ss" % self.timeout) from None
         except (OSError, http.client.HTTPException) as exc:
             raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
-        if len(raw) > self.max_body:
-            resp.close()
+        if len(raw) > self.max_body:       # unread: the connection is closed, not kept
             raise UpstreamError("the Gradio app sent a body of over %d bytes (the limit)"
                                 % self.max_body)
         return raw
@@ -2931,6 +2930,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     dispatched = False
     chunked = False
     bytes_out = 0                      # of the current answer's body
+    command: Optional[str] = None      # until a request line is read
+    request_version = "HTTP/1.1"
 
     def setup(self) -> None:
         super().setup()
@@ -3072,6 +3073,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    def version_string(self) -> str:
+        return self.server_version
+
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         """Requests are logged by the subclasses that want it."""
 
@@ -3198,7 +3202,6 @@ class _GatewayHandler(_Handler):
     def handle(self) -> None:
         """Serve the connection, unless the server has all the connections it takes."""
         if self.server.connections > self.server.config.max_connections:
-            self.request_version = self.protocol_version
             self.send_error(503, "the server has its limit of %d connections open; retry shortly"
                             % self.server.config.max_connections)
             return
@@ -3210,7 +3213,7 @@ class _GatewayHandler(_Handler):
         code = 400 if code == 505 else code             # a client's fault stays 4xx
         self.close_connection = True
         self.request_id = _new_id("req_")
-        err = BharatGenError(message or "bad request", status=code,
+        err = BharatGenError(message or self.responses.get(code, ("bad request",))[0], status=code,
                              code=_HEAD_ERRORS.get(code, "bad_request"))
         err.type = "server_error" if code >= 500 and code != 501 else "invalid_request_error"
         headers = {"x-request-id": self.request_id}
