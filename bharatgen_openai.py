@@ -50,7 +50,6 @@ __all__ = [
     "Config", "GatewayServer", "DemoUpstream", "main",
 ]
 
-import collections
 import dataclasses
 import html
 import http.client
@@ -219,11 +218,8 @@ UpstreamTimeout = APITimeoutError
 # Protocol pieces: SSE, the HTML cleaner, stop sequences, token counts #########
 ###############################################################################
 
-def _iter_sse(read: Callable[[], bytes],
-              limit: int = MAX_EVENT_BYTES) -> Iterator[List[Tuple[str, str]]]:
-    """Yield the ``(event, data)`` of a server-sent event stream in batches: all the
-    events complete in each block read, so a reader that fell behind catches up in
-    one step.
+def _iter_sse(read: Callable[[], bytes], limit: int = MAX_EVENT_BYTES) -> Iterator[Tuple[str, str]]:
+    """Yield ``(event, data)`` of a server-sent event stream.
 
     ``read`` returns the next bytes (``b""`` at the end).  Linear in the bytes: each
     block is searched once, and a line cut across blocks is joined once.  A line or an
@@ -238,7 +234,7 @@ def _iter_sse(read: Callable[[], bytes],
         ended = not block
         if ended:
             block = b"\n\n"                    # the end dispatches what is pending
-        batch, start = [], 0
+        start = 0
         while True:
             end = block.find(b"\n", start)
             if end < 0:
@@ -253,7 +249,7 @@ def _iter_sse(read: Callable[[], bytes],
                 raise UpstreamError("the Gradio app sent an event that is not UTF-8") from None
             if not line:
                 if data or event:
-                    batch.append((event or "message", "\n".join(data)))
+                    yield event or "message", "\n".join(data)
                 event, data, size = "", [], 0
                 continue
             name, _, value = line.partition(":")
@@ -269,8 +265,6 @@ def _iter_sse(read: Callable[[], bytes],
         if held > limit or size > limit:
             raise UpstreamError("the Gradio app sent an event of over %d bytes (the limit)"
                                 % limit)
-        if batch:
-            yield batch
         if ended:
             return
 
@@ -880,19 +874,6 @@ def _is_append_to(diffs: Any, path: List[Any]) -> bool:
             and not any(diffs[1:]))
 
 
-def _is_update(msg: Any) -> bool:
-    """True for a queue message with output data (``process_generating``)."""
-    return (isinstance(msg, dict) and msg.get("msg") == "process_generating"
-            and isinstance(msg.get("output"), dict))
-
-
-def _is_success(msg: Any) -> bool:
-    """True for a queue message that ends the job with its output."""
-    return (isinstance(msg, dict) and msg.get("msg") == "process_completed"
-            and msg.get("success", True) is not False and isinstance(msg.get("output"), dict)
-            and msg["output"].get("error") is None and msg["output"].get("data") is not None)
-
-
 def _upstream_error_message(payload: Any) -> str:
     """The message of a Gradio error (``/call`` event data or queue output)."""
     if isinstance(payload, dict):
@@ -1419,8 +1400,8 @@ class GradioClient:
         threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
 
     def _events(self, conn: http.client.HTTPConnection, path: str,
-                progress: _Progress) -> Iterator[List[Tuple[str, str]]]:
-        """The SSE batches of the stream at ``path``: the first output within
+                progress: _Progress) -> Iterator[Tuple[str, str]]:
+        """The events of the stream at ``path``: the first output within
         ``first_event_timeout``, then each silence within ``timeout``; a socket failure
         becomes the matching API error.  Once the job is done, the rest of the stream
         is read briefly so that the connection can be kept; else it is closed."""
@@ -1470,7 +1451,7 @@ class GradioClient:
             event_id = self._join(conn, base, {"data": data})
             events = self._events(conn, "%s/%s" % (base, urllib.parse.quote(event_id, safe="")),
                                   progress)
-            for event, payload in self._latest(events):
+            for event, payload in events:
                 if event in ("generating", "complete"):
                     progress.started = True
                     try:
@@ -1507,33 +1488,6 @@ class GradioClient:
         if event_id is not None and not progress.done:
             self._cancel(info, session or event_id, event_id)
 
-    @staticmethod
-    def _latest(events: Iterator[List[Tuple[str, str]]]) -> Iterator[Tuple[str, str]]:
-        """The ``/call`` events, leaving out a snapshot that a later one, already
-        arrived, replaces (each holds the whole reply): a reader that fell behind
-        catches up without cleaning every snapshot it missed."""
-        for batch in events:
-            for i, (event, payload) in enumerate(batch):
-                if event == "generating" and i + 1 < len(batch) \
-                        and batch[i + 1][0] in ("generating", "complete"):
-                    continue
-                yield event, payload
-
-    @staticmethod
-    def _messages(events: Iterator[List[Tuple[str, str]]]) -> Iterator[Tuple[Any, Any]]:
-        """The queue messages, each with the (decoded) ones that arrived with it."""
-        for batch in events:
-            msgs: Any = collections.deque()
-            for _, payload in batch:
-                try:
-                    msgs.append(json.loads(payload))
-                except ValueError:
-                    raise UpstreamError("the Gradio app sent a malformed queue message: %r"
-                                        % payload[:200]) from None
-            while msgs:
-                yield msgs.popleft(), msgs
-
-
     def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
         """The queue protocol: join, then apply the ``process_generating`` diffs."""
         session = os.urandom(6).hex()
@@ -1548,22 +1502,20 @@ class GradioClient:
             outputs: Any = None
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
-            unsent = False                        # outputs changed, not yet yielded whole
-            for msg, more in self._messages(events):
+            for _, payload in events:
+                try:
+                    msg = json.loads(payload)
+                except ValueError:
+                    raise UpstreamError("the Gradio app sent a malformed queue message: %r"
+                                        % payload[:200]) from None
                 kind = msg.get("msg") if isinstance(msg, dict) else None
                 if kind in ("process_generating", "process_completed"):
                     progress.started = True
                 if kind == "process_generating":
                     got = (msg.get("output") or {}).get("data")
-                    if not unsent and path is not None and _is_append_to(got, path):
-                        # appends already arrived behind this one join it: one update
-                        texts = [got[0][0][2]]
-                        while more and _is_update(more[0]) and \
-                                _is_append_to(more[0]["output"].get("data"), path):
-                            texts.append(more.popleft()["output"]["data"][0][0][2])
-                        text = "".join(texts)
-                        appended.append(text)             # kept aside: no copy of the reply
-                        yield text, False, True
+                    if path is not None and _is_append_to(got, path):
+                        appended.append(got[0][0][2])     # kept aside: no copy of the reply
+                        yield got[0][0][2], False, True
                         continue
                     if outputs is None:
                         outputs = got
@@ -1573,10 +1525,7 @@ class GradioClient:
                             appended.clear()
                         outputs = [_apply_diff(o, d) for o, d in zip(outputs, got)]
                     path = _reply_path(outputs)
-                    # a later update that already arrived makes this snapshot stale
-                    unsent = any(_is_update(m) or _is_success(m) for m in more)
-                    if not unsent:
-                        yield _reply_from_output(outputs), False, False
+                    yield _reply_from_output(outputs), False, False
                 elif kind == "process_completed":
                     progress.done = True
                     output = msg.get("output") or {}
@@ -2084,17 +2033,20 @@ class Config:
             if f.name == "upstream":
                 names.append("BHARATGEN_BASE_URL")
             raw = next((env[n] for n in names if env.get(n)), None)
-            if flags.get(f.name) is not None:
-                value = flags[f.name]
-                values[f.name] = [value] if f.name == "upstream" and isinstance(value, str) else value
-            elif raw is not None:
-                values[f.name] = cls._parse(f, raw, names[0])
+            value, where = flags.get(f.name), "--" + f.name.replace("_", "-")
+            if isinstance(value, list) and "List" in str(f.type):    # a repeated flag
+                value = ",".join(value)
+            if value is None and raw is not None:
+                value, where = raw, names[0]
+            if value is not None:
+                values[f.name] = cls._parse(f, value, where) if isinstance(value, str) else value
         config = cls(**values)
         config.check()
         return config
 
     @staticmethod
     def _parse(f: "dataclasses.Field[Any]", raw: str, name: str) -> Any:
+        """A setting given as text (a flag, the environment) as its field's type."""
         kind = str(f.type)                  # "<class 'int'>", "typing.Optional[float]", ...
         try:
             if "List" in kind:
@@ -4064,22 +4016,7 @@ def _cmd_bench(args: Any) -> int:
 
 def _config_from_args(args: Any) -> Config:
     """A :class:`Config` from parsed flags, the environment and the defaults."""
-    flags = {name: getattr(args, name, None) for name in
-             ("endpoint", "model", "models_file", "system_prompt", "protocol", "timeout",
-              "connect_timeout", "first_event_timeout", "reasoning", "reasoning_field",
-              "host", "port", "max_body_bytes", "api_key_file", "header_timeout",
-              "body_timeout", "send_timeout", "max_concurrent", "max_connections",
-              "max_messages", "max_chars", "max_event_bytes", "rate_limit_rpm",
-              "rate_limit_streams", "grace", "log_format")}
-    if getattr(args, "allow_no_auth", False):
-        flags["allow_no_auth"] = True
-    if getattr(args, "cors_origin", None):
-        flags["cors_origins"] = list(args.cors_origin)
-    if getattr(args, "upstream", None):
-        flags["upstream"] = [u for arg in args.upstream for u in _split_list(arg)]
-    if getattr(args, "api_key", None):
-        flags["api_keys"] = list(args.api_key)
-    return Config.load(**flags)
+    return Config.load(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)})
 
 
 def _start_demo(config: Config, token_delay: float, out: Any) -> DemoUpstream:
@@ -4256,8 +4193,64 @@ def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: s
                 {"role": "assistant", "content": "".join(answer)}]
 
 
+# The commands' flags that set a Config field, with their help; "--first-event-timeout" sets
+# first_event_timeout, and its text is parsed as the environment's BHARATGEN_* values are.
+_UPSTREAM_FLAGS = (
+    ("upstream", "the Gradio app: its root, /gradio_api URL, or owner/space; repeat it (or "
+                 "give a comma list) for replicas (env BHARATGEN_UPSTREAM or BHARATGEN_BASE_URL)"),
+    ("endpoint", "the app's chat endpoint (default: discovered; chat_fn_1 for the Param app)"),
+    ("protocol", "queue (diffs), call (whole output each update), or auto (default)"),
+    ("model", "the model name to serve (default %s)" % DEFAULT_MODEL),
+    ("system_prompt", "used when a request has no system message"),
+    ("timeout", "seconds of upstream silence allowed between events (default 120)"),
+    ("first_event_timeout", "seconds to wait for the first output (default: --timeout)"),
+    ("connect_timeout", "seconds to connect upstream and get an answer's head (default 10)"),
+    ("demo", "use the built-in demo upstream (canned answers)"),
+)
+_SERVE_FLAGS = (
+    ("host", "address to bind (default 127.0.0.1)"),
+    ("port", "port (default %d; 0 picks a free one)" % DEFAULT_PORT),
+    ("api_keys", "accepted bearer key; repeatable (env BHARATGEN_API_KEYS, comma list)"),
+    ("api_key_file", "more keys, one a line; re-read on SIGHUP"),
+    ("allow_no_auth", "serve a non-loopback address with no key (refused otherwise)"),
+    ("cors_origins", "let browser pages from ORIGIN call the API; repeatable; * for any"),
+    ("models_file", "a JSON file declaring several models and their upstreams"),
+    ("reasoning", "where the thought goes: its own field (separate, default), inline in "
+                  "<think> tags, or none"),
+    ("reasoning_field", "name of that field (default reasoning_content)"),
+    ("max_concurrent", "requests served at once; beyond it 503 (default 512)"),
+    ("max_connections", "client connections open at once; beyond it 503 (default 1024)"),
+    ("max_messages", "messages a request may hold (default 2048)"),
+    ("max_chars", "characters a request's messages may hold (default 1000000)"),
+    ("max_body_bytes", "request body limit (default 4 MiB)"),
+    ("max_event_bytes", "the largest upstream event taken (default 8 MiB); beyond it 502"),
+    ("header_timeout", "seconds a client has to send its request line and headers (default 10)"),
+    ("body_timeout", "seconds a client has to send its body (default 30)"),
+    ("send_timeout", "seconds a client may take nothing of an answer before it is cut off "
+                     "(default 60)"),
+    ("rate_limit_rpm", "requests a minute per key (default: none)"),
+    ("rate_limit_streams", "concurrent streams per key (default: none)"),
+    ("grace", "on SIGTERM, seconds to let streams finish (default 30)"),
+    ("log_format", "access log format: text (default) or json"),
+)
+_FLAG_NAMES = {"api_keys": "--api-key", "cors_origins": "--cors-origin", "models_file": "--config"}
+
+
+def _add_flags(parser: Any, flags: Sequence[Tuple[str, str]]) -> None:
+    """Add the flags of Config fields: repeatable for lists, on/off for booleans."""
+    kinds = {f.name: str(f.type) for f in dataclasses.fields(Config)}
+    for name, text in flags:
+        flag = _FLAG_NAMES.get(name) or "--" + name.replace("_", "-")
+        names = [flag, "--base-url"] if name == "upstream" else [flag]
+        if kinds[name] == "bool":
+            parser.add_argument(*names, dest=name, action="store_true", default=None, help=text)
+        else:
+            parser.add_argument(*names, dest=name, metavar=flag.split("-")[-1].upper(),
+                                action="append" if "List" in kinds[name] else "store", help=text)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line: ``serve``, ``chat``, ``info``, ``demo``."""
+    """The command line: ``serve``, ``chat``, ``info``, ``demo``, ``bench``."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -4269,67 +4262,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def upstream_flags(p: Any) -> None:
-        p.add_argument("--upstream", "--base-url", dest="upstream", metavar="URL", action="append",
-                       help="the Gradio app: its root, /gradio_api URL, or owner/space; "
-                            "repeat it (or give a comma list) for replicas "
-                            "(env BHARATGEN_UPSTREAM or BHARATGEN_BASE_URL)")
-        p.add_argument("--endpoint", help="the app's chat endpoint (default: discovered; "
-                                          "%s for the Param app)" % DEFAULT_ENDPOINT)
-        p.add_argument("--protocol", choices=PROTOCOLS,
-                       help="queue (diffs), call (whole output each update), or auto (default)")
-        p.add_argument("--first-event-timeout", type=float,
-                       help="seconds to wait for the first output (default: --timeout)")
-        p.add_argument("--model", help="the model name to serve (default %s)" % DEFAULT_MODEL)
-        p.add_argument("--system-prompt", help="used when a request has no system message")
-        p.add_argument("--timeout", type=float,
-                       help="seconds of upstream silence allowed between events (default 120)")
-        p.add_argument("--connect-timeout", type=float, help="seconds to connect upstream")
-        p.add_argument("--demo", action="store_true",
-                       help="use the built-in demo upstream (canned answers)")
+        _add_flags(p, _UPSTREAM_FLAGS)
         p.add_argument("--token-delay", type=float, default=0.02,
                        help="the demo upstream's pause per token, seconds (default 0.02)")
 
     p = sub.add_parser("serve", help="run the OpenAI-compatible server")
     upstream_flags(p)
-    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port (default %d; 0 picks a free one)" % DEFAULT_PORT)
-    p.add_argument("--api-key", action="append", metavar="KEY",
-                   help="accepted bearer key; repeatable (env BHARATGEN_API_KEYS, comma list)")
-    p.add_argument("--api-key-file", metavar="FILE",
-                   help="more keys, one a line; re-read on SIGHUP")
-    p.add_argument("--allow-no-auth", action="store_true",
-                   help="serve a non-loopback address with no key (refused otherwise)")
-    p.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   help="let browser pages from ORIGIN call the API; repeatable; * for any")
-    p.add_argument("--max-concurrent", type=int,
-                   help="requests served at once; beyond it 503 (default 512)")
-    p.add_argument("--max-messages", type=int, help="messages a request may hold (default 2048)")
-    p.add_argument("--max-chars", type=int,
-                   help="characters a request's messages may hold (default 1000000)")
-    p.add_argument("--header-timeout", type=float,
-                   help="seconds a client has to send its request line and headers (default 10)")
-    p.add_argument("--body-timeout", type=float,
-                   help="seconds a client has to send its body (default 30)")
-    p.add_argument("--rate-limit-rpm", type=int, help="requests a minute per key (default: none)")
-    p.add_argument("--rate-limit-streams", type=int,
-                   help="concurrent streams per key (default: none)")
-    p.add_argument("--grace", type=float,
-                   help="on SIGTERM, seconds to let streams finish (default 30)")
-    p.add_argument("--log-format", choices=("text", "json"), help="access log format")
-    p.add_argument("--max-connections", type=int,
-                   help="client connections open at once; beyond it 503 (default 1024)")
-    p.add_argument("--send-timeout", type=float,
-                   help="seconds a client may take nothing of an answer before it is cut "
-                        "off (default 60)")
-    p.add_argument("--max-event-bytes", type=int,
-                   help="the largest upstream event taken (default 8 MiB); beyond it 502")
-    p.add_argument("--reasoning", choices=REASONING_MODES,
-                   help="where the thought goes: its own field (separate, default), "
-                        "inline in <think> tags, or none")
-    p.add_argument("--reasoning-field", help="name of that field (default reasoning_content)")
-    p.add_argument("--max-body-bytes", type=int, help="request body limit (default 4 MiB)")
-    p.add_argument("--config", dest="models_file", metavar="FILE",
-                   help="a JSON file declaring several models and their upstreams")
+    _add_flags(p, _SERVE_FLAGS)
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("chat", help="chat in the terminal (one prompt, or interactive)")

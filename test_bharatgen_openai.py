@@ -44,7 +44,7 @@ def fixture(name):
 
 def events_of(read):
     """The events of an SSE stream, unbatched."""
-    return [event for batch in bg._iter_sse(read) for event in batch]
+    return list(bg._iter_sse(read))
 
 
 def snapshots(capture):
@@ -830,18 +830,18 @@ class SSETests(unittest.TestCase):
             blocks = iter([raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])])
             self.assertEqual(events_of(lambda: next(blocks, b"")), expected)
 
-    def test_batches_hold_every_event_complete_in_what_arrived(self):
+    def test_events_cut_anywhere_come_whole(self):
         blocks = iter([b"data: 1\n\ndata: 2\n\nda", b"ta: 3\n", b"\n", b"data: 4\n\ndata: 5\n\n",
                        b": just a comment\n\n", b"data: 6"])
-        self.assertEqual([[d for _, d in batch] for batch in bg._iter_sse(lambda: next(blocks, b""))],
-                         [["1", "2"], ["3"], ["4", "5"], ["6"]])
+        self.assertEqual([d for _, d in bg._iter_sse(lambda: next(blocks, b""))],
+                         ["1", "2", "3", "4", "5", "6"])
 
     def test_a_line_or_an_event_over_the_limit_ends_the_stream(self):
         def feed(*blocks):
             it = iter(blocks)
             return lambda: next(it, b"")
-        self.assertEqual([d for b in bg._iter_sse(feed(b"data: " + b"x" * 94 + b"\n\n"), 100)
-                          for _, d in b], ["x" * 94])
+        self.assertEqual([d for _, d in bg._iter_sse(feed(b"data: " + b"x" * 94 + b"\n\n"), 100)],
+                         ["x" * 94])
         for blocks in ([b"data: " + b"x" * 60, b"x" * 60],                  # one line, no end
                        [b"data: " + b"x" * 60 + b"\n", b"data: " + b"y" * 60 + b"\n"],   # one event
                        [b"x" * 101]):
@@ -862,7 +862,7 @@ class SSETests(unittest.TestCase):
                 return b"data: "
             return block if calls[0] < 1026 else b"\n\n" if calls[0] == 1026 else b""
         started = time.monotonic()
-        [[(_, data)]] = list(bg._iter_sse(read))
+        [(_, data)] = list(bg._iter_sse(read))
         self.assertEqual(len(data), 4096 * 1024)
         self.assertLess(time.monotonic() - started, 5)
 
@@ -1511,21 +1511,6 @@ class GradioClientTests(unittest.TestCase):
             list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
         with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
             list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
-
-    def test_queue_appends_that_arrived_together_are_one_update(self):
-        path = [0, 1, "content", 0, "text"]
-        def gen(*diffs):
-            return {"msg": "process_generating", "output": {"data": [list(diffs), []]}}
-        batch = [gen(["append", path, "a"]), gen(["append", path, "b"]), gen(["replace", path, "x"]),
-                 gen(["append", path, "c"]), {"msg": "heartbeat"}, gen(["append", path, "d"])]
-        seen = []
-        for msg, more in bg.GradioClient._messages([[("", json.dumps(m)) for m in batch]]):
-            seen.append((msg, len(more)))
-        self.assertEqual([n for _, n in seen], [5, 4, 3, 2, 1, 0])
-        self.assertEqual(list(bg.GradioClient._latest([[("generating", "1"), ("generating", "2")],
-                                                       [("heartbeat", ""), ("generating", "3"),
-                                                        ("complete", "4")]])),
-                         [("generating", "2"), ("heartbeat", ""), ("complete", "4")])
 
     def test_a_stall_after_output_ends_within_the_timeout(self):
         for protocol in ("queue", "call"):
