@@ -2986,14 +2986,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.connection.settimeout(self.send_timeout)
         self.end_headers()
 
-    def send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> int:
-        body = _COMPACT_JSON.encode(obj).encode("utf-8")
-        head = {"Content-Type": "application/json", "Content-Length": str(len(body))}
+    def send_body(self, status: int, body: bytes, content_type: str,
+                  headers: Optional[Dict[str, str]] = None) -> int:
+        """A whole answer (its head only, for HEAD); returns ``status``."""
+        head = {"Content-Type": content_type, "Content-Length": str(len(body))}
         self.send_head(status, dict(head, **(headers or {})))
         if self.command != "HEAD":
             self.bytes_out += len(body)
             self.wfile.write(body)
         return status
+
+    def send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> int:
+        return self.send_body(status, _COMPACT_JSON.encode(obj).encode("utf-8"),
+                              "application/json", headers)
 
     def start_events(self, headers: Optional[Dict[str, str]] = None) -> None:
         """Begin a ``text/event-stream``: chunked on HTTP/1.1, up to the close on 1.0."""
@@ -3083,12 +3088,6 @@ class _Server(http.server.ThreadingHTTPServer):
             self._thread.join(5)
             self._thread = None
         self.server_close()
-
-    def __enter__(self) -> Any:
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
         """A client that hangs up is routine; anything else is logged."""
@@ -3332,13 +3331,8 @@ class _GatewayHandler(_Handler):
         return self.send_json(200 if ok else 503, body, self._headers())
 
     def _op_metrics(self) -> int:
-        body = self.server.metrics.render().encode("utf-8")
-        self.send_head(200, self._headers({"Content-Type": "text/plain; version=0.0.4; charset=utf-8",
-                                           "Content-Length": str(len(body))}))
-        if self.command != "HEAD":
-            self.bytes_out += len(body)
-            self.wfile.write(body)
-        return 200
+        return self.send_body(200, self.server.metrics.render().encode("utf-8"),
+                              "text/plain; version=0.0.4; charset=utf-8", self._headers())
 
     def _op_list_models(self) -> int:
         return self._respond(self.server.backend.models())
@@ -3611,8 +3605,7 @@ class _DemoHandler(_Handler):
         call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
         join = path == srv.prefix + "/queue/join" and srv.queue
         if not (join or (call and call.group(1) == srv.endpoint)):
-            self.send_head(500, {"Content-Type": "text/plain; charset=utf-8", "Content-Length": "21"})
-            self.wfile.write(b"Internal Server Error")
+            self.send_body(500, b"Internal Server Error", "text/plain; charset=utf-8")
             return
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
