@@ -1365,9 +1365,9 @@ class GradioClient:
         data = self._data(info, message, history, {
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
             "top_p": top_p, "top_k": top_k})
-        if info.use_queue:
-            return self._stream_queue(info, data)
-        return self._stream_call(info, data)
+        progress = _Progress()
+        updates = self._queue_updates if info.use_queue else self._call_updates
+        return updates(self._job(info, data, progress), progress)
 
     def _join(self, conn: http.client.HTTPConnection, path: str, body: Any) -> str:
         """POST a job; its ``event_id``.  503 is a full queue."""
@@ -1399,14 +1399,14 @@ class GradioClient:
                 pass
         threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
 
-    def _events(self, conn: http.client.HTTPConnection, path: str,
-                progress: _Progress) -> Iterator[Tuple[str, str]]:
-        """The events of the stream at ``path``: the first output within
-        ``first_event_timeout``, then each silence within ``timeout``; a socket failure
-        becomes the matching API error.  Once the job is done, the rest of the stream
-        is read briefly so that the connection can be kept; else it is closed."""
-        resp, timed = self._exchange(conn, "GET", path)
-        count = [0]
+    def _job(self, info: _AppInfo, data: List[Any],
+             progress: _Progress) -> Iterator[Tuple[str, str]]:
+        """Submit a job (``/queue/join``, or ``/call``) and yield the events of its stream:
+        the first output within ``first_event_timeout``, then each silence within
+        ``timeout``; a socket failure becomes the matching API error.  A finished job's
+        stream is read to its end (briefly) so that its connection can be kept; a job
+        left unfinished is cancelled."""
+        conn, session, event_id, resp, count = self._connection(), os.urandom(6).hex(), None, None, [0]
 
         def read() -> bytes:
             if progress.started and timed.deadline is not None:
@@ -1415,6 +1415,16 @@ class GradioClient:
             count[0] += len(block)
             return block
         try:
+            if info.use_queue:
+                event_id = self._join(conn, info.prefix + "/queue/join", {
+                    "data": data, "fn_index": info.fn_index, "session_hash": session,
+                    "event_data": None, "trigger_id": None})
+                path = "%s/queue/data?session_hash=%s" % (info.prefix, session)
+            else:
+                path = "%s/call/%s" % (info.prefix, info.endpoint)
+                event_id = session = self._join(conn, path, {"data": data})
+                path += "/" + urllib.parse.quote(event_id, safe="")
+            resp, timed = self._exchange(conn, "GET", path)
             if resp.status != 200:
                 raise UpstreamError("the Gradio app refused the event stream (HTTP %d)"
                                     % resp.status)
@@ -1431,7 +1441,7 @@ class GradioClient:
                 raise
             raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
         finally:
-            if progress.done and not resp.isclosed():
+            if progress.done and resp is not None and not resp.isclosed():
                 try:
                     timed.arm(min(self.timeout, 1.0))
                     while read():
@@ -1441,16 +1451,14 @@ class GradioClient:
             if self.metrics is not None and count[0]:
                 self.metrics.inc("bharatgen_upstream_bytes_total", count[0])
             self._release(conn, resp if progress.done else None)
+            if event_id is not None and not progress.done:
+                self._cancel(info, session, event_id)
 
-    def _stream_call(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
-        """The two-step ``/call`` API: POST the inputs, then follow the event stream."""
-        base = "%s/call/%s" % (info.prefix, info.endpoint)
-        conn, progress, events = self._connection(), _Progress(), None
-        event_id = None
+    @staticmethod
+    def _call_updates(events: Iterator[Tuple[str, str]],
+                      progress: _Progress) -> Iterator[Tuple[str, bool, bool]]:
+        """The ``/call`` API's updates: each event holds the whole output."""
         try:
-            event_id = self._join(conn, base, {"data": data})
-            events = self._events(conn, "%s/%s" % (base, urllib.parse.quote(event_id, safe="")),
-                                  progress)
             for event, payload in events:
                 if event in ("generating", "complete"):
                     progress.started = True
@@ -1474,31 +1482,14 @@ class GradioClient:
                     raise UpstreamError(_upstream_error_message(detail))
             raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
         finally:
-            self._end(conn, events, progress, info, event_id, event_id)
-
-    def _end(self, conn: http.client.HTTPConnection, events: Optional[Iterator[Any]],
-             progress: _Progress, info: _AppInfo, session: Optional[str],
-             event_id: Optional[str]) -> None:
-        """A job's end: its stream closed (the connection kept if it can be), the job
-        cancelled if it did not finish."""
-        if events is not None:
             events.close()          # type: ignore[attr-defined]
-        else:
-            self._release(conn, None)
-        if event_id is not None and not progress.done:
-            self._cancel(info, session or event_id, event_id)
 
-    def _stream_queue(self, info: _AppInfo, data: List[Any]) -> Iterator[Tuple[str, bool, bool]]:
-        """The queue protocol: join, then apply the ``process_generating`` diffs."""
-        session = os.urandom(6).hex()
-        conn, progress, events = self._connection(), _Progress(), None
-        event_id = None
+    @staticmethod
+    def _queue_updates(events: Iterator[Tuple[str, str]],
+                       progress: _Progress) -> Iterator[Tuple[str, bool, bool]]:
+        """The queue protocol's updates: the whole output, then the ``process_generating``
+        diffs applied (appends to the reply passed on as they are)."""
         try:
-            event_id = self._join(conn, info.prefix + "/queue/join", {
-                "data": data, "fn_index": info.fn_index, "session_hash": session,
-                "event_data": None, "trigger_id": None})
-            events = self._events(conn, "%s/queue/data?session_hash=%s" % (info.prefix, session),
-                                  progress)
             outputs: Any = None
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
@@ -1542,7 +1533,7 @@ class GradioClient:
                     break
             raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
         finally:
-            self._end(conn, events, progress, info, session, event_id)
+            events.close()          # type: ignore[attr-defined]
 
 
 @dataclass
@@ -3383,39 +3374,25 @@ class _GatewayHandler(_Handler):
         past its grace period) is sent as an error event the openai SDK raises on, and
         the stream ends.  A client that takes nothing for ``send_timeout`` is cut off.
         """
-        srv, close = self.server, getattr(source, "close", lambda: None)
-        try:
-            srv.limiter.open_stream(self._who)
-        except BharatGenError:
-            close()
-            raise
+        srv, started, began = self.server, time.monotonic(), False
+        srv.limiter.open_stream(self._who)
         srv.metrics.inc("bharatgen_streams_in_flight")
-        started = time.monotonic()
         try:
-            try:
-                first = next(events, None)
-            except BaseException:
-                close()
-                raise
+            first = next(events, None)
             self._ttft = time.monotonic() - started
             srv.metrics.observe("bharatgen_time_to_first_token_seconds", self._ttft)
             self.start_events(self._headers({"X-Accel-Buffering": "no"}))
-            return self._send_events(first, events, close, done, error_event)
-        finally:
-            srv.metrics.inc("bharatgen_streams_in_flight", -1)
-            srv.limiter.close_stream(self._who)
-
-    def _send_events(self, first: Optional[bytes], events: Iterator[bytes],
-                     close: Callable[[], None], done: bool, error_event: Optional[str]) -> int:
-        try:
+            began = True
             for event in _chain_first(first, events):
-                if self.server.closing.is_set():
+                if srv.closing.is_set():
                     raise _shutting_down()
                 self.send_event(event)
         except BharatGenError as exc:
+            if not began:
+                raise
             _log.warning("stream %s failed after output began: %s", self.request_id, exc.message)
             if isinstance(exc, UpstreamError):
-                self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
+                srv.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             body = exc.to_dict()
             if error_event:           # the Responses API's shape: its fields, and "error"
                 body = dict(body["error"], error=body["error"], type="error")
@@ -3428,7 +3405,9 @@ class _GatewayHandler(_Handler):
             self.close_connection = True          # (the upstream's failures are
             return 499                            # BharatGenErrors by now)
         finally:
-            close()
+            getattr(source, "close", lambda: None)()
+            srv.metrics.inc("bharatgen_streams_in_flight", -1)
+            srv.limiter.close_stream(self._who)
         try:
             if done:
                 self.send_event(b"data: [DONE]\n\n")
