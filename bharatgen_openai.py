@@ -81,6 +81,7 @@ DEFAULT_MAX_TOKENS = 1024
 DEFAULT_TOP_P = 0.95
 DEFAULT_TOP_K = 50
 DEFAULT_PORT = 8000
+MAX_HEAD_BYTES = 64 * 1024                 # a request's header fields, in all
 MAX_BODY_BYTES = 4 * 1024 * 1024           # a request body
 MAX_EVENT_BYTES = 8 * 1024 * 1024          # one upstream SSE line, and one event
 MAX_UPSTREAM_BODY = 16 * 1024 * 1024       # an upstream /config, /info or error body
@@ -258,7 +259,7 @@ def _iter_sse(read: Callable[[], bytes], limit: int = MAX_EVENT_BYTES) -> Iterat
                 event = value
             elif name == "data":
                 data.append(value)
-                size += len(value)
+                size += len(value) + 1             # an empty line still costs a "\n"
         if start < len(block):
             pending.append(block[start:])
             held += len(block) - start
@@ -272,11 +273,23 @@ def _iter_sse(read: Callable[[], bytes], limit: int = MAX_EVENT_BYTES) -> Iterat
 _COMPACT_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))  # stateless
 
 
+def _json_bytes(obj: Any) -> bytes:
+    """Compact JSON as UTF-8; a lone surrogate (valid in JSON text, not in UTF-8) stays the
+    JSON escape it came as."""
+    return _COMPACT_JSON.encode(obj).encode("utf-8", "backslashreplace")
+
+
+def _printable(text: Any) -> str:
+    """``text`` with every character that is not printable escaped (control characters,
+    line separators), for a line of a text log."""
+    return repr(str(text))[1:-1]
+
+
 def _sse(obj: Any, event: Optional[str] = None) -> bytes:
     """One server-sent event carrying ``obj`` as compact JSON (or a literal string)."""
     payload = obj if isinstance(obj, str) else _COMPACT_JSON.encode(obj)
     head = "event: %s\n" % event if event else ""
-    return ("%sdata: %s\n\n" % (head, payload)).encode("utf-8")
+    return ("%sdata: %s\n\n" % (head, payload)).encode("utf-8", "backslashreplace")
 
 
 class _TagReader(HTMLParser):
@@ -959,7 +972,8 @@ class _TimedReader(io.RawIOBase):
             if left <= 0:
                 raise socket.timeout("the time allowed has passed")
             wait = left if wait is None else min(wait, left)
-        timed.sock.settimeout(wait)
+        if wait != timed.sock.gettimeout():      # a system call: only when it changes
+            timed.sock.settimeout(wait)
         n = timed.sock.recv_into(buf)
         timed.received += n
         return n
@@ -1118,6 +1132,8 @@ class GradioClient:
             headers.update(self._proxy_headers)
         if conn.sock is not None and _dropped(conn):
             conn.close()                   # closed while it rested: http.client reconnects
+        elif conn.sock is not None:
+            conn.sock.settimeout(self.connect_timeout)     # for sending the request
         retry = method == "GET" and conn.sock is not None
         while True:
             try:
@@ -1409,8 +1425,6 @@ class GradioClient:
         conn, session, event_id, resp, count = self._connection(), os.urandom(6).hex(), None, None, [0]
 
         def read() -> bytes:
-            if progress.started and timed.deadline is not None:
-                timed.arm(None)
             block = resp.read1(65536)
             count[0] += len(block)
             return block
@@ -1430,7 +1444,10 @@ class GradioClient:
                                     % resp.status)
             timed.idle = self.timeout
             timed.arm(self.first_event_timeout)
-            yield from _iter_sse(read, self.max_event_bytes)
+            for event in _iter_sse(read, self.max_event_bytes):
+                yield event
+                if progress.started and timed.deadline is not None:
+                    timed.arm(None)            # output began: only silences are bounded now
         except socket.timeout:
             if progress.started:
                 raise APITimeoutError("the Gradio app sent nothing for %ss" % self.timeout) from None
@@ -1603,7 +1620,7 @@ class _UpstreamPool:
             replica.down_until = time.monotonic() + delay
         _log.warning("upstream %s %s for %.0fs: %s", replica.client.base_url,
                      "set aside as busy" if replica.busy else "marked down", delay,
-                     error.message)
+                     _printable(error.message))
 
     def stream(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, bool, bool]]:
         """:meth:`GradioClient.stream` on the first replica that gives output."""
@@ -2271,6 +2288,10 @@ class _Backend:
         if body.get("best_of") not in (None, 1):
             raise _bad("'best_of' is not supported", "best_of", "unsupported_parameter")
         sampling = _sampling(body, ("max_tokens",))
+        if len(prompts) * sampling.n > 16:
+            raise _bad("%d prompts with n=%d would start %d generations; this server starts at "
+                       "most 16 for one request" % (len(prompts), sampling.n,
+                                                    len(prompts) * sampling.n), "prompt")
         echo, stream = _flag(body, "echo"), _flag(body, "stream")
         include_usage = _include_usage(body)
         gens = [self._generation(route, _Conversation(None, [], p, estimate_tokens(p)), sampling)
@@ -2833,22 +2854,21 @@ class _Metrics:
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")          # a field name (RFC 9110 5.6.2)
 _TOKENS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+(?:[ \t]*,[ \t]*[!#$%&'*+.^_`|~0-9A-Za-z-]+)*\Z")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")              # in a field value (HTAB is fine)
-_VERSION = re.compile(r"HTTP/[0-9]\.[0-9]\Z")
-
-
-def _printable(text: Any) -> str:
-    """``text`` with control characters escaped, for a line of a text log."""
-    return json.dumps(str(text), ensure_ascii=False)[1:-1]
+_REQUEST_LINE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+ [\x21-\x7e]+ HTTP/[0-9]\.[0-9]\Z")
 
 
 class _Recorder:
-    """Passes ``readline`` on and keeps the lines: the request head as it came."""
+    """Passes ``readline`` on and keeps the lines: the request head as it came, at most
+    ``MAX_HEAD_BYTES`` in all (http.server bounds only each line and their number)."""
 
     def __init__(self, rfile: Any) -> None:
-        self.rfile, self.lines = rfile, []
+        self.rfile, self.lines, self.left = rfile, [], MAX_HEAD_BYTES
 
     def readline(self, limit: int = -1) -> bytes:
-        line = self.rfile.readline(limit)
+        line = self.rfile.readline(min(limit, self.left + 1) if limit >= 0 else self.left + 1)
+        self.left -= len(line)
+        if self.left < 0:
+            raise http.client.LineTooLong("a request head of over %d bytes" % MAX_HEAD_BYTES)
         self.lines.append(line)
         return line
 
@@ -2871,6 +2891,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     send_timeout = 60.0                # seconds a client may take nothing we write
     body_length = 0                    # bytes of the request body not read yet
     dispatched = False
+    expecting = False                  # the client waits for "100 Continue" to send its body
     chunked = False
     bytes_out = 0                      # of the current answer's body
     command: Optional[str] = None      # until a request line is read
@@ -2887,6 +2908,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         gets a 408, and is never dispatched."""
         self.timed.arm(self.header_timeout)
         self.dispatched, self.body_length, self.chunked, self.bytes_out = False, 0, False, 0
+        self.expecting = False
         super().handle_one_request()
         if not self.dispatched and self.timed.expired and self.timed.received:
             self.send_error(408, "the request did not arrive within %ss" % self.header_timeout)
@@ -2916,8 +2938,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _check_head(self, lines: List[bytes]) -> Optional[Tuple[int, str]]:
         """``(status, message)`` if the request cannot be taken safely, else ``None``."""
-        if not _VERSION.match(self.request_version):
-            return 400, "Bad request version (%r)" % self.request_version
+        if not _REQUEST_LINE.match(self.requestline):
+            return 400, "Bad request line (%r)" % self.requestline[:100]
         if not lines or lines[-1] not in (b"\r\n", b"\n"):
             return 400, "the request head ended early"
         for raw in lines[:-1]:
@@ -2927,6 +2949,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             if not colon or not _TOKEN.match(name) or _CONTROL.search(value):
                 return 400, "Bad header field (%r)" % text[:100]
         get = self.headers.get_all
+        if "close" in re.split(r"[ \t]*,[ \t]*", ",".join(get("Connection") or ()).lower()):
+            self.close_connection = True
         if self.request_version == "HTTP/1.1" and len(get("Host") or ()) != 1:
             return 400, "an HTTP/1.1 request needs exactly one Host field"
         codings, lengths = get("Transfer-Encoding"), get("Content-Length")
@@ -2937,10 +2961,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 return 411, "send the body with a Content-Length (chunked bodies are not taken)"
             return 501, "the transfer coding %r is not supported" % ", ".join(codings)[:100]
         if lengths:
-            if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip()):
+            if len(lengths) > 1 or not re.fullmatch(r"[0-9]{1,18}", lengths[0].strip(" \t")):
                 return 400, "invalid Content-Length %r" % ", ".join(lengths)[:100]
-            self.body_length = int(lengths[0])
+            self.body_length = int(lengths[0].strip(" \t"))
         return None
+
+    def handle_expect_100(self) -> bool:
+        """``100 Continue`` is sent when the body is about to be read, not before the
+        request is checked (a refused one never asks for its body)."""
+        self.expecting = True
+        return True
 
     def read_body(self, limit: int) -> bytes:
         """The request body, at most ``limit`` bytes, within ``body_timeout``."""
@@ -2949,6 +2979,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             raise RequestTooLargeError("the request body has %d bytes; the limit is %d"
                                        % (length, limit))
+        if self.expecting:
+            self.expecting = False
+            self.send_response_only(100)
+            self.end_headers()
         self.timed.arm(self.body_timeout)
         try:
             body = self.rfile.read(length)
@@ -2988,8 +3022,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         return status
 
     def send_json(self, status: int, obj: Any, headers: Optional[Dict[str, str]] = None) -> int:
-        return self.send_body(status, _COMPACT_JSON.encode(obj).encode("utf-8"),
-                              "application/json", headers)
+        return self.send_body(status, _json_bytes(obj), "application/json", headers)
 
     def start_events(self, headers: Optional[Dict[str, str]] = None) -> None:
         """Begin a ``text/event-stream``: chunked on HTTP/1.1, up to the close on 1.0."""
@@ -3239,6 +3272,8 @@ class _GatewayHandler(_Handler):
                 self._who = "key:" + self._key
             if path not in self._unlimited:
                 self._extra = srv.limiter.take(self._who)
+            body = self._request_json() if method == "POST" else None   # before a slot:
+            if path not in self._unlimited:                              # a slow body holds none
                 slot = srv.slots.acquire(blocking=False)
                 if not slot:
                     raise ServerOverloadedError("the server is serving its limit of %d requests; "
@@ -3247,7 +3282,7 @@ class _GatewayHandler(_Handler):
             if name == "get_model":
                 status = self._respond(srv.backend.model(model_id or ""))
             else:
-                status = getattr(self, "_op_" + name)()
+                status = getattr(self, "_op_" + name)(body)
         except BharatGenError as exc:
             status = self._send_error(exc)
         except OSError:                                 # the client went away, or took nothing
@@ -3309,7 +3344,7 @@ class _GatewayHandler(_Handler):
 
     # -- operations ---------------------------------------------------------------------
 
-    def _op_health(self) -> int:
+    def _op_health(self, body: None) -> int:
         """Up or down for anyone; the replicas' states only with a valid key (if keys are set)."""
         ok, report = self.server.backend.health()
         body: Dict[str, Any] = {"status": "ok" if ok else "unavailable"}
@@ -3321,35 +3356,34 @@ class _GatewayHandler(_Handler):
             pass
         return self.send_json(200 if ok else 503, body, self._headers())
 
-    def _op_metrics(self) -> int:
+    def _op_metrics(self, body: None) -> int:
         return self.send_body(200, self.server.metrics.render().encode("utf-8"),
                               "text/plain; version=0.0.4; charset=utf-8", self._headers())
 
-    def _op_list_models(self) -> int:
+    def _op_list_models(self, body: None) -> int:
         return self._respond(self.server.backend.models())
 
-    def _op_embeddings(self) -> int:
-        body = self._request_json()
+    def _op_embeddings(self, body: Any) -> int:
         model = body.get("model") if isinstance(body, dict) else None
         raise NotFoundError("%s is a chat model and serves no embeddings"
                             % (model if isinstance(model, str) else self.server.backend.default_model),
                             param="model", code="model_not_found")
 
-    def _op_chat(self) -> int:
-        result = self.server.backend.chat(self._request_json())
+    def _op_chat(self, body: Any) -> int:
+        result = self.server.backend.chat(body)
         if isinstance(result, ChatCompletion):
             return self._respond(self._rename_reasoning(result.to_dict()))
         return self._stream((_sse(self._rename_reasoning(c.to_dict())) for c in result),
                             result, done=True)
 
-    def _op_completions(self) -> int:
-        result = self.server.backend.completions(self._request_json())
+    def _op_completions(self, body: Any) -> int:
+        result = self.server.backend.completions(body)
         if isinstance(result, Completion):
             return self._respond(result)
         return self._stream((_sse(c.to_dict()) for c in result), result, done=True)
 
-    def _op_responses(self) -> int:
-        result = self.server.backend.responses(self._request_json())
+    def _op_responses(self, body: Any) -> int:
+        result = self.server.backend.responses(body)
         if isinstance(result, dict):
             return self._respond(result)
         return self._stream((_sse(data, event) for event, data in result), result,
@@ -3390,7 +3424,8 @@ class _GatewayHandler(_Handler):
         except BharatGenError as exc:
             if not began:
                 raise
-            _log.warning("stream %s failed after output began: %s", self.request_id, exc.message)
+            _log.warning("stream %s failed after output began: %s", self.request_id,
+                         _printable(exc.message))
             if isinstance(exc, UpstreamError):
                 srv.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             body = exc.to_dict()

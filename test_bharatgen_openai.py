@@ -2909,7 +2909,8 @@ class FramingTests(unittest.TestCase):
                  (b"Content-Length: 5, 6\r\n", b"hello"),
                  (b"Content-Length: 5, 5\r\n", b"hello")]
         cases += [(b"Content-Length: %s\r\n" % value, CHAT_72)
-                  for value in (b"+72", b"7_2", b"-1", b"0x48", b"abc", b"\xd9\xa72")]
+                  for value in (b"+72", b"7_2", b"-1", b"0x48", b"abc", b"\xd9\xa72", b"72\xa0",
+                                b"\x8572")]
         for fields, body in cases:
             with self.subTest(fields=fields):
                 self.assert_refused(self.post(fields, body), 400, "bad_request")
@@ -3088,7 +3089,7 @@ class FramingTests(unittest.TestCase):
 
     def test_text_access_log_escapes_what_the_client_sent(self):
         with self.assertLogs("bharatgen_openai.access", "INFO") as logs:
-            for model in ("param-1\nFORGED 200", "param-1\x1b[2J"):
+            for model in ("param-1\nFORGED 200", "param-1\x1b[2J\x85\u2028\x9b\x7f"):
                 status, _, body = chat(self.gw, "Say hello", model=model)
                 self.assertEqual((status, json.loads(body)["error"]["code"]),
                                  (404, "model_not_found"))
@@ -3098,7 +3099,8 @@ class FramingTests(unittest.TestCase):
         for message in messages:
             self.assertNotIn("\n", message)
             self.assertNotIn("\r", message)
-            self.assertNotIn("\x1b", message)
+            for character in "\x1b\x85\u2028\x9b\x7f":
+                self.assertNotIn(character, message)
         forged = [m for m in messages if "FORGED" in m]     # the lines may come in any order
         self.assertEqual(len(forged), 1, messages)
         self.assertIn("param-1\\nFORGED 200", forged[0])
@@ -3471,6 +3473,12 @@ class FaultyGradio:
                 "process_completed", output={"data": ["done"]}, success=True)) + b"0\r\n\r\n",
                 end)
             return self._end(why or "done")
+        if how == "ping_after_complete":         # the job is done, the stream goes on
+            why = self._send(conn, chunk(generating([self.text])) + chunk(event(
+                "process_completed", output={"data": [self.text]}, success=True)), end)
+            while not why and not self.stopping.wait(0.3) and time.monotonic() < end:
+                why = self._send(conn, chunk(b": ping\n\n"), end)
+            return self._end(why or "done")
         half = len(self.text) // 2
         why = self._send(conn, chunk(generating([self.text[:half]])) + chunk(
             generating([[["append", [], self.text[half:]]]])) + chunk(
@@ -3593,6 +3601,97 @@ class UpstreamFaultTests(unittest.TestCase):
         self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
                           {"upstream_error", "upstream_unreachable"})
         self.assertEqual(len(fake.joins), 2, fake.log)
+
+
+class BoundsTests(unittest.TestCase):
+    """What a client can make the gateway hold, and for how long."""
+
+    def setUp(self):
+        self.demo = start_demo(self)
+        self.gw = start_gateway(self, self.demo.url, header_timeout=2, body_timeout=2)
+        self.port = self.gw.server_address[1]
+
+    def test_a_request_head_over_64_kib_in_all_is_431(self):
+        fields = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70))
+        raw = read_until_close(self, self.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+                               + fields + b"\r\n")
+        [(status, head, body)] = split_responses(raw)
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (431, "Line too long"))
+        self.assertEqual(request(self.gw.url, "GET", "/v1/models", headers={
+            "X-%d" % i: "a" * 1000 for i in range(60)})[0], 200)
+
+    def test_a_request_line_with_other_separators_is_400(self):
+        for line in (b"GET\x1c/v1/models HTTP/1.1", b"GET /v1/models\xa0HTTP/1.1",
+                     b"GET /v1/models\rHTTP/1.1", b"GET  /v1/models HTTP/1.1",
+                     b"GET /v1/mod\xc3\xa9ls HTTP/1.1"):
+            with self.subTest(line=line):
+                [(status, head, body)] = split_responses(read_until_close(
+                    self, self.port, line + b"\r\nHost: x\r\n\r\n"))
+                self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "bad_request"))
+                self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")
+
+    def test_100_continue_only_when_the_body_is_wanted(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["sk-a"])
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                b"Content-Length: 72\r\n%s\r\n")
+        raw = read_until_close(self, gw.server_address[1], head % b"")
+        self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:80])        # no 100 first
+        sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(head % b"Authorization: Bearer sk-a\r\n")
+        self.assertEqual(sock.recv(100), b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(CHAT_72)
+        raw = b""
+        while not (b"\r\n\r\n" in raw and _complete(raw)):
+            raw += sock.recv(65536)
+        [(status, _, body)] = split_responses(raw)
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, HELLO))
+
+    def test_a_slow_body_holds_no_slot(self):
+        gw = start_gateway(self, self.demo.url, max_concurrent=1, body_timeout=3)
+        sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=5)
+        self.addCleanup(sock.close)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+                     b"\r\n\r\n{")
+        time.sleep(0.3)
+        self.assertEqual(chat(gw, "Say hello")[0], 200)
+
+    def test_one_request_starts_at_most_16_generations(self):
+        status, _, body = request(self.gw.url, "POST", "/v1/completions",
+                                  {"prompt": ["Say hello"] * 9, "n": 2})
+        self.assertEqual((status, json.loads(body)["error"]), (400, {
+            "message": "9 prompts with n=2 would start 18 generations; this server starts "
+                       "at most 16 for one request", "type": "invalid_request_error",
+            "param": "prompt", "code": "invalid_value"}))
+        self.assertEqual(self.demo.calls, [])
+
+    def test_a_lone_surrogate_comes_back_as_the_json_escape_it_came_as(self):
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", raw=(
+            b'{"input": "Say hello", "metadata": {"a": "\\ud800"}}'))
+        self.assertEqual((status, json.loads(body)["metadata"]), (200, {"a": "\ud800"}))
+        for stream in (False, True):
+            status, _, body = chat(self.gw, "\udfff Say hello", stream=stream)
+            text = streamed_text(sse_events(body), "reasoning_content") if stream else \
+                json.loads(body)["choices"][0]["message"]["reasoning_content"]
+            self.assertEqual((status, text), (200, thought_of("\udfff Say hello")))
+        self.assertEqual(request(self.gw.url, "GET", "/health")[0], 200)
+
+    def test_empty_data_lines_count_toward_the_event_limit(self):
+        lines = iter([b"data:\n" * 60, b"data:\n" * 60, b""])
+        with self.assertRaisesRegex(bg.UpstreamError, "an event of over 100 bytes"):
+            list(bg._iter_sse(lambda: next(lines), 100))
+
+    def test_an_upstream_that_goes_on_after_the_end_does_not_delay_the_answer(self):
+        fake = faulty_gradio(self, "ping_after_complete")
+        gw = start_gateway(self, fake.url, timeout=5)
+        for stream in (False, True):
+            started = time.monotonic()
+            status, _, body = chat(gw, "Say hello", stream=stream)
+            text = streamed_text(sse_events(body)) if stream else \
+                json.loads(body)["choices"][0]["message"]["content"]
+            self.assertEqual((status, text), (200, HELLO))
+            self.assertLess(time.monotonic() - started, 3)
 
 
 class LoadTests(unittest.TestCase):
