@@ -3373,8 +3373,31 @@ class _GatewayHandler(_Handler):
         result = self.server.backend.chat(body)
         if isinstance(result, ChatCompletion):
             return self._respond(self._rename_reasoning(result.to_dict()))
-        return self._stream((_sse(self._rename_reasoning(c.to_dict())) for c in result),
-                            result, done=True)
+        return self._stream(map(self._chunk_encoder(), result), result, done=True)
+
+    def _chunk_encoder(self) -> Callable[[ChatCompletionChunk], bytes]:
+        """The SSE bytes of one stream's chunks.  A chunk that only adds text to a choice's
+        content or reasoning (nearly every one) reuses the bytes rendered around its text
+        the first time: one JSON string encoded instead of a dict built and encoded."""
+        around: Dict[Tuple[int, str], Tuple[bytes, bytes]] = {}
+        mark = "\x00bharatgen-text\x00"
+
+        def encode(chunk: ChatCompletionChunk) -> bytes:
+            choice = chunk.choices[0] if len(chunk.choices) == 1 else None
+            delta = choice.delta if choice is not None else ChoiceDelta(role="-")
+            texts = [(name, text) for name, text in (("content", delta.content), (
+                "reasoning_content", delta.reasoning_content)) if text is not None]
+            if len(texts) != 1 or not texts[0][1] or delta.role or choice.finish_reason:
+                return _sse(self._rename_reasoning(chunk.to_dict()))
+            (name, text), key = texts[0], (choice.index, texts[0][0])
+            if key not in around:
+                probe = dataclasses.replace(chunk, choices=[dataclasses.replace(
+                    choice, delta=ChoiceDelta(**{name: mark}))])
+                before, _, after = _sse(self._rename_reasoning(probe.to_dict())).partition(
+                    _json_bytes(mark))
+                around[key] = before, after
+            return b"%s%s%s" % (around[key][0], _json_bytes(text), around[key][1])
+        return encode
 
     def _op_completions(self, body: Any) -> int:
         result = self.server.backend.completions(body)

@@ -2265,10 +2265,10 @@ class StreamingTests(unittest.TestCase):
         demo = start_demo(self, token_delay=0)
         gw = start_gateway(self, demo.url)
         gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # inherited by accept()
-        sock = self.send_stream_request(gw.server_address[1], "20000 words")
+        sock = self.send_stream_request(gw.server_address[1], "4000 words")
         time.sleep(0.5)                            # not reading: the gateway must wait
         self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
-        self.assertEqual(self.read_slowly(sock), bg._demo_reply("20000 words", [], "", [0] * 4)[1])
+        self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
 
     def test_a_slow_client_over_tls_gets_its_whole_answer(self):
         context, cert = tls_server_context(self)
@@ -2282,10 +2282,10 @@ class StreamingTests(unittest.TestCase):
         self.addCleanup(gw.stop)
         demo.start()
         gw.start()
-        sock = self.send_stream_request(gw.server_address[1], "20000 words",
+        sock = self.send_stream_request(gw.server_address[1], "4000 words",
                                         __import__("ssl").create_default_context(cafile=cert))
         time.sleep(0.5)
-        self.assertEqual(self.read_slowly(sock), bg._demo_reply("20000 words", [], "", [0] * 4)[1])
+        self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
 
     @staticmethod
     def send_stream_request(port, prompt, tls=None):
@@ -2363,6 +2363,7 @@ class CancellationTests(unittest.TestCase):
             sock.close()
             self.assertTrue(self.wait_for(lambda: demo.active_streams == 0), "upstream left open")
             self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1), "no cancel sent")
+            gw.backend.close()              # the kept-alive upstream connections, and their threads
             self.assertTrue(self.wait_for(lambda: threading.active_count() <= threads_before))
 
     def test_a_demo_client_that_stops_reading_holds_up_only_its_own_stream(self):
