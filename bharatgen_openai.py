@@ -3840,9 +3840,9 @@ class DemoUpstream(_Server):
             elif kind == "done":
                 yield msg("process_completed", output={"data": value, "is_generating": False},
                           success=True)
-            else:
+            else:               # "error", or a subclass's own step: its bytes, None to drop
                 yield msg("process_completed", output={"error": value, "visible": True},
-                          success=False)
+                          success=False) if kind == "error" else value
                 return
         yield _sse({"msg": "close_stream", "event_id": None})
 

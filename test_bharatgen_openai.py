@@ -1232,7 +1232,7 @@ class FakeGradio(bg.DemoUpstream):
             yield "error", problem
             return
         for fault, step in (("error", ("error", "Model is overloaded, try again")),
-                            ("error-null", ("error", None)), ("malformed", ("malformed", None)),
+                            ("error-null", ("error", None)), ("malformed", ("malformed", b"data: {not json\n\n")),
                             ("hang", ("drop", None))):
             if "[[%s]]" % fault in message:
                 if fault == "hang":
@@ -1321,40 +1321,7 @@ class FakeGradio(bg.DemoUpstream):
                 yield None
 
     def queue_events(self, job):
-        return self._counted(self._replay(job) or self._queue_events(job))
-
-    def _queue_events(self, job):
-        def msg(kind, **fields):
-            return bg._sse(dict(msg=kind, event_id=job.event_id, **fields))
-
-        yield msg("estimation", rank=0, queue_size=1, rank_eta=0.5)
-        yield msg("process_starts", eta=0.5)
-        last = None
-        for kind, value in self._steps(job):
-            if kind == "output":
-                data = value
-                if last is not None:
-                    path, old, new = self._reply_path(value), last[0], value[0]
-                    for key in path:
-                        old, new = old[key], new[key]
-                    data = [[["append", path, new[len(old):]] if new.startswith(old) else
-                             ["replace", path, new]], []]
-                last = value
-                yield msg("process_generating", output={"data": data, "is_generating": True},
-                          success=True)
-            elif kind == "done":
-                yield msg("process_completed", output={"data": value, "is_generating": False},
-                          success=True)
-            elif kind == "error":
-                yield msg("process_completed", output={"error": value, "visible": True},
-                          success=False)
-            elif kind == "malformed":
-                yield b"data: {not json\n\n"
-                return
-            else:
-                yield None
-                return
-        yield bg._sse({"msg": "close_stream", "event_id": None})
+        return self._counted(self._replay(job) or super().queue_events(job))
 
 
 def gradio_client(test, *args, **kwargs):
