@@ -318,18 +318,61 @@ def _parse_tag(text: str) -> Tuple[Optional[str], Dict[str, str]]:
 _DETAILS_RE = re.compile(r"\s*<details\b[^>]*>", re.I)
 _SUMMARY_RE = re.compile(r"\s*<summary\b[^>]*>.*?</summary>", re.I | re.S)
 _DETAILS_END = "</details>"
-_MARKER_RE = re.compile(r"<(?:details|div)\b[^>]*>", re.I)
 _PARTIAL_TAG_RE = re.compile(r"<(?:(?:d|de|det|deta|detai|detail|details|di|div)"
                              r"(?:[\s/][^>]*)?)?\Z", re.I)
+# The tags the app's tail may hold, by stage: the debug block's opening (its style has
+# "opacity"), what the block holds, after it, the latency line's opening (its style has
+# "color:#666"), what it holds, after it.
+_TAIL_TAGS = (("<details",), ("<summary", "</summary>", "<pre", "</pre>", "</details>"),
+              ("<div",), ("</div>",), ())
 
 
-def _is_tail_marker(tag_text: str) -> bool:
-    """True for the app's debug ``<details style='opacity…'>`` or latency ``<div style='color:#666…'>``."""
-    name, attrs = _parse_tag(tag_text)
-    style = attrs.get("style", "").replace(" ", "").lower()
-    if name == "details":
-        return "opacity" in style
-    return name == "div" and "color:#666" in style
+def _tail_state(text: str, start: int) -> Optional[str]:
+    """Whether ``text[start:]`` is the app's tail: ``"complete"``, ``"partial"`` (the
+    start of one, cut by the end of the text), or ``None``.
+
+    The tail is the debug block, then the latency line (either may be missing): their
+    tags in that order, only whitespace around them, and inside them text without ``<``
+    (the app escapes it).  Model text is never parsed here: it just fails to fit."""
+    stage, pos = (0 if text.startswith("<details", start) else 2), start
+    while True:
+        lt = text.find("<", pos)
+        if stage in (0, 2, 4) and text[pos:lt if lt >= 0 else len(text)].strip():
+            return None                            # text where only whitespace may stand
+        if lt < 0:
+            return "complete" if stage in (2, 4) else "partial"
+        gt = text.find(">", lt)
+        tag = (text[lt:] if gt < 0 else text[lt:gt + 1]).lower()
+        if "<" in tag[1:]:
+            return None
+        if gt < 0:                                 # a tag still being written
+            fits = any(t.startswith(tag) or (tag.startswith(t) and t[1] != "/")
+                       for t in _TAIL_TAGS[stage])
+            return "partial" if fits else None
+        name, attrs = _parse_tag(tag)
+        found = next((t for t in _TAIL_TAGS[stage]
+                      if tag == t or (t[1] != "/" and "<" + (name or "") == t)), None)
+        style = attrs.get("style", "").replace(" ", "")
+        if found is None or (stage in (0, 2) and
+                             ("opacity" if stage == 0 else "color:#666") not in style):
+            return None
+        stage = {0: 1, 2: 3, 3: 4}.get(stage, 2 if found == "</details>" else 1)
+        pos = gt + 1
+
+
+def _tail_start(text: str, final: bool) -> Optional[int]:
+    """Where the app's tail begins in the answer region ``text``, if it has one: for a
+    final snapshot a complete tail at its end; else also the start of one still being
+    written, or a tag still being written (text that must be held back)."""
+    for tag in ("<details", "<div"):               # only the last of each can be the tail
+        i = text.rfind(tag)
+        state = _tail_state(text, i) if i >= 0 else None
+        if state == "complete" or (state == "partial" and not final):
+            return i
+    i = text.rfind("<")
+    if not final and i >= 0 and _PARTIAL_TAG_RE.match(text, i):
+        return i
+    return None
 
 
 @dataclass
@@ -346,39 +389,53 @@ class CleanReply:
     answer_done: bool = True
 
 
+def _split_thought(html_text: str) -> Tuple[str, bool, Optional[int]]:
+    """``(thought, closed, where the answer begins)`` of a reply; the answer's start is
+    ``None`` while the thought (or its opening tag) is still being written."""
+    m = _DETAILS_RE.match(html_text)
+    if m is None:
+        return ("", False, None) if _PARTIAL_TAG_RE.match(html_text.lstrip()) else ("", True, 0)
+    attrs = _parse_tag(m.group().strip())[1]
+    if "thought" not in attrs.get("class", ""):
+        return "", True, 0
+    body = m.end()
+    s = _SUMMARY_RE.match(html_text, body)
+    if s is not None:
+        body = s.end()
+    end = html_text.find(_DETAILS_END, body)
+    if end < 0:                                       # still thinking
+        return html.unescape(html_text[body:]).strip(), False, None
+    thought = html.unescape(html_text[body:end]).strip()
+    pos = end + len(_DETAILS_END)
+    if "open" in attrs and not html_text[pos:].strip():   # still thinking
+        return thought, False, None
+    for _ in range(2):                                # the "\n\n" separator
+        if html_text.startswith("\n", pos):
+            pos += 1
+    return thought, True, pos
+
+
 def clean_reply(html_text: str) -> CleanReply:
     """Split the Param app's assistant HTML into the thought and the exact answer.
 
-    The thought is the ``<details>`` block whose class contains ``thought``; the answer
-    follows it and ends where the debug ``<details>`` (style with ``opacity``) or the
-    latency ``<div>`` (style with ``color:#666``) begins.  The answer region is cut out,
-    never re-serialized, so code that contains ``<div>``, ``&`` or ``a < b`` survives.
-    Text without those blocks is returned whole as the answer.
+    The thought is the ``<details>`` block at the start whose class contains ``thought``;
+    the answer follows it, up to the app's tail at the end: the debug ``<details>``
+    (style with ``opacity``) and the latency ``<div>`` (style with ``color:#666``), found
+    by their place and shape (:func:`_tail_state`).  The answer is cut out, never parsed,
+    unescaped or re-serialized, so an answer about HTML (``<div>``, ``a < b``, an unclosed
+    ``<span``, even the app's own markup) comes through whole.
     """
-    pos, thought, thought_done = 0, "", True
-    m = _DETAILS_RE.match(html_text)
-    if m is None and _PARTIAL_TAG_RE.match(html_text.lstrip()):
-        return CleanReply("", "", False, False)          # a tag still being written
-    attrs = _parse_tag(m.group().strip())[1] if m is not None else {}
-    if m is not None and "thought" in attrs.get("class", ""):
-        body = m.end()
-        s = _SUMMARY_RE.match(html_text, body)
-        if s is not None:
-            body = s.end()
-        end = html_text.find(_DETAILS_END, body)
-        if end < 0:                                       # still thinking
-            return CleanReply("", html.unescape(html_text[body:]).strip(), False, False)
-        thought = html.unescape(html_text[body:end]).strip()
-        pos = end + len(_DETAILS_END)
-        if "open" in attrs and not html_text[pos:].strip():   # still thinking
-            return CleanReply("", thought, False, False)
-        for _ in range(2):                                # the "\n\n" separator
-            if html_text.startswith("\n", pos):
-                pos += 1
-    for marker in _MARKER_RE.finditer(html_text, pos):
-        if _is_tail_marker(marker.group()):
-            return CleanReply(html_text[pos:marker.start()].rstrip(), thought, True, True)
-    return CleanReply(html_text[pos:], thought, thought_done, False)
+    thought, closed, pos = _split_thought(html_text)
+    if pos is None:
+        return CleanReply("", thought, False, False)
+    region = html_text[pos:]
+    end = _tail_start(region, final=True)
+    if end is None:
+        return CleanReply(region, thought, closed, False)
+    for _ in range(2):                                # the "\n\n" separator before the tail
+        if region.endswith("\n", 0, end):
+            end -= 1
+    return CleanReply(region[:end], thought, True, True)
 
 
 def _stable_prefix(text: str) -> str:
@@ -396,54 +453,57 @@ def _stable_prefix(text: str) -> str:
 class _StreamCleaner:
     """Turns a reply's successive HTML snapshots into thought and answer deltas.
 
-    Only text that no later snapshot can change is released, so the deltas joined
-    always equal :func:`clean_reply` of the final snapshot.  Once the answer streams,
-    an update that only appends (a queue-protocol ``append`` diff, or a ``/call``
-    snapshot extending the last one) is handled from the new text and a short held-back
-    tail alone, so the work per update does not grow with the answer.
+    Only text that no later snapshot can change is released: the answer is held back
+    from wherever the app's tail could be starting, so the deltas joined equal
+    :func:`clean_reply` of the final snapshot.  Once the answer streams, an update that
+    only appends (a queue ``append`` diff, or a ``/call`` snapshot extending the last)
+    is taken from the held-back text and the new text alone: the work per update does
+    not grow with the answer.  Anything else is cleaned from the whole snapshot.
     """
 
     def __init__(self) -> None:
         self.thought = ""
         self._answer: List[str] = []      # the answer released so far, in pieces
         self._sent = 0                    # its length
-        self._pending = ""                # answer text held back
-        self._fast = False                # appends can be taken on their own
-        self._prev: Optional[str] = None  # the last whole snapshot, if known
+        self._snapshot: List[str] = []    # the latest snapshot, in pieces (joined when needed)
+        self._size = 0                    # its length
+        self._held: Optional[str] = None  # the answer not released yet, once appends suffice
         self.diverged = False
 
     @property
     def answer(self) -> str:
         return "".join(self._answer)
 
+    def _whole(self) -> str:
+        if len(self._snapshot) > 1:
+            self._snapshot = ["".join(self._snapshot)]
+        return self._snapshot[0] if self._snapshot else ""
+
     def update(self, html_text: str, final: bool = False) -> Tuple[str, str]:
         """Feed the latest whole snapshot; return the new ``(thought, answer)`` text."""
-        prev, self._prev = self._prev, html_text
-        if (self._fast and not final and prev is not None and len(html_text) >= len(prev)
-                and html_text.startswith(prev)):
-            return "", self._take(html_text[len(prev):])
-        return self._whole(html_text, final)
+        if (self._held is not None and not final and len(html_text) >= self._size
+                and html_text.startswith(self._whole())):
+            return self.append(html_text[self._size:])
+        self._snapshot, self._size = [html_text], len(html_text)
+        return self._clean(html_text, final)
 
     def append(self, text: str) -> Tuple[str, str]:
         """Feed text appended to the last snapshot; return the new ``(thought, answer)``."""
-        if self._fast:
-            if self._prev is not None:
-                self._prev = None          # not kept whole: that would copy it every time
-            return "", self._take(text)
-        if self._prev is None:
-            raise ValueError("append before any whole snapshot")
-        return self.update(self._prev + text)
+        self._snapshot.append(text)
+        self._size += len(text)
+        if self._held is None:
+            return self._clean(self._whole(), False)
+        self._held += text
+        return "", self._take()
 
-    def _take(self, text: str) -> str:
-        """The answer phase, appends only: look at the held-back tail and ``text``."""
-        buf = self._pending + text
-        for marker in _MARKER_RE.finditer(buf):
-            if _is_tail_marker(marker.group()):
-                self._fast, self._pending = False, ""
-                return self._release(buf[:marker.start()].rstrip())
-        safe = _stable_prefix(buf)
-        self._pending = buf[len(safe):]
-        return self._release(safe)
+    def _take(self) -> str:
+        """Release the held-back answer up to where the tail could begin, less trailing
+        whitespace (the tail's separator) and U+FFFD (a half-written character)."""
+        held = self._held or ""
+        end = _tail_start(held, final=False)
+        stable = held[:len(held) if end is None else end].rstrip().rstrip("\ufffd").rstrip()
+        self._held = held[len(stable):]
+        return self._release(stable)
 
     def _release(self, text: str) -> str:
         if text:
@@ -451,28 +511,33 @@ class _StreamCleaner:
             self._sent += len(text)
         return text
 
-    def _whole(self, html_text: str, final: bool) -> Tuple[str, str]:
-        reply = clean_reply(html_text)
-        thought = reply.thought if (final or reply.thought_done) else _stable_prefix(reply.thought)
-        done = final or reply.answer_done
-        answer = reply.answer if done else _stable_prefix(reply.answer)
+    def _clean(self, html_text: str, final: bool) -> Tuple[str, str]:
+        thought, closed, pos = _split_thought(html_text)
+        thought = thought if (closed or final) else _stable_prefix(thought)
         t_delta = ""
         if len(thought) > len(self.thought):
             if thought.startswith(self.thought):
                 t_delta, self.thought = thought[len(self.thought):], thought
             else:
                 self._diverge("thought")
-        a_delta = ""
-        if len(answer) > self._sent:
-            if answer.startswith(self.answer):
-                a_delta = self._release(answer[self._sent:])
-            else:
+        self._held = None
+        if pos is None:
+            return t_delta, ""
+        region = html_text[pos:]
+        if final:
+            answer = clean_reply(html_text).answer
+            if len(answer) > self._sent and answer.startswith(self.answer):
+                return t_delta, self._release(answer[self._sent:])
+            if answer != self.answer:
                 self._diverge("answer")
-        # appends alone suffice once the answer has begun (the separator is behind it)
-        self._fast = (reply.thought_done and not done and not self.diverged
-                      and bool(reply.answer) and self._sent == len(answer))
-        self._pending = reply.answer[self._sent:] if self._fast else ""
-        return t_delta, a_delta
+            return t_delta, ""
+        if not region.startswith(self.answer):
+            self._diverge("answer")
+            return t_delta, ""
+        if not region:
+            return t_delta, ""
+        self._held = region[self._sent:]        # appends suffice from now on
+        return t_delta, self._take()
 
     def _diverge(self, name: str) -> None:
         if not self.diverged:
@@ -3774,6 +3839,10 @@ class DemoUpstream(_Server):
             job.cancelled.wait(max(0.0, job.next_at - now))
         return not job.cancelled.is_set()
 
+    def reply(self, message: str, history: Any, system: Any, params: Sequence[Any]) -> Tuple[str, str]:
+        """The (thought, answer) for a message: :func:`_demo_reply`'s canned ones."""
+        return _demo_reply(message, history, system, params)
+
     def _values(self, job: _DemoJob) -> Dict[str, Any]:
         """The job's inputs by parameter name."""
         return {name: value for (_, _, name, _), value in zip(self._inputs(), job.data)}
@@ -3785,7 +3854,7 @@ class DemoUpstream(_Server):
         message = values.get("message") if isinstance(values.get("message"), str) else ""
         history = values.get("chat_history") or []
         params = [values.get(n) for n in ("temperature", "max_tokens", "top_p", "top_k")]
-        thought, answer = _demo_reply(message, history, values.get("system_prompt"), params)
+        thought, answer = self.reply(message, history, values.get("system_prompt"), params)
         chat, text = self._chat(history, message), ""
         for text in _demo_html(thought, answer):
             if not self._pace(job):

@@ -9,6 +9,7 @@ unless BHARATGEN_REQUIRE_EXTRAS=1 (CI's venv run), where a missing package fails
 import asyncio
 import contextlib
 import email.utils
+import html
 import http
 import http.client
 import io
@@ -966,6 +967,73 @@ class CleanerTests(unittest.TestCase):
         self.assertEqual(cleaner.update("Echo: Hello ✓\n", final=True), ("", " ✓\n"))
 
 
+class CleanerPropertyTests(unittest.TestCase):
+    """Answers built from the pieces that break cleaners (the app's own block markup, tags
+    left open, comments, entities written out, code, Indic text, CRLF, long lines),
+    rendered as the Param app renders them, a few characters at a time with a
+    half-written character first shown as U+FFFD, then cleaned whole and streamed (as
+    queue appends and as whole snapshots): every way gives exactly what went in, and
+    nothing sent is ever taken back."""
+
+    SEED, COUNT = 20261202, 2000
+    PIECES = ["<details class='thought'>", "<details class='thought' open>",
+              "<summary>\U0001f9e0 Thinking...</summary>", "</details>", "</summary>",
+              "<details style='opacity:0.6; font-size:0.85em'>",
+              "<summary>\U0001f50d Debug: Raw Response</summary>", "<pre>", "</pre>",
+              "<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; "
+              "margin-top:8px; padding-top:4px'>", "\u23f1\ufe0f Latency: 1.23s", "</div>",
+              "<details>", "<div", "<div>", "<span", "<!--", "-->", "<script>x()</script>",
+              "&amp;lt;", "&lt;", "&", "a < b", "c > d", "x<y", "```html\n", "```", "\n",
+              "\n\n", "\r\n", " ", "\t", "\u0928\u092e\u0938\u094d\u0924\u0947",
+              "\u0bb5\u0ba3\u0b95\u0bcd\u0b95\u0bae\u0bcd", "\U0001f64f", "x" * 300, "word",
+              "Hello, world.", "<", ">", "\ufffd"]
+
+    def render(self, rng, thought, answer):
+        """The app's snapshots of a reply: the thought growing in an open block, then the
+        answer growing after the closed one, then the debug block and latency line."""
+        def growing(text):
+            i = 0
+            while i < len(text):
+                i = min(len(text), i + rng.randint(1, 5))
+                if ord(text[i - 1]) > 0x7f and rng.random() < 0.5:
+                    yield text[:i - 1] + "\ufffd"          # half a character, first
+                yield text[:i]
+        snaps = [bg._THOUGHT_HEAD % " open" + html.escape(part) + "\n\n</details>"
+                 for part in growing(thought)]
+        closed = bg._THOUGHT_HEAD % "" + html.escape(thought) + "\n\n</details>\n\n"
+        snaps += [closed + part for part in growing(answer)]
+        return snaps, (closed + answer + bg._DEBUG_HEAD + html.escape(
+            "<think>%s</think>%s" % (thought, answer)) + bg._LATENCY % (1.5, 1.25))
+
+    def stream(self, snaps, final, appends):
+        cleaner, thoughts, answers, last = bg._StreamCleaner(), [], [], ""
+        for snap in snaps:
+            if appends and last and snap.startswith(last):
+                t, a = cleaner.append(snap[len(last):])
+            else:
+                t, a = cleaner.update(snap)
+            thoughts.append(t)
+            answers.append(a)
+            last = snap
+        t, a = cleaner.update(final, True)
+        self.assertFalse(cleaner.diverged)
+        return "".join(thoughts) + t, "".join(answers) + a
+
+    def test_every_way_of_cleaning_gives_what_went_in(self):
+        import random
+        rng = random.Random(self.SEED)
+        for n in range(self.COUNT):
+            answer = "".join(rng.choice(self.PIECES) for _ in range(rng.randint(0, 12)))
+            thought = " ".join(rng.choice(self.PIECES) for _ in range(rng.randint(1, 6))).strip()
+            thought = thought or "hmm"
+            snaps, final = self.render(rng, thought, answer)
+            with self.subTest(n=n, answer=answer, thought=thought):
+                reply = bg.clean_reply(final)
+                self.assertEqual((reply.thought, reply.answer), (thought, answer))
+                for appends in (True, False):
+                    self.assertEqual(self.stream(snaps, final, appends), (thought, answer))
+
+
 class StopCutterTests(unittest.TestCase):
     def run_cutter(self, stops, deltas):
         cutter = bg._StopCutter(stops)
@@ -1131,6 +1199,15 @@ def scripted_server(test, serve):
     return listener.getsockname()[1], thread
 
 
+# Answers that talk about HTML, the app's own markup included: they must come through whole.
+HTML_ANSWERS = {
+    "style please": "Style:\n```html\n<div style='color:#666; font-size:0.85em'>not latency"
+                    "</div>\n```",
+    "debug tag please": "A <details style='opacity:0.6'> tag is how the debug block starts.",
+    "unclosed please": "The tag <div is not closed and <span neither",
+}
+
+
 # -- a Gradio emulator: the demo upstream, as Gradio 4, 5 or 6, with faults ---------------------
 
 VERSIONS = {4: "4.44.1", 5: "5.50.0", 6: "6.31.0"}
@@ -1161,6 +1238,11 @@ class FakeGradio(bg.DemoUpstream):
     def verify_request(self, request, client_address):
         self.accepted += 1
         return super().verify_request(request, client_address)
+
+    def reply(self, message, history, system, params):
+        if message in HTML_ANSWERS:
+            return thought_of(message), HTML_ANSWERS[message]
+        return super().reply(message, history, system, params)
 
     def _inputs(self):
         if self.chat_interface:
@@ -1609,6 +1691,14 @@ class GatewayTests(unittest.TestCase):
                 self.assertEqual(finishes.count(None), len(finishes) - 1)
                 self.assertEqual(len({c["id"] for c in chunks}), 1)
                 self.assertTrue(all(c["usage"] is None for c in chunks))
+
+    def test_answers_about_html_come_through_whole(self):
+        for prompt, answer in HTML_ANSWERS.items():
+            for stream in (False, True):
+                status, _, body = chat(self.gw, prompt, stream=stream)
+                text = streamed_text(sse_events(body)) if stream else \
+                    json.loads(body)["choices"][0]["message"]["content"]
+                self.assertEqual((status, text), (200, answer), (prompt, stream))
 
     def test_reasoning_streams_before_the_answer(self):
         _, _, body = chat(self.gw, "Say hello", stream=True)
@@ -3922,6 +4012,8 @@ def _param_app(gr, outcomes=None):
         hist = [{"role": h["role"], "content": h["content"]} for h in history or []]
         thought, answer = bg._demo_reply(message, hist, system_prompt,
                                          [temperature, max_tokens, top_p, top_k])
+        if message in HTML_ANSWERS:
+            thought, answer = thought_of(message), HTML_ANSWERS[message]
         chat = list(history or []) + [{"role": "user", "content": message}]
         sent = 0
         try:
@@ -4004,6 +4096,15 @@ class RealGradioTests(unittest.TestCase):
         while not self.outcomes and time.monotonic() < deadline:
             time.sleep(0.02)
         return [o[:2] for o in self.outcomes]
+
+    def test_answers_about_html_come_through_whole(self):
+        for gw in self.gateways():
+            for prompt, answer in HTML_ANSWERS.items():
+                for stream in (False, True):
+                    status, _, body = chat(gw, prompt, stream=stream)
+                    text = streamed_text(sse_events(body)) if stream else \
+                        json.loads(body)["choices"][0]["message"]["content"]
+                    self.assertEqual((status, text), (200, answer), (prompt, stream))
 
     def test_discovery(self):
         info = gradio_client(self, self.url + "/gradio_api").discover()
