@@ -864,9 +864,20 @@ class _AppInfo:
     limits: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # role -> slider range
 
     @property
+    def roles(self) -> List[str]:
+        return [role for role, _ in self.inputs]
+
+    @property
     def has_history(self) -> bool:
         """False for a ``gr.ChatInterface``, which keeps its history in a State."""
-        return any(role == "history" for role, _ in self.inputs)
+        return "history" in self.roles
+
+    def mapping(self) -> str:
+        """Where each OpenAI field goes in this app, in a line (``info`` and the log)."""
+        return ", ".join("%s -> %s" % (f, "its input" if f in self.roles else
+                                       "the message" if f in ("system", "history") else "nowhere")
+                         for f in ("system", "history", "temperature", "max_tokens", "top_p",
+                                   "top_k"))
 
 
 def _normalize_base_url(url: str) -> str:
@@ -902,25 +913,38 @@ def _message_text(content: Any) -> str:
 
 
 def _reply_from_output(output: Any) -> str:
-    """The newest assistant text in a Gradio chat output (``[chatbot, textbox]``).
+    """The newest reply in a Gradio chat output (``[chatbot, textbox]``), as HTML.
 
-    The chatbot value is the whole conversation; the reply is its last message, and
-    only while that message is the assistant's (before it appears, there is none).
-    A ``gr.ChatInterface`` returns the reply itself as a string.
+    The chatbot value is the whole conversation; the reply is its last turn: the
+    assistant messages after the last user one (none yet, before they appear).  A
+    ``gr.ChatInterface`` returns the reply itself: a string, a message, or a list of them.
+    Messages whose ``metadata`` has a ``title`` are Gradio's way to show the model
+    thinking: they become the thought block the cleaner reads (open while ``pending``).
     """
     value = output[0] if isinstance(output, list) and output else output
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and "value" in value:      # Gradio 4 "update" dicts
         value = value["value"]
-    if isinstance(value, list):
-        if not value:
-            return ""
-        last = value[-1]
-        if isinstance(last, dict):
-            return _message_text(last.get("content")) if last.get("role") == "assistant" else ""
-        if isinstance(last, (list, tuple)) and len(last) == 2:
-            return last[1] if isinstance(last[1], str) else ""
+    if isinstance(value, dict) and "content" in value:    # one gr.ChatMessage
+        value = [value]
+    if isinstance(value, list) and value and isinstance(value[-1], (list, tuple)) \
+            and len(value[-1]) == 2:
+        return value[-1][1] if isinstance(value[-1][1], str) else ""          # pairs
+    if isinstance(value, list) and (not value or isinstance(value[-1], dict)):
+        turn: List[Dict[str, Any]] = []
+        for message in reversed(value):
+            if not isinstance(message, dict) or message.get("role", "assistant") != "assistant":
+                break
+            turn.insert(0, message)
+        thoughts = [m for m in turn if (m.get("metadata") or {}).get("title")]
+        answer = "\n\n".join(_message_text(m.get("content")) for m in turn if m not in thoughts)
+        if not thoughts:
+            return answer
+        pending = not answer and any(m["metadata"].get("status") == "pending" for m in thoughts)
+        return "<details class='thought'%s><summary></summary>\n\n%s\n\n</details>\n\n%s" % (
+            " open" if pending else "",
+            html.escape("\n\n".join(_message_text(m.get("content")) for m in thoughts)), answer)
     raise UpstreamError("the Gradio app returned an output this client cannot read: %s"
                         % json.dumps(output, ensure_ascii=False)[:200])
 
@@ -1271,6 +1295,9 @@ class GradioClient:
         status, api = self._request_json("GET", prefix + "/info")
         named = api.get("named_endpoints") if status == 200 and isinstance(api, dict) else None
         named = {k.strip("/"): v for k, v in (named or {}).items() if isinstance(v, dict)}
+        if not config and not named:
+            raise UpstreamError("%s does not answer as a Gradio app: neither /config nor "
+                                "%s/info describes one" % (self.base_url, prefix))
         endpoint = self.endpoint or self._pick_endpoint(named)
         parameters = list(named.get(endpoint, {}).get("parameters") or [])
         dep: Dict[str, Any] = {}
@@ -1325,7 +1352,7 @@ class GradioClient:
             default = p.get("parameter_default") if p.get("parameter_has_default") else None
             if component == "Chatbot":
                 role = "history"
-            elif component == "MultimodalTextbox":
+            elif str(component).lower() == "multimodaltextbox":    # /info's spelling varies
                 role = "multimodal"
             else:
                 role = names.get(name, "default")
@@ -1396,9 +1423,13 @@ class GradioClient:
 
     def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
               values: Dict[str, Any]) -> List[Any]:
-        """The endpoint's inputs: OpenAI values where given, the app's defaults elsewhere."""
-        if history and not info.has_history:         # a ChatInterface: fold the history in
-            lines = ["%s: %s" % ("User" if r == "user" else "Assistant", t) for r, t in history]
+        """The endpoint's inputs: OpenAI values where given, the app's defaults elsewhere.
+        A system prompt or a history the app has no input for is folded into the message."""
+        system = None if "system" in info.roles else values.get("system")
+        if system or (history and not info.has_history):
+            lines = ["System: " + system] if system else []
+            lines += ["%s: %s" % ("User" if r == "user" else "Assistant", t)
+                      for r, t in (history if not info.has_history else ())]
             message = "\n\n".join(lines + ["User: " + message])
         data: List[Any] = []
         for role, default in info.inputs:
@@ -4164,6 +4195,7 @@ def _cmd_serve(args: Any) -> int:
         signal.signal(signal.SIGHUP, lambda *_: _log.info("reloaded %d API keys",
                                                           server.keys.reload()))
     server.start()
+    threading.Thread(target=_announce, args=(server,), daemon=True).start()
     try:
         while not stop.wait(0.5):
             pass
@@ -4177,6 +4209,20 @@ def _cmd_serve(args: Any) -> int:
         if demo is not None:
             demo.stop()
     return 0
+
+
+def _announce(server: GatewayServer) -> None:
+    """Discover each upstream once at start: log what was found, or warn (the server
+    serves on; the app may come up later)."""
+    for route in server.backend.routes.values():
+        for replica in route.pool.replicas:
+            try:
+                info = replica.client.discover()
+                _log.info("model %r: %s is Gradio %s, endpoint /%s; %s", route.id,
+                          replica.client.base_url, info.version or "?", info.endpoint,
+                          info.mapping())
+            except BharatGenError as exc:
+                _log.warning("model %r: %s", route.id, _printable(exc.message))
 
 
 def _cmd_demo(args: Any) -> int:
@@ -4193,31 +4239,46 @@ def _cmd_demo(args: Any) -> int:
 
 
 def _cmd_info(args: Any) -> int:
+    """What each upstream offers, and where each OpenAI field goes in it."""
     config = _config_from_args(args)
-    if not config.upstream:
-        raise SystemExit("info: give --upstream URL (or set BHARATGEN_BASE_URL)")
-    for url in config.upstream:
-        client = GradioClient(url, endpoint=config.endpoint, protocol=config.protocol,
-                              timeout=config.timeout, connect_timeout=config.connect_timeout)
-        info = client.discover()
-        client.close()
-        print("app:            %s" % client.base_url)
-        print("gradio:         %s, API at %s" % (info.version or "version unknown (no /config)",
-                                                 info.prefix or "the root"))
-        print("protocol:       %s (%s)" % (info.protocol or "unknown", "queue, with diffs"
-                                           if info.use_queue else "/call, whole output"))
-        print("chat endpoint:  /%s%s" % (info.endpoint, "" if info.fn_index is not None
-                                         else "  (not listed in /config)"))
-        print("history:        %s" % ("sent as " + info.history_format if info.has_history
-                                      else "not an input (a ChatInterface): folded into the message"))
-        print("inputs:")
-        params = iter(info.parameters)
-        for role, default in info.inputs:
-            p = {} if role == "state" else next(params, {})
-            what = {"state": "(State: null placeholder)", "default": "the app's default %r"
-                    % (default,)}.get(role, "<- OpenAI %s" % role)
-            print("  %-16s %-10s %s" % (p.get("parameter_name", "-"), p.get("component", ""), what))
-        print()
+    demo = _start_demo(config, 0.0, sys.stderr) if config.demo else None
+    try:
+        if not (config.upstream or config.models_file):
+            raise SystemExit("info: give --upstream URL (or set BHARATGEN_BASE_URL), or --demo")
+        for route in _load_models(config):
+            for replica in route.pool.replicas:
+                client = replica.client
+                try:
+                    info = client.discover()
+                except BharatGenError as exc:
+                    raise SystemExit("info: %s" % exc.message) from None
+                finally:
+                    client.close()
+                print("model:          %s" % route.id)
+                print("app:            %s" % client.base_url)
+                print("gradio:         %s, API at %s" % (info.version or "version unknown",
+                                                         info.prefix or "the root"))
+                print("protocol:       %s (%s)" % (info.protocol or "unknown", "queue, with diffs"
+                                                   if info.use_queue else "/call, whole output"))
+                print("chat endpoint:  /%s%s" % (info.endpoint, "" if info.fn_index is not None
+                                                 else "  (not listed in /config)"))
+                print("history:        %s" % ("sent as " + info.history_format if info.has_history
+                                              else "not an input: folded into the message"))
+                print("openai fields:  %s" % info.mapping())
+                print("inputs:")
+                params = iter(info.parameters)
+                for role, default in info.inputs:
+                    p = {} if role == "state" else next(params, {})
+                    what = {"state": "(State: null placeholder)", "default": "the app's default "
+                            "%r" % (default,)}.get(role, "<- OpenAI %s" % role)
+                    if role in info.limits:
+                        what += " (%g to %g)" % info.limits[role]
+                    print("  %-16s %-10s %s" % (p.get("parameter_name", "-"),
+                                                p.get("component", ""), what))
+                print()
+    finally:
+        if demo is not None:
+            demo.stop()
     return 0
 
 

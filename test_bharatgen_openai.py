@@ -106,6 +106,37 @@ def _capture(*lines):
 
 
 CAPTURES = {
+    "chatinterface_thoughts6_queue.sse": _capture(  # a ChatInterface yielding gr.ChatMessage thoughts (Gradio 6.31), whole
+        'data: {"msg":"estimation","event_id":"5b0976227bc7494e8cefb140527303e3","rank":0,"queue_size":1,"rank_eta":null}',
+        '',
+        'data: {"msg":"process_starts","event_id":"5b0976227bc7494e8cefb140527303e3","eta":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[{"content":"Consider the","role":"assistant","metadata":{"title":"Reasoning","status":"pending"},"options":[]},null],"is_generating":true,"duration":0.011266231536865234,"average_duration":0.011266231536865234,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[],[]],"is_generating":true,"duration":0.010346174240112305,"average_duration":0.01080620288848877,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[],[]],"is_generating":true,"duration":0.010313272476196289,"average_duration":0.010641892751057943,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[],[]],"is_generating":true,"duration":0.010367155075073242,"average_duration":0.010573208332061768,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[],[]],"is_generating":true,"duration":0.0002961158752441406,"average_duration":0.008517789840698241,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[["replace",[],[{"content":"Consider the question carefully.","role":"assistant","metadata":{"title":"Reasoning","status":"done"},"options":[]},{"content":"The","role":"assistant","metadata":{},"options":[]}]]],[]],"is_generating":true,"duration":0.010806798934936523,"average_duration":0.008899291356404623,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[["replace",[1],{"content":"The capital","role":"assistant","metadata":{},"options":[]}]],[]],"is_generating":true,"duration":0.01038980484008789,"average_duration":0.009112221854073661,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[["replace",[1],{"content":"The capital of","role":"assistant","metadata":{},"options":[]}]],[]],"is_generating":true,"duration":0.010426521301269531,"average_duration":0.009276509284973145,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[["replace",[1],{"content":"The capital of India","role":"assistant","metadata":{},"options":[]}]],[]],"is_generating":true,"duration":0.010309934616088867,"average_duration":0.00939133432176378,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[["replace",[1],{"content":"The capital of India is","role":"assistant","metadata":{},"options":[]}]],[]],"is_generating":true,"duration":0.01029658317565918,"average_duration":0.009481859207153321,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[["replace",[1],{"content":"The capital of India is New","role":"assistant","metadata":{},"options":[]}]],[]],"is_generating":true,"duration":0.010480880737304688,"average_duration":0.00957267934625799,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_generating","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[["replace",[1],{"content":"The capital of India is New Delhi.","role":"assistant","metadata":{},"options":[]}]],[]],"is_generating":true,"duration":0.010343074798583984,"average_duration":0.009636878967285156,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"time_limit":null}',
+        '',
+        'data: {"msg":"process_completed","event_id":"5b0976227bc7494e8cefb140527303e3","output":{"data":[[{"content":"Consider the question carefully.","role":"assistant","metadata":{"title":"Reasoning","status":"done"},"options":[]},{"content":"The capital of India is New Delhi.","role":"assistant","metadata":{},"options":[]}],null],"is_generating":false,"duration":0.00042366981506347656,"average_duration":0.008928170570960412,"render_config":null,"changed_state_ids":[],"used_cache":null},"success":true,"title":null,"used_cache":null,"cache_duration":0.00042366981506347656,"avg_time":0.008928170570960412}',
+    ),
     "call_Say_hello.sse": _capture(  # events 1-2, 4, 6, 8, 10, 12, 14, 16-19, 21, 23, 25-28 of 28
         # 1/28: first
         'event: generating',
@@ -1608,6 +1639,35 @@ class GradioClientTests(unittest.TestCase):
             list(gradio_client(self, "http://127.0.0.1:%d" % port).stream("x"))
 
 
+class PlainChatInterface(FakeGradio):
+    """A ``gr.ChatInterface(fn)`` with no extra inputs: message and its State."""
+
+    def __init__(self, **kwargs):
+        super().__init__(chat_interface=True, **kwargs)
+
+    def _inputs(self):
+        return super()._inputs()[:2]
+
+
+class FoldingTests(unittest.TestCase):
+    def test_a_system_prompt_the_app_has_no_input_for_is_folded_into_the_message(self):
+        demo = PlainChatInterface().start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        messages = [{"role": "system", "content": "Be terse."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Say hello"}]
+        status, _, body = chat(gw, messages, temperature=0.2, max_tokens=10)
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, HELLO))
+        self.assertEqual(demo.calls[-1], ["System: Be terse.\n\nUser: Hi\n\nAssistant: Hello!"
+                                          "\n\nUser: Say hello", None])
+        chat(gw, [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
+        self.assertEqual(demo.calls[-1], ["System: Be terse.\n\nUser: Hi", None])
+        chat(gw, "Hi")
+        self.assertEqual(demo.calls[-1], ["Hi", None])
+
+
 class ReplayTests(unittest.TestCase):
     """The byte-exact captures of a real Gradio 6 app, replayed through the gateway."""
 
@@ -1633,6 +1693,42 @@ class ReplayTests(unittest.TestCase):
                 self.assertEqual(streamed_text(events), answer)
                 self.assertEqual(streamed_text(events, "reasoning_content"), thought_of(prompt))
                 self.assertNotIn("\ufffd", body.decode("utf-8"))
+
+    def test_gradio_chat_message_thoughts_are_the_reasoning(self):
+        # a ChatInterface yielding gr.ChatMessage(metadata={"title": ...}), then
+        # [thought, answer]: mid-stream diffs are empty while the thought grows in place
+        demo = start_demo(self, chat_interface=True, replay={
+            "capital?": fixture("chatinterface_thoughts6_queue.sse")})
+        for reasoning, field in (("separate", "reasoning_content"), ("inline", None)):
+            gw = start_gateway(self, demo.url, reasoning=reasoning)
+            status, _, body = chat(gw, "capital?")
+            message = json.loads(body)["choices"][0]["message"]
+            status2, _, streamed = chat(gw, "capital?", stream=True)
+            events = sse_events(streamed)
+            if field:
+                self.assertEqual((status, message["content"], message[field]), (
+                    200, "The capital of India is New Delhi.", "Consider the question carefully."))
+                self.assertEqual((status2, streamed_text(events), streamed_text(events, field)),
+                                 (200, message["content"], message[field]))
+            else:
+                self.assertEqual(message["content"], "<think>\nConsider the question carefully."
+                                 "\n</think>\n\nThe capital of India is New Delhi.")
+                self.assertEqual(streamed_text(events), message["content"])
+
+    def test_replies_as_gradio_messages(self):
+        thought = {"role": "assistant", "content": "Hmm.", "metadata": {"title": "Thinking",
+                                                                       "status": "pending"}}
+        answer = {"role": "assistant", "content": [{"type": "text", "text": "Yes."}],
+                  "metadata": None}
+        user = {"role": "user", "content": "Q?"}
+        clean = lambda output: bg.clean_reply(bg._reply_from_output(output))     # noqa: E731
+        self.assertEqual(clean([thought, None]), bg.CleanReply("", "Hmm.", False, False))
+        self.assertEqual(clean([[thought, answer], None]), bg.CleanReply("Yes.", "Hmm.", True, False))
+        self.assertEqual(clean([[user, thought, answer, dict(answer, content="More.")], ""]),
+                         bg.CleanReply("Yes.\n\nMore.", "Hmm.", True, False))
+        self.assertEqual(clean([[answer, user], ""]), bg.CleanReply("", "", True, False))
+        with self.assertRaisesRegex(bg.UpstreamError, "cannot read"):
+            bg._reply_from_output([[1, 2], None])
 
     def test_upstream_crash_capture_is_a_502_with_its_message(self):
         self.demo.replay["crash"] = fixture("call_crash.sse")
@@ -4202,6 +4298,108 @@ class RealGradioTests(unittest.TestCase):
             self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], HELLO)
 
 
+@needs("gradio")
+@needs("openai")
+class RealChatInterfaceTests(unittest.TestCase):
+    """Real ``gr.ChatInterface`` shapes behind the gateway, driven by the official openai
+    SDK: thoughts as ``gr.ChatMessage`` (one message then a list, or lists from the
+    start), a plain one given a system prompt, a multimodal one."""
+
+    @classmethod
+    def setUpClass(cls):
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        import gradio as gr
+        import warnings
+        cls.warnings = warnings.catch_warnings()
+        cls.warnings.__enter__()
+        warnings.filterwarnings("ignore", module=r"gradio\.")
+        warnings.filterwarnings("ignore", "unclosed event loop", ResourceWarning)
+        cls.calls = []
+
+        def one_then_list(message, history):
+            thought = gr.ChatMessage(content="", metadata={"title": "Thinking", "status": "pending"})
+            for word in "Consider the question carefully.".split():
+                thought.content = (thought.content + " " + word).strip()
+                yield thought
+            thought.metadata["status"] = "done"
+            yield thought
+            answer = ""
+            for word in "The capital of India is New Delhi.".split():
+                answer = (answer + " " + word).strip()
+                yield [thought, gr.ChatMessage(content=answer)]
+
+        def lists(message, history):
+            thought = gr.ChatMessage(content="A short thought.",
+                                     metadata={"title": "Thinking", "status": "done"})
+            yield [thought]
+            yield [thought, gr.ChatMessage(content="Answer one.")]
+
+        def plain(message, history):
+            cls.calls.append(message)
+            yield "You said: " + message
+
+        def multimodal(message, history):
+            cls.calls.append(message)
+            yield "Text was: " + message["text"]
+
+        def chat_interface(fn, **kwargs):
+            try:
+                return gr.ChatInterface(fn, type="messages", **kwargs)     # Gradio 5
+            except TypeError:
+                return gr.ChatInterface(fn, **kwargs)                      # Gradio 6
+        cls.apps = {"one_then_list": chat_interface(one_then_list), "lists": chat_interface(lists),
+                    "plain": chat_interface(plain),
+                    "multimodal": chat_interface(multimodal, multimodal=True)}
+        cls.urls = {}
+        for name, app in cls.apps.items():
+            port = _free_port()
+            app.queue().launch(server_name="127.0.0.1", server_port=port,
+                               prevent_thread_lock=True, quiet=True, show_error=True)
+            cls.urls[name] = "http://127.0.0.1:%d" % port
+
+    @classmethod
+    def tearDownClass(cls):
+        for app in cls.apps.values():
+            app.close()
+        import gc
+        gc.collect()
+        cls.warnings.__exit__(None, None, None)
+
+    def ask(self, name, messages, **extra):
+        """``[(content, reasoning)]``: non-streamed, then streamed, through the openai SDK."""
+        import openai
+        gw = start_gateway(self, self.urls[name], timeout=TIMEOUT, **extra)
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        self.addCleanup(client.close)
+        reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=messages)
+        message = reply.choices[0].message
+        out = [(message.content, (message.model_extra or {}).get("reasoning_content"))]
+        content, reasoning = [], []
+        for chunk in client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=messages,
+                                                    stream=True):
+            for choice in chunk.choices:
+                content.append(choice.delta.content or "")
+                reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
+        out.append(("".join(content), "".join(reasoning) or None))
+        return out
+
+    def test_chat_message_thoughts_are_the_reasoning(self):
+        hi = [{"role": "user", "content": "What is the capital of India?"}]
+        self.assertEqual(self.ask("one_then_list", hi), [(
+            "The capital of India is New Delhi.", "Consider the question carefully.")] * 2)
+        self.assertEqual(self.ask("lists", hi), [("Answer one.", "A short thought.")] * 2)
+
+    def test_a_plain_chat_interface_gets_the_system_prompt_in_the_message(self):
+        messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+        self.assertEqual(self.ask("plain", messages), [
+            ("You said: System: Be terse.\n\nUser: Hi", None)] * 2)
+
+    def test_a_multimodal_chat_interface_gets_text_and_files(self):
+        self.assertEqual(self.ask("multimodal", [{"role": "user", "content": "Hi"}]),
+                         [("Text was: Hi", None)] * 2)
+        self.assertEqual(self.calls[-1], {"text": "Hi", "files": []})
+
+
 class CLITests(unittest.TestCase):
     def test_help_and_version(self):
         out = io.StringIO()
@@ -4263,7 +4461,29 @@ class CLITests(unittest.TestCase):
             bg.main(["info", "--upstream", demo.url])
         self.assertIn("gradio:         6.31.0, API at /gradio_api", out.getvalue())
         self.assertIn("chat endpoint:  /chat_fn_1", out.getvalue())
-        self.assertIn("  top_k            Slider     <- OpenAI top_k", out.getvalue())
+        self.assertIn("  top_k            Slider     <- OpenAI top_k (1 to 100)\n", out.getvalue())
+        self.assertIn("openai fields:  system -> its input, history -> its input, temperature ->"
+                      " its input, max_tokens -> its input, top_p -> its input, top_k -> its "
+                      "input\n", out.getvalue())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            bg.main(["info", "--demo"])
+        self.assertIn("gradio:         6.31.0, API at /gradio_api", out.getvalue())
+        chat_interface = start_demo(self, chat_interface=True)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bg.main(["info", "--upstream", chat_interface.url])
+        self.assertIn("history:        not an input: folded into the message\n", out.getvalue())
+        self.assertIn("openai fields:  system -> its input, history -> the message, temperature "
+                      "-> its input, max_tokens -> nowhere, top_p -> nowhere, top_k -> nowhere",
+                      out.getvalue())
+
+    def test_info_on_something_that_is_not_gradio_says_so(self):
+        gw = start_gateway(self, start_demo(self).url)
+        with self.assertRaises(SystemExit) as cm:
+            bg.main(["info", "--upstream", gw.url + "/v1"])
+        self.assertEqual(str(cm.exception), "info: %s/v1 does not answer as a Gradio app: "
+                         "neither /config nor /info describes one" % gw.url)
 
     def test_bad_flag_values_exit_with_a_message(self):
         err = io.StringIO()
