@@ -1203,16 +1203,17 @@ class GradioClient:
             conn.close()
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
-                  body: Optional[Any] = None) -> Tuple[http.client.HTTPResponse, _TimedSocket]:
+                  body: Optional[Any] = None, content_type: str = "application/json"
+                  ) -> Tuple[http.client.HTTPResponse, _TimedSocket]:
         """Send one request and read the response head, within ``connect_timeout`` each
         (1xx responses included).  A GET that fails on a kept-alive connection is sent
         once more on a new one; a POST never is: it may have reached the app, and a
         second would be a second job."""
-        data = None if body is None else json.dumps(body).encode("utf-8")
+        data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
         headers = {"User-Agent": "bharatgen_openai/" + __version__,
                    "Accept-Encoding": "identity"}
         if data is not None:
-            headers["Content-Type"] = "application/json"
+            headers["Content-Type"] = content_type
         if self.hf_token:
             headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
         target = self._root + path
@@ -1421,8 +1422,45 @@ class GradioClient:
             return [{"role": r, "content": t} for r, t in history]
         return [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
 
+    def _file(self, info: _AppInfo, url: str, where: str) -> Dict[str, Any]:
+        """An image for a multimodal input: a ``data:`` URL uploaded to the app (Gradio's
+        upload route), an http(s) URL handed over for the app to fetch."""
+        meta = {"_type": "gradio.FileData"}
+        if re.match(r"https?://", url):
+            name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or "image"
+            return {"path": url, "url": url, "orig_name": name, "meta": meta}
+        if not url.startswith("data:"):
+            raise BadRequestError("%s must be a data: or http(s) URL" % where, param=where,
+                                  code="invalid_value")
+        try:
+            with urllib.request.urlopen(url) as decoded:     # data: URLs only: no network
+                data, kind = decoded.read(), decoded.headers.get_content_type()
+        except (ValueError, OSError):
+            raise BadRequestError("%s is not a valid data: URL" % where, param=where,
+                                  code="invalid_value") from None
+        name = "image." + (kind.split("/")[-1] if kind.startswith("image/") else "bin")
+        boundary = os.urandom(16).hex()
+        body = b"".join([b"--%s\r\nContent-Disposition: form-data; name=\"files\"; filename=\"%s\""
+                         b"\r\nContent-Type: %s\r\n\r\n" % (boundary.encode(), name.encode(),
+                                                          kind.encode()),
+                         data, b"\r\n--%s--\r\n" % boundary.encode()])
+        conn, resp = self._connection(), None
+        try:
+            resp, timed = self._exchange(conn, "POST", info.prefix + "/upload", body,
+                                         "multipart/form-data; boundary=" + boundary)
+            raw = self._read_body(resp, timed)
+        finally:
+            self._release(conn, resp)
+        try:
+            path = json.loads(raw)[0]
+            assert resp.status == 200 and isinstance(path, str)
+        except (ValueError, LookupError, AssertionError):
+            raise UpstreamError("the Gradio app refused the upload of %s (HTTP %d): %s"
+                                % (where, resp.status, raw[:200].decode("utf-8", "replace")))
+        return {"path": path, "orig_name": name, "mime_type": kind, "meta": meta}
+
     def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
-              values: Dict[str, Any]) -> List[Any]:
+              values: Dict[str, Any], files: Sequence[Dict[str, Any]] = ()) -> List[Any]:
         """The endpoint's inputs: OpenAI values where given, the app's defaults elsewhere.
         A system prompt or a history the app has no input for is folded into the message."""
         system = None if "system" in info.roles else values.get("system")
@@ -1436,7 +1474,7 @@ class GradioClient:
             if role == "message":
                 data.append(message)
             elif role == "multimodal":
-                data.append({"text": message, "files": []})
+                data.append({"text": message, "files": list(files)})
             elif role == "history":
                 data.append(self._history(history, info.history_format))
             elif role == "state":
@@ -1466,17 +1504,23 @@ class GradioClient:
     def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
                system_prompt: Optional[str] = None, temperature: Optional[float] = None,
                max_tokens: Optional[int] = None, top_p: Optional[float] = None,
-               top_k: Optional[int] = None) -> Iterator[Tuple[str, bool, bool]]:
+               top_k: Optional[int] = None,
+               images: Sequence[Tuple[str, str]] = ()) -> Iterator[Tuple[str, bool, bool]]:
         """Call the chat endpoint; yield ``(text, is_final, is_append)`` for every update:
         the reply's whole HTML, or (``is_append``) only what was appended to it.
 
-        Values left ``None`` take the app's defaults.  Closing the generator closes the
-        event stream and asks Gradio to cancel the job.
+        Values left ``None`` take the app's defaults; ``images`` (URL, where) go to a
+        multimodal input's files.  Closing the generator closes the event stream and asks
+        Gradio to cancel the job.
         """
         info = self.discover()
+        if images and "multimodal" not in info.roles:
+            raise BadRequestError("%s is an image, but this model's app takes text only"
+                                  % images[0][1], param=images[0][1],
+                                  code="unsupported_content_type")
         data = self._data(info, message, history, {
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
-            "top_p": top_p, "top_k": top_k})
+            "top_p": top_p, "top_k": top_k}, [self._file(info, *image) for image in images])
         progress = _Progress()
         updates = self._queue_updates if info.use_queue else self._call_updates
         return updates(self._job(info, data, progress), progress)
@@ -1777,8 +1821,10 @@ def _number(body: Dict[str, Any], name: str, lo: float, hi: float,
     return value
 
 
-def _content_text(content: Any, param: str, allow_none: bool = False) -> str:
-    """The text of a message's ``content``: a string or a list of text parts."""
+def _content_text(content: Any, param: str, allow_none: bool = False,
+                  images: Optional[List[Tuple[str, str]]] = None) -> str:
+    """The text of a message's ``content``: a string or a list of text parts.  With an
+    ``images`` list, image parts are taken too (their URL and place go there)."""
     if content is None:
         if allow_none:
             return ""
@@ -1791,8 +1837,12 @@ def _content_text(content: Any, param: str, allow_none: bool = False) -> str:
     for i, part in enumerate(content):
         where = "%s[%d]" % (param, i)
         kind = part.get("type") if isinstance(part, dict) else None
+        url = part.get("image_url") if kind in ("image_url", "input_image") else None
+        url = url.get("url") if isinstance(url, dict) else url
         if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
             texts.append(part["text"])
+        elif images is not None and isinstance(url, str):
+            images.append((url, where))
         elif kind in _MEDIA_PART_TYPES:
             raise _bad("%s is a %r part, but this model takes text only" % (where, kind),
                        where, "unsupported_content_type")
@@ -1811,6 +1861,7 @@ class _Conversation:
     history: List[Tuple[str, str]]
     message: str
     prompt_tokens: int = 0
+    images: List[Tuple[str, str]] = field(default_factory=list)   # (URL, where) of the message's
 
 
 def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 << 30,
@@ -1828,6 +1879,7 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
                    param, "too_many_messages")
     system: List[str] = []
     turns: List[Tuple[str, str]] = []
+    images: List[Tuple[str, str]] = []       # of the user turn under way
     tokens, chars = 3, 0
     for i, msg in enumerate(messages):
         where = "%s[%d]" % (param, i)
@@ -1844,7 +1896,13 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
         if role == "assistant" and msg.get("tool_calls"):
             raise _bad("%s has tool_calls, but this server does not support tools yet" % where,
                        where + ".tool_calls", "unsupported_parameter")
-        text = _content_text(msg.get("content"), where + ".content", allow_none=role == "assistant")
+        if role == "user" and turns and turns[-1][0] != "user" and images:
+            raise _bad("%s is an image in an earlier message; the app takes images with the "
+                       "new message only" % images[0][1], images[0][1], "unsupported_content_type")
+        if role == "user" and (not turns or turns[-1][0] != "user"):
+            images = []
+        text = _content_text(msg.get("content"), where + ".content", allow_none=role == "assistant",
+                             images=images if role == "user" else None)
         tokens += 4 + estimate_tokens(text)
         chars += len(text)
         if chars > max_chars:
@@ -1860,7 +1918,8 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
         raise _bad("the last message (other than system messages) must have role 'user'",
                    param, "invalid_value")
     return _Conversation(system="\n\n".join(system) if system else None,
-                         history=turns[:-1], message=turns[-1][1], prompt_tokens=tokens)
+                         history=turns[:-1], message=turns[-1][1], prompt_tokens=tokens,
+                         images=images)
 
 
 @dataclass
@@ -1976,7 +2035,7 @@ class _Generation:
             upstream = self.client.stream(
                 self.conv.message, self.conv.history, system_prompt=self.system,
                 temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p,
-                top_k=s.top_k)
+                top_k=s.top_k, images=self.conv.images)
         except BadRequestError as exc:      # name max_tokens as the client did
             if exc.param == "max_tokens" and s.max_tokens_param != "max_tokens":
                 raise BadRequestError(s.max_tokens_param + exc.message[len("max_tokens"):],
