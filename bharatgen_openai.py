@@ -4500,6 +4500,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     p = sub.add_parser("info", help="show what the upstream app offers")
     upstream_flags(p)
+    _add_flags(p, [flag for flag in _SERVE_FLAGS if flag[0] == "models_file"])
     p.set_defaults(func=_cmd_info)
 
     p = sub.add_parser("bench", help="measure what the gateway adds to calling the app directly")

@@ -4521,6 +4521,38 @@ class CLITests(unittest.TestCase):
                       "-> its input, max_tokens -> nowhere, top_p -> nowhere, top_k -> nowhere",
                       out.getvalue())
 
+    def test_info_follows_the_models_file_and_serve_logs_each_discovery(self):
+        demo, plain = start_demo(self), PlainChatInterface().start()
+        self.addCleanup(plain.stop)
+        path = os.path.join(self.tmp(), "models.json")
+        with open(path, "w") as f:
+            json.dump({"models": [{"id": "param", "upstreams": [demo.url]},
+                                  {"id": "plain", "upstreams": [plain.url]}]}, f)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bg.main(["info", "--config", path])
+        self.assertEqual(re.findall(r"model: +(\S+)\napp: +(\S+)", out.getvalue()),
+                         [("param", demo.url), ("plain", plain.url)])
+        gw = bg.GatewayServer(bg.Config(models_file=path, port=0))
+        self.addCleanup(gw.server_close)
+        with self.assertLogs("bharatgen_openai", "INFO") as logs:
+            bg._announce(gw)
+        self.assertEqual(logs.output[1], "INFO:bharatgen_openai:model 'plain': %s is Gradio "
+                         "6.31.0, endpoint /respond; system -> the message, history -> the "
+                         "message, temperature -> nowhere, max_tokens -> nowhere, top_p -> "
+                         "nowhere, top_k -> nowhere" % plain.url)
+        dead = bg.GatewayServer(bg.Config(upstream=["http://127.0.0.1:9"], port=0))
+        self.addCleanup(dead.server_close)
+        with self.assertLogs("bharatgen_openai", "WARNING") as logs:
+            bg._announce(dead)
+        self.assertIn("cannot reach the Gradio app at http://127.0.0.1:9", logs.output[0])
+
+    def tmp(self):
+        import tempfile
+        path = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, path)
+        return path
+
     def test_info_on_something_that_is_not_gradio_says_so(self):
         gw = start_gateway(self, start_demo(self).url)
         with self.assertRaises(SystemExit) as cm:
