@@ -318,7 +318,7 @@ def _parse_tag(text: str) -> Tuple[Optional[str], Dict[str, str]]:
 _DETAILS_RE = re.compile(r"\s*<details\b[^>]*>", re.I)
 _SUMMARY_RE = re.compile(r"\s*<summary\b[^>]*>.*?</summary>", re.I | re.S)
 _DETAILS_END = "</details>"
-_PARTIAL_TAG_RE = re.compile(r"<(?:(?:d|de|det|deta|detai|detail|details|di|div)"
+_PARTIAL_TAG_RE = re.compile(r"<(?:d|de|det|deta|detai|detail|di|(?:details|div)"
                              r"(?:[\s/][^>]*)?)?\Z", re.I)
 # The tags the app's tail may hold, by stage: the debug block's opening (its style has
 # "opacity"), what the block holds, after it, the latency line's opening (its style has
@@ -389,30 +389,35 @@ class CleanReply:
     answer_done: bool = True
 
 
-def _split_thought(html_text: str) -> Tuple[str, bool, Optional[int]]:
-    """``(thought, closed, where the answer begins)`` of a reply; the answer's start is
-    ``None`` while the thought (or its opening tag) is still being written."""
+def _split_thought(html_text: str, final: bool = True) -> Tuple[str, bool, Optional[int], bool]:
+    """``(thought, closed, where the answer begins, whether the app's tail may end it)``;
+    the answer's start is ``None`` while the thought (or, before the end, a tag that may
+    open it) is still being written.  Only the Param app, whose replies open with its
+    thought block, ends them with a tail; Gradio's own thought messages come as
+    ``class='thought message'`` (see :func:`_reply_from_output`) and have none."""
     m = _DETAILS_RE.match(html_text)
     if m is None:
-        return ("", False, None) if _PARTIAL_TAG_RE.match(html_text.lstrip()) else ("", True, 0)
+        partial = not final and _PARTIAL_TAG_RE.match(html_text.lstrip())
+        return ("", False, None, True) if partial else ("", True, 0, False)
     attrs = _parse_tag(m.group().strip())[1]
-    if "thought" not in attrs.get("class", ""):
-        return "", True, 0
+    classes = attrs.get("class", "").split()
+    if "thought" not in classes:
+        return "", True, 0, False
     body = m.end()
     s = _SUMMARY_RE.match(html_text, body)
     if s is not None:
         body = s.end()
     end = html_text.find(_DETAILS_END, body)
     if end < 0:                                       # still thinking
-        return html.unescape(html_text[body:]).strip(), False, None
+        return html.unescape(html_text[body:]).strip(), False, None, True
     thought = html.unescape(html_text[body:end]).strip()
     pos = end + len(_DETAILS_END)
     if "open" in attrs and not html_text[pos:].strip():   # still thinking
-        return thought, False, None
+        return thought, False, None, True
     for _ in range(2):                                # the "\n\n" separator
         if html_text.startswith("\n", pos):
             pos += 1
-    return thought, True, pos
+    return thought, True, pos, "message" not in classes
 
 
 def clean_reply(html_text: str) -> CleanReply:
@@ -425,11 +430,11 @@ def clean_reply(html_text: str) -> CleanReply:
     unescaped or re-serialized, so an answer about HTML (``<div>``, ``a < b``, an unclosed
     ``<span``, even the app's own markup) comes through whole.
     """
-    thought, closed, pos = _split_thought(html_text)
+    thought, closed, pos, tail = _split_thought(html_text)
     if pos is None:
         return CleanReply("", thought, False, False)
     region = html_text[pos:]
-    end = _tail_start(region, final=True)
+    end = _tail_start(region, final=True) if tail else None
     if end is None:
         return CleanReply(region, thought, closed, False)
     for _ in range(2):                                # the "\n\n" separator before the tail
@@ -468,6 +473,8 @@ class _StreamCleaner:
         self._snapshot: List[str] = []    # the latest snapshot, in pieces (joined when needed)
         self._size = 0                    # its length
         self._held: Optional[str] = None  # the answer not released yet, once appends suffice
+        self._tail = True                 # the app may end the reply with its tail
+        self._holding = 0                 # updates the held text has waited for a tail
         self.diverged = False
 
     @property
@@ -500,7 +507,10 @@ class _StreamCleaner:
         """Release the held-back answer up to where the tail could begin, less trailing
         whitespace (the tail's separator) and U+FFFD (a half-written character)."""
         held = self._held or ""
-        end = _tail_start(held, final=False)
+        end = _tail_start(held, final=False) if self._tail else None
+        self._holding = self._holding + 1 if end is not None else 0
+        if self._holding > 32:           # the app's tail comes in one update, not in dozens
+            end = None
         stable = held[:len(held) if end is None else end].rstrip().rstrip("\ufffd").rstrip()
         self._held = held[len(stable):]
         return self._release(stable)
@@ -512,7 +522,7 @@ class _StreamCleaner:
         return text
 
     def _clean(self, html_text: str, final: bool) -> Tuple[str, str]:
-        thought, closed, pos = _split_thought(html_text)
+        thought, closed, pos, self._tail = _split_thought(html_text, final)
         thought = thought if (closed or final) else _stable_prefix(thought)
         t_delta = ""
         if len(thought) > len(self.thought):
@@ -942,7 +952,7 @@ def _reply_from_output(output: Any) -> str:
         if not thoughts:
             return answer
         pending = not answer and any(m["metadata"].get("status") == "pending" for m in thoughts)
-        return "<details class='thought'%s><summary></summary>\n\n%s\n\n</details>\n\n%s" % (
+        return "<details class='thought message'%s><summary></summary>\n\n%s\n\n</details>\n\n%s" % (
             " open" if pending else "",
             html.escape("\n\n".join(_message_text(m.get("content")) for m in thoughts)), answer)
     raise UpstreamError("the Gradio app returned an output this client cannot read: %s"
@@ -956,7 +966,8 @@ def _reply_path(output: Any) -> Optional[List[Any]]:
         return []
     if isinstance(value, list) and value:
         last = value[-1]
-        if isinstance(last, dict) and last.get("role") == "assistant":
+        if isinstance(last, dict) and last.get("role") == "assistant" \
+                and not (last.get("metadata") or {}).get("title"):      # not a thought
             content = last.get("content")
             if isinstance(content, str):
                 return [len(value) - 1, "content"]
@@ -1426,12 +1437,12 @@ class GradioClient:
         """An image for a multimodal input: a ``data:`` URL uploaded to the app (Gradio's
         upload route), an http(s) URL handed over for the app to fetch."""
         meta = {"_type": "gradio.FileData"}
-        if re.match(r"https?://", url):
+        if re.match(r"https?://", url, re.I):
             name = urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1] or "image"
             return {"path": url, "url": url, "orig_name": name, "meta": meta}
-        if not url.startswith("data:"):
-            raise BadRequestError("%s must be a data: or http(s) URL" % where, param=where,
-                                  code="invalid_value")
+        if not re.match(r"data:image/[\w.+-]+[;,]", url, re.I):
+            raise BadRequestError("%s must be an image as a data: URL, or an http(s) URL" % where,
+                                  param=where, code="invalid_value")
         try:
             with urllib.request.urlopen(url) as decoded:     # data: URLs only: no network
                 data, kind = decoded.read(), decoded.headers.get_content_type()
@@ -1454,7 +1465,7 @@ class GradioClient:
         try:
             path = json.loads(raw)[0]
             assert resp.status == 200 and isinstance(path, str)
-        except (ValueError, LookupError, AssertionError):
+        except (ValueError, LookupError, TypeError, AssertionError):
             raise UpstreamError("the Gradio app refused the upload of %s (HTTP %d): %s"
                                 % (where, resp.status, raw[:200].decode("utf-8", "replace")))
         return {"path": path, "orig_name": name, "mime_type": kind, "meta": meta}

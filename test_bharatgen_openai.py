@@ -1742,6 +1742,32 @@ class ReplayTests(unittest.TestCase):
         with self.assertRaisesRegex(bg.UpstreamError, "cannot read"):
             bg._reply_from_output([[1, 2], None])
 
+    def test_a_thought_message_growing_by_appends_stays_the_thought(self):
+        thought = {"role": "assistant", "content": "Let me", "metadata": {"title": "T",
+                                                                          "status": "pending"}}
+        def msg(data, kind="process_generating"):
+            return "", json.dumps({"msg": kind, "output": {"data": data}, "success": True})
+
+        def events():
+            yield msg([[thought], None])
+            yield msg([[["append", [0, "content"], " think"]], []])
+            yield msg([[["append", [0, "content"], " more"]], []])
+            yield msg([[dict(thought, content="Let me think more", metadata={"title": "T"}),
+                        {"role": "assistant", "content": "Answer.", "metadata": {}}], None],
+                      "process_completed")
+        cleaner, thoughts, answers = bg._StreamCleaner(), [], []
+        for text, final, appended in bg.GradioClient._queue_updates(events(), bg._Progress()):
+            t, a = cleaner.append(text) if appended else cleaner.update(text, final)
+            thoughts.append(t)
+            answers.append(a)
+        self.assertEqual(("".join(thoughts), "".join(answers), cleaner.diverged),
+                         ("Let me think more", "Answer.", False))
+        self.assertEqual(bg.clean_reply(bg._reply_from_output([[thought, {
+            "role": "assistant", "content": 'See:\n<div style="color:#666">x</div>'}], None])
+        ).answer, 'See:\n<div style="color:#666">x</div>')        # no Param tail to cut here
+        self.assertEqual(bg.clean_reply("<d and e are variables").answer,
+                         "<d and e are variables")
+
     def test_upstream_crash_capture_is_a_502_with_its_message(self):
         self.demo.replay["crash"] = fixture("call_crash.sse")
         status, _, body = chat(self.gw, "crash")
