@@ -89,6 +89,7 @@ REASONING_MODES = ("separate", "inline", "none")
 PROTOCOLS = ("auto", "queue", "call")
 
 _log = logging.getLogger("bharatgen_openai")
+_log.addHandler(logging.NullHandler())     # a library logs; the program using it shows the logs
 _access_log = logging.getLogger("bharatgen_openai.access")
 
 
@@ -121,6 +122,11 @@ class BharatGenError(Exception):
         self.headers: Dict[str, str] = dict(headers or {})
         if self.retry_after is not None:
             self.headers.setdefault("Retry-After", str(self.retry_after))
+
+    @property
+    def status_code(self) -> int:
+        """The HTTP status, as the openai SDK names it."""
+        return self.status
 
     def to_dict(self) -> Dict[str, Any]:
         """The OpenAI error body: ``{"error": {"message", "type", "param", "code"}}``."""
@@ -201,8 +207,11 @@ class UpstreamOverloadedError(UpstreamError):
     retry_after = 1
 
 
-class APIConnectionError(UpstreamError, ConnectionError):
-    """The Gradio app could not be reached, or dropped the connection (502)."""
+class APIConnectionError(BharatGenError, ConnectionError):
+    """The Gradio app could not be reached, or dropped the connection (502); as in the
+    openai SDK, not an :class:`InternalServerError`."""
+    status = 502
+    type = "upstream_error"
     code = "upstream_unreachable"
 
 
@@ -3490,7 +3499,7 @@ class _GatewayHandler(_Handler):
         headers = dict(exc.headers)
         if isinstance(exc, RateLimitError):
             self.server.metrics.inc("bharatgen_rate_limited_total")
-        if isinstance(exc, UpstreamError):
+        if isinstance(exc, (UpstreamError, APIConnectionError)):
             self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             if type(exc) is UpstreamError:
                 headers.setdefault("x-should-retry", "false")
@@ -3615,7 +3624,7 @@ class _GatewayHandler(_Handler):
                 raise
             _log.warning("stream %s failed after output began: %s", self.request_id,
                          _printable(exc.message))
-            if isinstance(exc, UpstreamError):
+            if isinstance(exc, (UpstreamError, APIConnectionError)):
                 srv.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             body = exc.to_dict()
             if error_event:           # the Responses API's shape: its fields, and "error"
@@ -3679,7 +3688,7 @@ class GatewayServer(_Server):
             self._thread = None
         self.socket.close()
         deadline = time.monotonic() + grace
-        while self.in_flight > 0 and time.monotonic() < deadline:
+        while self.in_flight > 0 and time.monotonic() < deadline and not self.closing.is_set():
             time.sleep(0.05)
         clean = self.in_flight == 0
         self.closing.set()
@@ -4249,7 +4258,14 @@ def _cmd_serve(args: Any) -> int:
     demo = None
     if args.demo or not (config.upstream or config.models_file):
         demo = _start_demo(config, args.token_delay, sys.stderr)
-    server = GatewayServer(config)
+    try:
+        server = GatewayServer(config)
+    except OSError as exc:                           # most often: the port is taken
+        if demo is not None:
+            demo.stop()
+        print("error: cannot listen on %s port %d: %s; choose another with --port (0 picks a "
+              "free one)" % (config.host, config.port, exc.strerror or exc), file=sys.stderr)
+        return 2
     for route in server.backend.routes.values():
         print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
               % (__version__, server.url, route.id, route.pool.base_url),
@@ -4259,8 +4275,16 @@ def _cmd_serve(args: Any) -> int:
               "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
     stop = threading.Event()
     import signal
+
+    def on_signal(*_: Any) -> None:      # the first drains, the second cuts, the third exits
+        if stop.is_set() and server.closing.is_set():
+            os._exit(130)
+        if stop.is_set():
+            print("stopping now: cutting off the streams", file=sys.stderr, flush=True)
+            server.closing.set()
+        stop.set()
     for name in ("SIGTERM", "SIGINT"):
-        signal.signal(getattr(signal, name), lambda *_: stop.set())
+        signal.signal(getattr(signal, name), on_signal)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: _log.info("reloaded %d API keys",
                                                           server.keys.reload()))
@@ -4352,6 +4376,10 @@ def _cmd_info(args: Any) -> int:
     return 0
 
 
+_CHAT_HELP = ("/reset forgets the conversation, /help shows this, /exit (or Ctrl-D) leaves; "
+              "Ctrl-C stops an answer")
+
+
 def _cmd_chat(args: Any) -> int:
     config = _config_from_args(args)
     demo = _start_demo(config, args.token_delay, sys.stderr) if args.demo or not config.upstream else None
@@ -4365,23 +4393,33 @@ def _cmd_chat(args: Any) -> int:
         if args.prompt:
             _chat_turn(client, history, " ".join(args.prompt), args)
             return 0
-        print("Chatting with %s at %s. /reset forgets the conversation, /exit leaves."
-              % (config.model, client.base_url), file=sys.stderr)
+        try:
+            __import__("readline")          # line editing and history for input(), where it exists
+        except ImportError:
+            pass
+        print("Chatting with %s at %s. %s." % (config.model, client.base_url, _CHAT_HELP),
+              file=sys.stderr)
         while True:
             try:
                 line = input(">>> ").strip()
             except EOFError:
                 print()
                 return 0
+            except KeyboardInterrupt:                 # at the prompt: a new prompt
+                print()
+                continue
             if line in ("/exit", "/quit"):
                 return 0
             if line == "/reset":
                 history.clear()
                 print("(conversation forgotten)", file=sys.stderr)
+            elif line in ("/help", "/?"):
+                print(_CHAT_HELP, file=sys.stderr)
             elif line:
-                _chat_turn(client, history, line, args)
-    except KeyboardInterrupt:
-        return 130
+                try:
+                    _chat_turn(client, history, line, args)
+                except BharatGenError as exc:         # said, and the session goes on
+                    print("error: %s" % exc.message, file=sys.stderr)
     finally:
         for close in cleanup:
             close()
@@ -4391,7 +4429,8 @@ def _cmd_chat(args: Any) -> int:
 
 def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: str,
                args: Any) -> None:
-    """Stream one answer to the terminal; remember the turn on success."""
+    """Stream one answer to the terminal; remember the turn unless it failed.  Ctrl-C
+    stops the answer (the upstream job is cancelled) and keeps what came."""
     dim = sys.stdout.isatty()
     messages = history + [{"role": "user", "content": prompt}]
     answer: List[str] = []
@@ -4399,26 +4438,28 @@ def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: s
     stream = client.chat.completions.create(messages=messages, stream=True,
                                             temperature=args.temperature,
                                             max_tokens=args.max_tokens)
-    with stream:
-        for chunk in stream:
-            for choice in chunk.choices:
-                delta = choice.delta
-                if delta.reasoning_content and args.show_reasoning:
-                    if not thinking:
-                        thinking = True
-                        sys.stdout.write("\x1b[2m" if dim else "[thinking] ")
-                    sys.stdout.write(delta.reasoning_content)
-                if delta.content:
-                    if thinking:
-                        thinking = False
-                        sys.stdout.write("\x1b[0m\n\n" if dim else "\n\n")
-                    answer.append(delta.content)
-                    sys.stdout.write(delta.content)
-                sys.stdout.flush()
-    if thinking and dim:
-        sys.stdout.write("\x1b[0m")
-    sys.stdout.write("\n")
-    sys.stdout.flush()
+    try:
+        with stream:
+            for chunk in stream:
+                for choice in chunk.choices:
+                    delta = choice.delta
+                    if delta.reasoning_content and args.show_reasoning:
+                        if not thinking:
+                            thinking = True
+                            sys.stdout.write("\x1b[2m" if dim else "[thinking] ")
+                        sys.stdout.write(delta.reasoning_content)
+                    if delta.content:
+                        if thinking:
+                            thinking = False
+                            sys.stdout.write("\x1b[0m\n\n" if dim else "\n\n")
+                        answer.append(delta.content)
+                        sys.stdout.write(delta.content)
+                    sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    finally:
+        sys.stdout.write("\x1b[0m\n" if thinking and dim else "\n")
+        sys.stdout.flush()
     history += [{"role": "user", "content": prompt},
                 {"role": "assistant", "content": "".join(answer)}]
 
@@ -4430,7 +4471,7 @@ _UPSTREAM_FLAGS = (
                  "give a comma list) for replicas (env BHARATGEN_UPSTREAM or BHARATGEN_BASE_URL)"),
     ("endpoint", "the app's chat endpoint (default: discovered; chat_fn_1 for the Param app)"),
     ("protocol", "queue (diffs), call (whole output each update), or auto (default)"),
-    ("model", "the model name to serve (default %s)" % DEFAULT_MODEL),
+    ("model", "the model's name in the API (default %s)" % DEFAULT_MODEL),
     ("system_prompt", "used when a request has no system message"),
     ("timeout", "seconds of upstream silence allowed between events (default 120)"),
     ("first_event_timeout", "seconds to wait for the first output (default: --timeout)"),
@@ -4484,37 +4525,44 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(
-        prog="bharatgen_openai",
+        prog="bharatgen_openai", allow_abbrev=False,
         description="An OpenAI-compatible API in front of BharatGen's Param Gradio app.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    parser.add_argument("--log-level", default="INFO",
-                        choices=("DEBUG", "INFO", "WARNING", "ERROR"), help="default: INFO")
+    log_level = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    log_level.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                           default=argparse.SUPPRESS, help="default: INFO")
+    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                        default="INFO", help="default: INFO (also after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, text: str) -> Any:
+        return sub.add_parser(name, help=text, description=text, parents=[log_level],
+                              allow_abbrev=False)
 
     def upstream_flags(p: Any) -> None:
         _add_flags(p, _UPSTREAM_FLAGS)
         p.add_argument("--token-delay", type=float, default=0.02,
                        help="the demo upstream's pause per token, seconds (default 0.02)")
 
-    p = sub.add_parser("serve", help="run the OpenAI-compatible server")
+    p = command("serve", "run the OpenAI-compatible server")
     upstream_flags(p)
     _add_flags(p, _SERVE_FLAGS)
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser("chat", help="chat in the terminal (one prompt, or interactive)")
+    p = command("chat", "chat in the terminal (one prompt, or interactive)")
     upstream_flags(p)
     p.add_argument("prompt", nargs="*", help="the prompt; none opens an interactive session")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="sampling temperature (default: the app's)")
+    p.add_argument("--max-tokens", type=int, help="the longest answer (default: the app's)")
     p.add_argument("--show-reasoning", action="store_true", help="print the thought, dimmed")
     p.set_defaults(func=_cmd_chat)
 
-    p = sub.add_parser("info", help="show what the upstream app offers")
+    p = command("info", "show what the upstream app offers")
     upstream_flags(p)
     _add_flags(p, [flag for flag in _SERVE_FLAGS if flag[0] == "models_file"])
     p.set_defaults(func=_cmd_info)
 
-    p = sub.add_parser("bench", help="measure what the gateway adds to calling the app directly")
+    p = command("bench", "measure what the gateway adds to calling the app directly")
 
     def int_list(text: str) -> List[int]:
         try:
@@ -4534,7 +4582,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
     p.set_defaults(func=_cmd_bench)
 
-    p = sub.add_parser("demo", help="run only the demo upstream (a stand-in Gradio app)")
+    p = command("demo", "run only the demo upstream (a stand-in Gradio app)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
     p.add_argument("--token-delay", type=float, default=0.02,

@@ -837,7 +837,10 @@ class ContractTests(unittest.TestCase):
                                                        "param": "p", "code": cls.code}})
         self.assertTrue(issubclass(bg.UpstreamTimeout, TimeoutError))
         self.assertTrue(issubclass(bg.APIConnectionError, ConnectionError))
-        self.assertTrue(issubclass(bg.APITimeoutError, bg.UpstreamError))
+        self.assertTrue(issubclass(bg.APITimeoutError, bg.APIConnectionError))
+        self.assertFalse(issubclass(bg.APIConnectionError, bg.InternalServerError))   # as openai
+        self.assertEqual((bg.NotFoundError("x").status_code, bg.APITimeoutError("x").status_code),
+                         (404, 504))
 
 
 # -- protocol pieces -----------------------------------------------------------------------
@@ -3952,6 +3955,110 @@ class ShutdownTests(unittest.TestCase):
         self.assertEqual(result[0][0], 200)
         self.assertEqual(streamed_text(sse_events(result[0][2])), expected)
         self.assertIn("stopped", err)
+
+
+class UsabilityTests(unittest.TestCase):
+    """What a new user meets at the command line (issue 17's first part)."""
+
+    def serve(self, *flags):
+        proc = subprocess.Popen([sys.executable, "bharatgen_openai.py", "serve", "--demo",
+                                 "--token-delay", "0.01"] + list(flags), cwd=str(HERE),
+                                stderr=subprocess.PIPE, text=True,
+                                env=dict(os.environ, BHARATGEN_UPSTREAM=""))
+        self.addCleanup(lambda: proc.poll() is None and proc.kill())
+        return proc
+
+    def test_a_second_ctrl_c_stops_at_once(self):
+        import signal
+        proc = self.serve("--port", "0", "--grace", "30")
+        deadline, url = time.monotonic() + TIMEOUT, None
+        while time.monotonic() < deadline and url is None:
+            m = re.search(r"OpenAI API at (http://[\d.:]+)/v1", proc.stderr.readline())
+            url = m and m.group(1)
+        result = []
+        t = threading.Thread(target=lambda: result.append(
+            chat(type("G", (), {"url": url}), "2000 words", stream=True)))
+        t.start()
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.3)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=TIMEOUT)[1]
+        t.join(TIMEOUT)
+        self.assertLess(time.monotonic() - started, 8)
+        self.assertIn("stopping now: cutting off the streams", err)
+        events = sse_events(result[0][2])
+        self.assertEqual((events[-2]["error"]["code"], events[-1]), ("server_overloaded", "[DONE]"))
+
+    def test_a_port_in_use_is_one_line_and_exit_2(self):
+        taken = socket.socket()
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        self.addCleanup(taken.close)
+        proc = self.serve("--port", str(taken.getsockname()[1]))
+        err = proc.communicate(timeout=TIMEOUT)[1]
+        self.assertEqual(proc.returncode, 2)
+        self.assertRegex(err.splitlines()[-1], r"^error: cannot listen on 127\.0\.0\.1 port \d+: "
+                         r".+; choose another with --port \(0 picks a free one\)$")
+        self.assertNotIn("Traceback", err)
+
+    def test_flags_are_not_abbreviated_and_log_level_goes_anywhere(self):
+        with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as cm:
+            bg.main(["serve", "--prot", "9000"])
+        self.assertEqual(cm.exception.code, 2)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(bg.main(["info", "--demo", "--log-level", "WARNING"]), 0)
+        self.assertIn("chat endpoint:  /chat_fn_1", out.getvalue())
+
+    def test_the_chat_repl_in_a_terminal(self):
+        import pty
+        demo = start_demo(self, token_delay=0.01)
+        pid, fd = pty.fork()
+        if pid == 0:                                   # the child: the REPL on the terminal
+            os.chdir(str(HERE))
+            os.execv(sys.executable, [sys.executable, "bharatgen_openai.py", "chat",
+                                      "--show-reasoning", "--upstream", demo.url])
+        def reap():
+            try:
+                if os.waitpid(pid, os.WNOHANG) == (0, 0):
+                    os.kill(pid, 9)
+                    os.waitpid(pid, 0)
+            except ChildProcessError:           # reaped by the test already
+                pass
+            os.close(fd)
+        self.addCleanup(reap)
+        seen = []
+
+        def until(text, timeout=TIMEOUT):
+            deadline = time.monotonic() + timeout
+            while text not in "".join(seen) and time.monotonic() < deadline:
+                if select.select([fd], [], [], 0.1)[0]:
+                    try:
+                        seen.append(os.read(fd, 65536).decode("utf-8", "replace"))
+                    except OSError:
+                        break
+            self.assertIn(text, "".join(seen))
+        until(">>> ")
+        os.write(fd, b"/help\r")
+        until("Ctrl-C stops an answer")
+        os.write(fd, b"2000 words\r")
+        until("Param is a bilingual")
+        os.write(fd, b"\x03")                          # Ctrl-C: this answer only
+        until("[stopped]")
+        os.write(fd, b"[[error]]\r")
+        until("error: the Gradio app reported an error: Model is overloaded, try again")
+        os.write(fd, b"Say hello\r")
+        until(HELLO + "\r\n>>> ")
+        os.write(fd, b"\x04")                          # Ctrl-D leaves
+        deadline, status = time.monotonic() + TIMEOUT, None
+        while status is None and time.monotonic() < deadline:
+            done, code = os.waitpid(pid, os.WNOHANG)
+            status = code if done else time.sleep(0.05)
+        self.assertEqual(status, 0)                     # exited, with 0
+        self.assertIn("\x1b[2mThe user said: Say hello. Let me think step by step.\x1b[0m\r\n\r\n"
+                      + HELLO, "".join(seen))           # the colours reset after the thought
 
 
 class _RealClientBase(unittest.TestCase):
