@@ -1250,7 +1250,9 @@ class GradioClient:
                 conn.request(method, target, data, headers)
                 timed = conn.sock
                 timed.arm(self.connect_timeout)
-                return conn.getresponse(), timed
+                resp = conn.getresponse()
+                _log.debug("upstream %s %s%s: HTTP %d", method, self.base_url, path, resp.status)
+                return resp, timed
             except socket.timeout:
                 conn.close()
                 raise APITimeoutError("the Gradio app at %s did not answer within %ss"
@@ -2189,6 +2191,7 @@ class Config:
     api_key_file: Optional[str] = None
     allow_no_auth: bool = False
     cors_origins: List[str] = field(default_factory=list)
+    trusted_proxies: List[str] = field(default_factory=list)   # addresses or CIDRs
     max_body_bytes: int = MAX_BODY_BYTES
     max_event_bytes: int = MAX_EVENT_BYTES
     max_upstream_body: int = MAX_UPSTREAM_BODY
@@ -3346,8 +3349,8 @@ class _GatewayHandler(_Handler):
         self.header_timeout, self.body_timeout = config.header_timeout, config.body_timeout
         self.send_timeout = config.send_timeout
         super().setup()
-        self._who = "ip:" + str(self.client_address[0])
         self._extra: Dict[str, str] = {}
+        self.client = str(self.client_address[0])
 
     def handle(self) -> None:
         """Serve the connection, unless the server has all the connections it takes."""
@@ -3426,9 +3429,27 @@ class _GatewayHandler(_Handler):
 
     # -- one request --------------------------------------------------------------------
 
+    def _client(self) -> str:
+        """The client's address: the peer's, or behind a trusted proxy the nearest address
+        in ``X-Forwarded-For`` that is not a trusted proxy's."""
+        import ipaddress
+        trusted = self.server.trusted
+        hops = [self.client_address[0]] + [h.strip() for h in reversed(
+            ",".join(self.headers.get_all("X-Forwarded-For") or ()).split(","))]
+        for hop in hops:
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:                     # not an address: the proxy says so
+                return hop[:64]
+            if not any(address in net for net in trusted):
+                return hop
+        return hops[-1]
+
     def _dispatch(self) -> None:
         srv = self.server
         self.request_id = _new_id("req_")
+        self.client = self._client() if srv.trusted else str(self.client_address[0])
+        self._who = "ip:" + self.client
         self._extra, self._model, self._ttft = {}, None, None
         self._key = "-"
         started = time.monotonic()
@@ -3485,12 +3506,12 @@ class _GatewayHandler(_Handler):
                   "model": self._model or "-", "duration": round(took, 4),
                   "ttft": None if self._ttft is None else round(self._ttft, 4),
                   "bytes": self.bytes_out, "request_id": self.request_id, "key": self._key,
-                  "client": self.client_address[0]}
+                  "client": self.client}
         if self.server.config.log_format == "json":
             _access_log.info(json.dumps(fields, ensure_ascii=False))
         else:
             _access_log.info('%s "%s %s" %d model=%s %.3fs ttft=%s bytes=%d %s key=%s',
-                             fields["client"], _printable(self.command),
+                             _printable(fields["client"]), _printable(self.command),
                              _printable(fields["path"]), status, _printable(fields["model"]),
                              took, "-" if self._ttft is None else "%.3fs" % self._ttft,
                              self.bytes_out, self.request_id, self._key)
@@ -3668,6 +3689,8 @@ class GatewayServer(_Server):
             for replica in route.pool.replicas:
                 replica.client.metrics = self.metrics
         self.limiter = _RateLimiter(config.rate_limit_rpm, config.rate_limit_streams)
+        import ipaddress
+        self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.closing = threading.Event()
         self.in_flight = 0
@@ -4249,7 +4272,7 @@ def _cmd_serve(args: Any) -> int:
     config = _config_from_args(args)
     if config.log_format == "json":
         for handler in logging.getLogger().handlers:
-            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.setFormatter(_JSONFormatter())
     has_keys = bool(config.api_keys or config.api_key_file)
     if not has_keys and not _is_loopback(config.host) and not config.allow_no_auth:
         raise SystemExit("error: refusing to serve on %s with no API key: anyone on the network "
@@ -4303,6 +4326,19 @@ def _cmd_serve(args: Any) -> int:
         if demo is not None:
             demo.stop()
     return 0
+
+
+class _JSONFormatter(logging.Formatter):
+    """One JSON object a line, with a timestamp: the access log's fields, or the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"time": self.formatTime(record), "level": record.levelname, "logger": record.name}
+        message = record.getMessage()
+        if record.name == _access_log.name and message.startswith("{"):
+            line.update(json.loads(message))
+        else:
+            line["message"] = message
+        return json.dumps(line, ensure_ascii=False)
 
 
 def _announce(server: GatewayServer) -> None:
@@ -4485,6 +4521,8 @@ _SERVE_FLAGS = (
     ("api_key_file", "more keys, one a line; re-read on SIGHUP"),
     ("allow_no_auth", "serve a non-loopback address with no key (refused otherwise)"),
     ("cors_origins", "let browser pages from ORIGIN call the API; repeatable; * for any"),
+    ("trusted_proxies", "a reverse proxy's address or CIDR (repeatable): requests from it are "
+                        "counted and logged by the client address in its X-Forwarded-For"),
     ("models_file", "a JSON file declaring several models and their upstreams"),
     ("reasoning", "where the thought goes: its own field (separate, default), inline in "
                   "<think> tags, or none"),
@@ -4504,7 +4542,8 @@ _SERVE_FLAGS = (
     ("grace", "on SIGTERM, seconds to let streams finish (default 30)"),
     ("log_format", "access log format: text (default) or json"),
 )
-_FLAG_NAMES = {"api_keys": "--api-key", "cors_origins": "--cors-origin", "models_file": "--config"}
+_FLAG_NAMES = {"api_keys": "--api-key", "cors_origins": "--cors-origin", "models_file": "--config",
+               "trusted_proxies": "--trusted-proxy"}
 
 
 def _add_flags(parser: Any, flags: Sequence[Tuple[str, str]]) -> None:

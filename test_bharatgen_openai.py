@@ -14,6 +14,7 @@ import http
 import http.client
 import io
 import json
+import logging
 import os
 import pathlib
 import re
@@ -4011,6 +4012,33 @@ class UsabilityTests(unittest.TestCase):
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
             self.assertEqual(bg.main(["info", "--demo", "--log-level", "WARNING"]), 0)
         self.assertIn("chat endpoint:  /chat_fn_1", out.getvalue())
+
+    def test_behind_a_trusted_proxy_the_forwarded_client_is_the_client(self):
+        demo = start_demo(self)
+        for trusted, expected in ((["127.0.0.0/8"], [200, 200, 429]), ([], [200, 429, 429])):
+            gw = start_gateway(self, demo.url, rate_limit_rpm=1, trusted_proxies=trusted)
+            with self.assertLogs("bharatgen_openai.access", "INFO") as logs:
+                statuses = [request(gw.url, "GET", "/v1/models", headers={
+                    "X-Forwarded-For": "6.6.6.6, %s" % client})[0]
+                    for client in ("203.0.113.7", "198.51.100.9", "198.51.100.9")]
+                wait_for_logs(logs, 3)
+            self.assertEqual(statuses, expected)
+            self.assertEqual([r.getMessage().split(" ")[0] for r in logs.records],
+                             ["203.0.113.7", "198.51.100.9", "198.51.100.9"] if trusted
+                             else ["127.0.0.1"] * 3)
+
+    def test_json_logs_are_json_on_every_line(self):
+        formatter = bg._JSONFormatter()
+        plain = logging.LogRecord("bharatgen_openai", logging.WARNING, __file__, 1,
+                                  "upstream %s down", ("x",), None)
+        access = logging.LogRecord("bharatgen_openai.access", logging.INFO, __file__, 1,
+                                   json.dumps({"status": 200, "path": "/v1/models"}), None, None)
+        lines = [json.loads(formatter.format(r)) for r in (plain, access)]
+        self.assertEqual([{k: v for k, v in line.items() if k != "time"} for line in lines], [
+            {"level": "WARNING", "logger": "bharatgen_openai", "message": "upstream x down"},
+            {"level": "INFO", "logger": "bharatgen_openai.access", "status": 200,
+             "path": "/v1/models"}])
+        self.assertRegex(lines[0]["time"], r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d")
 
     def test_the_chat_repl_in_a_terminal(self):
         import pty
