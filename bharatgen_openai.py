@@ -2727,9 +2727,10 @@ class _Models(_Resource):
 class BharatGenOpenAI:
     """A client shaped like ``openai.OpenAI`` that talks to the Param Gradio app directly.
 
-    ``base_url`` is the Gradio app (default ``BHARATGEN_BASE_URL``); ``api_key`` is
-    accepted for compatibility (a Hugging Face token for private Spaces goes in
-    ``HF_TOKEN``).  Errors are this module's, named as the openai SDK names them.
+    ``base_url`` is the Gradio app (default ``BHARATGEN_BASE_URL``).  An ``api_key`` that
+    is a Hugging Face token (``hf_...``) is sent to a private Space, as ``HF_TOKEN`` is;
+    any other is accepted for compatibility.  Errors are this module's, named as the
+    openai SDK names them (``.status_code`` too).
     """
 
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
@@ -2741,6 +2742,10 @@ class BharatGenOpenAI:
                                   system_prompt=system_prompt, protocol=protocol)
         self.api_key = api_key
         backend = self._backend = _Backend(self.config)
+        for route in backend.routes.values():
+            for replica in route.pool.replicas:
+                if api_key and api_key.startswith("hf_"):
+                    replica.client.hf_token = api_key
         self.base_url = backend.routes[backend.default_model].pool.replicas[0].client.base_url
         self.chat = _Chat(backend)
         self.completions = _Completions(backend)

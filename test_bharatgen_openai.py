@@ -1555,6 +1555,12 @@ class GradioClientTests(unittest.TestCase):
     def test_hf_token_is_sent_as_a_bearer_token(self):
         list(gradio_client(self, self.demo.url, hf_token="hf_secret").stream("Say hello"))
         self.assertEqual(self.demo.auth_seen[-1], "Bearer hf_secret")
+        old = os.environ.pop("HF_TOKEN", None)
+        self.addCleanup(lambda: old is not None and os.environ.__setitem__("HF_TOKEN", old))
+        for key, sent in (("hf_from_the_sdk", "Bearer hf_from_the_sdk"), ("sk-anything", None)):
+            with bg.BharatGenOpenAI(self.demo.url, api_key=key) as client:
+                client.chat.completions.create(messages=[{"role": "user", "content": "Say hello"}])
+            self.assertEqual(self.demo.auth_seen[-1], sent)
 
     def test_stream_yields_snapshots_ending_with_the_final_one(self):
         demo = start_demo(self, token_delay=0.005)    # events one by one, not in a burst
