@@ -2249,6 +2249,15 @@ class Config:
 
     def check(self) -> None:
         """Raise ``ValueError`` for settings that cannot work."""
+        for url in self.upstream:
+            parts = urllib.parse.urlsplit(_normalize_base_url(url))
+            try:
+                ok = parts.scheme in ("http", "https") and (parts.port or 1) > 0
+            except ValueError:                     # a port that is not a number
+                ok = False
+            if not ok or not re.fullmatch(r"[\w.:\[\]-]+", parts.hostname or ""):
+                raise ValueError("upstream %r is not a URL of a Gradio app (http(s)://host[:port]"
+                                 "[/path]) nor a Hugging Face Space (owner/space)" % url)
         if self.reasoning not in REASONING_MODES:
             raise ValueError("reasoning must be one of %s, not %r"
                              % (", ".join(REASONING_MODES), self.reasoning))

@@ -4010,6 +4010,14 @@ class UsabilityTests(unittest.TestCase):
                          r".+; choose another with --port \(0 picks a free one\)$")
         self.assertNotIn("Traceback", err)
 
+    def test_a_malformed_upstream_is_refused_at_start(self):
+        for url in ("not a url", "ftp://example.org/", "http://", "http://host:port/"):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+                bg.main(["serve", "--upstream", url, "--port", "0"])
+            self.assertEqual(cm.exception.code, 2)
+            self.assertIn("error: upstream %r is not a URL of a Gradio app" % url, err.getvalue())
+
     def test_flags_are_not_abbreviated_and_log_level_goes_anywhere(self):
         with contextlib.redirect_stderr(io.StringIO()), self.assertRaises(SystemExit) as cm:
             bg.main(["serve", "--prot", "9000"])
