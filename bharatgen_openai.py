@@ -2685,8 +2685,115 @@ class Stream:
         self.close()
 
 
+def _from_dict(cls: Any, data: Any) -> Any:
+    """A response object of ``cls`` from an OpenAI API's JSON (unknown fields left out)."""
+    import typing
+    if not isinstance(data, dict):
+        return data
+    hints, values = typing.get_type_hints(cls), {}
+    for f in dataclasses.fields(cls):
+        if f.name in data:
+            kind = hints[f.name]
+            args = [a for a in getattr(kind, "__args__", ()) if dataclasses.is_dataclass(a)]
+            value = data[f.name]
+            if isinstance(value, list) and args:
+                value = [_from_dict(args[0], v) for v in value]
+            elif args or dataclasses.is_dataclass(kind):
+                value = _from_dict(args[0] if args else kind, value)
+            values[f.name] = value
+    return cls(**values)
+
+
+_STATUS_ERRORS = {400: BadRequestError, 401: AuthenticationError, 404: NotFoundError,
+                  405: MethodNotAllowedError, 408: RequestTimeoutError,
+                  413: RequestTooLargeError, 429: RateLimitError, 503: ServerOverloadedError}
+
+
+class _OpenAIBackend:
+    """The SDK's operations sent to an OpenAI-compatible API (a base URL ending in
+    ``/v1``): the SDK is then a zero-dependency client of any such server."""
+
+    def __init__(self, base_url: str, api_key: Optional[str], timeout: float, model: str) -> None:
+        self.base_url, self.api_key, self.timeout = base_url.rstrip("/"), api_key, timeout
+        self.model = model                   # sent when a request names none
+        parts = urllib.parse.urlsplit(self.base_url)
+        cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        self._connect = lambda: cls(parts.hostname, parts.port, timeout=timeout)
+        self._path = parts.path
+
+    def _request(self, method: str, path: str, body: Any = None) -> Any:
+        """The response of one request, its status checked (errors as this module's)."""
+        conn = self._connect()
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = "Bearer " + self.api_key
+        try:
+            conn.request(method, self._path + path,
+                         None if body is None else json.dumps(body).encode(), headers)
+            resp = conn.getresponse()
+        except socket.timeout:
+            conn.close()
+            raise APITimeoutError("%s did not answer within %ss" % (self.base_url, self.timeout))
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            raise APIConnectionError("cannot reach %s: %s" % (self.base_url, exc)) from None
+        if resp.status != 200:
+            raw = resp.read(MAX_UPSTREAM_BODY)
+            conn.close()
+            try:
+                error = json.loads(raw)["error"]
+                message, param, code = error["message"], error.get("param"), error.get("code")
+            except (ValueError, LookupError, TypeError):
+                message, param, code = raw.decode("utf-8", "replace")[:300], None, None
+            cls = _STATUS_ERRORS.get(resp.status, InternalServerError)
+            raise cls(message, param=param, code=code, status=resp.status)
+        resp.conn = conn                                # type: ignore[attr-defined]
+        return resp
+
+    def _json(self, method: str, path: str, body: Any = None) -> Any:
+        resp = self._request(method, path, body)
+        try:
+            return json.loads(resp.read(MAX_UPSTREAM_BODY))
+        finally:
+            resp.conn.close()
+
+    def _events(self, path: str, body: Any, cls: Any) -> Iterator[Any]:
+        resp = self._request("POST", path, body)
+        try:
+            for _, data in _iter_sse(lambda: resp.read1(65536)):
+                if data == "[DONE]":
+                    return
+                event = json.loads(data)
+                if isinstance(event, dict) and event.get("error"):
+                    raise InternalServerError(str(event["error"].get("message")))
+                yield _from_dict(cls, event)
+        finally:
+            resp.conn.close()
+
+    def chat(self, body: Dict[str, Any]) -> Any:
+        body = dict(body, model=body.get("model") or self.model)
+        if body.get("stream"):
+            return self._events("/chat/completions", body, ChatCompletionChunk)
+        return _from_dict(ChatCompletion, self._json("POST", "/chat/completions", body))
+
+    def completions(self, body: Dict[str, Any]) -> Any:
+        body = dict(body, model=body.get("model") or self.model)
+        if body.get("stream"):
+            return self._events("/completions", body, Completion)
+        return _from_dict(Completion, self._json("POST", "/completions", body))
+
+    def models(self) -> ModelList:
+        return _from_dict(ModelList, self._json("GET", "/models"))
+
+    def model(self, model_id: str) -> Model:
+        return _from_dict(Model, self._json("GET", "/models/" + urllib.parse.quote(model_id)))
+
+    def close(self) -> None:
+        pass
+
+
 class _Resource:
-    def __init__(self, backend: _Backend) -> None:
+    def __init__(self, backend: Any) -> None:
         self._backend = backend
 
 
@@ -2738,8 +2845,10 @@ class BharatGenOpenAI:
 
     ``base_url`` is the Gradio app (default ``BHARATGEN_BASE_URL``).  An ``api_key`` that
     is a Hugging Face token (``hf_...``) is sent to a private Space, as ``HF_TOKEN`` is;
-    any other is accepted for compatibility.  Errors are this module's, named as the
-    openai SDK names them (``.status_code`` too).
+    any other is accepted for compatibility.  A ``base_url`` ending in ``/v1`` is an
+    OpenAI-compatible API (this gateway, vLLM, ...): requests go there as they are, with
+    ``api_key`` as the bearer key.  Errors are this module's, named as the openai SDK
+    names them (``.status_code`` too).
     """
 
     def __init__(self, base_url: Optional[str] = None, api_key: Optional[str] = None, *,
@@ -2750,12 +2859,18 @@ class BharatGenOpenAI:
                                   endpoint=endpoint, reasoning=reasoning,
                                   system_prompt=system_prompt, protocol=protocol)
         self.api_key = api_key
-        backend = self._backend = _Backend(self.config)
-        for route in backend.routes.values():
-            for replica in route.pool.replicas:
-                if api_key and api_key.startswith("hf_"):
-                    replica.client.hf_token = api_key
-        self.base_url = backend.routes[backend.default_model].pool.replicas[0].client.base_url
+        url = self.config.upstream[0] if self.config.upstream else ""
+        if re.search(r"/v1/?$", url):
+            backend: Any = _OpenAIBackend(url, api_key, self.config.timeout, self.config.model)
+            self.base_url = backend.base_url
+        else:
+            backend = _Backend(self.config)
+            for route in backend.routes.values():
+                for replica in route.pool.replicas:
+                    if api_key and api_key.startswith("hf_"):
+                        replica.client.hf_token = api_key
+            self.base_url = backend.routes[backend.default_model].pool.replicas[0].client.base_url
+        self._backend = backend
         self.chat = _Chat(backend)
         self.completions = _Completions(backend)
         self.models = _Models(backend)
@@ -4435,7 +4550,8 @@ def _cmd_chat(args: Any) -> int:
     demo = _start_demo(config, args.token_delay, sys.stderr) if args.demo or not config.upstream else None
     cleanup: List[Callable[[], None]] = []
     try:
-        client = BharatGenOpenAI(config.upstream[0], model=config.model, timeout=config.timeout,
+        client = BharatGenOpenAI(config.upstream[0], os.environ.get("OPENAI_API_KEY"),
+                                 model=config.model, timeout=config.timeout,
                                  endpoint=config.endpoint, system_prompt=config.system_prompt,
                                  protocol=config.protocol)
         cleanup.append(client.close)
@@ -4518,7 +4634,8 @@ def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: s
 # first_event_timeout, and its text is parsed as the environment's BHARATGEN_* values are.
 _UPSTREAM_FLAGS = (
     ("upstream", "the Gradio app: its root, /gradio_api URL, or owner/space; repeat it (or "
-                 "give a comma list) for replicas (env BHARATGEN_UPSTREAM or BHARATGEN_BASE_URL)"),
+                 "give a comma list) for replicas (env BHARATGEN_UPSTREAM or BHARATGEN_BASE_URL); "
+                 "for chat also an OpenAI-compatible API's /v1 URL (key in OPENAI_API_KEY)"),
     ("endpoint", "the app's chat endpoint (default: discovered; chat_fn_1 for the Param app)"),
     ("protocol", "queue (diffs), call (whole output each update), or auto (default)"),
     ("model", "the model's name in the API (default %s)" % DEFAULT_MODEL),

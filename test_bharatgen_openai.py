@@ -4010,6 +4010,33 @@ class UsabilityTests(unittest.TestCase):
                          r".+; choose another with --port \(0 picks a free one\)$")
         self.assertNotIn("Traceback", err)
 
+    def test_the_sdk_and_chat_speak_openai_to_a_v1_url(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, api_keys=["sk-a"])
+        with bg.BharatGenOpenAI(gw.url + "/v1", api_key="sk-a") as client:
+            reply = client.chat.completions.create(messages=[{"role": "user", "content": "Say hello"}])
+            self.assertEqual((reply.choices[0].message.content,
+                              reply.choices[0].message.reasoning_content, reply.model),
+                             (HELLO, thought_of("Say hello"), bg.DEFAULT_MODEL))
+            chunks = list(client.chat.completions.create(
+                messages=[{"role": "user", "content": "hindi please"}], stream=True))
+            self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks
+                                     if c.choices), HINDI)
+            self.assertEqual([m.id for m in client.models.list()], [bg.DEFAULT_MODEL])
+            with self.assertRaises(bg.NotFoundError) as cm:
+                client.chat.completions.create(model="gpt-4", messages=[{"role": "user",
+                                                                         "content": "hi"}])
+            self.assertEqual((cm.exception.status_code, cm.exception.param), (404, "model"))
+        with bg.BharatGenOpenAI(gw.url + "/v1", api_key="wrong") as client:
+            with self.assertRaises(bg.AuthenticationError):
+                client.models.list()
+        os.environ["OPENAI_API_KEY"] = "sk-a"
+        self.addCleanup(os.environ.pop, "OPENAI_API_KEY", None)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            self.assertEqual(bg.main(["chat", "--upstream", gw.url + "/v1", "Say hello"]), 0)
+        self.assertEqual(out.getvalue(), HELLO + "\n")
+
     def test_a_malformed_upstream_is_refused_at_start(self):
         for url in ("not a url", "ftp://example.org/", "http://", "http://host:port/"):
             err = io.StringIO()
