@@ -1122,6 +1122,16 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
 _MAX_IDLE_CONNECTIONS = 64                 # kept alive per upstream, for the next requests
 
 
+def _net_error(exc: BaseException, timed_out: str, failed: str) -> BharatGenError:
+    """The one place a socket error becomes an API error: a timeout is an
+    :class:`APITimeoutError`, any other an :class:`APIConnectionError` saying why."""
+    if isinstance(exc, BharatGenError):
+        return exc
+    if isinstance(exc, socket.timeout):
+        return APITimeoutError(timed_out)
+    return APIConnectionError("%s: %s" % (failed, exc))
+
+
 @dataclass
 class _Progress:
     """How far one upstream job has come."""
@@ -1253,30 +1263,26 @@ class GradioClient:
                 resp = conn.getresponse()
                 _log.debug("upstream %s %s%s: HTTP %d", method, self.base_url, path, resp.status)
                 return resp, timed
-            except socket.timeout:
-                conn.close()
-                raise APITimeoutError("the Gradio app at %s did not answer within %ss"
-                                      % (self.base_url, self.connect_timeout)) from None
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
-                if retry:
+                if retry and not isinstance(exc, socket.timeout):
                     retry = False
                     continue
                 if isinstance(exc, (ValueError, http.client.InvalidURL)):
                     raise UpstreamError("cannot send the request to the Gradio app: %s"
                                         % exc) from None
-                raise APIConnectionError("cannot reach the Gradio app at %s: %s"
-                                         % (self.base_url, exc)) from None
+                raise _net_error(exc, "the Gradio app at %s did not answer within %ss" % (
+                    self.base_url, self.connect_timeout), "cannot reach the Gradio app at "
+                    + self.base_url) from None
 
     def _read_body(self, resp: http.client.HTTPResponse, timed: _TimedSocket) -> bytes:
         """A whole response body, at most ``max_body`` bytes, within ``timeout``."""
         timed.arm(self.timeout)
         try:
             raw = resp.read(self.max_body + 1)
-        except socket.timeout:
-            raise APITimeoutError("the Gradio app did not answer within %ss" % self.timeout) from None
         except (OSError, http.client.HTTPException) as exc:
-            raise APIConnectionError("the Gradio app dropped the connection: %s" % exc) from None
+            raise _net_error(exc, "the Gradio app did not answer within %ss" % self.timeout,
+                             "the Gradio app dropped the connection") from None
         if len(raw) > self.max_body:       # unread: the connection is closed, not kept
             raise UpstreamError("the Gradio app sent a body of over %d bytes (the limit)"
                                 % self.max_body)
@@ -1610,15 +1616,11 @@ class GradioClient:
                 yield event
                 if progress.started and timed.deadline is not None:
                     timed.arm(None)            # output began: only silences are bounded now
-        except socket.timeout:
-            if progress.started:
-                raise APITimeoutError("the Gradio app sent nothing for %ss" % self.timeout) from None
-            raise APITimeoutError("the Gradio app sent no output within %ss"
-                                  % self.first_event_timeout) from None
         except (OSError, http.client.HTTPException) as exc:
-            if isinstance(exc, BharatGenError):
-                raise
-            raise APIConnectionError("the Gradio app dropped the stream: %s" % exc) from None
+            raise _net_error(exc, "the Gradio app sent nothing for %ss" % self.timeout
+                             if progress.started else "the Gradio app sent no output within "
+                             "%ss" % self.first_event_timeout,
+                             "the Gradio app dropped the stream") from None
         finally:
             if progress.done and resp is not None and not resp.isclosed():
                 try:
@@ -2084,9 +2086,17 @@ class _Generation:
             if text:
                 self.answer[index].append(text)
                 yield _Piece(index, "content", text)
-            yield _Piece(index, "finish", "stop")
+            yield _Piece(index, "finish", "length" if self._used_up(index) and not cutter.stopped
+                         else "stop")
         finally:
             upstream.close()
+
+    def _used_up(self, index: int) -> bool:
+        """Whether choice ``index`` used up ``max_tokens`` by the estimate, give or take
+        5% (the app's tokenizer is not ours): clients continue an answer cut there."""
+        limit = self.sampling.max_tokens
+        used = sum(estimate_tokens("".join(t[index])) for t in (self.thought, self.answer))
+        return limit is not None and used >= limit - max(1, limit // 20)
 
     def __iter__(self) -> Iterator[_Piece]:
         if self.sampling.n == 1:
@@ -2407,13 +2417,16 @@ class _Backend:
         reasoning = _Reasoning(self.config.reasoning)
         thoughts: List[List[str]] = [[] for _ in range(sampling.n)]
         contents: List[List[str]] = [[] for _ in range(sampling.n)]
+        finish = ["stop"] * sampling.n
         for piece in gen:
             thought, content = reasoning.apply(piece)
             if thought:
                 thoughts[piece.index].append(thought)
             if content:
                 contents[piece.index].append(content)
-        choices = [Choice(index=i, message=ChatCompletionMessage(
+            if piece.kind == "finish":
+                finish[piece.index] = piece.text
+        choices = [Choice(index=i, finish_reason=finish[i], message=ChatCompletionMessage(
             content="".join(contents[i]), reasoning_content="".join(thoughts[i]) or None))
             for i in range(sampling.n)]
         return ChatCompletion(id=_new_id("chatcmpl-"), choices=choices, created=int(time.time()),
@@ -2490,10 +2503,13 @@ class _Backend:
         reasoning = _Reasoning("inline" if self.config.reasoning == "inline" else "none")
         for p, gen in enumerate(gens):
             texts: List[List[str]] = [[prompts[p]] if echo else [] for _ in range(sampling.n)]
+            finish = ["stop"] * sampling.n
             for piece in gen:
                 texts[piece.index].append(reasoning.apply(piece)[1] or "")
-            choices += [CompletionChoice(index=p * sampling.n + i, text="".join(t))
-                        for i, t in enumerate(texts)]
+                if piece.kind == "finish":
+                    finish[piece.index] = piece.text
+            choices += [CompletionChoice(index=p * sampling.n + i, text="".join(t),
+                                         finish_reason=finish[i]) for i, t in enumerate(texts)]
         return Completion(id=cid, choices=choices, created=created, model=model,
                           system_fingerprint=_FINGERPRINT, usage=self._sum_usage(gens))
 
@@ -2561,10 +2577,8 @@ class _Backend:
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
         gen = self._generation(route, conv, sampling)
-        rid, mid = _new_id("resp_"), _new_id("msg_")
-        base = {"id": rid, "object": "response", "created_at": int(time.time()), "model": model,
-                "error": None, "incomplete_details": None,
-                "instructions": body.get("instructions"),
+        base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()),
+                "model": model, "error": None, "instructions": body.get("instructions"),
                 "max_output_tokens": sampling.max_tokens, "metadata": body.get("metadata") or {},
                 "parallel_tool_calls": True, "previous_response_id": None,
                 "reasoning": {"effort": None, "summary": None}, "store": False,
@@ -2572,10 +2586,15 @@ class _Backend:
                 "tool_choice": "auto", "tools": [], "top_p": sampling.top_p,
                 "truncation": "disabled", "user": body.get("user")}
         if _flag(body, "stream"):
-            return self._response_events(gen, base, mid)
-        answer = "".join(p.text for p in gen if p.kind == "content")
-        return dict(base, status="completed", output=[self._response_message(mid, answer)],
-                    usage=self._response_usage(gen))
+            return self._response_events(gen, base)
+        texts: Dict[str, List[str]] = {"reasoning": [], "content": [], "finish": []}
+        for piece in gen:
+            texts[piece.kind].append(piece.text)
+        output = [self._response_item("message", "".join(texts["content"]),
+                                      self._response_status(texts["finish"]))]
+        if texts["reasoning"] and self.config.reasoning != "none":
+            output.insert(0, self._response_item("reasoning", "".join(texts["reasoning"])))
+        return dict(base, output=output, **self._response_end(gen, texts["finish"]))
 
     @staticmethod
     def _response_messages(body: Dict[str, Any]) -> List[Any]:
@@ -2590,6 +2609,8 @@ class _Backend:
             raise _bad("'input' must be a string or a non-empty list of input items", "input",
                        "invalid_type")
         for i, item in enumerate(items):
+            if isinstance(item, dict) and item.get("type") == "reasoning":
+                continue          # an earlier thought: the app's history holds answers only
             if not isinstance(item, dict) or item.get("type", "message") != "message":
                 kind = item.get("type") if isinstance(item, dict) else type(item).__name__
                 raise _bad("input[%d] is a %r item; this server takes message items only"
@@ -2598,53 +2619,95 @@ class _Backend:
         return messages
 
     @staticmethod
-    def _response_message(mid: str, text: str, status: str = "completed") -> Dict[str, Any]:
-        content = [{"type": "output_text", "text": text, "annotations": []}] if status == "completed" else []
-        return {"type": "message", "id": mid, "status": status, "role": "assistant",
-                "content": content}
+    def _response_item(kind: str, text: str, status: str = "completed",
+                       iid: Optional[str] = None) -> Dict[str, Any]:
+        """An output item: the answer (a ``message``) or the thought (``reasoning``)."""
+        if kind == "reasoning":
+            part = {"type": "reasoning_text", "text": text}
+            item = {"type": "reasoning", "id": iid or _new_id("rs_"), "summary": []}
+        else:
+            part = {"type": "output_text", "text": text, "annotations": []}
+            item = {"type": "message", "id": iid or _new_id("msg_"), "role": "assistant"}
+        return dict(item, status=status, content=[] if status == "in_progress" else [part])
 
     @staticmethod
-    def _response_usage(gen: _Generation) -> Dict[str, Any]:
-        u = gen.usage()
-        return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-                "output_tokens": u.completion_tokens,
-                "output_tokens_details": {
-                    "reasoning_tokens": u.completion_tokens_details.reasoning_tokens},  # type: ignore[union-attr]
-                "total_tokens": u.total_tokens}
+    def _response_status(finish: List[str]) -> str:
+        return "incomplete" if "length" in finish else "completed"
 
-    def _response_events(self, gen: _Generation, base: Dict[str, Any],
-                         mid: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    def _response_end(self, gen: _Generation, finish: List[str]) -> Dict[str, Any]:
+        """The fields a response ends with: status, why it is incomplete, usage."""
+        u, status = gen.usage(), self._response_status(finish)
+        details = u.completion_tokens_details.reasoning_tokens  # type: ignore[union-attr]
+        return {"status": status, "incomplete_details": {"reason": "max_output_tokens"}
+                if status == "incomplete" else None,
+                "usage": {"input_tokens": u.prompt_tokens,
+                          "input_tokens_details": {"cached_tokens": 0},
+                          "output_tokens": u.completion_tokens,
+                          "output_tokens_details": {"reasoning_tokens": details},
+                          "total_tokens": u.total_tokens}}
+
+    def _response_events(self, gen: _Generation,
+                         base: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+        """The streamed events: an output item for the thought (while it lasts), then
+        one for the answer, each opened, filled by deltas, and closed."""
         seq = iter(range(1 << 62))
+        output: List[Dict[str, Any]] = []
+        finish: List[str] = []
 
         def event(kind: str, **data: Any) -> Tuple[str, Dict[str, Any]]:
             return kind, dict(type=kind, sequence_number=next(seq), **data)
 
+        def opened(kind: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
+            item = self._response_item(kind, "", "in_progress")
+            output.append(item)
+            yield event("response.output_item.added", output_index=len(output) - 1, item=item)
+            yield event("response.content_part.added", item_id=item["id"],
+                        output_index=len(output) - 1, content_index=0,
+                        part=self._response_item(kind, "")["content"][0])
+
+        def closed(text: str, status: str = "completed") -> Iterator[Tuple[str, Dict[str, Any]]]:
+            item = output[-1] = self._response_item(output[-1]["type"], text, status,
+                                                    output[-1]["id"])
+            where = dict(item_id=item["id"], output_index=len(output) - 1, content_index=0)
+            if item["type"] == "message":
+                yield event("response.output_text.done", text=text, logprobs=[], **where)
+            else:
+                yield event("response.reasoning_text.done", text=text, **where)
+            yield event("response.content_part.done", part=item["content"][0], **where)
+            yield event("response.output_item.done", output_index=len(output) - 1, item=item)
+
         pieces = iter(gen)
         try:
             first = next(pieces, None)
-            pending = dict(base, status="in_progress", output=[], usage=None)
+            pending = dict(base, status="in_progress", output=[], usage=None,
+                           incomplete_details=None)
             yield event("response.created", response=pending)
             yield event("response.in_progress", response=pending)
-            yield event("response.output_item.added", output_index=0,
-                        item=self._response_message(mid, "", "in_progress"))
-            part = {"type": "output_text", "text": "", "annotations": []}
-            yield event("response.content_part.added", item_id=mid, output_index=0,
-                        content_index=0, part=part)
-            text = []
+            text: List[str] = []
             for piece in _chain_first(first, pieces):
-                if piece.kind == "content":
-                    text.append(piece.text)
-                    yield event("response.output_text.delta", item_id=mid, output_index=0,
-                                content_index=0, delta=piece.text, logprobs=[])
-            answer = "".join(text)
-            yield event("response.output_text.done", item_id=mid, output_index=0,
-                        content_index=0, text=answer, logprobs=[])
-            yield event("response.content_part.done", item_id=mid, output_index=0,
-                        content_index=0, part=dict(part, text=answer))
-            item = self._response_message(mid, answer)
-            yield event("response.output_item.done", output_index=0, item=item)
-            yield event("response.completed", response=dict(
-                base, status="completed", output=[item], usage=self._response_usage(gen)))
+                if piece.kind == "finish" or (piece.kind == "reasoning"
+                                              and self.config.reasoning == "none"):
+                    finish.append(piece.text)
+                    continue
+                kind = "reasoning" if piece.kind == "reasoning" else "message"
+                if not output or output[-1]["type"] != kind:
+                    if output:
+                        yield from closed("".join(text))
+                    text = []
+                    yield from opened(kind)
+                text.append(piece.text)
+                yield event("response.%s_text.delta" % ("output" if kind == "message" else kind),
+                            item_id=output[-1]["id"], output_index=len(output) - 1,
+                            content_index=0, delta=piece.text,
+                            **({"logprobs": []} if kind == "message" else {}))
+            if not output or output[-1]["type"] != "message":
+                if output:
+                    yield from closed("".join(text))
+                text = []
+                yield from opened("message")
+            yield from closed("".join(text), self._response_status(finish))
+            end = self._response_end(gen, finish)
+            yield event("response." + end["status"], response=dict(base, output=output, **end))
         finally:
             gen.close()
             pieces.close()  # type: ignore[attr-defined]
@@ -2688,8 +2751,8 @@ class Stream:
 def _from_dict(cls: Any, data: Any) -> Any:
     """A response object of ``cls`` from an OpenAI API's JSON (unknown fields left out)."""
     import typing
-    if not isinstance(data, dict):
-        return data
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        return cls(data) if isinstance(data, dict) else data
     hints, values = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
         if f.name in data:
@@ -2731,12 +2794,10 @@ class _OpenAIBackend:
             conn.request(method, self._path + path,
                          None if body is None else json.dumps(body).encode(), headers)
             resp = conn.getresponse()
-        except socket.timeout:
-            conn.close()
-            raise APITimeoutError("%s did not answer within %ss" % (self.base_url, self.timeout))
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
-            raise APIConnectionError("cannot reach %s: %s" % (self.base_url, exc)) from None
+            raise _net_error(exc, "%s did not answer within %ss" % (self.base_url, self.timeout),
+                             "cannot reach " + self.base_url) from None
         if resp.status != 200:
             raw = resp.read(MAX_UPSTREAM_BODY)
             conn.close()
@@ -2781,6 +2842,12 @@ class _OpenAIBackend:
         if body.get("stream"):
             return self._events("/completions", body, Completion)
         return _from_dict(Completion, self._json("POST", "/completions", body))
+
+    def responses(self, body: Dict[str, Any]) -> Any:
+        body = dict(body, model=body.get("model") or self.model)
+        if body.get("stream"):
+            return self._events("/responses", body, _Attrs)
+        return _Attrs(self._json("POST", "/responses", body))
 
     def models(self) -> ModelList:
         return _from_dict(ModelList, self._json("GET", "/models"))
@@ -2830,6 +2897,44 @@ class _Completions(_Resource):
         return Stream(result) if stream else result
 
 
+class _Attrs(dict):
+    """A Responses API object: a dict whose keys read as attributes too, as the openai
+    SDK's objects do (``response.output_text``, ``event.delta``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self:
+            raise AttributeError(name)
+        value = self[name]
+        if isinstance(value, list):
+            return [_Attrs(v) if isinstance(v, dict) else v for v in value]
+        return _Attrs(value) if isinstance(value, dict) else value
+
+    @property
+    def output_text(self) -> str:
+        """The answer's text, all message items joined."""
+        return "".join(part.get("text", "") for item in self.get("output") or []
+                       if item.get("type") == "message" for part in item.get("content") or []
+                       if part.get("type") == "output_text")
+
+
+class _Responses(_Resource):
+    def create(self, *, input: Any, model: Optional[str] = None, stream: bool = False,
+               **kwargs: Any) -> Any:
+        """Create a response (the Responses API); with ``stream=True`` a :class:`Stream`
+        of its events."""
+        result = self._backend.responses(_body_from(dict(kwargs, input=input, model=model,
+                                                         stream=stream)))
+        return Stream(self._events(result)) if stream else _Attrs(result)
+
+    @staticmethod
+    def _events(events: Iterator[Any]) -> Iterator[_Attrs]:
+        try:                                   # (name, data) from the gateway's engine
+            for e in events:
+                yield e if isinstance(e, _Attrs) else _Attrs(e[1])
+        finally:
+            events.close()  # type: ignore[attr-defined]
+
+
 class _Models(_Resource):
     def list(self) -> ModelList:
         """The served models."""
@@ -2873,6 +2978,7 @@ class BharatGenOpenAI:
         self._backend = backend
         self.chat = _Chat(backend)
         self.completions = _Completions(backend)
+        self.responses = _Responses(backend)
         self.models = _Models(backend)
 
     def close(self) -> None:
@@ -2950,6 +3056,7 @@ class AsyncBharatGenOpenAI:
         self.config, self.base_url = self._sync.config, self._sync.base_url
         self.chat = _AsyncWrap(self._sync.chat)
         self.completions = _AsyncWrap(self._sync.completions)
+        self.responses = _AsyncWrap(self._sync.responses)
         self.models = _AsyncWrap(self._sync.models)
 
     async def close(self) -> None:
@@ -3911,16 +4018,23 @@ def _demo_tokens(text: str) -> Iterator[str]:
         yield done
 
 
-def _demo_html(thought: str, answer: str) -> Iterator[str]:
-    """The Param app's assistant HTML, snapshot by snapshot, as it streams."""
+def _demo_html(thought: str, answer: str, max_tokens: Any = None) -> Iterator[str]:
+    """The Param app's assistant HTML, snapshot by snapshot, as it streams; the answer
+    stops where thought and answer reach ``max_tokens`` (by :func:`estimate_tokens`)."""
     started = time.monotonic()
     for part in _demo_tokens(thought):
         yield _THOUGHT_HEAD % " open" + html.escape(part) + "\n\n</details>"
     closed = _THOUGHT_HEAD % "" + html.escape(thought) + "\n\n</details>\n\n"
+    said, used = "", estimate_tokens(thought)
     for part in _demo_tokens(answer):
+        if not part.endswith("\ufffd"):            # a whole token: it counts
+            used += estimate_tokens(part[len(said):])
+            if isinstance(max_tokens, (int, float)) and used > max_tokens:
+                break
+            said = part
         yield closed + part
     took = time.monotonic() - started
-    yield (closed + answer + _DEBUG_HEAD + html.escape("<think>%s</think>%s" % (thought, answer))
+    yield (closed + said + _DEBUG_HEAD + html.escape("<think>%s</think>%s" % (thought, said))
            + _LATENCY % (took, took))
 
 
@@ -4118,7 +4232,7 @@ class DemoUpstream(_Server):
         params = [values.get(n) for n in ("temperature", "max_tokens", "top_p", "top_k")]
         thought, answer = self.reply(message, history, values.get("system_prompt"), params)
         chat, text = self._chat(history, message), ""
-        for text in _demo_html(thought, answer):
+        for text in _demo_html(thought, answer, values.get("max_tokens")):
             if not self._pace(job):
                 yield "done", None
                 return
@@ -4709,10 +4823,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return sub.add_parser(name, help=text, description=text, parents=[log_level],
                               allow_abbrev=False)
 
-    def upstream_flags(p: Any) -> None:
-        _add_flags(p, _UPSTREAM_FLAGS)
-        p.add_argument("--token-delay", type=float, default=0.02,
-                       help="the demo upstream's pause per token, seconds (default 0.02)")
+    def upstream_flags(p: Any, answers: bool = True) -> None:
+        """The upstream's flags; those that shape answers only where there are some."""
+        _add_flags(p, [f for f in _UPSTREAM_FLAGS if answers or f[0] not in (
+            "system_prompt", "first_event_timeout")])
+        if answers:
+            p.add_argument("--token-delay", type=float, default=0.02,
+                           help="the demo upstream's pause per token, seconds (default 0.02)")
 
     p = command("serve", "run the OpenAI-compatible server")
     upstream_flags(p)
@@ -4728,7 +4845,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.set_defaults(func=_cmd_chat)
 
     p = command("info", "show what the upstream app offers")
-    upstream_flags(p)
+    upstream_flags(p, answers=False)
     _add_flags(p, [flag for flag in _SERVE_FLAGS if flag[0] == "models_file"])
     p.set_defaults(func=_cmd_info)
 

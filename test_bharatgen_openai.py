@@ -1863,19 +1863,19 @@ class GatewayTests(unittest.TestCase):
         messages = [{"role": "system", "content": "Be terse."},
                     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                     {"role": "user", "content": "tell me the history"}]
-        reply = self.answer(messages, temperature=0.2, max_tokens=64, top_p=0.5, top_k=7)
+        reply = self.answer(messages, temperature=0.2, max_tokens=640, top_p=0.5, top_k=7)
         sent = [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}]
         self.assertEqual(self.demo.calls[-1], ["tell me the history", sent, "Be terse.",
-                                               0.2, 64, 0.5, 7])
+                                               0.2, 640, 0.5, 7])
         self.assertEqual(reply["choices"][0]["message"]["content"],
                          "SYSTEM=Be terse. | HISTORY=" + json.dumps(sent, sort_keys=True))
 
     def test_params_reach_the_upstream_and_max_completion_tokens_wins(self):
         reply = self.answer("params", temperature=1.5, max_tokens=10,
-                            max_completion_tokens=20, top_p=0.3)
+                            max_completion_tokens=200, top_p=0.3)
         self.assertEqual(reply["choices"][0]["message"]["content"],
-                         "PARAMS temperature=1.5 max_tokens=20 top_p=0.3 top_k=50")
+                         "PARAMS temperature=1.5 max_tokens=200 top_p=0.3 top_k=50")
 
     def test_stop_sequences_streamed_and_not(self):
         for stop in ("doing", ["xyz", "w a"]):
@@ -1965,23 +1965,73 @@ class GatewayTests(unittest.TestCase):
                                   {"model": bg.DEFAULT_MODEL, "input": "Say hello",
                                    "instructions": "Be kind."})
         resp = json.loads(body)
-        self.assertEqual((status, resp["object"], resp["status"]), (200, "response", "completed"))
-        self.assertEqual(resp["output"][0]["content"][0]["text"], HELLO)
+        self.assertEqual((status, resp["object"], resp["status"], resp["incomplete_details"]),
+                         (200, "response", "completed", None))
+        thought = "The user said: Say hello. Let me think step by step."
+        self.assertEqual([(o["type"], o["id"][:4], o["status"], o["content"]) for o in resp["output"]],
+                         [("reasoning", "rs_" + resp["output"][0]["id"][3], "completed",
+                           [{"type": "reasoning_text", "text": thought}]),
+                          ("message", "msg_", "completed",
+                           [{"type": "output_text", "text": HELLO, "annotations": []}])])
         self.assertEqual(self.demo.calls[-1][2], "Be kind.")
         status, _, body = request(self.gw.url, "POST", "/v1/responses",
                                   {"model": bg.DEFAULT_MODEL, "stream": True, "input": [
                                       {"role": "user", "content": [{"type": "input_text",
                                                                     "text": "hindi please"}]}]})
         text = body.decode("utf-8")
-        kinds = re.findall(r"^event: (\S+)$", text, re.M)
-        self.assertEqual(kinds[:4], ["response.created", "response.in_progress",
-                                     "response.output_item.added", "response.content_part.added"])
-        self.assertEqual(kinds[-4:], ["response.output_text.done", "response.content_part.done",
-                                      "response.output_item.done", "response.completed"])
+        kinds = [k for k in re.findall(r"^event: (\S+)$", text, re.M) if not k.endswith(".delta")]
+        self.assertEqual(kinds, [
+            "response.created", "response.in_progress",
+            "response.output_item.added", "response.content_part.added",
+            "response.reasoning_text.done", "response.content_part.done",
+            "response.output_item.done",
+            "response.output_item.added", "response.content_part.added",
+            "response.output_text.done", "response.content_part.done",
+            "response.output_item.done", "response.completed"])
         events = sse_events(body)
         self.assertEqual([e["sequence_number"] for e in events], list(range(len(events))))
         self.assertEqual("".join(e["delta"] for e in events
                                  if e["type"] == "response.output_text.delta"), HINDI)
+        self.assertEqual("".join(e["delta"] for e in events
+                                 if e["type"] == "response.reasoning_text.delta"),
+                         "The user said: hindi please. Let me think step by step.")
+        self.assertEqual([o["type"] for o in events[-1]["response"]["output"]],
+                         ["reasoning", "message"])
+
+    def test_max_tokens_used_up_is_finish_reason_length(self):
+        """The demo stops at max_tokens; the gateway says "length" (chat, stream, legacy
+        completions) and "incomplete" (responses), and "stop" for a stop sequence."""
+        for stream in (False, True):
+            status, _, body = chat(self.gw, "300 words", stream, max_tokens=40)
+            if stream:
+                events = sse_events(body)[:-1]
+                finish = [e["choices"][0]["finish_reason"] for e in events]
+                text = streamed_text(events)
+                self.assertEqual(finish[-1], "length")
+            else:
+                choice = json.loads(body)["choices"][0]
+                text = choice["message"]["content"]
+                self.assertEqual(choice["finish_reason"], "length")
+            self.assertEqual(text, "Param is a bilingual model trained for India, and this demo "
+                                   "answer repeats a fixed text so that its length can be chosen. "
+                                   "Param")
+        _, _, body = chat(self.gw, "300 words", max_tokens=40, stop=["Param is a bi"])
+        self.assertEqual(json.loads(body)["choices"][0]["finish_reason"], "stop")
+        _, _, body = chat(self.gw, "3 words", max_tokens=40)
+        self.assertEqual(json.loads(body)["choices"][0]["finish_reason"], "stop")
+        _, _, body = request(self.gw.url, "POST", "/v1/completions", {
+            "model": bg.DEFAULT_MODEL, "prompt": "300 words", "max_tokens": 40})
+        self.assertEqual(json.loads(body)["choices"][0]["finish_reason"], "length")
+        for stream in (False, True):
+            _, _, body = request(self.gw.url, "POST", "/v1/responses", {
+                "model": bg.DEFAULT_MODEL, "input": "300 words", "max_output_tokens": 40,
+                "stream": stream})
+            resp = sse_events(body)[-1]["response"] if stream else json.loads(body)
+            self.assertEqual((resp["status"], resp["incomplete_details"],
+                              resp["output"][-1]["status"]),
+                             ("incomplete", {"reason": "max_output_tokens"}, "incomplete"))
+            if stream:
+                self.assertEqual(sse_events(body)[-1]["type"], "response.incomplete")
 
     def test_cors_preflight(self):
         gw = start_gateway(self, self.demo.url, cors_origins=["*"])
@@ -2163,6 +2213,18 @@ class SDKTests(unittest.TestCase):
                 messages=[{"role": "user", "content": "show formatting"}], stream=True) as stream:
             text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
         self.assertEqual(text, bg._DEMO_FORMATTING)
+
+    def test_responses(self):
+        resp = self.client.responses.create(input="Say hello", instructions="Be kind.")
+        self.assertEqual((resp.output_text, resp.status, [o.type for o in resp.output],
+                          resp.output[0].content[0].text),
+                         (HELLO, "completed", ["reasoning", "message"], thought_of("Say hello")))
+        self.assertEqual(self.demo.calls[-1][2], "Be kind.")
+        with self.client.responses.create(input="hindi please", stream=True) as stream:
+            events = list(stream)
+        self.assertEqual(("".join(e.delta for e in events if e.type == "response.output_text.delta"),
+                          events[-1].type, events[-1].response.output_text),
+                         (HINDI, "response.completed", HINDI))
 
     def test_models_and_errors(self):
         self.assertEqual([m.id for m in self.client.models.list()], [bg.DEFAULT_MODEL])
@@ -2506,7 +2568,7 @@ class StreamingTests(unittest.TestCase):
         sock.connect(("127.0.0.1", port))
         if tls is not None:
             sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
-        body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
+        body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True, "max_tokens": 8192,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
@@ -4023,6 +4085,13 @@ class UsabilityTests(unittest.TestCase):
             self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks
                                      if c.choices), HINDI)
             self.assertEqual([m.id for m in client.models.list()], [bg.DEFAULT_MODEL])
+            resp = client.responses.create(input="Say hello", max_output_tokens=100)
+            self.assertEqual((resp.output_text, resp.output[0].content[0].text, resp.id[:5]),
+                             (HELLO, thought_of("Say hello"), "resp_"))
+            events = list(client.responses.create(input="hindi please", stream=True))
+            self.assertEqual(("".join(e.delta for e in events
+                                      if e.type == "response.output_text.delta"),
+                              events[-1].response.output_text), (HINDI, HINDI))
             with self.assertRaises(bg.NotFoundError) as cm:
                 client.chat.completions.create(model="gpt-4", messages=[{"role": "user",
                                                                          "content": "hi"}])
@@ -4187,17 +4256,17 @@ class OpenAISDKTests(_RealClientBase):
     def test_request_fields(self):
         client = self.client()
         reply = client.chat.completions.create(
-            model=bg.DEFAULT_MODEL, max_completion_tokens=20, n=2, stop=["doing"], seed=1, user="u",
+            model=bg.DEFAULT_MODEL, max_completion_tokens=200, n=2, stop=["doing"], seed=1, user="u",
             messages=[{"role": "developer", "content": "Dev."},
                       {"role": "user", "content": [{"type": "text", "text": "Say hello"}]}])
         self.assertEqual([(c.index, c.message.content) for c in reply.choices],
                          [(0, "Hello! How are you "), (1, "Hello! How are you ")])
         self.assertEqual(self.demo.calls[-1][2], "Dev.")
-        reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, max_completion_tokens=20,
+        reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, max_completion_tokens=200,
                                                messages=[{"role": "user", "content": "params"}],
                                                extra_body={"top_k": 7})
         self.assertEqual(reply.choices[0].message.content,
-                         "PARAMS temperature=0.7 max_tokens=20 top_p=0.95 top_k=7")
+                         "PARAMS temperature=0.7 max_tokens=200 top_p=0.95 top_k=7")
 
     def test_errors_raise_the_sdk_exceptions(self):
         import openai
@@ -4242,6 +4311,8 @@ class OpenAISDKTests(_RealClientBase):
         client = self.client()
         resp = client.responses.create(model=bg.DEFAULT_MODEL, input="Say hello", instructions="Be kind.")
         self.assertEqual((resp.output_text, resp.status), (HELLO, "completed"))
+        self.assertEqual((resp.output[0].type, resp.output[0].content[0].text),
+                         ("reasoning", thought_of("Say hello")))
         self.assertEqual(self.demo.calls[-1][2], "Be kind.")
         events = list(client.responses.create(model=bg.DEFAULT_MODEL, input=[
             {"role": "user", "content": [{"type": "input_text", "text": "hindi please"}]}], stream=True))
@@ -4250,7 +4321,9 @@ class OpenAISDKTests(_RealClientBase):
         with client.responses.stream(model=bg.DEFAULT_MODEL, input="show formatting") as stream:
             for _ in stream:
                 pass
-            self.assertEqual(stream.get_final_response().output_text, bg._DEMO_FORMATTING)
+            final = stream.get_final_response()
+            self.assertEqual((final.output_text, final.output[0].content[0].text),
+                             (bg._DEMO_FORMATTING, thought_of("show formatting")))
         with self.assertRaises(openai.APIError):
             for _ in client.responses.create(model=bg.DEFAULT_MODEL, input="[[fail-midstream]]", stream=True):
                 pass
