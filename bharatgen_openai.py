@@ -44,6 +44,7 @@ __all__ = [
     # objects
     "ChatCompletion", "Choice", "ChatCompletionMessage", "ChatCompletionChunk",
     "ChunkChoice", "ChoiceDelta", "CompletionUsage", "CompletionTokensDetails",
+    "ChatCompletionMessageToolCall", "ChoiceDeltaToolCall", "Function",
     "Model", "ModelList", "Completion", "CompletionChoice",
     # upstream, SDK, server
     "GradioClient", "BharatGenOpenAI", "AsyncBharatGenOpenAI", "Stream", "AsyncStream",
@@ -736,12 +737,37 @@ class CompletionUsage(_Object):
 
 
 @dataclass
+class Function(_Object):
+    """The function a tool call names, and its arguments as JSON text."""
+    name: Optional[str] = _extension()
+    arguments: str = ""
+
+
+@dataclass
+class ChatCompletionMessageToolCall(_Object):
+    """One tool call of an assistant message."""
+    id: str = ""
+    type: str = "function"
+    function: Function = field(default_factory=Function)
+
+
+@dataclass
+class ChoiceDeltaToolCall(_Object):
+    """A streamed piece of a tool call: the first names it, the next add arguments."""
+    index: int = 0
+    id: Optional[str] = _extension()
+    type: Optional[str] = _extension()
+    function: Optional[Function] = _extension()
+
+
+@dataclass
 class ChatCompletionMessage(_Object):
     """The assistant's message in a non-streamed chat completion."""
     role: str = "assistant"
     content: Optional[str] = None
     refusal: Optional[str] = None
     annotations: List[Any] = field(default_factory=list)
+    tool_calls: Optional[List[ChatCompletionMessageToolCall]] = _extension()
     reasoning_content: Optional[str] = _extension()
 
 
@@ -771,6 +797,7 @@ class ChoiceDelta(_Object):
     """What one streamed chunk adds to a choice."""
     role: Optional[str] = _extension()
     content: Optional[str] = _extension()
+    tool_calls: Optional[List[ChoiceDeltaToolCall]] = _extension()
     reasoning_content: Optional[str] = _extension()
 
 
@@ -1903,6 +1930,7 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
                    param, "too_many_messages")
     system: List[str] = []
     turns: List[Tuple[str, str]] = []
+    called: Dict[Any, str] = {}              # tool call id -> the function's name
     images: List[Tuple[str, str]] = []       # of the user turn under way
     tokens, chars = 3, 0
     for i, msg in enumerate(messages):
@@ -1910,16 +1938,12 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
         if not isinstance(msg, dict):
             raise _bad("%s must be an object with 'role' and 'content'" % where, where, "invalid_type")
         role = msg.get("role")
-        if role in ("tool", "function"):
-            raise _bad("%s has role %r, but this server does not support tools yet; send "
-                       "the conversation without tool messages" % (where, role),
-                       where + ".role", "unsupported_role")
-        if role not in ("system", "developer", "user", "assistant"):
-            raise _bad("%s.role must be one of 'system', 'developer', 'user', 'assistant'; "
-                       "got %s" % (where, json.dumps(role)[:40]), where + ".role")
-        if role == "assistant" and msg.get("tool_calls"):
-            raise _bad("%s has tool_calls, but this server does not support tools yet" % where,
-                       where + ".tool_calls", "unsupported_parameter")
+        if role not in ("system", "developer", "user", "assistant", "tool", "function"):
+            raise _bad("%s.role must be one of 'system', 'developer', 'user', 'assistant', "
+                       "'tool'; got %s" % (where, json.dumps(role)[:40]), where + ".role")
+        if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+            raise _bad("%s.tool_call_id is required: the id of the call it answers" % where,
+                       where + ".tool_call_id", "missing_required_parameter")
         if role == "user" and turns and turns[-1][0] != "user" and images:
             raise _bad("%s is an image in an earlier message; the app takes images with the "
                        "new message only" % images[0][1], images[0][1], "unsupported_content_type")
@@ -1927,6 +1951,13 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
             images = []
         text = _content_text(msg.get("content"), where + ".content", allow_none=role == "assistant",
                              images=images if role == "user" else None)
+        if role == "assistant" and msg.get("tool_calls") is not None:
+            text = "\n".join(filter(None, [text] + _calls_text(msg["tool_calls"], where, called)))
+        elif role in ("tool", "function"):             # a result, as the model reads one
+            text = "<tool_response>\n%s\n</tool_response>" % json.dumps(
+                {"name": msg.get("name") or called.get(msg.get("tool_call_id")), "content": text},
+                ensure_ascii=False)
+            role = "user"
         tokens += 4 + estimate_tokens(text)
         chars += len(text)
         if chars > max_chars:
@@ -1944,6 +1975,28 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
     return _Conversation(system="\n\n".join(system) if system else None,
                          history=turns[:-1], message=turns[-1][1], prompt_tokens=tokens,
                          images=images)
+
+
+def _calls_text(calls: Any, where: str, called: Dict[Any, str]) -> List[str]:
+    """An assistant message's ``tool_calls`` as the ``<tool_call>`` blocks the model wrote."""
+    if not isinstance(calls, list):
+        raise _bad("%s.tool_calls must be a list" % where, where + ".tool_calls", "invalid_type")
+    blocks = []
+    for i, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
+                or not isinstance(fn.get("arguments", ""), str):
+            raise _bad("%s.tool_calls[%d] must be {\"id\": ..., \"type\": \"function\", "
+                       "\"function\": {\"name\": ..., \"arguments\": \"<JSON>\"}}" % (where, i),
+                       "%s.tool_calls[%d]" % (where, i), "invalid_value")
+        try:
+            args = json.loads(fn.get("arguments") or "{}")
+        except (ValueError, RecursionError):
+            args = fn["arguments"]
+        called[call.get("id")] = fn["name"]
+        blocks.append("<tool_call>\n%s\n</tool_call>" % json.dumps(
+            {"name": fn["name"], "arguments": args}, ensure_ascii=False))
+    return blocks
 
 
 @dataclass
@@ -1988,20 +2041,6 @@ def _sampling(body: Dict[str, Any], max_tokens_names: Sequence[str]) -> _Samplin
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
         raise _bad("logprobs are not available: the upstream app does not report them",
                    "logprobs", "unsupported_parameter")
-    if body.get("tools"):
-        raise _bad("tool calling is not supported by this model yet; send the request "
-                   "without 'tools'", "tools", "unsupported_parameter")
-    if body.get("tool_choice") not in (None, "none", "auto"):
-        raise _bad("'tool_choice' needs 'tools', which this model does not support yet",
-                   "tool_choice", "unsupported_parameter")
-    fmt = body.get("response_format")
-    if fmt is not None:
-        kind = fmt.get("type") if isinstance(fmt, dict) else None
-        if kind in ("json_object", "json_schema"):
-            raise _bad("response_format %r is not supported yet: this model can only be "
-                       "asked for text" % kind, "response_format", "unsupported_parameter")
-        if kind != "text":
-            raise _bad("'response_format' must be {\"type\": \"text\"}", "response_format")
     if body.get("modalities") not in (None, ["text"]) or body.get("audio"):
         raise _bad("this model produces text only", "modalities", "unsupported_parameter")
     return s
@@ -2025,16 +2064,297 @@ def _include_usage(body: Dict[str, Any]) -> bool:
     return _flag(opts, "include_usage")
 
 
+_JSON_TYPES: Dict[str, Callable[[Any], bool]] = {
+    "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+    "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "integer": lambda v: type(v) is int or (type(v) is float and v.is_integer()),
+    "number": lambda v: type(v) in (int, float)}
+
+
+def _schema_error(value: Any, schema: Any, root: Any = None, at: str = "$",
+                  hops: int = 0) -> Optional[str]:
+    """Why ``value`` does not fit the JSON Schema ``schema`` (None if it does).
+
+    A small validator of what tool parameters and pydantic models use: type, enum,
+    const, properties, required, additionalProperties, items, anyOf / oneOf / allOf,
+    local ``$ref``, and the numeric, length and count bounds.  ``$ref`` chains are cut
+    at 32 hops, so a schema that refers to itself cannot loop.
+    """
+    root = schema if root is None else root
+    if schema is True or not isinstance(schema, dict):
+        return None if schema is not False else "%s is not allowed" % at
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        target: Any = root
+        for part in str(ref).lstrip("#").split("/")[1:] if str(ref).startswith("#") else [None]:
+            target = target.get(part) if isinstance(target, dict) and part is not None else None
+        if target is None or hops > 32:
+            return "%s: the schema's $ref %r cannot be followed" % (at, ref)
+        return _schema_error(value, target, root, at, hops + 1)
+    kinds = schema.get("type")
+    if kinds is not None:
+        kinds = kinds if isinstance(kinds, list) else [kinds]
+        if not any(_JSON_TYPES.get(k, lambda v: True)(value) for k in kinds):
+            return "%s should be of type %s, not %s" % (at, " or ".join(map(str, kinds)),
+                                                        json.dumps(value)[:60])
+    if "enum" in schema and value not in schema["enum"]:
+        return "%s should be one of %s" % (at, json.dumps(schema["enum"])[:200])
+    if "const" in schema and value != schema["const"]:
+        return "%s should be %s" % (at, json.dumps(schema["const"])[:100])
+    for key, ok in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
+                    ("exclusiveMinimum", lambda v, b: v > b),
+                    ("exclusiveMaximum", lambda v, b: v < b)):
+        if isinstance(value, (int, float)) and isinstance(schema.get(key), (int, float)) \
+                and not ok(value, schema[key]):
+            return "%s should be %s %s" % (at, key, schema[key])
+    for key, sign in (("minLength", 1), ("maxLength", -1), ("minItems", 1), ("maxItems", -1)):
+        bound = schema.get(key)
+        if isinstance(value, (str, list)) and isinstance(bound, int) \
+                and (len(value) - bound) * sign < 0:
+            return "%s should have a %s of %d" % (at, key, bound)
+    for key in ("anyOf", "oneOf"):
+        if isinstance(schema.get(key), list) and schema[key] and all(
+                _schema_error(value, s, root, at, hops) for s in schema[key]):
+            return "%s fits none of the schemas it may take" % at
+    for sub in schema.get("allOf") or ():
+        error = _schema_error(value, sub, root, at, hops)
+        if error:
+            return error
+    if isinstance(value, dict):
+        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        for name in schema.get("required") or ():
+            if name not in value:
+                return "%s is missing the required property %r" % (at, name)
+        extra = schema.get("additionalProperties", True)
+        for name, item in value.items():
+            where = "%s.%s" % (at, name)
+            if name in props:
+                error = _schema_error(item, props[name], root, where, hops)
+            elif extra is False:
+                error = "%s is not a property the schema allows" % where
+            else:
+                error = _schema_error(item, extra, root, where, hops)
+            if error:
+                return error
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            error = _schema_error(item, schema["items"], root, "%s[%d]" % (at, i), hops)
+            if error:
+                return error
+    return None
+
+
+def _json_in(text: str) -> Optional[Tuple[Any, str]]:
+    """``(value, its JSON text)`` of the first JSON object or array in a reply: inside
+    a code fence if there is one, else the first ``{`` or ``[`` that starts one."""
+    fence = re.search(r"```(?:json)?\s*\n(.*?)```", text, re.S)
+    if fence:
+        text = fence.group(1)
+    decoder = json.JSONDecoder()
+    for tries, m in enumerate(re.finditer(r"[{\[]", text)):
+        if tries == 64:                                  # bounded: 64 starts at most
+            break
+        try:
+            value, end = decoder.raw_decode(text, m.start())
+        except (ValueError, RecursionError):
+            continue
+        return value, text[m.start():end]
+    return None
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+_CALL_OPEN, _CALL_CLOSE = "<tool_call>", "</tool_call>"
+_REPAIR = "Your last reply was not valid: %s. Reply again, correctly."
+
+
+@dataclass
+class _Shape:
+    """What a request asks of the answer's shape: tool calls and structured output.
+
+    The model is told in the system prompt (Hermes-style ``<tool_call>`` blocks, the
+    convention open models know best); what comes back is checked against the tools'
+    and the format's JSON Schemas, with ``repairs`` more turns to fix a bad reply.
+    """
+    tools: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> function spec
+    choice: str = "auto"             # auto, required, none, or the one tool's name
+    parallel: bool = True
+    fmt: Optional[Dict[str, Any]] = None    # {"schema": ..., "strict": bool} for JSON
+    repairs: int = 1
+
+    @property
+    def calls(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def hold_all(self) -> bool:
+        """Whether no text can go out before the reply is checked whole."""
+        return self.fmt is not None or (self.calls and self.choice != "auto")
+
+    def instructions(self) -> str:
+        """What the system prompt adds so that the model answers in shape."""
+        parts = []
+        if self.calls:
+            specs = "\n".join(json.dumps({"type": "function", "function": f}, ensure_ascii=False)
+                              for f in self.tools.values())
+            must = {"auto": "", "required": " You must call at least one function."}.get(
+                self.choice, " You must call the function %r." % self.choice)
+            parts.append(
+                "# Tools\n\nYou may call one or more functions to assist with the user query."
+                "%s%s\n\nYou are provided with function signatures within <tools></tools> XML "
+                "tags:\n<tools>\n%s\n</tools>\n\nFor each function call, return a json object "
+                "with function name and arguments within <tool_call></tool_call> XML tags:\n"
+                "<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+                "</tool_call>" % (must, "" if self.parallel else " Call at most one function.",
+                                  specs))
+        if self.fmt is not None:
+            schema = self.fmt["schema"]
+            parts.append("# Output format\n\nReply with JSON only, no other text: " + (
+                "one JSON value valid against this JSON Schema:\n" + json.dumps(
+                    schema, ensure_ascii=False) if schema else "one JSON object."))
+        return "\n\n".join(parts)
+
+    def check(self, text: str) -> Tuple[Optional[str], List[Dict[str, str]], Optional[str]]:
+        """``(content, calls, error)`` of a whole reply; an error says what to repair."""
+        if self.calls and (_CALL_OPEN in text or self.choice != "auto"):
+            calls, error = self._calls(text)
+            if error is None:
+                rest = re.sub(r"<tool_call>.*?(</tool_call>|\Z)", "", text, flags=re.S).strip()
+                return rest or None, calls, None
+            if self.choice != "auto" or _CALL_OPEN in text:
+                return None, [], error
+        if self.fmt is not None:
+            found = _json_in(text)
+            if found is None:
+                return None, [], "it holds no JSON"
+            error = _schema_error(found[0], self.fmt.get("schema") or {"type": "object"})
+            return (found[1], [], None) if error is None else (None, [], error)
+        return text, [], None
+
+    def _calls(self, text: str) -> Tuple[List[Dict[str, str]], Optional[str]]:
+        blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
+        if not blocks:                    # a bare JSON call, when a call is required
+            found = _json_in(text)
+            blocks = [found[1]] if found else []
+        if not blocks:
+            return [], "it calls no function, and a function call is required"
+        if len(blocks) > 1 and not self.parallel:
+            return [], "it calls %d functions; call at most one" % len(blocks)
+        calls = []
+        for block in blocks:
+            try:
+                call = json.loads(block.strip())
+            except (ValueError, RecursionError):
+                return [], "a tool call is not valid JSON: %s" % block.strip()[:200]
+            if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+                return [], "a tool call must be a JSON object with \"name\" and \"arguments\""
+            name, args = call["name"], call.get("arguments", call.get("parameters", {}))
+            if isinstance(args, str):
+                try:
+                    args = json.loads(args)
+                except (ValueError, RecursionError):
+                    return [], "the arguments of %s are not valid JSON" % name
+            if name not in self.tools or self.choice not in ("auto", "required", name):
+                return [], "%r is not a function you may call here; call one of %s" % (
+                    name[:64], ", ".join(self.tools if self.choice in ("auto", "required")
+                                         else [self.choice]))
+            error = _schema_error(args, self.tools[name].get("parameters") or {}, at="arguments")
+            if error:
+                return [], "the call of %s is invalid: %s" % (name, error)
+            calls.append({"id": _new_id("call_"), "name": name,
+                          "arguments": json.dumps(args, ensure_ascii=False)})
+        return calls, None
+
+
+def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
+    """The tools, tool choice and response format of a chat request, validated."""
+    shape = _Shape(repairs=repairs, parallel=_flag(body, "parallel_tool_calls")
+                   if body.get("parallel_tool_calls") is not None else True)
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise _bad("'tools' must be a list of tools", "tools", "invalid_type")
+    for i, tool in enumerate(tools or ()):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        where = "tools[%d]" % i
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(fn, dict):
+            raise _bad("%s must be {\"type\": \"function\", \"function\": {...}}; this server "
+                       "calls functions only" % where, where, "invalid_value")
+        name = fn.get("name")
+        if not isinstance(name, str) or not _TOOL_NAME.match(name):
+            raise _bad("%s.function.name must be 1 to 64 letters, digits, '_', '.' or '-'"
+                       % where, where + ".function.name", "invalid_value")
+        if not isinstance(fn.get("parameters", {}), dict):
+            raise _bad("%s.function.parameters must be a JSON Schema object" % where,
+                       where + ".function.parameters", "invalid_type")
+        if name in shape.tools:
+            raise _bad("%s repeats the function name %r" % (where, name), where, "invalid_value")
+        shape.tools[name] = {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        choice = (choice.get("function") or {}).get("name") if isinstance(
+            choice.get("function"), dict) else choice.get("name")
+        if choice not in shape.tools:
+            raise _bad("tool_choice names %s, which is not in 'tools'" % json.dumps(choice)[:80],
+                       "tool_choice", "invalid_value")
+    elif choice not in (None, "auto", "none", "required"):
+        raise _bad("'tool_choice' must be 'none', 'auto', 'required' or a named function",
+                   "tool_choice", "invalid_value")
+    elif choice == "required" and not shape.tools:
+        raise _bad("tool_choice 'required' needs 'tools'", "tool_choice", "invalid_value")
+    shape.choice = choice or "auto"
+    fmt = body.get("response_format")
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "json_schema":
+        spec = fmt.get("json_schema", fmt)                   # the Responses API flattens it
+        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+            raise _bad("response_format.json_schema.schema must be a JSON Schema object",
+                       "response_format", "invalid_type")
+        shape.fmt = {"schema": spec.get("schema") or {"type": "object"},
+                     "strict": spec.get("strict") is True}
+    elif kind == "json_object":
+        shape.fmt = {"schema": None, "strict": False}
+    elif fmt is not None and kind != "text":
+        raise _bad("'response_format' must have type 'text', 'json_object' or 'json_schema'",
+                   "response_format", "invalid_value")
+    return shape
+
+
 ###############################################################################
 # The engine: upstream snapshots -> clean deltas, shared by SDK and server #####
 ###############################################################################
 
 @dataclass
 class _Piece:
-    """One step of a generated choice: ``kind`` is reasoning, content or finish."""
+    """One step of a generated choice: ``kind`` is reasoning, content, tool_call
+    (``call`` holds its id, name and arguments) or finish."""
     index: int
     kind: str
     text: str
+    call: Optional[Dict[str, str]] = None
+
+
+class _Held:
+    """Splits an answer into text that may go out now and text held until the whole
+    reply is checked: from a possible ``<tool_call>`` on (and trailing white space),
+    or all of it."""
+
+    def __init__(self, hold_all: bool) -> None:
+        self.rest, self.hold_all = "", hold_all
+
+    def feed(self, text: str) -> str:
+        self.rest += text
+        if self.hold_all:
+            return ""
+        cut = self.rest.find(_CALL_OPEN)
+        if cut < 0:
+            cut = len(self.rest)
+            for k in range(min(len(_CALL_OPEN) - 1, cut), 0, -1):
+                if self.rest.endswith(_CALL_OPEN[:k]):
+                    cut -= k
+                    break
+        cut = len(self.rest[:cut].rstrip())
+        out, self.rest = self.rest[:cut], self.rest[cut:]
+        return out
 
 
 class _Generation:
@@ -2046,20 +2366,61 @@ class _Generation:
     """
 
     def __init__(self, client: Any, conv: _Conversation, sampling: _Sampling,
-                 system_default: Optional[str]) -> None:
+                 system_default: Optional[str], shape: Optional[_Shape] = None) -> None:
         self.client, self.conv, self.sampling = client, conv, sampling
         self.system = conv.system if conv.system is not None else system_default
+        self.shape = shape if shape is not None and (shape.calls or shape.fmt) else None
+        if self.shape is not None:
+            self.system = "\n\n".join(filter(None, [self.system, self.shape.instructions()]))
         self.thought: List[List[str]] = [[] for _ in range(sampling.n)]
         self.answer: List[List[str]] = [[] for _ in range(sampling.n)]
         self._closed = threading.Event()
 
     def _choice(self, index: int) -> Iterator[_Piece]:
+        """One choice's pieces; in shape (tools, JSON) after up to ``repairs`` more turns."""
+        shape, conv = self.shape, self.conv
+        if shape is None:
+            yield from self._reply(index, conv)
+            return
+        for attempt in range(shape.repairs + 1):
+            held, reply, finish = _Held(shape.hold_all), [], "stop"
+            for piece in self._reply(index, conv):
+                if piece.kind == "content":
+                    reply.append(piece.text)
+                    piece = dataclasses.replace(piece, text=held.feed(piece.text))
+                elif piece.kind == "finish":
+                    finish = piece.text
+                    continue
+                if piece.text:
+                    yield piece
+            content, calls, error = shape.check(held.rest)
+            if error is None:
+                if content:
+                    yield _Piece(index, "content", content)
+                for call in calls:
+                    yield _Piece(index, "tool_call", "", call)
+                yield _Piece(index, "finish", "tool_calls" if calls else finish)
+                return
+            _log.debug("reply %d out of shape (%s)", attempt, error)
+            if self._closed.is_set():
+                return
+            conv = _Conversation(conv.system, conv.history + [("user", conv.message), (
+                "assistant", "".join(reply))], _REPAIR % error, conv.prompt_tokens)
+        if (shape.calls and shape.choice != "auto") or (shape.fmt or {}).get("strict"):
+            raise UpstreamError("the model's reply was not valid after %d repair turn(s): %s"
+                                % (shape.repairs, error), code="invalid_model_output")
+        if held.rest:
+            yield _Piece(index, "content", held.rest)
+        yield _Piece(index, "finish", finish)
+
+    def _reply(self, index: int, conv: _Conversation) -> Iterator[_Piece]:
+        """The pieces of one upstream call: thought, answer (stop sequences cut), finish."""
         s = self.sampling
         try:
             upstream = self.client.stream(
-                self.conv.message, self.conv.history, system_prompt=self.system,
+                conv.message, conv.history, system_prompt=self.system,
                 temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p,
-                top_k=s.top_k, images=self.conv.images)
+                top_k=s.top_k, images=conv.images)
         except BadRequestError as exc:      # name max_tokens as the client did
             if exc.param == "max_tokens" and s.max_tokens_param != "max_tokens":
                 raise BadRequestError(s.max_tokens_param + exc.message[len("max_tokens"):],
@@ -2210,6 +2571,9 @@ class Config:
     send_timeout: float = 60.0
     max_concurrent: int = 512
     max_connections: int = 1024
+    tool_repairs: int = 1
+    cache_ttl: float = 0.0
+    cache_size: int = 256
     max_messages: int = 2048
     max_chars: int = 1_000_000
     rate_limit_rpm: int = 0
@@ -2282,9 +2646,11 @@ class Config:
         if self.log_format not in ("text", "json"):
             raise ValueError("log format must be text or json, not %r" % self.log_format)
         for name in ("max_body_bytes", "max_concurrent", "max_messages", "max_chars",
-                     "max_connections", "max_event_bytes", "max_upstream_body"):
+                     "max_connections", "max_event_bytes", "max_upstream_body", "cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
+        if not 0 <= self.tool_repairs <= 5 or self.cache_ttl < 0:
+            raise ValueError("tool repairs must be 0 to 5, and the cache TTL not negative")
 
 
 ###############################################################################
@@ -2389,8 +2755,9 @@ class _Backend:
         return self.routes[self.model(model).id]
 
     @staticmethod
-    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling) -> _Generation:
-        return _Generation(route.pool, conv, sampling, route.system_prompt)
+    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
+                    shape: Optional[_Shape] = None) -> _Generation:
+        return _Generation(route.pool, conv, sampling, route.system_prompt, shape)
 
     @staticmethod
     def _body(body: Any) -> Dict[str, Any]:
@@ -2409,14 +2776,16 @@ class _Backend:
         conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
                              self.config.max_chars)
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
+        shape = _shape(body, self.config.tool_repairs)
         stream = _flag(body, "stream")
         include_usage = _include_usage(body)
-        gen = self._generation(route, conv, sampling)
+        gen = self._generation(route, conv, sampling, shape)
         if stream:
             return self._chat_chunks(gen, model, include_usage)
         reasoning = _Reasoning(self.config.reasoning)
         thoughts: List[List[str]] = [[] for _ in range(sampling.n)]
         contents: List[List[str]] = [[] for _ in range(sampling.n)]
+        calls: List[List[ChatCompletionMessageToolCall]] = [[] for _ in range(sampling.n)]
         finish = ["stop"] * sampling.n
         for piece in gen:
             thought, content = reasoning.apply(piece)
@@ -2424,11 +2793,15 @@ class _Backend:
                 thoughts[piece.index].append(thought)
             if content:
                 contents[piece.index].append(content)
+            if piece.call:
+                calls[piece.index].append(ChatCompletionMessageToolCall(
+                    id=piece.call["id"], function=Function(piece.call["name"],
+                                                           piece.call["arguments"])))
             if piece.kind == "finish":
                 finish[piece.index] = piece.text
         choices = [Choice(index=i, finish_reason=finish[i], message=ChatCompletionMessage(
-            content="".join(contents[i]), reasoning_content="".join(thoughts[i]) or None))
-            for i in range(sampling.n)]
+            content="".join(contents[i]) or (None if calls[i] else ""), tool_calls=calls[i] or None,
+            reasoning_content="".join(thoughts[i]) or None)) for i in range(sampling.n)]
         return ChatCompletion(id=_new_id("chatcmpl-"), choices=choices, created=int(time.time()),
                               model=model, system_fingerprint=_FINGERPRINT, usage=gen.usage())
 
@@ -2443,12 +2816,19 @@ class _Backend:
                                        choices=[ChunkChoice(index=index, delta=delta,
                                                             finish_reason=finish)])
 
-        pieces = iter(gen)
+        pieces, calls = iter(gen), [0] * gen.sampling.n
         try:
             first = next(pieces, None)           # errors before any output raise here
             for i in range(gen.sampling.n):
                 yield chunk(i, ChoiceDelta(role="assistant", content=""))
             for piece in _chain_first(first, pieces):
+                if piece.call:                   # named first, then its arguments
+                    c, k = piece.call, calls[piece.index]
+                    calls[piece.index] += 1
+                    yield chunk(piece.index, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                        k, c["id"], "function", Function(c["name"], ""))]))
+                    yield chunk(piece.index, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                        k, function=Function(arguments=c["arguments"]))]))
                 yield from self._chat_piece(piece, reasoning, chunk)
             if include_usage:
                 yield ChatCompletionChunk(id=cid, created=created, model=model,
@@ -2485,6 +2865,10 @@ class _Backend:
         if body.get("suffix"):
             raise _bad("'suffix' (fill-in-the-middle) is not supported", "suffix",
                        "unsupported_parameter")
+        for name in ("tools", "response_format"):
+            if body.get(name) is not None:
+                raise _bad("%r is a parameter of /v1/chat/completions and /v1/responses, not "
+                           "of /v1/completions" % name, name, "unsupported_parameter")
         if body.get("best_of") not in (None, 1):
             raise _bad("'best_of' is not supported", "best_of", "unsupported_parameter")
         sampling = _sampling(body, ("max_tokens",))
@@ -2563,41 +2947,51 @@ class _Backend:
         """``POST /v1/responses``: a response dict, or an iterator of ``(event, data)``."""
         body = self._body(body)
         route = self._route(body)
-        model = route.id
         for name in ("previous_response_id", "conversation"):
             if body.get(name):
                 raise _bad("%r is not supported: this server stores no responses" % name,
                            name, "unsupported_parameter")
         text = body.get("text")
-        if isinstance(text, dict) and isinstance(text.get("format"), dict):
-            body = dict(body, response_format=text["format"])
-        messages = self._response_messages(body)
-        conv = _conversation(messages, "input", self.config.max_messages, self.config.max_chars)
+        fmt = text.get("format") if isinstance(text, dict) else None
+        tools = body.get("tools")
+        chat_body = dict(body, response_format=fmt, tools=[
+            {"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
+            if isinstance(t, dict) else t for t in tools] if isinstance(tools, list) else tools)
+        conv = _conversation(self._response_messages(body), "input", self.config.max_messages,
+                             self.config.max_chars)
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
-        gen = self._generation(route, conv, sampling)
+        shape = _shape(chat_body, self.config.tool_repairs)
+        gen = self._generation(route, conv, sampling, shape)
         base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()),
-                "model": model, "error": None, "instructions": body.get("instructions"),
+                "model": route.id, "error": None, "instructions": body.get("instructions"),
                 "max_output_tokens": sampling.max_tokens, "metadata": body.get("metadata") or {},
-                "parallel_tool_calls": True, "previous_response_id": None,
+                "parallel_tool_calls": shape.parallel, "previous_response_id": None,
                 "reasoning": {"effort": None, "summary": None}, "store": False,
-                "temperature": sampling.temperature, "text": {"format": {"type": "text"}},
-                "tool_choice": "auto", "tools": [], "top_p": sampling.top_p,
-                "truncation": "disabled", "user": body.get("user")}
+                "temperature": sampling.temperature, "text": {"format": fmt or {"type": "text"}},
+                "tool_choice": body.get("tool_choice") or "auto", "tools": tools or [],
+                "top_p": sampling.top_p, "truncation": "disabled", "user": body.get("user")}
         if _flag(body, "stream"):
             return self._response_events(gen, base)
         texts: Dict[str, List[str]] = {"reasoning": [], "content": [], "finish": []}
+        output = []
         for piece in gen:
-            texts[piece.kind].append(piece.text)
-        output = [self._response_item("message", "".join(texts["content"]),
-                                      self._response_status(texts["finish"]))]
+            if piece.call:
+                output.append(self._response_item("function_call", piece.call["arguments"],
+                                                  call=piece.call))
+            else:
+                texts[piece.kind].append(piece.text)
+        if texts["content"] or not output:
+            output.insert(0, self._response_item("message", "".join(texts["content"]),
+                                                 self._response_status(texts["finish"])))
         if texts["reasoning"] and self.config.reasoning != "none":
             output.insert(0, self._response_item("reasoning", "".join(texts["reasoning"])))
         return dict(base, output=output, **self._response_end(gen, texts["finish"]))
 
     @staticmethod
     def _response_messages(body: Dict[str, Any]) -> List[Any]:
+        """The input items as chat messages: function calls and their outputs included."""
         instructions = body.get("instructions")
         if instructions is not None and not isinstance(instructions, str):
             raise _bad("'instructions' must be a string", "instructions", "invalid_type")
@@ -2609,19 +3003,37 @@ class _Backend:
             raise _bad("'input' must be a string or a non-empty list of input items", "input",
                        "invalid_type")
         for i, item in enumerate(items):
-            if isinstance(item, dict) and item.get("type") == "reasoning":
+            kind = item.get("type", "message") if isinstance(item, dict) else None
+            if kind == "reasoning":
                 continue          # an earlier thought: the app's history holds answers only
-            if not isinstance(item, dict) or item.get("type", "message") != "message":
-                kind = item.get("type") if isinstance(item, dict) else type(item).__name__
-                raise _bad("input[%d] is a %r item; this server takes message items only"
-                           % (i, kind), "input[%d]" % i, "unsupported_input")
-            messages.append({"role": item.get("role"), "content": item.get("content")})
+            if kind == "function_call":
+                messages.append({"role": "assistant", "tool_calls": [{
+                    "id": item.get("call_id"), "type": "function", "function": {
+                        "name": item.get("name"), "arguments": item.get("arguments")}}]})
+            elif kind == "function_call_output":
+                output = item.get("output")
+                messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                                 "content": output if isinstance(output, (str, list)) else
+                                 json.dumps(output)})
+            elif kind == "message":
+                messages.append({"role": item.get("role"), "content": item.get("content")})
+            else:
+                raise _bad("input[%d] is a %r item; this server takes message, function_call "
+                           "and function_call_output items" % (i, kind or type(item).__name__),
+                           "input[%d]" % i, "unsupported_input")
         return messages
 
     @staticmethod
     def _response_item(kind: str, text: str, status: str = "completed",
-                       iid: Optional[str] = None) -> Dict[str, Any]:
-        """An output item: the answer (a ``message``) or the thought (``reasoning``)."""
+                       iid: Optional[str] = None, call: Optional[Dict[str, str]] = None
+                       ) -> Dict[str, Any]:
+        """An output item: the answer (``message``), the thought (``reasoning``), or a
+        ``function_call``."""
+        if kind == "function_call":
+            call = call or {}
+            return {"type": kind, "id": iid or _new_id("fc_"), "call_id": call.get("id"),
+                    "name": call.get("name"), "arguments": text,
+                    "status": status}
         if kind == "reasoning":
             part = {"type": "reasoning_text", "text": text}
             item = {"type": "reasoning", "id": iid or _new_id("rs_"), "summary": []}
@@ -2648,8 +3060,8 @@ class _Backend:
 
     def _response_events(self, gen: _Generation,
                          base: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
-        """The streamed events: an output item for the thought (while it lasts), then
-        one for the answer, each opened, filled by deltas, and closed."""
+        """The streamed events: an output item for the thought (while it lasts), one for
+        the answer, one per function call, each opened, filled by deltas, and closed."""
         seq = iter(range(1 << 62))
         output: List[Dict[str, Any]] = []
         finish: List[str] = []
@@ -2657,23 +3069,34 @@ class _Backend:
         def event(kind: str, **data: Any) -> Tuple[str, Dict[str, Any]]:
             return kind, dict(type=kind, sequence_number=next(seq), **data)
 
-        def opened(kind: str) -> Iterator[Tuple[str, Dict[str, Any]]]:
-            item = self._response_item(kind, "", "in_progress")
+        def opened(kind: str, call: Optional[Dict[str, str]] = None
+                   ) -> Iterator[Tuple[str, Dict[str, Any]]]:
+            item = self._response_item(kind, "", "in_progress", call=call)
             output.append(item)
             yield event("response.output_item.added", output_index=len(output) - 1, item=item)
-            yield event("response.content_part.added", item_id=item["id"],
-                        output_index=len(output) - 1, content_index=0,
-                        part=self._response_item(kind, "")["content"][0])
+            if kind != "function_call":
+                yield event("response.content_part.added", item_id=item["id"],
+                            output_index=len(output) - 1, content_index=0,
+                            part=self._response_item(kind, "")["content"][0])
 
         def closed(text: str, status: str = "completed") -> Iterator[Tuple[str, Dict[str, Any]]]:
-            item = output[-1] = self._response_item(output[-1]["type"], text, status,
-                                                    output[-1]["id"])
-            where = dict(item_id=item["id"], output_index=len(output) - 1, content_index=0)
-            if item["type"] == "message":
-                yield event("response.output_text.done", text=text, logprobs=[], **where)
+            last = output[-1]
+            item = output[-1] = self._response_item(last["type"], text, status, last["id"],
+                                                    {"id": last.get("call_id"),
+                                                     "name": last.get("name")})
+            where = dict(item_id=item["id"], output_index=len(output) - 1)
+            if item["type"] == "function_call":
+                yield event("response.function_call_arguments.done", name=item["name"],
+                            arguments=text, **where)
             else:
-                yield event("response.reasoning_text.done", text=text, **where)
-            yield event("response.content_part.done", part=item["content"][0], **where)
+                if item["type"] == "message":
+                    yield event("response.output_text.done", text=text, logprobs=[],
+                                content_index=0, **where)
+                else:
+                    yield event("response.reasoning_text.done", text=text, content_index=0,
+                                **where)
+                yield event("response.content_part.done", part=item["content"][0],
+                            content_index=0, **where)
             yield event("response.output_item.done", output_index=len(output) - 1, item=item)
 
         pieces = iter(gen)
@@ -2689,23 +3112,30 @@ class _Backend:
                                               and self.config.reasoning == "none"):
                     finish.append(piece.text)
                     continue
-                kind = "reasoning" if piece.kind == "reasoning" else "message"
-                if not output or output[-1]["type"] != kind:
+                kind = {"reasoning": "reasoning", "content": "message"}.get(piece.kind,
+                                                                            "function_call")
+                if not output or output[-1]["type"] != kind or piece.call:
                     if output:
                         yield from closed("".join(text))
                     text = []
-                    yield from opened(kind)
-                text.append(piece.text)
-                yield event("response.%s_text.delta" % ("output" if kind == "message" else kind),
-                            item_id=output[-1]["id"], output_index=len(output) - 1,
-                            content_index=0, delta=piece.text,
-                            **({"logprobs": []} if kind == "message" else {}))
-            if not output or output[-1]["type"] != "message":
+                    yield from opened(kind, piece.call)
+                text.append(piece.call["arguments"] if piece.call else piece.text)
+                where = dict(item_id=output[-1]["id"], output_index=len(output) - 1)
+                if piece.call:
+                    yield event("response.function_call_arguments.delta", delta=text[-1], **where)
+                else:
+                    yield event("response.%s_text.delta" % (
+                        "output" if kind == "message" else kind), content_index=0,
+                        delta=piece.text, **where, **({"logprobs": []} if kind == "message"
+                                                      else {}))
+            if not any(o["type"] in ("message", "function_call") for o in output):
                 if output:
                     yield from closed("".join(text))
                 text = []
                 yield from opened("message")
-            yield from closed("".join(text), self._response_status(finish))
+            if output:
+                yield from closed("".join(text), self._response_status(finish)
+                                  if output[-1]["type"] == "message" else "completed")
             end = self._response_end(gen, finish)
             yield event("response." + end["status"], response=dict(base, output=output, **end))
         finally:
@@ -2753,16 +3183,19 @@ def _from_dict(cls: Any, data: Any) -> Any:
     import typing
     if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
         return cls(data) if isinstance(data, dict) else data
+    def inner(kind: Any) -> Any:           # the dataclass in Optional[List[X]], if any
+        if dataclasses.is_dataclass(kind):
+            return kind
+        return next(filter(None, map(inner, getattr(kind, "__args__", ()))), None)
+
     hints, values = typing.get_type_hints(cls), {}
     for f in dataclasses.fields(cls):
         if f.name in data:
-            kind = hints[f.name]
-            args = [a for a in getattr(kind, "__args__", ()) if dataclasses.is_dataclass(a)]
-            value = data[f.name]
-            if isinstance(value, list) and args:
-                value = [_from_dict(args[0], v) for v in value]
-            elif args or dataclasses.is_dataclass(kind):
-                value = _from_dict(args[0] if args else kind, value)
+            kind, value = inner(hints[f.name]), data[f.name]
+            if isinstance(value, list) and kind:
+                value = [_from_dict(kind, v) for v in value]
+            elif kind:
+                value = _from_dict(kind, value)
             values[f.name] = value
     return cls(**values)
 
@@ -3988,9 +4421,73 @@ _DEMO_SLIDERS = {"temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1)
                  "top_k": (1, 100)}      # the Param app's slider ranges
 
 
+def _demo_instance(schema: Any, root: Any, depth: int = 0) -> Any:
+    """A value that fits a JSON Schema: what the demo answers when asked for JSON."""
+    if not isinstance(schema, dict) or depth > 16:
+        return None
+    if "$ref" in schema:
+        target = root
+        for part in str(schema["$ref"]).lstrip("#").split("/")[1:]:
+            target = target.get(part) if isinstance(target, dict) else None
+        return _demo_instance(target, root, depth + 1)
+    for key in ("anyOf", "oneOf", "allOf"):
+        if schema.get(key):
+            return _demo_instance(schema[key][0], root, depth + 1)
+    if "enum" in schema or "const" in schema:
+        return schema["const"] if "const" in schema else schema["enum"][0]
+    kind = schema.get("type", "object")
+    kind = kind[0] if isinstance(kind, list) else kind
+    if kind == "object":
+        return {k: _demo_instance(v, root, depth + 1)
+                for k, v in (schema.get("properties") or {}).items()}
+    if kind == "array":
+        return [_demo_instance(schema.get("items", {"type": "string"}), root, depth + 1)]
+    low = schema.get("minimum", 0)
+    return {"string": "Param", "integer": max(low, 1), "number": max(low, 1.5), "boolean": True,
+            "null": None}.get(kind)
+
+
+def _demo_shaped(message: str, history: Any, system: Any) -> Optional[str]:
+    """The reply of a model that calls tools and answers in JSON, when the system prompt
+    offers tools (asked about the weather, it calls the weather tool for each city) or
+    asks for JSON.  "bad call" or "bad json" in the prompt gets one bad reply first,
+    "[[bad-call]]" and "[[bad-json]]" only bad ones."""
+    system = system if isinstance(system, str) else ""
+    asked, repair = message, message.startswith(_REPAIR.split(":")[0])
+    if repair:                               # the request is the last user turn before
+        turns = [h for h in history or () if isinstance(h, dict) and h.get("role") == "user"]
+        asked = _message_text(turns[-1]["content"]) if turns else ""
+    lower = asked.lower()
+    results = re.findall(r"<tool_response>\n(.*?)\n</tool_response>", message, re.S)
+    if results:
+        return "Here is what the tools said: " + "; ".join(
+            "%(name)s: %(content)s" % json.loads(r) for r in results)
+    tools = [json.loads(line)["function"] for line in
+             re.findall(r'^\{"type": "function".*$', system, re.M)]
+    weather = next((t for t in tools if "weather" in t["name"]), None)
+    if weather and "weather" in lower:
+        if "bad call" in lower and not repair or "[[bad-call]]" in lower:
+            return '<tool_call>\n{"name": "%s", "arguments": {}}\n</tool_call>' % weather["name"]
+        arg = next(iter((weather.get("parameters") or {}).get("properties") or {"city": 0}))
+        return "Let me check.\n\n" + "\n".join(
+            "<tool_call>\n%s\n</tool_call>" % json.dumps({"name": weather["name"],
+                                                          "arguments": {arg: city}})
+            for city in re.findall(r"\b(?:in|and) ([A-Z]\w+)", asked))
+    if "Reply with JSON only" in system:
+        if "bad json" in lower and not repair or "[[bad-json]]" in lower:
+            return "Sure! {not json"
+        m = re.search(r"valid against this JSON Schema:\n(.*)$", system, re.M)
+        schema = json.loads(m.group(1)) if m else {"properties": {"answer": {"type": "string"}}}
+        return "```json\n%s\n```" % json.dumps(_demo_instance(schema, schema))
+    return None
+
+
 def _demo_reply(message: str, history: Any, system: Any, params: Sequence[Any]) -> Tuple[str, str]:
     """The demo's (thought, answer) for a message: chosen by keywords in the prompt."""
     thought = "The user said: %s. Let me think step by step." % message[:200]
+    shaped = _demo_shaped(message, history, system)
+    if shaped is not None:
+        return thought, shaped
     lower = message.lower()
     m = re.search(r"(\d+) words", lower)
     if m:
@@ -4782,6 +5279,11 @@ _SERVE_FLAGS = (
     ("body_timeout", "seconds a client has to send its body (default 30)"),
     ("send_timeout", "seconds a client may take nothing of an answer before it is cut off "
                      "(default 60)"),
+    ("tool_repairs", "more turns a reply out of shape (a bad tool call or JSON) gets to "
+                     "fix it, 0 to 5 (default 1)"),
+    ("cache_ttl", "seconds an answer is kept and served again for the same request and "
+                  "key (default 0: no cache)"),
+    ("cache_size", "answers the cache holds, least recently used dropped (default 256)"),
     ("rate_limit_rpm", "requests a minute per key (default: none)"),
     ("rate_limit_streams", "concurrent streams per key (default: none)"),
     ("grace", "on SIGTERM, seconds to let streams finish (default 30)"),

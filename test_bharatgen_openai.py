@@ -1183,7 +1183,12 @@ class RequestMappingTests(unittest.TestCase):
     def test_invalid_messages_name_the_param(self):
         self.assert_bad(lambda: bg._conversation([]), "messages", "non-empty list")
         self.assert_bad(lambda: bg._conversation([{"role": "tool", "content": "x"}]),
-                        "messages[0].role", "does not support tools", "unsupported_role")
+                        "messages[0].tool_call_id", "is required", "missing_required_parameter")
+        self.assert_bad(lambda: bg._conversation([{"role": "robot", "content": "x"}]),
+                        "messages[0].role", "must be one of", None)
+        self.assert_bad(lambda: bg._conversation([{"role": "assistant", "tool_calls": [
+            {"id": "c", "function": {"name": "f", "arguments": {"a": 1}}}]}]),
+            "messages[0].tool_calls[0]", "\"arguments\": \"<JSON>\"", "invalid_value")
         self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"}, {
             "role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
             {"role": "user", "content": "b"}]),
@@ -1217,9 +1222,228 @@ class RequestMappingTests(unittest.TestCase):
         self.assert_bad(lambda: bg._sampling({"max_tokens": True}, ("max_tokens",)), "max_tokens", "an integer")
         self.assert_bad(lambda: bg._sampling({"stop": ["a"] * 5}, ()), "stop", "up to 4")
         self.assert_bad(lambda: bg._sampling({"logprobs": True}, ()), "logprobs", "not available")
-        self.assert_bad(lambda: bg._sampling({"response_format": {"type": "json_object"}}, ()),
-                        "response_format", "not supported yet")
         self.assertEqual(bg._sampling({"tools": []}, ()).n, 1)
+
+    def test_tools_and_formats_are_checked(self):
+        fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        for body, param, text in [
+                ({"tools": {}}, "tools", "must be a list"),
+                ({"tools": [{"type": "web_search"}]}, "tools[0]", "calls functions only"),
+                ({"tools": [{"type": "function", "function": {"name": "a b"}}]},
+                 "tools[0].function.name", "1 to 64"),
+                ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+                 "tools[0].function.parameters", "JSON Schema object"),
+                ({"tools": [fn, fn]}, "tools[1]", "repeats the function name 'f'"),
+                ({"tools": [fn], "tool_choice": "always"}, "tool_choice", "must be 'none'"),
+                ({"tools": [fn], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                 "tool_choice", "names \"g\", which is not in 'tools'"),
+                ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+                ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "must be a boolean"),
+                ({"response_format": {"type": "xml"}}, "response_format", "must have type"),
+                ({"response_format": {"type": "json_schema", "json_schema": {"schema": 1}}},
+                 "response_format", "must be a JSON Schema object")]:
+            with self.subTest(body=body):
+                self.assert_bad(lambda: bg._shape(body, 1), param, text)
+        shape = bg._shape({"tools": [fn], "tool_choice": {"type": "function", "function": {
+            "name": "f"}}, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "array"}, "strict": True}}}, 2)
+        self.assertEqual((shape.choice, shape.fmt, shape.repairs, shape.hold_all),
+                         ("f", {"schema": {"type": "array"}, "strict": True}, 2, True))
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"], "additionalProperties": False}}}
+POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "tags": {
+    "type": "array", "items": {"type": "string"}}}, "required": ["x", "tags"]}
+
+
+class SchemaTests(unittest.TestCase):
+    def test_the_validator_says_what_is_wrong(self):
+        defs = {"$defs": {"P": POINT}, "type": "object", "properties": {
+            "p": {"$ref": "#/$defs/P"}, "kind": {"enum": ["a", "b"]},
+            "n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+            "s": {"type": "string", "maxLength": 3}}, "additionalProperties": False}
+        for value, error in [
+                ({"p": {"x": 1, "tags": ["t"]}, "kind": "a", "n": None, "s": "abc"}, None),
+                ({"p": {"x": 1.5, "tags": []}}, "$.p.x should be of type integer, not 1.5"),
+                ({"p": {"x": True, "tags": []}}, "$.p.x should be of type integer, not true"),
+                ({"p": {"x": 2.0, "tags": [3]}}, "$.p.tags[0] should be of type string, not 3"),
+                ({"p": {"tags": []}}, "$.p is missing the required property 'x'"),
+                ({"kind": "c"}, "$.kind should be one of [\"a\", \"b\"]"),
+                ({"n": 0}, "$.n fits none of the schemas it may take"),
+                ({"s": "abcd"}, "$.s should have a maxLength of 3"),
+                ({"t": 1}, "$.t is not a property the schema allows"),
+                ([], "$ should be of type object, not []")]:
+            with self.subTest(value=value):
+                self.assertEqual(bg._schema_error(value, defs), error)
+        loop = {"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}
+        self.assertEqual(bg._schema_error(1, loop), "$: the schema's $ref '#/$defs/A' cannot be followed")
+        self.assertEqual(bg._schema_error(1, {"$ref": "http://x/s.json"}),
+                         "$: the schema's $ref 'http://x/s.json' cannot be followed")
+
+    def test_json_is_found_in_fences_and_prose(self):
+        for text, found in [('{"a": 1}', ({"a": 1}, '{"a": 1}')),
+                            ('Sure:\n```json\n{"a": [1]}\n```\nDone.', ({"a": [1]}, '{"a": [1]}')),
+                            ('The set {x} is {"b": 2} here', ({"b": 2}, '{"b": 2}')),
+                            ('no json at all', None), ('{' * 100 + '"a"', None)]:
+            with self.subTest(text=text):
+                self.assertEqual(bg._json_in(text), found)
+
+
+class ToolTests(unittest.TestCase):
+    """Tool calls and structured output against the demo upstream, which calls the
+    weather tool when asked about the weather and answers in JSON when asked to."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.demo = FakeGradio(token_delay=0.001).start()
+        cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=10)).start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+        cls.demo.stop()
+
+    def both(self, prompt, **extra):
+        """``(message, finish_reason)`` of the answer, checked the same when streamed."""
+        status, _, body = chat(self.gw, prompt, **extra)
+        self.assertEqual(status, 200, body)
+        choice = json.loads(body)["choices"][0]
+        status, _, body = chat(self.gw, prompt, stream=True, **extra)
+        events = sse_events(body)[:-1]
+        calls = {}
+        for e in events:
+            for d in e["choices"][0]["delta"].get("tool_calls") or ():
+                call = calls.setdefault(d["index"], {"id": None, "type": None, "function": {
+                    "name": None, "arguments": ""}})
+                call["id"] = d.get("id") or call["id"]
+                call["type"] = d.get("type") or call["type"]
+                call["function"]["name"] = d.get("function", {}).get("name") or call["function"]["name"]
+                call["function"]["arguments"] += d.get("function", {}).get("arguments", "")
+        message = choice["message"]
+        self.assertEqual((streamed_text(events) or None, [
+            dict(c, id=None) for _, c in sorted(calls.items())] or None,
+            events[-1]["choices"][0]["finish_reason"]),
+            (message["content"] or None, [dict(c, id=None) for c in message.get("tool_calls", [])]
+             or None, choice["finish_reason"]))
+        return message, choice["finish_reason"]
+
+    def calls(self, message):
+        return [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in message.get("tool_calls", ())]
+
+    def test_a_call_and_its_result(self):
+        message, finish = self.both("What is the weather in Pune and Delhi?", tools=[WEATHER])
+        self.assertEqual((message["content"], self.calls(message), finish), (
+            "Let me check.", [("function", "get_weather", {"city": "Pune"}),
+                              ("function", "get_weather", {"city": "Delhi"})], "tool_calls"))
+        self.assertTrue(all(c["id"].startswith("call_") for c in message["tool_calls"]))
+        system = self.demo.calls[-1][2]
+        self.assertTrue(system.startswith("# Tools\n\nYou may call one or more functions"), system)
+        self.assertIn('\n<tools>\n%s\n</tools>\n' % json.dumps(WEATHER, ensure_ascii=False), system)
+        history = [{"role": "user", "content": "What is the weather in Pune?"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call_a", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"city\": \"Pune\"}"}}]},
+                   {"role": "tool", "tool_call_id": "call_a", "content": "31 C, sunny"}]
+        message, finish = self.both(history, tools=[WEATHER])
+        self.assertEqual((message["content"], finish),
+                         ("Here is what the tools said: get_weather: 31 C, sunny", "stop"))
+        self.assertEqual(self.demo.calls[-1][:2], [
+            '<tool_response>\n{"name": "get_weather", "content": "31 C, sunny"}\n</tool_response>',
+            [{"role": "user", "content": [{"type": "text", "text": "What is the weather in Pune?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text":
+                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pune"}}\n</tool_call>'}]}]])
+
+    def test_tool_choice_forms(self):
+        message, finish = self.both("Say hello", tools=[WEATHER])
+        self.assertEqual((message["content"], finish), (HELLO, "stop"))
+        message, finish = self.both("weather in Pune", tools=[WEATHER], tool_choice="none")
+        self.assertEqual((message["content"][:40], finish, "<tools>" in self.demo.calls[-1][2]),
+                         ("This is the bharatgen_openai demo upstre", "stop", False))
+        message, _ = self.both("weather in Pune", tools=[WEATHER], tool_choice={
+            "type": "function", "function": {"name": "get_weather"}})
+        self.assertEqual(self.calls(message), [("function", "get_weather", {"city": "Pune"})])
+        self.assertIn(" You must call the function 'get_weather'.", self.demo.calls[-1][2])
+        status, _, body = chat(self.gw, "Say hello", tools=[WEATHER], tool_choice="required")
+        self.assertEqual((status, json.loads(body)["error"]["message"], len(self.demo.calls[-1][1])),
+                         (502, "the model's reply was not valid after 1 repair turn(s): it calls "
+                               "no function, and a function call is required", 2))
+        status, _, body = chat(self.gw, "weather in Pune and Delhi", tools=[WEATHER],
+                               parallel_tool_calls=False)
+        self.assertEqual((status, json.loads(body)["choices"][0]["finish_reason"]), (200, "stop"))
+        self.assertIn(" Call at most one function.", self.demo.calls[-1][2])
+
+    def test_a_bad_call_gets_one_repair_and_is_never_returned(self):
+        message, finish = self.both("weather in Pune, a bad call once", tools=[WEATHER])
+        self.assertEqual((self.calls(message), finish),
+                         ([("function", "get_weather", {"city": "Pune"})], "tool_calls"))
+        self.assertEqual(self.demo.calls[-1][0], "Your last reply was not valid: the call of "
+                         "get_weather is invalid: arguments is missing the required property "
+                         "'city'. Reply again, correctly.")
+        bad = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+        message, finish = self.both("[[bad-call]] weather in Pune", tools=[WEATHER])
+        self.assertEqual((message["content"], "tool_calls" in message, finish), (bad, False, "stop"))
+        gw = start_gateway(self, self.demo.url, tool_repairs=0)
+        status, _, body = chat(gw, "weather in Pune, a bad call once", tools=[WEATHER])
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], bad)
+        status, _, body = chat(gw, "[[bad-call]] weather in Pune", tools=[WEATHER],
+                               tool_choice="required")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "invalid_model_output"))
+        status, _, body = chat(gw, "[[bad-call]] weather in Pune", tools=[WEATHER],
+                               tool_choice="required", stream=True)   # the thought went out
+        events = sse_events(body)
+        self.assertEqual((status, streamed_text(events[:-2]), events[-2]["error"]["code"],
+                          events[-1]), (200, "", "invalid_model_output", "[DONE]"))
+
+    def test_structured_output(self):
+        schema = {"type": "json_schema", "json_schema": {"name": "point", "strict": True,
+                                                          "schema": POINT}}
+        for fmt, prompt, content in [
+                ({"type": "json_object"}, "give me json", '{"answer": "Param"}'),
+                (schema, "a point please", '{"x": 1, "tags": ["Param"]}'),
+                (schema, "a point, bad json once", '{"x": 1, "tags": ["Param"]}'),
+                ({"type": "json_object"}, "[[bad-json]]", "Sure! {not json")]:
+            with self.subTest(fmt=fmt["type"], prompt=prompt):
+                message, finish = self.both(prompt, response_format=fmt)
+                self.assertEqual((message["content"], finish), (content, "stop"))
+        self.both("a point please", response_format=schema)
+        self.assertEqual(self.demo.calls[-1][2], "# Output format\n\nReply with JSON only, no "
+                         "other text: one JSON value valid against this JSON Schema:\n"
+                         + json.dumps(POINT))
+        for stream in (False, True):
+            status, _, body = chat(self.gw, "[[bad-json]]", stream, response_format=schema)
+            self.assertEqual((status, json.loads(body)["error"]["message"]), (
+                502, "the model's reply was not valid after 1 repair turn(s): it holds no JSON"))
+
+    def test_responses_api_tools(self):
+        tool = dict(WEATHER["function"], type="function")
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "weather in Pune", "tools": [tool]})
+        resp = json.loads(body)
+        call = resp["output"][-1]
+        self.assertEqual((status, [o["type"] for o in resp["output"]], call["name"],
+                          call["arguments"], call["status"], resp["tools"]),
+                         (200, ["reasoning", "message", "function_call"], "get_weather",
+                          '{"city": "Pune"}', "completed", [tool]))
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "tools": [tool], "stream": True, "input": [
+                {"role": "user", "content": "weather in Pune"},
+                {"type": "function_call", "call_id": call["call_id"], "name": "get_weather",
+                 "arguments": call["arguments"]},
+                {"type": "function_call_output", "call_id": call["call_id"], "output": "rain"}]})
+        self.assertEqual(sse_events(body)[-1]["response"]["output"][-1]["content"][0]["text"],
+                         "Here is what the tools said: get_weather: rain")
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "point", "text": {"format": {
+                "type": "json_schema", "name": "p", "schema": POINT, "strict": True}}})
+        self.assertEqual(json.loads(body)["output"][-1]["content"][0]["text"],
+                         '{"x": 1, "tags": ["Param"]}')
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "hi", "tools": [{"type": "web_search"}]})
+        self.assertEqual((status, json.loads(body)["error"]["param"]), (400, "tools[0]"))
 
 
 class UrlTests(unittest.TestCase):
