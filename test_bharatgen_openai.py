@@ -1413,10 +1413,13 @@ class ToolTests(unittest.TestCase):
         self.assertEqual(self.demo.calls[-1][2], "# Output format\n\nReply with JSON only, no "
                          "other text: one JSON value valid against this JSON Schema:\n"
                          + json.dumps(POINT))
-        for stream in (False, True):
-            status, _, body = chat(self.gw, "[[bad-json]]", stream, response_format=schema)
-            self.assertEqual((status, json.loads(body)["error"]["message"]), (
-                502, "the model's reply was not valid after 1 repair turn(s): it holds no JSON"))
+        error = "the model's reply was not valid after 1 repair turn(s): it holds no JSON"
+        status, _, body = chat(self.gw, "[[bad-json]]", response_format=schema)
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (502, error))
+        status, _, body = chat(self.gw, "[[bad-json]]", True, response_format=schema)
+        events = sse_events(body)
+        self.assertEqual((status, streamed_text(events[:-2]), events[-2]["error"]["message"]),
+                         (200, "", error))
 
     def test_responses_api_tools(self):
         tool = dict(WEATHER["function"], type="function")
