@@ -52,6 +52,7 @@ __all__ = [
 ]
 
 import dataclasses
+import hashlib
 import html
 import http.client
 import http.server
@@ -2530,6 +2531,61 @@ class _Reasoning:
         return None, piece.text if piece.kind == "content" else None
 
 
+class _Cache:
+    """Finished answers kept for ``ttl`` seconds, at most ``size`` of them (the least
+    recently used go first), keyed by everything that shapes an answer and by the API
+    key, so that one key never sees another's.  Only whole answers go in: no errors,
+    nothing a client cut short."""
+
+    def __init__(self, ttl: float, size: int) -> None:
+        self.ttl, self.size = ttl, size
+        self._lock = threading.Lock()
+        self._items: Dict[str, Tuple[float, List[_Piece], CompletionUsage]] = {}
+
+    @staticmethod
+    def key(*parts: Any) -> str:
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
+
+    def get(self, key: str) -> Optional[Tuple[List[_Piece], CompletionUsage]]:
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None or item[0] < time.monotonic():
+                return None
+            self._items[key] = item                   # the most recently used, last
+            return item[1], item[2]
+
+    def put(self, key: str, pieces: List[_Piece], usage: CompletionUsage) -> None:
+        with self._lock:
+            self._items[key] = (time.monotonic() + self.ttl, pieces, usage)
+            while len(self._items) > self.size:
+                del self._items[next(iter(self._items))]
+
+
+class _Cached:
+    """A generation served from the cache, or passed through and kept when it ends whole."""
+
+    def __init__(self, gen: _Generation, cache: _Cache, key: str) -> None:
+        self.gen, self.sampling, self.cache, self.key = gen, gen.sampling, cache, key
+        self.found = cache.get(key)
+
+    def __iter__(self) -> Iterator[_Piece]:
+        if self.found is not None:
+            yield from self.found[0]
+            return
+        pieces = []
+        for piece in self.gen:
+            pieces.append(piece)
+            yield piece
+        if sum(p.kind == "finish" for p in pieces) == self.sampling.n:
+            self.cache.put(self.key, pieces, self.gen.usage())
+
+    def close(self) -> None:
+        self.gen.close()
+
+    def usage(self) -> CompletionUsage:
+        return self.found[1] if self.found is not None else self.gen.usage()
+
+
 ###############################################################################
 # Configuration #################################################################
 ###############################################################################
@@ -2714,6 +2770,7 @@ class _Backend:
         self.config = config
         self.routes = {r.id: r for r in (routes or _load_models(config))}
         self.created = int(time.time())
+        self.cache = _Cache(config.cache_ttl, config.cache_size) if config.cache_ttl else None
 
     @property
     def default_model(self) -> str:
@@ -2754,10 +2811,20 @@ class _Backend:
             raise _bad("'model' must be a string", "model", "invalid_type")
         return self.routes[self.model(model).id]
 
-    @staticmethod
-    def _generation(route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
-                    shape: Optional[_Shape] = None) -> _Generation:
-        return _Generation(route.pool, conv, sampling, route.system_prompt, shape)
+    def _generation(self, route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
+                    shape: Optional[_Shape] = None, ctx: Optional[Dict[str, str]] = None,
+                    *request: Any) -> Any:
+        """The generation of one answer; from the cache (when on) if the same request
+        came with the same key (``ctx["scope"]``); ``ctx["cache"]`` says which it was."""
+        gen = _Generation(route.pool, conv, sampling, route.system_prompt, shape)
+        if self.cache is None or ctx is None:
+            return gen
+        keep = {k: v for k, v in request[-1].items() if k not in ("stream", "stream_options")}
+        cached = _Cached(gen, self.cache, self.cache.key(route.id, ctx.get("scope"),
+                                                         request[:-1], keep))
+        if ctx.get("cache") != "miss":
+            ctx["cache"] = "miss" if cached.found is None else "hit"
+        return cached
 
     @staticmethod
     def _body(body: Any) -> Dict[str, Any]:
@@ -2767,7 +2834,7 @@ class _Backend:
 
     # -- chat completions ---------------------------------------------------------------
 
-    def chat(self, body: Any) -> Any:
+    def chat(self, body: Any, ctx: Optional[Dict[str, str]] = None) -> Any:
         """``POST /v1/chat/completions``: a :class:`ChatCompletion`, or an iterator of
         :class:`ChatCompletionChunk` when ``stream`` is true."""
         body = self._body(body)
@@ -2779,7 +2846,7 @@ class _Backend:
         shape = _shape(body, self.config.tool_repairs)
         stream = _flag(body, "stream")
         include_usage = _include_usage(body)
-        gen = self._generation(route, conv, sampling, shape)
+        gen = self._generation(route, conv, sampling, shape, ctx, "chat", body)
         if stream:
             return self._chat_chunks(gen, model, include_usage)
         reasoning = _Reasoning(self.config.reasoning)
@@ -2849,7 +2916,7 @@ class _Backend:
 
     # -- legacy completions -------------------------------------------------------------
 
-    def completions(self, body: Any) -> Any:
+    def completions(self, body: Any, ctx: Optional[Dict[str, str]] = None) -> Any:
         """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
         body = self._body(body)
         route = self._route(body)
@@ -2878,8 +2945,8 @@ class _Backend:
                                                     len(prompts) * sampling.n), "prompt")
         echo, stream = _flag(body, "echo"), _flag(body, "stream")
         include_usage = _include_usage(body)
-        gens = [self._generation(route, _Conversation(None, [], p, estimate_tokens(p)), sampling)
-                for p in prompts]
+        gens = [self._generation(route, _Conversation(None, [], p, estimate_tokens(p)), sampling,
+                                 None, ctx, "completions", dict(body, prompt=p)) for p in prompts]
         cid, created = _new_id("cmpl-"), int(time.time())
         if stream:
             return self._completion_chunks(gens, prompts, echo, model, cid, created, include_usage)
@@ -2943,7 +3010,7 @@ class _Backend:
 
     # -- responses ----------------------------------------------------------------------
 
-    def responses(self, body: Any) -> Any:
+    def responses(self, body: Any, ctx: Optional[Dict[str, str]] = None) -> Any:
         """``POST /v1/responses``: a response dict, or an iterator of ``(event, data)``."""
         body = self._body(body)
         route = self._route(body)
@@ -2963,7 +3030,7 @@ class _Backend:
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
         shape = _shape(chat_body, self.config.tool_repairs)
-        gen = self._generation(route, conv, sampling, shape)
+        gen = self._generation(route, conv, sampling, shape, ctx, "responses", body)
         base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()),
                 "model": route.id, "error": None, "instructions": body.get("instructions"),
                 "max_output_tokens": sampling.max_tokens, "metadata": body.get("metadata") or {},
@@ -3645,6 +3712,7 @@ class _Metrics:
         "bharatgen_upstream_errors_total": ("counter", "Upstream failures by kind."),
         "bharatgen_upstream_bytes_total": ("counter", "Bytes read from upstream apps."),
         "bharatgen_rate_limited_total": ("counter", "Requests refused by rate limits."),
+        "bharatgen_cache_total": ("counter", "Answers served from the cache (hit) or not (miss)."),
         "bharatgen_request_duration_seconds": ("histogram",
                                                "Generation requests, start to last byte."),
         "bharatgen_time_to_first_token_seconds": ("histogram",
@@ -4019,6 +4087,7 @@ class _GatewayHandler(_Handler):
         self.send_timeout = config.send_timeout
         super().setup()
         self._extra: Dict[str, str] = {}
+        self._cache: Dict[str, str] = {}
         self.client = str(self.client_address[0])
 
     def handle(self) -> None:
@@ -4071,6 +4140,8 @@ class _GatewayHandler(_Handler):
         """Headers every response carries: request id, rate limits, CORS."""
         headers = {"x-request-id": self.request_id}
         headers.update(self._extra)
+        if self._cache.get("cache"):
+            headers["x-cache"] = self._cache["cache"]
         origin = self._cors_origin()
         if origin:
             headers["Access-Control-Allow-Origin"] = origin
@@ -4119,7 +4190,7 @@ class _GatewayHandler(_Handler):
         self.request_id = _new_id("req_")
         self.client = self._client() if srv.trusted else str(self.client_address[0])
         self._who = "ip:" + self.client
-        self._extra, self._model, self._ttft = {}, None, None
+        self._extra, self._model, self._ttft, self._cache = {}, None, None, {}
         self._key = "-"
         started = time.monotonic()
         status, route, slot = 500, "unknown", False
@@ -4169,6 +4240,8 @@ class _GatewayHandler(_Handler):
         """Metrics and the access-log line of one request."""
         m = self.server.metrics
         m.inc("bharatgen_requests_total", route=route, status=str(status))
+        if self._cache.get("cache") and status == 200:
+            m.inc("bharatgen_cache_total", result=self._cache["cache"])
         if route in ("/v1/chat/completions", "/v1/completions", "/v1/responses") and status == 200:
             m.observe("bharatgen_request_duration_seconds", took)
         fields = {"method": self.command, "path": self.path[:200], "status": status,
@@ -4234,8 +4307,13 @@ class _GatewayHandler(_Handler):
                             % (model if isinstance(model, str) else self.server.backend.default_model),
                             param="model", code="model_not_found")
 
+    def _ctx(self) -> Dict[str, str]:
+        """What the backend learns of the request (the key) and tells (cache hit or miss)."""
+        ctx = self._cache = {"scope": self._key}
+        return ctx
+
     def _op_chat(self, body: Any) -> int:
-        result = self.server.backend.chat(body)
+        result = self.server.backend.chat(body, self._ctx())
         if isinstance(result, ChatCompletion):
             return self._respond(self._rename_reasoning(result.to_dict()))
         return self._stream(map(self._chunk_encoder(), result), result, done=True)
@@ -4265,13 +4343,13 @@ class _GatewayHandler(_Handler):
         return encode
 
     def _op_completions(self, body: Any) -> int:
-        result = self.server.backend.completions(body)
+        result = self.server.backend.completions(body, self._ctx())
         if isinstance(result, Completion):
             return self._respond(result)
         return self._stream((_sse(c.to_dict()) for c in result), result, done=True)
 
     def _op_responses(self, body: Any) -> int:
-        result = self.server.backend.responses(body)
+        result = self.server.backend.responses(body, self._ctx())
         if isinstance(result, dict):
             return self._respond(result)
         return self._stream((_sse(data, event) for event, data in result), result,

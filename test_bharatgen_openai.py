@@ -1449,6 +1449,50 @@ class ToolTests(unittest.TestCase):
         self.assertEqual((status, json.loads(body)["error"]["param"]), (400, "tools[0]"))
 
 
+class CacheTests(unittest.TestCase):
+    def test_a_cached_answer_is_served_again_for_the_same_request_and_key_only(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, api_keys=["sk-a", "sk-b"], cache_ttl=60, cache_size=2)
+        a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+
+        def ask(prompt, headers, stream=False, **extra):
+            status, head, body = chat(gw, prompt, stream, headers, **extra)
+            self.assertEqual(status, 200, body)
+            events = sse_events(body)[:-1] if stream else None
+            text = streamed_text(events) if stream else json.loads(body)["choices"][0]["message"]["content"]
+            return head["x-cache"], text
+
+        calls = len(demo.calls)
+        self.assertEqual(ask("Say hello", a), ("miss", HELLO))
+        self.assertEqual(ask("Say hello", a), ("hit", HELLO))
+        self.assertEqual(ask("Say hello", a, stream=True), ("hit", HELLO))   # stream or not
+        self.assertEqual(ask("Say hello", b), ("miss", HELLO))               # another key
+        self.assertEqual(ask("Say hello", a, temperature=0.1), ("miss", HELLO))  # another request
+        self.assertEqual(len(demo.calls), calls + 3)
+        self.assertEqual(ask("hindi please", a, stream=True), ("miss", HINDI))
+        self.assertEqual(ask("hindi please", a), ("hit", HINDI))
+        self.assertEqual(ask("Say hello", a), ("miss", HELLO))     # size 2: the oldest went
+        status, head, _ = chat(gw, "[[error]]", False, a)
+        status2, head2, _ = chat(gw, "[[error]]", False, a)
+        self.assertEqual((status, head["x-cache"], status2, head2["x-cache"]),
+                         (502, "miss", 502, "miss"))                      # errors are not kept
+        _, _, body = request(gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "Say hello"}, a)
+        _, head, again = request(gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "Say hello", "stream": True}, a)
+        self.assertEqual((head["x-cache"], sse_events(again)[-1]["response"]["output"][-1]),
+                         ("hit", json.loads(body)["output"][-1] | {"id": sse_events(again)[-1]["response"]["output"][-1]["id"]}))
+        metrics = request(gw.url, "GET", "/metrics", headers=a)[2].decode()
+        self.assertIn('bharatgen_cache_total{result="hit"} 4\n', metrics)
+        self.assertIn('bharatgen_cache_total{result="miss"} 6\n', metrics)
+        gw = start_gateway(self, demo.url, cache_ttl=0.2)
+        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "miss")
+        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "hit")
+        time.sleep(0.3)
+        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "miss")         # expired
+        self.assertNotIn("x-cache", chat(start_gateway(self, demo.url), "Say hello")[1])
+
+
 class UrlTests(unittest.TestCase):
     def test_accepts_root_gradio_api_and_spaces(self):
         norm = bg._normalize_base_url
