@@ -4543,6 +4543,12 @@ def _demo_shaped(message: str, history: Any, system: Any) -> Optional[str]:
     tools = [json.loads(line)["function"] for line in
              re.findall(r'^\{"type": "function".*$', system, re.M)]
     weather = next((t for t in tools if "weather" in t["name"]), None)
+    must = re.search(r"You must call the function '([^']+)'", system)
+    forced = next((t for t in tools if must and t["name"] == must.group(1)), weather)
+    if forced is not weather:                # told to call it: with arguments that fit
+        params = forced.get("parameters") or {}
+        return "<tool_call>\n%s\n</tool_call>" % json.dumps(
+            {"name": forced["name"], "arguments": _demo_instance(params, params)})
     if weather and "weather" in lower:
         if "bad call" in lower and not repair or "[[bad-call]]" in lower:
             return '<tool_call>\n{"name": "%s", "arguments": {}}\n</tool_call>' % weather["name"]

@@ -2497,6 +2497,17 @@ class SDKTests(unittest.TestCase):
                           events[-1].type, events[-1].response.output_text),
                          (HINDI, "response.completed", HINDI))
 
+    def test_tools(self):
+        reply = self.client.chat.completions.create(
+            messages=[{"role": "user", "content": "weather in Pune"}], tools=[WEATHER])
+        call = reply.choices[0].message.tool_calls[0]
+        self.assertEqual((reply.choices[0].finish_reason, call.function.name,
+                          call.function.arguments), ("tool_calls", "get_weather", '{"city": "Pune"}'))
+        chunks = list(self.client.chat.completions.create(
+            messages=[{"role": "user", "content": "weather in Pune"}], tools=[WEATHER], stream=True))
+        self.assertEqual([d.function.to_dict() for c in chunks for d in c.choices[0].delta.tool_calls or ()],
+                         [{"name": "get_weather", "arguments": ""}, {"arguments": '{"city": "Pune"}'}])
+
     def test_models_and_errors(self):
         self.assertEqual([m.id for m in self.client.models.list()], [bg.DEFAULT_MODEL])
         with self.assertRaises(bg.NotFoundError):
@@ -4356,6 +4367,10 @@ class UsabilityTests(unittest.TestCase):
             self.assertEqual("".join(c.choices[0].delta.content or "" for c in chunks
                                      if c.choices), HINDI)
             self.assertEqual([m.id for m in client.models.list()], [bg.DEFAULT_MODEL])
+            call = client.chat.completions.create(messages=[{"role": "user", "content": "weather in Pune"}],
+                                                  tools=[WEATHER]).choices[0].message.tool_calls[0]
+            self.assertEqual((call.id[:5], call.function.name, call.function.arguments),
+                             ("call_", "get_weather", '{"city": "Pune"}'))
             resp = client.responses.create(input="Say hello", max_output_tokens=100)
             self.assertEqual((resp.output_text, resp.output[0].content[0].text, resp.id[:5]),
                              (HELLO, thought_of("Say hello"), "resp_"))
@@ -4538,6 +4553,33 @@ class OpenAISDKTests(_RealClientBase):
                                                extra_body={"top_k": 7})
         self.assertEqual(reply.choices[0].message.content,
                          "PARAMS temperature=0.7 max_tokens=200 top_p=0.95 top_k=7")
+
+    def test_responses_api_function_calls_and_parse(self):
+        import pydantic
+        from typing import List
+
+        class Point(pydantic.BaseModel):
+            x: int
+            tags: List[str]
+
+        client, tool = self.client(), dict(WEATHER["function"], type="function")
+        resp = client.responses.create(model=bg.DEFAULT_MODEL, input="weather in Pune", tools=[tool])
+        calls = [o for o in resp.output if o.type == "function_call"]
+        self.assertEqual([(c.name, c.arguments, c.call_id[:5]) for c in calls],
+                         [("get_weather", '{"city": "Pune"}', "call_")])
+        with client.responses.stream(model=bg.DEFAULT_MODEL, input="weather in Pune",
+                                     tools=[tool]) as stream:
+            final = stream.get_final_response()
+        self.assertEqual([(o.name, o.arguments) for o in final.output if o.type == "function_call"],
+                         [("get_weather", '{"city": "Pune"}')])
+        items = [{"role": "user", "content": "weather in Pune"}]
+        items += [o.model_dump(exclude_none=True) for o in resp.output]
+        items.append({"type": "function_call_output", "call_id": calls[0].call_id, "output": "rain"})
+        resp = client.responses.create(model=bg.DEFAULT_MODEL, input=items, tools=[tool])
+        self.assertEqual(resp.output_text, "Here is what the tools said: get_weather: rain")
+        parsed = client.responses.parse(model=bg.DEFAULT_MODEL, input="a point",
+                                        text_format=Point).output_parsed
+        self.assertEqual(parsed, Point(x=1, tags=["Param"]))
 
     def test_errors_raise_the_sdk_exceptions(self):
         import openai
@@ -4848,6 +4890,107 @@ class RealGradioTests(unittest.TestCase):
                         "error": {"message": "the Gradio app's queue is full; try again later",
                                   "type": "upstream_error", "param": None,
                                   "code": "upstream_overloaded"}}))
+
+    def test_tools_and_structured_output_with_the_openai_sdk(self):
+        """The official SDK's tool loop and ``parse()`` through this app, over both protocols."""
+        import openai
+        import pydantic
+        from typing import List
+
+        class Point(pydantic.BaseModel):
+            x: int
+            tags: List[str]
+
+        class Trip(pydantic.BaseModel):                 # nested: its schema has $defs
+            name: str
+            stops: List[Point]
+
+        for gw in self.gateways():
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0,
+                                   timeout=TIMEOUT)
+            ask = [{"role": "user", "content": "What is the weather in Pune and Delhi?"}]
+            expected = [("get_weather", {"city": "Pune"}), ("get_weather", {"city": "Delhi"})]
+            reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=ask,
+                                                   tools=[WEATHER])
+            message = reply.choices[0].message
+            self.assertEqual((reply.choices[0].finish_reason, [
+                (c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]),
+                ("tool_calls", expected))
+            with client.chat.completions.stream(model=bg.DEFAULT_MODEL, messages=ask,
+                                                tools=[WEATHER]) as stream:
+                final = stream.get_final_completion().choices[0]
+            self.assertEqual((final.finish_reason, [
+                (c.function.name, json.loads(c.function.arguments)) for c in final.message.tool_calls]),
+                ("tool_calls", expected))
+            weather = {"Pune": "31 C", "Delhi": "25 C"}
+            loop = ask + [message.model_dump(exclude_none=True)] + [
+                {"role": "tool", "tool_call_id": c.id,
+                 "content": weather[json.loads(c.function.arguments)["city"]]}
+                for c in message.tool_calls]
+            reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=loop,
+                                                   tools=[WEATHER])
+            self.assertEqual((reply.choices[0].message.content, reply.choices[0].finish_reason),
+                             ("Here is what the tools said: get_weather: 31 C; get_weather: 25 C",
+                              "stop"))
+            named = client.chat.completions.create(
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "weather in Agra"}],
+                tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+            self.assertEqual(named.choices[0].message.tool_calls[0].function.arguments,
+                             '{"city": "Agra"}')
+            with self.assertRaises(openai.APIStatusError) as caught:
+                client.chat.completions.create(
+                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hello"}],
+                    tools=[WEATHER], tool_choice="required")
+            self.assertEqual((caught.exception.status_code, caught.exception.body["code"]),
+                             (502, "invalid_model_output"))
+            parsed = client.chat.completions.parse(
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "plan a trip"}],
+                response_format=Trip).choices[0].message.parsed
+            self.assertEqual(parsed, Trip(name="Param", stops=[Point(x=1, tags=["Param"])]))
+            with self.assertRaises(openai.APIStatusError) as caught:
+                client.chat.completions.parse(
+                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "[[bad-json]]"}],
+                    response_format=Point)
+            self.assertEqual(caught.exception.status_code, 502)
+
+    def test_langchain_tools_and_structured_output(self):
+        """LangChain's ``bind_tools`` and ``with_structured_output`` through this app."""
+        from langchain_core.messages import HumanMessage, ToolMessage
+        from langchain_core.tools import tool
+        from langchain_openai import ChatOpenAI
+        import pydantic
+        from typing import List
+
+        @tool
+        def get_weather(city: str) -> str:
+            """The weather in a city now."""
+            return {"Pune": "31 C"}.get(city, "unknown")
+
+        class Point(pydantic.BaseModel):
+            x: int
+            tags: List[str]
+
+        gw = start_gateway(self, self.url, timeout=TIMEOUT)
+        llm = ChatOpenAI(base_url=gw.url + "/v1", api_key="x", model=bg.DEFAULT_MODEL,
+                         max_retries=0, timeout=TIMEOUT)
+        bound = llm.bind_tools([get_weather])
+        history = [HumanMessage("What is the weather in Pune?")]
+        ai = bound.invoke(history)
+        self.assertEqual([(c["name"], c["args"]) for c in ai.tool_calls],
+                         [("get_weather", {"city": "Pune"})])
+        streamed = None
+        for chunk in bound.stream(history):
+            streamed = chunk if streamed is None else streamed + chunk
+        self.assertEqual([(c["name"], c["args"]) for c in streamed.tool_calls],
+                         [("get_weather", {"city": "Pune"})])
+        history += [ai, ToolMessage(get_weather.invoke(ai.tool_calls[0]["args"]),
+                                    tool_call_id=ai.tool_calls[0]["id"])]
+        self.assertEqual(bound.invoke(history).content,
+                         "Here is what the tools said: get_weather: 31 C")
+        for method in ("json_schema", "function_calling"):     # a format, or a forced call
+            with self.subTest(method=method):
+                self.assertEqual(llm.with_structured_output(Point, method=method).invoke(
+                    "a point please"), Point(x=1, tags=["Param"]))
 
     def test_stop_and_disconnect_cancel_the_gradio_job(self):
         prompt = "300 words slowly"             # about 330 snapshots, 20 ms apart
