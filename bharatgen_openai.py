@@ -2217,6 +2217,12 @@ class _Shape:
 
     def check(self, text: str) -> Tuple[Optional[str], List[Dict[str, str]], Optional[str]]:
         """``(content, calls, error)`` of a whole reply; an error says what to repair."""
+        try:
+            return self._check(text)
+        except RecursionError:            # a schema or a value nested past Python's stack
+            return None, [], "it is nested too deeply to check"
+
+    def _check(self, text: str) -> Tuple[Optional[str], List[Dict[str, str]], Optional[str]]:
         if self.calls and (_CALL_OPEN in text or self.choice != "auto"):
             calls, error = self._calls(text)
             if error is None:
@@ -2340,22 +2346,29 @@ class _Held:
     or all of it."""
 
     def __init__(self, hold_all: bool) -> None:
-        self.rest, self.hold_all = "", hold_all
+        self.held: List[str] = []          # pieces, joined once: a long reply stays linear
+        self.holding = hold_all
+
+    @property
+    def rest(self) -> str:
+        return "".join(self.held)
 
     def feed(self, text: str) -> str:
-        self.rest += text
-        if self.hold_all:
+        self.held.append(text)
+        if self.holding:
             return ""
-        cut = self.rest.find(_CALL_OPEN)
+        rest = self.rest                   # short here: at most a possible call's start
+        cut = rest.find(_CALL_OPEN)
+        self.holding = cut >= 0
         if cut < 0:
-            cut = len(self.rest)
+            cut = len(rest)
             for k in range(min(len(_CALL_OPEN) - 1, cut), 0, -1):
-                if self.rest.endswith(_CALL_OPEN[:k]):
+                if rest.endswith(_CALL_OPEN[:k]):
                     cut -= k
                     break
-        cut = len(self.rest[:cut].rstrip())
-        out, self.rest = self.rest[:cut], self.rest[cut:]
-        return out
+        cut = len(rest[:cut].rstrip())
+        self.held = [rest[cut:]]
+        return rest[:cut]
 
 
 class _Generation:

@@ -1283,6 +1283,14 @@ class SchemaTests(unittest.TestCase):
         self.assertEqual(bg._schema_error(1, {"$ref": "http://x/s.json"}),
                          "$: the schema's $ref 'http://x/s.json' cannot be followed")
 
+    def test_a_schema_nested_past_the_stack_is_an_error_to_repair(self):
+        deep = {"type": "object"}
+        for _ in range(5000):
+            deep = {"allOf": [deep]}
+        shape = bg._Shape(tools={"f": {"name": "f", "parameters": deep}})
+        self.assertEqual(shape.check('<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
+                         (None, [], "it is nested too deeply to check"))
+
     def test_json_is_found_in_fences_and_prose(self):
         for text, found in [('{"a": 1}', ({"a": 1}, '{"a": 1}')),
                             ('Sure:\n```json\n{"a": [1]}\n```\nDone.', ({"a": [1]}, '{"a": [1]}')),
