@@ -5150,6 +5150,15 @@ class CLITests(unittest.TestCase):
         proc = subprocess.run([sys.executable, "-m", "bharatgen_openai", "--version"], cwd=str(HERE),
                               capture_output=True, text=True, timeout=TIMEOUT)
         self.assertEqual(proc.stdout.strip(), "bharatgen_openai " + bg.__version__)
+        for command, present, absent in (("info", "--connect-timeout", "--system-prompt"),
+                                         ("chat", "--system-prompt", "--cache-ttl"),
+                                         ("serve", "--tool-repairs", "--show-reasoning")):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+                bg.main([command, "--help"])
+            self.assertEqual((present in out.getvalue(), absent in out.getvalue(),
+                              re.search(r"\n  --\S+(?: \S+)?\n(?!  {10})", out.getvalue())),
+                             (True, False, None), out.getvalue())    # every flag has its help
 
     def test_bench_compares_the_gateway_with_direct_calls(self):
         proc = subprocess.run([sys.executable, "bharatgen_openai.py", "bench", "--concurrency", "2",
