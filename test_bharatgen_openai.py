@@ -7,8 +7,10 @@ unless BHARATGEN_REQUIRE_EXTRAS=1 (CI's venv run), where a missing package fails
 """
 
 import asyncio
+import base64
 import contextlib
 import email.utils
+import hashlib
 import html
 import http
 import http.client
@@ -2841,6 +2843,120 @@ class LimitTests(unittest.TestCase):
         with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
             bg.main(["serve", "--host", "0.0.0.0", "--port", "0", "--demo"])
         self.assertIn("refusing to serve on 0.0.0.0 with no API key", str(cm.exception.code))
+
+
+class PageTests(unittest.TestCase):
+    """The browser page at / and the monitor's JSON at /v1/dashboard."""
+
+    def setUp(self):
+        self.demo = start_demo(self)
+
+    def test_page_is_served_without_a_key_under_a_strict_csp_and_holds_no_secret(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["sk-page-secret"])
+        status, headers, body = request(gw.url, "GET", "/")
+        self.assertEqual((status, headers["Content-Type"], body), (200, "text/html; charset=utf-8",
+                                                                   bg._PAGE.encode("utf-8")))
+        page = bg._PAGE
+
+        def digest(tag):
+            text = re.search(r"<%s>(.*?)</%s>" % (tag, tag), page, re.S).group(1)
+            return base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+        self.assertEqual(headers["Content-Security-Policy"],
+                         "default-src 'none'; connect-src 'self'; img-src data:; base-uri 'none'; "
+                         "form-action 'none'; frame-ancestors 'none'; script-src 'sha256-%s'; "
+                         "style-src 'sha256-%s'" % (digest("script"), digest("style")))
+        self.assertEqual((headers["X-Content-Type-Options"], headers["Referrer-Policy"]),
+                         ("nosniff", "no-referrer"))
+        self.assertNotIn(b"sk-page-secret", body)
+        # one script and one style, both covered by the hashes: no inline handlers or style
+        # attributes (the CSP would block them), nothing loaded from elsewhere, no HTML sinks
+        self.assertEqual((page.count("<script"), page.count("<style")), (1, 1))
+        self.assertIsNone(re.search(r"<[a-z][^>]*\s(on[a-z]+|style|src|href)=", page))
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                     "http://", "https://"):
+            self.assertNotIn(sink, page)
+        self.assertEqual(request(gw.url, "HEAD", "/")[::2], (200, b""))
+        self.assertEqual(request(gw.url, "POST", "/", {})[0], 405)
+
+    def test_dashboard_needs_a_key(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["k1"])
+        for headers, message in (({}, "Missing API key: send the header 'Authorization: Bearer <key>'"),
+                                 ({"Authorization": "Bearer nope"}, "Incorrect API key provided")):
+            status, _, body = request(gw.url, "GET", "/v1/dashboard", headers=headers)
+            self.assertEqual((status, json.loads(body)), (401, {"error": {
+                "message": message, "type": "invalid_request_error", "param": None,
+                "code": "invalid_api_key"}}))
+        self.assertEqual(request(gw.url, "GET", "/dashboard", headers={"Authorization": "Bearer k1"})[0],
+                         200)
+
+    def test_dashboard_counts_requests_tokens_errors_and_keys(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["k1", "k2"])
+        k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
+        usage = json.loads(chat(gw, "Say hello", headers=k1)[2])["usage"]
+        chat(gw, "Say hello", stream=True, headers=k1)
+        chat(gw, "[[error]]", headers=k2)
+        events = sse_events(chat(gw, "[[fail-midstream]]", stream=True, headers=k2)[2])
+        self.assertEqual(events[-2]["error"]["type"], "upstream_error")
+        events = [e for e in events if "choices" in e]
+        midstream_out = bg.estimate_tokens(streamed_text(events, "reasoning_content")) + \
+            bg.estimate_tokens(streamed_text(events))
+        chat(gw, "Say hello", headers={"Authorization": "Bearer wrong"})
+        for path in ("/", "/metrics", "/health", "/v1/dashboard"):     # not counted
+            request(gw.url, "GET", path, headers=k1)
+        status, headers, body = request(gw.url, "GET", "/v1/dashboard", headers=k1)
+        d = json.loads(body)
+        self.assertEqual((status, headers["Content-Type"], headers["Cache-Control"]),
+                         (200, "application/json", "no-store"))
+        self.assertEqual(sorted(d), ["models", "recent", "requests_in_flight", "streams_open",
+                                     "totals", "uptime_seconds", "version"])
+        error_in = bg._conversation([{"role": "user", "content": "[[error]]"}]).prompt_tokens
+        midstream = bg._conversation([{"role": "user", "content": "[[fail-midstream]]"}]).prompt_tokens
+        tokens_in = 2 * usage["prompt_tokens"] + error_in + midstream
+        tokens_out = 2 * usage["completion_tokens"] + midstream_out
+        self.assertEqual(d["totals"], {"requests": 5, "by_status": {"200": 3, "401": 1, "502": 1},
+                                       "tokens_in": tokens_in, "tokens_out": tokens_out,
+                                       "upstream_errors": {"upstream_error": 2}, "rate_limited": 0})
+        recent = d["recent"]
+        self.assertEqual(sorted(recent), ["by_status", "errors", "keys", "latency", "requests",
+                                          "seconds", "series", "tokens_in", "tokens_out", "ttft"])
+        self.assertEqual((recent["seconds"], recent["requests"], recent["by_status"], recent["errors"],
+                          recent["tokens_in"], recent["tokens_out"]),
+                         (600, 5, {"200": 3, "401": 1, "502": 1},
+                          {"upstream_error": 2, "invalid_request_error": 1}, tokens_in, tokens_out))
+        self.assertEqual(recent["keys"], {
+            bg._key_hash("k1"): {"requests": 2, "errors": 0, "tokens_in": 2 * usage["prompt_tokens"],
+                                 "tokens_out": 2 * usage["completion_tokens"]},
+            bg._key_hash("k2"): {"requests": 2, "errors": 2, "tokens_in": error_in + midstream,
+                                 "tokens_out": midstream_out}})
+        self.assertGreater(midstream_out, 0)          # the thought it sent before failing
+        ttft, latency = recent["ttft"], recent["latency"]           # 2 streams, 2 answers
+        self.assertTrue(0 < ttft["p50"] <= ttft["p95"] < TIMEOUT, ttft)
+        self.assertTrue(0 < latency["p50"] <= latency["p95"] < TIMEOUT, latency)
+        series = recent["series"]
+        self.assertEqual((len(series), sorted(series[0])), (60, ["errors", "latency_p50", "requests", "t"]))
+        self.assertEqual((sum(p["requests"] for p in series), sum(p["errors"] for p in series)), (5, 3))
+        self.assertEqual([p["t"] - series[0]["t"] for p in series[:3]], [0, 10, 20])
+        self.assertEqual(d["models"], {bg.DEFAULT_MODEL: [{"url": gw.backend.routes[
+            bg.DEFAULT_MODEL].pool.replicas[0].client.base_url, "status": "up", "failures": 0,
+            "last_error": None}]})
+        self.assertEqual((d["requests_in_flight"], d["streams_open"], d["version"]),
+                         (0, 0, bg.__version__))
+
+    def test_dashboard_window_is_bounded_and_expires_and_a_cache_shows_when_present(self):
+        gw = start_gateway(self, self.demo.url, rate_limit_rpm=1)
+        m = gw.metrics
+        for i in range(20005):
+            m.record("/v1/models", 200, 0.001)
+        self.assertEqual(m.recent()["requests"], 20000)       # the oldest were dropped
+        m.window, m.bucket = 0.5, 0.1
+        time.sleep(0.6)
+        gw.cache = type("Cache", (), {"hits": 3, "misses": 1, "size": 2})()
+        for _ in range(3):                                    # polling takes no rate limit
+            status, _, body = request(gw.url, "GET", "/v1/dashboard")
+            self.assertEqual(status, 200)
+        d = json.loads(body)
+        self.assertEqual((d["recent"]["requests"], len(d["recent"]["series"]), d["totals"]["requests"],
+                          d["cache"]), (0, 5, 20005, {"hits": 3, "misses": 1, "size": 2}))
 
 
 class FuzzTests(unittest.TestCase):
