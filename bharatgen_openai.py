@@ -3521,31 +3521,28 @@ class _Server(http.server.ThreadingHTTPServer):
 # only ever becomes text nodes (the markdown renderer builds elements, never HTML); an API
 # key, when the server asks for one, is kept in the tab's sessionStorage.
 _PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><title>bharatgen_openai</title>
 <style>
 :root{--bg:#fff;--fg:#1c1c22;--mute:#6a6a78;--line:#d9d9e1;--card:#f3f3f7;--acc:#2453c9;--err:#c2282f;
   font:15px/1.45 system-ui,sans-serif;color-scheme:light dark}
 @media (prefers-color-scheme:dark){:root{--bg:#141519;--fg:#e7e7ec;--mute:#9b9ba8;--line:#34353e;
   --card:#1f2027;--acc:#7ba3ff;--err:#ff6b70}}
-*{box-sizing:border-box}
+*{box-sizing:border-box} [hidden]{display:none!important}
 body{margin:0;background:var(--bg);color:var(--fg)}
 header{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;padding:.5em 1em;border-bottom:1px solid var(--line)}
 header nav{display:flex;gap:.3em;margin-right:auto}
 button,input,select,textarea{font:inherit;color:inherit;background:var(--card);border:1px solid var(--line);
   border-radius:6px;padding:.35em .7em}
-button{cursor:pointer}
+button{cursor:pointer} button:disabled{opacity:.45;cursor:default}
 button.on,#send{background:var(--acc);border-color:var(--acc);color:var(--bg)}
-button:disabled{opacity:.45;cursor:default}
 main,#keyform{max-width:62em;margin:0 auto;padding:.8em 1em}
 #keyform{display:flex;flex-wrap:wrap;gap:.5em;align-items:center}
-[hidden]{display:none!important}
 .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(9em,1fr));gap:.6em;margin:.6em 0}
 .grid .wide{grid-column:1/-1}
 label{display:flex;flex-direction:column;gap:.2em;font-size:.85em;color:var(--mute)}
 .msg{margin:.8em 0;padding:.6em .9em;border-radius:8px;background:var(--card);overflow-wrap:anywhere}
-.msg>:first-child{margin-top:0}.msg>:last-child{margin-bottom:0}
+.msg>:first-child{margin-top:0} .msg>:last-child{margin-bottom:0}
 .user{background:none;border:1px solid var(--line);white-space:pre-wrap}
 .error{color:var(--err);border:1px solid var(--err);background:none;white-space:pre-wrap}
 .thought{color:var(--mute);font-size:.9em;white-space:pre-wrap;margin-bottom:.5em}
@@ -3554,14 +3551,14 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
 .mute{color:var(--mute);font-size:.85em}
 #ask{position:sticky;bottom:0;display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 0;background:var(--bg)}
 #prompt{flex:1 1 16em;resize:vertical}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(11.5em,1fr));gap:.6em}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
 .card{background:var(--card);border-radius:8px;padding:.5em .8em}
-.card b{display:block;font-size:1.2em;white-space:nowrap}.card span{font-size:.8em;color:var(--mute)}
+.card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
 canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
 .tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(19em,1fr));gap:0 1.5em}
-table{border-collapse:collapse;width:100%;font-size:.88em}
-td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line);overflow-wrap:anywhere}
-h3{font-size:.95em;margin:1.1em 0 .3em}
+table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
+td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)}
+th{white-space:nowrap} td{overflow-wrap:anywhere}
 </style></head><body>
 <header><b>bharatgen_openai</b><nav><button id="tab-chat" class="on">Chat</button>
 <button id="tab-monitor">Monitor</button></nav><button id="keybtn">API key</button></header>
@@ -3593,8 +3590,7 @@ function el(tag, cls, text) {
 async function api(path, body, signal) {
   const headers = {"Content-Type": "application/json"}, key = sessionStorage.getItem(KEY);
   if (key) headers.Authorization = "Bearer " + key;
-  const r = await fetch(path, {method: body ? "POST" : "GET", headers, signal,
-                               body: body && JSON.stringify(body)});
+  const r = await fetch(path, {method: body ? "POST" : "GET", headers, signal, body: body && JSON.stringify(body)});
   if (r.ok) return r;
   let detail = null;
   try { detail = (await r.json()).error; } catch (_) {}
@@ -3602,17 +3598,14 @@ async function api(path, body, signal) {
   if (r.status === 401) askKey(e.message);
   throw e;
 }
-function apiError(detail, status) {
-  return Object.assign(new Error(detail.message), {detail, status});
-}
+const apiError = (detail, status) => Object.assign(new Error(detail.message), {detail, status});
 function errorText(e) {
   const d = e.detail || {}, tags = [e.status, d.type, d.code].filter(x => x != null);
   return (tags.length ? tags.join(" · ") + ": " : "") + e.message;
 }
 async function* events(r) {                      // the JSON data of each server-sent event
   const reader = r.body.getReader(), decoder = new TextDecoder();
-  let buffer = "";
-  for (;;) {
+  for (let buffer = "";;) {
     const {value, done} = await reader.read();
     if (done) return;
     buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
@@ -3659,10 +3652,9 @@ function markdown(text) {
 function inline(node, text) {
   const marks = /`([^`]+)`|\*\*(.+?)\*\*|\*([^*\s](?:[^*]*[^*\s])?)\*/g;
   let last = 0;
-  for (let m; (m = marks.exec(text)); last = marks.lastIndex) {
+  for (let m; (m = marks.exec(text)); last = marks.lastIndex)
     node.append(text.slice(last, m.index), m[1] != null ? el("code", null, m[1])
                 : inline(el(m[2] != null ? "strong" : "em"), m[2] != null ? m[2] : m[3]));
-  }
   node.append(text.slice(last));
   return node;
 }
@@ -3675,19 +3667,14 @@ async function loadModels() {
     if (e.status !== 401) $("log").append(el("div", "msg error", errorText(e)));
   }
 }
-function busy(on) {
-  $("send").disabled = on;
-  $("stop").disabled = !on;
-}
 async function send(event) {
   event.preventDefault();
-  const text = $("prompt").value.trim();
+  const text = $("prompt").value.trim(), system = $("system").value.trim();
   if (!text || controller) return;
   $("prompt").value = "";
   history.push({role: "user", content: text});
   const box = el("div", "msg"), thought = el("details", "thought"), answer = el("div", "answer");
   const summary = el("summary", null, "Thinking..."), thoughtText = el("div");
-  thought.hidden = true;
   thought.append(summary, thoughtText);
   box.append(thought, answer);
   $("log").append(el("div", "msg user", text), box);
@@ -3699,9 +3686,9 @@ async function send(event) {
     answer.replaceChildren(markdown(content));
     box.scrollIntoView({block: "end"});
   };
-  const system = $("system").value.trim();
+  render();
   controller = new AbortController();
-  busy(true);
+  $("send").disabled = !($("stop").disabled = false);
   try {
     const r = await api("/v1/chat/completions", {model: $("model").value, stream: true,
       messages: (system ? [{role: "system", content: system}] : []).concat(history),
@@ -3715,35 +3702,34 @@ async function send(event) {
       if (!queued) queued = !!requestAnimationFrame(render);
     }
   } catch (e) {
-    box.after(e.name === "AbortError" ? el("p", "mute stopped", "Stopped.")
-              : el("div", "msg error", errorText(e)));
+    box.after(e.name === "AbortError" ? el("p", "mute stopped", "Stopped.") : el("div", "msg error", errorText(e)));
   } finally {
     render();
     summary.textContent = "Thought";
     if (content) history.push({role: "assistant", content});
     else history.pop();                       // a turn with no answer is not sent again
+    if (!content && !reasoning) box.hidden = true;
     controller = null;
-    busy(false);
+    $("send").disabled = !($("stop").disabled = true);
   }
 }
 // -- monitor
 const ms = v => v == null ? "-" : v < 1 ? Math.round(v * 1000) + " ms" : v.toFixed(2) + " s";
 function table(title, heads, rows) {
-  const t = el("table"), section = el("section");
+  const section = el("section"), t = section.appendChild(el("table"));
+  section.prepend(el("h3", null, title));
   t.appendChild(el("tr")).append(...heads.map(h => el("th", null, h)));
-  for (const row of rows) t.appendChild(el("tr")).append(...row.map(v => el("td", null, v)));
-  if (!rows.length) t.appendChild(el("tr")).append(el("td", "mute", "none"));
-  section.append(el("h3", null, title), t);
+  for (const row of rows.length ? rows : [["none"]]) t.appendChild(el("tr")).append(...row.map(v => el("td", null, v)));
   return section;
 }
 function draw(d) {
-  const r = d.recent, t = d.totals, span = r.seconds / 60 + " min";
-  const cards = [["requests", "requests, last " + span, r.requests],
-    ["errors", "errors, last " + span, Object.entries(r.by_status).reduce((n, [s, c]) => n + (s >= 400) * c, 0)],
+  const r = d.recent, t = d.totals, span = ", last " + r.seconds / 60 + " min";
+  const cards = [["requests", "requests" + span, r.requests],
+    ["errors", "errors" + span, Object.entries(r.by_status).reduce((n, [s, c]) => n + (s >= 400) * c, 0)],
     ["streams", "streams open", d.streams_open], ["inflight", "requests in flight", d.requests_in_flight],
     ["ttft", "first token p50 / p95", ms(r.ttft.p50) + " / " + ms(r.ttft.p95)],
     ["latency", "latency p50 / p95", ms(r.latency.p50) + " / " + ms(r.latency.p95)],
-    ["tokens", "tokens in / out, last " + span, r.tokens_in + " / " + r.tokens_out],
+    ["tokens", "tokens in / out" + span, r.tokens_in + " / " + r.tokens_out],
     ["total", "requests since start", t.requests],
     ["total-tokens", "tokens in / out since start", t.tokens_in + " / " + t.tokens_out]];
   if (d.cache) cards.push(["cache", "cache hits / misses", d.cache.hits + " / " + d.cache.misses]);
@@ -3756,24 +3742,23 @@ function draw(d) {
   const replicas = Object.entries(d.models).flatMap(([model, list]) =>
     list.map(x => [model, x.url, x.status, x.failures, x.last_error || "-"]));
   $("tables").replaceChildren(
-    table("Status, last " + span, ["status", "requests"], Object.entries(r.by_status)),
-    table("Errors by type, last " + span, ["type", "count"], Object.entries(r.errors)),
-    table("Keys (short hash), last " + span, ["key", "requests", "errors", "tokens in", "tokens out"],
+    table("Status" + span, ["status", "requests"], Object.entries(r.by_status)),
+    table("Errors by type" + span, ["type", "count"], Object.entries(r.errors)),
+    table("Keys (short hash)" + span, ["key", "requests", "errors", "tokens in", "tokens out"],
       Object.entries(r.keys).map(([k, v]) => [k, v.requests, v.errors, v.tokens_in, v.tokens_out])),
     table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
     table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)),
-    table("Since start", ["status", "requests"], Object.entries(t.by_status)));
+    table("Status since start", ["status", "requests"], Object.entries(t.by_status)));
   chart(r.series);
   $("updated").textContent = "v" + d.version + " · up " + Math.round(d.uptime_seconds) + " s · updated "
     + new Date().toLocaleTimeString();
 }
-function chart(series) {
+function chart(series) {                          // bars: requests and errors; line: latency p50
   const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight, dpr = devicePixelRatio || 1;
   const css = getComputedStyle(document.documentElement), color = n => css.getPropertyValue(n).trim();
   const most = Math.max(1, ...series.map(p => p.requests)), lat = series.map(p => p.latency_p50);
   const slowest = Math.max(0.001, ...lat.filter(v => v != null)), bw = w / series.length, top = 18, ph = h - 36;
-  c.width = w * dpr;
-  c.height = h * dpr;
+  [c.width, c.height] = [w * dpr, h * dpr];
   g.scale(dpr, dpr);
   g.font = "11px system-ui, sans-serif";
   g.fillStyle = color("--mute");
@@ -3800,11 +3785,7 @@ function chart(series) {
   g.stroke();
 }
 async function poll() {
-  try {
-    draw(await (await api("/v1/dashboard")).json());
-  } catch (e) {
-    $("updated").textContent = errorText(e);
-  }
+  try { draw(await (await api("/v1/dashboard")).json()); } catch (e) { $("updated").textContent = errorText(e); }
 }
 function show(view) {
   for (const v of ["chat", "monitor"]) {
@@ -3812,10 +3793,7 @@ function show(view) {
     $("tab-" + v).classList.toggle("on", v === view);
   }
   clearInterval(timer);
-  if (view === "monitor") {
-    poll();
-    timer = setInterval(poll, 1500);
-  }
+  if (view === "monitor") timer = setInterval(poll, 1500), poll();
 }
 $("tab-chat").onclick = () => show("chat");
 $("tab-monitor").onclick = () => show("monitor");
@@ -3829,9 +3807,7 @@ $("keyform").onsubmit = e => {
   loadModels();
 };
 $("ask").onsubmit = send;
-$("prompt").onkeydown = e => {
-  if (e.key === "Enter" && !e.shiftKey) send(e);
-};
+$("prompt").onkeydown = e => { if (e.key === "Enter" && !e.shiftKey) send(e); };
 $("stop").onclick = () => controller && controller.abort();
 $("new").onclick = () => {
   if (controller) controller.abort();
