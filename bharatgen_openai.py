@@ -3555,7 +3555,8 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
 .card{background:var(--card);border-radius:8px;padding:.5em .8em}
 .card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
 canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
-.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(19em,1fr));gap:0 1.5em}
+.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(24em,1fr));gap:0 1.5em}
+.tables section{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
 td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)}
 th{white-space:nowrap} td{overflow-wrap:anywhere}
@@ -4849,6 +4850,7 @@ def _cmd_serve(args: Any) -> int:
         print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
               % (__version__, server.url, route.id, route.pool.base_url),
               file=sys.stderr, flush=True)
+    print("chat and monitor in a browser: %s/" % server.url, file=sys.stderr, flush=True)
     if not server.keys.enabled:
         print("WARNING: no API key configured; anyone who can reach %s can use it. "
               "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
