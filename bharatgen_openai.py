@@ -3528,8 +3528,7 @@ _PAGE = r"""<!doctype html>
   font:15px/1.45 system-ui,sans-serif;color-scheme:light dark}
 @media (prefers-color-scheme:dark){:root{--bg:#141519;--fg:#e7e7ec;--mute:#9b9ba8;--line:#34353e;
   --card:#1f2027;--acc:#7ba3ff;--err:#ff6b70}}
-*{box-sizing:border-box} [hidden]{display:none!important}
-body{margin:0;background:var(--bg);color:var(--fg)}
+*{box-sizing:border-box} [hidden]{display:none!important} body{margin:0;background:var(--bg);color:var(--fg)}
 header{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;padding:.5em 1em;border-bottom:1px solid var(--line)}
 header nav{display:flex;gap:.3em;margin-right:auto}
 button,input,select,textarea{font:inherit;color:inherit;background:var(--card);border:1px solid var(--line);
@@ -3538,8 +3537,7 @@ button{cursor:pointer} button:disabled{opacity:.45;cursor:default}
 button.on,#send{background:var(--acc);border-color:var(--acc);color:var(--bg)}
 main,#keyform{max-width:62em;margin:0 auto;padding:.8em 1em}
 #keyform{display:flex;flex-wrap:wrap;gap:.5em;align-items:center}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(9em,1fr));gap:.6em;margin:.6em 0}
-.grid .wide{grid-column:1/-1}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(9em,1fr));gap:.6em;margin:.6em 0} .wide{grid-column:1/-1}
 label{display:flex;flex-direction:column;gap:.2em;font-size:.85em;color:var(--mute)}
 .msg{margin:.8em 0;padding:.6em .9em;border-radius:8px;background:var(--card);overflow-wrap:anywhere}
 .msg>:first-child{margin-top:0} .msg>:last-child{margin-bottom:0}
@@ -3547,19 +3545,15 @@ label{display:flex;flex-direction:column;gap:.2em;font-size:.85em;color:var(--mu
 .error{color:var(--err);border:1px solid var(--err);background:none;white-space:pre-wrap}
 .thought{color:var(--mute);font-size:.9em;white-space:pre-wrap;margin-bottom:.5em}
 pre{overflow-x:auto;padding:.6em;border-radius:6px;background:var(--bg);border:1px solid var(--line)}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
-.mute{color:var(--mute);font-size:.85em}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em} .mute{color:var(--mute);font-size:.85em}
 #ask{position:sticky;bottom:0;display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 0;background:var(--bg)}
-#prompt{flex:1 1 16em;resize:vertical}
-.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
+#prompt{flex:1 1 16em;resize:vertical} .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
 .card{background:var(--card);border-radius:8px;padding:.5em .8em}
 .card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
 canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
-.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(24em,1fr));gap:0 1.5em}
-.tables section{overflow-x:auto}
+.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(24em,1fr));gap:0 1.5em} section{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
-td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)}
-th{white-space:nowrap} td{overflow-wrap:anywhere}
+td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)} th{white-space:nowrap} td{overflow-wrap:anywhere}
 </style></head><body>
 <header><b>bharatgen_openai</b><nav><button id="tab-chat" class="on">Chat</button>
 <button id="tab-monitor">Monitor</button></nav><button id="keybtn">API key</button></header>
@@ -3581,9 +3575,8 @@ autocomplete="off"><button>Use</button><span id="keymsg" class="mute"></span></f
 "use strict";
 const $ = id => document.getElementById(id), KEY = "bharatgen_openai.key";
 let history = [], controller = null, timer = null;
-function el(tag, cls, text) {
-  const e = document.createElement(tag);
-  if (cls) e.className = cls;
+function el(tag, cls, text) {                   // an element; text only ever as textContent
+  const e = Object.assign(document.createElement(tag), cls ? {className: cls} : {});
   if (text != null) e.textContent = String(text);
   return e;
 }
@@ -3619,8 +3612,7 @@ async function* events(r) {                      // the JSON data of each server
   }
 }
 function askKey(message) {
-  $("keyform").hidden = false;
-  $("keymsg").textContent = message || "";
+  [$("keyform").hidden, $("keymsg").textContent] = [false, message || ""];
   $("key").focus();
 }
 // -- markdown, as elements and text nodes: fences, headings, lists, paragraphs, inline marks
@@ -3680,10 +3672,8 @@ async function send(event) {
   box.append(thought, answer);
   $("log").append(el("div", "msg user", text), box);
   let content = "", reasoning = "", queued = false;
-  const render = () => {
-    queued = false;
-    thought.hidden = !reasoning;
-    thoughtText.textContent = reasoning;
+  const render = () => {                        // at most once a frame
+    [queued, thought.hidden, thoughtText.textContent] = [false, !reasoning, reasoning];
     answer.replaceChildren(markdown(content));
     box.scrollIntoView({block: "end"});
   };
@@ -3735,8 +3725,7 @@ function draw(d) {
     ["total-tokens", "tokens in / out since start", t.tokens_in + " / " + t.tokens_out]];
   if (d.cache) cards.push(["cache", "cache hits / misses", d.cache.hits + " / " + d.cache.misses]);
   $("cards").replaceChildren(...cards.map(([id, label, value]) => {
-    const c = el("div", "card");
-    c.id = "m-" + id;
+    const c = Object.assign(el("div", "card"), {id: "m-" + id});
     c.append(el("b", null, value), el("span", null, label));
     return c;
   }));
@@ -3748,8 +3737,7 @@ function draw(d) {
     table("Keys (short hash)" + span, ["key", "requests", "errors", "tokens in", "tokens out"],
       Object.entries(r.keys).map(([k, v]) => [k, v.requests, v.errors, v.tokens_in, v.tokens_out])),
     table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
-    table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)),
-    table("Status since start", ["status", "requests"], Object.entries(t.by_status)));
+    table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)));
   chart(r.series);
   $("updated").textContent = "v" + d.version + " · up " + Math.round(d.uptime_seconds) + " s · updated "
     + new Date().toLocaleTimeString();
@@ -3761,21 +3749,19 @@ function chart(series) {                          // bars: requests and errors; 
   const slowest = Math.max(0.001, ...lat.filter(v => v != null)), bw = w / series.length, top = 18, ph = h - 36;
   [c.width, c.height] = [w * dpr, h * dpr];
   g.scale(dpr, dpr);
-  g.font = "11px system-ui, sans-serif";
-  g.fillStyle = color("--mute");
-  g.fillText(most + " requests", 6, 12);
-  g.fillText("-" + series.length * 10 / 60 + " min", 6, h - 5);
-  g.textAlign = "right";
-  g.fillText("p50 " + ms(slowest), w - 6, 12);
-  g.fillText("now", w - 6, h - 5);
+  [g.font, g.fillStyle] = ["11px system-ui, sans-serif", color("--mute")];
+  for (const [text, x, y] of [[most + " requests", 6, 12], ["p50 " + ms(slowest), w - 6, 12],
+                              ["-" + series.length * 10 / 60 + " min", 6, h - 5], ["now", w - 6, h - 5]]) {
+    g.textAlign = x > 6 ? "right" : "left";
+    g.fillText(text, x, y);
+  }
   series.forEach((p, i) => {
     for (const [n, name] of [[p.requests, "--acc"], [p.errors, "--err"]]) {
       g.fillStyle = color(name);
       g.fillRect(i * bw + 1, top + ph - n / most * ph, Math.max(1, bw - 2), n / most * ph);
     }
   });
-  g.strokeStyle = g.fillStyle = color("--fg");
-  g.lineWidth = 1.5;
+  [g.strokeStyle, g.fillStyle, g.lineWidth] = [color("--fg"), color("--fg"), 1.5];
   g.beginPath();
   lat.forEach((v, i) => {
     if (v == null) return;
@@ -3803,8 +3789,7 @@ $("keyform").onsubmit = e => {
   e.preventDefault();
   const key = $("key").value.trim();
   key ? sessionStorage.setItem(KEY, key) : sessionStorage.removeItem(KEY);
-  $("key").value = "";
-  $("keyform").hidden = true;
+  [$("key").value, $("keyform").hidden] = ["", true];
   loadModels();
 };
 $("ask").onsubmit = send;
@@ -3812,8 +3797,7 @@ $("prompt").onkeydown = e => { if (e.key === "Enter" && !e.shiftKey) send(e); };
 $("stop").onclick = () => controller && controller.abort();
 $("new").onclick = () => {
   if (controller) controller.abort();
-  history = [];
-  $("log").replaceChildren();
+  [history, $("log").textContent] = [[], ""];
   $("prompt").focus();
 };
 loadModels();
