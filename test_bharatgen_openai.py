@@ -4631,10 +4631,16 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(status, 400)
         self.screenshot("chat-wide-light")
 
+    def dashboard(self):
+        """(requests that ended 499, errors) in the monitor's window."""
+        recent = json.loads(request(self.gw.url, "GET", "/v1/dashboard", headers={
+            "Authorization": "Bearer " + self.KEY})[2])["recent"]
+        return recent["by_status"].get("499", 0), sum(p["errors"] for p in recent["series"])
+
     def test_stop_cancels_the_upstream_job(self):
         self.open_page()
         full = bg._demo_reply("3000 words", [], None, [])[1]
-        cancels = len(self.demo.cancels)
+        cancels, (gone, errors) = len(self.demo.cancels), self.dashboard()
         self.send("3000 words", done=False)
         self.wait(lambda: len(self.text(".answer")) > 200, "no streamed text")
         self.assertTrue(self.find("#stop")[0].is_enabled())           # shown before the end
@@ -4647,6 +4653,7 @@ class BrowserTests(unittest.TestCase):
         self.assertTrue(full.startswith(text) and 200 < len(text) < len(full) / 2, len(text))
         self.assertEqual((self.find("#send")[0].is_enabled(), self.find("#stop")[0].is_enabled(),
                           self.text(".stopped")), (True, False, "Stopped."))
+        self.wait(lambda: self.dashboard() == (gone + 1, errors), "not one 499 (not an error)")
         self.screenshot("chat-stopped")
 
     def test_monitor_numbers_move_and_the_chart_is_drawn(self):
