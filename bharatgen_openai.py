@@ -71,6 +71,7 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+from collections import deque
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -2559,6 +2560,9 @@ class _Cache:
     def key(*parts: Any) -> str:
         return hashlib.sha256(json.dumps(parts, sort_keys=True, default=repr).encode()).hexdigest()
 
+    def __len__(self) -> int:
+        return len(self._items)
+
     def get(self, key: str) -> Optional[Tuple[List[_Piece], CompletionUsage]]:
         with self._lock:
             item = self._items.pop(key, None)
@@ -2825,19 +2829,21 @@ class _Backend:
         return self.routes[self.model(model).id]
 
     def _generation(self, route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
-                    shape: Optional[_Shape] = None, ctx: Optional[Dict[str, str]] = None,
+                    shape: Optional[_Shape] = None, ctx: Optional[Dict[str, Any]] = None,
                     *request: Any) -> Any:
         """The generation of one answer; from the cache (when on) if the same request
         came with the same key (``ctx["scope"]``); ``ctx["cache"]`` says which it was."""
-        gen = _Generation(route.pool, conv, sampling, route.system_prompt, shape)
-        if self.cache is None or ctx is None:
+        gen: Any = _Generation(route.pool, conv, sampling, route.system_prompt, shape)
+        if ctx is None:
             return gen
-        keep = {k: v for k, v in request[-1].items() if k not in ("stream", "stream_options")}
-        cached = _Cached(gen, self.cache, self.cache.key(route.id, ctx.get("scope"),
-                                                         request[:-1], keep))
-        if ctx.get("cache") != "miss":
-            ctx["cache"] = "miss" if cached.found is None else "hit"
-        return cached
+        if self.cache is not None:
+            keep = {k: v for k, v in request[-1].items() if k not in ("stream", "stream_options")}
+            gen = _Cached(gen, self.cache, self.cache.key(route.id, ctx.get("scope"),
+                                                          request[:-1], keep))
+            if ctx.get("cache") != "miss":
+                ctx["cache"] = "miss" if gen.found is None else "hit"
+        ctx.setdefault("gens", []).append(gen)        # the gateway counts their tokens
+        return gen
 
     @staticmethod
     def _body(body: Any) -> Dict[str, Any]:
@@ -2847,7 +2853,7 @@ class _Backend:
 
     # -- chat completions ---------------------------------------------------------------
 
-    def chat(self, body: Any, ctx: Optional[Dict[str, str]] = None) -> Any:
+    def chat(self, body: Any, ctx: Optional[Dict[str, Any]] = None) -> Any:
         """``POST /v1/chat/completions``: a :class:`ChatCompletion`, or an iterator of
         :class:`ChatCompletionChunk` when ``stream`` is true."""
         body = self._body(body)
@@ -2929,7 +2935,7 @@ class _Backend:
 
     # -- legacy completions -------------------------------------------------------------
 
-    def completions(self, body: Any, ctx: Optional[Dict[str, str]] = None) -> Any:
+    def completions(self, body: Any, ctx: Optional[Dict[str, Any]] = None) -> Any:
         """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
         body = self._body(body)
         route = self._route(body)
@@ -3023,7 +3029,7 @@ class _Backend:
 
     # -- responses ----------------------------------------------------------------------
 
-    def responses(self, body: Any, ctx: Optional[Dict[str, str]] = None) -> Any:
+    def responses(self, body: Any, ctx: Optional[Dict[str, Any]] = None) -> Any:
         """``POST /v1/responses``: a response dict, or an iterator of ``(event, data)``."""
         body = self._body(body)
         route = self._route(body)
@@ -3713,10 +3719,18 @@ class _RateLimiter:
 
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+_GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+
+
+def _percentile(values: List[float], q: float) -> float:
+    """The ``q`` quantile of ``values`` by nearest rank (NaN for none)."""
+    ordered = sorted(values) or [float("nan")]
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 class _Metrics:
-    """Counters, gauges and histograms, rendered in Prometheus' text format."""
+    """Counters, gauges and histograms, rendered in Prometheus' text format, and a rolling
+    window of recent requests for the page's monitor (:meth:`recent`)."""
 
     HELP = {
         "bharatgen_requests_total": ("counter", "Requests by route and status."),
@@ -3730,12 +3744,20 @@ class _Metrics:
                                                "Generation requests, start to last byte."),
         "bharatgen_time_to_first_token_seconds": ("histogram",
                                                   "Streams, request start to first event."),
+        "bharatgen_tokens_total": ("counter", "Tokens (estimated) in prompts and out in answers."),
     }
+    window = 600.0                     # seconds of requests the monitor summarizes
+    bucket = 10.0                      # seconds per point of its chart
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._values: Dict[str, Dict[Tuple[Tuple[str, str], ...], float]] = {}
         self._hists: Dict[str, List[float]] = {}
+        self.started = time.time()
+        # (time, status, error type, ttft, latency, key, tokens in, tokens out) of recent API
+        # requests: bounded by count, so memory stays small (~5 MB) under any load, and a
+        # summary of all of them takes ~50 ms.
+        self._recent: "deque[Tuple[Any, ...]]" = deque(maxlen=20000)
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = tuple(sorted(labels.items())) if labels else ()
@@ -3755,6 +3777,68 @@ class _Metrics:
     def value(self, name: str, **labels: str) -> float:
         with self._lock:
             return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+
+    def series(self, name: str) -> Dict[Tuple[Tuple[str, str], ...], float]:
+        """A counter's values by their labels (a copy)."""
+        with self._lock:
+            return dict(self._values.get(name, {}))
+
+    def record(self, route: str, status: int, took: float, *, recent: bool = True,
+               ttft: Optional[float] = None, error: Optional[str] = None, key: str = "-",
+               tokens: Tuple[int, int] = (0, 0)) -> None:
+        """Count one answered request: the one place requests are recorded, for
+        ``/metrics`` and (if ``recent``) the monitor's window."""
+        self.inc("bharatgen_requests_total", route=route, status=str(status))
+        latency = took if route in _GENERATION_ROUTES and status == 200 and not error else None
+        if latency is not None:
+            self.observe("bharatgen_request_duration_seconds", took)
+        for direction, n in zip(("in", "out"), tokens):
+            if n:
+                self.inc("bharatgen_tokens_total", n, direction=direction)
+        if recent:
+            with self._lock:
+                self._recent.append((time.time(), status, error, ttft, latency, key) + tokens)
+
+    def recent(self) -> Dict[str, Any]:
+        """The monitor's view of the last :attr:`window` seconds: counts, p50/p95 of the
+        time to first token and of generation latency, usage by key, and a point every
+        :attr:`bucket` seconds for its chart."""
+        now = time.time()
+        with self._lock:
+            rows = [r for r in self._recent if r[0] > now - self.window]
+        by_status: Dict[str, int] = {}
+        errors: Dict[str, int] = {}
+        keys: Dict[str, Dict[str, int]] = {}
+        points = [{"t": round(now - self.window + i * self.bucket), "requests": 0, "errors": 0,
+                   "latency": []} for i in range(max(1, int(self.window / self.bucket)))]
+        for t, status, error, _, latency, key, tokens_in, tokens_out in rows:
+            failed = 400 <= status != 499 or error is not None     # 499: the client left
+            by_status[str(status)] = by_status.get(str(status), 0) + 1
+            if error:
+                errors[error] = errors.get(error, 0) + 1
+            if key != "-":
+                k = keys.setdefault(key, {"requests": 0, "errors": 0, "tokens_in": 0, "tokens_out": 0})
+                k["requests"] += 1
+                k["errors"] += failed
+                k["tokens_in"] += tokens_in
+                k["tokens_out"] += tokens_out
+            point = points[min(len(points) - 1, int((t - now + self.window) / self.bucket))]
+            point["requests"] += 1
+            point["errors"] += failed
+            if latency is not None:
+                point["latency"].append(latency)
+
+        def quantiles(values: List[float]) -> Dict[str, Optional[float]]:
+            return {"p50": round(_percentile(values, .5), 4) if values else None,
+                    "p95": round(_percentile(values, .95), 4) if values else None}
+
+        for point in points:
+            point["latency_p50"] = quantiles(point.pop("latency"))["p50"]
+        return {"seconds": self.window, "requests": len(rows), "by_status": by_status,
+                "errors": errors, "ttft": quantiles([r[3] for r in rows if r[3] is not None]),
+                "latency": quantiles([r[4] for r in rows if r[4] is not None]),
+                "tokens_in": sum(r[6] for r in rows), "tokens_out": sum(r[7] for r in rows),
+                "keys": keys, "series": points}
 
     def render(self) -> str:
         lines = []
@@ -4051,6 +4135,298 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 ###############################################################################
+# The page: chat with the model and watch the gateway, in a browser ############
+###############################################################################
+
+# Served at "/": inline HTML, CSS and script, nothing fetched from elsewhere.  Model text
+# only ever becomes text nodes (the markdown renderer builds elements, never HTML); an API
+# key, when the server asks for one, is kept in the tab's sessionStorage.
+_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark"><title>bharatgen_openai</title>
+<style>
+:root{--bg:#fff;--fg:#1c1c22;--mute:#6a6a78;--line:#d9d9e1;--card:#f3f3f7;--acc:#2453c9;--err:#c2282f;
+  font:15px/1.45 system-ui,sans-serif;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#141519;--fg:#e7e7ec;--mute:#9b9ba8;--line:#34353e;
+  --card:#1f2027;--acc:#7ba3ff;--err:#ff6b70}}
+*{box-sizing:border-box} [hidden]{display:none!important} body{margin:0;background:var(--bg);color:var(--fg)}
+header{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;padding:.5em 1em;border-bottom:1px solid var(--line)}
+header nav{display:flex;gap:.3em;margin-right:auto}
+button,input,select,textarea{font:inherit;color:inherit;background:var(--card);border:1px solid var(--line);
+  border-radius:6px;padding:.35em .7em}
+button{cursor:pointer} button:disabled{opacity:.45;cursor:default}
+button.on,#send{background:var(--acc);border-color:var(--acc);color:var(--bg)}
+main,#keyform{max-width:62em;margin:0 auto;padding:.8em 1em}
+#keyform{display:flex;flex-wrap:wrap;gap:.5em;align-items:center}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(9em,1fr));gap:.6em;margin:.6em 0} .wide{grid-column:1/-1}
+label{display:flex;flex-direction:column;gap:.2em;font-size:.85em;color:var(--mute)}
+.msg{margin:.8em 0;padding:.6em .9em;border-radius:8px;background:var(--card);overflow-wrap:anywhere}
+.msg>:first-child{margin-top:0} .msg>:last-child{margin-bottom:0}
+.user{background:none;border:1px solid var(--line);white-space:pre-wrap}
+.error{color:var(--err);border:1px solid var(--err);background:none;white-space:pre-wrap}
+.thought{color:var(--mute);font-size:.9em;white-space:pre-wrap;margin-bottom:.5em}
+pre{overflow-x:auto;padding:.6em;border-radius:6px;background:var(--bg);border:1px solid var(--line)}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em} .mute{color:var(--mute);font-size:.85em}
+#ask{position:sticky;bottom:0;display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 0;background:var(--bg)}
+#prompt{flex:1 1 16em;resize:vertical} .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
+.card{background:var(--card);border-radius:8px;padding:.5em .8em}
+.card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
+canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
+.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(24em,1fr));gap:0 1.5em} section{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
+td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)} th{white-space:nowrap} td{overflow-wrap:anywhere}
+</style></head><body>
+<header><b>bharatgen_openai</b><nav><button id="tab-chat" class="on">Chat</button>
+<button id="tab-monitor">Monitor</button></nav><button id="keybtn">API key</button></header>
+<form id="keyform" hidden><input id="key" type="password" placeholder="API key (kept for this tab only)"
+autocomplete="off"><button>Use</button><span id="keymsg" class="mute"></span></form>
+<main id="chat"><details><summary class="mute">Settings</summary><div class="grid">
+<label>Model<select id="model"></select></label>
+<label>Temperature<input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
+<label>Max tokens<input id="max_tokens" type="number" min="1" max="8192" value="1024"></label>
+<label class="wide">System prompt<textarea id="system" rows="2" placeholder="(the model's default)"></textarea>
+</label></div></details><div id="log"></div>
+<form id="ask"><textarea id="prompt" rows="2" placeholder="Message (Enter sends, Shift+Enter: new line)">
+</textarea><button id="send">Send</button><button id="stop" type="button" disabled>Stop</button>
+<button id="new" type="button">New chat</button></form></main>
+<main id="monitor" hidden><p id="updated" class="mute">loading...</p><div id="cards" class="cards"></div>
+<canvas id="chart"></canvas><p class="mute">Bars: requests per 10 s (red: errors); line: latency p50.</p>
+<div id="tables" class="tables"></div></main>
+<script>
+"use strict";
+const $ = id => document.getElementById(id), KEY = "bharatgen_openai.key";
+let history = [], controller = null, timer = null;
+function el(tag, cls, text) {                   // an element; text only ever as textContent
+  const e = Object.assign(document.createElement(tag), cls ? {className: cls} : {});
+  if (text != null) e.textContent = String(text);
+  return e;
+}
+// -- the API: the key as a bearer, errors as the server gave them
+async function api(path, body, signal) {
+  const headers = {"Content-Type": "application/json"}, key = sessionStorage.getItem(KEY);
+  if (key) headers.Authorization = "Bearer " + key;
+  const r = await fetch(path, {method: body ? "POST" : "GET", headers, signal, body: body && JSON.stringify(body)});
+  if (r.ok) return r;
+  let detail = null;
+  try { detail = (await r.json()).error; } catch (_) {}
+  const e = apiError(detail || {message: r.statusText}, r.status);
+  if (r.status === 401) askKey(e.message);
+  throw e;
+}
+const apiError = (detail, status) => Object.assign(new Error(detail.message), {detail, status});
+function errorText(e) {
+  const d = e.detail || {}, tags = [e.status, d.type, d.code].filter(x => x != null);
+  return (tags.length ? tags.join(" · ") + ": " : "") + e.message;
+}
+async function* events(r) {                      // the JSON data of each server-sent event
+  const reader = r.body.getReader(), decoder = new TextDecoder();
+  for (let buffer = "";;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
+    for (let i; (i = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(i + 2)) {
+      const data = buffer.slice(0, i).split("\n").filter(l => l.startsWith("data:"))
+        .map(l => l.slice(5).replace(/^ /, "")).join("\n");
+      if (data === "[DONE]") return;
+      if (data) yield JSON.parse(data);
+    }
+  }
+}
+function askKey(message) {
+  [$("keyform").hidden, $("keymsg").textContent] = [false, message || ""];
+  $("key").focus();
+}
+// -- markdown, as elements and text nodes: fences, headings, lists, paragraphs, inline marks
+const BLOCK = /^\s*(```|#{1,6}\s|([-*+]|\d+[.)])\s)/, ITEM = /^\s*([-*+]|\d+[.)])\s+/;
+function markdown(text) {
+  const out = document.createDocumentFragment(), lines = text.split("\n");
+  for (let i = 0, m; i < lines.length;) {
+    if (/^\s*```/.test(lines[i])) {
+      const code = [];
+      while (++i < lines.length && !/^\s*```/.test(lines[i])) code.push(lines[i]);
+      i++;
+      out.appendChild(el("pre")).append(el("code", null, code.join("\n")));
+    } else if ((m = /^\s*(#{1,6})\s+(.*)/.exec(lines[i]))) {
+      out.append(inline(el("h" + Math.min(6, m[1].length + 2)), m[2]));
+      i++;
+    } else if (ITEM.test(lines[i])) {
+      const ordered = /^\s*\d/.test(lines[i]), list = out.appendChild(el(ordered ? "ol" : "ul"));
+      while (i < lines.length && ITEM.test(lines[i]) && /^\s*\d/.test(lines[i]) === ordered)
+        list.append(inline(el("li"), lines[i++].replace(ITEM, "")));
+    } else if (!lines[i].trim()) {
+      i++;
+    } else {
+      const para = [lines[i++]];
+      while (i < lines.length && lines[i].trim() && !BLOCK.test(lines[i])) para.push(lines[i++]);
+      out.append(inline(el("p"), para.join("\n")));
+    }
+  }
+  return out;
+}
+function inline(node, text) {
+  const marks = /`([^`]+)`|\*\*(.+?)\*\*|\*([^*\s](?:[^*]*[^*\s])?)\*/g;
+  let last = 0;
+  for (let m; (m = marks.exec(text)); last = marks.lastIndex)
+    node.append(text.slice(last, m.index), m[1] != null ? el("code", null, m[1])
+                : inline(el(m[2] != null ? "strong" : "em"), m[2] != null ? m[2] : m[3]));
+  node.append(text.slice(last));
+  return node;
+}
+// -- chat
+async function loadModels() {
+  try {
+    const models = (await (await api("/v1/models")).json()).data;
+    $("model").replaceChildren(...models.map(m => el("option", null, m.id)));
+  } catch (e) {
+    if (e.status !== 401) $("log").append(el("div", "msg error", errorText(e)));
+  }
+}
+async function send(event) {
+  event.preventDefault();
+  const text = $("prompt").value.trim(), system = $("system").value.trim();
+  if (!text || controller) return;
+  $("prompt").value = "";
+  history.push({role: "user", content: text});
+  const box = el("div", "msg"), thought = el("details", "thought"), answer = el("div", "answer");
+  const summary = el("summary", null, "Thinking..."), thoughtText = el("div");
+  thought.append(summary, thoughtText);
+  box.append(thought, answer);
+  $("log").append(el("div", "msg user", text), box);
+  let content = "", reasoning = "", queued = false;
+  const render = () => {                        // at most once a frame
+    [queued, thought.hidden, thoughtText.textContent] = [false, !reasoning, reasoning];
+    answer.replaceChildren(markdown(content));
+    box.scrollIntoView({block: "end"});
+  };
+  render();
+  controller = new AbortController();
+  $("send").disabled = !($("stop").disabled = false);
+  try {
+    const r = await api("/v1/chat/completions", {model: $("model").value, stream: true,
+      messages: (system ? [{role: "system", content: system}] : []).concat(history),
+      temperature: +$("temperature").value, max_tokens: +$("max_tokens").value}, controller.signal);
+    for await (const data of events(r)) {
+      if (data.error) throw apiError(data.error);
+      const delta = (data.choices[0] || {}).delta || {};
+      for (const [name, value] of Object.entries(delta))     // the thought's field may be renamed
+        if (typeof value === "string" && name !== "content" && name !== "role") reasoning += value;
+      content += delta.content || "";
+      if (!queued) queued = !!requestAnimationFrame(render);
+    }
+  } catch (e) {
+    box.after(e.name === "AbortError" ? el("p", "mute stopped", "Stopped.") : el("div", "msg error", errorText(e)));
+  } finally {
+    render();
+    summary.textContent = "Thought";
+    if (content) history.push({role: "assistant", content});
+    else history.pop();                       // a turn with no answer is not sent again
+    if (!content && !reasoning) box.hidden = true;
+    controller = null;
+    $("send").disabled = !($("stop").disabled = true);
+  }
+}
+// -- monitor
+const ms = v => v == null ? "-" : v < 1 ? Math.round(v * 1000) + " ms" : v.toFixed(2) + " s";
+function table(title, heads, rows) {
+  const section = el("section"), t = section.appendChild(el("table"));
+  section.prepend(el("h3", null, title));
+  t.appendChild(el("tr")).append(...heads.map(h => el("th", null, h)));
+  for (const row of rows.length ? rows : [["none"]]) t.appendChild(el("tr")).append(...row.map(v => el("td", null, v)));
+  return section;
+}
+function draw(d) {
+  const r = d.recent, t = d.totals, span = ", last " + r.seconds / 60 + " min";
+  const cards = [["requests", "requests" + span, r.requests],
+    ["errors", "errors" + span, r.series.reduce((n, p) => n + p.errors, 0)],
+    ["streams", "streams open", d.streams_open], ["inflight", "requests in flight", d.requests_in_flight],
+    ["ttft", "first token p50 / p95", ms(r.ttft.p50) + " / " + ms(r.ttft.p95)],
+    ["latency", "latency p50 / p95", ms(r.latency.p50) + " / " + ms(r.latency.p95)],
+    ["tokens", "tokens in / out" + span, r.tokens_in + " / " + r.tokens_out],
+    ["total", "requests since start", t.requests],
+    ["total-tokens", "tokens in / out since start", t.tokens_in + " / " + t.tokens_out]];
+  if (d.cache) cards.push(["cache", "cache hits / misses", d.cache.hits + " / " + d.cache.misses]);
+  $("cards").replaceChildren(...cards.map(([id, label, value]) => {
+    const c = Object.assign(el("div", "card"), {id: "m-" + id});
+    c.append(el("b", null, value), el("span", null, label));
+    return c;
+  }));
+  const replicas = Object.entries(d.models).flatMap(([model, list]) =>
+    list.map(x => [model, x.url, x.status, x.failures, x.last_error || "-"]));
+  $("tables").replaceChildren(
+    table("Status" + span, ["status", "requests"], Object.entries(r.by_status)),
+    table("Errors by type" + span, ["type", "count"], Object.entries(r.errors)),
+    table("Keys (short hash)" + span, ["key", "requests", "errors", "tokens in", "tokens out"],
+      Object.entries(r.keys).map(([k, v]) => [k, v.requests, v.errors, v.tokens_in, v.tokens_out])),
+    table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
+    table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)));
+  chart(r.series);
+  $("updated").textContent = "v" + d.version + " · up " + Math.round(d.uptime_seconds) + " s · updated "
+    + new Date().toLocaleTimeString();
+}
+function chart(series) {                          // bars: requests and errors; line: latency p50
+  const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight, dpr = devicePixelRatio || 1;
+  const css = getComputedStyle(document.documentElement), color = n => css.getPropertyValue(n).trim();
+  const most = Math.max(1, ...series.map(p => p.requests)), lat = series.map(p => p.latency_p50);
+  const slowest = Math.max(0.001, ...lat.filter(v => v != null)), bw = w / series.length, top = 18, ph = h - 36;
+  [c.width, c.height] = [w * dpr, h * dpr];
+  g.scale(dpr, dpr);
+  [g.font, g.fillStyle] = ["11px system-ui, sans-serif", color("--mute")];
+  for (const [text, x, y] of [[most + " requests", 6, 12], ["p50 " + ms(slowest), w - 6, 12],
+                              ["-" + series.length * 10 / 60 + " min", 6, h - 5], ["now", w - 6, h - 5]]) {
+    g.textAlign = x > 6 ? "right" : "left";
+    g.fillText(text, x, y);
+  }
+  series.forEach((p, i) => {
+    for (const [n, name] of [[p.requests, "--acc"], [p.errors, "--err"]]) {
+      g.fillStyle = color(name);
+      g.fillRect(i * bw + 1, top + ph - n / most * ph, Math.max(1, bw - 2), n / most * ph);
+    }
+  });
+  [g.strokeStyle, g.fillStyle, g.lineWidth] = [color("--fg"), color("--fg"), 1.5];
+  g.beginPath();
+  lat.forEach((v, i) => {
+    if (v == null) return;
+    const x = i * bw + bw / 2, y = top + ph - v / slowest * ph;
+    g.fillRect(x - 2, y - 2, 4, 4);
+    i && lat[i - 1] != null ? g.lineTo(x, y) : g.moveTo(x, y);
+  });
+  g.stroke();
+}
+async function poll() {
+  try { draw(await (await api("/v1/dashboard")).json()); } catch (e) { $("updated").textContent = errorText(e); }
+}
+function show(view) {
+  for (const v of ["chat", "monitor"]) {
+    $(v).hidden = v !== view;
+    $("tab-" + v).classList.toggle("on", v === view);
+  }
+  clearInterval(timer);
+  if (view === "monitor") timer = setInterval(poll, 1500), poll();
+}
+$("tab-chat").onclick = () => show("chat");
+$("tab-monitor").onclick = () => show("monitor");
+$("keybtn").onclick = () => askKey("Empty forgets the key.");
+$("keyform").onsubmit = e => {
+  e.preventDefault();
+  const key = $("key").value.trim();
+  key ? sessionStorage.setItem(KEY, key) : sessionStorage.removeItem(KEY);
+  [$("key").value, $("keyform").hidden] = ["", true];
+  loadModels();
+};
+$("ask").onsubmit = send;
+$("prompt").onkeydown = e => { if (e.key === "Enter" && !e.shiftKey) send(e); };
+$("stop").onclick = () => controller && controller.abort();
+$("new").onclick = () => {
+  if (controller) controller.abort();
+  [history, $("log").textContent] = [[], ""];
+  $("prompt").focus();
+};
+loadModels();
+</script></body></html>
+"""
+
+
+###############################################################################
 # The gateway: an OpenAI-compatible HTTP server ################################
 ###############################################################################
 
@@ -4082,16 +4458,19 @@ class _GatewayHandler(_Handler):
 
     server: "GatewayServer"
     _routes = {
+        "/": {"GET": "page"},
         "/health": {"GET": "health"},
         "/metrics": {"GET": "metrics"},
+        "/v1/dashboard": {"GET": "dashboard"},
         "/v1/models": {"GET": "list_models"},
         "/v1/chat/completions": {"POST": "chat"},
         "/v1/completions": {"POST": "completions"},
         "/v1/responses": {"POST": "responses"},
         "/v1/embeddings": {"POST": "embeddings"},
     }
-    _public = ("/health",)
-    _unlimited = ("/health", "/metrics")
+    _public = ("/health", "/")                       # no key asked
+    _unlimited = ("/health", "/metrics", "/", "/v1/dashboard")   # no rate limit, no slot, not
+                                                                 # in the monitor's window
     request_id = ""
 
     def setup(self) -> None:
@@ -4100,7 +4479,7 @@ class _GatewayHandler(_Handler):
         self.send_timeout = config.send_timeout
         super().setup()
         self._extra: Dict[str, str] = {}
-        self._cache: Dict[str, str] = {}
+        self._notes: Dict[str, Any] = {}
         self.client = str(self.client_address[0])
 
     def handle(self) -> None:
@@ -4153,8 +4532,8 @@ class _GatewayHandler(_Handler):
         """Headers every response carries: request id, rate limits, CORS."""
         headers = {"x-request-id": self.request_id}
         headers.update(self._extra)
-        if self._cache.get("cache"):
-            headers["x-cache"] = self._cache["cache"]
+        if self._notes.get("cache"):
+            headers["x-cache"] = self._notes["cache"]
         origin = self._cors_origin()
         if origin:
             headers["Access-Control-Allow-Origin"] = origin
@@ -4203,8 +4582,8 @@ class _GatewayHandler(_Handler):
         self.request_id = _new_id("req_")
         self.client = self._client() if srv.trusted else str(self.client_address[0])
         self._who = "ip:" + self.client
-        self._extra, self._model, self._ttft, self._cache = {}, None, None, {}
-        self._key = "-"
+        self._extra, self._model, self._ttft, self._error = {}, None, None, None
+        self._key, self._notes = "-", {}
         started = time.monotonic()
         status, route, slot = 500, "unknown", False
         srv.track(+1)
@@ -4246,17 +4625,20 @@ class _GatewayHandler(_Handler):
         finally:
             if slot:
                 srv.slots.release()
-            srv.track(-1)
-            self._finish(route, status, time.monotonic() - started)
+            try:                        # counted out once recorded: none is missed at 0
+                self._finish(route, status, time.monotonic() - started)
+            finally:
+                srv.track(-1)
 
     def _finish(self, route: str, status: int, took: float) -> None:
         """Metrics and the access-log line of one request."""
-        m = self.server.metrics
-        m.inc("bharatgen_requests_total", route=route, status=str(status))
-        if self._cache.get("cache") and status == 200:
-            m.inc("bharatgen_cache_total", result=self._cache["cache"])
-        if route in ("/v1/chat/completions", "/v1/completions", "/v1/responses") and status == 200:
-            m.observe("bharatgen_request_duration_seconds", took)
+        usage = [gen.usage() for gen in self._notes.get("gens", ())]
+        self.server.metrics.record(
+            route, status, took, recent=route not in self._unlimited, ttft=self._ttft,
+            error=self._error, key=self._key, tokens=(sum(u.prompt_tokens for u in usage),
+                                                      sum(u.completion_tokens for u in usage)))
+        if self._notes.get("cache") and status == 200:
+            self.server.metrics.inc("bharatgen_cache_total", result=self._notes["cache"])
         fields = {"method": self.command, "path": self.path[:200], "status": status,
                   "model": self._model or "-", "duration": round(took, 4),
                   "ttft": None if self._ttft is None else round(self._ttft, 4),
@@ -4272,7 +4654,7 @@ class _GatewayHandler(_Handler):
                              self.bytes_out, self.request_id, self._key)
 
     def _send_error(self, exc: BharatGenError) -> int:
-        headers = dict(exc.headers)
+        headers, self._error = dict(exc.headers), exc.type
         if isinstance(exc, RateLimitError):
             self.server.metrics.inc("bharatgen_rate_limited_total")
         if isinstance(exc, (UpstreamError, APIConnectionError)):
@@ -4311,6 +4693,43 @@ class _GatewayHandler(_Handler):
         return self.send_body(200, self.server.metrics.render().encode("utf-8"),
                               "text/plain; version=0.0.4; charset=utf-8", self._headers())
 
+    def _op_page(self, body: None) -> int:
+        """The browser page (chat and monitor).  It holds nothing secret; its CSP lets only
+        its own inline script and style run, and connect only to this server."""
+        import base64
+        csp = "default-src 'none'; connect-src 'self'; img-src data:; base-uri 'none'; " \
+              "form-action 'none'; frame-ancestors 'none'"
+        for tag in ("script", "style"):
+            text = re.search(r"<%s>(.*?)</%s>" % (tag, tag), _PAGE, re.S).group(1)  # type: ignore[union-attr]
+            csp += "; %s-src 'sha256-%s'" % (tag, base64.b64encode(_sha256(text)).decode())
+        return self.send_body(200, _PAGE.encode("utf-8"), "text/html; charset=utf-8", self._headers(
+            {"Content-Security-Policy": csp, "X-Content-Type-Options": "nosniff",
+             "Referrer-Policy": "no-referrer", "Cache-Control": "no-cache"}))
+
+    def _op_dashboard(self, body: None) -> int:
+        """The monitor's numbers, as JSON: totals since start, the recent window, replicas."""
+        srv, m = self.server, self.server.metrics
+        by_status: Dict[str, int] = {}
+        for labels, n in m.series("bharatgen_requests_total").items():
+            route, status = dict(labels)["route"], dict(labels)["status"]
+            if route not in self._unlimited:
+                by_status[status] = by_status.get(status, 0) + int(n)
+        out = {"version": __version__, "uptime_seconds": round(time.time() - m.started, 1),
+               "requests_in_flight": srv.in_flight - 1,          # not this one
+               "streams_open": int(m.value("bharatgen_streams_in_flight")),
+               "totals": {"requests": sum(by_status.values()), "by_status": by_status,
+                          "tokens_in": int(m.value("bharatgen_tokens_total", direction="in")),
+                          "tokens_out": int(m.value("bharatgen_tokens_total", direction="out")),
+                          "upstream_errors": {dict(k)["kind"]: int(n) for k, n in m.series(
+                              "bharatgen_upstream_errors_total").items()},
+                          "rate_limited": int(m.value("bharatgen_rate_limited_total"))},
+               "recent": m.recent(), "models": srv.backend.health()[1]}
+        if srv.backend.cache is not None:
+            out["cache"] = {"hits": int(m.value("bharatgen_cache_total", result="hit")),
+                            "misses": int(m.value("bharatgen_cache_total", result="miss")),
+                            "size": len(srv.backend.cache)}
+        return self.send_json(200, out, self._headers({"Cache-Control": "no-store"}))
+
     def _op_list_models(self, body: None) -> int:
         return self._respond(self.server.backend.models())
 
@@ -4320,10 +4739,11 @@ class _GatewayHandler(_Handler):
                             % (model if isinstance(model, str) else self.server.backend.default_model),
                             param="model", code="model_not_found")
 
-    def _ctx(self) -> Dict[str, str]:
-        """What the backend learns of the request (the key) and tells (cache hit or miss)."""
-        ctx = self._cache = {"scope": self._key}
-        return ctx
+    def _ctx(self) -> Dict[str, Any]:
+        """What the backend learns of the request (the key) and tells: its generations
+        (for their tokens) and whether the cache had the answer."""
+        self._notes = {"scope": self._key}
+        return self._notes
 
     def _op_chat(self, body: Any) -> int:
         result = self.server.backend.chat(body, self._ctx())
@@ -4405,6 +4825,7 @@ class _GatewayHandler(_Handler):
                 raise
             _log.warning("stream %s failed after output began: %s", self.request_id,
                          _printable(exc.message))
+            self._error = exc.type
             if isinstance(exc, (UpstreamError, APIConnectionError)):
                 srv.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
             body = exc.to_dict()
@@ -4924,11 +5345,6 @@ def _spawn(args: List[str], pattern: str, timeout: float = 30) -> Tuple[Any, str
     raise SystemExit("bench: %s did not start:\n%s" % (args[0], "".join(lines)[-2000:]))
 
 
-def _percentile(values: List[float], q: float) -> float:
-    ordered = sorted(values) or [float("nan")]
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
-
-
 def _via_gateway(url: str, prompt: str, timeout: float, kept: Any,
                  started: float) -> Tuple[float, float]:
     """One streamed chat through the gateway over a kept-alive http.client connection
@@ -5130,6 +5546,7 @@ def _cmd_serve(args: Any) -> int:
         print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
               % (__version__, server.url, route.id, route.pool.base_url),
               file=sys.stderr, flush=True)
+    print("chat and monitor in a browser: %s/" % server.url, file=sys.stderr, flush=True)
     if not server.keys.enabled:
         print("WARNING: no API key configured; anyone who can reach %s can use it. "
               "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)

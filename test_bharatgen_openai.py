@@ -7,8 +7,10 @@ unless BHARATGEN_REQUIRE_EXTRAS=1 (CI's venv run), where a missing package fails
 """
 
 import asyncio
+import base64
 import contextlib
 import email.utils
+import hashlib
 import html
 import http
 import http.client
@@ -69,22 +71,26 @@ def stream_clean(snaps):
     return thoughts, answers
 
 
-def needs(module):
-    """Skip without ``module``, unless BHARATGEN_REQUIRE_EXTRAS=1 makes it a failure."""
+def needs(module, *files):
+    """Skip without ``module`` (or one of ``files``), unless BHARATGEN_REQUIRE_EXTRAS=1 makes
+    it a failure."""
     try:
         __import__(module)
-        return lambda cls: cls
+        missing = ", ".join(f for f in files if not os.path.exists(f))
     except ImportError:
-        if os.environ.get("BHARATGEN_REQUIRE_EXTRAS") == "1":
-            def fail(cls):
-                @classmethod
-                def setUpClass(klass):
-                    raise AssertionError("%s is required (BHARATGEN_REQUIRE_EXTRAS=1) but "
-                                         "not installed" % module)
-                cls.setUpClass = setUpClass
-                return cls
-            return fail
-        return unittest.skip("%s is not installed" % module)
+        missing = module
+    if not missing:
+        return lambda cls: cls
+    if os.environ.get("BHARATGEN_REQUIRE_EXTRAS") == "1":
+        def fail(cls):
+            @classmethod
+            def setUpClass(klass):
+                raise AssertionError("%s is required (BHARATGEN_REQUIRE_EXTRAS=1) but "
+                                     "not installed" % missing)
+            cls.setUpClass = setUpClass
+            return cls
+        return fail
+    return unittest.skip("%s is not installed" % missing)
 
 
 # -- captures --------------------------------------------------------------------------------
@@ -3195,6 +3201,123 @@ class LimitTests(unittest.TestCase):
         self.assertIn("refusing to serve on 0.0.0.0 with no API key", str(cm.exception.code))
 
 
+class PageTests(unittest.TestCase):
+    """The browser page at / and the monitor's JSON at /v1/dashboard."""
+
+    def setUp(self):
+        self.demo = start_demo(self)
+
+    def test_page_is_served_without_a_key_under_a_strict_csp_and_holds_no_secret(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["sk-page-secret"])
+        status, headers, body = request(gw.url, "GET", "/")
+        self.assertEqual((status, headers["Content-Type"], body), (200, "text/html; charset=utf-8",
+                                                                   bg._PAGE.encode("utf-8")))
+        page = bg._PAGE
+
+        def digest(tag):
+            text = re.search(r"<%s>(.*?)</%s>" % (tag, tag), page, re.S).group(1)
+            return base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode()
+        self.assertEqual(headers["Content-Security-Policy"],
+                         "default-src 'none'; connect-src 'self'; img-src data:; base-uri 'none'; "
+                         "form-action 'none'; frame-ancestors 'none'; script-src 'sha256-%s'; "
+                         "style-src 'sha256-%s'" % (digest("script"), digest("style")))
+        self.assertEqual((headers["X-Content-Type-Options"], headers["Referrer-Policy"]),
+                         ("nosniff", "no-referrer"))
+        self.assertNotIn(b"sk-page-secret", body)
+        # one script and one style, both covered by the hashes: no inline handlers or style
+        # attributes (the CSP would block them), nothing loaded from elsewhere, no HTML sinks
+        self.assertEqual((page.count("<script"), page.count("<style")), (1, 1))
+        self.assertIsNone(re.search(r"<[a-z][^>]*\s(on[a-z]+|style|src|href)=", page))
+        for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval(",
+                     "http://", "https://"):
+            self.assertNotIn(sink, page)
+        self.assertEqual(request(gw.url, "HEAD", "/")[::2], (200, b""))
+        self.assertEqual(request(gw.url, "POST", "/", {})[0], 405)
+
+    def test_dashboard_needs_a_key(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["k1"])
+        for headers, message in (({}, "Missing API key: send the header 'Authorization: Bearer <key>'"),
+                                 ({"Authorization": "Bearer nope"}, "Incorrect API key provided")):
+            status, _, body = request(gw.url, "GET", "/v1/dashboard", headers=headers)
+            self.assertEqual((status, json.loads(body)), (401, {"error": {
+                "message": message, "type": "invalid_request_error", "param": None,
+                "code": "invalid_api_key"}}))
+        self.assertEqual(request(gw.url, "GET", "/dashboard", headers={"Authorization": "Bearer k1"})[0],
+                         200)
+
+    def test_dashboard_counts_requests_tokens_errors_and_keys(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["k1", "k2"])
+        k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
+        usage = json.loads(chat(gw, "Say hello", headers=k1)[2])["usage"]
+        chat(gw, "Say hello", stream=True, headers=k1)
+        chat(gw, "[[error]]", headers=k2)
+        events = sse_events(chat(gw, "[[fail-midstream]]", stream=True, headers=k2)[2])
+        self.assertEqual(events[-2]["error"]["type"], "upstream_error")
+        events = [e for e in events if "choices" in e]
+        midstream_out = bg.estimate_tokens(streamed_text(events, "reasoning_content")) + \
+            bg.estimate_tokens(streamed_text(events))
+        chat(gw, "Say hello", headers={"Authorization": "Bearer wrong"})
+        for path in ("/", "/metrics", "/health", "/v1/dashboard"):     # not counted
+            request(gw.url, "GET", path, headers=k1)
+        deadline = time.monotonic() + TIMEOUT          # a request is counted out after its answer
+        while gw.in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        status, headers, body = request(gw.url, "GET", "/v1/dashboard", headers=k1)
+        d = json.loads(body)
+        self.assertEqual((status, headers["Content-Type"], headers["Cache-Control"]),
+                         (200, "application/json", "no-store"))
+        self.assertEqual(sorted(d), ["models", "recent", "requests_in_flight", "streams_open",
+                                     "totals", "uptime_seconds", "version"])
+        error_in = bg._conversation([{"role": "user", "content": "[[error]]"}]).prompt_tokens
+        midstream = bg._conversation([{"role": "user", "content": "[[fail-midstream]]"}]).prompt_tokens
+        tokens_in = 2 * usage["prompt_tokens"] + error_in + midstream
+        tokens_out = 2 * usage["completion_tokens"] + midstream_out
+        self.assertEqual(d["totals"], {"requests": 5, "by_status": {"200": 3, "401": 1, "502": 1},
+                                       "tokens_in": tokens_in, "tokens_out": tokens_out,
+                                       "upstream_errors": {"upstream_error": 2}, "rate_limited": 0})
+        recent = d["recent"]
+        self.assertEqual(sorted(recent), ["by_status", "errors", "keys", "latency", "requests",
+                                          "seconds", "series", "tokens_in", "tokens_out", "ttft"])
+        self.assertEqual((recent["seconds"], recent["requests"], recent["by_status"], recent["errors"],
+                          recent["tokens_in"], recent["tokens_out"]),
+                         (600, 5, {"200": 3, "401": 1, "502": 1},
+                          {"upstream_error": 2, "invalid_request_error": 1}, tokens_in, tokens_out))
+        self.assertEqual(recent["keys"], {
+            bg._key_hash("k1"): {"requests": 2, "errors": 0, "tokens_in": 2 * usage["prompt_tokens"],
+                                 "tokens_out": 2 * usage["completion_tokens"]},
+            bg._key_hash("k2"): {"requests": 2, "errors": 2, "tokens_in": error_in + midstream,
+                                 "tokens_out": midstream_out}})
+        self.assertGreater(midstream_out, 0)          # the thought it sent before failing
+        ttft, latency = recent["ttft"], recent["latency"]           # 2 streams, 2 answers
+        self.assertTrue(0 < ttft["p50"] <= ttft["p95"] < TIMEOUT, ttft)
+        self.assertTrue(0 < latency["p50"] <= latency["p95"] < TIMEOUT, latency)
+        series = recent["series"]
+        self.assertEqual((len(series), sorted(series[0])), (60, ["errors", "latency_p50", "requests", "t"]))
+        self.assertEqual((sum(p["requests"] for p in series), sum(p["errors"] for p in series)), (5, 3))
+        self.assertEqual([p["t"] - series[0]["t"] for p in series[:3]], [0, 10, 20])
+        self.assertEqual(d["models"], {bg.DEFAULT_MODEL: [{"url": gw.backend.routes[
+            bg.DEFAULT_MODEL].pool.replicas[0].client.base_url, "status": "up", "failures": 0,
+            "last_error": None}]})
+        self.assertEqual((d["requests_in_flight"], d["streams_open"], d["version"]),
+                         (0, 0, bg.__version__))
+
+    def test_dashboard_window_is_bounded_and_expires_and_a_cache_shows_when_present(self):
+        gw = start_gateway(self, self.demo.url, rate_limit_rpm=1, cache_ttl=60)
+        self.assertEqual([chat(gw, "Say hello")[1]["x-cache"] for _ in range(1)], ["miss"])
+        m = gw.metrics
+        for i in range(20005):
+            m.record("/v1/models", 200, 0.001)
+        self.assertEqual(m.recent()["requests"], 20000)       # the oldest were dropped
+        m.window, m.bucket = 0.5, 0.1
+        time.sleep(0.6)
+        for _ in range(3):                                    # polling takes no rate limit
+            status, _, body = request(gw.url, "GET", "/v1/dashboard")
+            self.assertEqual(status, 200)
+        d = json.loads(body)
+        self.assertEqual((d["recent"]["requests"], len(d["recent"]["series"]), d["totals"]["requests"],
+                          d["cache"]), (0, 5, 20006, {"hits": 0, "misses": 1, "size": 1}))
+
+
 class FuzzTests(unittest.TestCase):
     """Malformed requests, from a fixed seed: each gets a 4xx OpenAI error (or, when the
     fuzzer happened to build a valid request, a 200), never a 5xx or a silent close, and
@@ -4771,6 +4894,201 @@ def _launch(test, gr, app, **queue):
                               prevent_thread_lock=True, quiet=True, show_error=True)
     test.addCleanup(app.close)
     return "http://127.0.0.1:%d" % port
+
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@needs("selenium", CHROMIUM, CHROMEDRIVER)
+class BrowserTests(unittest.TestCase):
+    """The page at / in headless Chromium, against a keyed gateway and the demo upstream.
+    Screenshots go to $BHARATGEN_SCREENSHOTS (or a temporary directory); their paths are
+    printed."""
+
+    KEY = "sk-browser"
+
+    @classmethod
+    def setUpClass(cls):
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+        import tempfile
+        cls.demo = bg.DemoUpstream(token_delay=0.01).start()
+        cls.gw = bg.GatewayServer(bg.Config(upstream=[cls.demo.url], port=0, timeout=10, demo=True,
+                                            api_keys=[cls.KEY])).start()
+        options = webdriver.ChromeOptions()
+        options.binary_location = CHROMIUM
+        for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                    "--window-size=1100,900"):
+            options.add_argument(arg)
+        try:
+            cls.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+        except Exception:
+            cls.gw.stop()
+            cls.demo.stop()
+            raise
+        cls.driver.set_page_load_timeout(TIMEOUT)
+        cls.shots = os.environ.get("BHARATGEN_SCREENSHOTS") or tempfile.mkdtemp(prefix="bharatgen-page-")
+        os.makedirs(cls.shots, exist_ok=True)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.driver.quit()
+        cls.gw.stop()
+        cls.demo.stop()
+
+    def wait(self, predicate, message="", timeout=TIMEOUT):
+        from selenium.webdriver.support.ui import WebDriverWait
+        return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(
+            lambda d: predicate(), message)
+
+    def js(self, script, *args):
+        return self.driver.execute_script(script, *args)
+
+    def find(self, css):
+        return self.driver.find_elements("css selector", css)
+
+    def text(self, css):
+        """The textContent of the last element matching ``css`` (folded parts included)."""
+        found = self.find(css)
+        return found[-1].get_attribute("textContent") if found else None
+
+    def screenshot(self, name):
+        path = os.path.join(self.shots, name + ".png")
+        self.driver.save_screenshot(path)
+        sys.stderr.write("\nscreenshot: %s\n" % path)
+
+    def open_page(self):
+        """A fresh page given the key (asked for, as the server has keys)."""
+        self.driver.get(self.gw.url + "/")
+        self.js("sessionStorage.clear()")
+        self.driver.get(self.gw.url + "/")
+        self.wait(lambda: self.find("#keyform")[0].is_displayed(), "no key asked for")
+        self.wait(lambda: self.text("#keymsg") == "Missing API key: send the header "
+                  "'Authorization: Bearer <key>'", "no key message")
+        self.find("#key")[0].send_keys(self.KEY + "\n")
+        self.wait(lambda: self.js("return document.getElementById('model').value") == bg.DEFAULT_MODEL,
+                  "the models did not load")
+        self.assertEqual(self.js("return sessionStorage.getItem('bharatgen_openai.key')"), self.KEY)
+        self.assertFalse(self.find("#keyform")[0].is_displayed())
+
+    def send(self, prompt, done=True):
+        """Type ``prompt`` and press Enter; with ``done``, wait for the answer to end."""
+        answers = len(self.find(".answer"))
+        self.find("#prompt")[0].send_keys(prompt + "\n")
+        self.wait(lambda: len(self.find(".answer")) == answers + 1, "no answer box")
+        if done:
+            self.wait(lambda: self.find("#send")[0].is_enabled(), "the answer did not end")
+
+    def test_chat_streams_folds_the_thought_keeps_history_and_shows_api_errors(self):
+        self.open_page()
+        self.assertEqual(self.js("return getComputedStyle(document.body).backgroundColor"),
+                         "rgb(255, 255, 255)")                          # light by default
+        self.find("#chat summary")[0].click()                           # the settings
+        self.find("#system")[0].send_keys("Be brief.")
+        self.send("Say hello")
+        self.assertEqual(self.text(".answer"), HELLO)
+        thought = self.find("details.thought")[-1]
+        self.assertEqual((thought.is_displayed(), thought.get_attribute("open"), self.text(
+            "details.thought summary"), self.text("details.thought div")),
+            (True, None, "Thought", thought_of("Say hello")))
+        self.send("history please")                                     # the turns so far
+        history = self.demo.calls[-1][1]
+        self.assertEqual(self.text(".answer"), "SYSTEM=Be brief. | HISTORY=%s"
+                         % json.dumps(history, sort_keys=True))
+        self.assertEqual([(h["role"], h["content"][0]["text"] if isinstance(h["content"], list)
+                           else h["content"]) for h in history],
+                         [("user", "Say hello"), ("assistant", HELLO)])
+        self.send("show formatting")                                    # markdown, as elements
+        self.assertEqual([e.tag_name for e in self.find(".answer")[-1].find_elements("xpath", "./*")],
+                         ["p", "ol", "p", "pre", "pre", "p"])
+        self.assertEqual(self.text(".answer p"), "Math: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  "
+                                                 "two  spaces.\nTrailing line")
+        self.assertEqual([e.get_attribute("textContent") for e in self.find(".answer ol li")],
+                         ["Red", "Blue", "Green"])
+        self.assertEqual(self.text(".answer pre code"), "def f(x):\n    if x:\n        return x * 2\n"
+                                                        "    return None")
+        self.assertEqual(self.find(".answer pre code")[-2].get_attribute("textContent"),
+                         '<div class="box">a < b && c > d</div>')
+        self.assertEqual(self.find(".answer div.box"), [])
+        self.find("#new")[0].click()                                    # a new chat
+        self.assertEqual(self.find("#log > *"), [])
+        self.send("history please")
+        self.assertEqual(self.text(".answer"), "SYSTEM=Be brief. | HISTORY=[]")
+        max_tokens = self.find("#max_tokens")[0]                        # an API error, as given
+        max_tokens.clear()
+        max_tokens.send_keys("0")
+        self.send("Say hello")
+        status, _, body = chat(self.gw, [{"role": "system", "content": "Be brief."},
+                                         {"role": "user", "content": "Say hello"}], stream=True,
+                               headers={"Authorization": "Bearer " + self.KEY}, temperature=0.7,
+                               max_tokens=0)
+        error = json.loads(body)["error"]
+        self.assertEqual(self.text(".msg.error"), "%d · %s · %s: %s" % (
+            status, error["type"], error["code"], error["message"]))
+        self.assertEqual(status, 400)
+        self.screenshot("chat-wide-light")
+
+    def dashboard(self):
+        """(requests that ended 499, errors) in the monitor's window."""
+        recent = json.loads(request(self.gw.url, "GET", "/v1/dashboard", headers={
+            "Authorization": "Bearer " + self.KEY})[2])["recent"]
+        return recent["by_status"].get("499", 0), sum(p["errors"] for p in recent["series"])
+
+    def test_stop_cancels_the_upstream_job(self):
+        self.open_page()
+        full = bg._demo_reply("3000 words", [], None, [])[1]
+        cancels, (gone, errors) = len(self.demo.cancels), self.dashboard()
+        self.send("3000 words", done=False)
+        self.wait(lambda: len(self.text(".answer")) > 200, "no streamed text")
+        self.assertTrue(self.find("#stop")[0].is_enabled())           # shown before the end
+        self.assertFalse(self.find("#send")[0].is_enabled())
+        self.find("#stop")[0].click()
+        self.wait(lambda: self.find(".stopped"), "not stopped")
+        self.wait(lambda: len(self.demo.cancels) == cancels + 1, "no cancel reached the upstream")
+        self.wait(lambda: not self.demo.running, "the upstream job still runs")
+        text = self.text(".answer")
+        self.assertTrue(full.startswith(text) and 200 < len(text) < len(full) / 2, len(text))
+        self.assertEqual((self.find("#send")[0].is_enabled(), self.find("#stop")[0].is_enabled(),
+                          self.text(".stopped")), (True, False, "Stopped."))
+        self.wait(lambda: self.dashboard() == (gone + 1, errors), "not one 499 (not an error)")
+        self.screenshot("chat-stopped")
+
+    def test_monitor_numbers_move_and_the_chart_is_drawn(self):
+        self.open_page()
+        self.find("#tab-monitor")[0].click()
+        self.wait(lambda: self.find("#m-requests b"), "no monitor numbers")
+        before = int(self.text("#m-requests b"))
+        for _ in range(2):
+            chat(self.gw, "Say hello", headers={"Authorization": "Bearer " + self.KEY})
+        self.wait(lambda: self.text("#m-requests b") == str(before + 2), "the numbers did not move")
+        tables = self.text("#tables")
+        self.assertIn(bg._key_hash(self.KEY), tables)
+        self.assertIn("%sup0-" % self.gw.backend.routes[bg.DEFAULT_MODEL].pool.replicas[0].client.base_url,
+                      tables)                                            # url, state, failures, error
+        self.assertRegex(self.text("#m-latency b"), r"^\d+(\.\d\d)? m?s / \d+(\.\d\d)? m?s$")
+        painted = self.js("""const c = document.getElementById('chart'), g = c.getContext('2d');
+            const d = g.getImageData(Math.floor(c.width * 0.9), 0, Math.ceil(c.width * 0.1), c.height).data;
+            let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n;""")
+        self.assertGreater(painted, 500)                                  # the recent bars
+        self.screenshot("monitor-wide-light")
+
+    def test_narrow_dark_window(self):
+        self.driver.set_window_size(390, 844)
+        self.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
+            {"name": "prefers-color-scheme", "value": "dark"}]})
+        self.addCleanup(self.driver.set_window_size, 1100, 900)
+        self.addCleanup(self.driver.execute_cdp_cmd, "Emulation.setEmulatedMedia", {"features": []})
+        self.open_page()
+        self.assertEqual(self.js("return getComputedStyle(document.body).backgroundColor"),
+                         "rgb(20, 21, 25)")
+        self.send("show formatting")
+        no_sideways = "return document.documentElement.scrollWidth <= document.documentElement.clientWidth"
+        self.assertTrue(self.js(no_sideways))
+        self.screenshot("chat-narrow-dark")
+        self.find("#tab-monitor")[0].click()
+        self.wait(lambda: self.find("#m-requests b"), "no monitor numbers")
+        self.assertTrue(self.js(no_sideways))
+        self.screenshot("monitor-narrow-dark")
 
 
 @needs("gradio")
