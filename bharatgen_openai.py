@@ -1932,7 +1932,7 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
                    param, "too_many_messages")
     system: List[str] = []
     turns: List[Tuple[str, str]] = []
-    called: Dict[Any, str] = {}              # tool call id -> the function's name
+    called: Dict[str, str] = {}              # tool call id -> the function's name
     images: List[Tuple[str, str]] = []       # of the user turn under way
     tokens, chars = 3, 0
     for i, msg in enumerate(messages):
@@ -1946,6 +1946,10 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
         if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
             raise _bad("%s.tool_call_id is required: the id of the call it answers" % where,
                        where + ".tool_call_id", "missing_required_parameter")
+        if role == "tool" and msg["tool_call_id"] not in called:
+            raise _bad("%s answers the tool call %s, which no earlier assistant message made"
+                       % (where, json.dumps(msg["tool_call_id"])[:80]), where + ".tool_call_id",
+                       "invalid_value")
         if role == "user" and turns and turns[-1][0] != "user" and images:
             raise _bad("%s is an image in an earlier message; the app takes images with the "
                        "new message only" % images[0][1], images[0][1], "unsupported_content_type")
@@ -1987,7 +1991,7 @@ def _calls_text(calls: Any, where: str, called: Dict[Any, str]) -> List[str]:
     for i, call in enumerate(calls):
         fn = call.get("function") if isinstance(call, dict) else None
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) \
-                or not isinstance(fn.get("arguments", ""), str):
+                or not isinstance(fn.get("arguments", ""), str) or not isinstance(call.get("id"), str):
             raise _bad("%s.tool_calls[%d] must be {\"id\": ..., \"type\": \"function\", "
                        "\"function\": {\"name\": ..., \"arguments\": \"<JSON>\"}}" % (where, i),
                        "%s.tool_calls[%d]" % (where, i), "invalid_value")
@@ -1995,7 +1999,7 @@ def _calls_text(calls: Any, where: str, called: Dict[Any, str]) -> List[str]:
             args = json.loads(fn.get("arguments") or "{}")
         except (ValueError, RecursionError):
             args = fn["arguments"]
-        called[call.get("id")] = fn["name"]
+        called[call["id"]] = fn["name"]
         blocks.append("<tool_call>\n%s\n</tool_call>" % json.dumps(
             {"name": fn["name"], "arguments": args}, ensure_ascii=False))
     return blocks
@@ -2072,79 +2076,168 @@ _JSON_TYPES: Dict[str, Callable[[Any], bool]] = {
     "null": lambda v: v is None,
     "integer": lambda v: type(v) is int or (type(v) is float and v.is_integer()),
     "number": lambda v: type(v) in (int, float)}
+# What the validator checks; annotations (title, description, default, format, examples,
+# $schema, $id, $comment, deprecated, readOnly, writeOnly, discriminator) do not constrain,
+# and a schema using any other keyword is refused: it could not be checked.
+_SCHEMA_CHECKED = {
+    "type", "enum", "const", "properties", "required", "additionalProperties", "items",
+    "prefixItems", "anyOf", "oneOf", "allOf", "not", "$ref", "$defs", "definitions",
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
+    "maxLength", "pattern", "minItems", "maxItems", "uniqueItems", "minProperties",
+    "maxProperties", "strict"}
+_SCHEMA_NOTES = {"title", "description", "default", "format", "examples", "$schema", "$id",
+                 "$comment", "deprecated", "readOnly", "writeOnly", "discriminator", "nullable"}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """JSON equality: ``true`` is not ``1``, ``1`` is ``1.0``."""
+    if isinstance(a, bool) or isinstance(b, bool) or None in (a, b):
+        return type(a) is type(b) and a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same, a, b))
+    return type(a) in (int, float) and type(b) in (int, float) and a == b or \
+        type(a) is type(b) and a == b
+
+
+def _schema_problem(schema: Any, at: str, depth: int = 0) -> Optional[str]:
+    """Why ``schema`` cannot be checked (None if it can): keywords of the wrong shape, or
+    ones the validator does not know.  Asked once, when a request brings a schema."""
+    if isinstance(schema, bool):
+        return None
+    if not isinstance(schema, dict) or depth > 64:
+        return "%s must be a JSON Schema object (at most 64 levels deep)" % at
+    for key, value in schema.items():
+        where = "%s.%s" % (at, key)
+        if key in _SCHEMA_NOTES:
+            continue
+        if key not in _SCHEMA_CHECKED:
+            return "%s: this server cannot check the keyword %r" % (at, key)
+        kinds = value if isinstance(value, list) else [value]
+        ok = {"type": bool(kinds) and all(isinstance(k, str) and k in _JSON_TYPES for k in kinds),
+              "enum": isinstance(value, list), "required": isinstance(value, list) and all(
+                  isinstance(k, str) for k in value),
+              "$ref": isinstance(value, str), "pattern": isinstance(value, str),
+              "uniqueItems": isinstance(value, bool), "strict": isinstance(value, bool),
+              "const": True}.get(key)
+        if ok is None and key in ("properties", "$defs", "definitions"):
+            ok = isinstance(value, dict)
+            for name, sub in (value.items() if ok else ()):
+                problem = _schema_problem(sub, "%s.%s" % (where, name), depth + 1)
+                if problem:
+                    return problem
+        elif ok is None and key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            ok = isinstance(value, list) and bool(value)
+            for i, sub in enumerate(value if ok else ()):
+                problem = _schema_problem(sub, "%s[%d]" % (where, i), depth + 1)
+                if problem:
+                    return problem
+        elif ok is None and key in ("items", "not", "additionalProperties"):
+            problem = _schema_problem(value, where, depth + 1)
+            if problem:
+                return problem
+            ok = True
+        elif ok is None:            # the bounds: numbers (lengths and counts: whole ones)
+            ok = key.startswith("exclusive") and isinstance(value, bool) or type(value) in (
+                int, float) and (key.startswith(("minimum", "maximum", "exclusive", "multipleOf"))
+                                 or float(value).is_integer() and value >= 0)
+            ok = ok and (key != "multipleOf" or value > 0)
+        if key == "pattern" and ok:
+            try:
+                re.compile(value)
+            except (re.error, OverflowError, RecursionError):
+                ok = False
+        if not ok:
+            return "%s is not a valid %r" % (where, key)
+    return None
 
 
 def _schema_error(value: Any, schema: Any, root: Any = None, at: str = "$",
                   hops: int = 0) -> Optional[str]:
-    """Why ``value`` does not fit the JSON Schema ``schema`` (None if it does).
-
-    A small validator of what tool parameters and pydantic models use: type, enum,
-    const, properties, required, additionalProperties, items, anyOf / oneOf / allOf,
-    local ``$ref``, and the numeric, length and count bounds.  ``$ref`` chains are cut
-    at 32 hops, so a schema that refers to itself cannot loop.
-    """
+    """Why ``value`` does not fit ``schema`` (None if it does), for a schema that passed
+    :func:`_schema_problem`.  ``$ref`` follows local JSON pointers; a chain of 32 hops
+    without a step into the value is cut, so a schema that refers to itself cannot loop."""
     root = schema if root is None else root
-    if schema is True or not isinstance(schema, dict):
-        return None if schema is not False else "%s is not allowed" % at
+    if schema is True or schema is False:
+        return None if schema else "%s is not allowed" % at
     if "$ref" in schema:
-        ref = schema["$ref"]
         target: Any = root
-        for part in str(ref).lstrip("#").split("/")[1:] if str(ref).startswith("#") else [None]:
+        ref = schema["$ref"]
+        for part in ref[2:].split("/") if ref.startswith("#/") else [] if ref == "#" else [None]:
+            part = part and part.replace("~1", "/").replace("~0", "~")
             target = target.get(part) if isinstance(target, dict) and part is not None else None
-        if target is None or hops > 32:
+        if not isinstance(target, (dict, bool)) or hops > 32:
             return "%s: the schema's $ref %r cannot be followed" % (at, ref)
-        return _schema_error(value, target, root, at, hops + 1)
+        error = _schema_error(value, target, root, at, hops + 1)
+        if error:
+            return error
     kinds = schema.get("type")
     if kinds is not None:
         kinds = kinds if isinstance(kinds, list) else [kinds]
-        if not any(_JSON_TYPES.get(k, lambda v: True)(value) for k in kinds):
-            return "%s should be of type %s, not %s" % (at, " or ".join(map(str, kinds)),
+        if not any(_JSON_TYPES[k](value) for k in kinds):
+            return "%s should be of type %s, not %s" % (at, " or ".join(kinds),
                                                         json.dumps(value)[:60])
-    if "enum" in schema and value not in schema["enum"]:
+    if "enum" in schema and not any(_same(value, e) for e in schema["enum"]):
         return "%s should be one of %s" % (at, json.dumps(schema["enum"])[:200])
-    if "const" in schema and value != schema["const"]:
+    if "const" in schema and not _same(value, schema["const"]):
         return "%s should be %s" % (at, json.dumps(schema["const"])[:100])
+    number = type(value) in (int, float)
     for key, ok in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
                     ("exclusiveMinimum", lambda v, b: v > b),
-                    ("exclusiveMaximum", lambda v, b: v < b)):
-        if isinstance(value, (int, float)) and isinstance(schema.get(key), (int, float)) \
-                and not ok(value, schema[key]):
-            return "%s should be %s %s" % (at, key, schema[key])
-    for key, sign in (("minLength", 1), ("maxLength", -1), ("minItems", 1), ("maxItems", -1)):
+                    ("exclusiveMaximum", lambda v, b: v < b),
+                    ("multipleOf", lambda v, b: abs(v / b - round(v / b)) < 1e-9)):
         bound = schema.get(key)
-        if isinstance(value, (str, list)) and isinstance(bound, int) \
-                and (len(value) - bound) * sign < 0:
-            return "%s should have a %s of %d" % (at, key, bound)
-    for key in ("anyOf", "oneOf"):
-        if isinstance(schema.get(key), list) and schema[key] and all(
-                _schema_error(value, s, root, at, hops) for s in schema[key]):
-            return "%s fits none of the schemas it may take" % at
+        if number and type(bound) in (int, float) and not ok(value, bound):
+            return "%s should be %s %s" % (at, key, bound)
+    for key, kind, sign in (("minLength", str, 1), ("maxLength", str, -1), ("minItems", list, 1),
+                            ("maxItems", list, -1), ("minProperties", dict, 1),
+                            ("maxProperties", dict, -1)):
+        if key in schema and isinstance(value, kind) and (len(value) - schema[key]) * sign < 0:
+            return "%s should have a %s of %d" % (at, key, schema[key])
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        return "%s should match the pattern %r" % (at, schema["pattern"])
+    if isinstance(value, list) and schema.get("uniqueItems") and any(
+            _same(a, b) for i, a in enumerate(value) for b in value[i + 1:]):
+        return "%s should hold no item twice" % at
+    if schema.get("anyOf") and all(_schema_error(value, s, root, at, hops) for s in schema["anyOf"]):
+        return "%s fits none of the schemas it may take" % at
+    if schema.get("oneOf") and sum(not _schema_error(value, s, root, at, hops)
+                                   for s in schema["oneOf"]) != 1:
+        return "%s should fit exactly one of the schemas it may take" % at
+    if "not" in schema and not _schema_error(value, schema["not"], root, at, hops):
+        return "%s should not fit the schema it is told not to" % at
     for sub in schema.get("allOf") or ():
         error = _schema_error(value, sub, root, at, hops)
         if error:
             return error
     if isinstance(value, dict):
-        props = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        props = schema.get("properties") or {}
         for name in schema.get("required") or ():
             if name not in value:
                 return "%s is missing the required property %r" % (at, name)
         extra = schema.get("additionalProperties", True)
         for name, item in value.items():
             where = "%s.%s" % (at, name)
-            if name in props:
-                error = _schema_error(item, props[name], root, where, hops)
-            elif extra is False:
-                error = "%s is not a property the schema allows" % where
-            else:
-                error = _schema_error(item, extra, root, where, hops)
+            error = _schema_error(item, props[name] if name in props else extra, root, where)
             if error:
-                return error
-    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+                return error if name in props or extra is not False else \
+                    "%s is not a property the schema allows" % where
+    if isinstance(value, list):
+        first = schema.get("prefixItems") or []
         for i, item in enumerate(value):
-            error = _schema_error(item, schema["items"], root, "%s[%d]" % (at, i), hops)
+            sub = first[i] if i < len(first) else schema.get("items", True)
+            error = _schema_error(item, sub, root, "%s[%d]" % (at, i))
             if error:
                 return error
     return None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError("%s is not JSON" % name)
+
+
+_JSON_STRICT = json.JSONDecoder(parse_constant=_no_constant)     # NaN, Infinity: not JSON
 
 
 def _json_in(text: str) -> Optional[Tuple[Any, str]]:
@@ -2153,12 +2246,11 @@ def _json_in(text: str) -> Optional[Tuple[Any, str]]:
     fence = re.search(r"```(?:json)?\s*\n(.*?)```", text, re.S)
     if fence:
         text = fence.group(1)
-    decoder = json.JSONDecoder()
     for tries, m in enumerate(re.finditer(r"[{\[]", text)):
         if tries == 64:                                  # bounded: 64 starts at most
             break
         try:
-            value, end = decoder.raw_decode(text, m.start())
+            value, end = _JSON_STRICT.raw_decode(text, m.start())
         except (ValueError, RecursionError):
             continue
         return value, text[m.start():end]
@@ -2166,7 +2258,8 @@ def _json_in(text: str) -> Optional[Tuple[Any, str]]:
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
-_CALL_OPEN, _CALL_CLOSE = "<tool_call>", "</tool_call>"
+_CALL_OPEN = "<tool_call>"
+_CALL_BLOCK = re.compile(r"<tool_call>\s*(\{.*?)(?:</tool_call>|\Z)", re.S)  # a JSON object in it
 _REPAIR = "Your last reply was not valid: %s. Reply again, correctly."
 
 
@@ -2224,13 +2317,14 @@ class _Shape:
             return None, [], "it is nested too deeply to check"
 
     def _check(self, text: str) -> Tuple[Optional[str], List[Dict[str, str]], Optional[str]]:
-        if self.calls and (_CALL_OPEN in text or self.choice != "auto"):
-            calls, error = self._calls(text)
-            if error is None:
-                rest = re.sub(r"<tool_call>.*?(</tool_call>|\Z)", "", text, flags=re.S).strip()
-                return rest or None, calls, None
-            if self.choice != "auto" or _CALL_OPEN in text:
-                return None, [], error
+        if self.calls:
+            blocks, rest = _CALL_BLOCK.findall(text), _CALL_BLOCK.sub("", text)
+            if not blocks and self.choice != "auto":     # a bare JSON call, when one is due
+                found = _json_in(text)
+                blocks, rest = ([found[1]], text.replace(found[1], "", 1)) if found else ([], text)
+            if blocks or self.choice != "auto":
+                calls, error = self._calls(blocks)
+                return re.sub(r"```\w*\s*```", "", rest) if error is None else None, calls, error
         if self.fmt is not None:
             found = _json_in(text)
             if found is None:
@@ -2239,11 +2333,7 @@ class _Shape:
             return (found[1], [], None) if error is None else (None, [], error)
         return text, [], None
 
-    def _calls(self, text: str) -> Tuple[List[Dict[str, str]], Optional[str]]:
-        blocks = re.findall(r"<tool_call>(.*?)(?:</tool_call>|\Z)", text, re.S)
-        if not blocks:                    # a bare JSON call, when a call is required
-            found = _json_in(text)
-            blocks = [found[1]] if found else []
+    def _calls(self, blocks: List[str]) -> Tuple[List[Dict[str, str]], Optional[str]]:
         if not blocks:
             return [], "it calls no function, and a function call is required"
         if len(blocks) > 1 and not self.parallel:
@@ -2251,7 +2341,7 @@ class _Shape:
         calls = []
         for block in blocks:
             try:
-                call = json.loads(block.strip())
+                call = _JSON_STRICT.decode(block.strip())
             except (ValueError, RecursionError):
                 return [], "a tool call is not valid JSON: %s" % block.strip()[:200]
             if not isinstance(call, dict) or not isinstance(call.get("name"), str):
@@ -2259,7 +2349,7 @@ class _Shape:
             name, args = call["name"], call.get("arguments", call.get("parameters", {}))
             if isinstance(args, str):
                 try:
-                    args = json.loads(args)
+                    args = _JSON_STRICT.decode(args)
                 except (ValueError, RecursionError):
                     return [], "the arguments of %s are not valid JSON" % name
             if name not in self.tools or self.choice not in ("auto", "required", name):
@@ -2278,6 +2368,10 @@ def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
     """The tools, tool choice and response format of a chat request, validated."""
     shape = _Shape(repairs=repairs, parallel=_flag(body, "parallel_tool_calls")
                    if body.get("parallel_tool_calls") is not None else True)
+    for name in ("functions", "function_call"):
+        if body.get(name) is not None:
+            raise _bad("%r is the deprecated form of 'tools' and 'tool_choice'; send those"
+                       % name, name, "unsupported_parameter")
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise _bad("'tools' must be a list of tools", "tools", "invalid_type")
@@ -2291,14 +2385,18 @@ def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
         if not isinstance(name, str) or not _TOOL_NAME.match(name):
             raise _bad("%s.function.name must be 1 to 64 letters, digits, '_', '.' or '-'"
                        % where, where + ".function.name", "invalid_value")
-        if not isinstance(fn.get("parameters", {}), dict):
-            raise _bad("%s.function.parameters must be a JSON Schema object" % where,
-                       where + ".function.parameters", "invalid_type")
+        problem = _schema_problem(fn.get("parameters", {}), where + ".function.parameters")
+        if problem:
+            raise _bad(problem, where + ".function.parameters", "invalid_schema")
         if name in shape.tools:
             raise _bad("%s repeats the function name %r" % (where, name), where, "invalid_value")
         shape.tools[name] = {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
+        if choice.get("type") != "function":
+            raise _bad("tool_choice of type %s is not supported; send 'none', 'auto', "
+                       "'required' or {\"type\": \"function\", ...}" % json.dumps(
+                           choice.get("type"))[:40], "tool_choice", "invalid_value")
         choice = (choice.get("function") or {}).get("name") if isinstance(
             choice.get("function"), dict) else choice.get("name")
         if choice not in shape.tools:
@@ -2313,10 +2411,13 @@ def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
     fmt = body.get("response_format")
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "json_schema":
-        spec = fmt.get("json_schema", fmt)                   # the Responses API flattens it
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise _bad("response_format.json_schema.schema must be a JSON Schema object",
-                       "response_format", "invalid_type")
+        spec = fmt.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _bad("response_format of type json_schema needs 'json_schema': {\"name\", "
+                       "\"schema\", \"strict\"}", "response_format", "missing_required_parameter")
+        problem = _schema_problem(spec.get("schema", {}), "response_format.json_schema.schema")
+        if problem:
+            raise _bad(problem, "response_format", "invalid_schema")
         shape.fmt = {"schema": spec.get("schema") or {"type": "object"},
                      "strict": spec.get("strict") is True}
     elif kind == "json_object":
@@ -2330,6 +2431,15 @@ def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
 ###############################################################################
 # The engine: upstream snapshots -> clean deltas, shared by SDK and server #####
 ###############################################################################
+
+def _after(sent: str, text: str) -> str:
+    """What of a later reply's ``text`` is still to go out after ``sent``: what was
+    sent already is not sent twice."""
+    done, text = sent.strip(), text.strip()
+    if done and text.startswith(done):
+        text = text[len(done):].lstrip()
+    return "\n\n" + text if text and done else text
+
 
 @dataclass
 class _Piece:
@@ -2392,41 +2502,59 @@ class _Generation:
         self._closed = threading.Event()
 
     def _choice(self, index: int) -> Iterator[_Piece]:
-        """One choice's pieces; in shape (tools, JSON) after up to ``repairs`` more turns."""
+        """One choice's pieces; in shape (tools, JSON) after up to ``repairs`` more turns.
+
+        Text that cannot be part of a call streams as it comes in the first reply; a
+        repair's text is held, and none already sent is sent twice.  A reply that is
+        never in shape is the first reply's text, or a 502 when a call or strict JSON
+        is due; a reply cut by ``max_tokens`` is returned as it is, with "length".
+        """
         shape, conv = self.shape, self.conv
         if shape is None:
             yield from self._reply(index, conv)
             return
+        sent, first, thought = "", "", False
         for attempt in range(shape.repairs + 1):
-            held, reply, finish = _Held(shape.hold_all), [], "stop"
+            held, reply, finish = _Held(shape.hold_all or attempt > 0), [], "stop"
+            apart = thought                       # a repair's thought: a blank line before
             for piece in self._reply(index, conv):
                 if piece.kind == "content":
                     reply.append(piece.text)
                     piece = dataclasses.replace(piece, text=held.feed(piece.text))
+                    sent += piece.text
                 elif piece.kind == "finish":
                     finish = piece.text
                     continue
+                elif apart:
+                    piece, apart = dataclasses.replace(piece, text="\n\n" + piece.text), False
+                thought = thought or piece.kind == "reasoning"
                 if piece.text:
                     yield piece
-            content, calls, error = shape.check(held.rest)
-            if error is None:
-                if content:
-                    yield _Piece(index, "content", content)
-                for call in calls:
-                    yield _Piece(index, "tool_call", "", call)
-                yield _Piece(index, "finish", "tool_calls" if calls else finish)
-                return
-            _log.debug("reply %d out of shape (%s)", attempt, error)
-            if self._closed.is_set():
-                return
-            conv = _Conversation(conv.system, conv.history + [("user", conv.message), (
-                "assistant", "".join(reply))], _REPAIR % error, conv.prompt_tokens)
+            rest, calls, error = shape.check(held.rest)
+            first = first or held.rest
+            if error is not None and finish != "length":
+                _log.debug("reply %d out of shape (%s)", attempt, error)
+                if self._closed.is_set():
+                    return
+                conv = _Conversation(conv.system, conv.history + [("user", conv.message), (
+                    "assistant", "".join(reply))], _REPAIR % error, conv.prompt_tokens,
+                    conv.images)
+                continue
+            text = held.rest if error is not None else rest or ""
+            text = text.rstrip() if attempt == 0 and sent else _after(sent, text)
+            if text:
+                yield _Piece(index, "content", text)
+            for call in calls:
+                yield _Piece(index, "tool_call", "", call)
+            yield _Piece(index, "finish", "tool_calls" if calls else finish)
+            return
         if (shape.calls and shape.choice != "auto") or (shape.fmt or {}).get("strict"):
             raise UpstreamError("the model's reply was not valid after %d repair turn(s): %s"
                                 % (shape.repairs, error), code="invalid_model_output")
-        if held.rest:
-            yield _Piece(index, "content", held.rest)
-        yield _Piece(index, "finish", finish)
+        text = first.rstrip() if sent else first.strip()
+        if text:
+            yield _Piece(index, "content", text)
+        yield _Piece(index, "finish", "stop")
 
     def _reply(self, index: int, conv: _Conversation) -> Iterator[_Piece]:
         """The pieces of one upstream call: thought, answer (stop sequences cut), finish."""
@@ -2442,6 +2570,7 @@ class _Generation:
                                       param=s.max_tokens_param, code=exc.code) from None
             raise
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
+        marks = len(self.thought[index]), len(self.answer[index])     # this reply's start
         try:
             for update in upstream:
                 html_text, final, appended = update
@@ -2462,16 +2591,18 @@ class _Generation:
             if text:
                 self.answer[index].append(text)
                 yield _Piece(index, "content", text)
-            yield _Piece(index, "finish", "length" if self._used_up(index) and not cutter.stopped
-                         else "stop")
+            yield _Piece(index, "finish", "length" if self._used_up(index, marks)
+                         and not cutter.stopped else "stop")
         finally:
             upstream.close()
 
-    def _used_up(self, index: int) -> bool:
-        """Whether choice ``index`` used up ``max_tokens`` by the estimate, give or take
-        5% (the app's tokenizer is not ours): clients continue an answer cut there."""
+    def _used_up(self, index: int, marks: Tuple[int, int]) -> bool:
+        """Whether a reply of choice ``index`` (its pieces from ``marks`` on) used up
+        ``max_tokens`` by the estimate, give or take 5% (the app's tokenizer is not
+        ours): clients continue an answer cut there."""
         limit = self.sampling.max_tokens
-        used = sum(estimate_tokens("".join(t[index])) for t in (self.thought, self.answer))
+        used = sum(estimate_tokens("".join(t[index][m:]))
+                   for t, m in zip((self.thought, self.answer), marks))
         return limit is not None and used >= limit - max(1, limit // 20)
 
     def __iter__(self) -> Iterator[_Piece]:
@@ -2586,15 +2717,23 @@ class _Cached:
         self.found = cache.get(key)
 
     def __iter__(self) -> Iterator[_Piece]:
-        if self.found is not None:
-            yield from self.found[0]
+        if self.found is not None:                   # each call gets an id of its own
+            for piece in self.found[0]:
+                yield dataclasses.replace(piece, call=piece.call and dict(
+                    piece.call, id=_new_id("call_")))
             return
-        pieces = []
-        for piece in self.gen:
-            pieces.append(piece)
+        runs: List[Tuple[_Piece, List[str]]] = []    # kept joined: one piece for a run
+        for piece in self.gen:                        # of one kind in one choice
+            last = runs[-1][0] if runs else None
+            if last and (last.index, last.kind) == (piece.index, piece.kind) and piece.kind in (
+                    "reasoning", "content"):
+                runs[-1][1].append(piece.text)
+            else:
+                runs.append((piece, [piece.text]))
             yield piece
-        if sum(p.kind == "finish" for p in pieces) == self.sampling.n:
-            self.cache.put(self.key, pieces, self.gen.usage())
+        if sum(p.kind == "finish" for p, _ in runs) == self.sampling.n:
+            self.cache.put(self.key, [dataclasses.replace(p, text="".join(t)) for p, t in runs],
+                           self.gen.usage())
 
     def close(self) -> None:
         self.gen.close()
@@ -2951,7 +3090,7 @@ class _Backend:
         if body.get("suffix"):
             raise _bad("'suffix' (fill-in-the-middle) is not supported", "suffix",
                        "unsupported_parameter")
-        for name in ("tools", "response_format"):
+        for name in ("tools", "tool_choice", "response_format"):
             if body.get(name) is not None:
                 raise _bad("%r is a parameter of /v1/chat/completions and /v1/responses, not "
                            "of /v1/completions" % name, name, "unsupported_parameter")
@@ -3037,10 +3176,17 @@ class _Backend:
             if body.get(name):
                 raise _bad("%r is not supported: this server stores no responses" % name,
                            name, "unsupported_parameter")
-        text = body.get("text")
-        fmt = text.get("format") if isinstance(text, dict) else None
+        text = body.get("text") or {}
+        if body.get("response_format") is not None:
+            raise _bad("'response_format' is a Chat Completions parameter; the Responses API "
+                       "takes text.format", "response_format", "unsupported_parameter")
+        if not isinstance(text, dict):
+            raise _bad("'text' must be an object like {\"format\": {...}}", "text", "invalid_type")
+        fmt = text.get("format")
         tools = body.get("tools")
-        chat_body = dict(body, response_format=fmt, tools=[
+        chat_body = dict(body, response_format=dict(type="json_schema", json_schema=fmt)
+                         if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else fmt,
+                         tools=[
             {"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
             if isinstance(t, dict) else t for t in tools] if isinstance(tools, list) else tools)
         conv = _conversation(self._response_messages(body), "input", self.config.max_messages,
@@ -3194,9 +3340,10 @@ class _Backend:
             yield event("response.in_progress", response=pending)
             text: List[str] = []
             for piece in _chain_first(first, pieces):
+                if piece.kind == "finish":
+                    finish.append(piece.text)
                 if piece.kind == "finish" or (piece.kind == "reasoning"
                                               and self.config.reasoning == "none"):
-                    finish.append(piece.text)
                     continue
                 kind = {"reasoning": "reasoning", "content": "message"}.get(piece.kind,
                                                                             "function_call")
@@ -4798,6 +4945,21 @@ class _GatewayHandler(_Handler):
                         part[name] = part.pop("reasoning_content")
         return obj
 
+    def _send_stream_error(self, exc: BharatGenError, error_event: Optional[str]) -> bool:
+        """Send ``exc`` as a stream's last event; True if the client is gone."""
+        self._error = exc.type
+        if isinstance(exc, (UpstreamError, APIConnectionError)):
+            self.server.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
+        body = exc.to_dict()
+        if error_event:               # the Responses API's shape: its fields, and "error"
+            body = dict(body["error"], error=body["error"], type="error")
+        try:
+            self.send_event(_sse(body, error_event))
+            return False
+        except OSError:
+            self.close_connection = True
+            return True
+
     def _stream(self, events: Iterator[bytes], source: Any, done: bool,
                 error_event: Optional[str] = None) -> int:
         """Send ``events`` as server-sent events, from this thread.
@@ -4825,20 +4987,18 @@ class _GatewayHandler(_Handler):
                 raise
             _log.warning("stream %s failed after output began: %s", self.request_id,
                          _printable(exc.message))
-            self._error = exc.type
-            if isinstance(exc, (UpstreamError, APIConnectionError)):
-                srv.metrics.inc("bharatgen_upstream_errors_total", kind=str(exc.code))
-            body = exc.to_dict()
-            if error_event:           # the Responses API's shape: its fields, and "error"
-                body = dict(body["error"], error=body["error"], type="error")
-            try:
-                self.send_event(_sse(body, error_event))
-            except OSError:
-                self.close_connection = True
+            if self._send_stream_error(exc, error_event):
                 return exc.status
         except OSError:             # the client went away or took nothing for send_timeout
             self.close_connection = True          # (the upstream's failures are
             return 499                            # BharatGenErrors by now)
+        except Exception:           # a bug, once output began: an error event, the stream ends
+            if not began or not srv.catch_all:
+                raise
+            _log.exception("stream %s failed after output began", self.request_id)
+            if self._send_stream_error(InternalServerError(
+                    "internal error in the gateway; request id %s" % self.request_id), error_event):
+                return 500
         finally:
             getattr(source, "close", lambda: None)()
             srv.metrics.inc("bharatgen_streams_in_flight", -1)
@@ -4943,8 +5103,10 @@ def _demo_instance(schema: Any, root: Any, depth: int = 0) -> Any:
             target = target.get(part) if isinstance(target, dict) else None
         return _demo_instance(target, root, depth + 1)
     for key in ("anyOf", "oneOf", "allOf"):
-        if schema.get(key):
-            return _demo_instance(schema[key][0], root, depth + 1)
+        if schema.get(key):                    # deep down, null ends a recursive model
+            nulls = [s for s in schema[key] if depth > 3 and isinstance(s, dict)
+                     and s.get("type") == "null"]
+            return _demo_instance((nulls or schema[key])[0], root, depth + 1)
     if "enum" in schema or "const" in schema:
         return schema["const"] if "const" in schema else schema["enum"][0]
     kind = schema.get("type", "object")
@@ -4977,15 +5139,18 @@ def _demo_shaped(message: str, history: Any, system: Any) -> Optional[str]:
     tools = [json.loads(line)["function"] for line in
              re.findall(r'^\{"type": "function".*$', system, re.M)]
     weather = next((t for t in tools if "weather" in t["name"]), None)
-    must = re.search(r"You must call the function '([^']+)'", system)
-    forced = next((t for t in tools if must and t["name"] == must.group(1)), weather)
-    if forced is not weather:                # told to call it: with arguments that fit
-        params = forced.get("parameters") or {}
+    must = re.search(r"You must call (?:the function '([^']+)'|at least one function)", system)
+    named = next((t for t in tools if must and t["name"] == must.group(1)), None)
+    if tools and ("bad call" in lower and not repair or "[[bad-call]]" in lower):
+        return '<tool_call>\n{"name": "%s", "arguments": {}}\n</tool_call>' % (
+            named or weather or tools[0])["name"]
+    asks_weather = weather is not None and "weather" in lower and named in (None, weather)
+    if must and not asks_weather and "[[no-call]]" not in lower:
+        tool = named or tools[0]                  # told to call: arguments that fit
+        params = tool.get("parameters") or {}
         return "<tool_call>\n%s\n</tool_call>" % json.dumps(
-            {"name": forced["name"], "arguments": _demo_instance(params, params)})
-    if weather and "weather" in lower:
-        if "bad call" in lower and not repair or "[[bad-call]]" in lower:
-            return '<tool_call>\n{"name": "%s", "arguments": {}}\n</tool_call>' % weather["name"]
+            {"name": tool["name"], "arguments": _demo_instance(params, params)})
+    if asks_weather:
         arg = next(iter((weather.get("parameters") or {}).get("properties") or {"city": 0}))
         return "Let me check.\n\n" + "\n".join(
             "<tool_call>\n%s\n</tool_call>" % json.dumps({"name": weather["name"],

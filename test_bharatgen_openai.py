@@ -15,6 +15,7 @@ import html
 import http
 import http.client
 import io
+import itertools
 import json
 import logging
 import os
@@ -1297,6 +1298,64 @@ class SchemaTests(unittest.TestCase):
         self.assertEqual(shape.check('<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
                          (None, [], "it is nested too deeply to check"))
 
+    def test_checked_keywords_and_json_equality(self):
+        tree = {"$defs": {"N": {"type": "object", "properties": {"kids": {"type": "array",
+                                                                        "items": {"$ref": "#/$defs/N"}}}}},
+                "$ref": "#/$defs/N"}
+        deep = {}
+        for _ in range(40):
+            deep = {"kids": [deep]}
+        for schema, value, error in [
+                ({"enum": [1, 2]}, True, "$ should be one of [1, 2]"),
+                ({"enum": [1, 2]}, 1.0, None),
+                ({"const": False}, 0, "$ should be false"),
+                ({"const": {"a": 1}}, {"a": True}, '$ should be {"a": 1}'),
+                ({"oneOf": [{"type": "integer"}, {"minimum": 0}]}, 5,
+                 "$ should fit exactly one of the schemas it may take"),
+                ({"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "minimum": 5}, 1,
+                 "$ should be minimum 5"),
+                ({"$defs": {"a/b": {"type": "string"}}, "$ref": "#/$defs/a~1b"}, 1,
+                 "$ should be of type string, not 1"),
+                ({"pattern": "^[0-9]+$"}, "abc", "$ should match the pattern '^[0-9]+$'"),
+                ({"uniqueItems": True}, [1, 1.0], "$ should hold no item twice"),
+                ({"uniqueItems": True}, [1, True], None),
+                ({"multipleOf": 0.5}, 1.25, "$ should be multipleOf 0.5"),
+                ({"not": {"type": "string"}}, "x", "$ should not fit the schema it is told not to"),
+                ({"prefixItems": [{"type": "string"}], "items": False}, ["a", 1],
+                 "$[1] is not allowed"),
+                ({"minProperties": 1}, {}, "$ should have a minProperties of 1"),
+                ({"maxItems": 1}, "abc", None), ({"maxLength": 1}, [1, 2], None),
+                ({"minimum": 5}, True, None), ({"exclusiveMinimum": True, "minimum": 1}, 1, None),
+                (tree, deep, None)]:
+            with self.subTest(schema=schema, value=value):
+                self.assertEqual(bg._schema_problem(schema, "s"), None)
+                self.assertEqual(bg._schema_error(value, schema), error)
+        self.assertEqual(bg._json_in('{"v": NaN} or {"v": 1}'), ({"v": 1}, '{"v": 1}'))
+
+    def test_schemas_that_cannot_be_checked_are_refused(self):
+        for schema, problem in [
+                ({"type": {}}, "s.type is not a valid 'type'"),
+                ({"type": ["x"]}, "s.type is not a valid 'type'"),
+                ({"required": 5}, "s.required is not a valid 'required'"),
+                ({"enum": "abc"}, "s.enum is not a valid 'enum'"),
+                ({"allOf": 5}, "s.allOf is not a valid 'allOf'"),
+                ({"pattern": "("}, "s.pattern is not a valid 'pattern'"),
+                ({"maxLength": -1}, "s.maxLength is not a valid 'maxLength'"),
+                ({"properties": {"a": {"if": {}}}}, "s.properties.a: this server cannot check "
+                                                    "the keyword 'if'"),
+                ({"items": [{}]}, "s.items must be a JSON Schema object (at most 64 levels deep)")]:
+            with self.subTest(schema=schema):
+                self.assertEqual(bg._schema_problem(schema, "s"), problem)
+
+    def test_a_bare_json_call_is_the_call_not_the_content(self):
+        shape = bg._Shape(tools={"get_weather": WEATHER["function"]}, choice="required")
+        rest, calls, error = shape.check('{"name": "get_weather", "arguments": {"city": "Pune"}}')
+        self.assertEqual((rest.strip(), [(c["name"], c["arguments"]) for c in calls], error),
+                         ("", [("get_weather", '{"city": "Pune"}')], None))
+        shape = bg._Shape(tools={"get_weather": WEATHER["function"]})
+        self.assertEqual(shape.check("I would write <tool_call> tags here."),
+                         ("I would write <tool_call> tags here.", [], None))   # prose: no call
+
     def test_json_is_found_in_fences_and_prose(self):
         for text, found in [('{"a": 1}', ({"a": 1}, '{"a": 1}')),
                             ('Sure:\n```json\n{"a": [1]}\n```\nDone.', ({"a": [1]}, '{"a": [1]}')),
@@ -1381,7 +1440,8 @@ class ToolTests(unittest.TestCase):
             "type": "function", "function": {"name": "get_weather"}})
         self.assertEqual(self.calls(message), [("function", "get_weather", {"city": "Pune"})])
         self.assertIn(" You must call the function 'get_weather'.", self.demo.calls[-1][2])
-        status, _, body = chat(self.gw, "Say hello", tools=[WEATHER], tool_choice="required")
+        status, _, body = chat(self.gw, "[[no-call]] Say hello", tools=[WEATHER],
+                               tool_choice="required")
         self.assertEqual((status, json.loads(body)["error"]["message"], len(self.demo.calls[-1][1])),
                          (502, "the model's reply was not valid after 1 repair turn(s): it calls "
                                "no function, and a function call is required", 2))
@@ -1434,6 +1494,77 @@ class ToolTests(unittest.TestCase):
         events = sse_events(body)
         self.assertEqual((status, streamed_text(events[:-2]), events[-2]["error"]["message"]),
                          (200, "", error))
+
+    def test_odd_requests_get_a_clear_400(self):
+        fn = WEATHER["function"]
+        for path, body, param, text in [
+                ("/v1/chat/completions", {"functions": [fn]}, "functions", "deprecated form"),
+                ("/v1/chat/completions", {"tools": [WEATHER], "function_call": "auto"},
+                 "function_call", "deprecated form"),
+                ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {
+                    "type": "allowed_tools"}}, "tool_choice", 'type "allowed_tools" is not'),
+                ("/v1/chat/completions", {"response_format": {"type": "json_schema"}},
+                 "response_format", "needs 'json_schema'"),
+                ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+                    "name": "x", "schema": {"type": {}}}}}, "response_format", "not a valid 'type'"),
+                ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+                    "name": "f", "parameters": {"required": 5}}}]}, "tools[0].function.parameters",
+                 "not a valid 'required'"),
+                ("/v1/chat/completions", {"messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [{"id": ["x"], "type": "function",
+                                                          "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "x", "content": "1"}]},
+                 "messages[1].tool_calls[0]", "must be {\"id\""),
+                ("/v1/chat/completions", {"messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "tool", "tool_call_id": "nope", "content": "1"}]},
+                 "messages[1].tool_call_id", 'the tool call "nope", which no earlier'),
+                ("/v1/completions", {"prompt": "hi", "tool_choice": "auto"}, "tool_choice",
+                 "not of /v1/completions"),
+                ("/v1/responses", {"input": "hi", "response_format": {"type": "json_object"}},
+                 "response_format", "takes text.format"),
+                ("/v1/responses", {"input": "hi", "text": "json"}, "text", "must be an object")]:
+            with self.subTest(path=path, param=param):
+                body = dict({"model": bg.DEFAULT_MODEL}, **body)
+                if path == "/v1/chat/completions":
+                    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+                status, _, raw = request(self.gw.url, "POST", path, body)
+                error = json.loads(raw)["error"]
+                self.assertEqual((status, error["param"], error["type"]),
+                                 (400, param, "invalid_request_error"))
+                self.assertIn(text, error["message"])
+
+    def test_a_repair_sends_nothing_twice_and_a_failed_one_returns_the_first_reply(self):
+        both = dict(WEATHER["function"], parameters={
+            "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+            "required": ["city", "unit"]})
+        message, finish = self.both("weather in Delhi", tools=[{"type": "function", "function": both}])
+        self.assertEqual((message["content"], finish), (
+            'Let me check.\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Delhi"}}'
+            '\n</tool_call>', "stop"))
+        status, _, body = chat(self.gw, "weather in Delhi", tools=[{"type": "function", "function": both}])
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["reasoning_content"],
+                         thought_of("weather in Delhi") + "\n\n" + thought_of(
+                             "Your last reply was not valid: the call of get_weather is invalid: "
+                             "arguments is missing the required property 'unit'. Reply again, "
+                             "correctly."))
+
+    def test_a_failure_after_output_began_is_an_error_event_not_a_second_response(self):
+        class Broken(bg._Backend):
+            def _chat_chunks(self, gen, model, include_usage):
+                yield from itertools.islice(super()._chat_chunks(gen, model, include_usage), 2)
+                raise KeyError("a bug")
+
+        config = bg.Config(upstream=[self.demo.url], port=0, timeout=10)
+        gw = bg.GatewayServer(config, Broken(config)).start()
+        self.addCleanup(gw.stop)
+        with self.assertLogs("bharatgen_openai", "ERROR"):
+            status, _, body = chat(gw, "Say hello", stream=True)
+        events = sse_events(body)
+        self.assertEqual((status, events[-2]["error"]["type"], events[-1]),
+                         (200, "server_error", "[DONE]"))
+        self.assertNotIn(b"HTTP/1.1", body)
 
     def test_responses_api_tools(self):
         tool = dict(WEATHER["function"], type="function")
@@ -5265,7 +5396,7 @@ class RealGradioTests(unittest.TestCase):
                              '{"city": "Agra"}')
             with self.assertRaises(openai.APIStatusError) as caught:
                 client.chat.completions.create(
-                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "Say hello"}],
+                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "[[no-call]] hi"}],
                     tools=[WEATHER], tool_choice="required")
             self.assertEqual((caught.exception.status_code, caught.exception.body["code"]),
                              (502, "invalid_model_output"))
