@@ -2089,16 +2089,15 @@ _SCHEMA_NOTES = {"title", "description", "default", "format", "examples", "$sche
                  "$comment", "deprecated", "readOnly", "writeOnly", "discriminator", "nullable"}
 
 
-def _same(a: Any, b: Any) -> bool:
-    """JSON equality: ``true`` is not ``1``, ``1`` is ``1.0``."""
-    if isinstance(a, bool) or isinstance(b, bool) or None in (a, b):
-        return type(a) is type(b) and a == b
-    if isinstance(a, dict) and isinstance(b, dict):
-        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, list) and isinstance(b, list):
-        return len(a) == len(b) and all(map(_same, a, b))
-    return type(a) in (int, float) and type(b) in (int, float) and a == b or \
-        type(a) is type(b) and a == b
+def _canonical(value: Any) -> str:
+    """A JSON value's text, equal for equal values: ``true`` is not ``1``, ``1`` is ``1.0``."""
+    def norm(v: Any) -> Any:
+        if type(v) is float and v.is_integer():
+            return int(v)
+        if isinstance(v, dict):
+            return {k: norm(x) for k, x in v.items()}
+        return [norm(x) for x in v] if isinstance(v, list) else v
+    return json.dumps(norm(value), sort_keys=True)
 
 
 def _schema_problem(schema: Any, at: str, depth: int = 0) -> Optional[str]:
@@ -2178,9 +2177,9 @@ def _schema_error(value: Any, schema: Any, root: Any = None, at: str = "$",
         if not any(_JSON_TYPES[k](value) for k in kinds):
             return "%s should be of type %s, not %s" % (at, " or ".join(kinds),
                                                         json.dumps(value)[:60])
-    if "enum" in schema and not any(_same(value, e) for e in schema["enum"]):
+    if "enum" in schema and _canonical(value) not in map(_canonical, schema["enum"]):
         return "%s should be one of %s" % (at, json.dumps(schema["enum"])[:200])
-    if "const" in schema and not _same(value, schema["const"]):
+    if "const" in schema and _canonical(value) != _canonical(schema["const"]):
         return "%s should be %s" % (at, json.dumps(schema["const"])[:100])
     number = type(value) in (int, float)
     for key, ok in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
@@ -2197,8 +2196,8 @@ def _schema_error(value: Any, schema: Any, root: Any = None, at: str = "$",
             return "%s should have a %s of %d" % (at, key, schema[key])
     if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
         return "%s should match the pattern %r" % (at, schema["pattern"])
-    if isinstance(value, list) and schema.get("uniqueItems") and any(
-            _same(a, b) for i, a in enumerate(value) for b in value[i + 1:]):
+    if isinstance(value, list) and schema.get("uniqueItems") and len(
+            set(map(_canonical, value))) < len(value):
         return "%s should hold no item twice" % at
     if schema.get("anyOf") and all(_schema_error(value, s, root, at, hops) for s in schema["anyOf"]):
         return "%s fits none of the schemas it may take" % at
