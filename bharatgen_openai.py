@@ -1757,7 +1757,7 @@ class _Replica:
 
     def state(self) -> Dict[str, Any]:
         up = self.down_until <= time.monotonic()
-        return {"url": self.client.base_url,
+        return {"url": re.sub(r"//[^/@]*@", "//", self.client.base_url),   # no credentials
                 "status": "up" if up else "busy" if self.busy else "down",
                 "failures": self.failures, "last_error": self.last_error}
 
@@ -3904,6 +3904,7 @@ class _Metrics:
         # requests: bounded by count, so memory stays small (~5 MB) under any load, and a
         # summary of all of them takes ~50 ms.
         self._recent: "deque[Tuple[Any, ...]]" = deque(maxlen=20000)
+        self._summary: Tuple[float, Dict[str, Any]] = (0.0, {})   # recent(), kept a second
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         key = tuple(sorted(labels.items())) if labels else ()
@@ -3951,7 +3952,10 @@ class _Metrics:
         :attr:`bucket` seconds for its chart."""
         now = time.time()
         with self._lock:
+            if now - self._summary[0] < 1.0 and len(self._recent) > 2000:
+                return self._summary[1]    # a large window is summed at most once a second
             rows = [r for r in self._recent if r[0] > now - self.window]
+            full = len(self._recent) == self._recent.maxlen
         by_status: Dict[str, int] = {}
         errors: Dict[str, int] = {}
         keys: Dict[str, Dict[str, int]] = {}
@@ -3980,11 +3984,15 @@ class _Metrics:
 
         for point in points:
             point["latency_p50"] = quantiles(point.pop("latency"))["p50"]
-        return {"seconds": self.window, "requests": len(rows), "by_status": by_status,
+        summary = {"seconds": round(min(self.window, now - rows[0][0]) if full and rows else
+                                    self.window), "requests": len(rows), "by_status": by_status,
                 "errors": errors, "ttft": quantiles([r[3] for r in rows if r[3] is not None]),
                 "latency": quantiles([r[4] for r in rows if r[4] is not None]),
                 "tokens_in": sum(r[6] for r in rows), "tokens_out": sum(r[7] for r in rows),
                 "keys": keys, "series": points}
+        with self._lock:
+            self._summary = (now, summary)
+        return summary
 
     def render(self) -> str:
         lines = []
@@ -4318,7 +4326,7 @@ code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em} .mute{col
 .card{background:var(--card);border-radius:8px;padding:.5em .8em}
 .card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
 canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
-.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(24em,1fr));gap:0 1.5em} section{overflow-x:auto}
+.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(24em,100%),1fr));gap:0 1.5em} section{overflow-x:auto}
 table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
 td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)} th{white-space:nowrap} td{overflow-wrap:anywhere}
 </style></head><body>
@@ -4432,7 +4440,8 @@ async function send(event) {
   const text = $("prompt").value.trim(), system = $("system").value.trim();
   if (!text || controller) return;
   $("prompt").value = "";
-  history.push({role: "user", content: text});
+  const turns = history;                         // New chat mid-answer starts another list
+  turns.push({role: "user", content: text});
   const box = el("div", "msg"), thought = el("details", "thought"), answer = el("div", "answer");
   const summary = el("summary", null, "Thinking..."), thoughtText = el("div");
   thought.append(summary, thoughtText);
@@ -4440,16 +4449,17 @@ async function send(event) {
   $("log").append(el("div", "msg user", text), box);
   let content = "", reasoning = "", queued = false;
   const render = () => {                        // at most once a frame
+    const follow = innerHeight + scrollY >= document.documentElement.scrollHeight - 60;
     [queued, thought.hidden, thoughtText.textContent] = [false, !reasoning, reasoning];
     answer.replaceChildren(markdown(content));
-    box.scrollIntoView({block: "end"});
+    if (follow) box.scrollIntoView({block: "end"});   // unless the reader scrolled up
   };
   render();
   controller = new AbortController();
   $("send").disabled = !($("stop").disabled = false);
   try {
     const r = await api("/v1/chat/completions", {model: $("model").value, stream: true,
-      messages: (system ? [{role: "system", content: system}] : []).concat(history),
+      messages: (system ? [{role: "system", content: system}] : []).concat(turns),
       temperature: +$("temperature").value, max_tokens: +$("max_tokens").value}, controller.signal);
     for await (const data of events(r)) {
       if (data.error) throw apiError(data.error);
@@ -4464,8 +4474,8 @@ async function send(event) {
   } finally {
     render();
     summary.textContent = "Thought";
-    if (content) history.push({role: "assistant", content});
-    else history.pop();                       // a turn with no answer is not sent again
+    if (content) turns.push({role: "assistant", content});
+    else turns.pop();                         // a turn with no answer is not sent again
     if (!content && !reasoning) box.hidden = true;
     controller = null;
     $("send").disabled = !($("stop").disabled = true);
@@ -4481,7 +4491,7 @@ function table(title, heads, rows) {
   return section;
 }
 function draw(d) {
-  const r = d.recent, t = d.totals, span = ", last " + r.seconds / 60 + " min";
+  const r = d.recent, t = d.totals, span = ", last " + +(r.seconds / 60).toFixed(1) + " min";
   const cards = [["requests", "requests" + span, r.requests],
     ["errors", "errors" + span, r.series.reduce((n, p) => n + p.errors, 0)],
     ["streams", "streams open", d.streams_open], ["inflight", "requests in flight", d.requests_in_flight],
@@ -4538,16 +4548,25 @@ function chart(series) {                          // bars: requests and errors; 
   });
   g.stroke();
 }
-async function poll() {
-  try { draw(await (await api("/v1/dashboard")).json()); } catch (e) { $("updated").textContent = errorText(e); }
+let polls = 0, pause = 1500;                      // the monitor's run, and its wait
+async function poll(run) {                        // one at a time; slower while failing
+  try {
+    draw(await (await api("/v1/dashboard")).json());
+    pause = 1500;
+  } catch (e) {
+    $("updated").textContent = errorText(e);
+    pause = Math.min(30000, pause * 2);
+    if (e.status === 401) return;                 // until a key is given
+  }
+  if (run === polls && !$("monitor").hidden) timer = setTimeout(poll, pause, run);
 }
 function show(view) {
   for (const v of ["chat", "monitor"]) {
     $(v).hidden = v !== view;
     $("tab-" + v).classList.toggle("on", v === view);
   }
-  clearInterval(timer);
-  if (view === "monitor") timer = setInterval(poll, 1500), poll();
+  clearTimeout(timer);
+  if (view === "monitor") poll(++polls);
 }
 $("tab-chat").onclick = () => show("chat");
 $("tab-monitor").onclick = () => show("monitor");
@@ -4558,9 +4577,12 @@ $("keyform").onsubmit = e => {
   key ? sessionStorage.setItem(KEY, key) : sessionStorage.removeItem(KEY);
   [$("key").value, $("keyform").hidden] = ["", true];
   loadModels();
+  if (!$("monitor").hidden) show("monitor");
 };
 $("ask").onsubmit = send;
-$("prompt").onkeydown = e => { if (e.key === "Enter" && !e.shiftKey) send(e); };
+$("prompt").onkeydown = e => {                    // not while an input method composes
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) send(e);
+};
 $("stop").onclick = () => controller && controller.abort();
 $("new").onclick = () => {
   if (controller) controller.abort();

@@ -3432,21 +3432,31 @@ class PageTests(unittest.TestCase):
         self.assertEqual((d["requests_in_flight"], d["streams_open"], d["version"]),
                          (0, 0, bg.__version__))
 
+    def test_replica_credentials_are_not_shown(self):
+        gw = start_gateway(self, ["http://user:secret@127.0.0.1:9/"])
+        for path in ("/v1/dashboard", "/health"):
+            body = request(gw.url, "GET", path)[2].decode()
+            self.assertEqual(("secret" in body, json.loads(body)["models"][bg.DEFAULT_MODEL][0]["url"]),
+                             (False, "http://127.0.0.1:9"), body)
+
     def test_dashboard_window_is_bounded_and_expires_and_a_cache_shows_when_present(self):
         gw = start_gateway(self, self.demo.url, rate_limit_rpm=1, cache_ttl=60)
         self.assertEqual([chat(gw, "Say hello")[1]["x-cache"] for _ in range(1)], ["miss"])
         m = gw.metrics
         for i in range(20005):
             m.record("/v1/models", 200, 0.001)
-        self.assertEqual(m.recent()["requests"], 20000)       # the oldest were dropped
+        first = m.recent()
+        self.assertEqual((first["requests"], first["seconds"] < 600), (20000, True))  # the oldest
+        m.record("/v1/models", 200, 0.001)                  # were dropped, and it says so
+        self.assertIs(m.recent(), first)      # a full window is summed at most once a second
         m.window, m.bucket = 0.5, 0.1
-        time.sleep(0.6)
+        time.sleep(1.1)
         for _ in range(3):                                    # polling takes no rate limit
             status, _, body = request(gw.url, "GET", "/v1/dashboard")
             self.assertEqual(status, 200)
         d = json.loads(body)
         self.assertEqual((d["recent"]["requests"], len(d["recent"]["series"]), d["totals"]["requests"],
-                          d["cache"]), (0, 5, 20006, {"hits": 0, "misses": 1, "size": 1}))
+                          d["cache"]), (0, 5, 20007, {"hits": 0, "misses": 1, "size": 1}))
 
 
 class FuzzTests(unittest.TestCase):
@@ -5158,6 +5168,23 @@ class BrowserTests(unittest.TestCase):
             status, error["type"], error["code"], error["message"]))
         self.assertEqual(status, 400)
         self.screenshot("chat-wide-light")
+
+    def test_new_chat_mid_answer_and_enter_while_an_input_method_composes(self):
+        self.open_page()
+        self.send("3000 words", done=False)
+        self.wait(lambda: len(self.text(".answer")) > 100, "no streamed text")
+        self.find("#new")[0].click()                    # the old answer stays in the old chat
+        self.wait(lambda: self.find("#send")[0].is_enabled(), "the answer did not end")
+        self.send("history please")
+        self.assertEqual(self.demo.calls[-1][1], [])
+        prompt = self.find("#prompt")[0]
+        prompt.send_keys("नमस्ते")
+        answers = len(self.find(".answer"))
+        self.js("arguments[0].dispatchEvent(new KeyboardEvent('keydown', {key: 'Enter', "
+                "isComposing: true, bubbles: true}))", prompt)
+        time.sleep(0.3)
+        self.assertEqual((len(self.find(".answer")), prompt.get_attribute("value")),
+                         (answers, "नमस्ते"))            # Enter picked a word: nothing sent
 
     def dashboard(self):
         """(requests that ended 499, errors) in the monitor's window."""
