@@ -2076,15 +2076,38 @@ _JSON_TYPES: Dict[str, Callable[[Any], bool]] = {
     "null": lambda v: v is None,
     "integer": lambda v: type(v) is int or (type(v) is float and v.is_integer()),
     "number": lambda v: type(v) in (int, float)}
-# What the validator checks; annotations (title, description, default, format, examples,
-# $schema, $id, $comment, deprecated, readOnly, writeOnly, discriminator) do not constrain,
-# and a schema using any other keyword is refused: it could not be checked.
-_SCHEMA_CHECKED = {
-    "type", "enum", "const", "properties", "required", "additionalProperties", "items",
-    "prefixItems", "anyOf", "oneOf", "allOf", "not", "$ref", "$defs", "definitions",
-    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "minLength",
-    "maxLength", "pattern", "minItems", "maxItems", "uniqueItems", "minProperties",
-    "maxProperties", "strict"}
+def _is_pattern(value: Any) -> bool:
+    try:
+        re.compile(value)
+    except (TypeError, re.error, OverflowError, RecursionError):
+        return False
+    return isinstance(value, str)
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) in (int, float)
+
+
+def _is_count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+# The keywords the validator checks, each with what its value must be; annotations
+# (title, description, default, format, ...) do not constrain, and a schema with any
+# other keyword is refused: it could not be checked.
+_SCHEMA_VALUES: Dict[str, Callable[[Any], bool]] = {
+    "type": lambda v: all(isinstance(k, str) and k in _JSON_TYPES
+                          for k in (v if isinstance(v, list) and v else [v])),
+    "enum": lambda v: isinstance(v, list), "const": lambda v: True,
+    "required": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+    "$ref": lambda v: isinstance(v, str), "pattern": _is_pattern,
+    "uniqueItems": lambda v: isinstance(v, bool), "strict": lambda v: isinstance(v, bool),
+    "minimum": _is_number, "maximum": _is_number,
+    "multipleOf": lambda v: _is_number(v) and v > 0,
+    "exclusiveMinimum": lambda v: _is_number(v) or isinstance(v, bool),
+    "exclusiveMaximum": lambda v: _is_number(v) or isinstance(v, bool),
+    "minLength": _is_count, "maxLength": _is_count, "minItems": _is_count,
+    "maxItems": _is_count, "minProperties": _is_count, "maxProperties": _is_count}
 _SCHEMA_NOTES = {"title", "description", "default", "format", "examples", "$schema", "$id",
                  "$comment", "deprecated", "readOnly", "writeOnly", "discriminator", "nullable"}
 
@@ -2108,48 +2131,38 @@ def _schema_problem(schema: Any, at: str, depth: int = 0) -> Optional[str]:
     if not isinstance(schema, dict) or depth > 64:
         return "%s must be a JSON Schema object (at most 64 levels deep)" % at
     for key, value in schema.items():
-        where = "%s.%s" % (at, key)
-        if key in _SCHEMA_NOTES:
-            continue
-        if key not in _SCHEMA_CHECKED:
-            return "%s: this server cannot check the keyword %r" % (at, key)
-        kinds = value if isinstance(value, list) else [value]
-        ok = {"type": bool(kinds) and all(isinstance(k, str) and k in _JSON_TYPES for k in kinds),
-              "enum": isinstance(value, list), "required": isinstance(value, list) and all(
-                  isinstance(k, str) for k in value),
-              "$ref": isinstance(value, str), "pattern": isinstance(value, str),
-              "uniqueItems": isinstance(value, bool), "strict": isinstance(value, bool),
-              "const": True}.get(key)
-        if ok is None and key in ("properties", "$defs", "definitions"):
+        where, subs = "%s.%s" % (at, key), []               # (where, a schema inside)
+        if key in ("properties", "$defs", "definitions"):
             ok = isinstance(value, dict)
-            for name, sub in (value.items() if ok else ()):
-                problem = _schema_problem(sub, "%s.%s" % (where, name), depth + 1)
-                if problem:
-                    return problem
-        elif ok is None and key in ("anyOf", "oneOf", "allOf", "prefixItems"):
+            subs = [("%s.%s" % (where, k), v) for k, v in value.items()] if ok else []
+        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
             ok = isinstance(value, list) and bool(value)
-            for i, sub in enumerate(value if ok else ()):
-                problem = _schema_problem(sub, "%s[%d]" % (where, i), depth + 1)
-                if problem:
-                    return problem
-        elif ok is None and key in ("items", "not", "additionalProperties"):
-            problem = _schema_problem(value, where, depth + 1)
-            if problem:
-                return problem
-            ok = True
-        elif ok is None:            # the bounds: numbers (lengths and counts: whole ones)
-            ok = key.startswith("exclusive") and isinstance(value, bool) or type(value) in (
-                int, float) and (key.startswith(("minimum", "maximum", "exclusive", "multipleOf"))
-                                 or float(value).is_integer() and value >= 0)
-            ok = ok and (key != "multipleOf" or value > 0)
-        if key == "pattern" and ok:
-            try:
-                re.compile(value)
-            except (re.error, OverflowError, RecursionError):
-                ok = False
+            subs = [("%s[%d]" % (where, i), v) for i, v in enumerate(value)] if ok else []
+        elif key in ("items", "not", "additionalProperties"):
+            ok, subs = True, [(where, value)]
+        elif key in _SCHEMA_VALUES:
+            ok = _SCHEMA_VALUES[key](value)
+        elif key in _SCHEMA_NOTES:
+            continue
+        else:
+            return "%s: this server cannot check the keyword %r" % (at, key)
         if not ok:
             return "%s is not a valid %r" % (where, key)
+        for sub_at, sub in subs:
+            problem = _schema_problem(sub, sub_at, depth + 1)
+            if problem:
+                return problem
     return None
+
+
+def _resolve(root: Any, ref: str) -> Any:
+    """The schema a local ``$ref`` (``#`` or ``#/a/b``, JSON-pointer escapes) points to, or
+    None."""
+    target = root
+    for part in ref[2:].split("/") if ref.startswith("#/") else [] if ref == "#" else [None]:
+        part = part and part.replace("~1", "/").replace("~0", "~")
+        target = target.get(part) if isinstance(target, dict) and part is not None else None
+    return target if isinstance(target, (dict, bool)) else None
 
 
 def _schema_error(value: Any, schema: Any, root: Any = None, at: str = "$",
@@ -2161,12 +2174,8 @@ def _schema_error(value: Any, schema: Any, root: Any = None, at: str = "$",
     if schema is True or schema is False:
         return None if schema else "%s is not allowed" % at
     if "$ref" in schema:
-        target: Any = root
-        ref = schema["$ref"]
-        for part in ref[2:].split("/") if ref.startswith("#/") else [] if ref == "#" else [None]:
-            part = part and part.replace("~1", "/").replace("~0", "~")
-            target = target.get(part) if isinstance(target, dict) and part is not None else None
-        if not isinstance(target, (dict, bool)) or hops > 32:
+        ref, target = schema["$ref"], _resolve(root, schema["$ref"])
+        if target is None or hops > 32:
             return "%s: the schema's $ref %r cannot be followed" % (at, ref)
         error = _schema_error(value, target, root, at, hops + 1)
         if error:
@@ -2499,6 +2508,7 @@ class _Generation:
         self.thought: List[List[str]] = [[] for _ in range(sampling.n)]
         self.answer: List[List[str]] = [[] for _ in range(sampling.n)]
         self._closed = threading.Event()
+        self._usage: Tuple[Tuple[int, ...], Any] = ((), None)
 
     def _choice(self, index: int) -> Iterator[_Piece]:
         """One choice's pieces; in shape (tools, JSON) after up to ``repairs`` more turns.
@@ -2512,7 +2522,8 @@ class _Generation:
         if shape is None:
             yield from self._reply(index, conv)
             return
-        sent, first, thought = "", "", False
+        sent: List[str] = []                      # the content already out
+        first, thought = "", False
         for attempt in range(shape.repairs + 1):
             held, reply, finish = _Held(shape.hold_all or attempt > 0), [], "stop"
             apart = thought                       # a repair's thought: a blank line before
@@ -2520,7 +2531,7 @@ class _Generation:
                 if piece.kind == "content":
                     reply.append(piece.text)
                     piece = dataclasses.replace(piece, text=held.feed(piece.text))
-                    sent += piece.text
+                    sent.append(piece.text)
                 elif piece.kind == "finish":
                     finish = piece.text
                     continue
@@ -2539,8 +2550,8 @@ class _Generation:
                     "assistant", "".join(reply))], _REPAIR % error, conv.prompt_tokens,
                     conv.images)
                 continue
-            text = held.rest if error is not None else rest or ""
-            text = text.rstrip() if attempt == 0 and sent else _after(sent, text)
+            text, done = held.rest if error is not None else rest or "", "".join(sent)
+            text = text.rstrip() if attempt == 0 and done else _after(done, text)
             if text:
                 yield _Piece(index, "content", text)
             for call in calls:
@@ -2550,7 +2561,7 @@ class _Generation:
         if (shape.calls and shape.choice != "auto") or (shape.fmt or {}).get("strict"):
             raise UpstreamError("the model's reply was not valid after %d repair turn(s): %s"
                                 % (shape.repairs, error), code="invalid_model_output")
-        text = first.rstrip() if sent else first.strip()
+        text = first.rstrip() if "".join(sent) else first.strip()
         if text:
             yield _Piece(index, "content", text)
         yield _Piece(index, "finish", "stop")
@@ -2642,13 +2653,17 @@ class _Generation:
         self._closed.set()
 
     def usage(self) -> CompletionUsage:
-        """Estimated token counts of the prompt and everything generated so far."""
-        reasoning = sum(estimate_tokens("".join(t)) for t in self.thought)
-        completion = reasoning + sum(estimate_tokens("".join(a)) for a in self.answer)
-        return CompletionUsage(
-            prompt_tokens=self.conv.prompt_tokens, completion_tokens=completion,
-            total_tokens=self.conv.prompt_tokens + completion,
-            completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning))
+        """Estimated token counts of the prompt and everything generated so far; counted
+        once for what there is (the answer, the gateway's log and the cache all ask)."""
+        seen = tuple(map(len, self.thought + self.answer))
+        if self._usage[0] != seen:
+            reasoning = sum(estimate_tokens("".join(t)) for t in self.thought)
+            completion = reasoning + sum(estimate_tokens("".join(a)) for a in self.answer)
+            self._usage = (seen, CompletionUsage(
+                prompt_tokens=self.conv.prompt_tokens, completion_tokens=completion,
+                total_tokens=self.conv.prompt_tokens + completion,
+                completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning)))
+        return self._usage[1]
 
 
 class _Reasoning:
@@ -2967,17 +2982,16 @@ class _Backend:
         return self.routes[self.model(model).id]
 
     def _generation(self, route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
-                    shape: Optional[_Shape] = None, ctx: Optional[Dict[str, Any]] = None,
-                    *request: Any) -> Any:
+                    shape: Optional[_Shape], ctx: Optional[Dict[str, Any]], kind: str,
+                    body: Dict[str, Any]) -> Any:
         """The generation of one answer; from the cache (when on) if the same request
         came with the same key (``ctx["scope"]``); ``ctx["cache"]`` says which it was."""
         gen: Any = _Generation(route.pool, conv, sampling, route.system_prompt, shape)
         if ctx is None:
             return gen
         if self.cache is not None:
-            keep = {k: v for k, v in request[-1].items() if k not in ("stream", "stream_options")}
-            gen = _Cached(gen, self.cache, self.cache.key(route.id, ctx.get("scope"),
-                                                          request[:-1], keep))
+            keep = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+            gen = _Cached(gen, self.cache, self.cache.key(route.id, ctx.get("scope"), kind, keep))
             if ctx.get("cache") != "miss":
                 ctx["cache"] = "miss" if gen.found is None else "hit"
         ctx.setdefault("gens", []).append(gen)        # the gateway counts their tokens
@@ -3046,14 +3060,17 @@ class _Backend:
             for i in range(gen.sampling.n):
                 yield chunk(i, ChoiceDelta(role="assistant", content=""))
             for piece in _chain_first(first, pieces):
+                i, (thought, content) = piece.index, reasoning.apply(piece)
+                if thought or content:
+                    yield chunk(i, ChoiceDelta(content=content, reasoning_content=thought))
                 if piece.call:                   # named first, then its arguments
-                    c, k = piece.call, calls[piece.index]
-                    calls[piece.index] += 1
-                    yield chunk(piece.index, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
-                        k, c["id"], "function", Function(c["name"], ""))]))
-                    yield chunk(piece.index, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
-                        k, function=Function(arguments=c["arguments"]))]))
-                yield from self._chat_piece(piece, reasoning, chunk)
+                    c, calls[i] = piece.call, calls[i] + 1
+                    yield chunk(i, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                        calls[i] - 1, c["id"], "function", Function(c["name"], ""))]))
+                    yield chunk(i, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                        calls[i] - 1, function=Function(arguments=c["arguments"]))]))
+                if piece.kind == "finish":
+                    yield chunk(i, ChoiceDelta(), piece.text)
             if include_usage:
                 yield ChatCompletionChunk(id=cid, created=created, model=model,
                                           system_fingerprint=_FINGERPRINT, choices=[],
@@ -3061,15 +3078,6 @@ class _Backend:
         finally:
             gen.close()
             pieces.close()  # type: ignore[attr-defined]
-
-    @staticmethod
-    def _chat_piece(piece: _Piece, reasoning: _Reasoning,
-                    chunk: Callable[..., ChatCompletionChunk]) -> Iterator[ChatCompletionChunk]:
-        thought, content = reasoning.apply(piece)
-        if thought or content:
-            yield chunk(piece.index, ChoiceDelta(content=content, reasoning_content=thought))
-        if piece.kind == "finish":
-            yield chunk(piece.index, ChoiceDelta(), piece.text)
 
     # -- legacy completions -------------------------------------------------------------
 
@@ -3316,16 +3324,11 @@ class _Backend:
                                                     {"id": last.get("call_id"),
                                                      "name": last.get("name")})
             where = dict(item_id=item["id"], output_index=len(output) - 1)
+            name, extra = _RESPONSE_TEXT[item["type"]]
             if item["type"] == "function_call":
-                yield event("response.function_call_arguments.done", name=item["name"],
-                            arguments=text, **where)
+                yield event(name + ".done", name=item["name"], arguments=text, **where)
             else:
-                if item["type"] == "message":
-                    yield event("response.output_text.done", text=text, logprobs=[],
-                                content_index=0, **where)
-                else:
-                    yield event("response.reasoning_text.done", text=text, content_index=0,
-                                **where)
+                yield event(name + ".done", text=text, content_index=0, **extra, **where)
                 yield event("response.content_part.done", part=item["content"][0],
                             content_index=0, **where)
             yield event("response.output_item.done", output_index=len(output) - 1, item=item)
@@ -3352,27 +3355,26 @@ class _Backend:
                     text = []
                     yield from opened(kind, piece.call)
                 text.append(piece.call["arguments"] if piece.call else piece.text)
-                where = dict(item_id=output[-1]["id"], output_index=len(output) - 1)
-                if piece.call:
-                    yield event("response.function_call_arguments.delta", delta=text[-1], **where)
-                else:
-                    yield event("response.%s_text.delta" % (
-                        "output" if kind == "message" else kind), content_index=0,
-                        delta=piece.text, **where, **({"logprobs": []} if kind == "message"
-                                                      else {}))
+                name, extra = _RESPONSE_TEXT[kind]
+                yield event(name + ".delta", item_id=output[-1]["id"], output_index=len(output) - 1,
+                            delta=text[-1], **({} if piece.call else dict(extra, content_index=0)))
             if not any(o["type"] in ("message", "function_call") for o in output):
                 if output:
                     yield from closed("".join(text))
                 text = []
                 yield from opened("message")
-            if output:
-                yield from closed("".join(text), self._response_status(finish)
-                                  if output[-1]["type"] == "message" else "completed")
+            yield from closed("".join(text), self._response_status(finish)
+                              if output[-1]["type"] == "message" else "completed")
             end = self._response_end(gen, finish)
             yield event("response." + end["status"], response=dict(base, output=output, **end))
         finally:
             gen.close()
             pieces.close()  # type: ignore[attr-defined]
+
+
+_RESPONSE_TEXT = {"message": ("response.output_text", {"logprobs": []}),  # an item's events
+                  "reasoning": ("response.reasoning_text", {}),
+                  "function_call": ("response.function_call_arguments", {})}
 
 
 def _chain_first(first: Optional[_Piece], rest: Iterator[_Piece]) -> Iterator[_Piece]:
@@ -5119,10 +5121,7 @@ def _demo_instance(schema: Any, root: Any, depth: int = 0) -> Any:
     if not isinstance(schema, dict) or depth > 16:
         return None
     if "$ref" in schema:
-        target = root
-        for part in str(schema["$ref"]).lstrip("#").split("/")[1:]:
-            target = target.get(part) if isinstance(target, dict) else None
-        return _demo_instance(target, root, depth + 1)
+        return _demo_instance(_resolve(root, schema["$ref"]), root, depth + 1)
     for key in ("anyOf", "oneOf", "allOf"):
         if schema.get(key):                    # deep down, null ends a recursive model
             nulls = [s for s in schema[key] if depth > 3 and isinstance(s, dict)

@@ -1365,9 +1365,8 @@ class SchemaTests(unittest.TestCase):
                 self.assertEqual(bg._json_in(text), found)
 
 
-class ToolTests(unittest.TestCase):
-    """Tool calls and structured output against the demo upstream, which calls the
-    weather tool when asked about the weather and answers in JSON when asked to."""
+class _DemoGateway(unittest.TestCase):
+    """A fast demo upstream and a gateway in front of it, shared by a class's tests."""
 
     @classmethod
     def setUpClass(cls):
@@ -1378,6 +1377,11 @@ class ToolTests(unittest.TestCase):
     def tearDownClass(cls):
         cls.gw.stop()
         cls.demo.stop()
+
+
+class ToolTests(_DemoGateway):
+    """Tool calls and structured output against the demo upstream, which calls the
+    weather tool when asked about the weather and answers in JSON when asked to."""
 
     def both(self, prompt, **extra):
         """``(message, finish_reason)`` of the answer, checked the same when streamed."""
@@ -2202,17 +2206,7 @@ class ReplayTests(unittest.TestCase):
             "type": "upstream_error", "param": None, "code": "upstream_error"}}))
 
 
-class GatewayTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.demo = FakeGradio(token_delay=0.001).start()
-        cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=10)).start()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.gw.stop()
-        cls.demo.stop()
-
+class GatewayTests(_DemoGateway):
     def answer(self, prompt, **extra):
         status, headers, body = chat(self.gw, prompt, **extra)
         self.assertEqual(status, 200, body)
