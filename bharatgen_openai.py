@@ -35,7 +35,7 @@ __version__ = "0.2.0"
 __all__ = [
     # errors
     "BharatGenError", "APIError", "BadRequestError", "AuthenticationError",
-    "NotFoundError", "MethodNotAllowedError", "RequestTooLargeError", "RequestTimeoutError",
+    "PermissionDeniedError", "NotFoundError", "MethodNotAllowedError", "RequestTooLargeError", "RequestTimeoutError",
     "RateLimitError", "InternalServerError", "ServerOverloadedError", "UpstreamError",
     "UpstreamOverloadedError",
     "APIConnectionError", "APITimeoutError", "UpstreamTimeout",
@@ -51,7 +51,9 @@ __all__ = [
     "Config", "GatewayServer", "DemoUpstream", "main",
 ]
 
+import base64
 import dataclasses
+import errno
 import hashlib
 import html
 import http.client
@@ -62,7 +64,7 @@ import logging
 import os
 import queue
 import re
-import select
+import selectors
 import socket
 import socketserver
 import ssl
@@ -163,6 +165,13 @@ class AuthenticationError(BharatGenError):
     status = 401
     type = "invalid_request_error"
     code = "invalid_api_key"
+
+
+class PermissionDeniedError(BharatGenError):
+    """The request may not be served as it came (403)."""
+    status = 403
+    type = "invalid_request_error"
+    code = "permission_denied"
 
 
 class NotFoundError(BharatGenError):
@@ -295,6 +304,13 @@ def _printable(text: Any) -> str:
     """``text`` with every character that is not printable escaped (control characters,
     line separators), for a line of a text log."""
     return repr(str(text))[1:-1]
+
+
+def _json_line(obj: Any) -> str:
+    """JSON for a log line: text in any script kept, but every character that is not
+    printable (U+2028, C1 controls, bidi overrides) escaped, as the text format does."""
+    return re.sub(r"[^\x20-\x7e]", lambda m: m.group() if m.group().isprintable() else
+                  json.dumps(m.group())[1:-1], json.dumps(obj, ensure_ascii=False))
 
 
 def _sse(obj: Any, event: Optional[str] = None) -> bytes:
@@ -571,8 +587,12 @@ class _StopCutter:
     """Cuts a streamed text before the first of the stop sequences.
 
     Holds back the longest tail that could still grow into a stop sequence, so a stop
-    split across two deltas is still caught and nothing after it is released.
+    split across two deltas is still caught and nothing after it is released.  Linear
+    in the text: each piece is searched with the held tail only (under ``MAX_STOP``
+    characters, the longest stop a request may give).
     """
+
+    MAX_STOP = 256
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = [s for s in stops if s]
@@ -588,12 +608,17 @@ class _StopCutter:
         if hits:
             self.stopped, self.held = True, ""
             return buf[:min(hits)]
-        keep = 0
+        keep = 0                           # the longest tail that begins a stop
         for stop in self.stops:
-            for k in range(min(len(stop) - 1, len(buf)), keep, -1):
-                if stop.startswith(buf[len(buf) - k:]):
-                    keep = k
+            start = max(0, len(buf) - len(stop) + 1)
+            while keep < len(buf) - start:
+                start = buf.find(stop[0], start)
+                if start < 0 or len(buf) - start <= keep:
                     break
+                if stop.startswith(buf[start:]):
+                    keep = len(buf) - start
+                    break
+                start += 1
         self.held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
 
@@ -947,6 +972,13 @@ def _normalize_base_url(url: str) -> str:
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+def _redact(url: str) -> str:
+    """``url`` fit to show or log: no ``user:password@``, no token in the query."""
+    url = re.sub(r"//[^/@\s]*@", "//***@", url)
+    return re.sub(r"(?i)([?&;][^=&\s]*(?:token|key|sig|secret|pass|auth)[^=&\s]*=)[^&;#\s]*",
+                  r"\1***", url)
+
+
 def _message_text(content: Any) -> str:
     """The text of a chatbot message's content: a string or a list of parts."""
     if isinstance(content, str):
@@ -1142,8 +1174,10 @@ def _dropped(conn: http.client.HTTPConnection) -> bool:
     sock = getattr(conn.sock, "sock", None)
     if sock is None:
         return True
-    try:
-        return bool(select.select([sock], [], [], 0)[0])
+    try:                             # selectors: select.select fails past descriptor 1023
+        with selectors.DefaultSelector() as ready:
+            ready.register(sock, selectors.EVENT_READ)
+            return bool(ready.select(0))
     except (OSError, ValueError):
         return True
 
@@ -1164,7 +1198,7 @@ def _net_error(exc: BaseException, timed_out: str, failed: str) -> BharatGenErro
 @dataclass
 class _Progress:
     """How far one upstream job has come."""
-    started: bool = False          # output has begun: from now on each silence is bounded
+    outputs: int = 0               # output events so far: each is due within the timeout
     done: bool = False             # its last event was read
 
 
@@ -1189,7 +1223,8 @@ class GradioClient:
                  max_body: int = MAX_UPSTREAM_BODY) -> None:
         if protocol not in PROTOCOLS:
             raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
-        self.base_url = _normalize_base_url(base_url)
+        url = _normalize_base_url(base_url)
+        self.base_url = _redact(url)             # shown and logged; credentials kept apart
         self.endpoint = endpoint.strip("/") if endpoint else None
         self.timeout = timeout
         self.connect_timeout = connect_timeout
@@ -1198,7 +1233,10 @@ class GradioClient:
         self.param_names = dict(param_names or {})
         self.hf_token = hf_token if hf_token is not None else os.environ.get("HF_TOKEN")
         self.max_event_bytes, self.max_body = max_event_bytes, max_body
-        parts = urllib.parse.urlsplit(self.base_url)
+        parts = urllib.parse.urlsplit(url)
+        self._basic = "Basic " + base64.b64encode(("%s:%s" % (
+            urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
+        )).encode()).decode() if parts.username else None
         self._https = parts.scheme == "https"
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or (443 if self._https else 80)
@@ -1230,7 +1268,6 @@ class GradioClient:
         if self._proxy is not None:
             host, port = self._proxy.hostname or "", self._proxy.port or 80
             if self._proxy.username:
-                import base64
                 auth = "%s:%s" % (urllib.parse.unquote(self._proxy.username),
                                   urllib.parse.unquote(self._proxy.password or ""))
                 headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
@@ -1275,6 +1312,8 @@ class GradioClient:
             headers["Content-Type"] = content_type
         if self.hf_token:
             headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
+        elif self._basic:                  # user:password@ in the URL: a proxy's basic auth
+            headers["Authorization"] = self._basic
         target = self._root + path
         if self._proxy is not None and not self._https:      # a plain proxy takes the URL
             target = "http://%s:%d%s" % (self._host, self._port, target)
@@ -1516,6 +1555,14 @@ class GradioClient:
                                 % (where, resp.status, raw[:200].decode("utf-8", "replace")))
         return {"path": path, "orig_name": name, "mime_type": kind, "meta": meta}
 
+    def _files(self, info: _AppInfo, images: Sequence[Tuple[str, str]],
+               uploads: "_Uploads") -> List[Dict[str, Any]]:
+        with uploads.lock:            # the request's n calls and repairs upload an image once
+            for url, where in images:
+                if (self.base_url, url) not in uploads:
+                    uploads[self.base_url, url] = self._file(info, url, where)
+        return [uploads[self.base_url, url] for url, _ in images]
+
     def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
               values: Dict[str, Any], files: Sequence[Dict[str, Any]] = ()) -> List[Any]:
         """The endpoint's inputs: OpenAI values where given, the app's defaults elsewhere.
@@ -1562,12 +1609,13 @@ class GradioClient:
                system_prompt: Optional[str] = None, temperature: Optional[float] = None,
                max_tokens: Optional[int] = None, top_p: Optional[float] = None,
                top_k: Optional[int] = None,
-               images: Sequence[Tuple[str, str]] = ()) -> Iterator[Tuple[str, bool, bool]]:
+               images: Sequence[Tuple[str, str]] = (),
+               uploads: Optional["_Uploads"] = None) -> Iterator[Tuple[str, bool, bool]]:
         """Call the chat endpoint; yield ``(text, is_final, is_append)`` for every update:
         the reply's whole HTML, or (``is_append``) only what was appended to it.
 
         Values left ``None`` take the app's defaults; ``images`` (URL, where) go to a
-        multimodal input's files.  Closing the generator closes the event stream and asks
+        multimodal input's files, each uploaded once to this app (kept in ``uploads``).  Closing the generator closes the event stream and asks
         Gradio to cancel the job.
         """
         info = self.discover()
@@ -1577,7 +1625,7 @@ class GradioClient:
                                   code="unsupported_content_type")
         data = self._data(info, message, history, {
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
-            "top_p": top_p, "top_k": top_k}, [self._file(info, *image) for image in images])
+            "top_p": top_p, "top_k": top_k}, self._files(info, images, uploads or _Uploads()))
         progress = _Progress()
         updates = self._queue_updates if info.use_queue else self._call_updates
         return updates(self._job(info, data, progress), progress)
@@ -1641,13 +1689,20 @@ class GradioClient:
                                     % resp.status)
             timed.idle = self.timeout
             timed.arm(self.first_event_timeout)
+            seen, quiet, since = 0, 0, time.monotonic()
             for event in _iter_sse(read, self.max_event_bytes):
                 yield event
-                if progress.started and timed.deadline is not None:
-                    timed.arm(None)            # output began: only silences are bounded now
+                if progress.outputs != seen:   # the next output is due within the timeout;
+                    seen, quiet, since = progress.outputs, 0, time.monotonic()
+                    timed.arm(self.timeout)    # heartbeats and trickled bytes do not count
+                    continue
+                quiet += 1                     # events with no output: at most 200 a second
+                if quiet > 1000 and quiet > 200 * (time.monotonic() - since):
+                    raise UpstreamError("the Gradio app sent %d events with no output in a "
+                                        "row" % quiet)
         except (OSError, http.client.HTTPException) as exc:
-            raise _net_error(exc, "the Gradio app sent nothing for %ss" % self.timeout
-                             if progress.started else "the Gradio app sent no output within "
+            raise _net_error(exc, "the Gradio app sent no output for %ss" % self.timeout
+                             if progress.outputs else "the Gradio app sent no output within "
                              "%ss" % self.first_event_timeout,
                              "the Gradio app dropped the stream") from None
         finally:
@@ -1671,7 +1726,7 @@ class GradioClient:
         try:
             for event, payload in events:
                 if event in ("generating", "complete"):
-                    progress.started = True
+                    progress.outputs += 1
                     try:
                         output = json.loads(payload)
                     except ValueError:
@@ -1711,7 +1766,7 @@ class GradioClient:
                                         % payload[:200]) from None
                 kind = msg.get("msg") if isinstance(msg, dict) else None
                 if kind in ("process_generating", "process_completed"):
-                    progress.started = True
+                    progress.outputs += 1
                 if kind == "process_generating":
                     got = (msg.get("output") or {}).get("data")
                     if path is not None and _is_append_to(got, path):
@@ -1757,7 +1812,7 @@ class _Replica:
 
     def state(self) -> Dict[str, Any]:
         up = self.down_until <= time.monotonic()
-        return {"url": re.sub(r"//[^/@]*@", "//", self.client.base_url),   # no credentials
+        return {"url": self.client.base_url,                                 # no credentials
                 "status": "up" if up else "busy" if self.busy else "down",
                 "failures": self.failures, "last_error": self.last_error}
 
@@ -1851,6 +1906,7 @@ class _UpstreamPool:
 ###############################################################################
 
 _TEXT_PART_TYPES = ("text", "input_text", "output_text")
+_MAX_IMAGES = 16                            # in the new message
 _MEDIA_PART_TYPES = ("image_url", "input_image", "input_audio", "audio", "file", "input_file",
                      "image", "video")
 
@@ -1895,6 +1951,9 @@ def _content_text(content: Any, param: str, allow_none: bool = False,
         if kind in _TEXT_PART_TYPES and isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif images is not None and isinstance(url, str):
+            if len(images) == _MAX_IMAGES:     # each is uploaded to the app
+                raise _bad("a message may hold at most %d images" % _MAX_IMAGES, where,
+                           "too_many_images")
             images.append((url, where))
         elif kind in _MEDIA_PART_TYPES:
             raise _bad("%s is a %r part, but this model takes text only" % (where, kind),
@@ -1915,6 +1974,15 @@ class _Conversation:
     message: str
     prompt_tokens: int = 0
     images: List[Tuple[str, str]] = field(default_factory=list)   # (URL, where) of the message's
+    uploads: "_Uploads" = field(default_factory=lambda: _Uploads())
+
+
+class _Uploads(dict):
+    """A request's images as uploaded to each app: ``(app URL, image URL) -> file``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
 
 
 def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 << 30,
@@ -2040,6 +2108,8 @@ def _sampling(body: Dict[str, Any], max_tokens_names: Sequence[str]) -> _Samplin
         s.stop = list(stop)
     elif stop is not None:
         raise _bad("'stop' must be a string or a list of up to 4 strings", "stop")
+    if any(len(x) > _StopCutter.MAX_STOP for x in s.stop):
+        raise _bad("a stop sequence may have at most %d characters" % _StopCutter.MAX_STOP, "stop")
     for name, lo, hi in _IGNORED_NUMBERS:
         _number(body, name, lo, hi)
     if body.get("seed") is not None:
@@ -2076,40 +2146,6 @@ _JSON_TYPES: Dict[str, Callable[[Any], bool]] = {
     "null": lambda v: v is None,
     "integer": lambda v: type(v) is int or (type(v) is float and v.is_integer()),
     "number": lambda v: type(v) in (int, float)}
-def _is_pattern(value: Any) -> bool:
-    try:
-        re.compile(value)
-    except (TypeError, re.error, OverflowError, RecursionError):
-        return False
-    return isinstance(value, str)
-
-
-def _is_number(value: Any) -> bool:
-    return type(value) in (int, float)
-
-
-def _is_count(value: Any) -> bool:
-    return type(value) is int and value >= 0
-
-
-# The keywords the validator checks, each with what its value must be; annotations
-# (title, description, default, format, ...) do not constrain, and a schema with any
-# other keyword is refused: it could not be checked.
-_SCHEMA_VALUES: Dict[str, Callable[[Any], bool]] = {
-    "type": lambda v: all(isinstance(k, str) and k in _JSON_TYPES
-                          for k in (v if isinstance(v, list) and v else [v])),
-    "enum": lambda v: isinstance(v, list), "const": lambda v: True,
-    "required": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
-    "$ref": lambda v: isinstance(v, str), "pattern": _is_pattern,
-    "uniqueItems": lambda v: isinstance(v, bool), "strict": lambda v: isinstance(v, bool),
-    "minimum": _is_number, "maximum": _is_number,
-    "multipleOf": lambda v: _is_number(v) and v > 0,
-    "exclusiveMinimum": lambda v: _is_number(v) or isinstance(v, bool),
-    "exclusiveMaximum": lambda v: _is_number(v) or isinstance(v, bool),
-    "minLength": _is_count, "maxLength": _is_count, "minItems": _is_count,
-    "maxItems": _is_count, "minProperties": _is_count, "maxProperties": _is_count}
-_SCHEMA_NOTES = {"title", "description", "default", "format", "examples", "$schema", "$id",
-                 "$comment", "deprecated", "readOnly", "writeOnly", "discriminator", "nullable"}
 
 
 def _canonical(value: Any) -> str:
@@ -2123,36 +2159,23 @@ def _canonical(value: Any) -> str:
     return json.dumps(norm(value), sort_keys=True)
 
 
-def _schema_problem(schema: Any, at: str, depth: int = 0) -> Optional[str]:
-    """Why ``schema`` cannot be checked (None if it can): keywords of the wrong shape, or
-    ones the validator does not know.  Asked once, when a request brings a schema."""
-    if isinstance(schema, bool):
-        return None
-    if not isinstance(schema, dict) or depth > 64:
-        return "%s must be a JSON Schema object (at most 64 levels deep)" % at
-    for key, value in schema.items():
-        where, subs = "%s.%s" % (at, key), []               # (where, a schema inside)
-        if key in ("properties", "$defs", "definitions"):
-            ok = isinstance(value, dict)
-            subs = [("%s.%s" % (where, k), v) for k, v in value.items()] if ok else []
-        elif key in ("anyOf", "oneOf", "allOf", "prefixItems"):
-            ok = isinstance(value, list) and bool(value)
-            subs = [("%s[%d]" % (where, i), v) for i, v in enumerate(value)] if ok else []
-        elif key in ("items", "not", "additionalProperties"):
-            ok, subs = True, [(where, value)]
-        elif key in _SCHEMA_VALUES:
-            ok = _SCHEMA_VALUES[key](value)
-        elif key in _SCHEMA_NOTES:
-            continue
-        else:
-            return "%s: this server cannot check the keyword %r" % (at, key)
-        if not ok:
-            return "%s is not a valid %r" % (where, key)
-        for sub_at, sub in subs:
-            problem = _schema_problem(sub, sub_at, depth + 1)
-            if problem:
-                return problem
-    return None
+def _shown(value: Any) -> str:
+    """A short view of a JSON value for an error message (a long one is not dumped whole)."""
+    if isinstance(value, (dict, list)) and value:
+        return "an object" if isinstance(value, dict) else "an array"
+    return json.dumps(value[:60] if isinstance(value, str) else value)[:60]
+
+
+def _is_multiple(v: Any, m: Any) -> bool:
+    """``v`` is a multiple of ``m``: within 1e-9 for floats, exactly where floats overflow."""
+    if type(v) is int and type(m) is int:
+        return v % m == 0
+    try:
+        q = v / m
+        return abs(q - round(q)) < 1e-9
+    except (OverflowError, ValueError):       # 1e308 / 5e-324: exact, as fractions
+        import fractions
+        return fractions.Fraction(v) % fractions.Fraction(m) == 0
 
 
 def _resolve(root: Any, ref: str) -> Any:
@@ -2165,80 +2188,344 @@ def _resolve(root: Any, ref: str) -> Any:
     return target if isinstance(target, (dict, bool)) else None
 
 
-def _schema_error(value: Any, schema: Any, root: Any = None, at: str = "$",
-                  hops: int = 0) -> Optional[str]:
-    """Why ``value`` does not fit ``schema`` (None if it does), for a schema that passed
-    :func:`_schema_problem`.  ``$ref`` follows local JSON pointers; a chain of 32 hops
-    without a step into the value is cut, so a schema that refers to itself cannot loop."""
-    root = schema if root is None else root
-    if schema is True or schema is False:
-        return None if schema else "%s is not allowed" % at
-    if "$ref" in schema:
-        ref, target = schema["$ref"], _resolve(root, schema["$ref"])
-        if target is None or hops > 32:
-            return "%s: the schema's $ref %r cannot be followed" % (at, ref)
-        error = _schema_error(value, target, root, at, hops + 1)
-        if error:
-            return error
-    kinds = schema.get("type")
-    if kinds is not None:
-        kinds = kinds if isinstance(kinds, list) else [kinds]
-        if not any(_JSON_TYPES[k](value) for k in kinds):
-            return "%s should be of type %s, not %s" % (at, " or ".join(kinds),
-                                                        json.dumps(value)[:60])
-    if "enum" in schema and _canonical(value) not in map(_canonical, schema["enum"]):
-        return "%s should be one of %s" % (at, json.dumps(schema["enum"])[:200])
-    if "const" in schema and _canonical(value) != _canonical(schema["const"]):
-        return "%s should be %s" % (at, json.dumps(schema["const"])[:100])
-    number = type(value) in (int, float)
-    for key, ok in (("minimum", lambda v, b: v >= b), ("maximum", lambda v, b: v <= b),
-                    ("exclusiveMinimum", lambda v, b: v > b),
-                    ("exclusiveMaximum", lambda v, b: v < b),
-                    ("multipleOf", lambda v, b: abs(v / b - round(v / b)) < 1e-9)):
-        bound = schema.get(key)
-        if number and type(bound) in (int, float) and not ok(value, bound):
-            return "%s should be %s %s" % (at, key, bound)
-    for key, kind, sign in (("minLength", str, 1), ("maxLength", str, -1), ("minItems", list, 1),
-                            ("maxItems", list, -1), ("minProperties", dict, 1),
-                            ("maxProperties", dict, -1)):
-        if key in schema and isinstance(value, kind) and (len(value) - schema[key]) * sign < 0:
-            return "%s should have a %s of %d" % (at, key, schema[key])
-    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
-        return "%s should match the pattern %r" % (at, schema["pattern"])
-    if isinstance(value, list) and schema.get("uniqueItems") and len(
-            set(map(_canonical, value))) < len(value):
-        return "%s should hold no item twice" % at
-    if schema.get("anyOf") and all(_schema_error(value, s, root, at, hops) for s in schema["anyOf"]):
-        return "%s fits none of the schemas it may take" % at
-    if schema.get("oneOf") and sum(not _schema_error(value, s, root, at, hops)
-                                   for s in schema["oneOf"]) != 1:
-        return "%s should fit exactly one of the schemas it may take" % at
-    if "not" in schema and not _schema_error(value, schema["not"], root, at, hops):
-        return "%s should not fit the schema it is told not to" % at
-    for sub in schema.get("allOf") or ():
-        error = _schema_error(value, sub, root, at, hops)
-        if error:
-            return error
-    if isinstance(value, dict):
-        props = schema.get("properties") or {}
-        for name in schema.get("required") or ():
-            if name not in value:
-                return "%s is missing the required property %r" % (at, name)
-        extra = schema.get("additionalProperties", True)
-        for name, item in value.items():
-            where = "%s.%s" % (at, name)
-            error = _schema_error(item, props[name] if name in props else extra, root, where)
+_PATTERN_WORKER = r"""
+import json, re, sys
+compiled = {}
+for line in sys.stdin:
+    pattern, text = json.loads(line)
+    try:
+        if pattern not in compiled:
+            compiled = compiled if len(compiled) < 256 else {}
+            compiled[pattern] = re.compile(pattern)
+        sys.stdout.write("1\n" if compiled[pattern].search(text) else "0\n")
+    except Exception:
+        sys.stdout.write("e\n")
+    sys.stdout.flush()
+"""
+
+
+class _Patterns:
+    """Matches schema patterns against model text in warm worker processes.
+
+    Python's ``re`` backtracks, holds the GIL and cannot be interrupted: ``^(a+)+$`` on 30
+    characters would freeze every thread.  A worker is killed and replaced when a match
+    passes its deadline.  At most ``workers`` match at once (a request waits its turn
+    within its deadline); where no worker can run, nothing is matched (``None``).
+    """
+
+    def __init__(self, workers: int = 4) -> None:
+        self._idle: List[Any] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(workers)
+
+    def search(self, pattern: str, text: str, deadline: float) -> Optional[bool]:
+        """Whether ``pattern`` is found in ``text``; None if that cannot be said by
+        ``deadline`` (a ``time.monotonic()``) or Python cannot compile the pattern."""
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return None
+        proc, answer = None, b""
+        try:
+            with self._lock:
+                proc = self._idle.pop() if self._idle else None
+            if proc is None:
+                import subprocess
+                proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _PATTERN_WORKER],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        stderr=subprocess.DEVNULL)
+            proc.stdin.write(_json_bytes([pattern, text]) + b"\n")
+            proc.stdin.flush()
+            with selectors.DefaultSelector() as ready:
+                ready.register(proc.stdout, selectors.EVENT_READ)
+                if ready.select(max(0.0, deadline - time.monotonic())):
+                    answer = proc.stdout.readline()
+        except (OSError, ValueError):
+            pass
+        finally:
+            if answer in (b"1\n", b"0\n", b"e\n"):
+                with self._lock:
+                    self._idle.append(proc)
+            elif proc is not None:
+                self._end(proc)
+            self._slots.release()
+        return {b"1\n": True, b"0\n": False}.get(answer)
+
+    def close(self) -> None:
+        """End the idle workers."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for proc in idle:
+            self._end(proc)
+
+    @staticmethod
+    def _end(proc: Any) -> None:
+        proc.kill()
+        proc.wait()
+        proc.stdin.close()
+        proc.stdout.close()
+
+
+class _Unchecked(Exception):
+    """A check that could not be finished: over its budget, or a pattern not matched."""
+
+
+# The schema keywords the validator checks, in the order it checks them: for each, what
+# its value must be (a predicate), or which schemas it holds ("one", "list", "map").
+_IS_COUNT, _IS_NUMBER = (lambda v: type(v) is int and v >= 0), (lambda v: type(v) in (int, float))
+_KEYWORDS: Dict[str, Any] = {
+    "$ref": lambda v: isinstance(v, str),
+    "type": lambda v: all(isinstance(k, str) and k in _JSON_TYPES
+                          for k in (v if isinstance(v, list) and v else [v])),
+    "enum": lambda v: isinstance(v, list), "const": lambda v: True,
+    "minimum": _IS_NUMBER, "maximum": _IS_NUMBER,
+    "exclusiveMinimum": lambda v: _IS_NUMBER(v) or isinstance(v, bool),
+    "exclusiveMaximum": lambda v: _IS_NUMBER(v) or isinstance(v, bool),
+    "multipleOf": lambda v: _IS_NUMBER(v) and v > 0,
+    "minLength": _IS_COUNT, "maxLength": _IS_COUNT, "minItems": _IS_COUNT,
+    "maxItems": _IS_COUNT, "minProperties": _IS_COUNT, "maxProperties": _IS_COUNT,
+    "pattern": lambda v: isinstance(v, str), "uniqueItems": lambda v: isinstance(v, bool),
+    "anyOf": "list", "oneOf": "list", "allOf": "list", "not": "one",
+    "if": "one", "then": "one", "else": "one",
+    "required": lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v),
+    "dependentRequired": lambda v: isinstance(v, dict) and all(
+        isinstance(x, list) and all(isinstance(k, str) for k in x) for x in v.values()),
+    "propertyNames": "one", "properties": "map", "patternProperties": "map",
+    "additionalProperties": "one", "prefixItems": "list", "items": "one", "contains": "one",
+    "minContains": _IS_COUNT, "maxContains": _IS_COUNT,
+    "$defs": "map", "definitions": "map",
+}
+# Annotations: they say what a value means, not what it may be (``format`` included).
+_SCHEMA_NOTES = {"title", "description", "default", "format", "examples", "$schema", "$id",
+                 "$comment", "deprecated", "readOnly", "writeOnly", "discriminator", "nullable",
+                 "strict", "contentMediaType", "contentEncoding"}
+
+
+class _Schema:
+    """A JSON Schema a request brings (a tool's parameters, a response format), read once:
+    malformed keywords are a 400 naming ``param``; keywords the validator does not check
+    are ignored, or a 400 under ``strict``; each ``enum`` is made canonical once.
+
+    :meth:`error` checks a value in time polynomial in schema size x value size: each
+    (subschema, place in the value) pair is checked once (so ``anyOf`` over ``$ref`` cannot
+    multiply), within ``STEPS`` pairs and ``SECONDS`` (pattern matching included).
+    """
+
+    STEPS = 200_000            # (subschema, place) pairs one check may visit
+    SECONDS = 1.0              # what one check of a reply may take, its patterns included
+    MAX_PATTERN = 1000         # characters of a pattern; a longer one is not checked
+    MAX_MATCHED = 10_000       # characters of a string a pattern is applied to
+
+    def __init__(self, schema: Any, param: str, strict: bool = False,
+                 patterns: Optional[_Patterns] = None, at: str = "") -> None:
+        self.root, self.param, self.strict, self.patterns = schema, param, strict, patterns
+        self.enums: Dict[int, Tuple[Any, str]] = {}  # id(enum or const) -> (set, message)
+        self.plans: Dict[int, List[Any]] = {}        # id(subschema) -> its checks, in order
+        problem = self._read(schema, at or param, 0)
+        if problem:
+            raise _bad(problem, param, "invalid_schema")
+
+    def _read(self, schema: Any, at: str, depth: int) -> Optional[str]:
+        if isinstance(schema, bool):
+            return None
+        if not isinstance(schema, dict) or depth > 64:
+            return "%s must be a JSON Schema object (at most 64 levels deep)" % at
+        for key, value in schema.items():
+            rule, where = _KEYWORDS.get(key), "%s.%s" % (at, key)
+            if rule is None:
+                if self.strict and key not in _SCHEMA_NOTES:
+                    return "%s: this server cannot check the keyword %r" % (at, key)
+                continue
+            subs = {"one": lambda: [(where, value)],
+                    "list": lambda: [("%s[%d]" % (where, i), v) for i, v in enumerate(value)],
+                    "map": lambda: [("%s.%s" % (where, k), v) for k, v in value.items()]}
+            ok = (isinstance(value, {"list": list, "map": dict}.get(rule, object))
+                  and (rule != "list" or bool(value))) if isinstance(rule, str) else rule(value)
+            if not ok:
+                return "%s is not a valid %r" % (where, key)
+            for sub_at, sub in subs[rule]() if isinstance(rule, str) else ():
+                problem = self._read(sub, sub_at, depth + 1)
+                if problem:
+                    return problem
+            for name in (value if key == "patternProperties" else [value] if key == "pattern"
+                         else ()):
+                problem = self._pattern_problem(name, where)
+                if problem:
+                    return problem
+            if key in ("enum", "const"):
+                items = value if key == "enum" else [value]
+                self.enums[id(value)] = (frozenset(map(_canonical, items)), (
+                    " one of " if key == "enum" else " ") + json.dumps(value)[:200])
+        self.plans[id(schema)] = list(dict.fromkeys(
+            _SCHEMA_CHECKS[k] for k in _KEYWORDS if k in schema and k in _SCHEMA_CHECKS))
+        return None
+
+    def _pattern_problem(self, pattern: str, where: str) -> Optional[str]:
+        """A pattern Python cannot compile (ECMA-262 syntax it lacks) is not checked, or
+        under ``strict`` is a 400."""
+        try:
+            ok = len(pattern) <= self.MAX_PATTERN and re.compile(pattern) is not None
+        except (re.error, OverflowError, RecursionError, ValueError):
+            ok = False
+        return None if ok or not self.strict else \
+            "%s: the pattern %r cannot be checked here" % (where, pattern[:100])
+
+    def error(self, value: Any, at: str = "$") -> Optional[str]:
+        """Why ``value`` does not fit the schema, or None if it does."""
+        state = {"memo": {}, "steps": 0, "deadline": time.monotonic() + self.SECONDS}
+        try:
+            return self._check(value, self.root, at, state)
+        except RecursionError:            # a schema or a value nested past Python's stack
+            return "it is nested too deeply to check"
+        except _Unchecked as exc:
+            if exc.args[0] is None:
+                return "it is too large to check against the schema (%d steps, %gs)" % (
+                    self.STEPS, self.SECONDS)
+            raise _bad("%s: %s" % (self.param, exc.args[0]), self.param, "invalid_schema") from None
+
+    def _match(self, pattern: str, text: str, state: Dict[str, Any]) -> bool:
+        found = None
+        if self.patterns is not None and len(text) <= self.MAX_MATCHED \
+                and len(pattern) <= self.MAX_PATTERN:
+            found = self.patterns.search(pattern, text, state["deadline"])
+        if found is None:
+            if self.strict:
+                raise _Unchecked("the pattern %r could not be matched within %gs"
+                                 % (pattern[:100], self.SECONDS))
+            return True                              # not checked: taken as it is
+        return found
+
+    def _check(self, value: Any, schema: Any, at: str, state: Dict[str, Any]) -> Optional[str]:
+        if schema is True or schema is False:
+            return None if schema else "%s is not allowed" % at
+        memo, key = state["memo"], (id(schema), at)
+        if key in memo:
+            return "%s: the schema loops" % at if memo[key] is None else memo[key] or None
+        state["steps"] += 1
+        if state["steps"] > self.STEPS or (state["steps"] % 256 == 0
+                                           and time.monotonic() > state["deadline"]):
+            raise _Unchecked(None)
+        memo[key] = None                             # under way: met again, it loops
+        error = None
+        for check in self.plans[id(schema)]:
+            error = check(self, value, schema, at, state)
             if error:
-                return error if name in props or extra is not False else \
-                    "%s is not a property the schema allows" % where
-    if isinstance(value, list):
-        first = schema.get("prefixItems") or []
-        for i, item in enumerate(value):
-            sub = first[i] if i < len(first) else schema.get("items", True)
-            error = _schema_error(item, sub, root, "%s[%d]" % (at, i))
+                break
+        memo[key] = error or ""
+        return error
+
+
+def _check_ref(v: _Schema, value: Any, schema: Dict[str, Any], at: str, state: Any) -> Optional[str]:
+    target = _resolve(v.root, schema["$ref"])
+    if not isinstance(target, bool) and (id(target) not in v.plans
+                                         or state["memo"].get((id(target), at), "") is None):
+        return "%s: the schema's $ref %r cannot be followed" % (at, schema["$ref"])
+    return v._check(value, target, at, state)
+
+
+def _check_properties(v: _Schema, value: Any, schema: Dict[str, Any], at: str,
+                      state: Any) -> Optional[str]:
+    """``required``, ``dependentRequired``, ``propertyNames``, ``properties``,
+    ``patternProperties`` and ``additionalProperties``, once for an object."""
+    if not isinstance(value, dict):
+        return None
+    for name in schema.get("required") or ():
+        if name not in value:
+            return "%s is missing the required property %r" % (at, name)
+    for name, needs in (schema.get("dependentRequired") or {}).items():
+        for other in needs if name in value else ():
+            if other not in value:
+                return "%s has %r, so it needs the property %r" % (at, name, other)
+    props, patterns = schema.get("properties") or {}, schema.get("patternProperties") or {}
+    extra = schema.get("additionalProperties", True)
+    for name, item in value.items():
+        where = "%s.%s" % (at, name)
+        if "propertyNames" in schema:
+            error = v._check(name, schema["propertyNames"], where + " (its name)", state)
             if error:
                 return error
+        subs = [props[name]] if name in props else []
+        subs += [s for p, s in patterns.items() if v._match(p, name, state)]
+        for sub in subs or [extra]:
+            error = v._check(item, sub, where, state)
+            if error:
+                return error if subs or extra is not False else \
+                    "%s is not a property the schema allows" % where
     return None
+
+
+def _check_items(v: _Schema, value: Any, schema: Dict[str, Any], at: str,
+                 state: Any) -> Optional[str]:
+    """``prefixItems``, ``items``, ``contains``, ``minContains`` and ``maxContains``, once."""
+    if not isinstance(value, list):
+        return None
+    first = schema.get("prefixItems") or []
+    for i, item in enumerate(value):
+        error = v._check(item, first[i] if i < len(first) else schema.get("items", True),
+                         "%s[%d]" % (at, i), state)
+        if error:
+            return error
+    if "contains" in schema:
+        n = sum(not v._check(item, schema["contains"], "%s[%d]" % (at, i), state)
+                for i, item in enumerate(value))
+        low, high = schema.get("minContains", 1), schema.get("maxContains", n)
+        if not low <= n <= high:
+            return "%s should hold %s %d items that fit its 'contains' schema, not %d" % (
+                at, "at least" if n < low else "at most", low if n < low else high, n)
+    return None
+
+
+def _check_bounds(v: _Schema, value: Any, schema: Dict[str, Any], at: str,
+                  state: Any) -> Optional[str]:
+    """The numeric bounds and the length, item and property counts, once."""
+    if type(value) in (int, float):
+        for key, ok in (("minimum", lambda b: value >= b), ("maximum", lambda b: value <= b),
+                        ("exclusiveMinimum", lambda b: value > b),
+                        ("exclusiveMaximum", lambda b: value < b),
+                        ("multipleOf", lambda b: _is_multiple(value, b))):
+            bound = schema.get(key)
+            if type(bound) in (int, float) and not ok(bound):
+                return "%s should be %s %s" % (at, key, bound)
+    kind = {str: "Length", list: "Items", dict: "Properties"}.get(type(value))
+    for key, sign in (("min%s" % kind, 1), ("max%s" % kind, -1)) if kind else ():
+        if key in schema and (len(value) - schema[key]) * sign < 0:
+            return "%s should have a %s of %d" % (at, key, schema[key])
+    return None
+
+
+# How each keyword is checked: (validator, value, schema, place, state) -> an error or None.
+# Keywords checked together (the bounds, an object's, an array's) share one check.
+_SCHEMA_CHECKS: Dict[str, Callable[..., Optional[str]]] = {
+    "$ref": _check_ref,
+    "type": lambda v, value, s, at, _: None if any(
+        _JSON_TYPES[k](value) for k in (s["type"] if isinstance(s["type"], list) else [s["type"]]))
+    else "%s should be of type %s, not %s" % (at, " or ".join(
+        s["type"] if isinstance(s["type"], list) else [s["type"]]), _shown(value)),
+    "enum": lambda v, value, s, at, _: None if _canonical(value) in v.enums[id(s["enum"])][0]
+    else "%s should be%s" % (at, v.enums[id(s["enum"])][1]),
+    "const": lambda v, value, s, at, _: None if _canonical(value) in v.enums[id(s["const"])][0]
+    else "%s should be%s" % (at, v.enums[id(s["const"])][1]),
+    **dict.fromkeys(("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf",
+                     "minLength", "maxLength", "minItems", "maxItems", "minProperties",
+                     "maxProperties"), _check_bounds),
+    "pattern": lambda v, value, s, at, state: None if not isinstance(value, str) or v._match(
+        s["pattern"], value, state) else "%s should match the pattern %r" % (at, s["pattern"]),
+    "uniqueItems": lambda v, value, s, at, _: "%s should hold no item twice" % at if (
+        s["uniqueItems"] and isinstance(value, list)
+        and len(set(map(_canonical, value))) < len(value)) else None,
+    "anyOf": lambda v, value, s, at, state: "%s fits none of the schemas it may take" % at if all(
+        v._check(value, sub, at, state) for sub in s["anyOf"]) else None,
+    "oneOf": lambda v, value, s, at, state: None if sum(
+        not v._check(value, sub, at, state) for sub in s["oneOf"]) == 1
+    else "%s should fit exactly one of the schemas it may take" % at,
+    "allOf": lambda v, value, s, at, state: next(filter(None, (
+        v._check(value, sub, at, state) for sub in s["allOf"])), None),
+    "not": lambda v, value, s, at, state: None if v._check(value, s["not"], at, state)
+    else "%s should not fit the schema it is told not to" % at,
+    "if": lambda v, value, s, at, state: v._check(value, s.get(
+        "else" if v._check(value, s["if"], at, state) else "then", True), at, state),
+    **dict.fromkeys(("required", "dependentRequired", "propertyNames", "properties",
+                     "patternProperties", "additionalProperties"), _check_properties),
+    **dict.fromkeys(("prefixItems", "items", "contains"), _check_items),
+}
 
 
 def _no_constant(name: str) -> Any:
@@ -2280,9 +2567,10 @@ class _Shape:
     and the format's JSON Schemas, with ``repairs`` more turns to fix a bad reply.
     """
     tools: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # name -> function spec
+    checks: Dict[str, _Schema] = field(default_factory=dict)       # name -> its parameters'
     choice: str = "auto"             # auto, required, none, or the one tool's name
     parallel: bool = True
-    fmt: Optional[Dict[str, Any]] = None    # {"schema": ..., "strict": bool} for JSON
+    fmt: Optional[Dict[str, Any]] = None    # {"schema": ..., "strict": bool, "check": _Schema}
     repairs: int = 1
 
     @property
@@ -2337,7 +2625,7 @@ class _Shape:
             found = _json_in(text)
             if found is None:
                 return None, [], "it holds no JSON"
-            error = _schema_error(found[0], self.fmt.get("schema") or {"type": "object"})
+            error = self.fmt["check"].error(found[0])
             return (found[1], [], None) if error is None else (None, [], error)
         return text, [], None
 
@@ -2364,7 +2652,7 @@ class _Shape:
                 return [], "%r is not a function you may call here; call one of %s" % (
                     name[:64], ", ".join(self.tools if self.choice in ("auto", "required")
                                          else [self.choice]))
-            error = _schema_error(args, self.tools[name].get("parameters") or {}, at="arguments")
+            error = self.checks[name].error(args, at="arguments")
             if error:
                 return [], "the call of %s is invalid: %s" % (name, error)
             calls.append({"id": _new_id("call_"), "name": name,
@@ -2372,7 +2660,7 @@ class _Shape:
         return calls, None
 
 
-def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
+def _shape(body: Dict[str, Any], repairs: int, patterns: Optional[_Patterns] = None) -> _Shape:
     """The tools, tool choice and response format of a chat request, validated."""
     shape = _Shape(repairs=repairs, parallel=_flag(body, "parallel_tool_calls")
                    if body.get("parallel_tool_calls") is not None else True)
@@ -2393,9 +2681,8 @@ def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
         if not isinstance(name, str) or not _TOOL_NAME.match(name):
             raise _bad("%s.function.name must be 1 to 64 letters, digits, '_', '.' or '-'"
                        % where, where + ".function.name", "invalid_value")
-        problem = _schema_problem(fn.get("parameters", {}), where + ".function.parameters")
-        if problem:
-            raise _bad(problem, where + ".function.parameters", "invalid_schema")
+        shape.checks[name] = _Schema(fn.get("parameters", {}), where + ".function.parameters",
+                                     fn.get("strict") is True, patterns)
         if name in shape.tools:
             raise _bad("%s repeats the function name %r" % (where, name), where, "invalid_value")
         shape.tools[name] = {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
@@ -2423,13 +2710,13 @@ def _shape(body: Dict[str, Any], repairs: int) -> _Shape:
         if not isinstance(spec, dict):
             raise _bad("response_format of type json_schema needs 'json_schema': {\"name\", "
                        "\"schema\", \"strict\"}", "response_format", "missing_required_parameter")
-        problem = _schema_problem(spec.get("schema", {}), "response_format.json_schema.schema")
-        if problem:
-            raise _bad(problem, "response_format", "invalid_schema")
-        shape.fmt = {"schema": spec.get("schema") or {"type": "object"},
-                     "strict": spec.get("strict") is True}
+        strict = spec.get("strict") is True
+        shape.fmt = {"schema": spec.get("schema") or {"type": "object"}, "strict": strict,
+                     "check": _Schema(spec.get("schema") or {"type": "object"}, "response_format",
+                                      strict, patterns, "response_format.json_schema.schema")}
     elif kind == "json_object":
-        shape.fmt = {"schema": None, "strict": False}
+        shape.fmt = {"schema": None, "strict": False,
+                     "check": _Schema({"type": "object"}, "response_format")}
     elif fmt is not None and kind != "text":
         raise _bad("'response_format' must have type 'text', 'json_object' or 'json_schema'",
                    "response_format", "invalid_value")
@@ -2548,7 +2835,7 @@ class _Generation:
                     return
                 conv = _Conversation(conv.system, conv.history + [("user", conv.message), (
                     "assistant", "".join(reply))], _REPAIR % error, conv.prompt_tokens,
-                    conv.images)
+                    conv.images, conv.uploads)
                 continue
             text, done = held.rest if error is not None else rest or "", "".join(sent)
             text = text.rstrip() if attempt == 0 and done else _after(done, text)
@@ -2573,7 +2860,7 @@ class _Generation:
             upstream = self.client.stream(
                 conv.message, conv.history, system_prompt=self.system,
                 temperature=s.temperature, max_tokens=s.max_tokens, top_p=s.top_p,
-                top_k=s.top_k, images=conv.images)
+                top_k=s.top_k, images=conv.images, uploads=conv.uploads)
         except BadRequestError as exc:      # name max_tokens as the client did
             if exc.param == "max_tokens" and s.max_tokens_param != "max_tokens":
                 raise BadRequestError(s.max_tokens_param + exc.message[len("max_tokens"):],
@@ -2691,15 +2978,15 @@ class _Reasoning:
 
 
 class _Cache:
-    """Finished answers kept for ``ttl`` seconds, at most ``size`` of them (the least
-    recently used go first), keyed by everything that shapes an answer and by the API
-    key, so that one key never sees another's.  Only whole answers go in: no errors,
-    nothing a client cut short."""
+    """Finished answers kept for ``ttl`` seconds, at most ``size`` of them and ``max_bytes``
+    of text in all (the least recently used go first; an answer over an eighth of that is
+    not kept), keyed by everything that shapes an answer and by the API key, so that one
+    key never sees another's.  Only whole answers go in: no errors, nothing cut short."""
 
-    def __init__(self, ttl: float, size: int) -> None:
-        self.ttl, self.size = ttl, size
+    def __init__(self, ttl: float, size: int, max_bytes: int = 64 << 20) -> None:
+        self.ttl, self.size, self.max_bytes, self.bytes = ttl, size, max_bytes, 0
         self._lock = threading.Lock()
-        self._items: Dict[str, Tuple[float, List[_Piece], CompletionUsage]] = {}
+        self._items: Dict[str, Tuple[float, List[_Piece], CompletionUsage, int]] = {}
 
     @staticmethod
     def key(*parts: Any) -> str:
@@ -2712,15 +2999,21 @@ class _Cache:
         with self._lock:
             item = self._items.pop(key, None)
             if item is None or item[0] < time.monotonic():
+                self.bytes -= item[3] if item else 0
                 return None
             self._items[key] = item                   # the most recently used, last
             return item[1], item[2]
 
     def put(self, key: str, pieces: List[_Piece], usage: CompletionUsage) -> None:
+        cost = sum(sys.getsizeof(p.text) + 200 for p in pieces)   # 200: the piece around it
+        if cost > self.max_bytes // 8:
+            return
         with self._lock:
-            self._items[key] = (time.monotonic() + self.ttl, pieces, usage)
-            while len(self._items) > self.size:
-                del self._items[next(iter(self._items))]
+            old = self._items.pop(key, None)
+            self._items[key] = (time.monotonic() + self.ttl, pieces, usage, cost)
+            self.bytes += cost - (old[3] if old else 0)
+            while len(self._items) > self.size or self.bytes > self.max_bytes:
+                self.bytes -= self._items.pop(next(iter(self._items)))[3]
 
 
 class _Cached:
@@ -2786,7 +3079,9 @@ class Config:
     port: int = DEFAULT_PORT
     api_keys: List[str] = field(default_factory=list)
     api_key_file: Optional[str] = None
+    admin_keys: List[str] = field(default_factory=list)
     allow_no_auth: bool = False
+    allowed_hosts: List[str] = field(default_factory=list)     # names, beside localhost
     cors_origins: List[str] = field(default_factory=list)
     trusted_proxies: List[str] = field(default_factory=list)   # addresses or CIDRs
     max_body_bytes: int = MAX_BODY_BYTES
@@ -2797,9 +3092,11 @@ class Config:
     send_timeout: float = 60.0
     max_concurrent: int = 512
     max_connections: int = 1024
+    max_client_connections: int = 128
     tool_repairs: int = 1
     cache_ttl: float = 0.0
     cache_size: int = 256
+    cache_bytes: int = 64 * 1024 * 1024
     max_messages: int = 2048
     max_chars: int = 1_000_000
     rate_limit_rpm: int = 0
@@ -2857,7 +3154,7 @@ class Config:
                 ok = False
             if not ok or not re.fullmatch(r"[\w.:\[\]-]+", parts.hostname or ""):
                 raise ValueError("upstream %r is not a URL of a Gradio app (http(s)://host[:port]"
-                                 "[/path]) nor a Hugging Face Space (owner/space)" % url)
+                                 "[/path]) nor a Hugging Face Space (owner/space)" % _redact(url))
         if self.reasoning not in REASONING_MODES:
             raise ValueError("reasoning must be one of %s, not %r"
                              % (", ".join(REASONING_MODES), self.reasoning))
@@ -2872,7 +3169,8 @@ class Config:
         if self.log_format not in ("text", "json"):
             raise ValueError("log format must be text or json, not %r" % self.log_format)
         for name in ("max_body_bytes", "max_concurrent", "max_messages", "max_chars",
-                     "max_connections", "max_event_bytes", "max_upstream_body", "cache_size"):
+                     "max_connections", "max_client_connections", "max_event_bytes",
+                     "max_upstream_body", "cache_size", "cache_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError("%s must be at least 1" % name)
         if not 0 <= self.tool_repairs <= 5 or self.cache_ttl < 0:
@@ -2940,14 +3238,17 @@ class _Backend:
         self.config = config
         self.routes = {r.id: r for r in (routes or _load_models(config))}
         self.created = int(time.time())
-        self.cache = _Cache(config.cache_ttl, config.cache_size) if config.cache_ttl else None
+        self.cache = _Cache(config.cache_ttl, config.cache_size, config.cache_bytes) \
+            if config.cache_ttl else None
+        self.patterns = _Patterns()            # schema patterns are matched in workers
 
     @property
     def default_model(self) -> str:
         return next(iter(self.routes))
 
     def close(self) -> None:
-        """Close every upstream client's idle connections."""
+        """Close every upstream client's idle connections, and end the pattern workers."""
+        self.patterns.close()
         for route in self.routes.values():
             for replica in route.pool.replicas:
                 replica.client.close()
@@ -3014,7 +3315,7 @@ class _Backend:
         conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
                              self.config.max_chars)
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
-        shape = _shape(body, self.config.tool_repairs)
+        shape = _shape(body, self.config.tool_repairs, self.patterns)
         stream = _flag(body, "stream")
         include_usage = _include_usage(body)
         gen = self._generation(route, conv, sampling, shape, ctx, "chat", body)
@@ -3201,7 +3502,7 @@ class _Backend:
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
-        shape = _shape(chat_body, self.config.tool_repairs)
+        shape = _shape(chat_body, self.config.tool_repairs, self.patterns)
         gen = self._generation(route, conv, sampling, shape, ctx, "responses", body)
         base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()),
                 "model": route.id, "error": None, "instructions": body.get("instructions"),
@@ -3434,7 +3735,8 @@ def _from_dict(cls: Any, data: Any) -> Any:
     return cls(**values)
 
 
-_STATUS_ERRORS = {400: BadRequestError, 401: AuthenticationError, 404: NotFoundError,
+_STATUS_ERRORS = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
+                  404: NotFoundError,
                   405: MethodNotAllowedError, 408: RequestTimeoutError,
                   413: RequestTooLargeError, 429: RateLimitError, 503: ServerOverloadedError}
 
@@ -3444,9 +3746,9 @@ class _OpenAIBackend:
     ``/v1``): the SDK is then a zero-dependency client of any such server."""
 
     def __init__(self, base_url: str, api_key: Optional[str], timeout: float, model: str) -> None:
-        self.base_url, self.api_key, self.timeout = base_url.rstrip("/"), api_key, timeout
+        self.base_url, self.api_key, self.timeout = _redact(base_url.rstrip("/")), api_key, timeout
         self.model = model                   # sent when a request names none
-        parts = urllib.parse.urlsplit(self.base_url)
+        parts = urllib.parse.urlsplit(base_url.rstrip("/"))
         cls = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
         self._connect = lambda: cls(parts.hostname, parts.port, timeout=timeout)
         self._path = parts.path
@@ -3746,21 +4048,19 @@ def _sha256(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
 
-def _key_hash(token: str) -> str:
-    """A short, stable name for a key in logs (never the key itself)."""
-    return _sha256(token).hex()[:10]
-
-
 class _KeyStore:
     """The accepted API keys: given ones plus a key file, re-read by :meth:`reload`.
 
-    Keys are kept only as SHA-256 digests and compared in constant time.
+    Keys are kept only as SHA-256 digests and compared in constant time; a key is known
+    by its whole digest (a short prefix is only for showing).  Admin keys (``admin_keys``,
+    or a key file line ``admin <key>``) also see every key's usage on the dashboard.
     """
 
-    def __init__(self, keys: Sequence[str] = (), path: Optional[str] = None) -> None:
-        self._given = [k for k in keys if k]
+    def __init__(self, keys: Sequence[str] = (), path: Optional[str] = None,
+                 admins: Sequence[str] = ()) -> None:
+        self._given = [(k, False) for k in keys if k] + [(k, True) for k in admins if k]
         self.path = path
-        self._digests: List[bytes] = []
+        self._digests: List[Tuple[bytes, bool]] = []
         self.reload()
 
     @property
@@ -3773,31 +4073,34 @@ class _KeyStore:
         if self.path:
             try:
                 with open(self.path, encoding="utf-8") as f:
-                    keys += [line.strip() for line in f
-                             if line.strip() and not line.lstrip().startswith("#")]
+                    lines = [line.split() for line in f if line.strip() and not
+                             line.lstrip().startswith("#")]
             except OSError as exc:
                 if self._digests:
                     _log.error("cannot re-read the key file (keeping %d keys): %s",
                                len(self._digests), exc)
                     return len(self._digests)
                 raise ValueError("cannot read the key file: %s" % exc) from None
-        self._digests = [_sha256(k) for k in keys]
+            keys += [(w[-1], w[0] == "admin" and len(w) == 2) for w in lines]
+        self._digests = [(_sha256(k), admin) for k, admin in keys]
         return len(self._digests)
 
-    def identify(self, authorization: Optional[str]) -> str:
-        """The key's short hash for ``Authorization: Bearer <key>``, or :class:`AuthenticationError`."""
+    def identify(self, authorization: Optional[str]) -> Tuple[str, bool]:
+        """``(the key's digest, is it an admin's)`` for ``Authorization: Bearer <key>``, or
+        :class:`AuthenticationError`."""
         scheme, _, token = (authorization or "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise AuthenticationError("Missing API key: send the header "
                                       "'Authorization: Bearer <key>'")
         import hmac
-        given, ok = _sha256(token), False
-        for digest in self._digests:    # no early exit: time does not depend on which key
-            ok |= hmac.compare_digest(given, digest)
-        if not ok:
+        given, found = _sha256(token), None
+        for digest, admin in self._digests:   # no early exit: time does not say which key
+            if hmac.compare_digest(given, digest):
+                found = admin
+        if found is None:
             raise AuthenticationError("Incorrect API key provided")
-        return _key_hash(token)
+        return given.hex(), found
 
 
 def _duration(seconds: float) -> str:
@@ -3821,8 +4124,9 @@ class _RateLimiter:
         self._open: Dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def take(self, who: str) -> Dict[str, str]:
-        """Spend one request; the ``x-ratelimit-*`` headers, or :class:`RateLimitError`."""
+    def take(self, who: str, what: str = "requests") -> Dict[str, str]:
+        """Spend one request; the ``x-ratelimit-*`` headers, or :class:`RateLimitError`
+        (``what`` names what is limited in its message)."""
         if not self.per_minute:
             return {}
         rate, now = self.per_minute / 60.0, time.monotonic()
@@ -3841,8 +4145,8 @@ class _RateLimiter:
                    "x-ratelimit-reset-requests": _duration((self.per_minute - tokens) / rate)}
         if not allowed:
             wait = (1 - tokens) / rate
-            raise RateLimitError("Rate limit reached: %d requests per minute; retry in %s"
-                                 % (self.per_minute, _duration(wait)),
+            raise RateLimitError("Rate limit reached: %d %s per minute; retry in %s"
+                                 % (self.per_minute, what, _duration(wait)),
                                  headers=dict(headers, **{"Retry-After": str(max(1, int(wait + 0.999)))}))
         return headers
 
@@ -4260,6 +4564,20 @@ class _Server(http.server.ThreadingHTTPServer):
         with self._count_lock:
             self.connections -= 1
 
+    def get_request(self) -> Any:
+        """``accept()``; out of file descriptors, said once a minute and backed off a
+        tenth of a second (else the loop spins on the waiting connection)."""
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                if time.monotonic() > getattr(self, "_said", -60.0) + 60:
+                    self._said = time.monotonic()
+                    _log.error("cannot accept connections: %s (the open-file limit; see "
+                               "ulimit -n and --max-connections)", exc.strerror)
+                time.sleep(0.1)
+            raise
+
     @property
     def url(self) -> str:
         """The server's base URL, e.g. ``http://127.0.0.1:8000``."""
@@ -4651,14 +4969,27 @@ class _GatewayHandler(_Handler):
         self._extra: Dict[str, str] = {}
         self._notes: Dict[str, Any] = {}
         self.client = str(self.client_address[0])
+        self.server.count_client(self.client, +1)
+
+    def finish(self) -> None:
+        try:
+            super().finish()
+        finally:
+            self.server.count_client(self.client_address[0], -1)
 
     def handle(self) -> None:
-        """Serve the connection, unless the server has all the connections it takes."""
-        if self.server.connections > self.server.config.max_connections:
+        """Serve the connection, unless the server, or this client's address (a trusted
+        proxy's aside), has all the connections it takes."""
+        srv, peer = self.server, str(self.client_address[0])
+        if srv.connections > srv.max_connections:
             self.send_error(503, "the server has its limit of %d connections open; retry shortly"
-                            % self.server.config.max_connections)
-            return
-        super().handle()
+                            % srv.max_connections)
+        elif srv.clients.get(peer, 0) > srv.config.max_client_connections and \
+                not srv.is_trusted(peer):
+            self.send_error(503, "this address has its limit of %d connections open; close some"
+                            % srv.config.max_client_connections)
+        else:
+            super().handle()
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
@@ -4714,11 +5045,14 @@ class _GatewayHandler(_Handler):
         headers.update(extra or {})
         return headers
 
-    def _route(self) -> Tuple[str, Dict[str, str], Optional[str]]:
-        """``(path, methods, model_id)`` for the request; :class:`NotFoundError` if none."""
+    def _path(self) -> str:
+        """The route's path: ``//`` and a trailing ``/`` tolerated, ``/v1`` added if left out."""
         path = re.sub(r"/{2,}", "/", urllib.parse.urlsplit(self.path).path).rstrip("/") or "/"
-        if not path.startswith("/v1/") and "/v1" + path in self._routes:
-            path = "/v1" + path
+        return "/v1" + path if not path.startswith("/v1/") and "/v1" + path in self._routes \
+            else path
+
+    def _route(self, path: str) -> Tuple[str, Dict[str, str], Optional[str]]:
+        """``(path, methods, model_id)`` for the request; :class:`NotFoundError` if none."""
         if path in self._routes:
             return path, self._routes[path], None
         m = re.fullmatch(r"/v1/models/(.+)", path)
@@ -4736,8 +5070,8 @@ class _GatewayHandler(_Handler):
         in ``X-Forwarded-For`` that is not a trusted proxy's."""
         import ipaddress
         trusted = self.server.trusted
-        hops = [self.client_address[0]] + [h.strip() for h in reversed(
-            ",".join(self.headers.get_all("X-Forwarded-For") or ()).split(","))]
+        hops = [self.client_address[0]] + [h.strip() for h in reversed(",".join(
+            self.headers.get_all("X-Forwarded-For") or ()).split(",")) if h.strip()]
         for hop in hops:
             try:
                 address = ipaddress.ip_address(hop)
@@ -4747,27 +5081,59 @@ class _GatewayHandler(_Handler):
                 return hop
         return hops[-1]
 
+    def _authenticate(self) -> None:
+        """The request's key (its digest) and whether it is an admin's; a wrong key spends
+        one of the client address's failed attempts (the rate limit, or 60 a minute)."""
+        srv = self.server
+        try:
+            self._key, self._admin = srv.keys.identify(self.headers.get("Authorization"))
+        except AuthenticationError:
+            srv.failures.take("ip:" + self.client, "requests with a wrong API key")
+            raise
+        self._who = "key:" + self._key
+
+    def _check_host(self) -> None:
+        """With no API keys, ``Host`` must be an address, ``localhost`` or an
+        ``--allowed-host``: any web page the user visits could otherwise reach the
+        gateway under a name of its own (DNS rebinding)."""
+        import ipaddress
+        host = (self.headers.get("Host") or "").strip().lower()
+        name = host[1:host.find("]")] if host.startswith("[") else host.rpartition(":")[0] \
+            if ":" in host else host
+        try:
+            ipaddress.ip_address(name)
+            return
+        except ValueError:
+            if not host or name == "localhost" or name.endswith(".localhost") \
+                    or name in self.server.config.allowed_hosts:
+                return
+        raise PermissionDeniedError("the Host %r is not a name this server answers to with no "
+                                    "API key; give --allowed-host %s, or API keys"
+                                    % (host[:100], name[:100] or "NAME"), code="host_not_allowed")
+
     def _dispatch(self) -> None:
         srv = self.server
         self.request_id = _new_id("req_")
         self.client = self._client() if srv.trusted else str(self.client_address[0])
         self._who = "ip:" + self.client
         self._extra, self._model, self._ttft, self._error = {}, None, None, None
-        self._key, self._notes = "-", {}
+        self._key, self._admin, self._notes = "-", not srv.keys.enabled, {}
         started = time.monotonic()
         status, route, slot = 500, "unknown", False
         srv.track(+1)
         try:
-            path, methods, model_id = self._route()
+            path = self._path()                         # authenticated before it is routed
+            if not srv.keys.enabled:
+                self._check_host()
+            elif path not in self._public:
+                self._authenticate()
+            path, methods, model_id = self._route(path)
             route = path if not model_id else "/v1/models/{id}"
             method = "GET" if self.command == "HEAD" else self.command
             if method not in methods:
                 raise MethodNotAllowedError("%s is not allowed on %s; use %s"
                                             % (self.command, path, ", ".join(methods)),
                                             headers={"Allow": ", ".join(methods)})
-            if path not in self._public and srv.keys.enabled:
-                self._key = srv.keys.identify(self.headers.get("Authorization"))
-                self._who = "key:" + self._key
             if path not in self._unlimited:
                 self._extra = srv.limiter.take(self._who)
             body = self._request_json() if method == "POST" else None   # before a slot:
@@ -4812,16 +5178,16 @@ class _GatewayHandler(_Handler):
         fields = {"method": self.command, "path": self.path[:200], "status": status,
                   "model": self._model or "-", "duration": round(took, 4),
                   "ttft": None if self._ttft is None else round(self._ttft, 4),
-                  "bytes": self.bytes_out, "request_id": self.request_id, "key": self._key,
+                  "bytes": self.bytes_out, "request_id": self.request_id, "key": self._key[:12],
                   "client": self.client}
         if self.server.config.log_format == "json":
-            _access_log.info(json.dumps(fields, ensure_ascii=False))
+            _access_log.info(_json_line(fields))
         else:
             _access_log.info('%s "%s %s" %d model=%s %.3fs ttft=%s bytes=%d %s key=%s',
                              _printable(fields["client"]), _printable(self.command),
                              _printable(fields["path"]), status, _printable(fields["model"]),
                              took, "-" if self._ttft is None else "%.3fs" % self._ttft,
-                             self.bytes_out, self.request_id, self._key)
+                             self.bytes_out, self.request_id, fields["key"])
 
     def _send_error(self, exc: BharatGenError) -> int:
         headers, self._error = dict(exc.headers), exc.type
@@ -4840,6 +5206,11 @@ class _GatewayHandler(_Handler):
                               self._headers())
 
     def _request_json(self) -> Any:
+        kind = self.headers.get_content_type()
+        if kind != "application/json":     # a web page's plain form or text/plain post
+            raise BadRequestError("send the body as JSON with 'Content-Type: application/json' "
+                                  "(not %s)" % kind[:100], status=415,
+                                  code="unsupported_media_type")
         body = _json_body(self.read_body(self.server.config.max_body_bytes))
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             self._model = body["model"][:100]
@@ -4866,7 +5237,6 @@ class _GatewayHandler(_Handler):
     def _op_page(self, body: None) -> int:
         """The browser page (chat and monitor).  It holds nothing secret; its CSP lets only
         its own inline script and style run, and connect only to this server."""
-        import base64
         csp = "default-src 'none'; connect-src 'self'; img-src data:; base-uri 'none'; " \
               "form-action 'none'; frame-ancestors 'none'"
         for tag in ("script", "style"):
@@ -4894,10 +5264,13 @@ class _GatewayHandler(_Handler):
                               "bharatgen_upstream_errors_total").items()},
                           "rate_limited": int(m.value("bharatgen_rate_limited_total"))},
                "recent": m.recent(), "models": srv.backend.health()[1]}
+        keys = out["recent"]["keys"]                  # a key sees its own row, an admin all
+        out["recent"] = dict(out["recent"], keys={k[:12]: v for k, v in keys.items()
+                                                  if self._admin or k == self._key})
         if srv.backend.cache is not None:
             out["cache"] = {"hits": int(m.value("bharatgen_cache_total", result="hit")),
                             "misses": int(m.value("bharatgen_cache_total", result="miss")),
-                            "size": len(srv.backend.cache)}
+                            "size": len(srv.backend.cache), "bytes": srv.backend.cache.bytes}
         return self.send_json(200, out, self._headers({"Cache-Control": "no-store"}))
 
     def _op_list_models(self, body: None) -> int:
@@ -5035,6 +5408,23 @@ class _GatewayHandler(_Handler):
         return 200
 
 
+def _open_files(raise_soft: bool = False) -> Optional[int]:
+    """The open-file limit (soft; None where there is none), first raised to the hard
+    limit if asked and allowed."""
+    try:
+        import resource
+    except ImportError:                    # Windows
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if raise_soft and soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 class GatewayServer(_Server):
     """The OpenAI-compatible server: one thread per connection, state on the instance.
 
@@ -5046,19 +5436,41 @@ class GatewayServer(_Server):
 
     def __init__(self, config: Config, backend: Optional[_Backend] = None) -> None:
         self.config = config
-        self.keys = _KeyStore(config.api_keys, config.api_key_file)
+        self.keys = _KeyStore(config.api_keys, config.api_key_file, config.admin_keys)
         self.metrics = _Metrics()
         self.backend = backend or _Backend(config)
         for route in self.backend.routes.values():
             for replica in route.pool.replicas:
                 replica.client.metrics = self.metrics
         self.limiter = _RateLimiter(config.rate_limit_rpm, config.rate_limit_streams)
+        self.failures = _RateLimiter(config.rate_limit_rpm or 60)   # wrong keys, by address
         import ipaddress
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
         self.closing = threading.Event()
         self.in_flight = 0
+        self.clients: Dict[str, int] = {}        # open connections by client address
+        self.max_connections = config.max_connections
+        files = _open_files()                    # each connection may hold two descriptors
+        if files is not None and 2 * self.max_connections + 128 > files:
+            self.max_connections = max(1, (files - 128) // 2)
+            _log.warning("--max-connections %d is lowered to %d: the open-file limit is %d "
+                         "(ulimit -n)", config.max_connections, self.max_connections, files)
         super().__init__((config.host, config.port), _GatewayHandler)
+
+    def count_client(self, address: str, delta: int) -> None:
+        with self._count_lock:
+            n = self.clients[address] = self.clients.get(address, 0) + delta
+            if n <= 0:
+                del self.clients[address]
+
+    def is_trusted(self, address: str) -> bool:
+        """Whether ``address`` is a trusted proxy's (``--trusted-proxy``)."""
+        import ipaddress
+        try:
+            return any(ipaddress.ip_address(address) in net for net in self.trusted)
+        except ValueError:
+            return False
 
     def track(self, delta: int) -> None:
         """Count requests being served (for :meth:`drain` and the metrics)."""
@@ -5330,10 +5742,8 @@ class DemoUpstream(_Server):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0,
                  queue: bool = True) -> None:
         self.token_delay, self.queue = token_delay, queue
-        self.jobs: Dict[str, _DemoJob] = {}
-        self.running: Dict[int, _DemoJob] = {}
-        self.calls: List[Any] = []
-        self.cancels: List[Any] = []
+        self.jobs: Dict[str, _DemoJob] = {}      # submitted, not streamed yet (at most 256)
+        self.running: Dict[int, _DemoJob] = {}   # streaming; a job's inputs go when it ends
         self.lock = threading.Lock()
         super().__init__((host, port), _DemoHandler)
 
@@ -5392,7 +5802,8 @@ class DemoUpstream(_Server):
         job = _DemoJob(body["data"], os.urandom(16).hex(), queue=queue)
         with self.lock:
             self.jobs["session:" + str(body.get("session_hash")) if queue else job.event_id] = job
-            self.calls.append(job.data)
+            while len(self.jobs) > 256:          # never streamed: the oldest are dropped
+                del self.jobs[next(iter(self.jobs))]
         return 200, {"event_id": job.event_id}
 
     def take(self, key: str) -> Optional[_DemoJob]:
@@ -5404,7 +5815,6 @@ class DemoUpstream(_Server):
             for job in self.running.values():
                 if isinstance(body, dict) and job.event_id == body.get("event_id"):
                     job.cancelled.set()
-            self.cancels.append(body)
 
     def _pace(self, job: _DemoJob) -> bool:
         """Wait until the job's next token is due (a steady rate: a late wake-up is made
@@ -5629,8 +6039,8 @@ def _cmd_bench(args: Any) -> int:
                                      str(args.token_delay)], r" at (http://\S+)")
             procs.append(proc)
         proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
-                            "--port", "0", "--max-concurrent", "100000",
-                            "--max-connections", "100000"],
+                            "--port", "0", "--max-concurrent", "100000", "--max-connections",
+                            "100000", "--max-client-connections", "100000"],
                            r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
         procs.append(proc)
         gateway_pid = proc.pid
@@ -5716,6 +6126,7 @@ def _cmd_serve(args: Any) -> int:
         raise SystemExit("error: refusing to serve on %s with no API key: anyone on the network "
                          "could use it. Give --api-key, --api-key-file or BHARATGEN_API_KEYS, "
                          "or --allow-no-auth if that is really what you want." % config.host)
+    _open_files(raise_soft=True)
     demo = None
     if args.demo or not (config.upstream or config.models_file):
         demo = _start_demo(config, args.token_delay, sys.stderr)
@@ -5777,7 +6188,7 @@ class _JSONFormatter(logging.Formatter):
             line.update(json.loads(message))
         else:
             line["message"] = message
-        return json.dumps(line, ensure_ascii=False)
+        return _json_line(line)
 
 
 def _announce(server: GatewayServer) -> None:
@@ -5959,8 +6370,12 @@ _SERVE_FLAGS = (
     ("host", "address to bind (default 127.0.0.1)"),
     ("port", "port (default %d; 0 picks a free one)" % DEFAULT_PORT),
     ("api_keys", "accepted bearer key; repeatable (env BHARATGEN_API_KEYS, comma list)"),
-    ("api_key_file", "more keys, one a line; re-read on SIGHUP"),
+    ("api_key_file", "more keys, one a line ('admin KEY' for an admin key); re-read on SIGHUP"),
+    ("admin_keys", "a key that also sees every key's usage on the dashboard; repeatable "
+                   "(env BHARATGEN_ADMIN_KEYS)"),
     ("allow_no_auth", "serve a non-loopback address with no key (refused otherwise)"),
+    ("allowed_hosts", "with no key, a name the server answers to in Host besides localhost "
+                      "and addresses; repeatable"),
     ("cors_origins", "let browser pages from ORIGIN call the API; repeatable; * for any"),
     ("trusted_proxies", "a reverse proxy's address or CIDR (repeatable): requests from it are "
                         "counted and logged by the client address in its X-Forwarded-For"),
@@ -5970,6 +6385,8 @@ _SERVE_FLAGS = (
     ("reasoning_field", "name of that field (default reasoning_content)"),
     ("max_concurrent", "requests served at once; beyond it 503 (default 512)"),
     ("max_connections", "client connections open at once; beyond it 503 (default 1024)"),
+    ("max_client_connections", "connections one client address may hold open (a trusted "
+                               "proxy's: any); beyond it 503 (default 128)"),
     ("max_messages", "messages a request may hold (default 2048)"),
     ("max_chars", "characters a request's messages may hold (default 1000000)"),
     ("max_body_bytes", "request body limit (default 4 MiB)"),
@@ -5983,13 +6400,16 @@ _SERVE_FLAGS = (
     ("cache_ttl", "seconds an answer is kept and served again for the same request and "
                   "key (default 0: no cache)"),
     ("cache_size", "answers the cache holds, least recently used dropped (default 256)"),
+    ("cache_bytes", "memory the cache's answers may take, in all (default 64 MiB); an answer "
+                    "over an eighth of it is not kept"),
     ("rate_limit_rpm", "requests a minute per key (default: none)"),
     ("rate_limit_streams", "concurrent streams per key (default: none)"),
     ("grace", "on SIGTERM, seconds to let streams finish (default 30)"),
     ("log_format", "access log format: text (default) or json"),
 )
 _FLAG_NAMES = {"api_keys": "--api-key", "cors_origins": "--cors-origin", "models_file": "--config",
-               "trusted_proxies": "--trusted-proxy"}
+               "trusted_proxies": "--trusted-proxy", "admin_keys": "--admin-key",
+               "allowed_hosts": "--allowed-host"}
 
 
 def _add_flags(parser: Any, flags: Sequence[Tuple[str, str]]) -> None:

@@ -39,6 +39,11 @@ HELLO = "Hello! How are you doing today?"
 HINDI = "नमस्ते! भारत की राजधानी नई दिल्ली है। 🙏"
 
 
+def short_key(key):
+    """How logs and the dashboard show a key: the start of its SHA-256 digest."""
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def thought_of(prompt):
     return "The user said: %s. Let me think step by step." % prompt
 
@@ -1254,8 +1259,8 @@ class RequestMappingTests(unittest.TestCase):
         shape = bg._shape({"tools": [fn], "tool_choice": {"type": "function", "function": {
             "name": "f"}}, "response_format": {"type": "json_schema", "json_schema": {
                 "name": "x", "schema": {"type": "array"}, "strict": True}}}, 2)
-        self.assertEqual((shape.choice, shape.fmt, shape.repairs, shape.hold_all),
-                         ("f", {"schema": {"type": "array"}, "strict": True}, 2, True))
+        self.assertEqual((shape.choice, shape.fmt["schema"], shape.fmt["strict"], shape.repairs,
+                          shape.hold_all), ("f", {"type": "array"}, True, 2, True))
 
 
 WEATHER = {"type": "function", "function": {
@@ -1266,7 +1271,27 @@ POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "tags": {
     "type": "array", "items": {"type": "string"}}}, "required": ["x", "tags"]}
 
 
+def schema_problem(schema, strict=True):
+    """Why a schema is refused when a request brings it (None if it is taken)."""
+    try:
+        bg._Schema(schema, "s", strict)
+    except bg.BadRequestError as exc:
+        return exc.message
+    return None
+
+
 class SchemaTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.patterns = bg._Patterns()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.patterns.close()
+
+    def error(self, value, schema, strict=False):
+        return bg._Schema(schema, "s", strict, self.patterns).error(value)
+
     def test_the_validator_says_what_is_wrong(self):
         defs = {"$defs": {"P": POINT}, "type": "object", "properties": {
             "p": {"$ref": "#/$defs/P"}, "kind": {"enum": ["a", "b"]},
@@ -1284,19 +1309,25 @@ class SchemaTests(unittest.TestCase):
                 ({"t": 1}, "$.t is not a property the schema allows"),
                 ([], "$ should be of type object, not []")]:
             with self.subTest(value=value):
-                self.assertEqual(bg._schema_error(value, defs), error)
+                self.assertEqual(self.error(value, defs), error)
         loop = {"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}
-        self.assertEqual(bg._schema_error(1, loop), "$: the schema's $ref '#/$defs/A' cannot be followed")
-        self.assertEqual(bg._schema_error(1, {"$ref": "http://x/s.json"}),
+        self.assertEqual(self.error(1, loop), "$: the schema's $ref '#/$defs/A' cannot be followed")
+        self.assertEqual(self.error(1, {"$ref": "http://x/s.json"}),
                          "$: the schema's $ref 'http://x/s.json' cannot be followed")
 
-    def test_a_schema_nested_past_the_stack_is_an_error_to_repair(self):
-        deep = {"type": "object"}
-        for _ in range(5000):
+    def test_a_value_nested_past_the_stack_is_an_error_to_repair(self):
+        shape = bg._shape({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/T"}}, "$defs": {
+                "T": {"type": "array", "items": {"$ref": "#/$defs/T"}}}}}}]}, 1)
+        call = '<tool_call>{"name": "f", "arguments": {"a": %s}}</tool_call>' % ("[" * 900 + "]" * 900)
+        self.assertEqual(shape.check(call), (None, [], "the call of f is invalid: it is nested "
+                                                       "too deeply to check"))
+        self.assertEqual(schema_problem({"allOf": [{"allOf": [{}]}]}), None)
+        deep = {}
+        for _ in range(65):
             deep = {"allOf": [deep]}
-        shape = bg._Shape(tools={"f": {"name": "f", "parameters": deep}})
-        self.assertEqual(shape.check('<tool_call>{"name": "f", "arguments": {}}</tool_call>'),
-                         (None, [], "it is nested too deeply to check"))
+        self.assertEqual(schema_problem(deep, strict=False), "s" + ".allOf[0]" * 65 + " must be a "
+                         "JSON Schema object (at most 64 levels deep)")
 
     def test_checked_keywords_and_json_equality(self):
         tree = {"$defs": {"N": {"type": "object", "properties": {"kids": {"type": "array",
@@ -1328,31 +1359,38 @@ class SchemaTests(unittest.TestCase):
                 ({"minimum": 5}, True, None), ({"exclusiveMinimum": True, "minimum": 1}, 1, None),
                 (tree, deep, None)]:
             with self.subTest(schema=schema, value=value):
-                self.assertEqual(bg._schema_problem(schema, "s"), None)
-                self.assertEqual(bg._schema_error(value, schema), error)
+                self.assertEqual(schema_problem(schema), None)
+                self.assertEqual(self.error(value, schema), error)
         self.assertEqual(bg._json_in('{"v": NaN} or {"v": 1}'), ({"v": 1}, '{"v": 1}'))
 
     def test_schemas_that_cannot_be_checked_are_refused(self):
-        for schema, problem in [
-                ({"type": {}}, "s.type is not a valid 'type'"),
-                ({"type": ["x"]}, "s.type is not a valid 'type'"),
-                ({"required": 5}, "s.required is not a valid 'required'"),
-                ({"enum": "abc"}, "s.enum is not a valid 'enum'"),
-                ({"allOf": 5}, "s.allOf is not a valid 'allOf'"),
-                ({"pattern": "("}, "s.pattern is not a valid 'pattern'"),
-                ({"maxLength": -1}, "s.maxLength is not a valid 'maxLength'"),
-                ({"properties": {"a": {"if": {}}}}, "s.properties.a: this server cannot check "
-                                                    "the keyword 'if'"),
-                ({"items": [{}]}, "s.items must be a JSON Schema object (at most 64 levels deep)")]:
+        for schema, problem, strict_problem in [
+                ({"type": {}}, "s.type is not a valid 'type'", None),
+                ({"type": ["x"]}, "s.type is not a valid 'type'", None),
+                ({"required": 5}, "s.required is not a valid 'required'", None),
+                ({"enum": "abc"}, "s.enum is not a valid 'enum'", None),
+                ({"allOf": 5}, "s.allOf is not a valid 'allOf'", None),
+                ({"maxLength": -1}, "s.maxLength is not a valid 'maxLength'", None),
+                ({"multipleOf": 0}, "s.multipleOf is not a valid 'multipleOf'", None),
+                ({"items": [{}]}, "s.items must be a JSON Schema object (at most 64 levels "
+                                  "deep)", None),
+                ({"pattern": "("}, None, "s.pattern: the pattern '(' cannot be checked here"),
+                ({"pattern": "a" * 1001}, None, "s.pattern: the pattern %r cannot be checked "
+                                               "here" % ("a" * 100)),
+                ({"patternProperties": {"\\p{L}": {}}}, None,
+                 "s.patternProperties: the pattern '\\\\p{L}' cannot be checked here"),
+                ({"properties": {"a": {"unevaluatedProperties": False}}}, None,
+                 "s.properties.a: this server cannot check the keyword 'unevaluatedProperties'")]:
             with self.subTest(schema=schema):
-                self.assertEqual(bg._schema_problem(schema, "s"), problem)
+                self.assertEqual(schema_problem(schema, strict=False), problem)
+                self.assertEqual(schema_problem(schema, strict=True), problem or strict_problem)
 
     def test_a_bare_json_call_is_the_call_not_the_content(self):
-        shape = bg._Shape(tools={"get_weather": WEATHER["function"]}, choice="required")
+        shape = bg._shape({"tools": [WEATHER], "tool_choice": "required"}, 1)
         rest, calls, error = shape.check('{"name": "get_weather", "arguments": {"city": "Pune"}}')
         self.assertEqual((rest.strip(), [(c["name"], c["arguments"]) for c in calls], error),
                          ("", [("get_weather", '{"city": "Pune"}')], None))
-        shape = bg._Shape(tools={"get_weather": WEATHER["function"]})
+        shape = bg._shape({"tools": [WEATHER]}, 1)
         self.assertEqual(shape.check("I would write <tool_call> tags here."),
                          ("I would write <tool_call> tags here.", [], None))   # prose: no call
 
@@ -1700,6 +1738,7 @@ class FakeGradio(bg.DemoUpstream):
         self.endpoint = ("respond" if version == 6 else "chat") if chat_interface else "chat_fn_1"
         self.replay = dict(replay or {})
         self.auth_seen, self.accepted, self.active_streams = [], 0, 0
+        self.calls, self.cancels = [], []
         super().__init__(host, port, token_delay=token_delay, queue=queue)
 
     def verify_request(self, request, client_address):
@@ -1730,7 +1769,14 @@ class FakeGradio(bg.DemoUpstream):
             self.auth_seen.append(headers.get("Authorization"))
         if data and isinstance(data[0], str) and "[[busy]]" in data[0]:
             return 503, {"detail": "Queue is full. Max size is 0 and size is 0."}
+        with self.lock:
+            self.calls.append(data)
         return super().submit(body, queue, headers)
+
+    def cancel(self, body):
+        with self.lock:
+            self.cancels.append(body)
+        super().cancel(body)
 
     def _check_sliders(self, values):
         for name, (lo, hi) in SLIDERS.items():       # Gradio 5 and later refuse these
@@ -2031,7 +2077,7 @@ class GradioClientTests(unittest.TestCase):
             list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[hang]]"))
         with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.2s"):
             list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
+        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output for 0.3s"):
             list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
 
     def test_a_stall_after_output_ends_within_the_timeout(self):
@@ -2040,7 +2086,7 @@ class GradioClientTests(unittest.TestCase):
             updates = client.stream("[[stall]] Say hello")
             next(updates)                             # output has started
             started = time.monotonic()
-            with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
+            with self.assertRaisesRegex(bg.APITimeoutError, "sent no output for 0.3s"):
                 list(updates)
             self.assertLess(time.monotonic() - started, 2)
             self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
@@ -2991,7 +3037,7 @@ class StreamingTests(unittest.TestCase):
             sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
         body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True, "max_tokens": 8192,
                            "messages": [{"role": "user", "content": prompt}]}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
                      b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
                      % (len(body), body))
         return sock
@@ -3049,7 +3095,7 @@ class CancellationTests(unittest.TestCase):
             sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=TIMEOUT)
             body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
                                "messages": [{"role": "user", "content": "2000 words"}]}).encode()
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                          b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
             self.assertIn(b"200 OK", sock.recv(4096))
             self.assertTrue(self.wait_for(lambda: demo.active_streams == 1))
@@ -3070,7 +3116,7 @@ class CancellationTests(unittest.TestCase):
         slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         slow.settimeout(TIMEOUT)
         slow.connect(("127.0.0.1", demo.server_address[1]))
-        slow.sendall(b"GET /gradio_api/call/chat_fn_1/%s HTTP/1.1\r\nHost: x\r\n\r\n"
+        slow.sendall(b"GET /gradio_api/call/chat_fn_1/%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
                      % json.loads(body)["event_id"].encode())
         self.assertIn(b"200 OK", slow.recv(1024))
         time.sleep(0.3)                             # its socket buffers fill; it reads no more
@@ -3143,8 +3189,8 @@ class LimitTests(unittest.TestCase):
         status, _, body = parse_response(raw_exchange(gw.server_address[1], b"POST /v1/chat"))
         self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
         status, _, body = parse_response(raw_exchange(
-            gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: 100\r\n\r\n{\"model\""))
+            gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\""))
         self.assertEqual((status, json.loads(body)["error"]), (408, {
             "message": "the request body did not arrive within 0.3s",
             "type": "invalid_request_error", "param": None, "code": "request_timeout"}))
@@ -3156,6 +3202,7 @@ class LimitTests(unittest.TestCase):
         port, body = gw.server_address[1], json.dumps(
             {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
         head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n"
+                b"content-type: application/json\r\n"
                 b"AUTHORIZATION:Bearer sk-a  \r\nConnection: close\r\n"
                 % len(body))
         status, head_in, answer = parse_response(raw_exchange(port, head + b"\r\n" + body))
@@ -3177,8 +3224,9 @@ class LimitTests(unittest.TestCase):
         gw = start_gateway(self, self.demo.url)
         port, body = gw.server_address[1], json.dumps(
             {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
-        raw = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: "
-                                 b"100-continue\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+        raw = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nExpect: "
+                                 b"100-continue\r\nContent-Length: %d\r\nConnection: close\r\n"
+                                 b"Content-Type: application/json\r\n\r\n%s"
                            % (len(body), body))
         interim, _, rest = raw.partition(b"\r\n\r\n")
         status, head, answer = parse_response(rest)
@@ -3192,7 +3240,7 @@ class LimitTests(unittest.TestCase):
         for request, status, message, code in (
                 (b"GET /%s HTTP/1.1\r\n\r\n" % (b"a" * 65540), 414, http.HTTPStatus(414).phrase,
                  "bad_request"),
-                (b"BREW /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", 405, "Unsupported method ('BREW')",
+                (b"BREW /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n", 405, "Unsupported method ('BREW')",
                  "method_not_allowed"),
                 (b"GET /health HTTP/2.0\r\n\r\n", 400, "Invalid HTTP version (2.0)", "bad_request"),
                 (b"GET /health HTTP/1.1 x\r\n\r\n", 400, "Bad request version ('x')", "bad_request")):
@@ -3275,7 +3323,7 @@ class LimitTests(unittest.TestCase):
             wait_for_logs(logs, 3)
         text = "\n".join(logs.output)
         self.assertNotIn("sk-file", text)
-        self.assertIn("key=%s" % bg._key_hash("sk-file-two"), text)
+        self.assertIn("key=%s" % short_key("sk-file-two"), text)
 
     def test_access_log_line_and_json_format(self):
         gw = start_gateway(self, self.demo.url, log_format="json")
@@ -3371,7 +3419,7 @@ class PageTests(unittest.TestCase):
                          200)
 
     def test_dashboard_counts_requests_tokens_errors_and_keys(self):
-        gw = start_gateway(self, self.demo.url, api_keys=["k1", "k2"])
+        gw = start_gateway(self, self.demo.url, api_keys=["k2"], admin_keys=["k1"])
         k1, k2 = {"Authorization": "Bearer k1"}, {"Authorization": "Bearer k2"}
         usage = json.loads(chat(gw, "Say hello", headers=k1)[2])["usage"]
         chat(gw, "Say hello", stream=True, headers=k1)
@@ -3408,10 +3456,12 @@ class PageTests(unittest.TestCase):
                          (600, 5, {"200": 3, "401": 1, "502": 1},
                           {"upstream_error": 2, "invalid_request_error": 1}, tokens_in, tokens_out))
         self.assertEqual(recent["keys"], {
-            bg._key_hash("k1"): {"requests": 2, "errors": 0, "tokens_in": 2 * usage["prompt_tokens"],
+            short_key("k1"): {"requests": 2, "errors": 0, "tokens_in": 2 * usage["prompt_tokens"],
                                  "tokens_out": 2 * usage["completion_tokens"]},
-            bg._key_hash("k2"): {"requests": 2, "errors": 2, "tokens_in": error_in + midstream,
+            short_key("k2"): {"requests": 2, "errors": 2, "tokens_in": error_in + midstream,
                                  "tokens_out": midstream_out}})
+        own = json.loads(request(gw.url, "GET", "/v1/dashboard", headers=k2)[2])["recent"]["keys"]
+        self.assertEqual(own, {short_key("k2"): recent["keys"][short_key("k2")]})  # not an admin
         self.assertGreater(midstream_out, 0)          # the thought it sent before failing
         ttft, latency = recent["ttft"], recent["latency"]           # 2 streams, 2 answers
         self.assertTrue(0 < ttft["p50"] <= ttft["p95"] < TIMEOUT, ttft)
@@ -3431,7 +3481,7 @@ class PageTests(unittest.TestCase):
         for path in ("/v1/dashboard", "/health"):
             body = request(gw.url, "GET", path)[2].decode()
             self.assertEqual(("secret" in body, json.loads(body)["models"][bg.DEFAULT_MODEL][0]["url"]),
-                             (False, "http://127.0.0.1:9"), body)
+                             (False, "http://***@127.0.0.1:9"), body)
 
     def test_dashboard_window_is_bounded_and_expires_and_a_cache_shows_when_present(self):
         gw = start_gateway(self, self.demo.url, rate_limit_rpm=1, cache_ttl=60)
@@ -3450,7 +3500,9 @@ class PageTests(unittest.TestCase):
             self.assertEqual(status, 200)
         d = json.loads(body)
         self.assertEqual((d["recent"]["requests"], len(d["recent"]["series"]), d["totals"]["requests"],
-                          d["cache"]), (0, 5, 20007, {"hits": 0, "misses": 1, "size": 1}))
+                          d["cache"]), (0, 5, 20007, {"hits": 0, "misses": 1, "size": 1,
+                                                      "bytes": gw.backend.cache.bytes}))
+        self.assertTrue(0 < gw.backend.cache.bytes < 2000, gw.backend.cache.bytes)
 
 
 class FuzzTests(unittest.TestCase):
@@ -3505,7 +3557,7 @@ class FuzzTests(unittest.TestCase):
             body = body_variant()
             if choice == 0:                                                  # wrong method
                 method = rng.choice(["GET", "PUT", "DELETE", "PATCH", "FOO", "TRACE"])
-                return b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
+                return b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n%s" % (
                     method.encode(), path.encode(), len(body), body), False
             if choice == 1:                                                  # bad request line
                 return rng.choice([b"GARBAGE\r\n\r\n", b"POST\r\n\r\n", b"\r\n\r\nPOST /x\r\n\r\n",
@@ -3518,13 +3570,13 @@ class FuzzTests(unittest.TestCase):
                                      b"X-" + b"a" * 70000 + b": 1",
                                      b"Transfer-Encoding: chunked\r\n\r\nzz",
                                      b"\xff\xfe: \xff"])
-                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % header, True
+                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n" % header, True
             if choice == 3:                                                  # many headers
                 return b"POST /v1/chat/completions HTTP/1.1\r\n" + b"X-A: 1\r\n" * 150 + b"\r\n", True
             if choice == 4:                                                  # truncated body
-                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (
-                    len(body) + 10, body), True
-            return b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n" \
+                return b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: " \
+                       b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body) + 10, body), True
+            return b"POST %s HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" \
                    b"Content-Length: %d\r\n\r\n%s" % (path.encode("latin-1", "replace"), len(body), body), False
 
         problems = []
@@ -3600,7 +3652,7 @@ class FaultTests(unittest.TestCase):
 
 # -- security: request framing ---------------------------------------------------------
 
-PIPELINED = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"      # must never be answered
+PIPELINED = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"      # must never be answered
 CHAT_72 = b'{"messages":[{"role":"user","content":"Say hello, please. Thank you."}]}'   # 72 bytes
 
 
@@ -3712,7 +3764,7 @@ class FramingTests(unittest.TestCase):
 
     def post(self, fields, body=CHAT_72):
         """A chat request with these header fields (bytes, each ending in CRLF) and body."""
-        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                 b"application/json\r\n" + fields + b"\r\n" + body)
 
     # -- Content-Length and Transfer-Encoding --------------------------------------------
@@ -3761,26 +3813,26 @@ class FramingTests(unittest.TestCase):
                      b"X-A: a\x00b", b"X-A: a\rb", b"X-A: a\x1bb", b"X-A: a\x7fb",
                      b"X-A: a\r\n b", b"X-A: a\r\n\tb"):
             with self.subTest(line=line):
-                self.assert_refused(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n%s\r\n\r\n" % line,
+                self.assert_refused(b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n%s\r\n\r\n" % line,
                                     400, "bad_request")
         # HTAB inside a value is allowed: both requests are answered
         responses = split_responses(read_until_close(
-            self, self.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\tb\r\n\r\n"
-            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+            self, self.port, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-A: a\tb\r\n\r\n"
+            b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
         self.assertEqual([r[0] for r in responses], [200, 200], responses)
         self.assert_still_serving()
 
     def test_missing_or_repeated_host_is_400(self):
         for data in (b"GET /v1/models HTTP/1.1\r\n\r\n",
                      b"GET /v1/models HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
-                     b"GET /v1/models HTTP/1.1\r\nHost: x\r\nhost: x\r\n\r\n"):
+                     b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nhost: x\r\n\r\n"):
             with self.subTest(data=data):
                 self.assert_refused(data, 400, "bad_request")
         self.assert_still_serving()
 
     def test_non_ascii_digit_in_the_version_is_400(self):
-        self.assert_refused(b"GET / HTTP/\xc2\xb2.1\r\nHost: x\r\n\r\n", 400, "bad_request")
-        self.assert_refused(b"GET /health HTTP/1.\xd9\xa1\r\nHost: x\r\n\r\n", 400, "bad_request")
+        self.assert_refused(b"GET / HTTP/\xc2\xb2.1\r\nHost: localhost\r\n\r\n", 400, "bad_request")
+        self.assert_refused(b"GET /health HTTP/1.\xd9\xa1\r\nHost: localhost\r\n\r\n", 400, "bad_request")
         self.assert_still_serving()
 
     # -- bodies nobody reads ---------------------------------------------------------------
@@ -3791,7 +3843,7 @@ class FramingTests(unittest.TestCase):
                                      (b"GET", b"/v1/nothing", 404),
                                      (b"GET", b"/v1/chat/completions", 405)):
             with self.subTest(method=method, path=path):
-                responses = self.answer(b"%s %s HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"
+                responses = self.answer(b"%s %s HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\n"
                                         b"hello" % (method, path))
                 self.assertEqual([r[0] for r in responses], [status], responses)
                 self.assertRegex(responses[0][1], r"\r\nConnection: close(\r\n|$)")
@@ -3804,7 +3856,7 @@ class FramingTests(unittest.TestCase):
         port = gw.server_address[1]
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.addCleanup(sock.close)
-        head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
+        head = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
         started = time.monotonic()
         for i in range(len(head)):                 # 16 s if never cut off: bounded at 5 s
             if time.monotonic() - started > 5:
@@ -3862,7 +3914,7 @@ class FramingTests(unittest.TestCase):
         deadline, statuses = time.monotonic() + 5, []
         while time.monotonic() < deadline:          # the server notices the close soon
             responses = split_responses(read_until_close(
-                self, port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+                self, port, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"))
             statuses.append(responses[0][0] if responses else None)
             if statuses[-1] != 503:
                 break
@@ -3882,7 +3934,7 @@ class FramingTests(unittest.TestCase):
         body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
                            "messages": [{"role": "user", "content": "20000 words"}]}).encode()
         started = time.monotonic()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         begun = b""
         while b"\r\n" not in begun:                   # the status line: the stream has begun
@@ -3931,7 +3983,7 @@ class FramingTests(unittest.TestCase):
         port = gw.server_address[1]
 
         def preflight(value):
-            return self.answer(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            return self.answer(b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
                                b"Origin: http://ui.example\r\nAccess-Control-Request-Method: POST"
                                b"\r\nAccess-Control-Request-Headers: " + value + b"\r\n"
                                b"Connection: close\r\n\r\n", port)
@@ -3947,7 +3999,7 @@ class FramingTests(unittest.TestCase):
         self.assertNotIn("a=b", allowed[0])
         # a bare CR inside the value is a framing error
         head, _ = self.assert_refused(
-            b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nOrigin: http://ui.example\r\n"
+            b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nOrigin: http://ui.example\r\n"
             b"Access-Control-Request-Headers: x-evil\rSet-Cookie: a=b\r\n\r\n", 400, "bad_request",
             port)
         self.assertEqual(header_values(head, "Set-Cookie"), [])
@@ -4344,7 +4396,7 @@ class UpstreamFaultTests(unittest.TestCase):
         self.addCleanup(sock.close)
         body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
                            "messages": [{"role": "user", "content": "Say hello"}]}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: "
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
                      b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
         got, deadline = b"", time.monotonic() + 5
         while b"flood" not in got and time.monotonic() < deadline:   # read a little
@@ -4434,7 +4486,7 @@ class BoundsTests(unittest.TestCase):
 
     def test_a_request_head_over_64_kib_in_all_is_431(self):
         fields = b"".join(b"X-%d: %s\r\n" % (i, b"a" * 1000) for i in range(70))
-        raw = read_until_close(self, self.port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\n"
+        raw = read_until_close(self, self.port, b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n"
                                + fields + b"\r\n")
         [(status, head, body)] = split_responses(raw)
         self.assertEqual((status, json.loads(body)["error"]["message"]), (431, "Line too long"))
@@ -4447,14 +4499,14 @@ class BoundsTests(unittest.TestCase):
                      b"GET /v1/mod\xc3\xa9ls HTTP/1.1"):
             with self.subTest(line=line):
                 [(status, head, body)] = split_responses(read_until_close(
-                    self, self.port, line + b"\r\nHost: x\r\n\r\n"))
+                    self, self.port, line + b"\r\nHost: localhost\r\n\r\n"))
                 self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "bad_request"))
                 self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")
 
     def test_100_continue_only_when_the_body_is_wanted(self):
         gw = start_gateway(self, self.demo.url, api_keys=["sk-a"])
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
-                b"Content-Length: 72\r\n%s\r\n")
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nExpect: 100-continue\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 72\r\n%s\r\n")
         raw = read_until_close(self, gw.server_address[1], head % b"")
         self.assertTrue(raw.startswith(b"HTTP/1.1 401 "), raw[:80])        # no 100 first
         sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=5)
@@ -4473,7 +4525,7 @@ class BoundsTests(unittest.TestCase):
         gw = start_gateway(self, self.demo.url, max_concurrent=1, body_timeout=3)
         sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=5)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100"
                      b"\r\n\r\n{")
         time.sleep(0.3)
         self.assertEqual(chat(gw, "Say hello")[0], 200)
@@ -5047,7 +5099,7 @@ class BrowserTests(unittest.TestCase):
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
         import tempfile
-        cls.demo = bg.DemoUpstream(token_delay=0.01).start()
+        cls.demo = FakeGradio(token_delay=0.01).start()
         cls.gw = bg.GatewayServer(bg.Config(upstream=[cls.demo.url], port=0, timeout=10, demo=True,
                                             api_keys=[cls.KEY])).start()
         options = webdriver.ChromeOptions()
@@ -5214,7 +5266,7 @@ class BrowserTests(unittest.TestCase):
             chat(self.gw, "Say hello", headers={"Authorization": "Bearer " + self.KEY})
         self.wait(lambda: self.text("#m-requests b") == str(before + 2), "the numbers did not move")
         tables = self.text("#tables")
-        self.assertIn(bg._key_hash(self.KEY), tables)
+        self.assertIn(short_key(self.KEY), tables)
         self.assertIn("%sup0-" % self.gw.backend.routes[bg.DEFAULT_MODEL].pool.replicas[0].client.base_url,
                       tables)                                            # url, state, failures, error
         self.assertRegex(self.text("#m-latency b"), r"^\d+(\.\d\d)? m?s / \d+(\.\d\d)? m?s$")
