@@ -1625,7 +1625,7 @@ class GradioClient:
                                   code="unsupported_content_type")
         data = self._data(info, message, history, {
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
-            "top_p": top_p, "top_k": top_k}, self._files(info, images, uploads or _Uploads()))
+            "top_p": top_p, "top_k": top_k}, self._files(info, images, _Uploads() if uploads is None else uploads))
         progress = _Progress()
         updates = self._queue_updates if info.use_queue else self._call_updates
         return updates(self._job(info, data, progress), progress)
@@ -4573,8 +4573,8 @@ class _Server(http.server.ThreadingHTTPServer):
             if exc.errno in (errno.EMFILE, errno.ENFILE):
                 if time.monotonic() > getattr(self, "_said", -60.0) + 60:
                     self._said = time.monotonic()
-                    _log.error("cannot accept connections: %s (the open-file limit; see "
-                               "ulimit -n and --max-connections)", exc.strerror)
+                    _log.error("cannot accept connections at %s: %s (the open-file limit; see "
+                               "ulimit -n and --max-connections)", self.url, exc.strerror)
                 time.sleep(0.1)
             raise
 

@@ -4067,6 +4067,8 @@ class FaultyGradio:
       Content-Length 300 MB and streams it
     - ``"drop_join"``: every join is read whole, then the connection closed without a word
     - ``"drop_second_join"``: the second join only
+    - ``"trickle"``: some output, then one byte of an event every 0.2 s, never ending it
+    - ``"heartbeats"``: some output, then heartbeat events as fast as the reader takes them
 
     Every stream stops after FAKE_STREAM_BYTES (then holds the connection open, silent) or
     FAKE_STREAM_SECONDS, or when its reader is gone; ``ended`` says which ("peer", "limit",
@@ -4346,6 +4348,15 @@ class FaultyGradio:
                 "process_completed", output={"data": ["done"]}, success=True)) + b"0\r\n\r\n",
                 end)
             return self._end(why or "done")
+        if how == "trickle":                     # output, then an event a byte at a time
+            why = self._send(conn, chunk(generating([self.text])), end)
+            while not why and not self.stopping.wait(0.2) and time.monotonic() < end:
+                why = self._send(conn, chunk(b"d"), end)
+            return self._end(why or "done")
+        if how == "heartbeats":                  # output, then heartbeats as fast as they go
+            beat = event("heartbeat")
+            why = self._send(conn, chunk(generating([self.text])), end)
+            return self._end(why or self._chunks(conn, beat * (65536 // len(beat)), end))
         if how == "ping_after_complete":         # the job is done, the stream goes on
             why = self._send(conn, chunk(generating([self.text])) + chunk(event(
                 "process_completed", output={"data": [self.text]}, success=True)), end)
@@ -4474,6 +4485,437 @@ class UpstreamFaultTests(unittest.TestCase):
         self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
                           {"upstream_error", "upstream_unreachable"})
         self.assertEqual(len(fake.joins), 2, fake.log)
+
+
+# -- what one request can do: each attack of the security review, with its bound ------------
+
+class Answering(FakeGradio):
+    """The demo upstream answering fixed texts: a prompt that holds one of ``answers``'
+    keys gets its text (repairs and the rest, the demo's answers)."""
+
+    def __init__(self, answers, **kwargs):
+        self.answers = answers
+        super().__init__(**kwargs)
+
+    def reply(self, message, history, system, params):
+        for key, answer in self.answers.items():
+            if key in message:
+                return thought_of(message), answer
+        return super().reply(message, history, system, params)
+
+
+class _UploadHandler(bg._DemoHandler):
+    def do_POST(self):
+        if urllib.parse.urlsplit(self.path).path != "/gradio_api/upload":
+            return super().do_POST()
+        self.read_body(1 << 24)
+        with self.server.lock:
+            self.server.uploads += 1
+            name = "/tmp/gradio/upload%d.png" % self.server.uploads
+        self.send_json(200, [name])
+
+
+class MultimodalGradio(FakeGradio):
+    """A chat app whose message input is a MultimodalTextbox: it counts its uploads."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.uploads, self.RequestHandlerClass = 0, _UploadHandler
+
+    def _inputs(self):
+        return [(2, "multimodaltextbox", "message", None), (1, "chatbot", "chat_history", [])]
+
+    def info_json(self):
+        params = [{"label": "message", "parameter_name": "message", "component": "MultimodalTextbox",
+                   "parameter_has_default": False, "type": {"type": "object"}},
+                  {"label": "chat_history", "parameter_name": "chat_history", "component": "Chatbot",
+                   "parameter_has_default": True, "parameter_default": [], "type": {}}]
+        return {"named_endpoints": {"/chat_fn_1": {"parameters": params, "returns": []}}}
+
+
+def json_format(schema, strict=False):
+    return {"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": strict}}
+
+
+def anyof_chain(levels, leaf):
+    """A schema whose ``anyOf`` branches both lead to the next level: 2^levels paths."""
+    defs = {"L%d" % i: {"anyOf": [{"$ref": "#/$defs/L%d" % (i + 1)}] * 2} for i in range(levels)}
+    defs["L%d" % levels] = leaf
+    return {"type": "object", "properties": {"v": {"$ref": "#/$defs/L0"}}, "$defs": defs}
+
+
+class StreamWatch:
+    """A streamed chat read in a thread, noting when each block arrived: the longest
+    silence says whether another client's work froze the gateway."""
+
+    def __init__(self, test, gw, prompt):
+        self.times, self.done = [], threading.Event()
+        conn = http.client.HTTPConnection("127.0.0.1", gw.server_address[1], timeout=TIMEOUT)
+        test.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", json.dumps({
+            "model": bg.DEFAULT_MODEL, "stream": True,
+            "messages": [{"role": "user", "content": prompt}]}),
+            {"Content-Type": "application/json"})
+        self.resp = conn.getresponse()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+        test.addCleanup(self.thread.join, TIMEOUT)
+
+    def _read(self):
+        while self.resp.read1(65536):
+            self.times.append(time.monotonic())
+        self.done.set()
+
+    def longest_gap(self, start, end):
+        times = [start] + [t for t in self.times if start < t < end] + [end]
+        return max(b - a for a, b in zip(times, times[1:]))
+
+
+slow = unittest.skipUnless(os.environ.get("BHARATGEN_SLOW_TESTS") == "1",
+                           "a slow attack test: BHARATGEN_SLOW_TESTS=1 runs it (.ci/run does)")
+
+
+class AttackTests(unittest.TestCase):
+    """Each attack of the security review, through the real server, with its bound: the
+    statuses, the work done, and another client served meanwhile."""
+
+    @slow
+    def test_a_backtracking_pattern_runs_in_a_worker_and_freezes_nothing(self):
+        reply = '{"x": "%s!"}' % ("a" * 28)           # ^(a+)+$: 2^28 steps in Python's re
+        demo = Answering({"redos": reply, "quadratic": '{"x": "%s"}' % ("a" * 9000)},
+                         token_delay=0.002).start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        watch = StreamWatch(self, gw, "300 words")       # another client, streaming
+        schema = {"type": "object", "properties": {"x": {"type": "string",
+                                                         "pattern": "^(a+)+$"}}}
+        started = time.monotonic()
+        status, _, body = chat(gw, "redos", response_format=json_format(schema))
+        took = time.monotonic() - started
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, reply))                  # not checked in time: taken as it is
+        self.assertTrue(0.9 < took < 5, took)           # the match was cut at its 1 s deadline
+        health = time.monotonic()
+        self.assertEqual(request(gw.url, "GET", "/health")[0], 200)
+        self.assertLess(time.monotonic() - health, 0.5)
+        self.assertTrue(watch.done.wait(TIMEOUT))
+        self.assertLess(watch.longest_gap(started, started + took), 0.5)   # it kept flowing
+        status, _, body = chat(gw, "redos", response_format=json_format(schema, strict=True))
+        self.assertEqual((status, json.loads(body)["error"]), (400, {
+            "message": "response_format: the pattern '^(a+)+$' could not be matched within 1s",
+            "type": "invalid_request_error", "param": "response_format",
+            "code": "invalid_schema"}))
+        schema["properties"]["x"]["pattern"] = r"\w+\s*="   # quadratic on one long word
+        started = time.monotonic()
+        self.assertEqual(chat(gw, "quadratic", response_format=json_format(schema))[0], 200)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_branches_over_refs_are_checked_once_each(self):
+        leaf = {"type": "string"}
+        demo = Answering({"expo": '<tool_call>{"name": "f", "arguments": {"v": 5}}</tool_call>'})
+        demo.start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url, tool_repairs=0)
+        tool = {"type": "function", "function": {"name": "f", "parameters": anyof_chain(40, leaf)}}
+        started = time.monotonic()
+        status, _, body = chat(gw, "expo", tools=[tool])            # 2^40 paths, checked once
+        self.assertEqual((status, json.loads(body)["choices"][0]["finish_reason"]), (200, "stop"))
+        self.assertLess(time.monotonic() - started, 5)
+        schema = bg._Schema(anyof_chain(100, leaf), "s")
+        started = time.monotonic()
+        self.assertEqual(schema.error({"v": 5}), "$.v fits none of the schemas it may take")
+        self.assertLess(time.monotonic() - started, 1)
+        wide = {"type": "array", "items": {"anyOf": [{"$ref": "#"}, {"$ref": "#"}, leaf]}}
+        value = json.loads("[" * 60 + "]" * 60)
+        self.assertEqual(bg._Schema(wide, "s").error(value), None)
+        big = [[1] * 300] * 300                       # 90,000 places: over the budget of steps
+        self.assertEqual(bg._Schema({"type": "array", "items": {"type": "array", "items": {
+            "anyOf": [{"type": "string"}, {"type": "integer"}]}}}, "s").error(big),
+            "it is too large to check against the schema (200000 steps, 1s)")
+
+    @slow
+    def test_a_big_enum_is_made_canonical_once(self):
+        items = list(range(2000))
+        demo = Answering({"enum": json.dumps({"x": items})}).start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url, max_body_bytes=1 << 21)
+        schema = {"type": "object", "properties": {"x": {"type": "array", "items": {
+            "enum": list(range(100000))}}}}
+        started = time.monotonic()
+        status, _, body = chat(gw, "enum", response_format=json_format(schema, strict=True),
+                               max_tokens=8192)
+        self.assertEqual((status, json.loads(json.loads(body)["choices"][0]["message"]["content"])),
+                         (200, {"x": items}))
+        self.assertLess(time.monotonic() - started, 5)      # 2000 x 100,000 before: minutes
+
+    def test_stop_sequences_are_bounded_and_cut_in_linear_time(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url)
+        status, _, body = chat(gw, "Say hello", stop=["x" * 257])
+        self.assertEqual((status, json.loads(body)["error"]["param"],
+                          json.loads(body)["error"]["message"]),
+                         (400, "stop", "a stop sequence may have at most 256 characters"))
+        stops = ["a" * 255 + "b", "Param" * 51, "words " * 42, "x" * 256]
+        started = time.monotonic()
+        status, _, body = chat(gw, "3000 words", stop=stops, max_tokens=8192)
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, bg._demo_reply("3000 words", [], "", [0] * 4)[1]))
+        self.assertLess(time.monotonic() - started, 10)
+        cutter, started = bg._StopCutter(["a" * 255 + "b"] * 4), time.monotonic()
+        self.assertEqual(sum(len(cutter.feed("a" * 50)) for _ in range(20000)), 1000000 - 255)
+        self.assertLess(time.monotonic() - started, 3)        # quadratic before: minutes
+
+    def test_upstream_credentials_are_shown_nowhere(self):
+        secret = "S3cretPass"
+        demo = start_demo(self)
+        live = demo.url.replace("//", "//user:%s@" % secret)
+        down = "http://user:%s@127.0.0.1:9/?token=%s" % (secret, secret)
+        gw = start_gateway(self, [live, down], api_keys=["k"])
+        key = {"Authorization": "Bearer k"}
+        outputs = []
+        with self.assertLogs("bharatgen_openai", "DEBUG") as logs:
+            for _ in range(3):
+                outputs.append(chat(gw, "Say hello", headers=key)[2])
+            for path in ("/health", "/v1/dashboard", "/metrics"):
+                outputs.append(request(gw.url, "GET", path, headers=key)[2])
+            dead = start_gateway(self, down)
+            outputs.append(chat(dead, "Say hello")[2])                 # a 502
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                for upstream in (live, down):
+                    try:
+                        bg.main(["info", "--upstream", upstream])
+                    except SystemExit as exc:
+                        outputs.append(str(exc))
+                try:
+                    bg.main(["serve", "--upstream", "http://u:%s@bad host/" % secret])
+                except SystemExit as exc:
+                    outputs.append(str(exc.code))
+            outputs += [out.getvalue(), err.getvalue()]
+        text = "\n".join(o.decode() if isinstance(o, bytes) else str(o) for o in outputs)
+        text += "\n".join(logs.output)
+        self.assertIn("http://***@127.0.0.1:9:", text)
+        self.assertIn("502", text)
+        self.assertNotIn(secret, text)
+        basic = "Basic " + base64.b64encode(("user:" + secret).encode()).decode()
+        self.assertIn(basic, demo.auth_seen)                  # the URL's credentials are used
+
+    def test_one_address_cannot_take_every_connection(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, max_connections=64, max_client_connections=4)
+        port, held = gw.server_address[1], []
+
+        def connect():
+            sock = socket.create_connection(("127.0.0.1", port), timeout=5,
+                                            source_address=("127.0.0.2", 0))
+            self.addCleanup(sock.close)
+            return sock
+        for _ in range(4):
+            held.append(connect())
+        deadline = time.monotonic() + TIMEOUT
+        while gw.clients.get("127.0.0.2") != 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        refused = [drain(self, connect()) for _ in range(6)]
+        self.assertEqual([r[:12] for r in refused], [b"HTTP/1.1 503"] * 6)
+        self.assertIn(b"this address has its limit of 4 connections open", refused[0])
+        self.assertEqual([request(gw.url, "GET", "/health")[0] for _ in range(40)], [200] * 40)
+        proxied = start_gateway(self, demo.url, max_client_connections=4,
+                                trusted_proxies=["127.0.0.2"])
+        port = proxied.server_address[1]
+        for _ in range(8):                                    # a proxy carries many clients
+            held.append(connect())
+        sock = connect()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        self.assertEqual(drain(self, sock)[:12], b"HTTP/1.1 200")
+
+    @slow
+    @unittest.skipUnless(sys.platform.startswith("linux") and hasattr(
+        __import__("resource"), "prlimit"), "needs Linux's prlimit and /proc")
+    def test_the_open_file_limit_sizes_the_connections_and_a_failing_accept_backs_off(self):
+        import resource
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "bharatgen_openai.py"), "serve", "--demo", "--port", "0",
+             "--max-connections", "1024"], stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (300, 300)))
+        self.addCleanup(proc.wait, 10)
+        self.addCleanup(proc.kill)
+        lines, url = [], None
+        while url is None:
+            line = proc.stderr.readline()
+            self.assertTrue(line, "".join(lines))
+            lines.append(line)
+            m = re.search(r"OpenAI API at (http://\S+)/v1", line)
+            url = m and m.group(1)
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        self.assertEqual(request(url, "GET", "/health")[0], 200)
+        self.assertIn("--max-connections 1024 is lowered to 86: the open-file limit is 300",
+                      "".join(lines))
+        files = len(os.listdir("/proc/%d/fd" % proc.pid))
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (files + 2, 300))
+        port = int(url.rsplit(":", 1)[1])
+        socks = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(20)]
+        before = sum(int(x) for x in open("/proc/%d/stat" % proc.pid).read().rsplit(")", 1)[1]
+                     .split()[11:13])
+        time.sleep(1.5)                               # what a spinning loop would burn
+        after = sum(int(x) for x in open("/proc/%d/stat" % proc.pid).read().rsplit(")", 1)[1]
+                    .split()[11:13])
+        self.assertLess((after - before) / os.sysconf("SC_CLK_TCK"), 0.5)
+        for sock in socks:
+            sock.close()
+        resource.prlimit(proc.pid, resource.RLIMIT_NOFILE, (300, 300))
+        self.assertEqual(request(url, "GET", "/health")[0], 200)
+        self.assertEqual(sum("cannot accept connections at %s" % url in line for line in lines), 1,
+                         lines)
+
+    def test_the_cache_is_bounded_in_bytes(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, cache_ttl=60, cache_bytes=64 << 10)
+        big = [chat(gw, "1500 words", max_tokens=8192)[1]["x-cache"] for _ in range(2)]
+        self.assertEqual(big, ["miss", "miss"])                # over an eighth: not kept
+        for i in range(40):
+            self.assertEqual(chat(gw, "%d words" % (300 + i), max_tokens=8192)[0], 200)
+        cache = gw.backend.cache
+        self.assertTrue(0 < cache.bytes <= 64 << 10 and len(cache) < 40, (cache.bytes, len(cache)))
+        self.assertEqual(cache.bytes, sum(item[3] for item in cache._items.values()))
+        self.assertEqual(chat(gw, "339 words", max_tokens=8192)[1]["x-cache"], "hit")
+        self.assertEqual(chat(gw, "300 words", max_tokens=8192)[1]["x-cache"], "miss")
+
+    def test_images_are_uploaded_once_a_request_and_capped(self):
+        demo = MultimodalGradio().start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+        message = [{"role": "user", "content": [{"type": "text", "text": "Hi"}] + [image] * 16}]
+        self.assertEqual(chat(gw, message, n=4)[0], 200)
+        self.assertEqual(demo.uploads, 1)                        # 16 x 4 before
+        other = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
+        self.assertEqual(chat(gw, [dict(message[0], content=[image, other])], n=3)[0], 200)
+        self.assertEqual(demo.uploads, 3)
+        status, _, body = chat(gw, [dict(message[0], content=[image] * 17)])
+        self.assertEqual((status, json.loads(body)["error"]), (400, {
+            "message": "a message may hold at most 16 images", "type": "invalid_request_error",
+            "param": "messages[0].content[16]", "code": "too_many_images"}))
+        self.assertEqual(demo.uploads, 3)
+
+    def test_keys_are_known_by_their_whole_digest_and_wrong_ones_are_limited(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, api_keys=["k1", "k2"], rate_limit_rpm=5)
+        for key in ("k1", "k2"):
+            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer " + key})[0], 200)
+        self.assertEqual(sorted(gw.limiter._buckets), sorted(
+            "key:" + hashlib.sha256(k.encode()).hexdigest() for k in ("k1", "k2")))
+        for method, path in (("GET", "/v1/nope"), ("POST", "/v1/models"), ("GET", "/metrics")):
+            status, _, body = request(gw.url, method, path, {} if method == "POST" else None)
+            self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_api_key"))
+        statuses = [chat(gw, "Say hello", headers={"Authorization": "Bearer wrong%d" % i})[0]
+                    for i in range(27)]
+        self.assertEqual(statuses, [401] * 2 + [429] * 25)   # 3 of 5 went on the paths above
+        status, headers, body = chat(gw, "Say hello", headers={"Authorization": "Bearer bad"})
+        self.assertEqual((status, json.loads(body)["error"]["message"][:60]), (
+            429, "Rate limit reached: 5 requests with a wrong API key per minu"))
+        self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer k1"})[0], 200)
+        k = {"Authorization": "Bearer k1"}
+        self.assertEqual(request(gw.url, "GET", "/v1/nope", headers=k)[0], 404)
+        self.assertEqual(request(gw.url, "POST", "/v1/models", {}, headers=k)[0], 405)
+
+    def test_schema_numbers_are_a_check_or_a_400_never_a_500(self):
+        demo = Answering({"tiny": '{"v": 3.5}', "huge": '{"v": 1%s}' % ("0" * 400)}).start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        for prompt, multiple in (("tiny", 5e-324), ("huge", 5e-324), ("huge", 0.7), ("tiny", 1e308)):
+            schema = {"type": "object", "properties": {"v": {"multipleOf": multiple}}}
+            status, _, body = chat(gw, prompt, response_format=json_format(schema))
+            self.assertEqual(status, 200, (prompt, multiple, body))
+        self.assertIsNone(bg._Schema({"multipleOf": 5e-324}, "s").error(3.5))
+        self.assertIsNone(bg._Schema({"multipleOf": 5e-324}, "s").error(10 ** 400))
+        self.assertEqual(bg._Schema({"multipleOf": 0.7}, "s").error(10 ** 400),
+                         "$ should be multipleOf 0.7")
+        status, _, body = chat(gw, "tiny", response_format=json_format({"multipleOf": -1}))
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "invalid_schema"))
+
+    def test_json_logs_escape_what_is_not_printable(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, log_format="json")
+        odd = "m\u0085\u2028\u009b\u202e\U000e0001नमस्ते"
+        with self.assertLogs("bharatgen_openai.access", "INFO") as logs:
+            chat(gw, "Say hello", model=odd)
+            wait_for_logs(logs, 1)
+        record = logs.records[0]
+        line = bg._JSONFormatter().format(record)
+        self.assertEqual(json.loads(line)["model"], odd)
+        for char in odd[1:6]:
+            self.assertNotIn(char, line)
+            self.assertNotIn(char, record.getMessage())
+        self.assertIn("नमस्ते", line)
+
+    def test_with_no_keys_a_foreign_host_and_a_plain_text_body_are_refused(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, allowed_hosts=["my.box"])
+        body = json.dumps({"messages": [{"role": "user", "content": "Say hello"}]}).encode()
+        for host, status in (("attacker.example", 403), ("localhost:8000", 200),
+                             ("a.localhost", 200), ("127.0.0.1:80", 200), ("[::1]:8000", 200),
+                             ("my.box:8000", 200), ("localhost.attacker.example", 403)):
+            got, _, answer = request(gw.url, "POST", "/v1/chat/completions", raw=body,
+                                     headers={"Host": host})
+            self.assertEqual(got, status, (host, answer))
+        self.assertEqual(json.loads(answer)["error"], {
+            "message": "the Host 'localhost.attacker.example' is not a name this server answers "
+                       "to with no API key; give --allowed-host localhost.attacker.example, or "
+                       "API keys", "type": "invalid_request_error", "param": None,
+            "code": "host_not_allowed"})
+        self.assertEqual(request(gw.url, "GET", "/", headers={"Host": "evil.example"})[0], 403)
+        for kind, status in (("text/plain", 415), ("application/x-www-form-urlencoded", 415),
+                             ("application/json; charset=utf-8", 200), ("Application/JSON", 200)):
+            got, _, answer = request(gw.url, "POST", "/v1/chat/completions", raw=body,
+                                     headers={"Content-Type": kind})
+            self.assertEqual(got, status, (kind, answer))
+        self.assertEqual(json.loads(request(gw.url, "POST", "/v1/chat/completions", raw=body,
+                                            headers={"Content-Type": "text/plain"})[2])["error"], {
+            "message": "send the body as JSON with 'Content-Type: application/json' (not "
+                       "text/plain)", "type": "invalid_request_error", "param": None,
+            "code": "unsupported_media_type"})
+        keyed = start_gateway(self, demo.url, api_keys=["k"])
+        self.assertEqual(request(keyed.url, "POST", "/v1/chat/completions", raw=body, headers={
+            "Host": "attacker.example", "Authorization": "Bearer k"})[0], 200)
+
+    def test_silence_is_counted_in_output_events_and_a_heartbeat_flood_is_cut(self):
+        for behaviour, status, code in (("trickle", 504, "upstream_timeout"),
+                                        ("heartbeats", 502, "upstream_error")):
+            fake = FaultyGradio(self, behaviour)
+            gw = start_gateway(self, fake.url, timeout=1)
+            started = time.monotonic()
+            events = sse_events(chat(gw, "hi", stream=True)[2])
+            self.assertLess(time.monotonic() - started, 4, behaviour)   # 40 s past before
+            self.assertEqual((events[-2]["error"]["code"], events[-1]), (code, "[DONE]"))
+            if behaviour == "heartbeats":
+                self.assertEqual(events[-2]["error"]["message"],
+                                 "the Gradio app sent 1001 events with no output in a row")
+                self.assertLess(fake.sent, 16 << 20)     # socket buffers; 100 MB before
+
+    def test_the_demo_keeps_no_job_after_it_ends(self):
+        demo = bg.DemoUpstream().start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        for _ in range(5):
+            self.assertEqual(chat(gw, "Say hello " + "x" * 100000)[0], 200)
+        deadline = time.monotonic() + TIMEOUT             # the last stream ends after its answer
+        while demo.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual((demo.jobs, demo.running, hasattr(demo, "calls")), ({}, {}, False))
+        client = gradio_client(self, demo.url, protocol="call")
+        for _ in range(300):                              # submitted, never streamed
+            client._request_json("POST", "/gradio_api/call/chat_fn_1", {"data": ["x" * 1000]})
+        self.assertEqual(len(demo.jobs), 256)
+
+    def test_a_trusted_proxy_without_x_forwarded_for_is_the_client(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, trusted_proxies=["127.0.0.1"], rate_limit_rpm=100)
+        with self.assertLogs("bharatgen_openai.access", "INFO") as logs:
+            self.assertEqual(chat(gw, "Say hello")[0], 200)
+            wait_for_logs(logs, 1)
+        self.assertTrue(logs.output[0].startswith('INFO:bharatgen_openai.access:127.0.0.1 "POST'),
+                        logs.output)
+        self.assertEqual(list(gw.limiter._buckets), ["ip:127.0.0.1"])
 
 
 class BoundsTests(unittest.TestCase):
