@@ -4609,312 +4609,6 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 ###############################################################################
-# The page: chat with the model and watch the gateway, in a browser ############
-###############################################################################
-
-# Served at "/": inline HTML, CSS and script, nothing fetched from elsewhere.  Model text
-# only ever becomes text nodes (the markdown renderer builds elements, never HTML); an API
-# key, when the server asks for one, is kept in the tab's sessionStorage.
-_PAGE = r"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="color-scheme" content="light dark"><title>bharatgen_openai</title>
-<style>
-:root{--bg:#fff;--fg:#1c1c22;--mute:#6a6a78;--line:#d9d9e1;--card:#f3f3f7;--acc:#2453c9;--err:#c2282f;
-  font:15px/1.45 system-ui,sans-serif;color-scheme:light dark}
-@media (prefers-color-scheme:dark){:root{--bg:#141519;--fg:#e7e7ec;--mute:#9b9ba8;--line:#34353e;
-  --card:#1f2027;--acc:#7ba3ff;--err:#ff6b70}}
-*{box-sizing:border-box} [hidden]{display:none!important} body{margin:0;background:var(--bg);color:var(--fg)}
-header{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;padding:.5em 1em;border-bottom:1px solid var(--line)}
-header nav{display:flex;gap:.3em;margin-right:auto}
-button,input,select,textarea{font:inherit;color:inherit;background:var(--card);border:1px solid var(--line);
-  border-radius:6px;padding:.35em .7em}
-button{cursor:pointer} button:disabled{opacity:.45;cursor:default}
-button.on,#send{background:var(--acc);border-color:var(--acc);color:var(--bg)}
-main,#keyform{max-width:62em;margin:0 auto;padding:.8em 1em}
-#keyform{display:flex;flex-wrap:wrap;gap:.5em;align-items:center}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(9em,1fr));gap:.6em;margin:.6em 0} .wide{grid-column:1/-1}
-label{display:flex;flex-direction:column;gap:.2em;font-size:.85em;color:var(--mute)}
-.msg{margin:.8em 0;padding:.6em .9em;border-radius:8px;background:var(--card);overflow-wrap:anywhere}
-.msg>:first-child{margin-top:0} .msg>:last-child{margin-bottom:0}
-.user{background:none;border:1px solid var(--line);white-space:pre-wrap}
-.error{color:var(--err);border:1px solid var(--err);background:none;white-space:pre-wrap}
-.thought{color:var(--mute);font-size:.9em;white-space:pre-wrap;margin-bottom:.5em}
-pre{overflow-x:auto;padding:.6em;border-radius:6px;background:var(--bg);border:1px solid var(--line)}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em} .mute{color:var(--mute);font-size:.85em}
-#ask{position:sticky;bottom:0;display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 0;background:var(--bg)}
-#prompt{flex:1 1 16em;resize:vertical} .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
-.card{background:var(--card);border-radius:8px;padding:.5em .8em}
-.card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
-canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
-.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(24em,100%),1fr));gap:0 1.5em} section{overflow-x:auto}
-table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
-td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)} th{white-space:nowrap} td{overflow-wrap:anywhere}
-</style></head><body>
-<header><b>bharatgen_openai</b><nav><button id="tab-chat" class="on">Chat</button>
-<button id="tab-monitor">Monitor</button></nav><button id="keybtn">API key</button></header>
-<form id="keyform" hidden><input id="key" type="password" placeholder="API key (kept for this tab only)"
-autocomplete="off"><button>Use</button><span id="keymsg" class="mute"></span></form>
-<main id="chat"><details><summary class="mute">Settings</summary><div class="grid">
-<label>Model<select id="model"></select></label>
-<label>Temperature<input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
-<label>Max tokens<input id="max_tokens" type="number" min="1" max="8192" value="1024"></label>
-<label class="wide">System prompt<textarea id="system" rows="2" placeholder="(the model's default)"></textarea>
-</label></div></details><div id="log"></div>
-<form id="ask"><textarea id="prompt" rows="2" placeholder="Message (Enter sends, Shift+Enter: new line)">
-</textarea><button id="send">Send</button><button id="stop" type="button" disabled>Stop</button>
-<button id="new" type="button">New chat</button></form></main>
-<main id="monitor" hidden><p id="updated" class="mute">loading...</p><div id="cards" class="cards"></div>
-<canvas id="chart"></canvas><p class="mute">Bars: requests per 10 s (red: errors); line: latency p50.</p>
-<div id="tables" class="tables"></div></main>
-<script>
-"use strict";
-const $ = id => document.getElementById(id), KEY = "bharatgen_openai.key";
-let history = [], controller = null, timer = null;
-function el(tag, cls, text) {                   // an element; text only ever as textContent
-  const e = Object.assign(document.createElement(tag), cls ? {className: cls} : {});
-  if (text != null) e.textContent = String(text);
-  return e;
-}
-// -- the API: the key as a bearer, errors as the server gave them
-async function api(path, body, signal) {
-  const headers = {"Content-Type": "application/json"}, key = sessionStorage.getItem(KEY);
-  if (key) headers.Authorization = "Bearer " + key;
-  const r = await fetch(path, {method: body ? "POST" : "GET", headers, signal, body: body && JSON.stringify(body)});
-  if (r.ok) return r;
-  let detail = null;
-  try { detail = (await r.json()).error; } catch (_) {}
-  const e = apiError(detail || {message: r.statusText}, r.status);
-  if (r.status === 401) askKey(e.message);
-  throw e;
-}
-const apiError = (detail, status) => Object.assign(new Error(detail.message), {detail, status});
-function errorText(e) {
-  const d = e.detail || {}, tags = [e.status, d.type, d.code].filter(x => x != null);
-  return (tags.length ? tags.join(" · ") + ": " : "") + e.message;
-}
-async function* events(r) {                      // the JSON data of each server-sent event
-  const reader = r.body.getReader(), decoder = new TextDecoder();
-  for (let buffer = "";;) {
-    const {value, done} = await reader.read();
-    if (done) return;
-    buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
-    for (let i; (i = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(i + 2)) {
-      const data = buffer.slice(0, i).split("\n").filter(l => l.startsWith("data:"))
-        .map(l => l.slice(5).replace(/^ /, "")).join("\n");
-      if (data === "[DONE]") return;
-      if (data) yield JSON.parse(data);
-    }
-  }
-}
-function askKey(message) {
-  [$("keyform").hidden, $("keymsg").textContent] = [false, message || ""];
-  $("key").focus();
-}
-// -- markdown, as elements and text nodes: fences, headings, lists, paragraphs, inline marks
-const BLOCK = /^\s*(```|#{1,6}\s|([-*+]|\d+[.)])\s)/, ITEM = /^\s*([-*+]|\d+[.)])\s+/;
-function markdown(text) {
-  const out = document.createDocumentFragment(), lines = text.split("\n");
-  for (let i = 0, m; i < lines.length;) {
-    if (/^\s*```/.test(lines[i])) {
-      const code = [];
-      while (++i < lines.length && !/^\s*```/.test(lines[i])) code.push(lines[i]);
-      i++;
-      out.appendChild(el("pre")).append(el("code", null, code.join("\n")));
-    } else if ((m = /^\s*(#{1,6})\s+(.*)/.exec(lines[i]))) {
-      out.append(inline(el("h" + Math.min(6, m[1].length + 2)), m[2]));
-      i++;
-    } else if (ITEM.test(lines[i])) {
-      const ordered = /^\s*\d/.test(lines[i]), list = out.appendChild(el(ordered ? "ol" : "ul"));
-      while (i < lines.length && ITEM.test(lines[i]) && /^\s*\d/.test(lines[i]) === ordered)
-        list.append(inline(el("li"), lines[i++].replace(ITEM, "")));
-    } else if (!lines[i].trim()) {
-      i++;
-    } else {
-      const para = [lines[i++]];
-      while (i < lines.length && lines[i].trim() && !BLOCK.test(lines[i])) para.push(lines[i++]);
-      out.append(inline(el("p"), para.join("\n")));
-    }
-  }
-  return out;
-}
-function inline(node, text) {
-  const marks = /`([^`]+)`|\*\*(.+?)\*\*|\*([^*\s](?:[^*]*[^*\s])?)\*/g;
-  let last = 0;
-  for (let m; (m = marks.exec(text)); last = marks.lastIndex)
-    node.append(text.slice(last, m.index), m[1] != null ? el("code", null, m[1])
-                : inline(el(m[2] != null ? "strong" : "em"), m[2] != null ? m[2] : m[3]));
-  node.append(text.slice(last));
-  return node;
-}
-// -- chat
-async function loadModels() {
-  try {
-    const models = (await (await api("/v1/models")).json()).data;
-    $("model").replaceChildren(...models.map(m => el("option", null, m.id)));
-  } catch (e) {
-    if (e.status !== 401) $("log").append(el("div", "msg error", errorText(e)));
-  }
-}
-async function send(event) {
-  event.preventDefault();
-  const text = $("prompt").value.trim(), system = $("system").value.trim();
-  if (!text || controller) return;
-  $("prompt").value = "";
-  const turns = history;                         // New chat mid-answer starts another list
-  turns.push({role: "user", content: text});
-  const box = el("div", "msg"), thought = el("details", "thought"), answer = el("div", "answer");
-  const summary = el("summary", null, "Thinking..."), thoughtText = el("div");
-  thought.append(summary, thoughtText);
-  box.append(thought, answer);
-  $("log").append(el("div", "msg user", text), box);
-  let content = "", reasoning = "", queued = false;
-  const render = () => {                        // at most once a frame
-    const follow = innerHeight + scrollY >= document.documentElement.scrollHeight - 60;
-    [queued, thought.hidden, thoughtText.textContent] = [false, !reasoning, reasoning];
-    answer.replaceChildren(markdown(content));
-    if (follow) box.scrollIntoView({block: "end"});   // unless the reader scrolled up
-  };
-  render();
-  controller = new AbortController();
-  $("send").disabled = !($("stop").disabled = false);
-  try {
-    const r = await api("/v1/chat/completions", {model: $("model").value, stream: true,
-      messages: (system ? [{role: "system", content: system}] : []).concat(turns),
-      temperature: +$("temperature").value, max_tokens: +$("max_tokens").value}, controller.signal);
-    for await (const data of events(r)) {
-      if (data.error) throw apiError(data.error);
-      const delta = (data.choices[0] || {}).delta || {};
-      for (const [name, value] of Object.entries(delta))     // the thought's field may be renamed
-        if (typeof value === "string" && name !== "content" && name !== "role") reasoning += value;
-      content += delta.content || "";
-      if (!queued) queued = !!requestAnimationFrame(render);
-    }
-  } catch (e) {
-    box.after(e.name === "AbortError" ? el("p", "mute stopped", "Stopped.") : el("div", "msg error", errorText(e)));
-  } finally {
-    render();
-    summary.textContent = "Thought";
-    if (content) turns.push({role: "assistant", content});
-    else turns.pop();                         // a turn with no answer is not sent again
-    if (!content && !reasoning) box.hidden = true;
-    controller = null;
-    $("send").disabled = !($("stop").disabled = true);
-  }
-}
-// -- monitor
-const ms = v => v == null ? "-" : v < 1 ? Math.round(v * 1000) + " ms" : v.toFixed(2) + " s";
-function table(title, heads, rows) {
-  const section = el("section"), t = section.appendChild(el("table"));
-  section.prepend(el("h3", null, title));
-  t.appendChild(el("tr")).append(...heads.map(h => el("th", null, h)));
-  for (const row of rows.length ? rows : [["none"]]) t.appendChild(el("tr")).append(...row.map(v => el("td", null, v)));
-  return section;
-}
-function draw(d) {
-  const r = d.recent, t = d.totals, span = ", last " + +(r.seconds / 60).toFixed(1) + " min";
-  const cards = [["requests", "requests" + span, r.requests],
-    ["errors", "errors" + span, r.series.reduce((n, p) => n + p.errors, 0)],
-    ["streams", "streams open", d.streams_open], ["inflight", "requests in flight", d.requests_in_flight],
-    ["ttft", "first token p50 / p95", ms(r.ttft.p50) + " / " + ms(r.ttft.p95)],
-    ["latency", "latency p50 / p95", ms(r.latency.p50) + " / " + ms(r.latency.p95)],
-    ["tokens", "tokens in / out" + span, r.tokens_in + " / " + r.tokens_out],
-    ["total", "requests since start", t.requests],
-    ["total-tokens", "tokens in / out since start", t.tokens_in + " / " + t.tokens_out]];
-  if (d.cache) cards.push(["cache", "cache hits / misses", d.cache.hits + " / " + d.cache.misses]);
-  $("cards").replaceChildren(...cards.map(([id, label, value]) => {
-    const c = Object.assign(el("div", "card"), {id: "m-" + id});
-    c.append(el("b", null, value), el("span", null, label));
-    return c;
-  }));
-  const replicas = Object.entries(d.models).flatMap(([model, list]) =>
-    list.map(x => [model, x.url, x.status, x.failures, x.last_error || "-"]));
-  $("tables").replaceChildren(
-    table("Status" + span, ["status", "requests"], Object.entries(r.by_status)),
-    table("Errors by type" + span, ["type", "count"], Object.entries(r.errors)),
-    table("Keys (short hash)" + span, ["key", "requests", "errors", "tokens in", "tokens out"],
-      Object.entries(r.keys).map(([k, v]) => [k, v.requests, v.errors, v.tokens_in, v.tokens_out])),
-    table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
-    table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)));
-  chart(r.series);
-  $("updated").textContent = "v" + d.version + " · up " + Math.round(d.uptime_seconds) + " s · updated "
-    + new Date().toLocaleTimeString();
-}
-function chart(series) {                          // bars: requests and errors; line: latency p50
-  const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight, dpr = devicePixelRatio || 1;
-  const css = getComputedStyle(document.documentElement), color = n => css.getPropertyValue(n).trim();
-  const most = Math.max(1, ...series.map(p => p.requests)), lat = series.map(p => p.latency_p50);
-  const slowest = Math.max(0.001, ...lat.filter(v => v != null)), bw = w / series.length, top = 18, ph = h - 36;
-  [c.width, c.height] = [w * dpr, h * dpr];
-  g.scale(dpr, dpr);
-  [g.font, g.fillStyle] = ["11px system-ui, sans-serif", color("--mute")];
-  for (const [text, x, y] of [[most + " requests", 6, 12], ["p50 " + ms(slowest), w - 6, 12],
-                              ["-" + series.length * 10 / 60 + " min", 6, h - 5], ["now", w - 6, h - 5]]) {
-    g.textAlign = x > 6 ? "right" : "left";
-    g.fillText(text, x, y);
-  }
-  series.forEach((p, i) => {
-    for (const [n, name] of [[p.requests, "--acc"], [p.errors, "--err"]]) {
-      g.fillStyle = color(name);
-      g.fillRect(i * bw + 1, top + ph - n / most * ph, Math.max(1, bw - 2), n / most * ph);
-    }
-  });
-  [g.strokeStyle, g.fillStyle, g.lineWidth] = [color("--fg"), color("--fg"), 1.5];
-  g.beginPath();
-  lat.forEach((v, i) => {
-    if (v == null) return;
-    const x = i * bw + bw / 2, y = top + ph - v / slowest * ph;
-    g.fillRect(x - 2, y - 2, 4, 4);
-    i && lat[i - 1] != null ? g.lineTo(x, y) : g.moveTo(x, y);
-  });
-  g.stroke();
-}
-let polls = 0, pause = 1500;                      // the monitor's run, and its wait
-async function poll(run) {                        // one at a time; slower while failing
-  try {
-    draw(await (await api("/v1/dashboard")).json());
-    pause = 1500;
-  } catch (e) {
-    $("updated").textContent = errorText(e);
-    pause = Math.min(30000, pause * 2);
-    if (e.status === 401) return;                 // until a key is given
-  }
-  if (run === polls && !$("monitor").hidden) timer = setTimeout(poll, pause, run);
-}
-function show(view) {
-  for (const v of ["chat", "monitor"]) {
-    $(v).hidden = v !== view;
-    $("tab-" + v).classList.toggle("on", v === view);
-  }
-  clearTimeout(timer);
-  if (view === "monitor") poll(++polls);
-}
-$("tab-chat").onclick = () => show("chat");
-$("tab-monitor").onclick = () => show("monitor");
-$("keybtn").onclick = () => askKey("Empty forgets the key.");
-$("keyform").onsubmit = e => {
-  e.preventDefault();
-  const key = $("key").value.trim();
-  key ? sessionStorage.setItem(KEY, key) : sessionStorage.removeItem(KEY);
-  [$("key").value, $("keyform").hidden] = ["", true];
-  loadModels();
-  if (!$("monitor").hidden) show("monitor");
-};
-$("ask").onsubmit = send;
-$("prompt").onkeydown = e => {                    // not while an input method composes
-  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) send(e);
-};
-$("stop").onclick = () => controller && controller.abort();
-$("new").onclick = () => {
-  if (controller) controller.abort();
-  [history, $("log").textContent] = [[], ""];
-  $("prompt").focus();
-};
-loadModels();
-</script></body></html>
-"""
-
-
-###############################################################################
 # The gateway: an OpenAI-compatible HTTP server ################################
 ###############################################################################
 
@@ -5504,28 +5198,6 @@ class GatewayServer(_Server):
 ###############################################################################
 # The demo upstream: a stand-in Param app speaking Gradio's protocol ###########
 ###############################################################################
-
-_DEMO_FORMATTING = (
-    "Here is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n"
-    "```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n"
-    "```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\n"
-    "Math: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  two  spaces.\nTrailing line")
-_DEMO_ANSWERS = (
-    ("format", _DEMO_FORMATTING),
-    ("hindi", "नमस्ते! भारत की राजधानी नई दिल्ली है। 🙏"),
-    ("tamil", "வணக்கம்! இந்தியாவின் தலைநகரம் புது தில்லி. 🙏"),
-    ("hello", "Hello! How are you doing today?"),
-)
-_DEMO_WORDS = ("Param is a bilingual model trained for India, and this demo answer "
-               "repeats a fixed text so that its length can be chosen.").split()
-_THOUGHT_HEAD = "<details class='thought'%s><summary>🧠 Thinking...</summary>\n\n"
-_DEBUG_HEAD = ("\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍 Debug: Raw "
-               "Response</summary>\n\n<pre>")
-_LATENCY = ("</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px "
-            "solid #eee; margin-top:8px; padding-top:4px'>⏱️ Latency: %.2fs | Processing "
-            "time: %.2fs</div>")
-_DEMO_SLIDERS = {"temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1),
-                 "top_k": (1, 100)}      # the Param app's slider ranges
 
 
 def _demo_instance(schema: Any, root: Any, depth: int = 0) -> Any:
@@ -6509,6 +6181,336 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:           # bad settings, from flags or the environment
         parser.error(str(exc))
     return 1
+
+
+###############################################################################
+# Data: the page, and the demo upstream's texts ###############################
+###############################################################################
+
+
+# Served at "/": inline HTML, CSS and script, nothing fetched from elsewhere.  Model text
+# only ever becomes text nodes (the markdown renderer builds elements, never HTML); an API
+# key, when the server asks for one, is kept in the tab's sessionStorage.
+_PAGE = r"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="color-scheme" content="light dark"><title>bharatgen_openai</title>
+<style>
+:root{--bg:#fff;--fg:#1c1c22;--mute:#6a6a78;--line:#d9d9e1;--card:#f3f3f7;--acc:#2453c9;--err:#c2282f;
+  font:15px/1.45 system-ui,sans-serif;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#141519;--fg:#e7e7ec;--mute:#9b9ba8;--line:#34353e;
+  --card:#1f2027;--acc:#7ba3ff;--err:#ff6b70}}
+*{box-sizing:border-box} [hidden]{display:none!important} body{margin:0;background:var(--bg);color:var(--fg)}
+header{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;padding:.5em 1em;border-bottom:1px solid var(--line)}
+header nav{display:flex;gap:.3em;margin-right:auto}
+button,input,select,textarea{font:inherit;color:inherit;background:var(--card);border:1px solid var(--line);
+  border-radius:6px;padding:.35em .7em}
+button{cursor:pointer} button:disabled{opacity:.45;cursor:default}
+button.on,#send{background:var(--acc);border-color:var(--acc);color:var(--bg)}
+main,#keyform{max-width:62em;margin:0 auto;padding:.8em 1em}
+#keyform{display:flex;flex-wrap:wrap;gap:.5em;align-items:center}
+.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(9em,1fr));gap:.6em;margin:.6em 0} .wide{grid-column:1/-1}
+label{display:flex;flex-direction:column;gap:.2em;font-size:.85em;color:var(--mute)}
+.msg{margin:.8em 0;padding:.6em .9em;border-radius:8px;background:var(--card);overflow-wrap:anywhere}
+.msg>:first-child{margin-top:0} .msg>:last-child{margin-bottom:0}
+.user{background:none;border:1px solid var(--line);white-space:pre-wrap}
+.error{color:var(--err);border:1px solid var(--err);background:none;white-space:pre-wrap}
+.thought{color:var(--mute);font-size:.9em;white-space:pre-wrap;margin-bottom:.5em}
+pre{overflow-x:auto;padding:.6em;border-radius:6px;background:var(--bg);border:1px solid var(--line)}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em} .mute{color:var(--mute);font-size:.85em}
+#ask{position:sticky;bottom:0;display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 0;background:var(--bg)}
+#prompt{flex:1 1 16em;resize:vertical} .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
+.card{background:var(--card);border-radius:8px;padding:.5em .8em}
+.card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
+canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
+.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(24em,100%),1fr));gap:0 1.5em} section{overflow-x:auto}
+table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
+td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)} th{white-space:nowrap} td{overflow-wrap:anywhere}
+</style></head><body>
+<header><b>bharatgen_openai</b><nav><button id="tab-chat" class="on">Chat</button>
+<button id="tab-monitor">Monitor</button></nav><button id="keybtn">API key</button></header>
+<form id="keyform" hidden><input id="key" type="password" placeholder="API key (kept for this tab only)"
+autocomplete="off"><button>Use</button><span id="keymsg" class="mute"></span></form>
+<main id="chat"><details><summary class="mute">Settings</summary><div class="grid">
+<label>Model<select id="model"></select></label>
+<label>Temperature<input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
+<label>Max tokens<input id="max_tokens" type="number" min="1" max="8192" value="1024"></label>
+<label class="wide">System prompt<textarea id="system" rows="2" placeholder="(the model's default)"></textarea>
+</label></div></details><div id="log"></div>
+<form id="ask"><textarea id="prompt" rows="2" placeholder="Message (Enter sends, Shift+Enter: new line)">
+</textarea><button id="send">Send</button><button id="stop" type="button" disabled>Stop</button>
+<button id="new" type="button">New chat</button></form></main>
+<main id="monitor" hidden><p id="updated" class="mute">loading...</p><div id="cards" class="cards"></div>
+<canvas id="chart"></canvas><p class="mute">Bars: requests per 10 s (red: errors); line: latency p50.</p>
+<div id="tables" class="tables"></div></main>
+<script>
+"use strict";
+const $ = id => document.getElementById(id), KEY = "bharatgen_openai.key";
+let history = [], controller = null, timer = null;
+function el(tag, cls, text) {                   // an element; text only ever as textContent
+  const e = Object.assign(document.createElement(tag), cls ? {className: cls} : {});
+  if (text != null) e.textContent = String(text);
+  return e;
+}
+// -- the API: the key as a bearer, errors as the server gave them
+async function api(path, body, signal) {
+  const headers = {"Content-Type": "application/json"}, key = sessionStorage.getItem(KEY);
+  if (key) headers.Authorization = "Bearer " + key;
+  const r = await fetch(path, {method: body ? "POST" : "GET", headers, signal, body: body && JSON.stringify(body)});
+  if (r.ok) return r;
+  let detail = null;
+  try { detail = (await r.json()).error; } catch (_) {}
+  const e = apiError(detail || {message: r.statusText}, r.status);
+  if (r.status === 401) askKey(e.message);
+  throw e;
+}
+const apiError = (detail, status) => Object.assign(new Error(detail.message), {detail, status});
+function errorText(e) {
+  const d = e.detail || {}, tags = [e.status, d.type, d.code].filter(x => x != null);
+  return (tags.length ? tags.join(" · ") + ": " : "") + e.message;
+}
+async function* events(r) {                      // the JSON data of each server-sent event
+  const reader = r.body.getReader(), decoder = new TextDecoder();
+  for (let buffer = "";;) {
+    const {value, done} = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
+    for (let i; (i = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(i + 2)) {
+      const data = buffer.slice(0, i).split("\n").filter(l => l.startsWith("data:"))
+        .map(l => l.slice(5).replace(/^ /, "")).join("\n");
+      if (data === "[DONE]") return;
+      if (data) yield JSON.parse(data);
+    }
+  }
+}
+function askKey(message) {
+  [$("keyform").hidden, $("keymsg").textContent] = [false, message || ""];
+  $("key").focus();
+}
+// -- markdown, as elements and text nodes: fences, headings, lists, paragraphs, inline marks
+const BLOCK = /^\s*(```|#{1,6}\s|([-*+]|\d+[.)])\s)/, ITEM = /^\s*([-*+]|\d+[.)])\s+/;
+function markdown(text) {
+  const out = document.createDocumentFragment(), lines = text.split("\n");
+  for (let i = 0, m; i < lines.length;) {
+    if (/^\s*```/.test(lines[i])) {
+      const code = [];
+      while (++i < lines.length && !/^\s*```/.test(lines[i])) code.push(lines[i]);
+      i++;
+      out.appendChild(el("pre")).append(el("code", null, code.join("\n")));
+    } else if ((m = /^\s*(#{1,6})\s+(.*)/.exec(lines[i]))) {
+      out.append(inline(el("h" + Math.min(6, m[1].length + 2)), m[2]));
+      i++;
+    } else if (ITEM.test(lines[i])) {
+      const ordered = /^\s*\d/.test(lines[i]), list = out.appendChild(el(ordered ? "ol" : "ul"));
+      while (i < lines.length && ITEM.test(lines[i]) && /^\s*\d/.test(lines[i]) === ordered)
+        list.append(inline(el("li"), lines[i++].replace(ITEM, "")));
+    } else if (!lines[i].trim()) {
+      i++;
+    } else {
+      const para = [lines[i++]];
+      while (i < lines.length && lines[i].trim() && !BLOCK.test(lines[i])) para.push(lines[i++]);
+      out.append(inline(el("p"), para.join("\n")));
+    }
+  }
+  return out;
+}
+function inline(node, text) {
+  const marks = /`([^`]+)`|\*\*(.+?)\*\*|\*([^*\s](?:[^*]*[^*\s])?)\*/g;
+  let last = 0;
+  for (let m; (m = marks.exec(text)); last = marks.lastIndex)
+    node.append(text.slice(last, m.index), m[1] != null ? el("code", null, m[1])
+                : inline(el(m[2] != null ? "strong" : "em"), m[2] != null ? m[2] : m[3]));
+  node.append(text.slice(last));
+  return node;
+}
+// -- chat
+async function loadModels() {
+  try {
+    const models = (await (await api("/v1/models")).json()).data;
+    $("model").replaceChildren(...models.map(m => el("option", null, m.id)));
+  } catch (e) {
+    if (e.status !== 401) $("log").append(el("div", "msg error", errorText(e)));
+  }
+}
+async function send(event) {
+  event.preventDefault();
+  const text = $("prompt").value.trim(), system = $("system").value.trim();
+  if (!text || controller) return;
+  $("prompt").value = "";
+  const turns = history;                         // New chat mid-answer starts another list
+  turns.push({role: "user", content: text});
+  const box = el("div", "msg"), thought = el("details", "thought"), answer = el("div", "answer");
+  const summary = el("summary", null, "Thinking..."), thoughtText = el("div");
+  thought.append(summary, thoughtText);
+  box.append(thought, answer);
+  $("log").append(el("div", "msg user", text), box);
+  let content = "", reasoning = "", queued = false;
+  const render = () => {                        // at most once a frame
+    const follow = innerHeight + scrollY >= document.documentElement.scrollHeight - 60;
+    [queued, thought.hidden, thoughtText.textContent] = [false, !reasoning, reasoning];
+    answer.replaceChildren(markdown(content));
+    if (follow) box.scrollIntoView({block: "end"});   // unless the reader scrolled up
+  };
+  render();
+  controller = new AbortController();
+  $("send").disabled = !($("stop").disabled = false);
+  try {
+    const r = await api("/v1/chat/completions", {model: $("model").value, stream: true,
+      messages: (system ? [{role: "system", content: system}] : []).concat(turns),
+      temperature: +$("temperature").value, max_tokens: +$("max_tokens").value}, controller.signal);
+    for await (const data of events(r)) {
+      if (data.error) throw apiError(data.error);
+      const delta = (data.choices[0] || {}).delta || {};
+      for (const [name, value] of Object.entries(delta))     // the thought's field may be renamed
+        if (typeof value === "string" && name !== "content" && name !== "role") reasoning += value;
+      content += delta.content || "";
+      if (!queued) queued = !!requestAnimationFrame(render);
+    }
+  } catch (e) {
+    box.after(e.name === "AbortError" ? el("p", "mute stopped", "Stopped.") : el("div", "msg error", errorText(e)));
+  } finally {
+    render();
+    summary.textContent = "Thought";
+    if (content) turns.push({role: "assistant", content});
+    else turns.pop();                         // a turn with no answer is not sent again
+    if (!content && !reasoning) box.hidden = true;
+    controller = null;
+    $("send").disabled = !($("stop").disabled = true);
+  }
+}
+// -- monitor
+const ms = v => v == null ? "-" : v < 1 ? Math.round(v * 1000) + " ms" : v.toFixed(2) + " s";
+function table(title, heads, rows) {
+  const section = el("section"), t = section.appendChild(el("table"));
+  section.prepend(el("h3", null, title));
+  t.appendChild(el("tr")).append(...heads.map(h => el("th", null, h)));
+  for (const row of rows.length ? rows : [["none"]]) t.appendChild(el("tr")).append(...row.map(v => el("td", null, v)));
+  return section;
+}
+function draw(d) {
+  const r = d.recent, t = d.totals, span = ", last " + +(r.seconds / 60).toFixed(1) + " min";
+  const cards = [["requests", "requests" + span, r.requests],
+    ["errors", "errors" + span, r.series.reduce((n, p) => n + p.errors, 0)],
+    ["streams", "streams open", d.streams_open], ["inflight", "requests in flight", d.requests_in_flight],
+    ["ttft", "first token p50 / p95", ms(r.ttft.p50) + " / " + ms(r.ttft.p95)],
+    ["latency", "latency p50 / p95", ms(r.latency.p50) + " / " + ms(r.latency.p95)],
+    ["tokens", "tokens in / out" + span, r.tokens_in + " / " + r.tokens_out],
+    ["total", "requests since start", t.requests],
+    ["total-tokens", "tokens in / out since start", t.tokens_in + " / " + t.tokens_out]];
+  if (d.cache) cards.push(["cache", "cache hits / misses", d.cache.hits + " / " + d.cache.misses]);
+  $("cards").replaceChildren(...cards.map(([id, label, value]) => {
+    const c = Object.assign(el("div", "card"), {id: "m-" + id});
+    c.append(el("b", null, value), el("span", null, label));
+    return c;
+  }));
+  const replicas = Object.entries(d.models).flatMap(([model, list]) =>
+    list.map(x => [model, x.url, x.status, x.failures, x.last_error || "-"]));
+  $("tables").replaceChildren(
+    table("Status" + span, ["status", "requests"], Object.entries(r.by_status)),
+    table("Errors by type" + span, ["type", "count"], Object.entries(r.errors)),
+    table("Keys (short hash)" + span, ["key", "requests", "errors", "tokens in", "tokens out"],
+      Object.entries(r.keys).map(([k, v]) => [k, v.requests, v.errors, v.tokens_in, v.tokens_out])),
+    table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
+    table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)));
+  chart(r.series);
+  $("updated").textContent = "v" + d.version + " · up " + Math.round(d.uptime_seconds) + " s · updated "
+    + new Date().toLocaleTimeString();
+}
+function chart(series) {                          // bars: requests and errors; line: latency p50
+  const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight, dpr = devicePixelRatio || 1;
+  const css = getComputedStyle(document.documentElement), color = n => css.getPropertyValue(n).trim();
+  const most = Math.max(1, ...series.map(p => p.requests)), lat = series.map(p => p.latency_p50);
+  const slowest = Math.max(0.001, ...lat.filter(v => v != null)), bw = w / series.length, top = 18, ph = h - 36;
+  [c.width, c.height] = [w * dpr, h * dpr];
+  g.scale(dpr, dpr);
+  [g.font, g.fillStyle] = ["11px system-ui, sans-serif", color("--mute")];
+  for (const [text, x, y] of [[most + " requests", 6, 12], ["p50 " + ms(slowest), w - 6, 12],
+                              ["-" + series.length * 10 / 60 + " min", 6, h - 5], ["now", w - 6, h - 5]]) {
+    g.textAlign = x > 6 ? "right" : "left";
+    g.fillText(text, x, y);
+  }
+  series.forEach((p, i) => {
+    for (const [n, name] of [[p.requests, "--acc"], [p.errors, "--err"]]) {
+      g.fillStyle = color(name);
+      g.fillRect(i * bw + 1, top + ph - n / most * ph, Math.max(1, bw - 2), n / most * ph);
+    }
+  });
+  [g.strokeStyle, g.fillStyle, g.lineWidth] = [color("--fg"), color("--fg"), 1.5];
+  g.beginPath();
+  lat.forEach((v, i) => {
+    if (v == null) return;
+    const x = i * bw + bw / 2, y = top + ph - v / slowest * ph;
+    g.fillRect(x - 2, y - 2, 4, 4);
+    i && lat[i - 1] != null ? g.lineTo(x, y) : g.moveTo(x, y);
+  });
+  g.stroke();
+}
+let polls = 0, pause = 1500;                      // the monitor's run, and its wait
+async function poll(run) {                        // one at a time; slower while failing
+  try {
+    draw(await (await api("/v1/dashboard")).json());
+    pause = 1500;
+  } catch (e) {
+    $("updated").textContent = errorText(e);
+    pause = Math.min(30000, pause * 2);
+    if (e.status === 401) return;                 // until a key is given
+  }
+  if (run === polls && !$("monitor").hidden) timer = setTimeout(poll, pause, run);
+}
+function show(view) {
+  for (const v of ["chat", "monitor"]) {
+    $(v).hidden = v !== view;
+    $("tab-" + v).classList.toggle("on", v === view);
+  }
+  clearTimeout(timer);
+  if (view === "monitor") poll(++polls);
+}
+$("tab-chat").onclick = () => show("chat");
+$("tab-monitor").onclick = () => show("monitor");
+$("keybtn").onclick = () => askKey("Empty forgets the key.");
+$("keyform").onsubmit = e => {
+  e.preventDefault();
+  const key = $("key").value.trim();
+  key ? sessionStorage.setItem(KEY, key) : sessionStorage.removeItem(KEY);
+  [$("key").value, $("keyform").hidden] = ["", true];
+  loadModels();
+  if (!$("monitor").hidden) show("monitor");
+};
+$("ask").onsubmit = send;
+$("prompt").onkeydown = e => {                    // not while an input method composes
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) send(e);
+};
+$("stop").onclick = () => controller && controller.abort();
+$("new").onclick = () => {
+  if (controller) controller.abort();
+  [history, $("log").textContent] = [[], ""];
+  $("prompt").focus();
+};
+loadModels();
+</script></body></html>
+"""
+
+
+_DEMO_FORMATTING = (
+    "Here is a list:\n\n1. Red\n2. Blue\n3. Green\n\nAnd some code:\n\n"
+    "```html\n<div class=\"box\">a < b && c > d</div>\n```\n\n"
+    "```python\ndef f(x):\n    if x:\n        return x * 2\n    return None\n```\n\n"
+    "Math: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  two  spaces.\nTrailing line")
+_DEMO_ANSWERS = (
+    ("format", _DEMO_FORMATTING),
+    ("hindi", "नमस्ते! भारत की राजधानी नई दिल्ली है। 🙏"),
+    ("tamil", "வணக்கம்! இந்தியாவின் தலைநகரம் புது தில்லி. 🙏"),
+    ("hello", "Hello! How are you doing today?"),
+)
+_DEMO_WORDS = ("Param is a bilingual model trained for India, and this demo answer "
+               "repeats a fixed text so that its length can be chosen.").split()
+_THOUGHT_HEAD = "<details class='thought'%s><summary>🧠 Thinking...</summary>\n\n"
+_DEBUG_HEAD = ("\n\n<details style='opacity:0.6; font-size:0.85em'><summary>🔍 Debug: Raw "
+               "Response</summary>\n\n<pre>")
+_LATENCY = ("</pre>\n\n</details>\n<div style='color:#666; font-size:0.85em; border-top:1px "
+            "solid #eee; margin-top:8px; padding-top:4px'>⏱️ Latency: %.2fs | Processing "
+            "time: %.2fs</div>")
+_DEMO_SLIDERS = {"temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1),
+                 "top_k": (1, 100)}      # the Param app's slider ranges
 
 
 if __name__ == "__main__":
