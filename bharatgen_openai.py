@@ -59,6 +59,7 @@ import html
 import http.client
 import http.server
 import io
+import itertools
 import json
 import logging
 import os
@@ -1252,7 +1253,7 @@ class GradioClient:
         self._lock = threading.Lock()
         self._discover_lock = threading.Lock()
         self._idle: List[http.client.HTTPConnection] = []     # kept-alive connections at rest
-        self.metrics: Optional[Any] = None       # a server's _Metrics, counting bytes read
+        self.bytes_read = 0                      # of event streams (the server's /metrics)
 
     def __repr__(self) -> str:
         return "GradioClient(%r, endpoint=%r)" % (self.base_url, self.endpoint)
@@ -1713,8 +1714,8 @@ class GradioClient:
                         pass
                 except (OSError, http.client.HTTPException):
                     pass
-            if self.metrics is not None and count[0]:
-                self.metrics.inc("bharatgen_upstream_bytes_total", count[0])
+            with self._lock:
+                self.bytes_read += count[0]
             self._release(conn, resp if progress.done else None)
             if event_id is not None and not progress.done:
                 self._cancel(info, session, event_id)
@@ -2953,30 +2954,6 @@ class _Generation:
         return self._usage[1]
 
 
-class _Reasoning:
-    """Places the thought text where ``--reasoning`` says: its own field, inline, or nowhere."""
-
-    def __init__(self, mode: str) -> None:
-        self.mode = mode
-        self._open: Dict[int, bool] = {}
-
-    def apply(self, piece: _Piece) -> Tuple[Optional[str], Optional[str]]:
-        """``(reasoning_text, content_text)`` for one piece."""
-        if piece.kind == "reasoning":
-            if self.mode == "separate":
-                return piece.text, None
-            if self.mode == "inline":
-                opening = "" if self._open.get(piece.index) else "<think>\n"
-                self._open[piece.index] = True
-                return None, opening + piece.text
-            return None, None
-        if piece.kind == "content" and self._open.pop(piece.index, False):
-            return None, "\n</think>\n\n" + piece.text
-        if piece.kind == "finish" and self._open.pop(piece.index, False):
-            return None, "\n</think>"
-        return None, piece.text if piece.kind == "content" else None
-
-
 class _Cache:
     """Finished answers kept for ``ttl`` seconds, at most ``size`` of them and ``max_bytes``
     of text in all (the least recently used go first; an answer over an eighth of that is
@@ -3230,6 +3207,149 @@ def _load_models(config: Config) -> List[_ModelRoute]:
     return routes
 
 
+class _Reasoning:
+    """Where the thought goes (``--reasoning``: its own field, inline in ``<think>`` tags,
+    or nowhere) and that field's name (``--reasoning-field``)."""
+
+    def __init__(self, mode: str, name: str = "reasoning_content") -> None:
+        self.mode, self.name = mode, name
+        self._open: Dict[int, bool] = {}
+
+    def apply(self, piece: _Piece) -> Tuple[Optional[str], Optional[str]]:
+        """``(reasoning_text, content_text)`` for one piece."""
+        if piece.kind == "reasoning":
+            if self.mode == "separate":
+                return piece.text, None
+            if self.mode == "inline":
+                opening = "" if self._open.get(piece.index) else "<think>\n"
+                self._open[piece.index] = True
+                return None, opening + piece.text
+            return None, None
+        if piece.kind == "content" and self._open.pop(piece.index, False):
+            return None, "\n</think>\n\n" + piece.text
+        if piece.kind == "finish" and self._open.pop(piece.index, False):
+            return None, "\n</think>"
+        return None, piece.text if piece.kind == "content" else None
+
+    def rename(self, obj: Dict[str, Any]) -> Dict[str, Any]:
+        """A chat object's JSON with the thought's field under its configured name."""
+        if self.name != "reasoning_content":
+            for choice in obj.get("choices", ()):
+                for part in (choice.get("message"), choice.get("delta")):
+                    if part and "reasoning_content" in part:
+                        part[self.name] = part.pop("reasoning_content")
+        return obj
+
+
+def _primed(items: Iterator[Any]) -> Iterator[Any]:
+    """``items`` with its first item taken now, so that a failure before any output is
+    raised here, where the caller can still answer it with its own status."""
+    items = iter(items)
+    first = next(items, _primed)
+
+    def rest() -> Iterator[Any]:
+        try:
+            if first is not _primed:
+                yield first
+            yield from items
+        finally:
+            getattr(items, "close", lambda: None)()
+    return rest()
+
+
+class _Answer:
+    """One generation request's answer: its chunks (events, for the Responses API),
+    to stream as they come or to fold into the whole object, so that the two agree by
+    construction; and what the server records of it (usage, the cache's word)."""
+
+    def __init__(self, gens: List[Any], chunks: Iterator[Any], stream: bool,
+                 fold: Callable[[Iterator[Any]], Any], reasoning: _Reasoning,
+                 cache: Optional[str] = None) -> None:
+        self.gens, self.chunks, self.stream, self.fold = gens, chunks, stream, fold
+        self.reasoning, self.cache = reasoning, cache
+
+    def whole(self) -> Any:
+        """The non-streamed object: the chunks folded."""
+        try:
+            return self.fold(self.chunks)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop every upstream call (the client went away, or the answer is whole)."""
+        for gen in self.gens:
+            gen.close()
+        getattr(self.chunks, "close", lambda: None)()
+
+    def usage(self) -> CompletionUsage:
+        """Token counts of every generation so far."""
+        return _usage(self.gens)
+
+
+def _usage(gens: List[Any]) -> CompletionUsage:
+    """The token counts of ``gens`` added up."""
+    counts = [(u.prompt_tokens, u.completion_tokens,
+               u.completion_tokens_details.reasoning_tokens)  # type: ignore[union-attr]
+              for u in (gen.usage() for gen in gens)]
+    prompt, completion, reasoning = (sum(c) for c in zip(*counts)) if counts else (0, 0, 0)
+    return CompletionUsage(prompt, completion, prompt + completion,
+                           CompletionTokensDetails(reasoning))
+
+
+def _fold_chat(chunks: Iterator[ChatCompletionChunk]) -> ChatCompletion:
+    """A chat completion from its chunks: texts joined, tool calls assembled."""
+    whole, found = ChatCompletion(), {}
+    for chunk in chunks:
+        whole.id, whole.created, whole.model, whole.usage = (
+            chunk.id, chunk.created, chunk.model, chunk.usage or whole.usage)
+        for c in chunk.choices:
+            if c.index not in found:
+                found[c.index] = Choice(c.index, ChatCompletionMessage(content=""), None)
+                found[c.index].texts = ([], [], {})      # type: ignore[attr-defined]
+            content, thought, calls = found[c.index].texts  # type: ignore[attr-defined]
+            content.append(c.delta.content or "")
+            thought.append(c.delta.reasoning_content or "")
+            for d in c.delta.tool_calls or ():
+                call = calls.setdefault(d.index, ChatCompletionMessageToolCall(d.id or ""))
+                call.function.name = call.function.name or (d.function and d.function.name)
+                call.function.arguments += d.function.arguments if d.function else ""
+            found[c.index].finish_reason = c.finish_reason or found[c.index].finish_reason
+    for choice in found.values():
+        content, thought, calls = choice.texts                  # type: ignore[attr-defined]
+        del choice.texts                                        # type: ignore[attr-defined]
+        choice.message = ChatCompletionMessage(
+            content="".join(content) or (None if calls else ""), reasoning_content="".join(
+                thought) or None, tool_calls=[calls[i] for i in sorted(calls)] or None)
+    whole.choices = [found[i] for i in sorted(found)]
+    whole.system_fingerprint = _FINGERPRINT
+    return whole
+
+
+def _fold_completion(chunks: Iterator[Completion]) -> Completion:
+    """A legacy completion from its chunks: each choice's text joined."""
+    whole, texts, finish = Completion(), {}, {}
+    for chunk in chunks:
+        whole.id, whole.created, whole.model, whole.usage = (
+            chunk.id, chunk.created, chunk.model, chunk.usage or whole.usage)
+        for c in chunk.choices:
+            texts.setdefault(c.index, []).append(c.text)
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    whole.choices = [CompletionChoice(i, "".join(texts[i]), finish[i]) for i in sorted(texts)]
+    whole.system_fingerprint = _FINGERPRINT
+    return whole
+
+
+def _fold_response(events: Iterator[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
+    """A response from its events: the last one holds it whole."""
+    last: Dict[str, Any] = {}
+    for _, last in events:
+        pass
+    return last["response"]
+
+
+_CHAT_ONLY = "is a parameter of /v1/chat/completions and /v1/responses, not of /v1/completions"
+
+
 class _Backend:
     """Serves the OpenAI operations for the configured models, each in front of its
     Gradio app (or replicas of it)."""
@@ -3246,27 +3366,30 @@ class _Backend:
     def default_model(self) -> str:
         return next(iter(self.routes))
 
+    def clients(self) -> Iterator[GradioClient]:
+        """Every upstream client, of every model."""
+        return (r.client for route in self.routes.values() for r in route.pool.replicas)
+
     def close(self) -> None:
         """Close every upstream client's idle connections, and end the pattern workers."""
         self.patterns.close()
-        for route in self.routes.values():
-            for replica in route.pool.replicas:
-                replica.client.close()
+        for client in self.clients():
+            client.close()
 
-    # -- models -------------------------------------------------------------------------
+    def model(self, model_id: Optional[str] = None) -> Model:
+        """One served model (the default if ``model_id`` is None); :class:`NotFoundError`
+        for others."""
+        route = self.routes.get(self.default_model if model_id is None else model_id)
+        if route is None:
+            raise NotFoundError("The model %r does not exist; this server serves %s"
+                                % (model_id, ", ".join(repr(r) for r in self.routes)),
+                                param="model", code="model_not_found")
+        return Model(id=route.id, created=self.created, display_name=route.display_name,
+                     owned_by="bharatgen (demo upstream: canned answers)" if self.config.demo
+                     else "bharatgen")
 
     def models(self) -> ModelList:
-        owner = "bharatgen (demo upstream: canned answers)" if self.config.demo else "bharatgen"
-        return ModelList(data=[Model(id=r.id, created=self.created, owned_by=owner,
-                                     display_name=r.display_name) for r in self.routes.values()])
-
-    def model(self, model_id: str) -> Model:
-        for m in self.models().data:
-            if m.id == model_id:
-                return m
-        raise NotFoundError("The model %r does not exist; this server serves %s"
-                            % (model_id, ", ".join(repr(r) for r in self.routes)),
-                            param="model", code="model_not_found")
+        return ModelList(data=[self.model(m) for m in self.routes])
 
     def health(self) -> Tuple[bool, Dict[str, Any]]:
         """``(ok, report)``: ok while every model has a replica up (or only busy)."""
@@ -3274,80 +3397,53 @@ class _Backend:
         ok = all(any(s["status"] != "down" for s in states) for states in report.values())
         return ok, report
 
-    def _route(self, body: Dict[str, Any]) -> _ModelRoute:
-        model = body.get("model")
-        if model is None:
-            return self.routes[self.default_model]
-        if not isinstance(model, str):
-            raise _bad("'model' must be a string", "model", "invalid_type")
-        return self.routes[self.model(model).id]
-
-    def _generation(self, route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
-                    shape: Optional[_Shape], ctx: Optional[Dict[str, Any]], kind: str,
-                    body: Dict[str, Any]) -> Any:
-        """The generation of one answer; from the cache (when on) if the same request
-        came with the same key (``ctx["scope"]``); ``ctx["cache"]`` says which it was."""
-        gen: Any = _Generation(route.pool, conv, sampling, route.system_prompt, shape)
-        if ctx is None:
-            return gen
-        if self.cache is not None:
-            keep = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-            gen = _Cached(gen, self.cache, self.cache.key(route.id, ctx.get("scope"), kind, keep))
-            if ctx.get("cache") != "miss":
-                ctx["cache"] = "miss" if gen.found is None else "hit"
-        ctx.setdefault("gens", []).append(gen)        # the gateway counts their tokens
-        return gen
-
-    @staticmethod
-    def _body(body: Any) -> Dict[str, Any]:
+    def generate(self, op: str, body: Any, key: Optional[str] = None) -> _Answer:
+        """``op`` (``chat``, ``completions`` or ``responses``) for a request body: its
+        :class:`_Answer`.  ``key`` (an API key's digest) scopes the cache."""
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object", None, "invalid_type")
-        return body
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise _bad("'model' must be a string", "model", "invalid_type")
+        route = self.routes[self.model(model).id]
+        return getattr(self, "_" + op)(route, body, key)
 
-    # -- chat completions ---------------------------------------------------------------
+    def _generation(self, route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
+                    shape: Optional[_Shape], key: Optional[str], kind: str,
+                    body: Dict[str, Any]) -> Any:
+        """The generation of one answer; from the cache (when on) if the same request
+        came with the same key."""
+        gen: Any = _Generation(route.pool, conv, sampling, route.system_prompt, shape)
+        if self.cache is None:
+            return gen
+        keep = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+        return _Cached(gen, self.cache, self.cache.key(route.id, key, kind, keep))
 
-    def chat(self, body: Any, ctx: Optional[Dict[str, Any]] = None) -> Any:
-        """``POST /v1/chat/completions``: a :class:`ChatCompletion`, or an iterator of
-        :class:`ChatCompletionChunk` when ``stream`` is true."""
-        body = self._body(body)
-        route = self._route(body)
-        model = route.id
+    def _answer(self, gens: List[Any], chunks: Iterator[Any], stream: bool,
+                fold: Callable[[Iterator[Any]], Any], reasoning: _Reasoning) -> _Answer:
+        found = [getattr(g, "found", False) for g in gens]
+        cache = None if self.cache is None else "miss" if None in found else "hit"
+        return _Answer(gens, chunks, stream, fold, reasoning, cache)
+
+    # -- chat completions and legacy completions ----------------------------------------
+
+    def _chat(self, route: _ModelRoute, body: Dict[str, Any], key: Optional[str]) -> _Answer:
+        """``POST /v1/chat/completions``."""
         conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
                              self.config.max_chars)
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         shape = _shape(body, self.config.tool_repairs, self.patterns)
         stream = _flag(body, "stream")
-        include_usage = _include_usage(body)
-        gen = self._generation(route, conv, sampling, shape, ctx, "chat", body)
-        if stream:
-            return self._chat_chunks(gen, model, include_usage)
-        reasoning = _Reasoning(self.config.reasoning)
-        thoughts: List[List[str]] = [[] for _ in range(sampling.n)]
-        contents: List[List[str]] = [[] for _ in range(sampling.n)]
-        calls: List[List[ChatCompletionMessageToolCall]] = [[] for _ in range(sampling.n)]
-        finish = ["stop"] * sampling.n
-        for piece in gen:
-            thought, content = reasoning.apply(piece)
-            if thought:
-                thoughts[piece.index].append(thought)
-            if content:
-                contents[piece.index].append(content)
-            if piece.call:
-                calls[piece.index].append(ChatCompletionMessageToolCall(
-                    id=piece.call["id"], function=Function(piece.call["name"],
-                                                           piece.call["arguments"])))
-            if piece.kind == "finish":
-                finish[piece.index] = piece.text
-        choices = [Choice(index=i, finish_reason=finish[i], message=ChatCompletionMessage(
-            content="".join(contents[i]) or (None if calls[i] else ""), tool_calls=calls[i] or None,
-            reasoning_content="".join(thoughts[i]) or None)) for i in range(sampling.n)]
-        return ChatCompletion(id=_new_id("chatcmpl-"), choices=choices, created=int(time.time()),
-                              model=model, system_fingerprint=_FINGERPRINT, usage=gen.usage())
+        usage = _include_usage(body) or not stream
+        gen = self._generation(route, conv, sampling, shape, key, "chat", body)
+        reasoning = _Reasoning(self.config.reasoning, self.config.reasoning_field)
+        return self._answer([gen], self._chat_chunks(gen, route.id, usage, reasoning), stream,
+                            _fold_chat, reasoning)
 
-    def _chat_chunks(self, gen: _Generation, model: str,
-                     include_usage: bool) -> Iterator[ChatCompletionChunk]:
+    @staticmethod
+    def _chat_chunks(gen: Any, model: str, usage: bool,
+                     reasoning: _Reasoning) -> Iterator[ChatCompletionChunk]:
         cid, created = _new_id("chatcmpl-"), int(time.time())
-        reasoning = _Reasoning(self.config.reasoning)
 
         def chunk(index: int, delta: ChoiceDelta, finish: Optional[str] = None) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=cid, created=created, model=model,
@@ -3355,38 +3451,28 @@ class _Backend:
                                        choices=[ChunkChoice(index=index, delta=delta,
                                                             finish_reason=finish)])
 
-        pieces, calls = iter(gen), [0] * gen.sampling.n
-        try:
-            first = next(pieces, None)           # errors before any output raise here
-            for i in range(gen.sampling.n):
-                yield chunk(i, ChoiceDelta(role="assistant", content=""))
-            for piece in _chain_first(first, pieces):
-                i, (thought, content) = piece.index, reasoning.apply(piece)
-                if thought or content:
-                    yield chunk(i, ChoiceDelta(content=content, reasoning_content=thought))
-                if piece.call:                   # named first, then its arguments
-                    c, calls[i] = piece.call, calls[i] + 1
-                    yield chunk(i, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
-                        calls[i] - 1, c["id"], "function", Function(c["name"], ""))]))
-                    yield chunk(i, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
-                        calls[i] - 1, function=Function(arguments=c["arguments"]))]))
-                if piece.kind == "finish":
-                    yield chunk(i, ChoiceDelta(), piece.text)
-            if include_usage:
-                yield ChatCompletionChunk(id=cid, created=created, model=model,
-                                          system_fingerprint=_FINGERPRINT, choices=[],
-                                          usage=gen.usage())
-        finally:
-            gen.close()
-            pieces.close()  # type: ignore[attr-defined]
+        pieces, calls = _primed(gen), [0] * gen.sampling.n  # a failure before output raises
+        for i in range(gen.sampling.n):
+            yield chunk(i, ChoiceDelta(role="assistant", content=""))
+        for piece in pieces:
+            i, (thought, content) = piece.index, reasoning.apply(piece)
+            if thought or content:
+                yield chunk(i, ChoiceDelta(content=content, reasoning_content=thought))
+            if piece.call:                           # named first, then its arguments
+                c, calls[i] = piece.call, calls[i] + 1
+                yield chunk(i, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                    calls[i] - 1, c["id"], "function", Function(c["name"], ""))]))
+                yield chunk(i, ChoiceDelta(tool_calls=[ChoiceDeltaToolCall(
+                    calls[i] - 1, function=Function(arguments=c["arguments"]))]))
+            if piece.kind == "finish":
+                yield chunk(i, ChoiceDelta(), piece.text)
+        if usage:
+            yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
+                                      system_fingerprint=_FINGERPRINT, usage=gen.usage())
 
-    # -- legacy completions -------------------------------------------------------------
-
-    def completions(self, body: Any, ctx: Optional[Dict[str, Any]] = None) -> Any:
+    def _completions(self, route: _ModelRoute, body: Dict[str, Any],
+                     key: Optional[str]) -> _Answer:
         """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
-        body = self._body(body)
-        route = self._route(body)
-        model = route.id
         prompt = body.get("prompt")
         prompts = [prompt] if isinstance(prompt, str) else prompt
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
@@ -3395,45 +3481,28 @@ class _Backend:
         if len(prompts) > self.config.max_messages or sum(map(len, prompts)) > self.config.max_chars:
             raise _bad("the prompt is longer than this server takes", "prompt",
                        "context_length_exceeded")
-        if body.get("suffix"):
-            raise _bad("'suffix' (fill-in-the-middle) is not supported", "suffix",
-                       "unsupported_parameter")
-        for name in ("tools", "tool_choice", "response_format"):
-            if body.get(name) is not None:
-                raise _bad("%r is a parameter of /v1/chat/completions and /v1/responses, not "
-                           "of /v1/completions" % name, name, "unsupported_parameter")
-        if body.get("best_of") not in (None, 1):
-            raise _bad("'best_of' is not supported", "best_of", "unsupported_parameter")
+        for name, why in (("suffix", "(fill-in-the-middle) is not supported"),
+                          ("best_of", "is not supported"), ("tools", _CHAT_ONLY),
+                          ("tool_choice", _CHAT_ONLY), ("response_format", _CHAT_ONLY)):
+            if body.get(name) not in (None, "", 1 if name == "best_of" else None):
+                raise _bad("%r %s" % (name, why), name, "unsupported_parameter")
         sampling = _sampling(body, ("max_tokens",))
         if len(prompts) * sampling.n > 16:
             raise _bad("%d prompts with n=%d would start %d generations; this server starts at "
                        "most 16 for one request" % (len(prompts), sampling.n,
                                                     len(prompts) * sampling.n), "prompt")
-        echo, stream = _flag(body, "echo"), _flag(body, "stream")
-        include_usage = _include_usage(body)
+        stream = _flag(body, "stream")
         gens = [self._generation(route, _Conversation(None, [], p, estimate_tokens(p)), sampling,
-                                 None, ctx, "completions", dict(body, prompt=p)) for p in prompts]
-        cid, created = _new_id("cmpl-"), int(time.time())
-        if stream:
-            return self._completion_chunks(gens, prompts, echo, model, cid, created, include_usage)
-        choices: List[CompletionChoice] = []
+                                 None, key, "completions", dict(body, prompt=p)) for p in prompts]
         reasoning = _Reasoning("inline" if self.config.reasoning == "inline" else "none")
-        for p, gen in enumerate(gens):
-            texts: List[List[str]] = [[prompts[p]] if echo else [] for _ in range(sampling.n)]
-            finish = ["stop"] * sampling.n
-            for piece in gen:
-                texts[piece.index].append(reasoning.apply(piece)[1] or "")
-                if piece.kind == "finish":
-                    finish[piece.index] = piece.text
-            choices += [CompletionChoice(index=p * sampling.n + i, text="".join(t),
-                                         finish_reason=finish[i]) for i, t in enumerate(texts)]
-        return Completion(id=cid, choices=choices, created=created, model=model,
-                          system_fingerprint=_FINGERPRINT, usage=self._sum_usage(gens))
+        chunks = self._completion_chunks(gens, prompts, _flag(body, "echo"), route.id,
+                                         _include_usage(body) or not stream, reasoning)
+        return self._answer(gens, chunks, stream, _fold_completion, reasoning)
 
-    def _completion_chunks(self, gens: List[_Generation], prompts: List[str], echo: bool,
-                           model: str, cid: str, created: int,
-                           include_usage: bool) -> Iterator[Completion]:
-        n = gens[0].sampling.n
+    @staticmethod
+    def _completion_chunks(gens: List[Any], prompts: List[str], echo: bool, model: str,
+                           usage: bool, reasoning: _Reasoning) -> Iterator[Completion]:
+        cid, created, n = _new_id("cmpl-"), int(time.time()), gens[0].sampling.n
 
         def chunk(index: int, text: str, finish: Optional[str] = None) -> Completion:
             return Completion(id=cid, created=created, model=model, system_fingerprint=_FINGERPRINT,
@@ -3441,69 +3510,46 @@ class _Backend:
                                                         finish_reason=finish)])
 
         for p, gen in enumerate(gens):
-            reasoning = _Reasoning("inline" if self.config.reasoning == "inline" else "none")
-            pieces = iter(gen)
-            try:
-                first = next(pieces, None)
-                if echo:
-                    for i in range(n):
-                        yield chunk(p * n + i, prompts[p])
-                for piece in _chain_first(first, pieces):
-                    text = reasoning.apply(piece)[1]
-                    if text:
-                        yield chunk(p * n + piece.index, text)
-                    if piece.kind == "finish":
-                        yield chunk(p * n + piece.index, "", piece.text)
-            finally:
-                gen.close()
-                pieces.close()  # type: ignore[attr-defined]
-        if include_usage:
-            usage = Completion(id=cid, created=created, model=model,
-                               system_fingerprint=_FINGERPRINT, usage=self._sum_usage(gens))
-            yield usage
-
-    @staticmethod
-    def _sum_usage(gens: List[_Generation]) -> CompletionUsage:
-        total = CompletionUsage(completion_tokens_details=CompletionTokensDetails())
-        for gen in gens:
-            u = gen.usage()
-            total.prompt_tokens += u.prompt_tokens
-            total.completion_tokens += u.completion_tokens
-            total.total_tokens += u.total_tokens
-            total.completion_tokens_details.reasoning_tokens += (  # type: ignore[union-attr]
-                u.completion_tokens_details.reasoning_tokens)  # type: ignore[union-attr]
-        return total
+            pieces = _primed(gen)
+            for i in range(n if echo else 0):
+                yield chunk(p * n + i, prompts[p])
+            for piece in pieces:
+                text = reasoning.apply(piece)[1]
+                if text:
+                    yield chunk(p * n + piece.index, text)
+                if piece.kind == "finish":
+                    yield chunk(p * n + piece.index, "", piece.text)
+        if usage:
+            yield Completion(id=cid, created=created, model=model, system_fingerprint=_FINGERPRINT,
+                             usage=_usage(gens))
 
     # -- responses ----------------------------------------------------------------------
 
-    def responses(self, body: Any, ctx: Optional[Dict[str, Any]] = None) -> Any:
-        """``POST /v1/responses``: a response dict, or an iterator of ``(event, data)``."""
-        body = self._body(body)
-        route = self._route(body)
+    def _responses(self, route: _ModelRoute, body: Dict[str, Any], key: Optional[str]) -> _Answer:
+        """``POST /v1/responses``: the request mapped onto a chat's, answered as events."""
         for name in ("previous_response_id", "conversation"):
             if body.get(name):
                 raise _bad("%r is not supported: this server stores no responses" % name,
                            name, "unsupported_parameter")
-        text = body.get("text") or {}
         if body.get("response_format") is not None:
             raise _bad("'response_format' is a Chat Completions parameter; the Responses API "
                        "takes text.format", "response_format", "unsupported_parameter")
+        text, tools = body.get("text") or {}, body.get("tools")
         if not isinstance(text, dict):
             raise _bad("'text' must be an object like {\"format\": {...}}", "text", "invalid_type")
         fmt = text.get("format")
-        tools = body.get("tools")
         chat_body = dict(body, response_format=dict(type="json_schema", json_schema=fmt)
                          if isinstance(fmt, dict) and fmt.get("type") == "json_schema" else fmt,
-                         tools=[
-            {"type": t.get("type"), "function": {k: v for k, v in t.items() if k != "type"}}
-            if isinstance(t, dict) else t for t in tools] if isinstance(tools, list) else tools)
-        conv = _conversation(self._response_messages(body), "input", self.config.max_messages,
+                         tools=[{"type": t.get("type"), "function": {
+                             k: v for k, v in t.items() if k != "type"}} if isinstance(t, dict)
+                             else t for t in tools] if isinstance(tools, list) else tools)
+        conv = _conversation(_response_messages(body), "input", self.config.max_messages,
                              self.config.max_chars)
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
         shape = _shape(chat_body, self.config.tool_repairs, self.patterns)
-        gen = self._generation(route, conv, sampling, shape, ctx, "responses", body)
+        gen = self._generation(route, conv, sampling, shape, key, "responses", body)
         base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()),
                 "model": route.id, "error": None, "instructions": body.get("instructions"),
                 "max_output_tokens": sampling.max_tokens, "metadata": body.get("metadata") or {},
@@ -3512,165 +3558,59 @@ class _Backend:
                 "temperature": sampling.temperature, "text": {"format": fmt or {"type": "text"}},
                 "tool_choice": body.get("tool_choice") or "auto", "tools": tools or [],
                 "top_p": sampling.top_p, "truncation": "disabled", "user": body.get("user")}
-        if _flag(body, "stream"):
-            return self._response_events(gen, base)
-        texts: Dict[str, List[str]] = {"reasoning": [], "content": [], "finish": []}
-        output = []
-        for piece in gen:
-            if piece.call:
-                output.append(self._response_item("function_call", piece.call["arguments"],
-                                                  call=piece.call))
-            else:
-                texts[piece.kind].append(piece.text)
-        if texts["content"] or not output:
-            output.insert(0, self._response_item("message", "".join(texts["content"]),
-                                                 self._response_status(texts["finish"])))
-        if texts["reasoning"] and self.config.reasoning != "none":
-            output.insert(0, self._response_item("reasoning", "".join(texts["reasoning"])))
-        return dict(base, output=output, **self._response_end(gen, texts["finish"]))
+        events = _response_events(gen, base, self.config.reasoning != "none")
+        return self._answer([gen], events, _flag(body, "stream"), _fold_response,
+                            _Reasoning(self.config.reasoning))
 
-    @staticmethod
-    def _response_messages(body: Dict[str, Any]) -> List[Any]:
-        """The input items as chat messages: function calls and their outputs included."""
-        instructions = body.get("instructions")
-        if instructions is not None and not isinstance(instructions, str):
-            raise _bad("'instructions' must be a string", "instructions", "invalid_type")
-        messages: List[Any] = [{"role": "system", "content": instructions}] if instructions else []
-        items = body.get("input")
-        if isinstance(items, str):
-            return messages + [{"role": "user", "content": items}]
-        if not isinstance(items, list) or not items:
-            raise _bad("'input' must be a string or a non-empty list of input items", "input",
-                       "invalid_type")
-        for i, item in enumerate(items):
-            kind = item.get("type", "message") if isinstance(item, dict) else None
-            if kind == "reasoning":
-                continue          # an earlier thought: the app's history holds answers only
-            if kind == "function_call":
-                messages.append({"role": "assistant", "tool_calls": [{
-                    "id": item.get("call_id"), "type": "function", "function": {
-                        "name": item.get("name"), "arguments": item.get("arguments")}}]})
-            elif kind == "function_call_output":
-                output = item.get("output")
-                messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
-                                 "content": output if isinstance(output, (str, list)) else
-                                 json.dumps(output)})
-            elif kind == "message":
-                messages.append({"role": item.get("role"), "content": item.get("content")})
-            else:
-                raise _bad("input[%d] is a %r item; this server takes message, function_call "
-                           "and function_call_output items" % (i, kind or type(item).__name__),
-                           "input[%d]" % i, "unsupported_input")
-        return messages
 
-    @staticmethod
-    def _response_item(kind: str, text: str, status: str = "completed",
-                       iid: Optional[str] = None, call: Optional[Dict[str, str]] = None
-                       ) -> Dict[str, Any]:
-        """An output item: the answer (``message``), the thought (``reasoning``), or a
-        ``function_call``."""
+def _response_messages(body: Dict[str, Any]) -> List[Any]:
+    """A Responses request's ``instructions`` and input items as chat messages: function
+    calls and their outputs included, reasoning items left out (the app's history holds
+    answers only)."""
+    instructions = body.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise _bad("'instructions' must be a string", "instructions", "invalid_type")
+    messages: List[Any] = [{"role": "system", "content": instructions}] if instructions else []
+    items = body.get("input")
+    if isinstance(items, str):
+        return messages + [{"role": "user", "content": items}]
+    if not isinstance(items, list) or not items:
+        raise _bad("'input' must be a string or a non-empty list of input items", "input",
+                   "invalid_type")
+    for i, item in enumerate(items):
+        kind = item.get("type", "message") if isinstance(item, dict) else None
         if kind == "function_call":
-            call = call or {}
-            return {"type": kind, "id": iid or _new_id("fc_"), "call_id": call.get("id"),
-                    "name": call.get("name"), "arguments": text,
-                    "status": status}
-        if kind == "reasoning":
-            part = {"type": "reasoning_text", "text": text}
-            item = {"type": "reasoning", "id": iid or _new_id("rs_"), "summary": []}
-        else:
-            part = {"type": "output_text", "text": text, "annotations": []}
-            item = {"type": "message", "id": iid or _new_id("msg_"), "role": "assistant"}
-        return dict(item, status=status, content=[] if status == "in_progress" else [part])
+            messages.append({"role": "assistant", "tool_calls": [{
+                "id": item.get("call_id"), "type": "function", "function": {
+                    "name": item.get("name"), "arguments": item.get("arguments")}}]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"), "content":
+                             output if isinstance(output, (str, list)) else json.dumps(output)})
+        elif kind == "message":
+            messages.append({"role": item.get("role"), "content": item.get("content")})
+        elif kind != "reasoning":
+            raise _bad("input[%d] is a %r item; this server takes message, function_call "
+                       "and function_call_output items" % (i, kind or type(item).__name__),
+                       "input[%d]" % i, "unsupported_input")
+    return messages
 
-    @staticmethod
-    def _response_status(finish: List[str]) -> str:
-        return "incomplete" if "length" in finish else "completed"
 
-    def _response_end(self, gen: _Generation, finish: List[str]) -> Dict[str, Any]:
-        """The fields a response ends with: status, why it is incomplete, usage."""
-        u, status = gen.usage(), self._response_status(finish)
-        details = u.completion_tokens_details.reasoning_tokens  # type: ignore[union-attr]
-        return {"status": status, "incomplete_details": {"reason": "max_output_tokens"}
-                if status == "incomplete" else None,
-                "usage": {"input_tokens": u.prompt_tokens,
-                          "input_tokens_details": {"cached_tokens": 0},
-                          "output_tokens": u.completion_tokens,
-                          "output_tokens_details": {"reasoning_tokens": details},
-                          "total_tokens": u.total_tokens}}
-
-    def _response_events(self, gen: _Generation,
-                         base: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
-        """The streamed events: an output item for the thought (while it lasts), one for
-        the answer, one per function call, each opened, filled by deltas, and closed."""
-        seq = iter(range(1 << 62))
-        output: List[Dict[str, Any]] = []
-        finish: List[str] = []
-
-        def event(kind: str, **data: Any) -> Tuple[str, Dict[str, Any]]:
-            return kind, dict(type=kind, sequence_number=next(seq), **data)
-
-        def opened(kind: str, call: Optional[Dict[str, str]] = None
-                   ) -> Iterator[Tuple[str, Dict[str, Any]]]:
-            item = self._response_item(kind, "", "in_progress", call=call)
-            output.append(item)
-            yield event("response.output_item.added", output_index=len(output) - 1, item=item)
-            if kind != "function_call":
-                yield event("response.content_part.added", item_id=item["id"],
-                            output_index=len(output) - 1, content_index=0,
-                            part=self._response_item(kind, "")["content"][0])
-
-        def closed(text: str, status: str = "completed") -> Iterator[Tuple[str, Dict[str, Any]]]:
-            last = output[-1]
-            item = output[-1] = self._response_item(last["type"], text, status, last["id"],
-                                                    {"id": last.get("call_id"),
-                                                     "name": last.get("name")})
-            where = dict(item_id=item["id"], output_index=len(output) - 1)
-            name, extra = _RESPONSE_TEXT[item["type"]]
-            if item["type"] == "function_call":
-                yield event(name + ".done", name=item["name"], arguments=text, **where)
-            else:
-                yield event(name + ".done", text=text, content_index=0, **extra, **where)
-                yield event("response.content_part.done", part=item["content"][0],
-                            content_index=0, **where)
-            yield event("response.output_item.done", output_index=len(output) - 1, item=item)
-
-        pieces = iter(gen)
-        try:
-            first = next(pieces, None)
-            pending = dict(base, status="in_progress", output=[], usage=None,
-                           incomplete_details=None)
-            yield event("response.created", response=pending)
-            yield event("response.in_progress", response=pending)
-            text: List[str] = []
-            for piece in _chain_first(first, pieces):
-                if piece.kind == "finish":
-                    finish.append(piece.text)
-                if piece.kind == "finish" or (piece.kind == "reasoning"
-                                              and self.config.reasoning == "none"):
-                    continue
-                kind = {"reasoning": "reasoning", "content": "message"}.get(piece.kind,
-                                                                            "function_call")
-                if not output or output[-1]["type"] != kind or piece.call:
-                    if output:
-                        yield from closed("".join(text))
-                    text = []
-                    yield from opened(kind, piece.call)
-                text.append(piece.call["arguments"] if piece.call else piece.text)
-                name, extra = _RESPONSE_TEXT[kind]
-                yield event(name + ".delta", item_id=output[-1]["id"], output_index=len(output) - 1,
-                            delta=text[-1], **({} if piece.call else dict(extra, content_index=0)))
-            if not any(o["type"] in ("message", "function_call") for o in output):
-                if output:
-                    yield from closed("".join(text))
-                text = []
-                yield from opened("message")
-            yield from closed("".join(text), self._response_status(finish)
-                              if output[-1]["type"] == "message" else "completed")
-            end = self._response_end(gen, finish)
-            yield event("response." + end["status"], response=dict(base, output=output, **end))
-        finally:
-            gen.close()
-            pieces.close()  # type: ignore[attr-defined]
+def _response_item(kind: str, text: str, status: str = "completed", iid: Optional[str] = None,
+                   call: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """An output item: the answer (``message``), the thought (``reasoning``), or a
+    ``function_call``."""
+    if kind == "function_call":
+        call = call or {}
+        return {"type": kind, "id": iid or _new_id("fc_"), "call_id": call.get("id"),
+                "name": call.get("name"), "arguments": text, "status": status}
+    if kind == "reasoning":
+        part = {"type": "reasoning_text", "text": text}
+        item = {"type": "reasoning", "id": iid or _new_id("rs_"), "summary": []}
+    else:
+        part = {"type": "output_text", "text": text, "annotations": []}
+        item = {"type": "message", "id": iid or _new_id("msg_"), "role": "assistant"}
+    return dict(item, status=status, content=[] if status == "in_progress" else [part])
 
 
 _RESPONSE_TEXT = {"message": ("response.output_text", {"logprobs": []}),  # an item's events
@@ -3678,10 +3618,67 @@ _RESPONSE_TEXT = {"message": ("response.output_text", {"logprobs": []}),  # an i
                   "function_call": ("response.function_call_arguments", {})}
 
 
-def _chain_first(first: Optional[_Piece], rest: Iterator[_Piece]) -> Iterator[_Piece]:
-    if first is not None:
-        yield first
-    yield from rest
+def _response_events(gen: Any, base: Dict[str, Any],
+                     thoughts: bool) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """A response's events: an output item for the thought (while it lasts, if
+    ``thoughts``), one for the answer, one per function call, each opened, filled by
+    deltas and closed; then the response, whole."""
+    seq, output, texts, finish = itertools.count(), [], [], []
+
+    def event(kind: str, **data: Any) -> Tuple[str, Dict[str, Any]]:
+        return kind, dict(type=kind, sequence_number=next(seq), **data)
+
+    def opened(kind: str, call: Optional[Dict[str, str]] = None) -> Iterator[Any]:
+        output.append(_response_item(kind, "", "in_progress", call=call))
+        texts.clear()
+        yield event("response.output_item.added", output_index=len(output) - 1, item=output[-1])
+        if kind != "function_call":
+            yield event("response.content_part.added", item_id=output[-1]["id"], content_index=0,
+                        output_index=len(output) - 1, part=_response_item(kind, "")["content"][0])
+
+    def closed(status: str = "completed") -> Iterator[Any]:
+        last, text = output[-1], "".join(texts)
+        item = output[-1] = _response_item(last["type"], text, status, last["id"], {
+            "id": last.get("call_id"), "name": last.get("name")})
+        where, (name, extra) = dict(item_id=item["id"], output_index=len(output) - 1), \
+            _RESPONSE_TEXT[item["type"]]
+        if item["type"] == "function_call":
+            yield event(name + ".done", name=item["name"], arguments=text, **where)
+        else:
+            yield event(name + ".done", text=text, content_index=0, **extra, **where)
+            yield event("response.content_part.done", part=item["content"][0], content_index=0,
+                        **where)
+        yield event("response.output_item.done", output_index=len(output) - 1, item=item)
+
+    pieces = _primed(gen)                         # a failure before any output raises here
+    pending = dict(base, status="in_progress", output=[], usage=None, incomplete_details=None)
+    yield event("response.created", response=pending)
+    yield event("response.in_progress", response=pending)
+    for piece in pieces:
+        finish += [piece.text] if piece.kind == "finish" else []
+        if piece.kind == "finish" or (piece.kind == "reasoning" and not thoughts):
+            continue
+        kind = {"reasoning": "reasoning", "content": "message"}.get(piece.kind, "function_call")
+        if not output or output[-1]["type"] != kind or piece.call:
+            yield from closed() if output else ()
+            yield from opened(kind, piece.call)
+        texts.append(piece.call["arguments"] if piece.call else piece.text)
+        name, extra = _RESPONSE_TEXT[kind]
+        yield event(name + ".delta", item_id=output[-1]["id"], output_index=len(output) - 1,
+                    delta=texts[-1], **({} if piece.call else dict(extra, content_index=0)))
+    if not any(o["type"] in ("message", "function_call") for o in output):
+        yield from closed() if output else ()
+        yield from opened("message")
+    status = "incomplete" if "length" in finish else "completed"
+    yield from closed(status if output[-1]["type"] == "message" else "completed")
+    u = gen.usage()
+    yield event("response." + status, response=dict(
+        base, output=output, status=status, incomplete_details={"reason": "max_output_tokens"}
+        if status == "incomplete" else None, usage={
+            "input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": u.completion_tokens, "output_tokens_details": {
+                "reasoning_tokens": u.completion_tokens_details.reasoning_tokens},
+            "total_tokens": u.total_tokens}))
 
 
 ###############################################################################
@@ -3689,22 +3686,21 @@ def _chain_first(first: Optional[_Piece], rest: Iterator[_Piece]) -> Iterator[_P
 ###############################################################################
 
 class Stream:
-    """The chunks of a streamed completion; iterate it, or use it in ``with``."""
+    """The chunks of a streamed completion (the events of a response); iterate it, or
+    use it in ``with``: closing it cancels the upstream call."""
 
-    def __init__(self, chunks: Iterator[Any]) -> None:
-        self._chunks = chunks
+    def __init__(self, answer: Any, convert: Callable[[Any], Any] = lambda item: item) -> None:
+        self._answer, self._items, self._convert = answer, iter(answer.chunks), convert
 
     def __iter__(self) -> Iterator[Any]:
         return self
 
     def __next__(self) -> Any:
-        return next(self._chunks)
+        return self._convert(next(self._items))
 
     def close(self) -> None:
         """Stop reading; the upstream call is cancelled."""
-        close = getattr(self._chunks, "close", None)
-        if close is not None:
-            close()
+        self._answer.close()
 
     def __enter__(self) -> "Stream":
         return self
@@ -3718,6 +3714,7 @@ def _from_dict(cls: Any, data: Any) -> Any:
     import typing
     if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
         return cls(data) if isinstance(data, dict) else data
+
     def inner(kind: Any) -> Any:           # the dataclass in Optional[List[X]], if any
         if dataclasses.is_dataclass(kind):
             return kind
@@ -3735,9 +3732,33 @@ def _from_dict(cls: Any, data: Any) -> Any:
     return cls(**values)
 
 
+class _Attrs(dict):
+    """A Responses API object: a dict whose keys read as attributes too, as the openai
+    SDK's objects do (``response.output_text``, ``event.delta``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self:
+            raise AttributeError(name)
+        value = self[name]
+        if isinstance(value, list):
+            return [_Attrs(v) if isinstance(v, dict) else v for v in value]
+        return _Attrs(value) if isinstance(value, dict) else value
+
+    @property
+    def output_text(self) -> str:
+        """The answer's text, all message items joined."""
+        return "".join(part.get("text", "") for item in self.get("output") or []
+                       if item.get("type") == "message" for part in item.get("content") or []
+                       if part.get("type") == "output_text")
+
+
+# Each operation: its path on an OpenAI-compatible API, what a stream's chunks and the
+# whole answer are, and the argument ``create()`` must have.
+_OPERATIONS = {"chat": ("/chat/completions", ChatCompletionChunk, ChatCompletion, "messages"),
+               "completions": ("/completions", Completion, Completion, "prompt"),
+               "responses": ("/responses", _Attrs, _Attrs, "input")}
 _STATUS_ERRORS = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
-                  404: NotFoundError,
-                  405: MethodNotAllowedError, 408: RequestTimeoutError,
+                  404: NotFoundError, 405: MethodNotAllowedError, 408: RequestTimeoutError,
                   413: RequestTooLargeError, 429: RateLimitError, 503: ServerOverloadedError}
 
 
@@ -3787,36 +3808,27 @@ class _OpenAIBackend:
         finally:
             resp.conn.close()
 
-    def _events(self, path: str, body: Any, cls: Any) -> Iterator[Any]:
-        resp = self._request("POST", path, body)
+    def _events(self, resp: Any, cls: Any) -> Iterator[Any]:
         try:
-            for _, data in _iter_sse(lambda: resp.read1(65536)):
+            for event, data in _iter_sse(lambda: resp.read1(65536)):
                 if data == "[DONE]":
                     return
-                event = json.loads(data)
-                if isinstance(event, dict) and event.get("error"):
-                    raise InternalServerError(str(event["error"].get("message")))
-                yield _from_dict(cls, event)
+                item = json.loads(data)
+                if isinstance(item, dict) and item.get("error"):
+                    raise InternalServerError(str(item["error"].get("message")))
+                yield (event, item) if cls is _Attrs else _from_dict(cls, item)
         finally:
             resp.conn.close()
 
-    def chat(self, body: Dict[str, Any]) -> Any:
+    def generate(self, op: str, body: Dict[str, Any]) -> Any:
+        """``op`` of ``body`` on the API: an answer shaped as :class:`_Backend`'s."""
+        path, chunk, whole, _ = _OPERATIONS[op]
         body = dict(body, model=body.get("model") or self.model)
         if body.get("stream"):
-            return self._events("/chat/completions", body, ChatCompletionChunk)
-        return _from_dict(ChatCompletion, self._json("POST", "/chat/completions", body))
-
-    def completions(self, body: Dict[str, Any]) -> Any:
-        body = dict(body, model=body.get("model") or self.model)
-        if body.get("stream"):
-            return self._events("/completions", body, Completion)
-        return _from_dict(Completion, self._json("POST", "/completions", body))
-
-    def responses(self, body: Dict[str, Any]) -> Any:
-        body = dict(body, model=body.get("model") or self.model)
-        if body.get("stream"):
-            return self._events("/responses", body, _Attrs)
-        return _Attrs(self._json("POST", "/responses", body))
+            chunks: Iterator[Any] = self._events(self._request("POST", path, body), chunk)
+            return _Answer([], chunks, True, next, _Reasoning("separate"))
+        return _Answer([], iter([_from_dict(whole, self._json("POST", path, body))]), False,
+                       next, _Reasoning("separate"))
 
     def models(self) -> ModelList:
         return _from_dict(ModelList, self._json("GET", "/models"))
@@ -3829,82 +3841,26 @@ class _OpenAIBackend:
 
 
 class _Resource:
-    def __init__(self, backend: Any) -> None:
-        self._backend = backend
+    """``client.chat.completions``, ``client.completions``, ``client.responses`` and
+    ``client.models``: each runs one operation (``op``) of the backend."""
 
+    def __init__(self, backend: Any, op: Optional[str] = None) -> None:
+        self._backend, self._op = backend, op
 
-def _body_from(kwargs: Dict[str, Any]) -> Dict[str, Any]:
-    """Request body from SDK keyword arguments (``extra_body`` merged, openai-style)."""
-    extra = kwargs.pop("extra_body", None) or {}
-    for name in ("extra_headers", "extra_query", "timeout"):
-        kwargs.pop(name, None)
-    body = {k: v for k, v in kwargs.items() if v is not None}
-    body.update(extra)
-    return body
+    def create(self, **kwargs: Any) -> Any:
+        """Create a chat completion, a completion or a response (as the resource is);
+        with ``stream=True`` a :class:`Stream` of its chunks or events."""
+        if self._op is None or _OPERATIONS[self._op][3] not in kwargs:
+            raise TypeError("create() needs the argument %r" % _OPERATIONS.get(
+                self._op or "", ("", "", "", "?"))[3])
+        body = {k: v for k, v in kwargs.items() if v is not None and k not in (
+            "extra_body", "extra_headers", "extra_query", "timeout")}
+        answer = self._backend.generate(self._op, dict(body, **kwargs.get("extra_body") or {}))
+        events = self._op == "responses"                 # (name, data) pairs
+        if answer.stream:
+            return Stream(answer, (lambda e: _Attrs(e[1])) if events else lambda c: c)
+        return _Attrs(answer.whole()) if events else answer.whole()
 
-
-class _ChatCompletions(_Resource):
-    def create(self, *, messages: List[Dict[str, Any]], model: Optional[str] = None,
-               stream: bool = False, **kwargs: Any) -> Any:
-        """Create a chat completion; with ``stream=True`` a :class:`Stream` of chunks."""
-        result = self._backend.chat(_body_from(dict(kwargs, messages=messages, model=model,
-                                                    stream=stream)))
-        return Stream(result) if stream else result
-
-
-class _Chat:
-    def __init__(self, backend: _Backend) -> None:
-        self.completions = _ChatCompletions(backend)
-
-
-class _Completions(_Resource):
-    def create(self, *, prompt: Any, model: Optional[str] = None, stream: bool = False,
-               **kwargs: Any) -> Any:
-        """Create a legacy text completion."""
-        result = self._backend.completions(_body_from(dict(kwargs, prompt=prompt, model=model,
-                                                           stream=stream)))
-        return Stream(result) if stream else result
-
-
-class _Attrs(dict):
-    """A Responses API object: a dict whose keys read as attributes too, as the openai
-    SDK's objects do (``response.output_text``, ``event.delta``)."""
-
-    def __getattr__(self, name: str) -> Any:
-        if name not in self:
-            raise AttributeError(name)
-        value = self[name]
-        if isinstance(value, list):
-            return [_Attrs(v) if isinstance(v, dict) else v for v in value]
-        return _Attrs(value) if isinstance(value, dict) else value
-
-    @property
-    def output_text(self) -> str:
-        """The answer's text, all message items joined."""
-        return "".join(part.get("text", "") for item in self.get("output") or []
-                       if item.get("type") == "message" for part in item.get("content") or []
-                       if part.get("type") == "output_text")
-
-
-class _Responses(_Resource):
-    def create(self, *, input: Any, model: Optional[str] = None, stream: bool = False,
-               **kwargs: Any) -> Any:
-        """Create a response (the Responses API); with ``stream=True`` a :class:`Stream`
-        of its events."""
-        result = self._backend.responses(_body_from(dict(kwargs, input=input, model=model,
-                                                         stream=stream)))
-        return Stream(self._events(result)) if stream else _Attrs(result)
-
-    @staticmethod
-    def _events(events: Iterator[Any]) -> Iterator[_Attrs]:
-        try:                                   # (name, data) from the gateway's engine
-            for e in events:
-                yield e if isinstance(e, _Attrs) else _Attrs(e[1])
-        finally:
-            events.close()  # type: ignore[attr-defined]
-
-
-class _Models(_Resource):
     def list(self) -> ModelList:
         """The served models."""
         return self._backend.models()
@@ -3939,16 +3895,15 @@ class BharatGenOpenAI:
             self.base_url = backend.base_url
         else:
             backend = _Backend(self.config)
-            for route in backend.routes.values():
-                for replica in route.pool.replicas:
-                    if api_key and api_key.startswith("hf_"):
-                        replica.client.hf_token = api_key
-            self.base_url = backend.routes[backend.default_model].pool.replicas[0].client.base_url
+            for client in backend.clients():
+                client.hf_token = api_key if api_key and api_key.startswith("hf_") else \
+                    client.hf_token
+            self.base_url = next(backend.clients()).base_url
         self._backend = backend
-        self.chat = _Chat(backend)
-        self.completions = _Completions(backend)
-        self.responses = _Responses(backend)
-        self.models = _Models(backend)
+        self.chat, self.models = _Resource(backend), _Resource(backend)
+        self.chat.completions = _Resource(backend, "chat")     # type: ignore[attr-defined]
+        self.completions = _Resource(backend, "completions")
+        self.responses = _Resource(backend, "responses")
 
     def close(self) -> None:
         """Close the upstream connections kept alive between calls."""
@@ -4023,10 +3978,8 @@ class AsyncBharatGenOpenAI:
                  **kwargs: Any) -> None:
         self._sync = BharatGenOpenAI(base_url, api_key, **kwargs)
         self.config, self.base_url = self._sync.config, self._sync.base_url
-        self.chat = _AsyncWrap(self._sync.chat)
-        self.completions = _AsyncWrap(self._sync.completions)
-        self.responses = _AsyncWrap(self._sync.responses)
-        self.models = _AsyncWrap(self._sync.models)
+        for name in ("chat", "completions", "responses", "models"):
+            setattr(self, name, _AsyncWrap(getattr(self._sync, name)))
 
     async def close(self) -> None:
         """Close the upstream connections kept alive between calls."""
@@ -4226,6 +4179,11 @@ class _Metrics:
                     h[i] += 1
             h[-2] += seconds
             h[-1] += 1
+
+    def set(self, name: str, value: float) -> None:
+        """Set a counter kept elsewhere (the upstream clients count their bytes)."""
+        with self._lock:
+            self._values[name] = {(): value}
 
     def value(self, name: str, **labels: str) -> float:
         with self._lock:
@@ -4661,7 +4619,7 @@ class _GatewayHandler(_Handler):
         self.send_timeout = config.send_timeout
         super().setup()
         self._extra: Dict[str, str] = {}
-        self._notes: Dict[str, Any] = {}
+        self._answer: Optional[_Answer] = None
         self.client = str(self.client_address[0])
         self.server.count_client(self.client, +1)
 
@@ -4727,8 +4685,8 @@ class _GatewayHandler(_Handler):
         """Headers every response carries: request id, rate limits, CORS."""
         headers = {"x-request-id": self.request_id}
         headers.update(self._extra)
-        if self._notes.get("cache"):
-            headers["x-cache"] = self._notes["cache"]
+        if self._answer is not None and self._answer.cache:
+            headers["x-cache"] = self._answer.cache
         origin = self._cors_origin()
         if origin:
             headers["Access-Control-Allow-Origin"] = origin
@@ -4811,7 +4769,7 @@ class _GatewayHandler(_Handler):
         self.client = self._client() if srv.trusted else str(self.client_address[0])
         self._who = "ip:" + self.client
         self._extra, self._model, self._ttft, self._error = {}, None, None, None
-        self._key, self._admin, self._notes = "-", not srv.keys.enabled, {}
+        self._key, self._admin, self._answer = "-", not srv.keys.enabled, None
         started = time.monotonic()
         status, route, slot = 500, "unknown", False
         srv.track(+1)
@@ -4838,7 +4796,9 @@ class _GatewayHandler(_Handler):
                                                 "retry shortly" % srv.config.max_concurrent)
             name = methods[method]
             if name == "get_model":
-                status = self._respond(srv.backend.model(model_id or ""))
+                status = self._respond(srv.backend.model(model_id))
+            elif name in _OPERATIONS:
+                status = self._generate(name, body)
             else:
                 status = getattr(self, "_op_" + name)(body)
         except BharatGenError as exc:
@@ -4862,13 +4822,12 @@ class _GatewayHandler(_Handler):
 
     def _finish(self, route: str, status: int, took: float) -> None:
         """Metrics and the access-log line of one request."""
-        usage = [gen.usage() for gen in self._notes.get("gens", ())]
+        usage = self._answer.usage() if self._answer else CompletionUsage()
         self.server.metrics.record(
             route, status, took, recent=route not in self._unlimited, ttft=self._ttft,
-            error=self._error, key=self._key, tokens=(sum(u.prompt_tokens for u in usage),
-                                                      sum(u.completion_tokens for u in usage)))
-        if self._notes.get("cache") and status == 200:
-            self.server.metrics.inc("bharatgen_cache_total", result=self._notes["cache"])
+            error=self._error, key=self._key, tokens=(usage.prompt_tokens, usage.completion_tokens))
+        if self._answer is not None and self._answer.cache and status == 200:
+            self.server.metrics.inc("bharatgen_cache_total", result=self._answer.cache)
         fields = {"method": self.command, "path": self.path[:200], "status": status,
                   "model": self._model or "-", "duration": round(took, 4),
                   "ttft": None if self._ttft is None else round(self._ttft, 4),
@@ -4925,6 +4884,8 @@ class _GatewayHandler(_Handler):
         return self.send_json(200 if ok else 503, body, self._headers())
 
     def _op_metrics(self, body: None) -> int:
+        self.server.metrics.set("bharatgen_upstream_bytes_total", sum(
+            c.bytes_read for c in self.server.backend.clients()))
         return self.send_body(200, self.server.metrics.render().encode("utf-8"),
                               "text/plain; version=0.0.4; charset=utf-8", self._headers())
 
@@ -4976,19 +4937,22 @@ class _GatewayHandler(_Handler):
                             % (model if isinstance(model, str) else self.server.backend.default_model),
                             param="model", code="model_not_found")
 
-    def _ctx(self) -> Dict[str, Any]:
-        """What the backend learns of the request (the key) and tells: its generations
-        (for their tokens) and whether the cache had the answer."""
-        self._notes = {"scope": self._key}
-        return self._notes
+    def _generate(self, op: str, body: Any) -> int:
+        """A generation route: the answer whole, or streamed as server-sent events
+        (``data: [DONE]`` ends a chat or completion; a response ends with its last event)."""
+        answer = self._answer = self.server.backend.generate(op, body, self._key)
+        if not answer.stream:
+            whole = answer.whole()
+            return self._respond(answer.reasoning.rename(whole.to_dict()) if op == "chat" else whole)
+        if op == "responses":
+            return self._stream((_sse(data, event) for event, data in answer.chunks), answer,
+                                error_event="error")
+        encode = self._chunk_encoder(answer.reasoning) if op == "chat" else \
+            (lambda chunk: _sse(chunk.to_dict()))
+        return self._stream(map(encode, answer.chunks), answer, done=b"data: [DONE]\n\n")
 
-    def _op_chat(self, body: Any) -> int:
-        result = self.server.backend.chat(body, self._ctx())
-        if isinstance(result, ChatCompletion):
-            return self._respond(self._rename_reasoning(result.to_dict()))
-        return self._stream(map(self._chunk_encoder(), result), result, done=True)
-
-    def _chunk_encoder(self) -> Callable[[ChatCompletionChunk], bytes]:
+    @staticmethod
+    def _chunk_encoder(reasoning: _Reasoning) -> Callable[[ChatCompletionChunk], bytes]:
         """The SSE bytes of one stream's chunks.  A chunk that only adds text to a choice's
         content or reasoning (nearly every one) reuses the bytes rendered around its text
         the first time: one JSON string encoded instead of a dict built and encoded."""
@@ -5001,39 +4965,16 @@ class _GatewayHandler(_Handler):
             texts = [(name, text) for name, text in (("content", delta.content), (
                 "reasoning_content", delta.reasoning_content)) if text is not None]
             if len(texts) != 1 or not texts[0][1] or delta.role or choice.finish_reason:
-                return _sse(self._rename_reasoning(chunk.to_dict()))
+                return _sse(reasoning.rename(chunk.to_dict()))
             (name, text), key = texts[0], (choice.index, texts[0][0])
             if key not in around:
                 probe = dataclasses.replace(chunk, choices=[dataclasses.replace(
                     choice, delta=ChoiceDelta(**{name: mark}))])
-                before, _, after = _sse(self._rename_reasoning(probe.to_dict())).partition(
+                before, _, after = _sse(reasoning.rename(probe.to_dict())).partition(
                     _json_bytes(mark))
                 around[key] = before, after
             return b"%s%s%s" % (around[key][0], _json_bytes(text), around[key][1])
         return encode
-
-    def _op_completions(self, body: Any) -> int:
-        result = self.server.backend.completions(body, self._ctx())
-        if isinstance(result, Completion):
-            return self._respond(result)
-        return self._stream((_sse(c.to_dict()) for c in result), result, done=True)
-
-    def _op_responses(self, body: Any) -> int:
-        result = self.server.backend.responses(body, self._ctx())
-        if isinstance(result, dict):
-            return self._respond(result)
-        return self._stream((_sse(data, event) for event, data in result), result,
-                            done=False, error_event="error")
-
-    def _rename_reasoning(self, obj: Dict[str, Any]) -> Dict[str, Any]:
-        """Rename ``reasoning_content`` to the configured field name (e.g. ``reasoning``)."""
-        name = self.server.config.reasoning_field
-        if name != "reasoning_content":
-            for choice in obj.get("choices", ()):
-                for part in (choice.get("message"), choice.get("delta")):
-                    if part and "reasoning_content" in part:
-                        part[name] = part.pop("reasoning_content")
-        return obj
 
     def _send_stream_error(self, exc: BharatGenError, error_event: Optional[str]) -> bool:
         """Send ``exc`` as a stream's last event; True if the client is gone."""
@@ -5050,7 +4991,7 @@ class _GatewayHandler(_Handler):
             self.close_connection = True
             return True
 
-    def _stream(self, events: Iterator[bytes], source: Any, done: bool,
+    def _stream(self, events: Iterator[bytes], source: Any, done: bytes = b"",
                 error_event: Optional[str] = None) -> int:
         """Send ``events`` as server-sent events, from this thread.
 
@@ -5063,12 +5004,12 @@ class _GatewayHandler(_Handler):
         srv.limiter.open_stream(self._who)
         srv.metrics.inc("bharatgen_streams_in_flight")
         try:
-            first = next(events, None)
+            events = _primed(events)
             self._ttft = time.monotonic() - started
             srv.metrics.observe("bharatgen_time_to_first_token_seconds", self._ttft)
             self.start_events(self._headers({"X-Accel-Buffering": "no"}))
             began = True
-            for event in _chain_first(first, events):
+            for event in events:
                 if srv.closing.is_set():
                     raise _shutting_down()
                 self.send_event(event)
@@ -5094,8 +5035,7 @@ class _GatewayHandler(_Handler):
             srv.metrics.inc("bharatgen_streams_in_flight", -1)
             srv.limiter.close_stream(self._who)
         try:
-            if done:
-                self.send_event(b"data: [DONE]\n\n")
+            self.send_event(done)
             self.end_events()
         except OSError:
             self.close_connection = True
@@ -5133,9 +5073,6 @@ class GatewayServer(_Server):
         self.keys = _KeyStore(config.api_keys, config.api_key_file, config.admin_keys)
         self.metrics = _Metrics()
         self.backend = backend or _Backend(config)
-        for route in self.backend.routes.values():
-            for replica in route.pool.replicas:
-                replica.client.metrics = self.metrics
         self.limiter = _RateLimiter(config.rate_limit_rpm, config.rate_limit_streams)
         self.failures = _RateLimiter(config.rate_limit_rpm or 60)   # wrong keys, by address
         import ipaddress
