@@ -321,6 +321,22 @@ def _sse(obj: Any, event: Optional[str] = None) -> bytes:
     return ("%sdata: %s\n\n" % (head, payload)).encode("utf-8", "backslashreplace")
 
 
+def _primed(items: Iterator[Any]) -> Iterator[Any]:
+    """``items`` with its first item taken now, so that a failure before any output is
+    raised here, where the caller can still answer it with its own status."""
+    items = iter(items)
+    first = next(items, _primed)
+
+    def rest() -> Iterator[Any]:
+        try:
+            if first is not _primed:
+                yield first
+            yield from items
+        finally:
+            getattr(items, "close", lambda: None)()
+    return rest()
+
+
 class _TagReader(HTMLParser):
     """Reads the name and attributes of the first start tag it is fed."""
 
@@ -902,7 +918,6 @@ _FINGERPRINT = "fp_bharatgen_" + __version__.replace(".", "_")
 # Upstream: a Gradio client over http.client ###################################
 ###############################################################################
 
-
 # OpenAI-side roles, and the app parameter names that take each of them.
 _ROLE_NAMES = {
     "message": ("message", "msg", "prompt", "input", "query", "question", "user_message",
@@ -1169,23 +1184,6 @@ class _HTTPSConnection(_Timed, http.client.HTTPSConnection):
     pass
 
 
-def _dropped(conn: http.client.HTTPConnection) -> bool:
-    """True if a kept-alive connection was closed by the server while it rested (its
-    socket reads as ready: the end, or bytes nobody asked for)."""
-    sock = getattr(conn.sock, "sock", None)
-    if sock is None:
-        return True
-    try:                             # selectors: select.select fails past descriptor 1023
-        with selectors.DefaultSelector() as ready:
-            ready.register(sock, selectors.EVENT_READ)
-            return bool(ready.select(0))
-    except (OSError, ValueError):
-        return True
-
-
-_MAX_IDLE_CONNECTIONS = 64                 # kept alive per upstream, for the next requests
-
-
 def _net_error(exc: BaseException, timed_out: str, failed: str) -> BharatGenError:
     """The one place a socket error becomes an API error: a timeout is an
     :class:`APITimeoutError`, any other an :class:`APIConnectionError` saying why."""
@@ -1196,112 +1194,69 @@ def _net_error(exc: BaseException, timed_out: str, failed: str) -> BharatGenErro
     return APIConnectionError("%s: %s" % (failed, exc))
 
 
-@dataclass
-class _Progress:
-    """How far one upstream job has come."""
-    outputs: int = 0               # output events so far: each is due within the timeout
-    done: bool = False             # its last event was read
+class _HTTP:
+    """A Gradio client's HTTP layer: http.client connections to one app, kept alive
+    between calls (64 at rest at most), through the proxy ``urllib.request``'s settings
+    name (``HTTP(S)_PROXY``, ``NO_PROXY``); every read bounded by a :class:`_TimedSocket`."""
 
-
-class GradioClient:
-    """Calls one chat endpoint of a Gradio app and streams the reply's HTML.
-
-    ``base_url`` may be the app's root, its ``/gradio_api`` URL or a Hugging Face Space
-    (``owner/space``).  :meth:`discover` reads ``/config`` and ``<prefix>/info`` once: the
-    API prefix, the chat endpoint, its inputs (mapped to OpenAI fields by name, the rest
-    filled with the app's defaults) and the history format.  Replies stream over the
-    queue protocol (``/queue/join``, diffs) when the app offers it, else over ``/call``.
-    Requests go over http.client, kept alive between calls, through the proxy that
-    ``HTTP(S)_PROXY`` / ``NO_PROXY`` name.  ``HF_TOKEN`` (or ``hf_token``) is sent as a
-    bearer token for private Spaces.
-    """
-
-    def __init__(self, base_url: str, *, endpoint: Optional[str] = None,
-                 timeout: float = 120.0, connect_timeout: float = 10.0,
-                 first_event_timeout: Optional[float] = None, protocol: str = "auto",
-                 param_names: Optional[Dict[str, str]] = None,
-                 hf_token: Optional[str] = None, max_event_bytes: int = MAX_EVENT_BYTES,
-                 max_body: int = MAX_UPSTREAM_BODY) -> None:
-        if protocol not in PROTOCOLS:
-            raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
-        url = _normalize_base_url(base_url)
-        self.base_url = _redact(url)             # shown and logged; credentials kept apart
-        self.endpoint = endpoint.strip("/") if endpoint else None
-        self.timeout = timeout
-        self.connect_timeout = connect_timeout
-        self.first_event_timeout = first_event_timeout or timeout
-        self.protocol = protocol
-        self.param_names = dict(param_names or {})
-        self.hf_token = hf_token if hf_token is not None else os.environ.get("HF_TOKEN")
-        self.max_event_bytes, self.max_body = max_event_bytes, max_body
+    def __init__(self, url: str, connect_timeout: float, timeout: float, max_body: int,
+                 token: Optional[str]) -> None:
         parts = urllib.parse.urlsplit(url)
-        self._basic = "Basic " + base64.b64encode(("%s:%s" % (
+        self.shown = _redact(url)                # shown and logged; credentials kept apart
+        self.connect_timeout, self.timeout, self.max_body = connect_timeout, timeout, max_body
+        self.token = token                       # a Hugging Face token, for private Spaces
+        self.basic = "Basic " + base64.b64encode(("%s:%s" % (   # user:password@ in the URL
             urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
         )).encode()).decode() if parts.username else None
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if self._https else 80)
-        self._root = parts.path
-        self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
-        self._tls = ssl.create_default_context() if self._https else None
+        self.https = parts.scheme == "https"
+        self.host, self.root = parts.hostname or "127.0.0.1", parts.path
+        self.port = parts.port or (443 if self.https else 80)
+        self._tls = ssl.create_default_context() if self.https else None
         proxy = urllib.request.getproxies().get(parts.scheme)
-        if proxy and urllib.request.proxy_bypass(self._host):
-            proxy = None
-        self._proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy) \
-            if proxy else None
-        self._info: Optional[_AppInfo] = None
+        self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy) \
+            if proxy and not urllib.request.proxy_bypass(self.host) else None
+        self.proxy_headers: Dict[str, str] = {}
+        if self.proxy is not None and self.proxy.username:
+            self.proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
+                ("%s:%s" % (urllib.parse.unquote(self.proxy.username), urllib.parse.unquote(
+                    self.proxy.password or ""))).encode()).decode()
+        self._idle: List[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
-        self._discover_lock = threading.Lock()
-        self._idle: List[http.client.HTTPConnection] = []     # kept-alive connections at rest
-        self.bytes_read = 0                      # of event streams (the server's /metrics)
 
-    def __repr__(self) -> str:
-        return "GradioClient(%r, endpoint=%r)" % (self.base_url, self.endpoint)
-
-    # -- HTTP -------------------------------------------------------------------------
-
-    def _connection(self) -> http.client.HTTPConnection:
+    def connection(self) -> http.client.HTTPConnection:
         """A kept-alive connection at rest, or a new one."""
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        host, port, headers = self._host, self._port, {}
-        if self._proxy is not None:
-            host, port = self._proxy.hostname or "", self._proxy.port or 80
-            if self._proxy.username:
-                auth = "%s:%s" % (urllib.parse.unquote(self._proxy.username),
-                                  urllib.parse.unquote(self._proxy.password or ""))
-                headers["Proxy-Authorization"] = "Basic " + base64.b64encode(auth.encode()).decode()
-        if self._https:
-            conn: http.client.HTTPConnection = _HTTPSConnection(
-                host, port, timeout=self.connect_timeout, context=self._tls)
-            if self._proxy is not None:
-                conn.set_tunnel(self._host, self._port, headers)
-        else:
-            conn = _HTTPConnection(host, port, timeout=self.connect_timeout)
-            self._proxy_headers = headers
+        host, port = (self.proxy.hostname or "", self.proxy.port or 80) if self.proxy \
+            else (self.host, self.port)
+        if not self.https:
+            return _HTTPConnection(host, port, timeout=self.connect_timeout)
+        conn = _HTTPSConnection(host, port, timeout=self.connect_timeout, context=self._tls)
+        if self.proxy is not None:
+            conn.set_tunnel(self.host, self.port, self.proxy_headers)
         return conn
 
-    def _release(self, conn: http.client.HTTPConnection,
-                 resp: Optional[http.client.HTTPResponse]) -> None:
+    def release(self, conn: http.client.HTTPConnection,
+                resp: Optional[http.client.HTTPResponse]) -> None:
         """Keep ``conn`` for the next call if its last response was read to the end."""
         if resp is not None and resp.isclosed() and conn.sock is not None:
             with self._lock:
-                if len(self._idle) < _MAX_IDLE_CONNECTIONS:
+                if len(self._idle) < 64:
                     self._idle.append(conn)
                     return
         conn.close()
 
     def close(self) -> None:
-        """Close the keep-alive connections at rest."""
+        """Close the kept-alive connections at rest."""
         with self._lock:
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
 
-    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
-                  body: Optional[Any] = None, content_type: str = "application/json"
-                  ) -> Tuple[http.client.HTTPResponse, _TimedSocket]:
+    def exchange(self, conn: http.client.HTTPConnection, method: str, path: str,
+                 body: Optional[Any] = None, content_type: str = "application/json"
+                 ) -> Tuple[http.client.HTTPResponse, _TimedSocket]:
         """Send one request and read the response head, within ``connect_timeout`` each
         (1xx responses included).  A GET that fails on a kept-alive connection is sent
         once more on a new one; a POST never is: it may have reached the app, and a
@@ -1311,27 +1266,33 @@ class GradioClient:
                    "Accept-Encoding": "identity"}
         if data is not None:
             headers["Content-Type"] = content_type
-        if self.hf_token:
-            headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.hf_token
-        elif self._basic:                  # user:password@ in the URL: a proxy's basic auth
-            headers["Authorization"] = self._basic
-        target = self._root + path
-        if self._proxy is not None and not self._https:      # a plain proxy takes the URL
-            target = "http://%s:%d%s" % (self._host, self._port, target)
-            headers.update(self._proxy_headers)
-        if conn.sock is not None and _dropped(conn):
-            conn.close()                   # closed while it rested: http.client reconnects
-        elif conn.sock is not None:
-            conn.sock.settimeout(self.connect_timeout)     # for sending the request
+        if self.token:
+            headers["Authorization"] = headers["X-HF-Authorization"] = "Bearer " + self.token
+        elif self.basic:
+            headers["Authorization"] = self.basic
+        target = self.root + path
+        if self.proxy is not None and not self.https:         # a plain proxy takes the URL
+            target = "http://%s:%d%s" % (self.host, self.port, target)
+            headers.update(self.proxy_headers)
+        if conn.sock is not None:    # closed by the app while it rested? (it reads as
+            try:                     # ready: the end, or bytes nobody asked for)
+                with selectors.DefaultSelector() as ready:    # (select.select fails past
+                    ready.register(conn.sock.sock, selectors.EVENT_READ)  # descriptor 1023)
+                    dropped = bool(ready.select(0))
+            except (OSError, ValueError):
+                dropped = True
+            if dropped:
+                conn.close()                          # http.client connects it again
+            else:
+                conn.sock.settimeout(self.connect_timeout)    # for sending the request
         retry = method == "GET" and conn.sock is not None
         while True:
             try:
                 conn.request(method, target, data, headers)
-                timed = conn.sock
-                timed.arm(self.connect_timeout)
+                conn.sock.arm(self.connect_timeout)
                 resp = conn.getresponse()
-                _log.debug("upstream %s %s%s: HTTP %d", method, self.base_url, path, resp.status)
-                return resp, timed
+                _log.debug("upstream %s %s%s: HTTP %d", method, self.shown, path, resp.status)
+                return resp, conn.sock
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if retry and not isinstance(exc, socket.timeout):
@@ -1341,10 +1302,10 @@ class GradioClient:
                     raise UpstreamError("cannot send the request to the Gradio app: %s"
                                         % exc) from None
                 raise _net_error(exc, "the Gradio app at %s did not answer within %ss" % (
-                    self.base_url, self.connect_timeout), "cannot reach the Gradio app at "
-                    + self.base_url) from None
+                    self.shown, self.connect_timeout), "cannot reach the Gradio app at "
+                    + self.shown) from None
 
-    def _read_body(self, resp: http.client.HTTPResponse, timed: _TimedSocket) -> bytes:
+    def read_body(self, resp: http.client.HTTPResponse, timed: _TimedSocket) -> bytes:
         """A whole response body, at most ``max_body`` bytes, within ``timeout``."""
         timed.arm(self.timeout)
         try:
@@ -1357,169 +1318,263 @@ class GradioClient:
                                 % self.max_body)
         return raw
 
-    def _request_json(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
-        """``(status, JSON or None)`` of one request."""
-        conn, resp = self._connection(), None
+    def call(self, method: str, path: str, body: Any = None,
+             content_type: str = "application/json") -> Tuple[int, bytes]:
+        """``(status, body)`` of one request."""
+        conn, resp = self.connection(), None
         try:
-            resp, timed = self._exchange(conn, method, path, body)
-            raw = self._read_body(resp, timed)
+            resp, timed = self.exchange(conn, method, path, body, content_type)
+            return resp.status, self.read_body(resp, timed)
         finally:
-            self._release(conn, resp)
+            self.release(conn, resp)
+
+    def json(self, method: str, path: str, body: Any = None) -> Tuple[int, Any]:
+        """``(status, JSON or None)`` of one request."""
+        status, raw = self.call(method, path, body)
         try:
-            return resp.status, json.loads(raw)
+            return status, json.loads(raw)
         except ValueError:
-            return resp.status, None
+            return status, None
 
 
-    # -- discovery ----------------------------------------------------------------------
+# -- discovery: what the app offers, from /config and <prefix>/info --------------------------
+
+def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
+              param_names: Dict[str, str], prefix_hint: str) -> _AppInfo:
+    """Read ``/config`` and ``<prefix>/info``: the API prefix, the chat endpoint, its
+    inputs (mapped to OpenAI fields by name, the rest filled with the app's defaults),
+    their ranges, the history format and the protocol."""
+    status, config = http.json("GET", "/config")
+    if status in (401, 403):
+        raise UpstreamError("the Gradio app at %s refused access (HTTP %d); for a private "
+                            "Space set HF_TOKEN" % (http.shown, status))
+    config = config if status == 200 and isinstance(config, dict) else {}
+    prefix = ((config.get("api_prefix") if config else prefix_hint) or "").rstrip("/")
+    version = str(config.get("version") or "")
+    status, api = http.json("GET", prefix + "/info")
+    named = api.get("named_endpoints") if status == 200 and isinstance(api, dict) else None
+    named = {k.strip("/"): v for k, v in (named or {}).items() if isinstance(v, dict)}
+    if not config and not named:
+        raise UpstreamError("%s does not answer as a Gradio app: neither /config nor "
+                            "%s/info describes one" % (http.shown, prefix))
+    endpoint = endpoint or _pick_endpoint(named)
+    parameters = list(named.get(endpoint, {}).get("parameters") or [])
+    deps = [(d.get("id", i), d) for i, d in enumerate(config.get("dependencies") or [])
+            if isinstance(d, dict) and d.get("api_name") == endpoint][:1]
+    fn_index, dep = deps[0] if deps else (None, {})
+    components = {c.get("id"): c for c in config.get("components") or [] if isinstance(c, dict)}
+    types = [str(components.get(i, {}).get("type", "")).lower() for i in dep.get("inputs") or []]
+    inputs = _layout(parameters, types, param_names)
+    m = re.fullmatch(r"sse_v(\d+)", str(config.get("protocol") or ""))
+    queue_ok = bool(m and int(m.group(1)) >= 3 and fn_index is not None)
+    if protocol == "queue" and not queue_ok:
+        raise UpstreamError("the Gradio app at %s does not offer the queue protocol "
+                            "(protocol %r)" % (http.shown, config.get("protocol")))
+    numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (6, 31)
+    props = [components.get(i, {}).get("props") or {} for i, t in zip(dep.get("inputs") or [],
+                                                                         types) if t != "state"]
+    use_queue = queue_ok and protocol != "call"
+    return _AppInfo(prefix=prefix, version=version, protocol=str(config.get("protocol") or ""),
+                    endpoint=endpoint, history_format=_history_format(parameters, numbers[0]),
+                    inputs=inputs, parameters=parameters, fn_index=fn_index,
+                    use_queue=use_queue, limits=_limits(inputs, parameters, props),
+                    send_state=use_queue or numbers < (6, 18))  # /call wants State placeholders
+
+
+def _pick_endpoint(named: Dict[str, Any]) -> str:
+    """A known chat endpoint's name, else the one taking a Textbox and a Chatbot."""
+    for name in _ENDPOINT_PREFERENCE:
+        if name in named:
+            return name
+    chats = [n for n, e in named.items()
+             if {"Textbox", "Chatbot"} <= {p.get("component") for p in e.get("parameters") or []}]
+    if len(chats) == 1:
+        return chats[0]
+    return next(iter(named)) if len(named) == 1 else DEFAULT_ENDPOINT
+
+
+def _layout(parameters: List[Dict[str, Any]], dep_types: List[str],
+            param_names: Dict[str, str]) -> List[Tuple[str, Any]]:
+    """Each input's role, in order: an OpenAI field, the history, a State, or a default."""
+    if not parameters:
+        return list(_PARAM_LAYOUT)
+    names = {alias: role for role, aliases in _ROLE_NAMES.items() for alias in aliases}
+    names.update({v: k for k, v in param_names.items()})
+    roles: List[Tuple[str, Any]] = []
+    for p in parameters:
+        name, component = str(p.get("parameter_name") or ""), str(p.get("component"))
+        role = "history" if component == "Chatbot" else "multimodal" if \
+            component.lower() == "multimodaltextbox" else names.get(name, "default")
+        roles.append(("default" if role in (r for r, _ in roles) else role,
+                      p.get("parameter_default") if p.get("parameter_has_default") else None))
+    if not any(r in ("message", "multimodal") for r, _ in roles):
+        for i, (role, default) in enumerate(roles):
+            if role == "default" and parameters[i].get("component") == "Textbox":
+                roles[i] = ("message", default)
+                break
+    if len(dep_types) > len(roles):              # State inputs, which /info leaves out
+        it = iter(roles)
+        roles = [("state", None) if t == "state" else next(it, ("state", None)) for t in dep_types]
+    return roles
+
+
+def _limits(inputs: List[Tuple[str, Any]], parameters: List[Dict[str, Any]],
+            props: List[Dict[str, Any]]) -> Dict[str, Tuple[float, float]]:
+    """The range of each sampling slider: from ``/info`` ("numeric value between 1 and
+    8192"), else from the component's ``minimum``/``maximum`` in ``/config``."""
+    limits: Dict[str, Tuple[float, float]] = {}
+    roles = [role for role, _ in inputs if role != "state"]
+    for i, (role, p) in enumerate(zip(roles, parameters)):
+        kind = p.get("type") if isinstance(p.get("type"), dict) else {}
+        m = re.search(r"between\s+(-?[\d.]+(?:e[-+]?\d+)?)\s+and\s+(-?[\d.]+(?:e[-+]?\d+)?)",
+                      str(kind.get("description") or ""))
+        bounds = m.groups() if m else ((props[i].get("minimum"), props[i].get("maximum"))
+                                       if i < len(props) else (None, None))
+        try:
+            lo, hi = float(bounds[0]), float(bounds[1])   # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            continue
+        if lo <= hi and role in ("temperature", "max_tokens", "top_p", "top_k"):
+            limits[role] = (lo, hi)
+    return limits
+
+
+def _history_format(parameters: List[Dict[str, Any]], major: int) -> str:
+    """How the app's Chatbot takes a history: as ``/info``'s example shows it, else by
+    the Gradio version: parts (6), messages (5), pairs (4)."""
+    for p in parameters:
+        example = p.get("example_input") if p.get("component") == "Chatbot" else None
+        if isinstance(example, list) and example and isinstance(example[0], (list, tuple)):
+            return "pairs"
+        if isinstance(example, list) and example and isinstance(example[0], dict):
+            return "parts" if isinstance(example[0].get("content"), list) else "messages"
+    return "parts" if major >= 6 else "messages" if major == 5 else "pairs"
+
+
+def _history(history: Sequence[Tuple[str, str]], fmt: str) -> List[Any]:
+    """The conversation so far in the format the app's Chatbot accepts."""
+    if fmt == "pairs":
+        pairs: List[List[Optional[str]]] = []
+        for role, text in history:
+            if role == "user" or not pairs or pairs[-1][1] is not None:
+                pairs.append([text, None] if role == "user" else [None, text])
+            else:
+                pairs[-1][1] = text
+        return pairs
+    if fmt == "messages":
+        return [{"role": r, "content": t} for r, t in history]
+    return [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
+
+
+# -- calling: a job joined, its events streamed, cancelled if left unfinished --------------
+
+@dataclass
+class _Progress:
+    """How far one upstream job has come."""
+    outputs: int = 0               # output events so far: each is due within the timeout
+    done: bool = False             # its last event was read
+
+
+class GradioClient:
+    """Calls one chat endpoint of a Gradio app and streams the reply's HTML.
+
+    ``base_url`` may be the app's root, its ``/gradio_api`` URL or a Hugging Face Space
+    (``owner/space``).  :meth:`discover` learns once what the app offers.  Replies stream
+    over the queue protocol (``/queue/join``, diffs) when the app offers it, else over
+    ``/call``.  ``HF_TOKEN`` (or ``hf_token``) is sent as a bearer token for private
+    Spaces; ``user:password@`` in the URL as basic auth.
+    """
+
+    def __init__(self, base_url: str, *, endpoint: Optional[str] = None,
+                 timeout: float = 120.0, connect_timeout: float = 10.0,
+                 first_event_timeout: Optional[float] = None, protocol: str = "auto",
+                 param_names: Optional[Dict[str, str]] = None,
+                 hf_token: Optional[str] = None, max_event_bytes: int = MAX_EVENT_BYTES,
+                 max_body: int = MAX_UPSTREAM_BODY) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
+        url = _normalize_base_url(base_url)
+        self.http = _HTTP(url, connect_timeout, timeout, max_body,
+                          os.environ.get("HF_TOKEN") if hf_token is None else hf_token)
+        self.base_url, self.endpoint = self.http.shown, endpoint.strip("/") if endpoint else None
+        self.timeout, self.first_event_timeout = timeout, first_event_timeout or timeout
+        self.protocol, self.param_names = protocol, dict(param_names or {})
+        self.max_event_bytes = max_event_bytes
+        self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
+        self._info: Optional[_AppInfo] = None
+        self._lock = threading.Lock()
+        self.bytes_read = 0                      # of event streams (the server's /metrics)
+
+    def __repr__(self) -> str:
+        return "GradioClient(%r, endpoint=%r)" % (self.base_url, self.endpoint)
+
+    def close(self) -> None:
+        """Close the keep-alive connections at rest."""
+        self.http.close()
 
     def discover(self, refresh: bool = False) -> _AppInfo:
-        """What the app offers (read once, then cached; ``refresh`` reads it again)."""
-        with self._discover_lock:
+        """What the app offers (read once, then kept; ``refresh`` reads it again)."""
+        with self._lock:
             if self._info is None or refresh:
-                self._info = self._discover()
+                self._info = _discover(self.http, self.endpoint, self.protocol,
+                                       self.param_names, self._prefix_hint)
             return self._info
 
-    def _discover(self) -> _AppInfo:
-        status, config = self._request_json("GET", "/config")
-        if status in (401, 403):
-            raise UpstreamError("the Gradio app at %s refused access (HTTP %d); for a private "
-                                "Space set HF_TOKEN" % (self.base_url, status))
-        config = config if status == 200 and isinstance(config, dict) else {}
-        prefix = (config.get("api_prefix") if config else self._prefix_hint) or ""
-        prefix = prefix.rstrip("/")
-        version = str(config.get("version") or "")
-        major = int(version.split(".")[0]) if version[:1].isdigit() else 6
-        status, api = self._request_json("GET", prefix + "/info")
-        named = api.get("named_endpoints") if status == 200 and isinstance(api, dict) else None
-        named = {k.strip("/"): v for k, v in (named or {}).items() if isinstance(v, dict)}
-        if not config and not named:
-            raise UpstreamError("%s does not answer as a Gradio app: neither /config nor "
-                                "%s/info describes one" % (self.base_url, prefix))
-        endpoint = self.endpoint or self._pick_endpoint(named)
-        parameters = list(named.get(endpoint, {}).get("parameters") or [])
-        dep: Dict[str, Any] = {}
-        fn_index = None
-        for i, d in enumerate(config.get("dependencies") or []):
-            if isinstance(d, dict) and d.get("api_name") == endpoint:
-                dep, fn_index = d, d.get("id", i)
-                break
-        types = {c.get("id"): str(c.get("type", "")).lower()
-                 for c in config.get("components") or [] if isinstance(c, dict)}
-        inputs = self._layout(parameters, [types.get(i, "") for i in dep.get("inputs") or []])
-        protocol = str(config.get("protocol") or "")
-        m = re.fullmatch(r"sse_v(\d+)", protocol)
-        queue_ok = bool(m and int(m.group(1)) >= 3 and fn_index is not None)
-        if self.protocol == "queue" and not queue_ok:
-            raise UpstreamError("the Gradio app at %s does not offer the queue protocol "
-                                "(protocol %r)" % (self.base_url, protocol or None))
-        use_queue = queue_ok and self.protocol != "call"
-        numbers = tuple(int(x) for x in re.findall(r"\d+", version)[:2]) or (6, 31)
-        props = {c.get("id"): c.get("props") for c in config.get("components") or []
-                 if isinstance(c, dict) and isinstance(c.get("props"), dict)}
-        dep_props = [props.get(i) or {} for i in dep.get("inputs") or []
-                     if types.get(i, "") != "state"]
-        return _AppInfo(prefix=prefix, version=version, protocol=protocol, endpoint=endpoint,
-                        history_format=self._history_format(parameters, major),
-                        inputs=inputs, parameters=parameters, fn_index=fn_index,
-                        use_queue=use_queue, limits=self._limits(inputs, parameters, dep_props),
-                        # /call wants placeholders for State inputs before Gradio 6.18
-                        send_state=use_queue or numbers < (6, 18))
+    def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
+               system_prompt: Optional[str] = None, temperature: Optional[float] = None,
+               max_tokens: Optional[int] = None, top_p: Optional[float] = None,
+               top_k: Optional[int] = None, images: Sequence[Tuple[str, str]] = (),
+               uploads: Optional["_Uploads"] = None) -> Iterator[Tuple[str, bool, bool]]:
+        """Call the chat endpoint; yield ``(text, is_final, is_append)`` for every update:
+        the reply's whole HTML, or (``is_append``) only what was appended to it.
 
-    @staticmethod
-    def _pick_endpoint(named: Dict[str, Any]) -> str:
-        """The configured name, else a known chat name, else the one Textbox+Chatbot endpoint."""
-        for name in _ENDPOINT_PREFERENCE:
-            if name in named:
-                return name
-        chats = [n for n, e in named.items()
-                 if {"Textbox", "Chatbot"} <= {p.get("component") for p in e.get("parameters") or []}]
-        if len(chats) == 1:
-            return chats[0]
-        return next(iter(named)) if len(named) == 1 else DEFAULT_ENDPOINT
+        Values left ``None`` take the app's defaults; ``images`` (URL, where) go to a
+        multimodal input's files, each uploaded once to this app (kept in ``uploads``).
+        Closing the generator closes the event stream and asks Gradio to cancel the job.
+        """
+        info = self.discover()
+        if images and "multimodal" not in info.roles:
+            raise BadRequestError("%s is an image, but this model's app takes text only"
+                                  % images[0][1], param=images[0][1],
+                                  code="unsupported_content_type")
+        uploads = _Uploads() if uploads is None else uploads
+        with uploads.lock:            # the request's n calls and repairs upload an image once
+            for url, where in images:
+                if (self.base_url, url) not in uploads:
+                    uploads[self.base_url, url] = self._upload(info, url, where)
+        data = self._data(info, message, history, {
+            "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
+            "top_p": top_p, "top_k": top_k}, [uploads[self.base_url, url] for url, _ in images])
+        progress = _Progress()
+        updates = self._queue_updates if info.use_queue else self._call_updates
+        return updates(self._job(info, data, progress), progress)
 
-    def _layout(self, parameters: List[Dict[str, Any]], dep_types: List[str]) -> List[Tuple[str, Any]]:
-        """Each input's role, in order: an OpenAI field, the history, a State, or a default."""
-        if not parameters:
-            return list(_PARAM_LAYOUT)
-        names = {alias: role for role, aliases in _ROLE_NAMES.items() for alias in aliases}
-        names.update({v: k for k, v in self.param_names.items()})
-        roles: List[Tuple[str, Any]] = []
-        for p in parameters:
-            name, component = str(p.get("parameter_name") or ""), p.get("component")
-            default = p.get("parameter_default") if p.get("parameter_has_default") else None
-            if component == "Chatbot":
-                role = "history"
-            elif str(component).lower() == "multimodaltextbox":    # /info's spelling varies
-                role = "multimodal"
-            else:
-                role = names.get(name, "default")
-            if role in (r for r, _ in roles):
-                role = "default"
-            roles.append((role, default))
-        if not any(r in ("message", "multimodal") for r, _ in roles):
-            for i, (role, default) in enumerate(roles):
-                if role == "default" and parameters[i].get("component") == "Textbox":
-                    roles[i] = ("message", default)
-                    break
-        if dep_types and len(dep_types) > len(roles):   # State inputs, which /info leaves out
-            it = iter(roles)
-            roles = [("state", None) if t == "state" else next(it, ("state", None))
-                     for t in dep_types]
-        return roles
+    def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
+              values: Dict[str, Any], files: Sequence[Dict[str, Any]]) -> List[Any]:
+        """The endpoint's inputs: OpenAI values where given, the app's defaults elsewhere
+        (a value out of a slider's range would fail there: a 400 before calling).  A
+        system prompt or a history the app has no input for is folded into the message."""
+        system = None if "system" in info.roles else values.get("system")
+        if system or (history and not info.has_history):
+            lines = ["System: " + system] if system else []
+            lines += ["%s: %s" % ("User" if r == "user" else "Assistant", t)
+                      for r, t in (history if not info.has_history else ())]
+            message = "\n\n".join(lines + ["User: " + message])
+        data: List[Any] = []
+        for role, default in info.inputs:
+            value = values.get(role)
+            lo, hi = info.limits.get(role, (value, value))
+            if value is not None and not lo <= value <= hi:
+                raise BadRequestError("%s=%g is %s than this model accepts (%s %g)" % (
+                    role, value, "more" if value > hi else "less", "at most" if value > hi
+                    else "at least", hi if value > hi else lo), param=role, code="invalid_value")
+            data += [] if role == "state" and not info.send_state else [{
+                "message": message, "multimodal": {"text": message, "files": list(files)},
+                "history": _history(history, info.history_format) if role == "history" else None,
+            }.get(role, default if value is None else value)]
+        return data
 
-    @staticmethod
-    def _limits(inputs: List[Tuple[str, Any]], parameters: List[Dict[str, Any]],
-                props: List[Dict[str, Any]]) -> Dict[str, Tuple[float, float]]:
-        """The range of each sampling slider: from ``/info`` ("numeric value between 1 and
-        8192"), else from the component's ``minimum``/``maximum`` in ``/config``."""
-        limits: Dict[str, Tuple[float, float]] = {}
-        roles = [role for role, _ in inputs if role != "state"]
-        for i, (role, p) in enumerate(zip(roles, parameters)):
-            if role not in ("temperature", "max_tokens", "top_p", "top_k"):
-                continue
-            kind = p.get("type") if isinstance(p.get("type"), dict) else {}
-            m = re.search(r"between\s+(-?[\d.]+(?:e[-+]?\d+)?)\s+and\s+(-?[\d.]+(?:e[-+]?\d+)?)",
-                          str(kind.get("description") or ""))
-            bounds = m.groups() if m else ((props[i].get("minimum"), props[i].get("maximum"))
-                                           if i < len(props) else (None, None))
-            try:
-                lo, hi = float(bounds[0]), float(bounds[1])   # type: ignore[arg-type]
-            except (TypeError, ValueError):
-                continue
-            if lo <= hi:
-                limits[role] = (lo, hi)
-        return limits
-
-    @staticmethod
-    def _history_format(parameters: List[Dict[str, Any]], major: int) -> str:
-        for p in parameters:
-            if p.get("component") == "Chatbot":
-                example = p.get("example_input")
-                if isinstance(example, list) and example:
-                    first = example[0]
-                    if isinstance(first, (list, tuple)):
-                        return "pairs"
-                    if isinstance(first, dict):
-                        return "parts" if isinstance(first.get("content"), list) else "messages"
-        return "parts" if major >= 6 else "messages" if major == 5 else "pairs"
-
-    @staticmethod
-    def _history(history: Sequence[Tuple[str, str]], fmt: str) -> List[Any]:
-        """The conversation so far in the format the app's Chatbot accepts."""
-        if fmt == "pairs":
-            pairs: List[List[Optional[str]]] = []
-            for role, text in history:
-                if role == "user" or not pairs or pairs[-1][1] is not None:
-                    pairs.append([text, None] if role == "user" else [None, text])
-                else:
-                    pairs[-1][1] = text
-            return pairs
-        if fmt == "messages":
-            return [{"role": r, "content": t} for r, t in history]
-        return [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
-
-    def _file(self, info: _AppInfo, url: str, where: str) -> Dict[str, Any]:
+    def _upload(self, info: _AppInfo, url: str, where: str) -> Dict[str, Any]:
         """An image for a multimodal input: a ``data:`` URL uploaded to the app (Gradio's
         upload route), an http(s) URL handed over for the app to fetch."""
         meta = {"_type": "gradio.FileData"}
@@ -1535,106 +1590,25 @@ class GradioClient:
         except (ValueError, OSError):
             raise BadRequestError("%s is not a valid data: URL" % where, param=where,
                                   code="invalid_value") from None
-        name = "image." + (kind.split("/")[-1] if kind.startswith("image/") else "bin")
-        boundary = os.urandom(16).hex()
-        body = b"".join([b"--%s\r\nContent-Disposition: form-data; name=\"files\"; filename=\"%s\""
-                         b"\r\nContent-Type: %s\r\n\r\n" % (boundary.encode(), name.encode(),
-                                                          kind.encode()),
-                         data, b"\r\n--%s--\r\n" % boundary.encode()])
-        conn, resp = self._connection(), None
-        try:
-            resp, timed = self._exchange(conn, "POST", info.prefix + "/upload", body,
-                                         "multipart/form-data; boundary=" + boundary)
-            raw = self._read_body(resp, timed)
-        finally:
-            self._release(conn, resp)
+        name, boundary = "image." + (kind.split("/")[-1] if kind.startswith("image/") else
+                                     "bin"), os.urandom(16).hex()
+        status, raw = self.http.call("POST", info.prefix + "/upload", b"".join([
+            b"--%s\r\nContent-Disposition: form-data; name=\"files\"; filename=\"%s\"\r\n"
+            b"Content-Type: %s\r\n\r\n" % (boundary.encode(), name.encode(), kind.encode()),
+            data, b"\r\n--%s--\r\n" % boundary.encode()]), "multipart/form-data; boundary="
+            + boundary)
         try:
             path = json.loads(raw)[0]
-            assert resp.status == 200 and isinstance(path, str)
+            assert status == 200 and isinstance(path, str)
         except (ValueError, LookupError, TypeError, AssertionError):
             raise UpstreamError("the Gradio app refused the upload of %s (HTTP %d): %s"
-                                % (where, resp.status, raw[:200].decode("utf-8", "replace")))
+                                % (where, status, raw[:200].decode("utf-8", "replace")))
         return {"path": path, "orig_name": name, "mime_type": kind, "meta": meta}
-
-    def _files(self, info: _AppInfo, images: Sequence[Tuple[str, str]],
-               uploads: "_Uploads") -> List[Dict[str, Any]]:
-        with uploads.lock:            # the request's n calls and repairs upload an image once
-            for url, where in images:
-                if (self.base_url, url) not in uploads:
-                    uploads[self.base_url, url] = self._file(info, url, where)
-        return [uploads[self.base_url, url] for url, _ in images]
-
-    def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
-              values: Dict[str, Any], files: Sequence[Dict[str, Any]] = ()) -> List[Any]:
-        """The endpoint's inputs: OpenAI values where given, the app's defaults elsewhere.
-        A system prompt or a history the app has no input for is folded into the message."""
-        system = None if "system" in info.roles else values.get("system")
-        if system or (history and not info.has_history):
-            lines = ["System: " + system] if system else []
-            lines += ["%s: %s" % ("User" if r == "user" else "Assistant", t)
-                      for r, t in (history if not info.has_history else ())]
-            message = "\n\n".join(lines + ["User: " + message])
-        data: List[Any] = []
-        for role, default in info.inputs:
-            if role == "message":
-                data.append(message)
-            elif role == "multimodal":
-                data.append({"text": message, "files": list(files)})
-            elif role == "history":
-                data.append(self._history(history, info.history_format))
-            elif role == "state":
-                if info.send_state:
-                    data.append(None)
-            else:
-                value = values.get(role)
-                if value is not None and role in info.limits:
-                    self._check_range(role, value, *info.limits[role])
-                data.append(default if value is None else value)
-        return data
-
-    @staticmethod
-    def _check_range(name: str, value: float, lo: float, hi: float) -> None:
-        """A value outside the app's slider would fail there; say so before calling."""
-        if lo <= value <= hi:
-            return
-        raise BadRequestError("%s=%g is %s than this model accepts (%s %g)"
-                              % (name, value, "more" if value > hi else "less",
-                                 "at most" if value > hi else "at least",
-                                 hi if value > hi else lo),
-                              param=name, code="invalid_value")
-
-
-    # -- calling ------------------------------------------------------------------------
-
-    def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
-               system_prompt: Optional[str] = None, temperature: Optional[float] = None,
-               max_tokens: Optional[int] = None, top_p: Optional[float] = None,
-               top_k: Optional[int] = None,
-               images: Sequence[Tuple[str, str]] = (),
-               uploads: Optional["_Uploads"] = None) -> Iterator[Tuple[str, bool, bool]]:
-        """Call the chat endpoint; yield ``(text, is_final, is_append)`` for every update:
-        the reply's whole HTML, or (``is_append``) only what was appended to it.
-
-        Values left ``None`` take the app's defaults; ``images`` (URL, where) go to a
-        multimodal input's files, each uploaded once to this app (kept in ``uploads``).  Closing the generator closes the event stream and asks
-        Gradio to cancel the job.
-        """
-        info = self.discover()
-        if images and "multimodal" not in info.roles:
-            raise BadRequestError("%s is an image, but this model's app takes text only"
-                                  % images[0][1], param=images[0][1],
-                                  code="unsupported_content_type")
-        data = self._data(info, message, history, {
-            "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
-            "top_p": top_p, "top_k": top_k}, self._files(info, images, _Uploads() if uploads is None else uploads))
-        progress = _Progress()
-        updates = self._queue_updates if info.use_queue else self._call_updates
-        return updates(self._job(info, data, progress), progress)
 
     def _join(self, conn: http.client.HTTPConnection, path: str, body: Any) -> str:
         """POST a job; its ``event_id``.  503 is a full queue."""
-        resp, timed = self._exchange(conn, "POST", path, body)
-        raw = self._read_body(resp, timed)
+        resp, timed = self.http.exchange(conn, "POST", path, body)
+        raw = self.http.read_body(resp, timed)
         if resp.status == 503:
             raise UpstreamOverloadedError("the Gradio app's queue is full; try again later")
         if resp.status != 200:
@@ -1649,17 +1623,14 @@ class GradioClient:
 
     def _cancel(self, info: _AppInfo, session_hash: str, event_id: str) -> None:
         """Ask Gradio to stop a job now (best effort, in the background)."""
-        if info.fn_index is None:
-            return
-
         def post() -> None:
             try:
-                self._request_json("POST", info.prefix + "/cancel", {
-                    "session_hash": session_hash, "fn_index": info.fn_index,
-                    "event_id": event_id})
+                self.http.call("POST", info.prefix + "/cancel", {
+                    "session_hash": session_hash, "fn_index": info.fn_index, "event_id": event_id})
             except BharatGenError:
                 pass
-        threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
+        if info.fn_index is not None:
+            threading.Thread(target=post, daemon=True, name="bharatgen-cancel").start()
 
     def _job(self, info: _AppInfo, data: List[Any],
              progress: _Progress) -> Iterator[Tuple[str, str]]:
@@ -1668,7 +1639,7 @@ class GradioClient:
         ``timeout``; a socket failure becomes the matching API error.  A finished job's
         stream is read to its end (briefly) so that its connection can be kept; a job
         left unfinished is cancelled."""
-        conn, session, event_id, resp, count = self._connection(), os.urandom(6).hex(), None, None, [0]
+        conn, session, event_id, resp, count = self.http.connection(), os.urandom(6).hex(), None, None, [0]
 
         def read() -> bytes:
             block = resp.read1(65536)
@@ -1684,7 +1655,7 @@ class GradioClient:
                 path = "%s/call/%s" % (info.prefix, info.endpoint)
                 event_id = session = self._join(conn, path, {"data": data})
                 path += "/" + urllib.parse.quote(event_id, safe="")
-            resp, timed = self._exchange(conn, "GET", path)
+            resp, timed = self.http.exchange(conn, "GET", path)
             if resp.status != 200:
                 raise UpstreamError("the Gradio app refused the event stream (HTTP %d)"
                                     % resp.status)
@@ -1716,7 +1687,7 @@ class GradioClient:
                     pass
             with self._lock:
                 self.bytes_read += count[0]
-            self._release(conn, resp if progress.done else None)
+            self.http.release(conn, resp if progress.done else None)
             if event_id is not None and not progress.done:
                 self._cancel(info, session, event_id)
 
@@ -1875,31 +1846,16 @@ class _UpstreamPool:
         """:meth:`GradioClient.stream` on the first replica that gives output."""
         error: Optional[BharatGenError] = None
         for replica in self._order():
-            updates = None
             try:
-                updates = replica.client.stream(*args, **kwargs)
-                first = next(updates)
-            except StopIteration:
-                first = None
+                updates = _primed(replica.client.stream(*args, **kwargs))
             except (APIConnectionError, UpstreamOverloadedError) as exc:
-                if updates is not None:
-                    updates.close()
                 self._mark(replica, exc)
                 error = exc
                 continue
             self._mark(replica, None)
-            return self._rest(first, updates)
+            return updates
         assert error is not None
         raise error
-
-    @staticmethod
-    def _rest(first: Any, updates: Any) -> Iterator[Tuple[str, bool, bool]]:
-        try:
-            if first is not None:
-                yield first
-            yield from updates
-        finally:
-            updates.close()
 
 
 ###############################################################################
@@ -3241,22 +3197,6 @@ class _Reasoning:
         return obj
 
 
-def _primed(items: Iterator[Any]) -> Iterator[Any]:
-    """``items`` with its first item taken now, so that a failure before any output is
-    raised here, where the caller can still answer it with its own status."""
-    items = iter(items)
-    first = next(items, _primed)
-
-    def rest() -> Iterator[Any]:
-        try:
-            if first is not _primed:
-                yield first
-            yield from items
-        finally:
-            getattr(items, "close", lambda: None)()
-    return rest()
-
-
 class _Answer:
     """One generation request's answer: its chunks (events, for the Responses API),
     to stream as they come or to fold into the whole object, so that the two agree by
@@ -3896,8 +3836,8 @@ class BharatGenOpenAI:
         else:
             backend = _Backend(self.config)
             for client in backend.clients():
-                client.hf_token = api_key if api_key and api_key.startswith("hf_") else \
-                    client.hf_token
+                if api_key and api_key.startswith("hf_"):
+                    client.http.token = api_key
             self.base_url = next(backend.clients()).base_url
         self._backend = backend
         self.chat, self.models = _Resource(backend), _Resource(backend)

@@ -1993,7 +1993,7 @@ class GradioClientTests(unittest.TestCase):
         params = [{"type": {"type": "string"}}, {"type": {"type": "number"}},
                   {"type": {"description": "numeric value between 1 and 40"}}]
         props = [{}, {"minimum": 16, "maximum": 4096}, {"minimum": "x"}]
-        self.assertEqual(bg.GradioClient._limits(layout, params, props),
+        self.assertEqual(bg._limits(layout, params, props),
                          {"max_tokens": (16, 4096), "top_k": (1, 40)})
         with self.assertRaises(bg.BadRequestError) as caught:
             list(gradio_client(self, self.demo.url).stream("hi", top_p=1.5))
@@ -2039,7 +2039,7 @@ class GradioClientTests(unittest.TestCase):
 
     def test_history_formats(self):
         hist = [("user", "Hi"), ("assistant", "Hello!")]
-        fmt = bg.GradioClient._history
+        fmt = bg._history
         self.assertEqual(fmt(hist, "parts"), [
             {"role": "user", "content": [{"type": "text", "text": "Hi"}]},
             {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}])
@@ -2109,12 +2109,12 @@ class GradioClientTests(unittest.TestCase):
                 pass
         port, thread = scripted_server(self, serve)
         client = gradio_client(self, "http://127.0.0.1:%d" % port, timeout=5)
-        conn = client._connection()
+        conn = client.http.connection()
         for path in ("/a", "/b"):
-            self.assertEqual(client._read_body(*client._exchange(conn, "GET", path)), b"{}")
+            self.assertEqual(client.http.read_body(*client.http.exchange(conn, "GET", path)), b"{}")
             self.assertTrue(closed.acquire(timeout=5))
         with self.assertRaisesRegex(bg.APIConnectionError, "cannot reach the Gradio app"):
-            client._exchange(conn, "POST", "/c", {})  # it reached the app: not sent again
+            client.http.exchange(conn, "POST", "/c", {})  # it reached the app: not sent again
         thread.join(5)
         self.assertEqual(seen, [[b"GET", b"/a"], [b"GET", b"/b"], [b"POST", b"/c"]])
 
@@ -4904,7 +4904,7 @@ class AttackTests(unittest.TestCase):
         self.assertEqual((demo.jobs, demo.running, hasattr(demo, "calls")), ({}, {}, False))
         client = gradio_client(self, demo.url, protocol="call")
         for _ in range(300):                              # submitted, never streamed
-            client._request_json("POST", "/gradio_api/call/chat_fn_1", {"data": ["x" * 1000]})
+            client.http.json("POST", "/gradio_api/call/chat_fn_1", {"data": ["x" * 1000]})
         self.assertEqual(len(demo.jobs), 256)
 
     def test_a_trusted_proxy_without_x_forwarded_for_is_the_client(self):
