@@ -1942,12 +1942,20 @@ class _Uploads(dict):
         self.lock = threading.Lock()
 
 
+_ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_GO_ON = "Go on from your last reply."              # the new turn after an assistant's
+_GO_ON_FORMAT = "Give your last reply again, in the output format."
+
+
 def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 << 30,
-                  max_chars: int = 1 << 62) -> _Conversation:
+                  max_chars: int = 1 << 62, shaped: bool = False) -> _Conversation:
     """Validate OpenAI ``messages`` and map them onto (system, history, message).
 
     System and developer messages, wherever they stand, are joined into the system
-    prompt; consecutive messages of one role are joined; the last must be the user's.
+    prompt; consecutive messages of one role are joined.  A conversation that ends on
+    the assistant's turn has it in the history, and a fixed line as the new message
+    (the app has no "continue this message"): :data:`_GO_ON`, or with a format
+    (``shaped``) :data:`_GO_ON_FORMAT`.
     """
     if not isinstance(messages, list) or not messages:
         raise _bad("%r must be a non-empty list of messages" % param, param,
@@ -1955,42 +1963,12 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
     if len(messages) > max_messages:
         raise _bad("%d messages is more than this server takes (%d)" % (len(messages), max_messages),
                    param, "too_many_messages")
-    system: List[str] = []
-    turns: List[Tuple[str, str]] = []
-    called: Dict[str, str] = {}              # tool call id -> the function's name
-    images: List[Tuple[str, str]] = []       # of the user turn under way
+    system, turns, called = [], [], {}          # called: tool call id -> the function's name
+    images: List[Tuple[str, str]] = []           # of the user turn under way
     tokens, chars = 3, 0
     for i, msg in enumerate(messages):
-        where = "%s[%d]" % (param, i)
-        if not isinstance(msg, dict):
-            raise _bad("%s must be an object with 'role' and 'content'" % where, where, "invalid_type")
-        role = msg.get("role")
-        if role not in ("system", "developer", "user", "assistant", "tool", "function"):
-            raise _bad("%s.role must be one of 'system', 'developer', 'user', 'assistant', "
-                       "'tool'; got %s" % (where, json.dumps(role)[:40]), where + ".role")
-        if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
-            raise _bad("%s.tool_call_id is required: the id of the call it answers" % where,
-                       where + ".tool_call_id", "missing_required_parameter")
-        if role == "tool" and msg["tool_call_id"] not in called:
-            raise _bad("%s answers the tool call %s, which no earlier assistant message made"
-                       % (where, json.dumps(msg["tool_call_id"])[:80]), where + ".tool_call_id",
-                       "invalid_value")
-        if role == "user" and turns and turns[-1][0] != "user" and images:
-            raise _bad("%s is an image in an earlier message; the app takes images with the "
-                       "new message only" % images[0][1], images[0][1], "unsupported_content_type")
-        if role == "user" and (not turns or turns[-1][0] != "user"):
-            images = []
-        text = _content_text(msg.get("content"), where + ".content", allow_none=role == "assistant",
-                             images=images if role == "user" else None)
-        if role == "assistant" and msg.get("tool_calls") is not None:
-            text = "\n".join(filter(None, [text] + _calls_text(msg["tool_calls"], where, called)))
-        elif role in ("tool", "function"):             # a result, as the model reads one
-            text = "<tool_response>\n%s\n</tool_response>" % json.dumps(
-                {"name": msg.get("name") or called.get(msg.get("tool_call_id")), "content": text},
-                ensure_ascii=False)
-            role = "user"
-        tokens += 4 + estimate_tokens(text)
-        chars += len(text)
+        role, text = _turn(msg, "%s[%d]" % (param, i), called, turns, images)
+        tokens, chars = tokens + 4 + estimate_tokens(text), chars + len(text)
         if chars > max_chars:
             raise _bad("the messages are longer than this server takes (%d characters)" % max_chars,
                        param, "context_length_exceeded")
@@ -2000,12 +1978,56 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
             turns[-1] = (role, turns[-1][1] + "\n\n" + text)
         else:
             turns.append((role, text))
-    if not turns or turns[-1][0] != "user":
-        raise _bad("the last message (other than system messages) must have role 'user'",
-                   param, "invalid_value")
-    return _Conversation(system="\n\n".join(system) if system else None,
-                         history=turns[:-1], message=turns[-1][1], prompt_tokens=tokens,
-                         images=images)
+    if not turns:
+        raise _bad("the messages need a user message, not only system messages", param)
+    if turns[-1][0] == "assistant":
+        last = messages[max(i for i, m in enumerate(messages) if m.get("role") == "assistant")]
+        if last.get("tool_calls"):
+            raise _bad("the last message calls tools: send each call's result in a 'tool' "
+                       "message after it", param, "invalid_value")
+        _no_earlier_images(images)
+        turns.append(("user", _GO_ON_FORMAT if shaped else _GO_ON))
+    return _Conversation("\n\n".join(system) if system else None, turns[:-1], turns[-1][1],
+                         tokens, images)
+
+
+def _turn(msg: Any, where: str, called: Dict[str, str], turns: List[Tuple[str, str]],
+          images: List[Tuple[str, str]]) -> Tuple[str, str]:
+    """One message as ``(role, text)`` of the app's turns: a tool's result is the user's
+    turn, an assistant's calls are ``<tool_call>`` blocks.  A user message's images go to
+    ``images`` (those of an earlier user turn are refused: the app takes images with
+    the new message only)."""
+    if not isinstance(msg, dict):
+        raise _bad("%s must be an object with 'role' and 'content'" % where, where, "invalid_type")
+    role = msg.get("role")
+    if role not in _ROLES:
+        raise _bad("%s.role must be one of 'system', 'developer', 'user', 'assistant', "
+                   "'tool'; got %s" % (where, json.dumps(role)[:40]), where + ".role")
+    if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+        raise _bad("%s.tool_call_id is required: the id of the call it answers" % where,
+                   where + ".tool_call_id", "missing_required_parameter")
+    if role == "tool" and msg["tool_call_id"] not in called:
+        raise _bad("%s answers the tool call %s, which no earlier assistant message made"
+                   % (where, json.dumps(msg["tool_call_id"])[:80]), where + ".tool_call_id",
+                   "invalid_value")
+    if role == "user" and turns and turns[-1][0] != "user":
+        _no_earlier_images(images)
+    text = _content_text(msg.get("content"), where + ".content", allow_none=role == "assistant",
+                         images=images if role == "user" else None)
+    if role == "assistant" and msg.get("tool_calls") is not None:
+        return role, "\n".join(filter(None, [text] + _calls_text(msg["tool_calls"], where, called)))
+    if role in ("tool", "function"):                      # a result, as the model reads one
+        return "user", "<tool_response>\n%s\n</tool_response>" % json.dumps(
+            {"name": msg.get("name") or called.get(msg.get("tool_call_id")), "content": text},
+            ensure_ascii=False)
+    return role, text
+
+
+def _no_earlier_images(images: List[Tuple[str, str]]) -> None:
+    """Images came in a user turn that is not the new message: a 400."""
+    if images:
+        raise _bad("%s is an image in an earlier message; the app takes images with the new "
+                   "message only" % images[0][1], images[0][1], "unsupported_content_type")
 
 
 def _calls_text(calls: Any, where: str, called: Dict[Any, str]) -> List[str]:
@@ -2096,6 +2118,10 @@ def _include_usage(body: Dict[str, Any]) -> bool:
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
     return _flag(opts, "include_usage")
 
+
+###############################################################################
+# Tools and JSON Schema: what the answer must look like, checked within bounds #
+###############################################################################
 
 _JSON_TYPES: Dict[str, Callable[[Any], bool]] = {
     "object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
@@ -2660,24 +2686,28 @@ def _shape(body: Dict[str, Any], repairs: int, patterns: Optional[_Patterns] = N
     elif choice == "required" and not shape.tools:
         raise _bad("tool_choice 'required' needs 'tools'", "tool_choice", "invalid_value")
     shape.choice = choice or "auto"
-    fmt = body.get("response_format")
+    shape.fmt = _format(body.get("response_format"), patterns)
+    return shape
+
+
+def _format(fmt: Any, patterns: Optional[_Patterns]) -> Optional[Dict[str, Any]]:
+    """A chat request's ``response_format``: ``{"schema", "strict", "check"}`` when it
+    asks for JSON, else None."""
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
             raise _bad("response_format of type json_schema needs 'json_schema': {\"name\", "
                        "\"schema\", \"strict\"}", "response_format", "missing_required_parameter")
-        strict = spec.get("strict") is True
-        shape.fmt = {"schema": spec.get("schema") or {"type": "object"}, "strict": strict,
-                     "check": _Schema(spec.get("schema") or {"type": "object"}, "response_format",
-                                      strict, patterns, "response_format.json_schema.schema")}
-    elif kind == "json_object":
-        shape.fmt = {"schema": None, "strict": False,
-                     "check": _Schema({"type": "object"}, "response_format")}
-    elif fmt is not None and kind != "text":
+        schema, strict = spec.get("schema") or {"type": "object"}, spec.get("strict") is True
+        return {"schema": schema, "strict": strict, "check": _Schema(
+            schema, "response_format", strict, patterns, "response_format.json_schema.schema")}
+    if kind == "json_object":
+        return {"schema": None, "strict": False, "check": _Schema({"type": "object"}, "r")}
+    if fmt is not None and kind != "text":
         raise _bad("'response_format' must have type 'text', 'json_object' or 'json_schema'",
                    "response_format", "invalid_value")
-    return shape
+    return None
 
 
 ###############################################################################
@@ -3369,10 +3399,10 @@ class _Backend:
 
     def _chat(self, route: _ModelRoute, body: Dict[str, Any], key: Optional[str]) -> _Answer:
         """``POST /v1/chat/completions``."""
-        conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
-                             self.config.max_chars)
-        sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         shape = _shape(body, self.config.tool_repairs, self.patterns)
+        conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
+                             self.config.max_chars, shape.fmt is not None)
+        sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         stream = _flag(body, "stream")
         usage = _include_usage(body) or not stream
         gen = self._generation(route, conv, sampling, shape, key, "chat", body)
@@ -3483,12 +3513,12 @@ class _Backend:
                          tools=[{"type": t.get("type"), "function": {
                              k: v for k, v in t.items() if k != "type"}} if isinstance(t, dict)
                              else t for t in tools] if isinstance(tools, list) else tools)
+        shape = _shape(chat_body, self.config.tool_repairs, self.patterns)
         conv = _conversation(_response_messages(body), "input", self.config.max_messages,
-                             self.config.max_chars)
+                             self.config.max_chars, shape.fmt is not None)
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
-        shape = _shape(chat_body, self.config.tool_repairs, self.patterns)
         gen = self._generation(route, conv, sampling, shape, key, "responses", body)
         base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()),
                 "model": route.id, "error": None, "instructions": body.get("instructions"),

@@ -1216,9 +1216,21 @@ class RequestMappingTests(unittest.TestCase):
         self.assertEqual((conv.message, conv.images), ("What is it?\n\n", [
             ("data:image/png;base64,AA==", "messages[0].content[1]"),
             ("https://example.org/b.png", "messages[1].content[0]")]))
-        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"},
-                                                  {"role": "assistant", "content": "b"}]),
-                        "messages", "must have role 'user'")
+        conv = bg._conversation([{"role": "user", "content": "a"},
+                                 {"role": "assistant", "content": "b"}])   # LangGraph's last call
+        self.assertEqual((conv.history, conv.message), ([("user", "a"), ("assistant", "b")],
+                                                        "Go on from your last reply."))
+        conv = bg._conversation([{"role": "user", "content": "a"}, {"role": "assistant",
+                                 "content": "b"}], shaped=True)
+        self.assertEqual(conv.message, "Give your last reply again, in the output format.")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"}, {
+            "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+                "name": "f", "arguments": "{}"}}]}]), "messages", "send each call's result")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "b"}]),
+            "messages[0].content[0]", "earlier message", "unsupported_content_type")
+        self.assert_bad(lambda: bg._conversation([{"role": "system", "content": "a"}]),
+                        "messages", "need a user message")
         self.assert_bad(lambda: bg._conversation([{"role": "robot", "content": "a"}]),
                         "messages[0].role", "must be one of")
 
