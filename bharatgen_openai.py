@@ -3641,14 +3641,17 @@ def _response_events(gen: Any, base: Dict[str, Any],
         yield from opened("message")
     status = "incomplete" if "length" in finish else "completed"
     yield from closed(status if output[-1]["type"] == "message" else "completed")
-    u = gen.usage()
     yield event("response." + status, response=dict(
         base, output=output, status=status, incomplete_details={"reason": "max_output_tokens"}
-        if status == "incomplete" else None, usage={
-            "input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+        if status == "incomplete" else None, usage=_response_usage(gen.usage())))
+
+
+def _response_usage(u: CompletionUsage) -> Dict[str, Any]:
+    """``usage`` as the Responses API names its counts."""
+    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": u.completion_tokens, "output_tokens_details": {
-                "reasoning_tokens": u.completion_tokens_details.reasoning_tokens},
-            "total_tokens": u.total_tokens}))
+                "reasoning_tokens": u.completion_tokens_details.reasoning_tokens},  # type: ignore
+            "total_tokens": u.total_tokens}
 
 
 ###############################################################################
@@ -5606,6 +5609,9 @@ def _load(fn: Callable[[Any, float], Tuple[float, float]], concurrency: int,
             "errors": errors}
 
 
+_BENCH_ROW = "%5s %-8s %5s %7s %9s %9s %8s %6s %7s %7s"
+
+
 def _cmd_bench(args: Any) -> int:
     """Load a gateway and the same upstream directly, side by side (alternating which
     goes first); print wall time, TTFT and errors of each, their ratio, and the
@@ -5622,44 +5628,15 @@ def _cmd_bench(args: Any) -> int:
                             "100000", "--max-client-connections", "100000"],
                            r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
         procs.append(proc)
-        gateway_pid = proc.pid
         direct = BharatGenOpenAI(upstream, timeout=args.timeout)
-        prompt = "%d words" % args.words
         print("bharatgen_openai %s bench on %d cores: %s, %d-word streamed answers%s"
               % (__version__, os.cpu_count() or 0, "upstream " + upstream if args.upstream else
                  "demo upstream, %g ms a token" % (args.token_delay * 1000), args.words,
                  "; medians of %d runs, alternating" % args.repeat if args.repeat > 1 else ""))
-        row = "%5s %-8s %5s %7s %9s %9s %8s %6s %7s %7s"
-        print(row % ("conc", "path", "reqs", "wall s", "ttft p50", "ttft p95", "tot p50",
-                     "errors", "gw cpu", "gw rss"))
+        print(_BENCH_ROW % ("conc", "path", "reqs", "wall s", "ttft p50", "ttft p95", "tot p50",
+                            "errors", "gw cpu", "gw rss"))
         for conc in args.concurrency:
-            n = max(args.requests or conc, conc)
-            paths = [("gateway", lambda kept, due: _via_gateway(url, prompt, args.timeout, kept, due)),
-                     ("direct", lambda kept, due: _via_direct(direct, prompt, due))]
-            runs: Dict[str, List[Dict[str, Any]]] = {"gateway": [], "direct": []}
-            cpu = 0.0
-            for i in range(args.repeat):
-                for name, fn in (paths if i % 2 == 0 else paths[::-1]):
-                    before = _proc_stats(gateway_pid)[0]
-                    runs[name].append(_load(fn, conc, n))
-                    if name == "gateway":
-                        cpu += _proc_stats(gateway_pid)[0] - before
-            median = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2]
-                             for k in ("wall", "ttft", "ttft95", "total")}
-                      for name, rs in runs.items()}
-            for name in ("gateway", "direct"):
-                m, errors = median[name], [e for r in runs[name] for e in r["errors"]]
-                gw = name == "gateway"
-                print(row % (conc, name, n, "%.2f" % m["wall"], "%.0fms" % (m["ttft"] * 1000),
-                             "%.0fms" % (m["ttft95"] * 1000), "%.2fs" % m["total"], len(errors),
-                             "%.2fs" % (cpu / args.repeat) if gw else "-",
-                             "%.0fMB" % _proc_stats(gateway_pid)[1] if gw else "-"))
-                for e in errors[:3]:
-                    print("      error: %s" % e)
-            g, d = median["gateway"], median["direct"]
-            print(row % (conc, "ratio", "", "%.3fx" % (g["wall"] / d["wall"]),
-                         "%.3fx" % (g["ttft"] / d["ttft"]), "%.3fx" % (g["ttft95"] / d["ttft95"]),
-                         "%.3fx" % (g["total"] / d["total"]), "", "", ""))
+            _bench_level(args, conc, url, direct, proc.pid)
         direct.close()
     finally:
         for proc in procs:
@@ -5667,6 +5644,33 @@ def _cmd_bench(args: Any) -> int:
         for proc in procs:
             proc.wait(10)
     return 0
+
+
+def _bench_level(args: Any, conc: int, url: str, direct: Any, gateway_pid: int) -> None:
+    """One concurrency's rows: the gateway, direct calls, and their ratio."""
+    n, prompt, cpu = max(args.requests or conc, conc), "%d words" % args.words, 0.0
+    paths = [("gateway", lambda kept, due: _via_gateway(url, prompt, args.timeout, kept, due)),
+             ("direct", lambda kept, due: _via_direct(direct, prompt, due))]
+    runs: Dict[str, List[Dict[str, Any]]] = {"gateway": [], "direct": []}
+    for i in range(args.repeat):
+        for name, fn in (paths if i % 2 == 0 else paths[::-1]):
+            before = _proc_stats(gateway_pid)[0]
+            runs[name].append(_load(fn, conc, n))
+            cpu += _proc_stats(gateway_pid)[0] - before if name == "gateway" else 0
+    median = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2]
+                     for k in ("wall", "ttft", "ttft95", "total")} for name, rs in runs.items()}
+    for name in ("gateway", "direct"):
+        m, errors, gw = median[name], [e for r in runs[name] for e in r["errors"]], name == "gateway"
+        print(_BENCH_ROW % (conc, name, n, "%.2f" % m["wall"], "%.0fms" % (m["ttft"] * 1000),
+                            "%.0fms" % (m["ttft95"] * 1000), "%.2fs" % m["total"], len(errors),
+                            "%.2fs" % (cpu / args.repeat) if gw else "-",
+                            "%.0fMB" % _proc_stats(gateway_pid)[1] if gw else "-"))
+        for e in errors[:3]:
+            print("      error: %s" % e)
+    g, d = median["gateway"], median["direct"]
+    print(_BENCH_ROW % (conc, "ratio", "", "%.3fx" % (g["wall"] / d["wall"]),
+                        "%.3fx" % (g["ttft"] / d["ttft"]), "%.3fx" % (g["ttft95"] / d["ttft95"]),
+                        "%.3fx" % (g["total"] / d["total"]), "", "", ""))
 
 
 ###############################################################################
@@ -6004,52 +6008,52 @@ def _add_flags(parser: Any, flags: Sequence[Tuple[str, str]]) -> None:
                                 action="append" if "List" in kinds[name] else "store", help=text)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """The command line: ``serve``, ``chat``, ``info``, ``demo``, ``bench``."""
+def _parser() -> Any:
+    """The command line: ``serve``, ``chat``, ``info``, ``bench``, ``demo``."""
     import argparse
-
     parser = argparse.ArgumentParser(
         prog="bharatgen_openai", allow_abbrev=False,
         description="An OpenAI-compatible API in front of BharatGen's Param Gradio app.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
+    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     log_level = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    log_level.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                           default=argparse.SUPPRESS, help="default: INFO")
-    parser.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
-                        default="INFO", help="default: INFO (also after the command)")
+    log_level.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS,
+                           help="default: INFO")
+    parser.add_argument("--log-level", choices=levels, default="INFO",
+                        help="default: INFO (also after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def command(name: str, text: str) -> Any:
-        return sub.add_parser(name, help=text, description=text, parents=[log_level],
-                              allow_abbrev=False)
-
-    def upstream_flags(p: Any, answers: bool = True) -> None:
-        """The upstream's flags; those that shape answers only where there are some."""
-        _add_flags(p, [f for f in _UPSTREAM_FLAGS if answers or f[0] not in (
-            "system_prompt", "first_event_timeout")])
-        if answers:
+    def command(name: str, text: str, func: Callable[[Any], int], answers: bool = True) -> Any:
+        """A command; the upstream's flags, those that shape answers only if it has some."""
+        p = sub.add_parser(name, help=text, description=text, parents=[log_level],
+                           allow_abbrev=False)
+        p.set_defaults(func=func)
+        if answers is not None:
+            _add_flags(p, [f for f in _UPSTREAM_FLAGS if answers or f[0] not in (
+                "system_prompt", "first_event_timeout")])
+        if answers is not False:
             p.add_argument("--token-delay", type=float, default=0.02,
                            help="the demo upstream's pause per token, seconds (default 0.02)")
+        return p
 
-    p = command("serve", "run the OpenAI-compatible server")
-    upstream_flags(p)
-    _add_flags(p, _SERVE_FLAGS)
-    p.set_defaults(func=_cmd_serve)
-
-    p = command("chat", "chat in the terminal (one prompt, or interactive)")
-    upstream_flags(p)
+    _add_flags(command("serve", "run the OpenAI-compatible server", _cmd_serve), _SERVE_FLAGS)
+    p = command("chat", "chat in the terminal (one prompt, or interactive)", _cmd_chat)
     p.add_argument("prompt", nargs="*", help="the prompt; none opens an interactive session")
     p.add_argument("--temperature", type=float, help="sampling temperature (default: the app's)")
     p.add_argument("--max-tokens", type=int, help="the longest answer (default: the app's)")
     p.add_argument("--show-reasoning", action="store_true", help="print the thought, dimmed")
-    p.set_defaults(func=_cmd_chat)
+    _add_flags(command("info", "show what the upstream app offers", _cmd_info, answers=False),
+               [flag for flag in _SERVE_FLAGS if flag[0] == "models_file"])
+    _bench_flags(command("bench", "measure what the gateway adds to calling the app directly",
+                         _cmd_bench, answers=None))
+    p = command("demo", "run only the demo upstream (a stand-in Gradio app)", _cmd_demo, None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
+    return parser
 
-    p = command("info", "show what the upstream app offers")
-    upstream_flags(p, answers=False)
-    _add_flags(p, [flag for flag in _SERVE_FLAGS if flag[0] == "models_file"])
-    p.set_defaults(func=_cmd_info)
 
-    p = command("bench", "measure what the gateway adds to calling the app directly")
+def _bench_flags(p: Any) -> None:
+    import argparse
 
     def int_list(text: str) -> List[int]:
         try:
@@ -6063,19 +6067,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--requests", type=int, help="requests per run (default: the concurrency)")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs of each path, alternating which goes first; medians shown")
-    p.add_argument("--token-delay", type=float, default=0.02,
-                   help="the demo upstream's pause per token (default 0.02)")
     p.add_argument("--words", type=int, default=100, help="answer length in words (default 100)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    p.set_defaults(func=_cmd_bench)
 
-    p = command("demo", "run only the demo upstream (a stand-in Gradio app)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
-    p.add_argument("--token-delay", type=float, default=0.02,
-                   help="seconds per token (default 0.02)")
-    p.set_defaults(func=_cmd_demo)
 
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The command line (see :func:`_parser`); tests call it with their ``argv``."""
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
