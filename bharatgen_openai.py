@@ -18,10 +18,28 @@ exact text, and offers that text two ways:
       python bharatgen_openai.py serve --upstream https://<id>.gradio.live/
       python bharatgen_openai.py serve --demo      # a built-in stand-in upstream
 
-The parts: a Gradio client over ``http.client`` (proxies from ``urllib.request``'s
-settings) with a bounded SSE reader, an ``html.parser`` cleaner, dataclass objects shaped
-like the openai SDK's, and an ``http.server`` ``ThreadingHTTPServer`` (a thread per
-connection streams its own answer).
+The parts, in the file's order (bottom-up: each uses only those before it):
+
+  Errors ............. one hierarchy; each error is one OpenAI type and HTTP status
+  Protocol pieces .... the SSE reader (_iter_sse), the html.parser cleaner (clean_reply,
+                       _StreamCleaner), stop sequences, token counts
+  Objects ............ dataclasses shaped like the openai SDK's (ChatCompletion, ...)
+  Upstream ........... GradioClient over http.client (urllib.request's proxies): its HTTP
+                       layer (_HTTP), discovery (_discover), calling (join, stream, cancel);
+                       replicas (_UpstreamPool)
+  Requests ........... OpenAI messages and sampling mapped onto the app's inputs
+  Tools, JSON Schema . tool calls and structured output, checked by a bounded validator
+  Engine ............. one generation: the app's snapshots -> thought and answer pieces
+  Configuration ...... Config: flags, then the environment, then defaults
+  Backend ............ pieces -> chunks (events); a non-streamed answer is them folded
+  SDK ................ BharatGenOpenAI and AsyncBharatGenOpenAI
+  Server pieces ...... keys, rate limits, metrics
+  HTTP serving ....... http.server's ThreadingHTTPServer and handler, strict and bounded
+  Gateway ............ GatewayServer: the /v1 routes, the page, /health, /metrics
+  Demo upstream ...... DemoUpstream: a stand-in Param app speaking Gradio's protocol
+  Benchmark .......... bench: the gateway beside direct calls to the same app
+  Command line ....... main(): serve, chat, info, bench, demo
+  Data ............... the page's HTML, CSS and script; the demo's canned texts
 
 Security: the server binds 127.0.0.1 by default.  Give it API keys (``--api-key`` or
 ``BHARATGEN_API_KEYS``) before exposing it; keys are compared in constant time.  Request
@@ -2120,7 +2138,7 @@ def _include_usage(body: Dict[str, Any]) -> bool:
 
 
 ###############################################################################
-# Tools and JSON Schema: what the answer must look like, checked within bounds #
+# Tools and JSON Schema: the answer's shape, checked within bounds #############
 ###############################################################################
 
 _JSON_TYPES: Dict[str, Callable[[Any], bool]] = {
@@ -3141,7 +3159,7 @@ class Config:
 
 
 ###############################################################################
-# The backend: requests in, OpenAI objects out (used by the SDK and the server)
+# The backend: requests in, chunks out, folded when not streamed ###############
 ###############################################################################
 
 @dataclass
