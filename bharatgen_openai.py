@@ -663,19 +663,15 @@ class _StopCutter:
         return "" if self.stopped else held
 
 
-# Token estimator: counts by script, calibrated against tiktoken's o200k_base. Compiled
-# on first use (re caches it): its Unicode ranges cost a tenth of the module's import.
-_TOKEN_PATTERN = (
-    r"(?P<latin>[A-Za-z\u00C0-\u024F]+)"
-    r"|(?P<digits>[0-9]+)"
-    r"|(?P<indic>[\u0900-\u0DFF\uA8E0-\uA8FF\u1CD0-\u1CFF]+)"
-    r"|(?P<cjk>[\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF\uF900-\uFAFF]+)"
-    r"|(?P<space>\s+)"
-    r"|(?P<punct>[!-/:-@\[-`{-~]+)"
-    r"|(?P<other>.)")
+# Token estimator: counts by script, calibrated against tiktoken's o200k_base.  Its
+# patterns are compiled on first use (re caches them): their Unicode ranges cost a tenth
+# of the module's import.  Each class is found in one C-level pass over the text.
+_INDIC = "\u0900-\u0DFF\uA8E0-\uA8FF\u1CD0-\u1CFF"
+_CJK = "\u3040-\u30FF\u3400-\u4DBF\u4E00-\u9FFF\uAC00-\uD7AF\uF900-\uFAFF"
+_LATIN, _PUNCT = "A-Za-z\u00C0-\u024F", "!-/:-@\\[-`{-~"
 
 # Characters per token for the Indic blocks, by script (o200k_base has many Devanagari
-# merges, fewer for the southern scripts).
+# merges, fewer for the southern scripts): (the block's end, the rate).
 _INDIC_CHARS_PER_TOKEN = (
     (0x0980, 3.0),   # Devanagari
     (0x0A00, 2.4),   # Bengali
@@ -692,32 +688,21 @@ def estimate_tokens(text: str) -> int:
 
     Latin words cost one token up to about eight letters, more beyond; digits go in
     threes; Indic scripts by a per-script rate; CJK about one per character; runs of
-    punctuation (code) about one per two characters.
+    punctuation (code) about one per three characters; a run of white space one (a
+    single space none); anything else one, or two past U+2000.
     """
-    total = 0.0
-    for m in re.finditer(_TOKEN_PATTERN, text, re.S):
-        kind, s = m.lastgroup, m.group()
-        n = len(s)
-        if kind == "latin":
-            total += 1 if n <= 8 else 1 + (n - 8) / 4.0
-        elif kind == "digits":
-            total += (n + 2) // 3
-        elif kind == "indic":
-            rate = 2.2
-            for limit, r in _INDIC_CHARS_PER_TOKEN:
-                if ord(s[0]) < limit:
-                    rate = r
-                    break
-            total += max(1.0, n / rate)
-        elif kind == "cjk":
-            total += n * 0.8
-        elif kind == "space":
-            total += 0 if s == " " else 1 + s.count("\n") // 4
-        elif kind == "punct":
-            total += (n + 2) // 3
-        else:
-            total += 1 if ord(s) < 0x2000 else 2
-    return int(round(total)) if text else 0
+    if not text:
+        return 0
+    words = re.findall("[%s]+" % _LATIN, text)
+    total = len(words) + sum(len(w) - 8 for w in words if len(w) > 8) / 4.0
+    total += sum((len(s) + 2) // 3 for s in re.findall("[0-9]+|[%s]+" % _PUNCT, text))
+    total += sum(max(1.0, len(s) / next((r for end, r in _INDIC_CHARS_PER_TOKEN if ord(s[0]) < end),
+                                        2.2)) for s in re.findall("[%s]+" % _INDIC, text))
+    total += 0.8 * sum(map(len, re.findall("[%s]+" % _CJK, text)))
+    total += sum(1 + s.count("\n") // 4 for s in re.findall(r"\s+", text) if s != " ")
+    total += sum(1 if ord(c) < 0x2000 else 2 for c in re.findall(
+        "[^%s0-9%s%s\\s%s]" % (_LATIN, _INDIC, _CJK, _PUNCT), text))
+    return int(round(total))
 
 
 ###############################################################################
@@ -1140,6 +1125,7 @@ class _TimedSocket:
 
     def __init__(self, sock: socket.socket, idle: Optional[float]) -> None:
         self.sock, self.idle = sock, idle
+        self.readers, self.closing = 0, False
         self.deadline: Optional[float] = None
         self.received = 0                  # bytes read since the last arm()
 
@@ -1153,7 +1139,15 @@ class _TimedSocket:
         return self.deadline is not None and time.monotonic() >= self.deadline
 
     def makefile(self, mode: str = "rb", *args: Any, **kwargs: Any) -> io.BufferedReader:
+        self.readers += 1
         return io.BufferedReader(_TimedReader(self))
+
+    def close(self) -> None:
+        """Closed when its readers are too (as ``socket.makefile``'s are): http.client
+        closes a connection whose response says so while that response is still read."""
+        self.closing = True
+        if not self.readers:
+            self.sock.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.sock, name)
@@ -1167,6 +1161,13 @@ class _TimedReader(io.RawIOBase):
 
     def readable(self) -> bool:
         return True
+
+    def close(self) -> None:
+        if not self.closed:
+            self.timed.readers -= 1
+            if self.timed.closing and not self.timed.readers:
+                self.timed.sock.close()
+        super().close()
 
     def readinto(self, buf: Any) -> int:
         timed = self.timed
@@ -1307,10 +1308,11 @@ class _HTTP:
         while True:
             try:
                 conn.request(method, target, data, headers)
-                conn.sock.arm(self.connect_timeout)
+                timed = conn.sock            # kept: a response that closes drops conn.sock
+                timed.arm(self.connect_timeout)
                 resp = conn.getresponse()
                 _log.debug("upstream %s %s%s: HTTP %d", method, self.shown, path, resp.status)
-                return resp, conn.sock
+                return resp, timed
             except (OSError, http.client.HTTPException) as exc:
                 conn.close()
                 if retry and not isinstance(exc, socket.timeout):
@@ -1499,8 +1501,8 @@ class GradioClient:
     ``base_url`` may be the app's root, its ``/gradio_api`` URL or a Hugging Face Space
     (``owner/space``).  :meth:`discover` learns once what the app offers.  Replies stream
     over the queue protocol (``/queue/join``, diffs) when the app offers it, else over
-    ``/call``.  ``HF_TOKEN`` (or ``hf_token``) is sent as a bearer token for private
-    Spaces; ``user:password@`` in the URL as basic auth.
+    ``/call``.  ``hf_token`` is sent as a bearer token (private Spaces), and so is
+    ``HF_TOKEN`` to Hugging Face's hosts only; ``user:password@`` in the URL as basic auth.
     """
 
     def __init__(self, base_url: str, *, endpoint: Optional[str] = None,
@@ -1512,14 +1514,16 @@ class GradioClient:
         if protocol not in PROTOCOLS:
             raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
         url = _normalize_base_url(base_url)
-        self.http = _HTTP(url, connect_timeout, timeout, max_body,
-                          os.environ.get("HF_TOKEN") if hf_token is None else hf_token)
+        hf_host = re.match(r"https://([\w.-]+\.)?(hf\.space|huggingface\.co)(:\d+)?(/|$)", url)
+        self.http = _HTTP(url, connect_timeout, timeout, max_body, hf_token if hf_token
+                          is not None or not hf_host else os.environ.get("HF_TOKEN"))
         self.base_url, self.endpoint = self.http.shown, endpoint.strip("/") if endpoint else None
         self.timeout, self.first_event_timeout = timeout, first_event_timeout or timeout
         self.protocol, self.param_names = protocol, dict(param_names or {})
         self.max_event_bytes = max_event_bytes
         self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
         self._info: Optional[_AppInfo] = None
+        self._reading: Optional[Tuple[threading.Event, List[Any]]] = None   # under way
         self._lock = threading.Lock()
         self.bytes_read = 0                      # of event streams (the server's /metrics)
 
@@ -1531,12 +1535,28 @@ class GradioClient:
         self.http.close()
 
     def discover(self, refresh: bool = False) -> _AppInfo:
-        """What the app offers (read once, then kept; ``refresh`` reads it again)."""
+        """What the app offers (read once, then kept; ``refresh`` reads it again).  Calls
+        that come while it is read wait for that reading, and share its result or its
+        error: a silent app costs them one timeout, not one each."""
         with self._lock:
-            if self._info is None or refresh:
-                self._info = _discover(self.http, self.endpoint, self.protocol,
-                                       self.param_names, self._prefix_hint)
-            return self._info
+            if self._info is not None and not refresh:
+                return self._info
+            first, (done, found) = self._reading is None, self._reading or (threading.Event(), [])
+            self._reading = done, found
+        if first:
+            try:
+                found.append(_discover(self.http, self.endpoint, self.protocol,
+                                       self.param_names, self._prefix_hint))
+            except BharatGenError as exc:
+                found.append(exc)
+            with self._lock:
+                self._reading, self._info = None, found[0] if isinstance(
+                    found[0], _AppInfo) else self._info
+            done.set()
+        done.wait()
+        if isinstance(found[0], BharatGenError):
+            raise found[0]
+        return found[0]
 
     def stream(self, message: str, history: Sequence[Tuple[str, str]] = (), *,
                system_prompt: Optional[str] = None, temperature: Optional[float] = None,
@@ -2543,7 +2563,7 @@ def _json_in(text: str) -> Optional[Tuple[Any, str]]:
     if fence:
         text = fence.group(1)
     for tries, m in enumerate(re.finditer(r"[{\[]", text)):
-        if tries == 64:                                  # bounded: 64 starts at most
+        if tries == 64 or tries * len(text) > 1 << 22:   # 64 starts, 4M characters read
             break
         try:
             value, end = _JSON_STRICT.raw_decode(text, m.start())
@@ -2800,7 +2820,7 @@ class _Generation:
         self.thought: List[List[str]] = [[] for _ in range(sampling.n)]
         self.answer: List[List[str]] = [[] for _ in range(sampling.n)]
         self._closed = threading.Event()
-        self._usage: Tuple[Tuple[int, ...], Any] = ((), None)
+        self._counts: Dict[Tuple[int, int, int], int] = {}   # see _tokens
 
     def _choice(self, index: int) -> Iterator[_Piece]:
         """One choice's pieces; in shape (tools, JSON) after up to ``repairs`` more turns.
@@ -2903,9 +2923,16 @@ class _Generation:
         ``max_tokens`` by the estimate, give or take 5% (the app's tokenizer is not
         ours): clients continue an answer cut there."""
         limit = self.sampling.max_tokens
-        used = sum(estimate_tokens("".join(t[index][m:]))
-                   for t, m in zip((self.thought, self.answer), marks))
+        used = self._tokens(self.thought[index], marks[0]) + self._tokens(self.answer[index], marks[1])
         return limit is not None and used >= limit - max(1, limit // 20)
+
+    def _tokens(self, texts: List[str], start: int = 0) -> int:
+        """The estimate of ``texts[start:]`` joined: counted once for what there is (the
+        finish reason, the answer's usage, the gateway's log and the cache all ask)."""
+        key = (id(texts), start, len(texts))
+        if key not in self._counts:
+            self._counts[key] = estimate_tokens("".join(texts[start:]))
+        return self._counts[key]
 
     def __iter__(self) -> Iterator[_Piece]:
         if self.sampling.n == 1:
@@ -2945,17 +2972,12 @@ class _Generation:
         self._closed.set()
 
     def usage(self) -> CompletionUsage:
-        """Estimated token counts of the prompt and everything generated so far; counted
-        once for what there is (the answer, the gateway's log and the cache all ask)."""
-        seen = tuple(map(len, self.thought + self.answer))
-        if self._usage[0] != seen:
-            reasoning = sum(estimate_tokens("".join(t)) for t in self.thought)
-            completion = reasoning + sum(estimate_tokens("".join(a)) for a in self.answer)
-            self._usage = (seen, CompletionUsage(
-                prompt_tokens=self.conv.prompt_tokens, completion_tokens=completion,
-                total_tokens=self.conv.prompt_tokens + completion,
-                completion_tokens_details=CompletionTokensDetails(reasoning_tokens=reasoning)))
-        return self._usage[1]
+        """Estimated token counts of the prompt and everything generated so far."""
+        reasoning = sum(map(self._tokens, self.thought))
+        completion = reasoning + sum(map(self._tokens, self.answer))
+        return CompletionUsage(self.conv.prompt_tokens, completion,
+                               self.conv.prompt_tokens + completion,
+                               CompletionTokensDetails(reasoning))
 
 
 class _Cache:
@@ -4932,6 +4954,7 @@ class _GatewayHandler(_Handler):
         """A generation route: the answer whole, or streamed as server-sent events
         (``data: [DONE]`` ends a chat or completion; a response ends with its last event)."""
         answer = self._answer = self.server.backend.generate(op, body, self._key)
+        answer.chunks = self._while_connected(answer.chunks)
         if not answer.stream:
             whole = answer.whole()
             return self._respond(answer.reasoning.rename(whole.to_dict()) if op == "chat" else whole)
@@ -4941,6 +4964,20 @@ class _GatewayHandler(_Handler):
         encode = self._chunk_encoder(answer.reasoning) if op == "chat" else \
             (lambda chunk: _sse(chunk.to_dict()))
         return self._stream(map(encode, answer.chunks), answer, done=b"data: [DONE]\n\n")
+
+    def _while_connected(self, items: Iterator[Any]) -> Iterator[Any]:
+        """``items``, cut (an ``OSError``, as a failed write) once the client hangs up: a
+        non-streamed answer, or a held one, writes nothing until its end.  Looked at
+        between items, five times a second at most."""
+        due = time.monotonic() + 0.2
+        for item in items:
+            yield item
+            if time.monotonic() > due:
+                due = time.monotonic() + 0.2
+                with selectors.DefaultSelector() as ready:
+                    ready.register(self.connection, selectors.EVENT_READ)
+                    if ready.select(0) and not self.connection.recv(1, socket.MSG_PEEK):
+                        raise ConnectionAbortedError("the client went away")
 
     @staticmethod
     def _chunk_encoder(reasoning: _Reasoning) -> Callable[[ChatCompletionChunk], bytes]:

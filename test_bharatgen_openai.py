@@ -14,6 +14,7 @@ import hashlib
 import html
 import http
 import http.client
+import http.server
 import io
 import itertools
 import json
@@ -2039,6 +2040,11 @@ class GradioClientTests(unittest.TestCase):
             with bg.BharatGenOpenAI(self.demo.url, api_key=key) as client:
                 client.chat.completions.create(messages=[{"role": "user", "content": "Say hello"}])
             self.assertEqual(self.demo.auth_seen[-1], sent)
+        os.environ["HF_TOKEN"] = "hf_ambient"          # for Hugging Face's hosts only
+        self.addCleanup(os.environ.pop, "HF_TOKEN", None)
+        list(gradio_client(self, self.demo.url).stream("Say hello"))
+        self.assertEqual(self.demo.auth_seen[-1], None)
+        self.assertEqual(bg.GradioClient("owner/space").http.token, "hf_ambient")
 
     def test_stream_yields_snapshots_ending_with_the_final_one(self):
         demo = start_demo(self, token_delay=0.005)    # events one by one, not in a burst
@@ -4904,6 +4910,73 @@ class AttackTests(unittest.TestCase):
                                  "the Gradio app sent 1001 events with no output in a row")
                 self.assertLess(fake.sent, 16 << 20)     # socket buffers; 100 MB before
 
+    def test_a_client_that_leaves_a_non_streamed_answer_stops_its_work(self):
+        demo = start_demo(self, token_delay=0.01)
+        gw = start_gateway(self, demo.url)
+        body = json.dumps({"model": bg.DEFAULT_MODEL, "n": 4, "max_tokens": 8192, "messages": [
+            {"role": "user", "content": "2000 words"}]}).encode()
+        sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=5)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + TIMEOUT
+        while len(demo.running) < 4 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sock.close()                                     # held answers: nothing written yet
+        while (len(demo.cancels) < 4 or demo.running) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual((len(demo.cancels), demo.running), (4, {}))
+
+    def test_a_silent_app_costs_waiting_requests_one_timeout_not_one_each(self):
+        held = []
+
+        def serve(server):                       # takes connections, answers nothing
+            server.settimeout(0.1)
+            while len(held) < 30 and not getattr(server, "done", False):
+                try:
+                    held.append(server.accept()[0])
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+        port, _ = scripted_server(self, serve)
+        self.addCleanup(lambda: [c.close() for c in held])
+        gw = start_gateway(self, "http://127.0.0.1:%d" % port, connect_timeout=0.5)
+        results, started = [], time.monotonic()
+        threads = [threading.Thread(target=lambda: results.append(chat(gw, "hi")[0]))
+                   for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(TIMEOUT)
+        self.assertEqual(sorted(results), [504] * 6)
+        self.assertLess(time.monotonic() - started, 2.5)     # 6 x 0.5 s one after another before
+
+    def test_json_is_looked_for_within_bounds(self):
+        started = time.monotonic()
+        self.assertIsNone(bg._json_in("[" * 64 + "1," * 400000))
+        self.assertLess(time.monotonic() - started, 2)       # 64 full parses before: ~10 s
+
+    def test_an_app_that_closes_each_connection_and_a_server_that_is_not_gradio(self):
+        class Closing(bg._DemoHandler):
+            protocol_version = "HTTP/1.0"                # every answer ends its connection
+        demo = start_demo(self)
+        demo.RequestHandlerClass = Closing
+        gw = start_gateway(self, demo.url)
+        for stream in (False, True):
+            self.assertEqual(chat(gw, "Say hello", stream=stream)[0], 200)
+        class Files(http.server.SimpleHTTPRequestHandler):     # python -m http.server
+            def log_message(self, *args):
+                pass
+        files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Files)
+        threading.Thread(target=files.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(files.server_close)
+        self.addCleanup(files.shutdown)
+        url = "http://127.0.0.1:%d" % files.server_address[1]
+        for _ in range(50):                              # a race gave EBADF in 5 of 8 before
+            with self.assertRaisesRegex(bg.UpstreamError, "^%s does not answer as a Gradio app"
+                                        % re.escape(url)):
+                bg.GradioClient(url).discover()
+
     def test_the_demo_keeps_no_job_after_it_ends(self):
         demo = bg.DemoUpstream().start()
         self.addCleanup(demo.stop)
@@ -5191,9 +5264,9 @@ class UsabilityTests(unittest.TestCase):
                     for client in ("203.0.113.7", "198.51.100.9", "198.51.100.9")]
                 wait_for_logs(logs, 3)
             self.assertEqual(statuses, expected)
-            self.assertEqual([r.getMessage().split(" ")[0] for r in logs.records],
-                             ["203.0.113.7", "198.51.100.9", "198.51.100.9"] if trusted
-                             else ["127.0.0.1"] * 3)
+            self.assertEqual(sorted(r.getMessage().split(" ")[0] for r in logs.records),
+                             ["198.51.100.9", "198.51.100.9", "203.0.113.7"] if trusted
+                             else ["127.0.0.1"] * 3)         # logged after each answer
 
     def test_json_logs_are_json_on_every_line(self):
         formatter = bg._JSONFormatter()
