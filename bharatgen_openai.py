@@ -4583,9 +4583,17 @@ class _Server(http.server.ThreadingHTTPServer):
 # The gateway: an OpenAI-compatible HTTP server ################################
 ###############################################################################
 
+_MAX_CONTAINERS = 200_000      # objects and arrays a request body may hold (each costs
+                               # ~100 bytes parsed: a body of 4 MiB of "{}," would take 100 MB)
+
+
 def _json_body(raw: bytes) -> Any:
+    """A request body's JSON: strict UTF-8, at most :data:`_MAX_CONTAINERS` containers."""
     if not raw.strip():
         raise _bad("the request has no body; send a JSON object", None, "invalid_body")
+    if raw.count(b"{") + raw.count(b"[") > _MAX_CONTAINERS:
+        raise _bad("the JSON body holds over %d objects and arrays" % _MAX_CONTAINERS, None,
+                   "invalid_json")
     try:
         return json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

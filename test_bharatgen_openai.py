@@ -4951,6 +4951,13 @@ class AttackTests(unittest.TestCase):
         self.assertEqual(sorted(results), [504] * 6)
         self.assertLess(time.monotonic() - started, 2.5)     # 6 x 0.5 s one after another before
 
+    def test_a_body_of_many_small_containers_is_refused_before_it_is_parsed(self):
+        gw = start_gateway(self, start_demo(self).url)
+        body = b'{"messages": [{"role": "user", "content": "hi"}], "x": [' + b"{}," * 200000 + b"{}]}"
+        status, _, answer = request(gw.url, "POST", "/v1/chat/completions", raw=body)
+        self.assertEqual((status, json.loads(answer)["error"]["message"]),
+                         (400, "the JSON body holds over 200000 objects and arrays"))
+
     def test_json_is_looked_for_within_bounds(self):
         started = time.monotonic()
         self.assertIsNone(bg._json_in("[" * 64 + "1," * 400000))
