@@ -2593,6 +2593,7 @@ class _Shape:
     parallel: bool = True
     fmt: Optional[Dict[str, Any]] = None    # {"schema": ..., "strict": bool, "check": _Schema}
     repairs: int = 1
+    streamed: bool = True            # else the answer is held whole until it is checked
 
     @property
     def calls(self) -> bool:
@@ -2601,7 +2602,7 @@ class _Shape:
     @property
     def hold_all(self) -> bool:
         """Whether no text can go out before the reply is checked whole."""
-        return self.fmt is not None or (self.calls and self.choice != "auto")
+        return self.fmt is not None or (self.calls and self.choice != "auto") or not self.streamed
 
     def instructions(self) -> str:
         """What the system prompt adds so that the model answers in shape."""
@@ -3443,7 +3444,7 @@ class _Backend:
         conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
                              self.config.max_chars, shape.fmt is not None)
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
-        stream = _flag(body, "stream")
+        stream = shape.streamed = _flag(body, "stream")
         usage = _include_usage(body) or not stream
         gen = self._generation(route, conv, sampling, shape, key, "chat", body)
         reasoning = _Reasoning(self.config.reasoning, self.config.reasoning_field)
@@ -3559,6 +3560,7 @@ class _Backend:
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
+        shape.streamed = _flag(body, "stream")
         gen = self._generation(route, conv, sampling, shape, key, "responses", body)
         base = {"id": _new_id("resp_"), "object": "response", "created_at": int(time.time()),
                 "model": route.id, "error": None, "instructions": body.get("instructions"),
@@ -3599,10 +3601,14 @@ def _response_messages(body: Dict[str, Any]) -> List[Any]:
                              output if isinstance(output, (str, list)) else json.dumps(output)})
         elif kind == "message":
             messages.append({"role": item.get("role"), "content": item.get("content")})
-        elif kind != "reasoning":
-            raise _bad("input[%d] is a %r item; this server takes message, function_call "
-                       "and function_call_output items" % (i, kind or type(item).__name__),
-                       "input[%d]" % i, "unsupported_input")
+        elif kind == "item_reference" and not str(item.get("id")).startswith("rs_"):
+            raise _bad("input[%d] refers to the item %s, which this server does not keep (it "
+                       "stores nothing): send the item itself, or store: false"
+                       % (i, json.dumps(item.get("id"))[:80]), "input[%d]" % i, "invalid_value")
+        elif kind not in ("reasoning", "item_reference"):   # a thought: left out, by reference
+            raise _bad("input[%d] is a %r item; this server takes message, function_call, "
+                       "function_call_output, reasoning and item_reference items"
+                       % (i, kind or type(item).__name__), "input[%d]" % i, "unsupported_input")
     return messages
 
 

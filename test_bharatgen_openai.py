@@ -5549,6 +5549,141 @@ class LangChainTests(_RealClientBase):
                          "Hello! How are you ")
 
 
+AFTER_A_TOOL = [{"role": "user", "content": "What is the weather in Pune?"},
+                {"role": "assistant", "content": None, "tool_calls": [{
+                    "id": "call_1", "type": "function", "function": {
+                        "name": "get_weather", "arguments": '{"city": "Pune"}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "31 C, sunny"},
+                {"role": "assistant", "content": "It is 31 C and sunny in Pune."}]
+COUNTS = {"type": "function", "function": {"name": "tally", "parameters": {   # zod's z.record
+    "type": "object", "properties": {"counts": {"type": "object", "propertyNames": {
+        "enum": ["a", "b"]}, "additionalProperties": {"type": "integer"}}},
+    "required": ["counts"], "additionalProperties": False}}}
+
+
+@needs("openai")
+class AgentTests(_RealClientBase):
+    """What agent frameworks send that OpenAI accepts: a conversation ending on the
+    assistant (LangGraph's structured last call), item references (the Vercel AI SDK),
+    the schema keywords zod and pydantic write."""
+
+    def client(self):
+        import openai
+        return openai.OpenAI(base_url=self.base_url, api_key="sk-test", max_retries=0,
+                             timeout=TIMEOUT)
+
+    def test_a_conversation_ending_on_the_assistant_is_answered(self):
+        import openai
+        import pydantic
+
+        class Weather(pydantic.BaseModel):
+            city: str
+            temperature: int
+        client = self.client()
+        for extra in ({}, {"tools": [dict(WEATHER, function=dict(WEATHER["function"], strict=True))]}):
+            reply = client.chat.completions.parse(model=bg.DEFAULT_MODEL, messages=AFTER_A_TOOL,
+                                                  response_format=Weather, **extra)
+            self.assertEqual(reply.choices[0].message.parsed, Weather(city="Param", temperature=1))
+            self.assertEqual(self.demo.calls[-1][:2], [
+                "Give your last reply again, in the output format.", [
+                    {"role": "user", "content": [{"type": "text", "text": AFTER_A_TOOL[0]["content"]}]},
+                    {"role": "assistant", "content": [{"type": "text", "text": '<tool_call>\n{"name": '
+                     '"get_weather", "arguments": {"city": "Pune"}}\n</tool_call>'}]},
+                    {"role": "user", "content": [{"type": "text", "text": '<tool_response>\n{"name": '
+                     '"get_weather", "content": "31 C, sunny"}\n</tool_response>'}]},
+                    {"role": "assistant", "content": [{"type": "text", "text":
+                                                       "It is 31 C and sunny in Pune."}]}]])
+        reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=AFTER_A_TOOL)
+        self.assertEqual((reply.choices[0].finish_reason, self.demo.calls[-1][0]),
+                         ("stop", "Go on from your last reply."))
+        with self.assertRaises(openai.BadRequestError) as cm:        # calls with no results
+            client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=AFTER_A_TOOL[:2])
+        self.assertEqual(cm.exception.body["message"], "the last message calls tools: send each "
+                         "call's result in a 'tool' message after it")
+
+    @needs("langchain_openai")
+    def test_langchain_structured_output_after_the_assistant(self):
+        import pydantic
+        from langchain_core.messages import AIMessage, HumanMessage
+        from langchain_openai import ChatOpenAI
+
+        class Weather(pydantic.BaseModel):
+            city: str
+            temperature: int
+        llm = ChatOpenAI(base_url=self.base_url, api_key="sk-test", model=bg.DEFAULT_MODEL,
+                         max_retries=0, timeout=TIMEOUT)
+        for method in ("json_schema", "function_calling"):
+            answer = llm.with_structured_output(Weather, method=method).invoke(
+                [HumanMessage("What is the weather in Pune?"), AIMessage("31 C and sunny.")])
+            self.assertEqual(answer, Weather(city="Param", temperature=1), method)
+
+    def test_item_references_on_the_responses_api(self):
+        first = json.loads(request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "What is the weather in Pune?",
+            "tools": [dict(WEATHER["function"], type="function")]},
+            {"Authorization": "Bearer sk-test"})[2])
+        reasoning, call = first["output"][0], first["output"][-1]
+        self.assertEqual((reasoning["type"], call["type"]), ("reasoning", "function_call"))
+        items = [{"role": "user", "content": "What is the weather in Pune?"},
+                 {"type": "item_reference", "id": reasoning["id"]},
+                 {"type": "function_call", "call_id": call["call_id"], "name": call["name"],
+                  "arguments": call["arguments"]},
+                 {"type": "function_call_output", "call_id": call["call_id"], "output": "31 C"}]
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": items}, {"Authorization": "Bearer sk-test"})
+        self.assertEqual((status, json.loads(body)["output"][-1]["content"][0]["text"]),
+                         (200, "Here is what the tools said: get_weather: 31 C"))
+        items[1]["id"] = "msg_0123"
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": items}, {"Authorization": "Bearer sk-test"})
+        self.assertEqual((status, json.loads(body)["error"]), (400, {
+            "message": 'input[1] refers to the item "msg_0123", which this server does not keep '
+                       "(it stores nothing): send the item itself, or store: false",
+            "type": "invalid_request_error", "param": "input[1]", "code": "invalid_value"}))
+
+    def test_the_keywords_zod_and_pydantic_write(self):
+        import openai
+        client = self.client()
+        reply = client.chat.completions.create(
+            model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "Count them"}],
+            tools=[COUNTS, WEATHER], tool_choice={"type": "function", "function": {"name": "tally"}})
+        call = reply.choices[0].message.tool_calls[0].function
+        self.assertEqual((call.name, json.loads(call.arguments)), ("tally", {"counts": {}}))
+        strict = json.loads(json.dumps(COUNTS))
+        strict["function"].update(strict=True)
+        strict["function"]["parameters"]["unevaluatedProperties"] = False
+        with self.assertRaises(openai.BadRequestError) as cm:
+            client.chat.completions.create(model=bg.DEFAULT_MODEL, tools=[strict],
+                                           messages=[{"role": "user", "content": "Count them"}])
+        self.assertEqual((cm.exception.body["param"], cm.exception.body["message"]), (
+            "tools[0].function.parameters", "tools[0].function.parameters: this server cannot "
+            "check the keyword 'unevaluatedProperties'"))
+        shape = bg._shape({"tools": [COUNTS]}, 0)
+        for counts, error in (({"a": 1, "b": 2}, None), ({"c": 1}, "the call of tally is invalid: "
+                              "arguments.counts.c (its name) should be one of [\"a\", \"b\"]"),
+                              ({"a": "x"}, "the call of tally is invalid: arguments.counts.a "
+                               "should be of type integer, not \"x\"")):
+            call = '<tool_call>{"name": "tally", "arguments": %s}</tool_call>' % json.dumps(
+                {"counts": counts})
+            self.assertEqual(shape.check(call)[2], error)
+
+    @needs("langchain_openai")
+    def test_langchain_binds_a_tool_whose_schema_has_property_names(self):
+        import typing
+        import pydantic
+        from langchain_openai import ChatOpenAI
+
+        class Tally(pydantic.BaseModel):
+            """Count the letters."""
+            counts: typing.Dict[typing.Literal["a", "b"], int]
+        schema = Tally.model_json_schema()
+        self.assertIn("propertyNames", schema["properties"]["counts"])   # what pydantic writes
+        llm = ChatOpenAI(base_url=self.base_url, api_key="sk-test", model=bg.DEFAULT_MODEL,
+                         max_retries=0, timeout=TIMEOUT)
+        reply = llm.bind_tools([Tally], tool_choice="Tally").invoke("Count them")
+        self.assertEqual(reply.tool_calls[0]["args"], {"counts": {}})
+
+
 def _free_port():
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
