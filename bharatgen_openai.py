@@ -72,6 +72,7 @@ __all__ = [
 import base64
 import dataclasses
 import errno
+import functools
 import hashlib
 import html
 import http.client
@@ -1375,8 +1376,12 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
     named = api.get("named_endpoints") if status == 200 and isinstance(api, dict) else None
     named = {k.strip("/"): v for k, v in (named or {}).items() if isinstance(v, dict)}
     if not config and not named:
-        raise UpstreamError("%s does not answer as a Gradio app: neither /config nor "
-                            "%s/info describes one" % (http.shown, prefix))
+        openai = http.json("GET", "/v1/models")[1]       # this gateway, or a peer of it?
+        raise UpstreamError("%s does not answer as a Gradio app: neither /config nor %s/info "
+                            "describes one%s" % (http.shown, prefix, "; it answers as an OpenAI "
+                            "API: did you mean %s/v1?" % http.shown if isinstance(openai, dict) and (
+                                isinstance(openai.get("data"), list) or "invalid_api_key" in str(
+                                    openai.get("error"))) else ""))
     endpoint = endpoint or _pick_endpoint(named)
     parameters = list(named.get(endpoint, {}).get("parameters") or [])
     deps = [(d.get("id", i), d) for i, d in enumerate(config.get("dependencies") or [])
@@ -1533,6 +1538,10 @@ class GradioClient:
     def close(self) -> None:
         """Close the keep-alive connections at rest."""
         self.http.close()
+
+    def takes(self, role: str) -> bool:
+        """Whether the app has an input for ``role`` (an OpenAI field: ``max_tokens``...)."""
+        return role in self.discover().roles
 
     def discover(self, refresh: bool = False) -> _AppInfo:
         """What the app offers (read once, then kept; ``refresh`` reads it again).  Calls
@@ -1852,6 +1861,10 @@ class _UpstreamPool:
 
     def states(self) -> List[Dict[str, Any]]:
         return [r.state() for r in self.replicas]
+
+    def takes(self, role: str) -> bool:
+        """:meth:`GradioClient.takes` of the replicas (they serve one app)."""
+        return self.replicas[0].client.takes(role)
 
     def _order(self) -> List[_Replica]:
         """The replicas to try, in order: the healthy ones round-robin, then the rest."""
@@ -2803,6 +2816,31 @@ class _Held:
         return rest[:cut]
 
 
+class _Budget:
+    """``max_tokens`` kept by the gateway, for an app that cannot limit its answer: the
+    thought and the answer (OpenAI counts both) are cut where they reach it."""
+
+    def __init__(self, limit: int) -> None:
+        self.left = limit
+
+    @property
+    def spent(self) -> bool:
+        return self.left <= 0
+
+    def take(self, text: str) -> str:
+        """What of ``text`` fits: all of it, or its longest start within the budget."""
+        n = estimate_tokens(text)
+        if n <= self.left:
+            self.left -= n
+            return text
+        lo, hi = 0, len(text)                 # a binary search, once, where it is cut
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if estimate_tokens(text[:mid]) <= self.left else (lo, mid - 1)
+        self.left = 0
+        return text[:lo].rstrip()
+
+
 class _Generation:
     """Runs ``n`` upstream calls for one request and yields their pieces interleaved.
 
@@ -2894,28 +2932,30 @@ class _Generation:
             raise
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
         marks = len(self.thought[index]), len(self.answer[index])     # this reply's start
+        budget = _Budget(s.max_tokens) if s.max_tokens and not self.client.takes(
+            "max_tokens") else None           # an app that cannot limit its answer
         try:
-            for update in upstream:
-                html_text, final, appended = update
-                if appended:
-                    thought, answer = cleaner.append(html_text)
-                else:
-                    thought, answer = cleaner.update(html_text, final)
+            for html_text, final, appended in upstream:
+                thought, answer = cleaner.append(html_text) if appended else \
+                    cleaner.update(html_text, final)
+                thought = budget.take(thought) if budget and thought else thought
                 if thought:
                     self.thought[index].append(thought)
                     yield _Piece(index, "reasoning", thought)
                 text = cutter.feed(answer) if answer else ""
+                text = budget.take(text) if budget and text else text
                 if text:
                     self.answer[index].append(text)
                     yield _Piece(index, "content", text)
-                if cutter.stopped or self._closed.is_set():
+                if cutter.stopped or self._closed.is_set() or (budget and budget.spent):
                     break
             text = cutter.flush()
+            text = budget.take(text) if budget and text else text
             if text:
                 self.answer[index].append(text)
                 yield _Piece(index, "content", text)
-            yield _Piece(index, "finish", "length" if self._used_up(index, marks)
-                         and not cutter.stopped else "stop")
+            cut = budget.spent if budget else self._used_up(index, marks)
+            yield _Piece(index, "finish", "length" if cut and not cutter.stopped else "stop")
         finally:
             upstream.close()
 
@@ -4612,7 +4652,7 @@ def _json_body(raw: bytes) -> Any:
 
 def _shutting_down() -> "ServerOverloadedError":
     return ServerOverloadedError("the server is shutting down; the stream was cut off "
-                                 "after the grace period")
+                                 "after the grace period", code="server_shutting_down")
 
 
 # The error code of each status the request head can be refused with.
@@ -5748,6 +5788,8 @@ def _bench_level(args: Any, conc: int, url: str, direct: Any, gateway_pid: int) 
 
 def _config_from_args(args: Any) -> Config:
     """A :class:`Config` from parsed flags, the environment and the defaults."""
+    if getattr(args, "demo", None) and getattr(args, "upstream", None):
+        raise ValueError("--demo and --upstream each name the upstream: give one of them")
     return Config.load(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)})
 
 
@@ -5929,6 +5971,9 @@ def _cmd_chat(args: Any) -> int:
                                  protocol=config.protocol)
         cleanup.append(client.close)
         history: List[Dict[str, str]] = []
+        if "log_level" not in vars(args):   # a failure is said once, as "error: ...", not
+            cleanup.append(functools.partial(_log.setLevel, _log.level))   # also as the
+            _log.setLevel(logging.ERROR)     # replica's warning
         if args.prompt:
             _chat_turn(client, history, " ".join(args.prompt), args)
             return 0
@@ -5936,6 +5981,11 @@ def _cmd_chat(args: Any) -> int:
             __import__("readline")          # line editing and history for input(), where it exists
         except ImportError:
             pass
+        if isinstance(client._backend, _Backend):       # the app answers, or we say so now
+            for upstream in client._backend.clients():
+                upstream.discover()
+        else:
+            client.models.list()
         print("Chatting with %s at %s. %s." % (config.model, client.base_url, _CHAT_HELP),
               file=sys.stderr)
         while True:
@@ -5952,8 +6002,9 @@ def _cmd_chat(args: Any) -> int:
             if line == "/reset":
                 history.clear()
                 print("(conversation forgotten)", file=sys.stderr)
-            elif line in ("/help", "/?"):
-                print(_CHAT_HELP, file=sys.stderr)
+            elif line in ("/help", "/?") or re.match(r"/\w*$", line):
+                print(("" if line in ("/help", "/?") else "unknown command %s; " % line)
+                      + _CHAT_HELP, file=sys.stderr)
             elif line:
                 try:
                     _chat_turn(client, history, line, args)
@@ -6088,7 +6139,7 @@ def _parser() -> Any:
     log_level = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     log_level.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS,
                            help="default: INFO")
-    parser.add_argument("--log-level", choices=levels, default="INFO",
+    parser.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS,
                         help="default: INFO (also after the command)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -6147,7 +6198,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(message)s")
+    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
+                        format="%(asctime)s %(levelname)s %(message)s")
     try:
         return args.func(args)
     except BharatGenError as exc:

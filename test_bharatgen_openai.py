@@ -2155,6 +2155,38 @@ class PlainChatInterface(FakeGradio):
         return super()._inputs()[:2]
 
 
+class MaxTokensTests(unittest.TestCase):
+    def test_an_app_with_no_max_tokens_input_is_cut_by_the_gateway(self):
+        demo = PlainChatInterface(token_delay=0.005).start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        for stream in (False, True):
+            status, _, body = chat(gw, "300 words", stream=stream, max_tokens=5)
+            if stream:
+                events = sse_events(body)[:-1]
+                thought, text = streamed_text(events, "reasoning_content"), streamed_text(events)
+                finish = events[-1]["choices"][0]["finish_reason"]
+            else:
+                choice = json.loads(body)["choices"][0]
+                thought, text = choice["message"]["reasoning_content"], choice["message"]["content"]
+                finish = choice["finish_reason"]
+            self.assertEqual((status, finish), (200, "length"))
+            self.assertEqual(thought, "The user said: 300")         # 5 tokens, no more
+            self.assertEqual(text, "")
+            self.assertEqual(bg.estimate_tokens(thought) + bg.estimate_tokens(text), 5)
+        deadline = time.monotonic() + TIMEOUT            # the app's job was stopped at the cut
+        while len(demo.cancels) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(demo.cancels), 2)
+        status, _, body = chat(gw, "300 words", max_tokens=30)
+        choice = json.loads(body)["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"]["content"]), (
+            "length", bg._demo_reply("300 words", [], "", [0] * 4)[1][:len(choice["message"]["content"])]))
+        self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 30)
+        choice = json.loads(chat(gw, "Say hello", max_tokens=30)[2])["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"]["content"]), ("stop", HELLO))
+
+
 class FoldingTests(unittest.TestCase):
     def test_a_system_prompt_the_app_has_no_input_for_is_folded_into_the_message(self):
         demo = PlainChatInterface().start()
@@ -2163,7 +2195,7 @@ class FoldingTests(unittest.TestCase):
         messages = [{"role": "system", "content": "Be terse."},
                     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
                     {"role": "user", "content": "Say hello"}]
-        status, _, body = chat(gw, messages, temperature=0.2, max_tokens=10)
+        status, _, body = chat(gw, messages, temperature=0.2, max_tokens=100)
         self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
                          (200, HELLO))
         self.assertEqual(demo.calls[-1], ["System: Be terse.\n\nUser: Hi\n\nAssistant: Hello!"
@@ -5192,7 +5224,7 @@ class UsabilityTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 8)
         self.assertIn("stopping now: cutting off the streams", err)
         events = sse_events(result[0][2])
-        self.assertEqual((events[-2]["error"]["code"], events[-1]), ("server_overloaded", "[DONE]"))
+        self.assertEqual((events[-2]["error"]["code"], events[-1]), ("server_shutting_down", "[DONE]"))
 
     def test_a_port_in_use_is_one_line_and_exit_2(self):
         taken = socket.socket()
@@ -5319,12 +5351,16 @@ class UsabilityTests(unittest.TestCase):
         until(">>> ")
         os.write(fd, b"/help\r")
         until("Ctrl-C stops an answer")
+        os.write(fd, b"/nope\r")                       # not sent to the model
+        until("unknown command /nope; /reset forgets the conversation")
         os.write(fd, b"2000 words\r")
         until("Param is a bilingual")
         os.write(fd, b"\x03")                          # Ctrl-C: this answer only
         until("[stopped]")
         os.write(fd, b"[[error]]\r")
         until("error: the Gradio app reported an error: Model is overloaded, try again")
+        self.assertEqual(("".join(seen).count("Model is overloaded"), "WARNING" in "".join(seen)),
+                         (1, False))                    # said once
         os.write(fd, b"Say hello\r")
         until(HELLO + "\r\n>>> ")
         os.write(fd, b"\x04")                          # Ctrl-D leaves
@@ -5335,6 +5371,15 @@ class UsabilityTests(unittest.TestCase):
         self.assertEqual(status, 0)                     # exited, with 0
         self.assertIn("\x1b[2mThe user said: Say hello. Let me think step by step.\x1b[0m\r\n\r\n"
                       + HELLO, "".join(seen))           # the colours reset after the thought
+
+
+    def test_chat_with_a_dead_upstream_says_so_before_the_first_prompt(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            bg.main(["chat", "--upstream", "http://127.0.0.1:9"])
+        self.assertEqual((str(cm.exception), err.getvalue()), (
+            "error: cannot reach the Gradio app at http://127.0.0.1:9: [Errno 111] Connection "
+            "refused", ""))
 
 
 class _RealClientBase(unittest.TestCase):
@@ -6456,6 +6501,15 @@ class CLITests(unittest.TestCase):
             bg.main(["info", "--upstream", gw.url + "/v1"])
         self.assertEqual(str(cm.exception), "info: %s/v1 does not answer as a Gradio app: "
                          "neither /config nor /info describes one" % gw.url)
+        with self.assertRaises(bg.UpstreamError) as cm:         # the gateway's root, not /v1
+            bg.BharatGenOpenAI(gw.url).chat.completions.create(messages=[{"role": "user",
+                                                                          "content": "Hi"}])
+        self.assertEqual(cm.exception.message, "%s does not answer as a Gradio app: neither "
+                         "/config nor /info describes one; it answers as an OpenAI API: did you "
+                         "mean %s/v1?" % (gw.url, gw.url))
+        with self.assertRaises(SystemExit) as cm:
+            bg.main(["serve", "--demo", "--upstream", gw.url])
+        self.assertEqual(cm.exception.code, 2)
 
     def test_bad_flag_values_exit_with_a_message(self):
         err = io.StringIO()
