@@ -5382,6 +5382,31 @@ class UsabilityTests(unittest.TestCase):
             "refused", ""))
 
 
+class ReadmeTests(unittest.TestCase):
+    def test_every_python_block_runs_as_pasted(self):
+        """Against ``serve``'s address and the demo upstream's (the README's placeholders);
+        a block that needs a package CI installs runs where it is installed."""
+        import importlib.util
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url)
+        blocks = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text("utf-8"), re.S)
+        self.assertGreaterEqual(len(blocks), 5)
+        for block in blocks:
+            with self.subTest(block=block.split("\n")[0]):
+                if "needs a GPU" in block:
+                    continue
+                missing = [m for m in ("openai", "langchain_openai") if re.search(
+                    r"^(from|import) %s\b" % m, block, re.M) and not importlib.util.find_spec(m)]
+                if missing and os.environ.get("BHARATGEN_REQUIRE_EXTRAS") != "1":
+                    self.skipTest("%s is not installed" % missing[0])
+                code = block.replace("http://127.0.0.1:8000", gw.url).replace(
+                    "https://<id>.gradio.live/", demo.url)
+                done = subprocess.run([sys.executable, "-c", code], cwd=str(HERE), timeout=60,
+                                      capture_output=True, text=True)
+                self.assertEqual((done.returncode, done.stderr), (0, ""))
+                self.assertTrue(done.stdout.strip())
+
+
 class _RealClientBase(unittest.TestCase):
     """A demo upstream and a keyed gateway, shared by a class of real-client tests."""
 
@@ -5592,6 +5617,12 @@ class LangChainTests(_RealClientBase):
         self.assertEqual(reply.content, "SYSTEM=Be terse. | HISTORY=" + json.dumps(history, sort_keys=True))
         self.assertEqual(self.llm(stop=["doing"], temperature=0.1).invoke("Say hello").content,
                          "Hello! How are you ")
+
+    def test_the_thought_through_langchain(self):
+        reply = self.llm(use_responses_api=True).invoke("Say hello")    # as the README says
+        thought = [b for b in reply.content if b["type"] == "reasoning"][0]
+        self.assertEqual((thought["content"][0]["text"], reply.text),
+                         (thought_of("Say hello"), HELLO))
 
 
 AFTER_A_TOOL = [{"role": "user", "content": "What is the weather in Pune?"},
