@@ -63,7 +63,8 @@ __all__ = [
     "ChatCompletion", "Choice", "ChatCompletionMessage", "ChatCompletionChunk",
     "ChunkChoice", "ChoiceDelta", "CompletionUsage", "CompletionTokensDetails",
     "ChatCompletionMessageToolCall", "ChoiceDeltaToolCall", "Function",
-    "Model", "ModelList", "Completion", "CompletionChoice",
+    "Model", "ModelList", "Completion", "CompletionChoice", "Embedding", "EmbeddingUsage",
+    "CreateEmbeddingResponse",
     # upstream, SDK, server
     "GradioClient", "BharatGenOpenAI", "AsyncBharatGenOpenAI", "Stream", "AsyncStream",
     "Config", "GatewayServer", "DemoUpstream", "main",
@@ -81,6 +82,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -99,6 +101,7 @@ from html.parser import HTMLParser
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 DEFAULT_MODEL = "bharatgen-param-17b"      # the id the Param gateway's documents use
+_DEMO_EMBEDDING = "bharatgen-demo-embedding"   # the demo upstream's embedding model
 DEFAULT_ENDPOINT = "chat_fn_1"
 DEFAULT_SYSTEM_PROMPT = "You are a helpful AI assistant. You think step-by-step."
 DEFAULT_TEMPERATURE = 0.7
@@ -911,6 +914,30 @@ class ModelList(_Object):
         return iter(self.data)
 
 
+@dataclass
+class Embedding(_Object):
+    """One vector of an embeddings answer: floats, or base64 of little-endian float32s."""
+    index: int = 0
+    embedding: Any = field(default_factory=list)
+    object: str = "embedding"
+
+
+@dataclass
+class EmbeddingUsage(_Object):
+    """The tokens an embeddings request took."""
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+
+
+@dataclass
+class CreateEmbeddingResponse(_Object):
+    """The answer of ``/v1/embeddings``."""
+    data: List[Embedding] = field(default_factory=list)
+    model: str = DEFAULT_MODEL
+    object: str = "list"
+    usage: EmbeddingUsage = field(default_factory=EmbeddingUsage)
+
+
 def _new_id(prefix: str) -> str:
     return prefix + os.urandom(12).hex()
 
@@ -955,6 +982,7 @@ class _AppInfo:
     use_queue: bool = False
     send_state: bool = True
     limits: Dict[str, Tuple[float, float]] = field(default_factory=dict)  # role -> slider range
+    embedding: Optional[str] = None        # an endpoint that takes text and returns JSON
 
     @property
     def roles(self) -> List[str]:
@@ -1361,10 +1389,10 @@ class _HTTP:
 # -- discovery: what the app offers, from /config and <prefix>/info --------------------------
 
 def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
-              param_names: Dict[str, str], prefix_hint: str) -> _AppInfo:
-    """Read ``/config`` and ``<prefix>/info``: the API prefix, the chat endpoint, its
-    inputs (mapped to OpenAI fields by name, the rest filled with the app's defaults),
-    their ranges, the history format and the protocol."""
+              param_names: Dict[str, str], prefix_hint: str, kind: str = "chat") -> _AppInfo:
+    """Read ``/config`` and ``<prefix>/info``: the API prefix, the chat (or embedding)
+    endpoint, its inputs (mapped to OpenAI fields by name, the rest filled with the
+    app's defaults), their ranges, the history format and the protocol."""
     status, config = http.json("GET", "/config")
     if status in (401, 403):
         raise UpstreamError("the Gradio app at %s refused access (HTTP %d); for a private "
@@ -1382,7 +1410,14 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
                             "API: did you mean %s/v1?" % http.shown if isinstance(openai, dict) and (
                                 isinstance(openai.get("data"), list) or "invalid_api_key" in str(
                                     openai.get("error"))) else ""))
-    endpoint = endpoint or _pick_endpoint(named)
+    embedding = ([n for n, e in named.items() if [p.get("component") for p in e.get(
+        "parameters") or []] in (["Textbox"], ["Json"]) and [r.get("component") for r in e.get(
+            "returns") or []] == ["Json"]] + [None])[0]  # text (or a list) in, numbers out
+    if kind == "embedding" and not (endpoint or embedding):
+        raise NotFoundError("the Gradio app at %s has no endpoint that takes text and returns "
+                            "JSON (embeddings); name one with 'endpoint'" % http.shown,
+                            param="model", code="model_not_found")
+    endpoint = endpoint or (embedding if kind == "embedding" else _pick_endpoint(named))
     parameters = list(named.get(endpoint, {}).get("parameters") or [])
     deps = [(d.get("id", i), d) for i, d in enumerate(config.get("dependencies") or [])
             if isinstance(d, dict) and d.get("api_name") == endpoint][:1]
@@ -1403,6 +1438,7 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
                     endpoint=endpoint, history_format=_history_format(parameters, numbers[0]),
                     inputs=inputs, parameters=parameters, fn_index=fn_index,
                     use_queue=use_queue, limits=_limits(inputs, parameters, props),
+                    embedding=embedding,
                     send_state=use_queue or numbers < (6, 18))  # /call wants State placeholders
 
 
@@ -1493,6 +1529,18 @@ def _history(history: Sequence[Tuple[str, str]], fmt: str) -> List[Any]:
 
 # -- calling: a job joined, its events streamed, cancelled if left unfinished --------------
 
+def _vector(value: Any) -> List[float]:
+    """An embedding as an app returns it: a list of at most 65,536 finite numbers (or a
+    list holding one such list)."""
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], list):
+        value = value[0]
+    if not isinstance(value, list) or not 0 < len(value) <= 65536 or not all(
+            type(x) in (int, float) and math.isfinite(x) for x in value):
+        raise UpstreamError("the Gradio app's embedding is not a list of numbers: %s"
+                            % json.dumps(value)[:100])
+    return [float(x) for x in value]
+
+
 @dataclass
 class _Progress:
     """How far one upstream job has come."""
@@ -1515,7 +1563,7 @@ class GradioClient:
                  first_event_timeout: Optional[float] = None, protocol: str = "auto",
                  param_names: Optional[Dict[str, str]] = None,
                  hf_token: Optional[str] = None, max_event_bytes: int = MAX_EVENT_BYTES,
-                 max_body: int = MAX_UPSTREAM_BODY) -> None:
+                 max_body: int = MAX_UPSTREAM_BODY, kind: str = "chat") -> None:
         if protocol not in PROTOCOLS:
             raise ValueError("protocol must be one of %s, not %r" % (", ".join(PROTOCOLS), protocol))
         url = _normalize_base_url(base_url)
@@ -1524,7 +1572,7 @@ class GradioClient:
                           is not None or not hf_host else os.environ.get("HF_TOKEN"))
         self.base_url, self.endpoint = self.http.shown, endpoint.strip("/") if endpoint else None
         self.timeout, self.first_event_timeout = timeout, first_event_timeout or timeout
-        self.protocol, self.param_names = protocol, dict(param_names or {})
+        self.protocol, self.param_names, self.kind = protocol, dict(param_names or {}), kind
         self.max_event_bytes = max_event_bytes
         self._prefix_hint = "/gradio_api" if base_url.rstrip("/").endswith("/gradio_api") else ""
         self._info: Optional[_AppInfo] = None
@@ -1555,7 +1603,7 @@ class GradioClient:
         if first:
             try:
                 found.append(_discover(self.http, self.endpoint, self.protocol,
-                                       self.param_names, self._prefix_hint))
+                                       self.param_names, self._prefix_hint, self.kind))
             except BharatGenError as exc:
                 found.append(exc)
             with self._lock:
@@ -1595,6 +1643,35 @@ class GradioClient:
         progress = _Progress()
         updates = self._queue_updates if info.use_queue else self._call_updates
         return updates(self._job(info, data, progress), progress)
+
+    def embed(self, texts: Sequence[str]) -> List[List[float]]:
+        """The app's vectors of ``texts``: one call with the list when its endpoint takes
+        JSON, else one call a text, eight at a time."""
+        info = self.discover()
+        if info.parameters and info.parameters[0].get("component") == "Json":
+            vectors = self._output(info, [list(texts)])
+            if not isinstance(vectors, list) or len(vectors) != len(texts):
+                raise UpstreamError("the Gradio app answered %d texts with %s" % (
+                    len(texts), json.dumps(vectors)[:100]))
+        else:
+            import concurrent.futures
+            with concurrent.futures.ThreadPoolExecutor(min(8, len(texts))) as pool:
+                vectors = list(pool.map(lambda text: self._output(
+                    info, self._data(info, text, (), {}, [])), texts))
+        return [_vector(v) for v in vectors]
+
+    def _output(self, info: _AppInfo, data: List[Any]) -> Any:
+        """The last output (its first value) of one job of an endpoint that is not a chat."""
+        progress, value = _Progress(), None
+        parse = self._queue_updates if info.use_queue else self._call_updates
+        updates = parse(self._job(info, data, progress), progress, lambda output: output[0]
+                        if isinstance(output, list) and output else output)
+        try:
+            for value, _, _ in updates:
+                pass
+            return value
+        finally:
+            updates.close()
 
     def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
               values: Dict[str, Any], files: Sequence[Dict[str, Any]]) -> List[Any]:
@@ -1739,9 +1816,11 @@ class GradioClient:
                 self._cancel(info, session, event_id)
 
     @staticmethod
-    def _call_updates(events: Iterator[Tuple[str, str]],
-                      progress: _Progress) -> Iterator[Tuple[str, bool, bool]]:
-        """The ``/call`` API's updates: each event holds the whole output."""
+    def _call_updates(events: Iterator[Tuple[str, str]], progress: _Progress,
+                      reply: Callable[[Any], Any] = _reply_from_output
+                      ) -> Iterator[Tuple[Any, bool, bool]]:
+        """The ``/call`` API's updates (``reply`` of each output): each event holds the
+        whole output."""
         try:
             for event, payload in events:
                 if event in ("generating", "complete"):
@@ -1754,7 +1833,7 @@ class GradioClient:
                     if output is None:
                         raise UpstreamError("the Gradio app cancelled the job")
                     progress.done = event == "complete"
-                    yield _reply_from_output(output), progress.done, False
+                    yield reply(output), progress.done, False
                     if progress.done:
                         return
                 elif event == "error":
@@ -1769,8 +1848,9 @@ class GradioClient:
             events.close()          # type: ignore[attr-defined]
 
     @staticmethod
-    def _queue_updates(events: Iterator[Tuple[str, str]],
-                       progress: _Progress) -> Iterator[Tuple[str, bool, bool]]:
+    def _queue_updates(events: Iterator[Tuple[str, str]], progress: _Progress,
+                       reply: Callable[[Any], Any] = _reply_from_output
+                       ) -> Iterator[Tuple[Any, bool, bool]]:
         """The queue protocol's updates: the whole output, then the ``process_generating``
         diffs applied (appends to the reply passed on as they are)."""
         try:
@@ -1800,7 +1880,7 @@ class GradioClient:
                             appended.clear()
                         outputs = [_apply_diff(o, d) for o, d in zip(outputs, got)]
                     path = _reply_path(outputs)
-                    yield _reply_from_output(outputs), False, False
+                    yield reply(outputs), False, False
                 elif kind == "process_completed":
                     progress.done = True
                     output = msg.get("output") or {}
@@ -1808,7 +1888,7 @@ class GradioClient:
                         raise UpstreamError(_upstream_error_message(output))
                     if output.get("data") is None:
                         raise UpstreamError("the Gradio app cancelled the job")
-                    yield _reply_from_output(output["data"]), True, False
+                    yield reply(output["data"]), True, False
                     return
                 elif kind == "unexpected_error":
                     progress.done = True
@@ -1895,16 +1975,23 @@ class _UpstreamPool:
 
     def stream(self, *args: Any, **kwargs: Any) -> Iterator[Tuple[str, bool, bool]]:
         """:meth:`GradioClient.stream` on the first replica that gives output."""
+        return self._first(lambda client: _primed(client.stream(*args, **kwargs)))
+
+    def embed(self, texts: Sequence[str]) -> List[List[float]]:
+        """:meth:`GradioClient.embed` on the first replica that answers."""
+        return self._first(lambda client: client.embed(texts))
+
+    def _first(self, call: Callable[[GradioClient], Any]) -> Any:
         error: Optional[BharatGenError] = None
         for replica in self._order():
             try:
-                updates = _primed(replica.client.stream(*args, **kwargs))
+                result = call(replica.client)
             except (APIConnectionError, UpstreamOverloadedError) as exc:
                 self._mark(replica, exc)
                 error = exc
                 continue
             self._mark(replica, None)
-            return updates
+            return result
         assert error is not None
         raise error
 
@@ -3232,13 +3319,17 @@ class _ModelRoute:
     pool: _UpstreamPool
     system_prompt: Optional[str] = None
     display_name: Optional[str] = None
+    kind: str = "chat"                    # or "embedding"
+    truncate: bool = False                # an embedding's vectors may be cut (dimensions)
 
 
 def _load_models(config: Config) -> List[_ModelRoute]:
     """The served models: from ``models_file`` (JSON) if given, else the one in ``config``.
 
     The file: ``{"models": [{"id", "upstreams": [url, ...], "endpoint", "protocol",
-    "params": {openai_field: app_parameter}, "system_prompt", "display_name"}]}``.
+    "params": {openai_field: app_parameter}, "system_prompt", "display_name", "kind":
+    "chat" | "embedding", "truncate": bool}]}``.  The demo upstream serves an embedding
+    model beside its chat one.
     """
     def pool(urls: Any, spec: Dict[str, Any]) -> _UpstreamPool:
         urls = [urls] if isinstance(urls, str) else urls
@@ -3249,13 +3340,15 @@ def _load_models(config: Config) -> List[_ModelRoute]:
             protocol=spec.get("protocol") or config.protocol, timeout=config.timeout,
             connect_timeout=config.connect_timeout,
             first_event_timeout=config.first_event_timeout, param_names=spec.get("params"),
-            max_event_bytes=config.max_event_bytes, max_body=config.max_upstream_body)
-            for u in urls], backoff=config.backoff)
+            max_event_bytes=config.max_event_bytes, max_body=config.max_upstream_body,
+            kind=spec.get("kind") or "chat") for u in urls], backoff=config.backoff)
 
     if not config.models_file:
         if not config.upstream:
             raise ValueError("no upstream: give base_url / --upstream, or set BHARATGEN_BASE_URL")
-        return [_ModelRoute(config.model, pool(config.upstream, {}), config.system_prompt)]
+        demo = [_ModelRoute(_DEMO_EMBEDDING, pool(config.upstream, {"kind": "embedding"}),
+                            kind="embedding", truncate=True)] if config.demo else []
+        return [_ModelRoute(config.model, pool(config.upstream, {}), config.system_prompt)] + demo
     try:
         with open(config.models_file, encoding="utf-8") as f:
             spec = json.load(f)
@@ -3268,9 +3361,12 @@ def _load_models(config: Config) -> List[_ModelRoute]:
     for m in models:
         if not isinstance(m, dict) or not isinstance(m.get("id"), str):
             raise ValueError("each model in %s needs an 'id'" % config.models_file)
+        if m.get("kind", "chat") not in ("chat", "embedding"):
+            raise ValueError("model %r: 'kind' is 'chat' or 'embedding'" % m["id"])
         routes.append(_ModelRoute(m["id"], pool(m.get("upstreams") or m.get("upstream"), m),
                                   m.get("system_prompt", config.system_prompt),
-                                  m.get("display_name")))
+                                  m.get("display_name"), m.get("kind", "chat"),
+                                  m.get("truncate") is True))
     return routes
 
 
@@ -3457,7 +3553,54 @@ class _Backend:
         if model is not None and not isinstance(model, str):
             raise _bad("'model' must be a string", "model", "invalid_type")
         route = self.routes[self.model(model).id]
+        if route.kind != "chat":
+            raise _bad("%s is an embedding model: ask /v1/embeddings" % route.id, "model",
+                       "model_not_supported")
         return getattr(self, "_" + op)(route, body, key)
+
+    def embed(self, body: Any, any_app: bool = False) -> CreateEmbeddingResponse:
+        """``POST /v1/embeddings``: ``input`` a string or up to 2,048, answered as floats or
+        base64.  ``any_app`` (the SDK, in front of one app): a chat model's app is asked."""
+        if not isinstance(body, dict):
+            raise _bad("the request body must be a JSON object", None, "invalid_type")
+        model = body.get("model") or next((r.id for r in self.routes.values()
+                                           if r.kind == "embedding"), None)
+        route = self.routes[self.model(model if isinstance(model, str) else None).id]
+        pool = route.pool
+        if route.kind != "embedding":
+            if not any_app:
+                raise NotFoundError("%s is a chat model and serves no embeddings" % route.id,
+                                    param="model", code="model_not_found")
+            pool = _UpstreamPool([GradioClient(u, kind="embedding", timeout=self.config.timeout,
+                                               connect_timeout=self.config.connect_timeout)
+                                  for u in self.config.upstream])
+        texts = [body.get("input")] if isinstance(body.get("input"), str) else body.get("input")
+        if isinstance(texts, list) and texts and all(type(t) is int or isinstance(t, list)
+                                                    for t in texts):
+            raise _bad("'input' holds token ids; this server embeds text: send strings (for "
+                       "LangChain's OpenAIEmbeddings, check_embedding_ctx_length=False)", "input")
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+            raise _bad("'input' must be a string or a non-empty list of strings", "input",
+                       "invalid_type")
+        if len(texts) > 2048 or sum(map(len, texts)) > self.config.max_chars:
+            raise _bad("the input is more than this server takes (2048 texts, %d characters)"
+                       % self.config.max_chars, "input", "context_length_exceeded")
+        fmt, dims = body.get("encoding_format") or "float", _number(body, "dimensions", 1,
+                                                                   65536, integer=True)
+        if fmt not in ("float", "base64"):
+            raise _bad("'encoding_format' must be 'float' or 'base64'", "encoding_format")
+        if dims is not None and not route.truncate:
+            raise _bad("%s does not take 'dimensions': its vectors are as long as its app makes "
+                       "them" % route.id, "dimensions", "unsupported_parameter")
+        vectors = pool.embed(texts)
+        if dims is not None:                           # cut short, then of length 1 again
+            vectors = [[x / (math.sqrt(sum(y * y for y in v[:dims])) or 1.0) for x in v[:dims]]
+                       for v in vectors]
+        import struct
+        n = sum(map(estimate_tokens, texts))
+        return CreateEmbeddingResponse([Embedding(i, v if fmt == "float" else base64.b64encode(
+            struct.pack("<%df" % len(v), *v)).decode()) for i, v in enumerate(vectors)],
+            route.id, usage=EmbeddingUsage(n, n))
 
     def _generation(self, route: _ModelRoute, conv: _Conversation, sampling: _Sampling,
                     shape: Optional[_Shape], key: Optional[str], kind: str,
@@ -3815,7 +3958,8 @@ class _Attrs(dict):
 # whole answer are, and the argument ``create()`` must have.
 _OPERATIONS = {"chat": ("/chat/completions", ChatCompletionChunk, ChatCompletion, "messages"),
                "completions": ("/completions", Completion, Completion, "prompt"),
-               "responses": ("/responses", _Attrs, _Attrs, "input")}
+               "responses": ("/responses", _Attrs, _Attrs, "input"),
+               "embeddings": ("/embeddings", None, CreateEmbeddingResponse, "input")}
 _STATUS_ERRORS = {400: BadRequestError, 401: AuthenticationError, 403: PermissionDeniedError,
                   404: NotFoundError, 405: MethodNotAllowedError, 408: RequestTimeoutError,
                   413: RequestTooLargeError, 429: RateLimitError, 503: ServerOverloadedError}
@@ -3889,6 +4033,10 @@ class _OpenAIBackend:
         return _Answer([], iter([_from_dict(whole, self._json("POST", path, body))]), False,
                        next, _Reasoning("separate"))
 
+    def embed(self, body: Dict[str, Any], any_app: bool = True) -> CreateEmbeddingResponse:
+        return _from_dict(CreateEmbeddingResponse, self._json("POST", "/embeddings", dict(
+            body, model=body.get("model") or self.model)))
+
     def models(self) -> ModelList:
         return _from_dict(ModelList, self._json("GET", "/models"))
 
@@ -3914,7 +4062,10 @@ class _Resource:
                 self._op or "", ("", "", "", "?"))[3])
         body = {k: v for k, v in kwargs.items() if v is not None and k not in (
             "extra_body", "extra_headers", "extra_query", "timeout")}
-        answer = self._backend.generate(self._op, dict(body, **kwargs.get("extra_body") or {}))
+        body.update(kwargs.get("extra_body") or {})
+        if self._op == "embeddings":                     # a request in front of one app
+            return self._backend.embed(body, True)
+        answer = self._backend.generate(self._op, body)
         events = self._op == "responses"                 # (name, data) pairs
         if answer.stream:
             return Stream(answer, (lambda e: _Attrs(e[1])) if events else lambda c: c)
@@ -3963,6 +4114,7 @@ class BharatGenOpenAI:
         self.chat.completions = _Resource(backend, "chat")     # type: ignore[attr-defined]
         self.completions = _Resource(backend, "completions")
         self.responses = _Resource(backend, "responses")
+        self.embeddings = _Resource(backend, "embeddings")
 
     def close(self) -> None:
         """Close the upstream connections kept alive between calls."""
@@ -4037,7 +4189,7 @@ class AsyncBharatGenOpenAI:
                  **kwargs: Any) -> None:
         self._sync = BharatGenOpenAI(base_url, api_key, **kwargs)
         self.config, self.base_url = self._sync.config, self._sync.base_url
-        for name in ("chat", "completions", "responses", "models"):
+        for name in ("chat", "completions", "responses", "embeddings", "models"):
             setattr(self, name, _AsyncWrap(getattr(self._sync, name)))
 
     async def close(self) -> None:
@@ -4673,7 +4825,7 @@ class _GatewayHandler(_Handler):
         "/v1/chat/completions": {"POST": "chat"},
         "/v1/completions": {"POST": "completions"},
         "/v1/responses": {"POST": "responses"},
-        "/v1/embeddings": {"POST": "embeddings"},
+        "/v1/embeddings": {"POST": "embed"},
     }
     _public = ("/health", "/")                       # no key asked
     _unlimited = ("/health", "/metrics", "/", "/v1/dashboard")   # no rate limit, no slot, not
@@ -4779,7 +4931,7 @@ class _GatewayHandler(_Handler):
             return path, {"GET": "get_model"}, urllib.parse.unquote(m.group(1))
         raise NotFoundError("Unknown request URL: %s %s. Please check the URL for typos; "
                             "this server serves /v1/chat/completions, /v1/completions, "
-                            "/v1/responses and /v1/models" % (self.command, path[:200]),
+                            "/v1/responses, /v1/embeddings and /v1/models" % (self.command, path[:200]),
                             code="unknown_url")
 
     # -- one request --------------------------------------------------------------------
@@ -4998,11 +5150,8 @@ class _GatewayHandler(_Handler):
     def _op_list_models(self, body: None) -> int:
         return self._respond(self.server.backend.models())
 
-    def _op_embeddings(self, body: Any) -> int:
-        model = body.get("model") if isinstance(body, dict) else None
-        raise NotFoundError("%s is a chat model and serves no embeddings"
-                            % (model if isinstance(model, str) else self.server.backend.default_model),
-                            param="model", code="model_not_found")
+    def _op_embed(self, body: Any) -> int:
+        return self._respond(self.server.backend.embed(body))
 
     def _generate(self, op: str, body: Any) -> int:
         """A generation route: the answer whole, or streamed as server-sent events
@@ -5349,6 +5498,7 @@ class _DemoJob:
     queue: bool
     cancelled: threading.Event = field(default_factory=threading.Event)
     next_at: float = 0.0       # when its next token is due (a steady rate, like a model's)
+    endpoint: str = "chat_fn_1"
 
 
 class _DemoHandler(_Handler):
@@ -5365,7 +5515,7 @@ class _DemoHandler(_Handler):
             self.send_json(200, srv.config_json())
         elif path == srv.prefix + "/info":
             self.send_json(200, srv.info_json())
-        elif m and m.group(1) == srv.endpoint:
+        elif m and m.group(1) in (srv.endpoint, "embed"):
             self._stream(srv.take(m.group(2)), srv.call_events)
         elif path == srv.prefix + "/queue/data" and srv.queue:
             self._stream(srv.take("session:" + session), srv.queue_events)
@@ -5385,12 +5535,14 @@ class _DemoHandler(_Handler):
             return
         call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
         join = path == srv.prefix + "/queue/join" and srv.queue
-        if not (join or (call and call.group(1) == srv.endpoint)):
+        if not (join or (call and call.group(1) in (srv.endpoint, "embed"))):
             self.send_body(500, b"Internal Server Error", "text/plain; charset=utf-8")
             return
         if not isinstance(body, dict) or not isinstance(body.get("data"), list):
             self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
             return
+        body["endpoint"] = "embed" if (call.group(1) if call else body.get("fn_index")) in (
+            "embed", 2) else srv.endpoint
         self.send_json(*srv.submit(body, bool(join), self.headers))
 
     def _stream(self, job: Optional[_DemoJob],
@@ -5470,7 +5622,8 @@ class DemoUpstream(_Server):
         return {"version": self.version, "api_prefix": self.prefix or None,
                 "protocol": "sse_v3" if self.queue else "sse_v1", "enable_queue": True,
                 "title": "bharatgen_openai demo upstream", "components": components,
-                "dependencies": [dict(dep, id=0, api_name="chat_fn"), dep]}
+                "dependencies": [dict(dep, id=0, api_name="chat_fn"), dep, dict(
+                    dep, id=2, api_name="embed", inputs=[9], outputs=[10])]}
 
     def info_json(self) -> Dict[str, Any]:
         """What ``<prefix>/info`` answers: the endpoint's parameters (no State)."""
@@ -5483,14 +5636,17 @@ class DemoUpstream(_Server):
                   for _, kind, name, default in self._inputs() if kind != "state"]
         endpoint = {"parameters": params, "returns": [{"component": "Chatbot"},
                                                      {"component": "Textbox"}]}
-        return {"named_endpoints": {"/" + self.endpoint: endpoint, "/chat_fn": endpoint},
-                "unnamed_endpoints": {}}
+        embed = {"parameters": [{"label": "text", "parameter_name": "text", "component":
+                                 "Textbox", "parameter_has_default": False}],
+                 "returns": [{"component": "Json"}]}       # the demo's embedding model
+        return {"named_endpoints": {"/" + self.endpoint: endpoint, "/chat_fn": endpoint,
+                                    "/embed": embed}, "unnamed_endpoints": {}}
 
     # -- jobs ---------------------------------------------------------------------------
 
     def submit(self, body: Dict[str, Any], queue: bool, headers: Any) -> Tuple[int, Any]:
         """Take a job (``/call`` or ``queue/join``): ``(status, answer)``."""
-        job = _DemoJob(body["data"], os.urandom(16).hex(), queue=queue)
+        job = _DemoJob(body["data"], os.urandom(16).hex(), queue, endpoint=body.get("endpoint"))
         with self.lock:
             self.jobs["session:" + str(body.get("session_hash")) if queue else job.event_id] = job
             while len(self.jobs) > 256:          # never streamed: the oldest are dropped
@@ -5527,6 +5683,10 @@ class DemoUpstream(_Server):
     def _steps(self, job: _DemoJob) -> Iterator[Tuple[str, Any]]:
         """What the app does for a job: ``("output", value)`` updates, then ``("done",
         value)`` (``None`` if cancelled); subclasses add ``("error", message)``."""
+        if job.endpoint == "embed":            # 16 numbers from the text's SHA-256, of length 1
+            raw = [b - 127.5 for b in hashlib.sha256(str(job.data[0]).encode()).digest()[:16]]
+            yield "done", [[x / math.sqrt(sum(y * y for y in raw)) for x in raw]]
+            return
         values = self._values(job)
         message = values.get("message") if isinstance(values.get("message"), str) else ""
         history = values.get("chat_history") or []
@@ -5939,6 +6099,8 @@ def _cmd_info(args: Any) -> int:
                 print("history:        %s" % ("sent as " + info.history_format if info.has_history
                                               else "not an input: folded into the message"))
                 print("openai fields:  %s" % info.mapping())
+                if info.embedding:
+                    print("embeddings:     /%s (text in, JSON numbers out)" % info.embedding)
                 print("inputs:")
                 params = iter(info.parameters)
                 for role, default in info.inputs:

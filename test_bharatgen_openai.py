@@ -2628,7 +2628,7 @@ class GatewayErrorTests(unittest.TestCase):
         self.assert_error(request(self.gw.url, "GET", "/v1/nothing", headers=self.auth), 404,
                           "Unknown request URL: GET /v1/nothing. Please check the URL for typos; "
                           "this server serves /v1/chat/completions, /v1/completions, "
-                          "/v1/responses and /v1/models", code="unknown_url")
+                          "/v1/responses, /v1/embeddings and /v1/models", code="unknown_url")
         headers = self.assert_error(request(self.gw.url, "GET", "/v1/chat/completions",
                                             headers=self.auth), 405,
                                     "GET is not allowed on /v1/chat/completions; use POST",
