@@ -3508,6 +3508,7 @@ class _Backend:
         self.cache = _Cache(config.cache_ttl, config.cache_size, config.cache_bytes) \
             if config.cache_ttl else None
         self.patterns = _Patterns()            # schema patterns are matched in workers
+        self._embedder: Optional[_UpstreamPool] = None   # see embed()
 
     @property
     def default_model(self) -> str:
@@ -3515,7 +3516,9 @@ class _Backend:
 
     def clients(self) -> Iterator[GradioClient]:
         """Every upstream client, of every model."""
-        return (r.client for route in self.routes.values() for r in route.pool.replicas)
+        pools = [route.pool for route in self.routes.values()] + [self._embedder] * bool(
+            self._embedder)
+        return (r.client for pool in pools for r in pool.replicas)  # type: ignore[union-attr]
 
     def close(self) -> None:
         """Close every upstream client's idle connections, and end the pattern workers."""
@@ -3565,15 +3568,19 @@ class _Backend:
             raise _bad("the request body must be a JSON object", None, "invalid_type")
         model = body.get("model") or next((r.id for r in self.routes.values()
                                            if r.kind == "embedding"), None)
+        if any_app and model not in self.routes:      # the SDK: the app's, whatever the name
+            model = None
         route = self.routes[self.model(model if isinstance(model, str) else None).id]
         pool = route.pool
         if route.kind != "embedding":
             if not any_app:
                 raise NotFoundError("%s is a chat model and serves no embeddings" % route.id,
                                     param="model", code="model_not_found")
-            pool = _UpstreamPool([GradioClient(u, kind="embedding", timeout=self.config.timeout,
-                                               connect_timeout=self.config.connect_timeout)
-                                  for u in self.config.upstream])
+            if self._embedder is None:                   # the same app's embedding endpoint
+                self._embedder = _UpstreamPool([GradioClient(
+                    u, kind="embedding", timeout=self.config.timeout,
+                    connect_timeout=self.config.connect_timeout) for u in self.config.upstream])
+            pool = self._embedder
         texts = [body.get("input")] if isinstance(body.get("input"), str) else body.get("input")
         if isinstance(texts, list) and texts and all(type(t) is int or isinstance(t, list)
                                                     for t in texts):

@@ -24,6 +24,7 @@ import pathlib
 import re
 import select
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -1826,6 +1827,9 @@ class FakeGradio(bg.DemoUpstream):
         return {name: value for (_, _, name, _), value in zip(layout, job.data) if name}
 
     def _steps(self, job):
+        if job.endpoint == "embed":
+            yield from super()._steps(job)
+            return
         needed = len(self._inputs()) - (0 if job.queue or self.major < 6 else
                                          sum(1 for x in self._inputs() if x[1] == "state"))
         if len(job.data) < needed:
@@ -2185,6 +2189,76 @@ class MaxTokensTests(unittest.TestCase):
         self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 30)
         choice = json.loads(chat(gw, "Say hello", max_tokens=30)[2])["choices"][0]
         self.assertEqual((choice["finish_reason"], choice["message"]["content"]), ("stop", HELLO))
+
+
+def demo_vector(text):
+    """The demo upstream's embedding of ``text`` (16 numbers from its SHA-256, of length 1)."""
+    raw = [b - 127.5 for b in hashlib.sha256(text.encode()).digest()[:16]]
+    return [x / (sum(y * y for y in raw) ** 0.5) for x in raw]
+
+
+class EmbeddingTests(unittest.TestCase):
+    """/v1/embeddings in front of the demo upstream's embedding endpoint."""
+
+    def setUp(self):
+        self.demo = start_demo(self)
+        self.gw = start_gateway(self, self.demo.url, demo=True)
+
+    def embed(self, **body):
+        status, _, answer = request(self.gw.url, "POST", "/v1/embeddings", body)
+        return status, json.loads(answer)
+
+    def test_floats_base64_and_a_batch(self):
+        status, answer = self.embed(input=["hello", "नमस्ते"])
+        tokens = bg.estimate_tokens("hello") + bg.estimate_tokens("नमस्ते")
+        self.assertEqual((status, answer["model"], answer["object"], answer["usage"]),
+                         (200, "bharatgen-demo-embedding", "list",
+                          {"prompt_tokens": tokens, "total_tokens": tokens}))
+        self.assertEqual([d["embedding"] for d in answer["data"]],
+                         [demo_vector("hello"), demo_vector("नमस्ते")])   # to the last bit
+        status, answer = self.embed(input="hello", encoding_format="base64")
+        self.assertEqual(base64.b64decode(answer["data"][0]["embedding"]),
+                         struct.pack("<16f", *demo_vector("hello")))
+        status, answer = self.embed(input="hello", dimensions=4)
+        cut = demo_vector("hello")[:4]
+        self.assertEqual(answer["data"][0]["embedding"],
+                         [x / sum(y * y for y in cut) ** 0.5 for x in cut])
+        self.assertEqual([len(d["embedding"]) for d in self.embed(input=["x"] * 40)[1]["data"]],
+                         [16] * 40)
+
+    def test_what_is_refused(self):
+        for body, status, param, message in [
+                ({"input": [[15339, 1917]]}, 400, "input", "'input' holds token ids; this server "
+                 "embeds text: send strings (for LangChain's OpenAIEmbeddings, "
+                 "check_embedding_ctx_length=False)"),
+                ({"input": [1, 2]}, 400, "input", "'input' holds token ids; this server embeds "
+                 "text: send strings (for LangChain's OpenAIEmbeddings, "
+                 "check_embedding_ctx_length=False)"),
+                ({"input": []}, 400, "input", "'input' must be a string or a non-empty list of "
+                 "strings"),
+                ({"input": ["x"] * 2049}, 400, "input", "the input is more than this server takes "
+                 "(2048 texts, 1000000 characters)"),
+                ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format",
+                 "'encoding_format' must be 'float' or 'base64'"),
+                ({"input": "x", "model": bg.DEFAULT_MODEL}, 404, "model",
+                 "bharatgen-param-17b is a chat model and serves no embeddings")]:
+            with self.subTest(body=str(body)[:60]):
+                got, answer = self.embed(**body)
+                self.assertEqual((got, answer["error"]["param"], answer["error"]["message"]),
+                                 (status, param, message))
+        status, _, answer = chat(self.gw, "Say hello", model="bharatgen-demo-embedding")
+        self.assertEqual((status, json.loads(answer)["error"]["message"]), (
+            400, "bharatgen-demo-embedding is an embedding model: ask /v1/embeddings"))
+
+    def test_the_sdk_against_the_app_and_against_the_gateway(self):
+        with bg.BharatGenOpenAI(self.demo.url) as client:
+            reply = client.embeddings.create(input=["a", "b"], model="anything")
+        self.assertEqual([d.embedding for d in reply.data], [demo_vector("a"), demo_vector("b")])
+        with bg.BharatGenOpenAI(self.gw.url + "/v1") as client:
+            reply = client.embeddings.create(input="a", model="bharatgen-demo-embedding")
+        self.assertEqual((reply.data[0].embedding, reply.usage.total_tokens), (demo_vector("a"), 1))
+        with bg.BharatGenOpenAI(self.gw.url + "/v1") as client, self.assertRaises(bg.NotFoundError):
+            client.embeddings.create(input="a", model=bg.DEFAULT_MODEL)
 
 
 class FoldingTests(unittest.TestCase):
@@ -5388,7 +5462,7 @@ class ReadmeTests(unittest.TestCase):
         a block that needs a package CI installs runs where it is installed."""
         import importlib.util
         demo = start_demo(self)
-        gw = start_gateway(self, demo.url)
+        gw = start_gateway(self, demo.url, demo=True)        # as serve --demo: its embeddings
         blocks = re.findall(r"```python\n(.*?)```", (HERE / "README.md").read_text("utf-8"), re.S)
         self.assertGreaterEqual(len(blocks), 5)
         for block in blocks:
@@ -6041,6 +6115,68 @@ class BrowserTests(unittest.TestCase):
 
 
 @needs("gradio")
+@needs("gradio")
+@needs("openai")
+class RealEmbeddingTests(unittest.TestCase):
+    """A real Gradio app that computes vectors (one text at a time, or a list), behind the
+    gateway, through the openai SDK (floats, and its default base64) and LangChain."""
+
+    @staticmethod
+    def vector(text):
+        import math
+        return [math.sin(len(text) + i) / 3.0 for i in range(8)]
+
+    def setUp(self):
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        import gradio as gr
+        import warnings
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        self.addCleanup(caught.__exit__, None, None, None)
+        warnings.filterwarnings("ignore", module=r"gradio\.")
+        with gr.Blocks() as one:
+            box, out = gr.Textbox(), gr.JSON()
+            box.submit(self.vector, box, out, api_name="embed")
+        with gr.Blocks() as many:
+            texts, out = gr.JSON(), gr.JSON()
+            texts.change(lambda ts: [self.vector(t) for t in ts], texts, out, api_name="embed_all")
+        models = {"models": [{"id": "one", "kind": "embedding", "upstreams": [_launch(self, gr, one)]},
+                             {"id": "many", "kind": "embedding", "upstreams": [_launch(self, gr, many)]}]}
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(models, f)
+        self.addCleanup(os.unlink, f.name)
+        self.gw = bg.GatewayServer(bg.Config(models_file=f.name, port=0, timeout=30)).start()
+        self.addCleanup(self.gw.stop)
+
+    def test_the_openai_sdk_and_langchain(self):
+        import openai
+        client = openai.OpenAI(base_url=self.gw.url + "/v1", api_key="x", max_retries=0)
+        texts = ["a", "Param", "नमस्ते दुनिया"]
+        for model in ("one", "many"):
+            floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
+            self.assertEqual([d.embedding for d in floats.data], [self.vector(t) for t in texts])
+            default = client.embeddings.create(model=model, input=texts)    # base64 asked
+            self.assertEqual([d.embedding for d in default.data],
+                             [list(struct.unpack("<8f", struct.pack("<8f", *self.vector(t))))
+                              for t in texts])
+            raw = json.loads(request(self.gw.url, "POST", "/v1/embeddings", {
+                "model": model, "input": texts, "encoding_format": "base64"})[2])
+            self.assertEqual([base64.b64decode(d["embedding"]) for d in raw["data"]],
+                             [struct.pack("<8f", *self.vector(t)) for t in texts])
+        try:
+            from langchain_openai import OpenAIEmbeddings
+        except ImportError:
+            if os.environ.get("BHARATGEN_REQUIRE_EXTRAS") == "1":
+                raise
+            return
+        lc = OpenAIEmbeddings(base_url=self.gw.url + "/v1", api_key="x", model="one",
+                              check_embedding_ctx_length=False)        # as the README says
+        as32 = [list(struct.unpack("<8f", struct.pack("<8f", *self.vector(t)))) for t in texts]
+        self.assertEqual(lc.embed_documents(texts), as32)          # it asks for base64
+        self.assertEqual(lc.embed_query("Param"), as32[1])
+
+
 class RealGradioTests(unittest.TestCase):
     """The gateway in front of a real Gradio server running a Param-shaped app."""
 
