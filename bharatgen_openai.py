@@ -687,6 +687,25 @@ _INDIC_CHARS_PER_TOKEN = (
 )
 
 
+class _Estimate:
+    """The token counter when the model's tokenizer is not given: :func:`estimate_tokens`."""
+
+    name = "estimate"
+
+    @staticmethod
+    def count(text: str) -> int:
+        return estimate_tokens(text)
+
+    @staticmethod
+    def cut(text: str, n: int) -> str:
+        """The longest start of ``text`` of at most ``n`` tokens (a binary search)."""
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if estimate_tokens(text[:mid]) <= n else (lo, mid - 1)
+        return text[:lo]
+
+
 def estimate_tokens(text: str) -> int:
     """Estimate how many tokens ``text`` takes, by script; far closer than ``len/4``.
 
@@ -2086,7 +2105,8 @@ _GO_ON_FORMAT = "Give your last reply again, in the output format."
 
 
 def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 << 30,
-                  max_chars: int = 1 << 62, shaped: bool = False) -> _Conversation:
+                  max_chars: int = 1 << 62, shaped: bool = False,
+                  count: Callable[[str], int] = estimate_tokens) -> _Conversation:
     """Validate OpenAI ``messages`` and map them onto (system, history, message).
 
     System and developer messages, wherever they stand, are joined into the system
@@ -2106,7 +2126,7 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
     tokens, chars = 3, 0
     for i, msg in enumerate(messages):
         role, text = _turn(msg, "%s[%d]" % (param, i), called, turns, images)
-        tokens, chars = tokens + 4 + estimate_tokens(text), chars + len(text)
+        tokens, chars = tokens + 4 + count(text), chars + len(text)
         if chars > max_chars:
             raise _bad("the messages are longer than this server takes (%d characters)" % max_chars,
                        param, "context_length_exceeded")
@@ -2907,25 +2927,22 @@ class _Budget:
     """``max_tokens`` kept by the gateway, for an app that cannot limit its answer: the
     thought and the answer (OpenAI counts both) are cut where they reach it."""
 
-    def __init__(self, limit: int) -> None:
-        self.left = limit
+    def __init__(self, limit: int, counter: Any = _Estimate) -> None:
+        self.left, self.counter = limit, counter
 
     @property
     def spent(self) -> bool:
         return self.left <= 0
 
     def take(self, text: str) -> str:
-        """What of ``text`` fits: all of it, or its longest start within the budget."""
-        n = estimate_tokens(text)
+        """What of ``text`` fits: all of it, or its longest start within the budget (each
+        piece counted alone: a token across two pieces counts twice, never too few)."""
+        n = self.counter.count(text)
         if n <= self.left:
             self.left -= n
             return text
-        lo, hi = 0, len(text)                 # a binary search, once, where it is cut
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if estimate_tokens(text[:mid]) <= self.left else (lo, mid - 1)
-        self.left = 0
-        return text[:lo].rstrip()
+        text, self.left = self.counter.cut(text, self.left).rstrip(), 0
+        return text
 
 
 class _Generation:
@@ -2937,8 +2954,9 @@ class _Generation:
     """
 
     def __init__(self, client: Any, conv: _Conversation, sampling: _Sampling,
-                 system_default: Optional[str], shape: Optional[_Shape] = None) -> None:
-        self.client, self.conv, self.sampling = client, conv, sampling
+                 system_default: Optional[str], shape: Optional[_Shape] = None,
+                 counter: Any = _Estimate) -> None:
+        self.client, self.conv, self.sampling, self.counter = client, conv, sampling, counter
         self.system = conv.system if conv.system is not None else system_default
         self.shape = shape if shape is not None and (shape.calls or shape.fmt) else None
         if self.shape is not None:
@@ -3019,7 +3037,7 @@ class _Generation:
             raise
         cleaner, cutter = _StreamCleaner(), _StopCutter(s.stop)
         marks = len(self.thought[index]), len(self.answer[index])     # this reply's start
-        budget = _Budget(s.max_tokens) if s.max_tokens and not self.client.takes(
+        budget = _Budget(s.max_tokens, self.counter) if s.max_tokens and not self.client.takes(
             "max_tokens") else None           # an app that cannot limit its answer
         try:
             for html_text, final, appended in upstream:
@@ -3059,7 +3077,7 @@ class _Generation:
         finish reason, the answer's usage, the gateway's log and the cache all ask)."""
         key = (id(texts), start, len(texts))
         if key not in self._counts:
-            self._counts[key] = estimate_tokens("".join(texts[start:]))
+            self._counts[key] = self.counter.count("".join(texts[start:]))
         return self._counts[key]
 
     def __iter__(self) -> Iterator[_Piece]:
@@ -3232,6 +3250,9 @@ class Config:
     max_chars: int = 1_000_000
     rate_limit_rpm: int = 0
     rate_limit_streams: int = 0
+    rate_limit_tpm: int = 0
+    tokenizer: Optional[str] = None          # a tokenizer.json: exact token counts
+    context_length: int = 0
     grace: float = 30.0
     log_format: str = "text"
     demo: bool = False
@@ -3321,6 +3342,8 @@ class _ModelRoute:
     display_name: Optional[str] = None
     kind: str = "chat"                    # or "embedding"
     truncate: bool = False                # an embedding's vectors may be cut (dimensions)
+    counter: Any = _Estimate              # counts tokens: the estimate, or a tokenizer
+    context_length: int = 0               # prompt + max_tokens may not pass it (0: no check)
 
 
 def _load_models(config: Config) -> List[_ModelRoute]:
@@ -3414,6 +3437,7 @@ class _Answer:
                  cache: Optional[str] = None) -> None:
         self.gens, self.chunks, self.stream, self.fold = gens, chunks, stream, fold
         self.reasoning, self.cache = reasoning, cache
+        self.counter, self.reserve = "estimate", 0      # who counts its tokens; at most
 
     def whole(self) -> Any:
         """The non-streamed object: the chunks folded."""
@@ -3604,7 +3628,7 @@ class _Backend:
             vectors = [[x / (math.sqrt(sum(y * y for y in v[:dims])) or 1.0) for x in v[:dims]]
                        for v in vectors]
         import struct
-        n = sum(map(estimate_tokens, texts))
+        n = sum(map(route.counter.count, texts))
         return CreateEmbeddingResponse([Embedding(i, v if fmt == "float" else base64.b64encode(
             struct.pack("<%df" % len(v), *v)).decode()) for i, v in enumerate(vectors)],
             route.id, usage=EmbeddingUsage(n, n))
@@ -3614,7 +3638,16 @@ class _Backend:
                     body: Dict[str, Any]) -> Any:
         """The generation of one answer; from the cache (when on) if the same request
         came with the same key."""
-        gen: Any = _Generation(route.pool, conv, sampling, route.system_prompt, shape)
+        gen: Any = _Generation(route.pool, conv, sampling, route.system_prompt, shape,
+                               route.counter)
+        fits = conv.prompt_tokens + (sampling.max_tokens or 0)
+        if route.context_length and fits > route.context_length:
+            raise _bad("This model's maximum context length is %d tokens. However, you "
+                       "requested %d tokens (%d in the messages, %d in the completion); the "
+                       "app's chat template is not counted." % (
+                           route.context_length, fits, conv.prompt_tokens,
+                           sampling.max_tokens or 0), sampling.max_tokens_param
+                       if sampling.max_tokens else "messages", "context_length_exceeded")
         if self.cache is None:
             return gen
         keep = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
@@ -3622,9 +3655,13 @@ class _Backend:
 
     def _answer(self, gens: List[Any], chunks: Iterator[Any], stream: bool,
                 fold: Callable[[Iterator[Any]], Any], reasoning: _Reasoning) -> _Answer:
-        found = [getattr(g, "found", False) for g in gens]
+        found, inner = [getattr(g, "found", False) for g in gens], [getattr(g, "gen", g) for g in gens]
         cache = None if self.cache is None else "miss" if None in found else "hit"
-        return _Answer(gens, chunks, stream, fold, reasoning, cache)
+        answer = _Answer(gens, chunks, stream, fold, reasoning, cache)
+        answer.counter = inner[0].counter.name         # for --rate-limit-tpm: the most it
+        answer.reserve = sum(g.conv.prompt_tokens + g.sampling.n * (   # may take
+            g.sampling.max_tokens or DEFAULT_MAX_TOKENS) for g in inner)
+        return answer
 
     # -- chat completions and legacy completions ----------------------------------------
 
@@ -3632,7 +3669,7 @@ class _Backend:
         """``POST /v1/chat/completions``."""
         shape = _shape(body, self.config.tool_repairs, self.patterns)
         conv = _conversation(body.get("messages"), "messages", self.config.max_messages,
-                             self.config.max_chars, shape.fmt is not None)
+                             self.config.max_chars, shape.fmt is not None, route.counter.count)
         sampling = _sampling(body, ("max_tokens", "max_completion_tokens"))
         stream = shape.streamed = _flag(body, "stream")
         usage = _include_usage(body) or not stream
@@ -3693,7 +3730,7 @@ class _Backend:
                        "most 16 for one request" % (len(prompts), sampling.n,
                                                     len(prompts) * sampling.n), "prompt")
         stream = _flag(body, "stream")
-        gens = [self._generation(route, _Conversation(None, [], p, estimate_tokens(p)), sampling,
+        gens = [self._generation(route, _Conversation(None, [], p, route.counter.count(p)), sampling,
                                  None, key, "completions", dict(body, prompt=p)) for p in prompts]
         reasoning = _Reasoning("inline" if self.config.reasoning == "inline" else "none")
         chunks = self._completion_chunks(gens, prompts, _flag(body, "echo"), route.id,
@@ -3746,7 +3783,7 @@ class _Backend:
                              else t for t in tools] if isinstance(tools, list) else tools)
         shape = _shape(chat_body, self.config.tool_repairs, self.patterns)
         conv = _conversation(_response_messages(body), "input", self.config.max_messages,
-                             self.config.max_chars, shape.fmt is not None)
+                             self.config.max_chars, shape.fmt is not None, route.counter.count)
         sampling = _sampling(body, ("max_output_tokens",))
         if sampling.n != 1:
             raise _bad("'n' is not a parameter of the Responses API", "n", "unsupported_parameter")
@@ -4283,43 +4320,50 @@ def _duration(seconds: float) -> str:
 
 
 class _RateLimiter:
-    """Per-identity limits: requests a minute (a token bucket) and concurrent streams.
+    """Per-identity limits: a ``unit`` (requests, tokens) a minute, as a token bucket, and
+    concurrent streams.  ``0`` disables a limit.  Identities are key digests (or client
+    addresses when the server has no keys)."""
 
-    ``0`` disables a limit.  Identities are key hashes (or client addresses when the
-    server has no keys).
-    """
-
-    def __init__(self, per_minute: int = 0, streams: int = 0) -> None:
-        self.per_minute, self.streams = per_minute, streams
+    def __init__(self, per_minute: int = 0, streams: int = 0, unit: str = "requests") -> None:
+        self.per_minute, self.streams, self.unit = per_minute, streams, unit
         self._buckets: Dict[str, List[float]] = {}
         self._open: Dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def take(self, who: str, what: str = "requests") -> Dict[str, str]:
-        """Spend one request; the ``x-ratelimit-*`` headers, or :class:`RateLimitError`
-        (``what`` names what is limited in its message)."""
+    def take(self, who: str, n: int = 1, what: Optional[str] = None) -> Dict[str, str]:
+        """Spend ``n``; the ``x-ratelimit-*`` headers, or :class:`RateLimitError` (``what``
+        names what is limited in its message).  ``n`` < 0 gives back what was not used."""
         if not self.per_minute:
             return {}
-        rate, now = self.per_minute / 60.0, time.monotonic()
+        rate, now, full = self.per_minute / 60.0, time.monotonic(), float(self.per_minute)
         with self._lock:
             if len(self._buckets) > 10000:             # forget identities at rest
                 self._buckets = {k: v for k, v in self._buckets.items()
                                  if v[0] + (now - v[1]) * rate < self.per_minute}
-            tokens, last = self._buckets.get(who, [float(self.per_minute), now])
-            tokens = min(float(self.per_minute), tokens + (now - last) * rate)
-            allowed = tokens >= 1
-            if allowed:
-                tokens -= 1
+            tokens, last = self._buckets.get(who, [full, now])
+            tokens = min(full, tokens + (now - last) * rate)
+            allowed = tokens >= n
+            tokens = min(full, tokens - n) if allowed else tokens
             self._buckets[who] = [tokens, now]
-        headers = {"x-ratelimit-limit-requests": str(self.per_minute),
-                   "x-ratelimit-remaining-requests": str(int(tokens)),
-                   "x-ratelimit-reset-requests": _duration((self.per_minute - tokens) / rate)}
+        headers = {"x-ratelimit-limit-" + self.unit: str(self.per_minute),
+                   "x-ratelimit-remaining-" + self.unit: str(int(tokens)),
+                   "x-ratelimit-reset-" + self.unit: _duration((full - tokens) / rate)}
         if not allowed:
-            wait = (1 - tokens) / rate
+            if n > full:
+                raise RateLimitError("Request too large: %d %s, and the limit is %d a minute"
+                                     % (n, self.unit, self.per_minute), headers=headers)
+            wait = (n - tokens) / rate
             raise RateLimitError("Rate limit reached: %d %s per minute; retry in %s"
-                                 % (self.per_minute, what, _duration(wait)),
+                                 % (self.per_minute, what or self.unit, _duration(wait)),
                                  headers=dict(headers, **{"Retry-After": str(max(1, int(wait + 0.999)))}))
         return headers
+
+    def settle(self, who: str, n: int) -> None:
+        """Spend ``n`` more (less, if negative) than was taken: what a request used."""
+        if self.per_minute and n:
+            with self._lock:
+                tokens, last = self._buckets.get(who, [float(self.per_minute), time.monotonic()])
+                self._buckets[who] = [min(float(self.per_minute), tokens - n), last]
 
     def open_stream(self, who: str) -> None:
         """Count one more open stream, or raise :class:`RateLimitError`."""
@@ -4911,8 +4955,9 @@ class _GatewayHandler(_Handler):
         """Headers every response carries: request id, rate limits, CORS."""
         headers = {"x-request-id": self.request_id}
         headers.update(self._extra)
-        if self._answer is not None and self._answer.cache:
-            headers["x-cache"] = self._answer.cache
+        if self._answer is not None:
+            headers["x-token-counter"] = self._answer.counter
+            headers.update({"x-cache": self._answer.cache} if self._answer.cache else {})
         origin = self._cors_origin()
         if origin:
             headers["Access-Control-Allow-Origin"] = origin
@@ -4966,7 +5011,7 @@ class _GatewayHandler(_Handler):
         try:
             self._key, self._admin = srv.keys.identify(self.headers.get("Authorization"))
         except AuthenticationError:
-            srv.failures.take("ip:" + self.client, "requests with a wrong API key")
+            srv.failures.take("ip:" + self.client, 1, "requests with a wrong API key")
             raise
         self._who = "key:" + self._key
 
@@ -5049,6 +5094,8 @@ class _GatewayHandler(_Handler):
     def _finish(self, route: str, status: int, took: float) -> None:
         """Metrics and the access-log line of one request."""
         usage = self._answer.usage() if self._answer else CompletionUsage()
+        if self._answer is not None:
+            self.server.tokens.settle(self._who, usage.total_tokens - self._answer.reserve)
         self.server.metrics.record(
             route, status, took, recent=route not in self._unlimited, ttft=self._ttft,
             error=self._error, key=self._key, tokens=(usage.prompt_tokens, usage.completion_tokens))
@@ -5163,7 +5210,9 @@ class _GatewayHandler(_Handler):
     def _generate(self, op: str, body: Any) -> int:
         """A generation route: the answer whole, or streamed as server-sent events
         (``data: [DONE]`` ends a chat or completion; a response ends with its last event)."""
-        answer = self._answer = self.server.backend.generate(op, body, self._key)
+        answer = self.server.backend.generate(op, body, self._key)
+        self._extra.update(self.server.tokens.take(self._who, answer.reserve))   # tokens a
+        self._answer = answer                    # minute: reserved now, settled in _finish
         answer.chunks = self._while_connected(answer.chunks)
         if not answer.stream:
             whole = answer.whole()
@@ -5312,6 +5361,7 @@ class GatewayServer(_Server):
         self.metrics = _Metrics()
         self.backend = backend or _Backend(config)
         self.limiter = _RateLimiter(config.rate_limit_rpm, config.rate_limit_streams)
+        self.tokens = _RateLimiter(config.rate_limit_tpm, unit="tokens")
         self.failures = _RateLimiter(config.rate_limit_rpm or 60)   # wrong keys, by address
         import ipaddress
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
@@ -6276,6 +6326,12 @@ _SERVE_FLAGS = (
                     "over an eighth of it is not kept"),
     ("rate_limit_rpm", "requests a minute per key (default: none)"),
     ("rate_limit_streams", "concurrent streams per key (default: none)"),
+    ("rate_limit_tpm", "tokens a minute per key: the prompt and max_tokens reserved when a "
+                       "request comes, what it used counted when it ends (default: none)"),
+    ("tokenizer", "the model's tokenizer.json (Hugging Face): exact token counts (default: "
+                  "an estimate)"),
+    ("context_length", "prompt plus max_tokens allowed, in tokens (Param's: 4096; default: "
+                       "no check)"),
     ("grace", "on SIGTERM, seconds to let streams finish (default 30)"),
     ("log_format", "access log format: text (default) or json"),
 )

@@ -6115,7 +6115,6 @@ class BrowserTests(unittest.TestCase):
 
 
 @needs("gradio")
-@needs("gradio")
 @needs("openai")
 class RealEmbeddingTests(unittest.TestCase):
     """A real Gradio app that computes vectors (one text at a time, or a list), behind the
@@ -6177,6 +6176,7 @@ class RealEmbeddingTests(unittest.TestCase):
         self.assertEqual(lc.embed_query("Param"), as32[1])
 
 
+@needs("gradio")
 class RealGradioTests(unittest.TestCase):
     """The gateway in front of a real Gradio server running a Param-shaped app."""
 
