@@ -3371,7 +3371,9 @@ def _load_models(config: Config) -> List[_ModelRoute]:
             raise ValueError("no upstream: give base_url / --upstream, or set BHARATGEN_BASE_URL")
         demo = [_ModelRoute(_DEMO_EMBEDDING, pool(config.upstream, {"kind": "embedding"}),
                             kind="embedding", truncate=True)] if config.demo else []
-        return [_ModelRoute(config.model, pool(config.upstream, {}), config.system_prompt)] + demo
+        return [_ModelRoute(config.model, pool(config.upstream, {}), config.system_prompt,
+                            counter=_counter(config.tokenizer),
+                            context_length=config.context_length)] + demo
     try:
         with open(config.models_file, encoding="utf-8") as f:
             spec = json.load(f)
@@ -3389,8 +3391,16 @@ def _load_models(config: Config) -> List[_ModelRoute]:
         routes.append(_ModelRoute(m["id"], pool(m.get("upstreams") or m.get("upstream"), m),
                                   m.get("system_prompt", config.system_prompt),
                                   m.get("display_name"), m.get("kind", "chat"),
-                                  m.get("truncate") is True))
+                                  m.get("truncate") is True, _counter(m.get(
+                                      "tokenizer", config.tokenizer)), int(m.get(
+                                          "context_length", config.context_length))))
     return routes
+
+
+def _counter(tokenizer: Optional[str]) -> Any:
+    """The token counter of a model: its tokenizer's (a ``tokenizer.json``), or the
+    estimate."""
+    return _Tokenizer.load(tokenizer) if tokenizer else _Estimate
 
 
 class _Reasoning:

@@ -2191,6 +2191,44 @@ class MaxTokensTests(unittest.TestCase):
         self.assertEqual((choice["finish_reason"], choice["message"]["content"]), ("stop", HELLO))
 
 
+class TokenLimitTests(unittest.TestCase):
+    def test_tokens_a_minute_are_reserved_then_settled_with_what_was_used(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, api_keys=["k"], rate_limit_tpm=600)
+        key = {"Authorization": "Bearer k"}
+        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
+        usage = json.loads(body)["usage"]
+        self.assertEqual((status, headers["x-ratelimit-limit-tokens"], headers["x-token-counter"]),
+                         (200, "600", "estimate"))
+        reserved = usage["prompt_tokens"] + 550
+        self.assertIn(int(headers["x-ratelimit-remaining-tokens"]), (600 - reserved, 601 - reserved))
+        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
+        left = 600 - usage["total_tokens"] - reserved       # the first settled with what it used
+        self.assertEqual(status, 200)
+        self.assertIn(int(headers["x-ratelimit-remaining-tokens"]) - left, range(0, 5))
+        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
+        self.assertEqual((status, json.loads(body)["error"]["code"], "Retry-After" in headers),
+                         (429, "rate_limit_exceeded", True))
+        self.assertTrue(json.loads(body)["error"]["message"].startswith(
+            "Rate limit reached: 600 tokens per minute; retry in "), body)
+        status, _, body = chat(gw, "Say hello", headers=key, max_tokens=1000)
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (
+            429, "Request too large: %d tokens, and the limit is 600 a minute"
+            % (usage["prompt_tokens"] + 1000)))
+
+    def test_a_prompt_past_the_context_length_is_a_400_before_the_app_is_called(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, context_length=64)
+        calls = len(demo.calls)
+        status, _, body = chat(gw, "Say hello", max_completion_tokens=100)
+        self.assertEqual((status, json.loads(body)["error"]), (400, {
+            "message": "This model's maximum context length is 64 tokens. However, you "
+                       "requested 109 tokens (9 in the messages, 100 in the completion); the "
+                       "app's chat template is not counted.", "type": "invalid_request_error",
+            "param": "max_completion_tokens", "code": "context_length_exceeded"}))
+        self.assertEqual((len(demo.calls), chat(gw, "Say hello", max_tokens=50)[0]), (calls, 200))
+
+
 def demo_vector(text):
     """The demo upstream's embedding of ``text`` (16 numbers from its SHA-256, of length 1)."""
     raw = [b - 127.5 for b in hashlib.sha256(text.encode()).digest()[:16]]
