@@ -853,6 +853,10 @@ class Model(_Object):
     object: str = "model"
     owned_by: str = "bharatgen"
     display_name: Optional[str] = _extension()
+    # for the page (GET /v1/models): the built-in demo? the app's slider ranges? images?
+    demo: Optional[bool] = _extension()
+    limits: Optional[Dict[str, List[float]]] = _extension()
+    images: Optional[bool] = _extension()
 
 
 @dataclass
@@ -2941,6 +2945,8 @@ class _Backend:
         self.routes = {r.id: r for r in (routes or _load_models(config))}
         self.created = int(time.time())
         self.cache = _Cache(config.cache_ttl, config.cache_size) if config.cache_ttl else None
+        self._discovering: Dict[str, threading.Thread] = {}    # model id -> its discovery
+        self._lock = threading.Lock()
 
     @property
     def default_model(self) -> str:
@@ -2954,10 +2960,44 @@ class _Backend:
 
     # -- models -------------------------------------------------------------------------
 
-    def models(self) -> ModelList:
+    def models(self, app: bool = False) -> ModelList:
+        """The served models; with ``app`` (``GET /v1/models``) also what the page reads:
+        ``demo``, and the app's slider ``limits`` and ``images`` (a multimodal input) once
+        discovery has run or ends within a second (left out while the upstream is down)."""
         owner = "bharatgen (demo upstream: canned answers)" if self.config.demo else "bharatgen"
-        return ModelList(data=[Model(id=r.id, created=self.created, owned_by=owner,
-                                     display_name=r.display_name) for r in self.routes.values()])
+        infos = self._discovered() if app else {}
+        return ModelList(data=[Model(
+            id=r.id, created=self.created, owned_by=owner, display_name=r.display_name,
+            demo=app and self.config.demo or None,
+            limits=infos.get(r.id) and {k: list(v) for k, v in infos[r.id].limits.items()} or None,
+            images=infos.get(r.id) and "multimodal" in infos[r.id].roles or None)
+            for r in self.routes.values()])
+
+    def _discovered(self) -> Dict[str, Optional[_AppInfo]]:
+        """Each model's app info: discovery run in the background (one at a time per model)
+        and waited on for at most a second in all."""
+        deadline, waits = time.monotonic() + 1.0, []
+        with self._lock:
+            for r in self.routes.values():
+                if all(x.client._info is None for x in r.pool.replicas):
+                    thread = self._discovering.get(r.id)
+                    if thread is None or not thread.is_alive():
+                        thread = self._discovering[r.id] = threading.Thread(
+                            target=self._discover, args=(r.pool.replicas[0].client,), daemon=True,
+                            name="bharatgen-discover")
+                        thread.start()
+                    waits.append(thread)
+        for thread in waits:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return {r.id: next((x.client._info for x in r.pool.replicas if x.client._info), None)
+                for r in self.routes.values()}
+
+    @staticmethod
+    def _discover(client: GradioClient) -> None:
+        try:
+            client.discover()
+        except BharatGenError as exc:                # the first request will say it
+            _log.debug("discovery of %s failed: %s", client.base_url, exc.message)
 
     def model(self, model_id: str) -> Model:
         for m in self.models().data:
@@ -4901,7 +4941,7 @@ class _GatewayHandler(_Handler):
         return self.send_json(200, out, self._headers({"Cache-Control": "no-store"}))
 
     def _op_list_models(self, body: None) -> int:
-        return self._respond(self.server.backend.models())
+        return self._respond(self.server.backend.models(app=True))
 
     def _op_embeddings(self, body: Any) -> int:
         model = body.get("model") if isinstance(body, dict) else None

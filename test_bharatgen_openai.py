@@ -2091,6 +2091,37 @@ class PlainChatInterface(FakeGradio):
         return super()._inputs()[:2]
 
 
+class _UploadHandler(bg._DemoHandler):
+    def do_POST(self):
+        if self.path.endswith("/upload"):                 # Gradio's upload route
+            self.server.uploads.append(self.read_body(1 << 24))
+            self.send_json(200, ["/tmp/gradio/upload/image.png"])
+        else:
+            super().do_POST()
+
+
+class ImageGradio(FakeGradio):
+    """A Param-shaped app whose message input is a MultimodalTextbox (text and images),
+    with a max_tokens slider up to 512; ``uploads`` holds the bodies it was sent."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.RequestHandlerClass, self.uploads = _UploadHandler, []
+
+    def info_json(self):
+        info = super().info_json()
+        for endpoint in info["named_endpoints"].values():
+            endpoint["parameters"][0]["component"] = "MultimodalTextbox"
+            endpoint["parameters"][4]["type"]["description"] = "numeric value between 1 and 512"
+        return info
+
+    def _values(self, job):
+        values = super()._values(job)
+        if isinstance(values.get("message"), dict):
+            values["message"] = values["message"]["text"]
+        return values
+
+
 class FoldingTests(unittest.TestCase):
     def test_a_system_prompt_the_app_has_no_input_for_is_folded_into_the_message(self):
         demo = PlainChatInterface().start()
@@ -3358,6 +3389,44 @@ class PageTests(unittest.TestCase):
             self.assertNotIn(sink, page)
         self.assertEqual(request(gw.url, "HEAD", "/")[::2], (200, b""))
         self.assertEqual(request(gw.url, "POST", "/", {})[0], 405)
+
+    def test_models_tell_the_page_demo_limits_and_images_when_known(self):
+        """GET /v1/models keeps OpenAI's fields and adds the page's: demo, the app's slider
+        ranges, images; each only when known, and never waiting long on a silent upstream."""
+        openai_fields = ("id", "created", "object", "owned_by")
+        gw = start_gateway(self, self.demo.url, demo=True)
+        status, _, body = request(gw.url, "GET", "/v1/models")
+        model = json.loads(body)["data"][0]
+        self.assertEqual((status, model), (200, {
+            "id": bg.DEFAULT_MODEL, "created": gw.backend.created, "object": "model",
+            "owned_by": "bharatgen (demo upstream: canned answers)", "demo": True,
+            "limits": {"temperature": [0, 2], "max_tokens": [1, 8192], "top_p": [0, 1],
+                       "top_k": [1, 100]}}))
+        self.assertEqual(json.loads(request(gw.url, "GET", "/v1/models/" + bg.DEFAULT_MODEL)[2]),
+                         {k: model[k] for k in openai_fields})       # and the SDK's object:
+        self.assertEqual(bg.BharatGenOpenAI(base_url=gw.url + "/v1").models.list().data[0].id,
+                         bg.DEFAULT_MODEL)
+        images = ImageGradio().start()
+        self.addCleanup(images.stop)
+        gw = start_gateway(self, images.url)
+        chat(gw, "Say hello")                                  # discovery has run
+        model = json.loads(request(gw.url, "GET", "/v1/models")[2])["data"][0]
+        self.assertEqual((model["owned_by"], "demo" in model, model["images"], model["limits"]["max_tokens"]),
+                         ("bharatgen", False, True, [1, 512]))
+        silent = socket.create_server(("127.0.0.1", 0))         # connects, never answers
+        self.addCleanup(silent.close)
+        gw = start_gateway(self, "http://127.0.0.1:%d" % silent.getsockname()[1])
+        discovering = lambda: sum(t.name == "bharatgen-discover" for t in threading.enumerate())
+        threads = discovering()
+        for _ in range(3):
+            started = time.monotonic()
+            status, _, body = request(gw.url, "GET", "/v1/models")
+            self.assertLess(time.monotonic() - started, 2)
+            self.assertEqual((status, sorted(json.loads(body)["data"][0])), (200, sorted(openai_fields)))
+        self.assertEqual(discovering(), threads + 1)            # one discovery, waited on
+        down = start_gateway(self, "http://127.0.0.1:9")
+        self.assertEqual(sorted(json.loads(request(down.url, "GET", "/v1/models")[2])["data"][0]),
+                         sorted(openai_fields))
 
     def test_dashboard_needs_a_key(self):
         gw = start_gateway(self, self.demo.url, api_keys=["k1"])
