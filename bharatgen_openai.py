@@ -4381,7 +4381,7 @@ header nav{display:flex;gap:.3em;margin-right:auto} header button{padding:.2em .
 #settings .wide{grid-column:1/-1}
 label{display:flex;flex-direction:column;gap:.15em;font-size:.85em;color:var(--mute)}
 label input,label textarea{color:var(--fg);font-size:1.05em;min-width:0}
-#log{flex:1;min-height:0;overflow-y:auto}
+#log{flex:1;min-height:0;overflow-y:auto;overflow-anchor:none}
 #turns,#empty,#ask{width:100%;max-width:50em;margin:0 auto;padding:0 1em}
 #turns{padding-top:.3em} #empty{text-align:center;padding-top:25vh}
 #turns:not(:empty)+#empty{display:none}
@@ -4749,26 +4749,25 @@ async function copy(text, btn, node) {
   btn.reset = setTimeout(() => { btn.textContent = "Copy"; }, 1500);
 }
 // -- chats, kept (see MAX_CHATS): each {id, title, at, messages: [{role, content, ...}]}
+function read(key) {                           // stored JSON, or null
+  try { return JSON.parse(localStorage.getItem(key)); } catch (_) { return null; }
+}
+function store(key, json) {                     // false when refused (over the quota, or off)
+  try { localStorage.setItem(key, json); return true; } catch (_) { return false; }
+}
 function load() {
-  try { chats = JSON.parse(localStorage.getItem(CHATS)) || []; } catch (_) {}
-  chats = Array.isArray(chats) ? chats.filter(c => c && Array.isArray(c.messages)) : [];
-  const prefs = JSON.parse(localStorage.getItem(PREFS) || "{}");
-  SETTINGS.forEach(id => { $(id).value = prefs[id] || ""; });
+  const prefs = read(PREFS) || {};
+  chats = [].concat(read(CHATS) || []).filter(c => c && typeof c.title === "string" && Array.isArray(c.messages));
+  chats.forEach(c => { c.messages = c.messages.filter(m => m && typeof m.content === "string"); });
+  SETTINGS.forEach(id => { $(id).value = typeof prefs[id] === "string" ? prefs[id] : ""; });
   chat = chats.find(c => c.id === prefs.chat) || null;
   return prefs;
 }
-function save() {
+function save() {                               // the newest first; the oldest dropped to fit
   chats.sort((a, b) => b.at - a.at).splice(MAX_CHATS);
   for (;;) {
     const json = JSON.stringify(chats, (k, v) => k === "images" && Array.isArray(v) ? v.length : v);
-    try {
-      if (json.length <= MAX_CHARS || chats.length < 2) {
-        localStorage.setItem(CHATS, json);
-        break;
-      }
-    } catch (_) {                               // over the browser's quota
-      if (chats.length < 2) break;
-    }
+    if ((json.length <= MAX_CHARS && store(CHATS, json)) || chats.length < 2) break;
     chats.pop();
   }
   prefs();
@@ -4777,7 +4776,7 @@ function save() {
 function prefs() {
   const p = {model: $("model").value, chat: chat && chat.id};
   SETTINGS.forEach(id => { p[id] = $(id).value; });
-  localStorage.setItem(PREFS, JSON.stringify(p));
+  store(PREFS, JSON.stringify(p));
 }
 function drawChats(focus) {
   $("chats").replaceChildren(...chats.map(c => {
@@ -4955,6 +4954,7 @@ function regenerate() {
   while (msgs.length && msgs[msgs.length - 1].role !== "user") msgs.pop();
   if (!msgs.length) return;
   drawLog();
+  log.focus({preventScroll: true});               // the button is gone: focus the conversation
   reply(chat);
 }
 function edit(i) {
@@ -4970,15 +4970,17 @@ function drawAttached() {
     return s;
   }));
 }
-// The view follows the newest message while the reader is at the bottom; scrolling up stops
-// that and shows "Latest"; sending a question follows again.
-const log = $("log"), atBottom = () => log.scrollHeight - log.scrollTop - log.clientHeight < 30;
+// The view follows the newest message while the reader is at the bottom: any scroll up (not
+// a clamp at the end) stops that and shows "Latest"; back at the end, or a question sent, it
+// follows again. Whatever grows or shrinks (an answer, the window, the box) calls follow().
+const log = $("log");
 function follow() {
   if (stick) log.scrollTop = log.scrollHeight;
 }
 log.onscroll = () => {
-  if (atBottom()) stick = true;
-  else if (log.scrollTop < lastTop) stick = false;
+  const gap = log.scrollHeight - log.scrollTop - log.clientHeight;
+  if (log.scrollTop < lastTop && gap > 1) stick = false;
+  else if (gap < 30) stick = true;
   lastTop = log.scrollTop;
   $("jump").hidden = stick;
 };
