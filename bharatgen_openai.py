@@ -4522,8 +4522,9 @@ function askKey(message) {
 }
 // -- markdown, as elements and text nodes (model text is never HTML). An answer is cut into
 // blocks at blank lines outside code fences; a finished block is drawn once and only the last,
-// open one is drawn again as text streams in. No regular expression here can backtrack; inline
-// closers are found by forward searches, cached; nesting is capped at DEPTH.
+// open one is drawn again as text streams in. The regular expressions are anchored to a line
+// or match one character (none backtracks beyond linear time); inline closers are found by
+// forward searches, cached; nesting is capped at DEPTH.
 const DEPTH = 6, FENCE = /^\s*(`{3,}|~{3,})/, ITEM = /^(\s*)([-*+]|\d{1,9}[.)])(\s+|$)/;
 const HEADING = /^\s{0,3}(#{1,6})(\s+|$)/, SCHEMES = ["http:", "https:", "mailto:"];
 function renderer(target) {                     // draw(text, done): text only ever grows
@@ -4570,7 +4571,8 @@ function blocks(lines, depth) {
       i++;
     } else if (t[0] === ">") {
       const inner = [];
-      for (let q; i < lines.length && (q = lines[i].trim())[0] === ">"; i++) inner.push(q.slice(q[1] === " " ? 2 : 1));
+      for (let q; i < lines.length && (q = lines[i].trim())[0] === ">"; i++)
+        inner.push(q.slice(q[1] === " " ? 2 : 1));
       const quote = out.appendChild(el(depth < DEPTH ? "blockquote" : "p"));
       quote.append(depth < DEPTH ? blocks(inner, depth + 1) : inner.join("\n"));
     } else if (ITEM.test(line)) {
@@ -4587,8 +4589,11 @@ function blocks(lines, depth) {
   return out;
 }
 const dedent = (line, n) => line.slice(Math.min(n, line.length - line.trimStart().length));
-const starts = (lines, i, para) => FENCE.test(lines[i]) || HEADING.test(lines[i]) || lines[i].trim()[0] === ">" ||
-  rule(lines[i].trim()) || ITEM.test(lines[i]) && !(para && /^\s*\d/.test(lines[i]) && !/^\s*1[.)]/.test(lines[i]));
+function starts(lines, i, para) {               // does lines[i] begin a block (one a paragraph yields to)?
+  const l = lines[i], t = l.trim();
+  if (FENCE.test(l) || HEADING.test(l) || t[0] === ">" || rule(t)) return true;
+  return ITEM.test(l) && !(para && /^\d/.test(t) && !/^1[.)]/.test(t));  // a list that starts at 1
+}
 function rule(t) {                              // ---, ***, ___ (spaces between allowed)
   const c = t.replace(/ /g, "");
   return c.length >= 3 && "-*_".includes(c[0]) && c === c[0].repeat(c.length);
@@ -4666,7 +4671,7 @@ function anchor(href, text, depth) {             // depth: the label's marks, el
 function inline(node, text, depth = 0, inLink = false) {
   let last = 0, linked = [-1, null];             // the last link target looked at, and its URL
   const seen = {}, word = c => c !== undefined && /[\p{L}\p{N}_]/u.test(c);
-  const any = () => true, find = (s, from, ok) => {               // the first s at or after from where ok(at)
+  const any = () => true, find = (s, from, ok) => {   // the first s at or after from where ok(at)
     const c = seen[s];
     if (c && c[0] <= from && (c[1] < 0 || c[1] >= from)) return c[1];
     let at = text.indexOf(s, from);
@@ -4705,15 +4710,16 @@ function inline(node, text, depth = 0, inLink = false) {
     } else if (inLink) {
       i += run;
     } else if (c === "[" && depth < DEPTH) {    // [label](url): the URL checked once per ]
-      const close = find("]", i + 1, any), end = close > 0 && text[close + 1] === "(" ? find(")", close + 2, any) : -1;
-      if (end > 0 && linked[0] !== close) linked = [close, end - close < 2048 && link(text.slice(close + 2, end).trim().split(" ")[0])];
+      const close = find("]", i + 1, any), end = text[close + 1] === "(" ? find(")", close + 2, any) : -1;
+      if (end > 0 && linked[0] !== close)
+        linked = [close, end - close < 2048 && link(text.slice(close + 2, end).trim().split(" ")[0])];
       i = end > 0 && linked[1] ? put(i, anchor(linked[1], text.slice(i + 1, close), depth), end + 1) : i + 1;
     } else if (c === "<") {                      // <url>: no < or space inside
       const end = find(">", i + 1, any), lt = find("<", i + 1, any);
       const url = end > 0 && end - i < 2048 && (lt < 0 || lt > end) ? text.slice(i + 1, end) : "";
       const href = url && !/\s/.test(url) && link(url);
       i = href ? put(i, anchor(href, url), end + 1) : i + 1;
-    } else if (c === "h" && !word(text[i - 1]) && (text.startsWith("ttp://", i + 1) || text.startsWith("ttps://", i + 1))) {
+    } else if (c === "h" && !word(text[i - 1]) && /^ttps?:\/\//.test(text.slice(i + 1, i + 8))) {
       let end = i;                               // a bare URL, without the punctuation after it
       while (end < text.length && end - i < 2048 && text[end].trim() && text[end] !== "<") end++;
       const paren = text.slice(i, end).includes("(");
@@ -4737,7 +4743,7 @@ async function copy(text, btn, node) {
   } catch (_) {
     const area = Object.assign(el("textarea", "offscreen"), {value: text, readOnly: true});
     document.body.append(area);
-    area.focus();
+    area.focus({preventScroll: true});
     area.select();
     try { ok = document.execCommand("copy"); } catch (_) {}
     area.remove();
@@ -4757,7 +4763,8 @@ function store(key, json) {                     // false when refused (over the 
 }
 function load() {
   const prefs = read(PREFS) || {};
-  chats = [].concat(read(CHATS) || []).filter(c => c && typeof c.title === "string" && Array.isArray(c.messages));
+  chats = [].concat(read(CHATS) || []).filter(c =>
+    c && typeof c.title === "string" && Array.isArray(c.messages));
   chats.forEach(c => { c.messages = c.messages.filter(m => m && typeof m.content === "string"); });
   SETTINGS.forEach(id => { $(id).value = typeof prefs[id] === "string" ? prefs[id] : ""; });
   chat = chats.find(c => c.id === prefs.chat) || null;
@@ -4781,14 +4788,16 @@ function prefs() {
 function drawChats(focus) {
   $("chats").replaceChildren(...chats.map(c => {
     const li = el("li"), del = button("×", () => {
-      if (!del.classList.contains("sure")) return Object.assign(del, {className: "icon sure", textContent: "Delete?"});
+      if (!del.classList.contains("sure"))           // asked twice
+        return Object.assign(del, {className: "icon sure", textContent: "Delete?"});
       chats.splice(chats.indexOf(c), 1);
       if (c === chat) pick(null);
       save();
       $("new").focus();
     }, "icon", "Delete");
     del.onblur = () => Object.assign(del, {className: "icon", textContent: "×"});
-    li.append(button(c.title, () => pick(c), "open"), button("✎", () => rename(li, c), "icon", "Rename"), del);
+    li.append(button(c.title, () => pick(c), "open"),
+              button("✎", () => rename(li, c), "icon", "Rename"), del);
     if (c === chat) li.ariaCurrent = "true";
     if (c === focus) setTimeout(() => li.firstChild.focus());
     return li;
@@ -4847,14 +4856,17 @@ function userBox(m, i) {
     Object.assign(el("img"), {src, alt: "attached image"})));
   else if (m.images) box.append(el("div", "imgs mute", plural(m.images, "image") + " (not kept)"));
   const text = box.appendChild(el("div", "text", m.content));
-  acts.append(button("Edit", () => edit(i), "edit", "Edit and send again"), button("Copy", e => copy(m.content, e.target, text)));
+  acts.append(button("Edit", () => edit(i), "edit", "Edit and send again"),
+              button("Copy", e => copy(m.content, e.target, text)));
   box.append(acts);
   return box;
 }
 function botBox(m, done) {                      // an answer: the thought folded above it
   const box = el("div", "msg bot"), thought = box.appendChild(el("details", "thought"));
-  const summary = thought.appendChild(el("summary")), said = thought.appendChild(el("div")).appendChild(new Text());
-  const answer = box.appendChild(el("div", "answer")), draw = renderer(answer), acts = box.appendChild(el("div", "acts"));
+  const summary = thought.appendChild(el("summary"));
+  const said = thought.appendChild(el("div")).appendChild(new Text());
+  const answer = box.appendChild(el("div", "answer")), draw = renderer(answer);
+  const acts = box.appendChild(el("div", "acts"));
   acts.append(button("Copy", e => copy(m.content, e.target, answer), null, "Copy the answer"),
               button("Regenerate", regenerate, "regen", "Answer again"));
   box.show = end => {
@@ -4897,11 +4909,8 @@ function submit(event) {
 }
 async function reply(to) {                      // stream the answer to the chat's last question
   const m = {role: "assistant", content: "", reasoning: ""}, box = botBox(m), system = $("system").value.trim();
-  const msgs = to.messages, last = msgs.length - 1, value = id => $(id).value === "" ? undefined : +$(id).value;
-  const messages = msgs.filter((x, i) => i === last || x.role === "assistant" || (msgs[i + 1] || {}).role === "assistant")
-    .map((x, i, all) => ({role: x.role, content: i < all.length - 1 || !Array.isArray(x.images) ? x.content :
-      [...(x.content ? [{type: "text", text: x.content}] : []),
-       ...x.images.map(url => ({type: "image_url", image_url: {url}}))]}));   // images: this turn only
+  const messages = (system ? [{role: "system", content: system}] : []).concat(sent(to.messages));
+  const value = id => $(id).value === "" ? undefined : +$(id).value;    // empty: the app's default
   to.at = Date.now();
   save();
   $("turns").append(box);
@@ -4914,8 +4923,7 @@ async function reply(to) {                      // stream the answer to the chat
   box.show(false);
   busy(true);
   try {
-    const r = await api("v1/chat/completions", {model: $("model").value, stream: true,
-      messages: (system ? [{role: "system", content: system}] : []).concat(messages),
+    const r = await api("v1/chat/completions", {model: $("model").value, stream: true, messages,
       temperature: value("temperature"), max_tokens: value("max_tokens"), top_p: value("top_p")}, mine.signal);
     for await (const data of events(r)) {
       if (data.error) throw apiError(data.error);
@@ -4948,6 +4956,15 @@ async function reply(to) {                      // stream the answer to the chat
     if (chats.includes(to)) save();
   }
 }
+function sent(msgs) {                           // answered questions and the last one; its images
+  const last = msgs.length - 1;                 // (the app takes images with the new message only)
+  return msgs.filter((m, i) => i === last || m.role === "assistant" || (msgs[i + 1] || {}).role === "assistant")
+    .map((m, i, all) => {
+      if (i < all.length - 1 || !Array.isArray(m.images)) return {role: m.role, content: m.content};
+      const parts = m.images.map(url => ({type: "image_url", image_url: {url}}));
+      return {role: m.role, content: m.content ? [{type: "text", text: m.content}, ...parts] : parts};
+    });
+}
 function regenerate() {
   if (controller || !chat) return;
   const msgs = chat.messages;
@@ -4956,6 +4973,10 @@ function regenerate() {
   drawLog();
   log.focus({preventScroll: true});               // the button is gone: focus the conversation
   reply(chat);
+}
+function cancelEdit() {
+  [editing, $("prompt").value, $("editing").hidden] = [-1, "", true];
+  $("prompt").focus();
 }
 function edit(i) {
   if (controller) return;
@@ -5007,7 +5028,8 @@ function applyModel() {                         // the app's ranges, demo, image
   for (const id of ["temperature", "max_tokens", "top_p"]) {
     const [lo, hi] = limits[id] || ["", ""], label = $(id).parentNode.firstChild;
     [$(id).min, $(id).max] = [lo, hi];
-    label.textContent = label.textContent.split(" (")[0].trim() + (hi !== "" ? " (" + lo + "–" + hi + ")" : "");
+    const name = label.textContent.split(" (")[0].trim();
+    label.textContent = hi === "" ? name : name + " (" + lo + "–" + hi + ")";
   }
   $("demo").hidden = !m.demo;
   $("attach").hidden = !m.images;
@@ -5053,14 +5075,16 @@ function draw(d) {
     table("Errors by type" + span, ["type", "count"], Object.entries(r.errors)),
     table("Keys (short hash)" + span, ["key", "requests", "errors", "tokens in", "tokens out"],
       Object.entries(r.keys).map(([k, v]) => [k, v.requests, v.errors, v.tokens_in, v.tokens_out])),
-    Object.assign(table("Replicas", ["model", "url", "state", "failures", "last error"], replicas), {className: "all"}),
+    Object.assign(table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
+                  {className: "all"}),
     table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)));
   chart(r.series);
   $("updated").textContent = "v" + d.version + " · up " + Math.round(d.uptime_seconds) + " s · updated "
     + new Date().toLocaleTimeString();
 }
 function chart(series) {                          // bars: requests and errors; line: latency p50
-  const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight, dpr = devicePixelRatio || 1;
+  const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight;
+  const dpr = devicePixelRatio || 1;
   const css = getComputedStyle(document.documentElement), color = n => css.getPropertyValue(n).trim();
   const most = Math.max(1, ...series.map(p => p.requests)), lat = series.map(p => p.latency_p50);
   const slowest = Math.max(0.001, ...lat.filter(v => v != null)), bw = w / series.length, top = 18, ph = h - 36;
@@ -5122,9 +5146,9 @@ $("keyform").onsubmit = e => {
 $("ask").onsubmit = submit;
 $("prompt").onkeydown = e => {                    // not while an input method composes
   if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) submit(e);
-  else if (e.key === "Escape" && editing >= 0) [editing, $("prompt").value, $("editing").hidden] = [-1, "", true];
+  else if (e.key === "Escape" && editing >= 0) cancelEdit();
 };
-$("canceledit").onclick = () => [editing, $("prompt").value, $("editing").hidden] = [-1, "", true];
+$("canceledit").onclick = cancelEdit;
 $("stop").onclick = stopAnswer;
 $("new").onclick = () => pick(null);
 $("sidebtn").onclick = () => {
