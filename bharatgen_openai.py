@@ -2982,8 +2982,9 @@ class _Backend:
                 if all(x.client._info is None for x in r.pool.replicas):
                     thread = self._discovering.get(r.id)
                     if thread is None or not thread.is_alive():
+                        client = min(r.pool.replicas, key=lambda x: x.down_until).client
                         thread = self._discovering[r.id] = threading.Thread(
-                            target=self._discover, args=(r.pool.replicas[0].client,), daemon=True,
+                            target=self._discover, args=(client,), daemon=True,
                             name="bharatgen-discover")
                         thread.start()
                     waits.append(thread)
@@ -4761,11 +4762,15 @@ function read(key) {                           // stored JSON, or null
 function store(key, json) {                     // false when refused (over the quota, or off)
   try { localStorage.setItem(key, json); return true; } catch (_) { return false; }
 }
+function stored() {                            // the chats kept, whatever was written there
+  const list = [].concat(read(CHATS) || []).filter(c =>
+    c && typeof c.title === "string" && Array.isArray(c.messages));
+  list.forEach(c => { c.messages = c.messages.filter(m => m && typeof m.content === "string"); });
+  return list;
+}
 function load() {
   const prefs = read(PREFS) || {};
-  chats = [].concat(read(CHATS) || []).filter(c =>
-    c && typeof c.title === "string" && Array.isArray(c.messages));
-  chats.forEach(c => { c.messages = c.messages.filter(m => m && typeof m.content === "string"); });
+  chats = stored();
   SETTINGS.forEach(id => { $(id).value = typeof prefs[id] === "string" ? prefs[id] : ""; });
   chat = chats.find(c => c.id === prefs.chat) || null;
   return prefs;
@@ -5170,6 +5175,11 @@ $("file").onchange = () => {
   }
   $("file").value = "";
 };
+addEventListener("storage", e => {              // another tab saved: its list, with our open chat
+  if (e.key !== CHATS) return;
+  chats = stored().map(c => chat && c.id === chat.id ? chat : c);
+  drawChats();
+});
 document.addEventListener("keydown", e => {      // Esc closes the chat list over a narrow page
   if (e.key === "Escape" && matchMedia("(max-width:760px)").matches && $("chat").classList.contains("side")) {
     side(false);

@@ -5601,6 +5601,29 @@ class BrowserTests(unittest.TestCase):
         self.assertEqual(self.driver.switch_to.active_element, self.find("#new")[0])
         self.screenshot("chats-narrow-light")
 
+    def test_two_tabs_share_the_list_of_chats(self):
+        self.open_page()
+        self.send("Say hello")
+        first = self.driver.current_window_handle
+        self.driver.switch_to.new_window("tab")
+        second = self.driver.current_window_handle
+
+        def close():
+            self.driver.switch_to.window(second)
+            self.driver.close()
+            self.driver.switch_to.window(first)
+        self.addCleanup(close)
+        self.driver.get(self.gw.url + "/")
+        self.driver.switch_to.active_element.send_keys(self.KEY + "\n")   # a key per tab
+        self.models_loaded()
+        self.find("#new")[0].click()
+        self.send("hindi please", answers=1)
+        self.driver.switch_to.window(first)          # the first tab sees it, and keeps both
+        self.wait(lambda: self.texts("#chats .open") == ["hindi please", "Say hello"], "not shared")
+        self.send("tamil please")
+        self.assertEqual([c["title"] for c in json.loads(self.js(
+            "return localStorage.getItem('bharatgen_openai.chats')"))], ["Say hello", "hindi please"])
+
     def test_new_chat_mid_answer_and_enter_while_an_input_method_composes(self):
         self.slow()
         self.open_page()
