@@ -2995,9 +2995,10 @@ class _Backend:
 
     @staticmethod
     def _discover(client: GradioClient) -> None:
+        """Read what the app offers, for the page; a failure is the first request's to report."""
         try:
             client.discover()
-        except BharatGenError as exc:                # the first request will say it
+        except BharatGenError as exc:
             _log.debug("discovery of %s failed: %s", client.base_url, exc.message)
 
     def model(self, model_id: str) -> Model:

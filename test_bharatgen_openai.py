@@ -5410,7 +5410,7 @@ class BrowserTests(unittest.TestCase):
     def test_following_stops_when_the_reader_scrolls_up_and_the_thought_is_timed(self):
         from selenium.webdriver.common.action_chains import ActionChains
         from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
-        for size, dark in (("narrow", True), ("wide", False)):
+        for size, dark in (("narrow", False), ("wide", True)):
             with self.subTest(size=size):
                 self.viewport(size, dark)
                 self.open_page()
@@ -5591,15 +5591,15 @@ class BrowserTests(unittest.TestCase):
         stored = json.loads(self.js("return localStorage.getItem('bharatgen_openai.chats')"))
         self.assertEqual((len(stored), stored[0]["title"], stored[-1]["title"]), (50, "Say hello", "chat 11"))
         self.screenshot("chats-wide-light")
+        self.viewport("narrow")
+        self.find("#sidebtn")[0].click()
+        self.assertEqual(self.driver.switch_to.active_element, self.find("#new")[0])
+        self.screenshot("chats-narrow-light")
         self.js("localStorage.setItem('bharatgen_openai.chats', '[{\"title\": 1}, 2'); "
                 "localStorage.setItem('bharatgen_openai.prefs', '{')")     # whatever is stored
         self.driver.refresh()
         self.models_loaded()
         self.assertEqual((self.find("#chats li"), self.find("#turns > *")), ([], []))
-        self.viewport("narrow")
-        self.find("#sidebtn")[0].click()
-        self.assertEqual(self.driver.switch_to.active_element, self.find("#new")[0])
-        self.screenshot("chats-narrow-light")
 
     def test_two_tabs_share_the_list_of_chats(self):
         self.open_page()
