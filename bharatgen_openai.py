@@ -921,6 +921,10 @@ class Model(_Object):
     object: str = "model"
     owned_by: str = "bharatgen"
     display_name: Optional[str] = _extension()
+    # for the page (GET /v1/models): the built-in demo? the app's slider ranges? images?
+    demo: Optional[bool] = _extension()
+    limits: Optional[Dict[str, List[float]]] = _extension()
+    images: Optional[bool] = _extension()
 
 
 @dataclass
@@ -3543,6 +3547,8 @@ class _Backend:
             if config.cache_ttl else None
         self.patterns = _Patterns()            # schema patterns are matched in workers
         self._embedder: Optional[_UpstreamPool] = None   # see embed()
+        self._discovering: Dict[str, threading.Thread] = {}    # model id -> for the page
+        self._lock = threading.Lock()
 
     @property
     def default_model(self) -> str:
@@ -3572,8 +3578,45 @@ class _Backend:
                      owned_by="bharatgen (demo upstream: canned answers)" if self.config.demo
                      else "bharatgen")
 
-    def models(self) -> ModelList:
-        return ModelList(data=[self.model(m) for m in self.routes])
+    def models(self, app: bool = False) -> ModelList:
+        """The served models; with ``app`` (``GET /v1/models``) also what the page reads
+        (extension fields): ``demo``, and the app's slider ``limits`` and ``images`` (a
+        multimodal input) once discovery has run or ends within a second."""
+        infos, models = self._discovered() if app else {}, [self.model(m) for m in self.routes]
+        for m in models:
+            info, m.demo = infos.get(m.id), (app and self.config.demo) or None
+            if info is not None:
+                m.limits = {k: list(v) for k, v in info.limits.items()} or None
+                m.images = "multimodal" in info.roles or None
+        return ModelList(data=models)
+
+    def _discovered(self) -> Dict[str, _AppInfo]:
+        """Each model's app as discovery finds it: read in a thread of its own (one a
+        model at a time, from the replica least lately down), waited on a second at most."""
+        deadline, waits = time.monotonic() + 1.0, []
+        with self._lock:
+            for r in self.routes.values():
+                thread = self._discovering.get(r.id)
+                if all(x.client._info is None for x in r.pool.replicas) and not (
+                        thread and thread.is_alive()):
+                    client = min(r.pool.replicas, key=lambda x: x.down_until).client
+                    thread = self._discovering[r.id] = threading.Thread(
+                        target=lambda c=client: self._quietly(c.discover), daemon=True,
+                        name="bharatgen-discover")
+                    thread.start()
+                waits += [thread] if thread else []
+        for thread in waits:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        return {r.id: info for r in self.routes.values() for info in [next((
+            x.client._info for x in r.pool.replicas if x.client._info), None)] if info}
+
+    @staticmethod
+    def _quietly(call: Callable[[], Any]) -> None:
+        """``call()``; a failure is left for a real request to report."""
+        try:
+            call()
+        except BharatGenError as exc:
+            _log.debug("%s", exc.message)
 
     def health(self) -> Tuple[bool, Dict[str, Any]]:
         """``(ok, report)``: ok while every model has a replica up (or only busy)."""
@@ -5212,7 +5255,7 @@ class _GatewayHandler(_Handler):
         return self.send_json(200, out, self._headers({"Cache-Control": "no-store"}))
 
     def _op_list_models(self, body: None) -> int:
-        return self._respond(self.server.backend.models())
+        return self._respond(self.server.backend.models(app=True))
 
     def _op_embed(self, body: Any) -> int:
         return self._respond(self.server.backend.embed(body))
@@ -6456,67 +6499,153 @@ _PAGE = r"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="color-scheme" content="light dark"><title>bharatgen_openai</title>
 <style>
-:root{--bg:#fff;--fg:#1c1c22;--mute:#6a6a78;--line:#d9d9e1;--card:#f3f3f7;--acc:#2453c9;--err:#c2282f;
-  font:15px/1.45 system-ui,sans-serif;color-scheme:light dark}
-@media (prefers-color-scheme:dark){:root{--bg:#141519;--fg:#e7e7ec;--mute:#9b9ba8;--line:#34353e;
-  --card:#1f2027;--acc:#7ba3ff;--err:#ff6b70}}
-*{box-sizing:border-box} [hidden]{display:none!important} body{margin:0;background:var(--bg);color:var(--fg)}
-header{display:flex;flex-wrap:wrap;gap:.5em;align-items:center;padding:.5em 1em;border-bottom:1px solid var(--line)}
-header nav{display:flex;gap:.3em;margin-right:auto}
+:root{--bg:#fff;--fg:#1c1c22;--mute:#62626f;--line:#d9d9e1;--card:#f1f1f5;--acc:#2453c9;--on-acc:#fff;
+  --err:#c2282f;--warn:#985f00;font:15px/1.5 system-ui,sans-serif;color-scheme:light dark}
+@media (prefers-color-scheme:dark){:root{--bg:#141519;--fg:#e7e7ec;--mute:#9d9daa;--line:#34353e;
+  --card:#202128;--acc:#7ba3ff;--on-acc:#0d1020;--err:#ff6b70;--warn:#f2b84b}}
+*{box-sizing:border-box} [hidden]{display:none!important}
+body{margin:0;height:100vh;height:100dvh;display:flex;flex-direction:column;overflow:hidden;
+  background:var(--bg);color:var(--fg)}
 button,input,select,textarea{font:inherit;color:inherit;background:var(--card);border:1px solid var(--line);
-  border-radius:6px;padding:.35em .7em}
-button{cursor:pointer} button:disabled{opacity:.45;cursor:default}
-button.on,#send{background:var(--acc);border-color:var(--acc);color:var(--bg)}
-main,#keyform{max-width:62em;margin:0 auto;padding:.8em 1em}
-#keyform{display:flex;flex-wrap:wrap;gap:.5em;align-items:center}
-.grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(9em,1fr));gap:.6em;margin:.6em 0} .wide{grid-column:1/-1}
-label{display:flex;flex-direction:column;gap:.2em;font-size:.85em;color:var(--mute)}
-.msg{margin:.8em 0;padding:.6em .9em;border-radius:8px;background:var(--card);overflow-wrap:anywhere}
-.msg>:first-child{margin-top:0} .msg>:last-child{margin-bottom:0}
-.user{background:none;border:1px solid var(--line);white-space:pre-wrap}
-.error{color:var(--err);border:1px solid var(--err);background:none;white-space:pre-wrap}
-.thought{color:var(--mute);font-size:.9em;white-space:pre-wrap;margin-bottom:.5em}
-pre{overflow-x:auto;padding:.6em;border-radius:6px;background:var(--bg);border:1px solid var(--line)}
-code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em} .mute{color:var(--mute);font-size:.85em}
-#ask{position:sticky;bottom:0;display:flex;flex-wrap:wrap;gap:.5em;padding:.6em 0;background:var(--bg)}
-#prompt{flex:1 1 16em;resize:vertical} .cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
+  border-radius:6px;padding:.3em .65em}
+button{cursor:pointer} button:disabled{opacity:.45;cursor:default} input:invalid{border-color:var(--err)}
+:focus-visible{outline:2px solid var(--acc);outline-offset:1px}
+button.on,#send{background:var(--acc);border-color:var(--acc);color:var(--on-acc)}
+.icon,.acts button{background:none;border-color:transparent;color:var(--mute)}
+.icon:hover,.acts button:hover{border-color:var(--line);color:var(--fg)}
+.mute{color:var(--mute);font-size:.85em}
+header,#keyform,#bar{display:flex;flex-wrap:wrap;gap:.4em;align-items:center;padding:.4em 1em;
+  border-bottom:1px solid var(--line)}
+header nav{display:flex;gap:.3em;margin-right:auto} header button{padding:.2em .55em;font-size:.93em}
+#key{flex:1 1 17em;max-width:26em}
+#chat{flex:1;min-height:0;display:flex;position:relative}
+#side{flex:none;width:16em;display:flex;flex-direction:column;gap:.5em;padding:.6em;overflow-y:auto;
+  background:var(--bg);border-right:1px solid var(--line)}
+#chat:not(.side) #side{display:none}
+@media (max-width:760px){#side{position:absolute;z-index:2;inset:0 auto 0 0;width:min(19em,85%);
+  box-shadow:0 0 2em #0007}}
+#chats{list-style:none;margin:0;padding:0}
+#chats li{display:flex;align-items:center;border-radius:6px}
+#chats li[aria-current]{background:var(--card)}
+#chats .open{flex:1;min-width:0;text-align:left;background:none;border-color:transparent;overflow:hidden;
+  text-overflow:ellipsis;white-space:nowrap}
+#chats input{flex:1;min-width:0} #chats .sure{color:var(--err)}
+#conv{flex:1;min-width:0;display:flex;flex-direction:column}
+#setbtn{margin-left:auto;font-size:1.15em;padding:0 .4em} #model{max-width:100%}
+.badge{font-size:.75em;font-weight:600;letter-spacing:.06em;text-transform:uppercase;color:var(--warn);
+  border:1px solid currentColor;border-radius:99px;padding:0 .6em}
+#settings{display:grid;grid-template-columns:repeat(auto-fit,minmax(8em,1fr));gap:.5em .8em;padding:.5em 1em .8em;
+  border-bottom:1px solid var(--line);max-height:45%;overflow-y:auto}
+#settings .wide{grid-column:1/-1}
+label{display:flex;flex-direction:column;gap:.15em;font-size:.85em;color:var(--mute)}
+label input,label textarea{color:var(--fg);font-size:1.05em;min-width:0}
+#log{flex:1;min-height:0;overflow-y:auto;overflow-anchor:none}
+#turns,#empty,#ask{width:100%;max-width:50em;margin:0 auto;padding:0 1em}
+#turns{padding-top:.3em} #empty{text-align:center;padding-top:25vh}
+#turns:not(:empty)+#empty{display:none}
+.msg{margin:1em 0;overflow-wrap:anywhere}
+.user{width:fit-content;max-width:85%;margin-left:auto}
+.user .text{white-space:pre-wrap;background:var(--card);border-radius:12px;padding:.45em .9em}
+.acts{display:flex;gap:.1em;margin-top:.2em} .user .acts{justify-content:flex-end}
+.acts button{font-size:.8em;padding:.05em .5em}
+.busy .regen,.busy .edit{visibility:hidden}
+.error{color:var(--err);border:1px solid var(--err);border-radius:8px;padding:.5em .9em;white-space:pre-wrap}
+.thought{color:var(--mute);font-size:.9em;margin-bottom:.4em} summary{cursor:pointer;width:fit-content}
+.thought>div{white-space:pre-wrap;border-left:2px solid var(--line);padding-left:.8em;margin:.3em 0}
+.answer>:first-child{margin-top:0} .answer>:last-child{margin-bottom:0}
+.answer p,.answer li{white-space:pre-line} .answer li>ul,.answer li>ol{margin:.2em 0}
+.answer a{color:var(--acc)} .answer h3,.answer h4{margin:1em 0 .4em}
+blockquote{margin:.8em 0;padding:0 0 0 .9em;border-left:3px solid var(--line);color:var(--mute)}
+.code{border:1px solid var(--line);border-radius:6px;margin:.8em 0;overflow:hidden}
+.code>div{display:flex;justify-content:space-between;align-items:center;padding:0 .2em 0 .8em;font-size:.8em;
+  color:var(--mute);background:var(--card);border-bottom:1px solid var(--line)}
+pre{margin:0;padding:.6em .8em;overflow-x:auto}
+code{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:.9em}
+:not(pre)>code{background:var(--card);border-radius:4px;padding:.05em .3em}
+.tablewrap{overflow-x:auto;margin:.8em 0}
+table{border-collapse:collapse;font-size:.9em} #monitor table{width:100%}
+td,th{text-align:left;padding:.25em .6em;border-bottom:1px solid var(--line);vertical-align:top}
+th{white-space:nowrap} td{overflow-wrap:anywhere} td .url{overflow-wrap:normal}
+th.c,td.c{text-align:center} th.r,td.r{text-align:right}
+.offscreen{position:fixed;left:-9999px;top:0}
+.imgs{display:flex;flex-wrap:wrap;gap:.4em;justify-content:flex-end;margin-bottom:.3em}
+.imgs img,#attached img{max-height:7em;max-width:100%;border-radius:6px;display:block}
+#attached{display:flex;flex-wrap:wrap;gap:.4em} #attached span{display:flex;align-items:flex-start}
+#ask{position:relative;flex:none;padding-top:.5em;padding-bottom:.8em}
+#ask .row{display:flex;gap:.4em;align-items:flex-end} #ask .row>button{min-height:2.6em}
+#prompt{flex:1;min-width:0;resize:none;field-sizing:content;min-height:2.6em;max-height:12em}
+#editing{display:flex;gap:.5em;align-items:center;margin-bottom:.3em}
+#jump{position:absolute;bottom:100%;left:50%;transform:translateX(-50%);border-radius:99px;
+  box-shadow:0 .2em .8em #0003}
+#monitor{flex:1;min-height:0;overflow-y:auto} #monitor>div{max-width:62em;margin:0 auto;padding:.8em 1em}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(10em,1fr));gap:.6em}
 .card{background:var(--card);border-radius:8px;padding:.5em .8em}
 .card b{display:block;font-size:1.2em} .card span{font-size:.8em;color:var(--mute)}
 canvas{display:block;width:100%;height:170px;margin-top:1em;background:var(--card);border-radius:8px}
-.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(24em,100%),1fr));gap:0 1.5em} section{overflow-x:auto}
-table{border-collapse:collapse;width:100%;font-size:.88em} h3{font-size:.95em;margin:1.1em 0 .3em}
-td,th{text-align:left;padding:.25em .5em;border-bottom:1px solid var(--line)} th{white-space:nowrap} td{overflow-wrap:anywhere}
+.tables{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(24em,100%),1fr));gap:0 1.5em}
+section{overflow-x:auto} .tables .all{grid-column:1/-1} h3{font-size:.95em;margin:1.1em 0 .3em}
 </style></head><body>
 <header><b>bharatgen_openai</b><nav><button id="tab-chat" class="on">Chat</button>
 <button id="tab-monitor">Monitor</button></nav><button id="keybtn">API key</button></header>
-<form id="keyform" hidden><input id="key" type="password" placeholder="API key (kept for this tab only)"
-autocomplete="off"><button>Use</button><span id="keymsg" class="mute"></span></form>
-<main id="chat"><details><summary class="mute">Settings</summary><div class="grid">
-<label>Model<select id="model"></select></label>
-<label>Temperature<input id="temperature" type="number" min="0" max="2" step="0.1" value="0.7"></label>
-<label>Max tokens<input id="max_tokens" type="number" min="1" max="8192" value="1024"></label>
-<label class="wide">System prompt<textarea id="system" rows="2" placeholder="(the model's default)"></textarea>
-</label></div></details><div id="log"></div>
-<form id="ask"><textarea id="prompt" rows="2" placeholder="Message (Enter sends, Shift+Enter: new line)">
-</textarea><button id="send">Send</button><button id="stop" type="button" disabled>Stop</button>
-<button id="new" type="button">New chat</button></form></main>
-<main id="monitor" hidden><p id="updated" class="mute">loading...</p><div id="cards" class="cards"></div>
+<form id="keyform" hidden><input id="key" type="password" aria-label="API key"
+placeholder="API key (kept in this tab only)" autocomplete="off"><button>Use</button>
+<span id="keymsg" class="mute"></span></form>
+<main id="chat"><aside id="side" aria-label="Chats"><button id="new" type="button">+ New chat</button>
+<ul id="chats"></ul><p class="mute">Chats are kept in this browser (the latest 50).</p></aside>
+<div id="conv"><div id="bar"><button id="sidebtn" class="icon" type="button" aria-label="Chats"
+aria-controls="side">&#9776;</button><select id="model" aria-label="Model"></select>
+<span id="demo" class="badge" title="The built-in demo upstream: canned answers, not the Param model"
+hidden>demo</span><button id="setbtn" class="icon" type="button" aria-controls="settings"
+aria-expanded="false" aria-label="Settings" title="Settings">&#9881;</button></div>
+<div id="settings" hidden>
+<label>Temperature <input id="temperature" type="number" step="0.01" placeholder="default"></label>
+<label>Max tokens <input id="max_tokens" type="number" step="1" placeholder="default"></label>
+<label>Top-p <input id="top_p" type="number" step="0.01" placeholder="default"></label>
+<label class="wide">System prompt<textarea id="system" rows="2" placeholder="(the model's default)">
+</textarea></label></div>
+<div id="log" tabindex="0" aria-label="Conversation"><div id="turns" role="log"></div>
+<p id="empty" class="mute"></p></div>
+<form id="ask"><button id="jump" type="button" hidden>&#8595; Latest</button>
+<div id="editing" class="mute" hidden>Editing a question: it and what follows are replaced.
+<button id="canceledit" class="icon" type="button">Cancel (Esc)</button></div><div id="attached"></div>
+<div class="row"><button id="attach" class="icon" type="button" aria-label="Attach an image"
+title="Attach an image" hidden>+</button><input id="file" type="file" accept="image/*" multiple hidden>
+<textarea id="prompt" rows="1" aria-label="Message" placeholder="Message (Enter sends, Shift+Enter: new line)">
+</textarea><button id="send">Send</button><button id="stop" type="button" hidden disabled>Stop</button>
+</div></form></div></main>
+<main id="monitor" hidden><div><p id="updated" class="mute">loading...</p><div id="cards" class="cards"></div>
 <canvas id="chart"></canvas><p class="mute">Bars: requests per 10 s (red: errors); line: latency p50.</p>
-<div id="tables" class="tables"></div></main>
+<div id="tables" class="tables"></div></div></main>
 <script>
 "use strict";
-const $ = id => document.getElementById(id), KEY = "bharatgen_openai.key";
-let history = [], controller = null, timer = null;
+const $ = id => document.getElementById(id);
+const KEY = "bharatgen_openai.key", CHATS = "bharatgen_openai.chats", PREFS = "bharatgen_openai.prefs";
+// Chats are kept in localStorage: at most MAX_CHATS of them and MAX_CHARS characters of JSON (well
+// inside the ~5 MB a site gets), the least recently used dropped first. Attached images are not
+// kept, only their count. The API key stays in sessionStorage (this tab only).
+const MAX_CHATS = 50, MAX_CHARS = 2000000, SETTINGS = ["system", "temperature", "max_tokens", "top_p"];
+// URLs are relative (v1/models), so the page works under a path prefix behind a proxy
+// (a proxy mapping host/llm/ to /); opened as .../llm without the slash, they go under its last segment.
+const BASE = location.pathname.endsWith("/") ? "" : location.pathname.split("/").pop() + "/";
+let models = [], chats = [], chat = null, controller = null, timer = null;
+let stick = true, lastTop = 0, editing = -1, attached = [];
 function el(tag, cls, text) {                   // an element; text only ever as textContent
   const e = Object.assign(document.createElement(tag), cls ? {className: cls} : {});
   if (text != null) e.textContent = String(text);
   return e;
 }
+function button(text, onclick, cls, label) {
+  const b = Object.assign(el("button", cls, text), {type: "button", onclick});
+  if (label) [b.title, b.ariaLabel] = [label, label];
+  return b;
+}
+const plural = (n, word) => n + " " + word + (n === 1 ? "" : "s");
 // -- the API: the key as a bearer, errors as the server gave them
 async function api(path, body, signal) {
   const headers = {"Content-Type": "application/json"}, key = sessionStorage.getItem(KEY);
   if (key) headers.Authorization = "Bearer " + key;
-  const r = await fetch(path, {method: body ? "POST" : "GET", headers, signal, body: body && JSON.stringify(body)});
+  const r = await fetch(BASE + path, {method: body ? "POST" : "GET", headers, signal,
+                                      body: body && JSON.stringify(body)});
   if (r.ok) return r;
   let detail = null;
   try { detail = (await r.json()).error; } catch (_) {}
@@ -6535,116 +6664,554 @@ async function* events(r) {                      // the JSON data of each server
     const {value, done} = await reader.read();
     if (done) return;
     buffer += decoder.decode(value, {stream: true}).replace(/\r\n?/g, "\n");
-    for (let i; (i = buffer.indexOf("\n\n")) >= 0; buffer = buffer.slice(i + 2)) {
-      const data = buffer.slice(0, i).split("\n").filter(l => l.startsWith("data:"))
+    let at = 0;
+    for (let i; (i = buffer.indexOf("\n\n", at)) >= 0; at = i + 2) {
+      const data = buffer.slice(at, i).split("\n").filter(l => l.startsWith("data:"))
         .map(l => l.slice(5).replace(/^ /, "")).join("\n");
       if (data === "[DONE]") return;
       if (data) yield JSON.parse(data);
     }
+    buffer = buffer.slice(at);
   }
 }
 function askKey(message) {
   [$("keyform").hidden, $("keymsg").textContent] = [false, message || ""];
   $("key").focus();
 }
-// -- markdown, as elements and text nodes: fences, headings, lists, paragraphs, inline marks
-const BLOCK = /^\s*(```|#{1,6}\s|([-*+]|\d+[.)])\s)/, ITEM = /^\s*([-*+]|\d+[.)])\s+/;
-function markdown(text) {
-  const out = document.createDocumentFragment(), lines = text.split("\n");
+// -- markdown, as elements and text nodes (model text is never HTML). An answer is cut into
+// blocks at blank lines outside code fences; a finished block is drawn once and only the last,
+// open one is drawn again as text streams in. The regular expressions are anchored to a line
+// or match one character (none backtracks beyond linear time); inline closers are found by
+// forward searches, cached; nesting is capped at DEPTH.
+const DEPTH = 6, FENCE = /^\s*(`{3,}|~{3,})/, ITEM = /^(\s*)([-*+]|\d{1,9}[.)])(\s+|$)/;
+const HEADING = /^\s{0,3}(#{1,6})(\s+|$)/, SCHEMES = ["http:", "https:", "mailto:"];
+function renderer(target) {                     // draw(text, done): text only ever grows
+  let start = 0, scan = 0, fence = "", open = [];
+  const finish = (text, end) => end > start && target.append(blocks(text.slice(start, end).split("\n"), 0));
+  return (text, done) => {
+    open.forEach(n => n.remove());
+    for (let nl; (nl = text.indexOf("\n", scan)) >= 0; scan = nl + 1) {
+      const line = text.slice(scan, nl), m = FENCE.exec(line);
+      if (fence ? closes(line, fence) : !m && !line.trim()) {
+        finish(text, fence ? nl : scan);
+        [start, fence] = [nl + 1, ""];
+      } else if (!fence && m) fence = m[1];
+    }
+    const rest = blocks(done ? [] : text.slice(start).split("\n"), 0);
+    if (done) finish(text, text.length), start = text.length;
+    open = [...rest.childNodes];
+    target.append(rest);
+  };
+}
+function closes(line, fence) {
+  const t = line.trim();
+  return t.length >= fence.length && t === fence[0].repeat(t.length);
+}
+function blocks(lines, depth) {
+  const out = document.createDocumentFragment();
   for (let i = 0, m; i < lines.length;) {
-    if (/^\s*```/.test(lines[i])) {
-      const code = [];
-      while (++i < lines.length && !/^\s*```/.test(lines[i])) code.push(lines[i]);
+    const line = lines[i], t = line.trim();
+    if (!t) {
       i++;
-      out.appendChild(el("pre")).append(el("code", null, code.join("\n")));
-    } else if ((m = /^\s*(#{1,6})\s+(.*)/.exec(lines[i]))) {
-      out.append(inline(el("h" + Math.min(6, m[1].length + 2)), m[2]));
+    } else if ((m = FENCE.exec(line))) {
+      const fence = m[1], indent = line.indexOf(fence[0]), code = [];
+      while (++i < lines.length && !closes(lines[i], fence)) code.push(dedent(lines[i], indent));
       i++;
-    } else if (ITEM.test(lines[i])) {
-      const ordered = /^\s*\d/.test(lines[i]), list = out.appendChild(el(ordered ? "ol" : "ul"));
-      while (i < lines.length && ITEM.test(lines[i]) && /^\s*\d/.test(lines[i]) === ordered)
-        list.append(inline(el("li"), lines[i++].replace(ITEM, "")));
-    } else if (!lines[i].trim()) {
+      out.append(codeBlock(code.join("\n"), line.slice(indent + fence.length).trim().split(" ")[0]));
+    } else if ((m = HEADING.exec(line))) {
+      let text = line.slice(m[0].length).trimEnd(), j = text.length;
+      while (j && text[j - 1] === "#") j--;
+      if (!j || text[j - 1] === " ") text = text.slice(0, j).trimEnd();    // closing #s
+      out.append(inline(el("h" + Math.min(6, m[1].length + 2)), text));
       i++;
+    } else if (rule(t)) {
+      out.append(el("hr"));
+      i++;
+    } else if (t[0] === ">") {
+      const inner = [];
+      for (let q; i < lines.length && (q = lines[i].trim())[0] === ">"; i++)
+        inner.push(q.slice(q[1] === " " ? 2 : 1));
+      const quote = out.appendChild(el(depth < DEPTH ? "blockquote" : "p"));
+      quote.append(depth < DEPTH ? blocks(inner, depth + 1) : inner.join("\n"));
+    } else if (ITEM.test(line)) {
+      i = list(lines, i, depth, out);
+    } else if (i + 1 < lines.length && t.includes("|") && delimiters(lines[i + 1])) {
+      i = mdTable(lines, i, out);
     } else {
-      const para = [lines[i++]];
-      while (i < lines.length && lines[i].trim() && !BLOCK.test(lines[i])) para.push(lines[i++]);
-      out.append(inline(el("p"), para.join("\n")));
+      const para = [line];
+      while (++i < lines.length && lines[i].trim() && !starts(lines, i, true) &&
+             !(lines[i].includes("|") && delimiters(lines[i + 1] || ""))) para.push(lines[i]);
+      out.append(inline(el("p"), para.map(l => l.trim()).join("\n")));
     }
   }
   return out;
 }
-function inline(node, text) {
-  const marks = /`([^`]+)`|\*\*(.+?)\*\*|\*([^*\s](?:[^*]*[^*\s])?)\*/g;
-  let last = 0;
-  for (let m; (m = marks.exec(text)); last = marks.lastIndex)
-    node.append(text.slice(last, m.index), m[1] != null ? el("code", null, m[1])
-                : inline(el(m[2] != null ? "strong" : "em"), m[2] != null ? m[2] : m[3]));
+const dedent = (line, n) => line.slice(Math.min(n, line.length - line.trimStart().length));
+function starts(lines, i, para) {               // does lines[i] begin a block (one a paragraph yields to)?
+  const l = lines[i], t = l.trim();
+  if (FENCE.test(l) || HEADING.test(l) || t[0] === ">" || rule(t)) return true;
+  return ITEM.test(l) && !(para && /^\d/.test(t) && !/^1[.)]/.test(t));  // a list that starts at 1
+}
+function rule(t) {                              // ---, ***, ___ (spaces between allowed)
+  const c = t.replace(/ /g, "");
+  return c.length >= 3 && "-*_".includes(c[0]) && c === c[0].repeat(c.length);
+}
+function list(lines, i, depth, out) {           // items at one indent; deeper lines are theirs
+  const first = ITEM.exec(lines[i]), indent = first[1].length, ordered = /\d/.test(first[2]);
+  const node = out.appendChild(el(ordered ? "ol" : "ul"));
+  if (ordered && parseInt(first[2]) !== 1) node.start = parseInt(first[2]);
+  for (let m; i < lines.length && (m = ITEM.exec(lines[i])) && m[1].length <= indent + 1 &&
+              m[1].length >= indent && /\d/.test(m[2]) === ordered;) {
+    const inner = Math.min(m[1].length + m[2].length + Math.max(1, Math.min(m[3].length, 4)), indent + 2);
+    const item = [lines[i].slice(m[0].length)];
+    let fence = FENCE.test(item[0]) ? FENCE.exec(item[0])[1] : "";
+    for (i++; i < lines.length && (fence || lines[i].trim()); i++) {
+      const line = lines[i], deep = line.length - line.trimStart().length >= inner;
+      if (!fence && !deep && starts(lines, i)) break;     // a shallower item or another block
+      item.push(deep || fence ? dedent(line, inner) : line.trim());
+      if (fence ? closes(line, fence) : FENCE.test(line)) fence = fence ? "" : FENCE.exec(line)[1];
+    }
+    const li = node.appendChild(el("li"));
+    if (depth >= DEPTH) {
+      inline(li, item.join("\n"));
+      continue;
+    }
+    const content = blocks(item, depth + 1);
+    const lead = content.firstChild;              // a tight item: its text without a <p>
+    if (lead && lead.tagName === "P") lead.replaceWith(...lead.childNodes);
+    li.append(content);
+  }
+  return i;
+}
+function cells(line) {                          // a table row's cells; \| is a literal bar
+  let t = line.trim(), out = [""];
+  if (t[0] === "|") t = t.slice(1);
+  if (t.endsWith("|") && !t.endsWith("\\|")) t = t.slice(0, -1);
+  for (let i = 0; i < t.length; i++) {
+    if (t[i] === "\\" && t[i + 1] === "|") out[out.length - 1] += t[++i];
+    else if (t[i] === "|") out.push("");
+    else out[out.length - 1] += t[i];
+  }
+  return out.map(c => c.trim());
+}
+const delimiters = line => line.includes("-") && cells(line).every(c => /^:?-+:?$/.test(c));
+function mdTable(lines, i, out) {
+  const head = cells(lines[i]), align = cells(lines[i + 1]).map(c =>
+    c.endsWith(":") ? (c[0] === ":" ? "c" : "r") : "");
+  if (head.length !== align.length) {           // not a table after all: a paragraph
+    out.append(inline(el("p"), lines[i].trim()));
+    return i + 1;
+  }
+  const t = out.appendChild(el("div", "tablewrap")).appendChild(el("table"));
+  const row = (values, tag) => t.appendChild(el("tr")).append(...align.map((a, k) =>
+    inline(el(tag, a), values[k] || "")));
+  row(head, "th");
+  for (i += 2; i < lines.length && lines[i].trim() && !starts(lines, i); i++) row(cells(lines[i]), "td");
+  return i;
+}
+function codeBlock(code, lang) {
+  const box = el("div", "code"), text = el("code", null, code);
+  box.appendChild(el("div")).append(el("span", null, lang || "code"),
+                                    button("Copy", e => copy(code, e.target, text), null, "Copy the code"));
+  box.appendChild(el("pre")).append(text);
+  return box;
+}
+function link(url) {                            // the URL if it is http(s) or mailto, else null
+  try { return SCHEMES.includes(new URL(url).protocol) ? new URL(url).href : null; } catch (_) { return null; }
+}
+function anchor(href, text, depth) {             // depth: the label's marks, else plain text
+  const a = Object.assign(el("a"), {href, target: "_blank", rel: "noopener noreferrer"});
+  return depth == null ? Object.assign(a, {textContent: text}) : inline(a, text, depth + 1, true);
+}
+// Inline marks: `code`, **strong**, *em* and _em_, ~~del~~, [text](url), <url>, bare URLs;
+// a backslash escapes a mark. A closer is searched for forward from where the last search of
+// it ended (or failed), so each kind scans the text once; inner text is parsed once per level.
+function inline(node, text, depth = 0, inLink = false) {
+  let last = 0, linked = [-1, null];             // the last link target looked at, and its URL
+  const seen = {}, word = c => c !== undefined && /[\p{L}\p{N}_]/u.test(c);
+  const any = () => true, find = (s, from, ok) => {   // the first s at or after from where ok(at)
+    const c = seen[s];
+    if (c && c[0] <= from && (c[1] < 0 || c[1] >= from)) return c[1];
+    let at = text.indexOf(s, from);
+    while (at >= 0 && !ok(at)) at = text.indexOf(s, at + 1);
+    seen[s] = [from, at];
+    return at;
+  };
+  const marks = /[\\`*_~[<h]/g;
+  const put = (i, made, next) => {              // made replaces text[i, next)
+    node.append(text.slice(last, i), made);
+    last = next;
+    return next;
+  };
+  for (let i = 0, m; (marks.lastIndex = i, m = marks.exec(text));) {
+    const c = m[0];
+    i = m.index;
+    let run = 1;
+    while (text[i + run] === c && run < 16) run++;
+    if (c === "\\") {
+      i = /[!-/:-@[-`{-~]/.test(text[i + 1] || "") ? put(i, text[i + 1], i + 2) : i + 1;
+    } else if (c === "`") {
+      const s = c.repeat(run), end = find(s, i + run, at => text[at - 1] !== "`" && text[at + run] !== "`");
+      if (end < 0 || depth > DEPTH) { i += run; continue; }
+      let code = text.slice(i + run, end);
+      if (code.length > 2 && code[0] === " " && code.endsWith(" ")) code = code.slice(1, -1);
+      i = put(i, el("code", null, code), end + run);
+    } else if ((c === "*" || c === "_" || (c === "~" && run === 2)) && depth < DEPTH && text[i + run] &&
+               text[i + run].trim() && !(c === "_" && word(text[i - 1]))) {
+      const n = Math.min(run, 2), s = c.repeat(n);      // the closer: after a non-space, alone
+      let end = find(s, i + n, at => text[at - 1].trim() !== "" && text[at - 1] !== c &&
+                     (n === 2 || text[at + 1] !== c) && !(c === "_" && word(text[at + n])));
+      if (end < 0 || end === i + n) { i += run; continue; }
+      while (n === 2 && text[end + 2] === c) end++;     // ***x*** is strong around *x*
+      const tag = c === "~" ? "del" : n === 2 ? "strong" : "em";
+      i = put(i, inline(el(tag), text.slice(i + n, end), depth + 1), end + n);
+    } else if (inLink) {
+      i += run;
+    } else if (c === "[" && depth < DEPTH) {    // [label](url): the URL checked once per ]
+      const close = find("]", i + 1, any), end = text[close + 1] === "(" ? find(")", close + 2, any) : -1;
+      if (end > 0 && linked[0] !== close)
+        linked = [close, end - close < 2048 && link(text.slice(close + 2, end).trim().split(" ")[0])];
+      i = end > 0 && linked[1] ? put(i, anchor(linked[1], text.slice(i + 1, close), depth), end + 1) : i + 1;
+    } else if (c === "<") {                      // <url>: no < or space inside
+      const end = find(">", i + 1, any), lt = find("<", i + 1, any);
+      const url = end > 0 && end - i < 2048 && (lt < 0 || lt > end) ? text.slice(i + 1, end) : "";
+      const href = url && !/\s/.test(url) && link(url);
+      i = href ? put(i, anchor(href, url), end + 1) : i + 1;
+    } else if (c === "h" && !word(text[i - 1]) && /^ttps?:\/\//.test(text.slice(i + 1, i + 8))) {
+      let end = i;                               // a bare URL, without the punctuation after it
+      while (end < text.length && end - i < 2048 && text[end].trim() && text[end] !== "<") end++;
+      const paren = text.slice(i, end).includes("(");
+      while (".,:;!?'\")*_".includes(text[end - 1]) && !(paren && text[end - 1] === ")")) end--;
+      const href = link(text.slice(i, end));
+      i = href ? put(i, anchor(href, text.slice(i, end)), end) : end;
+    } else {
+      i += run;
+    }
+  }
   node.append(text.slice(last));
   return node;
 }
-// -- chat
-async function loadModels() {
+// -- copying: the clipboard API, else (refused, as on plain http at a LAN address) a selected
+// textarea and execCommand, else the text is left selected for Ctrl+C
+async function copy(text, btn, node) {
+  let ok = false;
   try {
-    const models = (await (await api("/v1/models")).json()).data;
-    $("model").replaceChildren(...models.map(m => el("option", null, m.id)));
-  } catch (e) {
-    if (e.status !== 401) $("log").append(el("div", "msg error", errorText(e)));
+    await navigator.clipboard.writeText(text);
+    ok = true;
+  } catch (_) {
+    const area = Object.assign(el("textarea", "offscreen"), {value: text, readOnly: true});
+    document.body.append(area);
+    area.focus({preventScroll: true});
+    area.select();
+    try { ok = document.execCommand("copy"); } catch (_) {}
+    area.remove();
+    btn.focus();
+    if (!ok) getSelection().selectAllChildren(node);
   }
+  btn.textContent = ok ? "Copied" : "Press Ctrl+C";
+  clearTimeout(btn.reset);
+  btn.reset = setTimeout(() => { btn.textContent = "Copy"; }, 1500);
 }
-async function send(event) {
-  event.preventDefault();
-  const text = $("prompt").value.trim(), system = $("system").value.trim();
-  if (!text || controller) return;
-  $("prompt").value = "";
-  const turns = history;                         // New chat mid-answer starts another list
-  turns.push({role: "user", content: text});
-  const box = el("div", "msg"), thought = el("details", "thought"), answer = el("div", "answer");
-  const summary = el("summary", null, "Thinking..."), thoughtText = el("div");
-  thought.append(summary, thoughtText);
-  box.append(thought, answer);
-  $("log").append(el("div", "msg user", text), box);
-  let content = "", reasoning = "", queued = false;
-  const render = () => {                        // at most once a frame
-    const follow = innerHeight + scrollY >= document.documentElement.scrollHeight - 60;
-    [queued, thought.hidden, thoughtText.textContent] = [false, !reasoning, reasoning];
-    answer.replaceChildren(markdown(content));
-    if (follow) box.scrollIntoView({block: "end"});   // unless the reader scrolled up
+// -- chats, kept (see MAX_CHATS): each {id, title, at, messages: [{role, content, ...}]}
+function read(key) {                           // stored JSON, or null
+  try { return JSON.parse(localStorage.getItem(key)); } catch (_) { return null; }
+}
+function store(key, json) {                     // false when refused (over the quota, or off)
+  try { localStorage.setItem(key, json); return true; } catch (_) { return false; }
+}
+function stored() {                            // the chats kept, whatever was written there
+  const list = [].concat(read(CHATS) || []).filter(c =>
+    c && typeof c.title === "string" && Array.isArray(c.messages));
+  list.forEach(c => { c.messages = c.messages.filter(m => m && typeof m.content === "string"); });
+  return list;
+}
+function load() {
+  const prefs = read(PREFS) || {};
+  chats = stored();
+  SETTINGS.forEach(id => { $(id).value = typeof prefs[id] === "string" ? prefs[id] : ""; });
+  chat = chats.find(c => c.id === prefs.chat) || null;
+  return prefs;
+}
+function save() {                               // the newest first; the oldest dropped to fit
+  chats.sort((a, b) => b.at - a.at).splice(MAX_CHATS);
+  for (;;) {
+    const json = JSON.stringify(chats, (k, v) => k === "images" && Array.isArray(v) ? v.length : v);
+    if ((json.length <= MAX_CHARS && store(CHATS, json)) || chats.length < 2) break;
+    chats.pop();
+  }
+  prefs();
+  drawChats();
+}
+function prefs() {
+  const p = {model: $("model").value, chat: chat && chat.id};
+  SETTINGS.forEach(id => { p[id] = $(id).value; });
+  store(PREFS, JSON.stringify(p));
+}
+function drawChats(focus) {
+  $("chats").replaceChildren(...chats.map(c => {
+    const li = el("li"), del = button("×", () => {
+      if (!del.classList.contains("sure"))           // asked twice
+        return Object.assign(del, {className: "icon sure", textContent: "Delete?"});
+      chats.splice(chats.indexOf(c), 1);
+      if (c === chat) pick(null);
+      save();
+      $("new").focus();
+    }, "icon", "Delete");
+    del.onblur = () => Object.assign(del, {className: "icon", textContent: "×"});
+    li.append(button(c.title, () => pick(c), "open"),
+              button("✎", () => rename(li, c), "icon", "Rename"), del);
+    if (c === chat) li.ariaCurrent = "true";
+    if (c === focus) setTimeout(() => li.firstChild.focus());
+    return li;
+  }));
+}
+function rename(li, c) {
+  const input = Object.assign(el("input"), {value: c.title, ariaLabel: "Chat name"});
+  let ended = false;
+  const end = keep => {
+    if (ended) return;
+    ended = true;
+    if (keep && input.value.trim()) c.title = input.value.trim().slice(0, 200);
+    save();
+    drawChats(c);
   };
-  render();
-  controller = new AbortController();
-  $("send").disabled = !($("stop").disabled = false);
+  input.onkeydown = e => {
+    if (e.key === "Enter" || e.key === "Escape") [end(e.key === "Enter"), e.stopPropagation()];
+  };
+  input.onblur = () => end(true);
+  li.replaceChildren(input);
+  input.focus();
+  input.select();
+}
+function pick(c) {                              // show a chat (null: a new one)
+  stopAnswer();
+  [chat, stick, editing] = [c, true, -1];
+  $("editing").hidden = true;
+  drawLog();
+  drawChats();
+  prefs();
+  if (matchMedia("(max-width:760px)").matches) side(false);
+  $("prompt").focus();
+}
+function side(open) {
+  $("chat").classList.toggle("side", open);
+  $("sidebtn").ariaExpanded = String(open);
+}
+// -- the conversation
+function drawLog() {
+  $("turns").replaceChildren(...(chat ? chat.messages : []).map((m, i) =>
+    m.role === "user" ? userBox(m, i) : botBox(m, true)));
+  marks();
+}
+function marks() {                              // Regenerate only on the last answer
+  const shown = $("turns").querySelectorAll(":scope > .msg:not([hidden])"), last = shown[shown.length - 1];
+  for (const b of $("turns").querySelectorAll(".regen")) b.hidden = b.closest(".msg") !== last;
+}
+function error(e) {                             // an API error as given, with Retry
+  const box = Object.assign(el("div", "msg error", errorText(e)), {role: "alert"});
+  box.appendChild(el("div", "acts")).append(button("Retry", regenerate, "regen", "Ask again"));
+  return box;
+}
+function userBox(m, i) {
+  const box = el("div", "msg user"), acts = el("div", "acts");
+  if (Array.isArray(m.images)) box.appendChild(el("div", "imgs")).append(...m.images.map(src =>
+    Object.assign(el("img"), {src, alt: "attached image"})));
+  else if (m.images) box.append(el("div", "imgs mute", plural(m.images, "image") + " (not kept)"));
+  const text = box.appendChild(el("div", "text", m.content));
+  acts.append(button("Edit", () => edit(i), "edit", "Edit and send again"),
+              button("Copy", e => copy(m.content, e.target, text)));
+  box.append(acts);
+  return box;
+}
+function botBox(m, done) {                      // an answer: the thought folded above it
+  const box = el("div", "msg bot"), thought = box.appendChild(el("details", "thought"));
+  const summary = thought.appendChild(el("summary"));
+  const said = thought.appendChild(el("div")).appendChild(new Text());
+  const answer = box.appendChild(el("div", "answer")), draw = renderer(answer);
+  const acts = box.appendChild(el("div", "acts"));
+  acts.append(button("Copy", e => copy(m.content, e.target, answer), null, "Copy the answer"),
+              button("Regenerate", regenerate, "regen", "Answer again"));
+  box.show = end => {
+    said.appendData(m.reasoning.slice(said.length));
+    thought.hidden = !m.reasoning;
+    summary.textContent = m.seconds == null ? "Thinking…" : "Thought for " + (m.seconds < 10 ?
+      m.seconds.toFixed(1) : Math.round(m.seconds)) + " s";
+    draw(m.content, end);
+    acts.hidden = !end;
+  };
+  m.reasoning = m.reasoning || "";
+  if (done) box.show(true);
+  return box;
+}
+function busy(on) {
+  const had = document.activeElement;
+  [$("send").hidden, $("send").disabled, $("stop").hidden, $("stop").disabled] = [on, on, !on, !on];
+  $("conv").classList.toggle("busy", on);
+  if (had === $("send") || had === $("stop")) $(on ? "stop" : "prompt").focus();
+}
+function stopAnswer() {                         // the answer so far stays in its chat
+  if (controller) controller.abort();
+  controller = null;
+  busy(false);
+}
+function submit(event) {
+  event.preventDefault();
+  const content = $("prompt").value.trim();
+  if ((!content && !attached.length) || controller) return;
+  if (!chat) chats.push(chat = {id: Date.now().toString(36) + Math.random().toString(36).slice(2, 6),
+                                title: content.slice(0, 80) || "Image", messages: []});
+  if (editing >= 0) chat.messages.splice(editing);
+  const m = attached.length ? {role: "user", content, images: attached} : {role: "user", content};
+  chat.messages.push(m);
+  if (editing >= 0) drawLog();
+  else $("turns").append(userBox(m, chat.messages.length - 1));
+  [$("prompt").value, attached, editing, $("editing").hidden] = ["", [], -1, true];
+  drawAttached();
+  reply(chat);
+}
+async function reply(to) {                      // stream the answer to the chat's last question
+  const m = {role: "assistant", content: "", reasoning: ""}, box = botBox(m), system = $("system").value.trim();
+  const messages = (system ? [{role: "system", content: system}] : []).concat(sent(to.messages));
+  const value = id => $(id).value === "" ? undefined : +$(id).value;    // empty: the app's default
+  to.at = Date.now();
+  save();
+  $("turns").append(box);
+  marks();
+  [stick, $("jump").hidden] = [true, true];
+  follow();
+  const mine = controller = new AbortController();
+  let frame = 0, thinking = 0, stopped = false;
+  const show = () => { frame = 0; box.show(false); };   // at most once a frame
+  box.show(false);
+  busy(true);
   try {
-    const r = await api("/v1/chat/completions", {model: $("model").value, stream: true,
-      messages: (system ? [{role: "system", content: system}] : []).concat(turns),
-      temperature: +$("temperature").value, max_tokens: +$("max_tokens").value}, controller.signal);
+    const r = await api("v1/chat/completions", {model: $("model").value, stream: true, messages,
+      temperature: value("temperature"), max_tokens: value("max_tokens"), top_p: value("top_p")}, mine.signal);
     for await (const data of events(r)) {
       if (data.error) throw apiError(data.error);
       const delta = (data.choices[0] || {}).delta || {};
-      for (const [name, value] of Object.entries(delta))     // the thought's field may be renamed
-        if (typeof value === "string" && name !== "content" && name !== "role") reasoning += value;
-      content += delta.content || "";
-      if (!queued) queued = !!requestAnimationFrame(render);
+      for (const [name, v] of Object.entries(delta))     // the thought's field may be renamed
+        if (typeof v === "string" && name !== "content" && name !== "role") {
+          thinking = thinking || performance.now();
+          m.reasoning += v;
+        }
+      if (delta.content && thinking && m.seconds == null) m.seconds = (performance.now() - thinking) / 1000;
+      m.content += delta.content || "";
+      frame = frame || requestAnimationFrame(show);
     }
   } catch (e) {
-    box.after(e.name === "AbortError" ? el("p", "mute stopped", "Stopped.") : el("div", "msg error", errorText(e)));
+    stopped = e.name === "AbortError";
+    if (stopped) box.lastChild.before(el("p", "mute stopped", "Stopped."));
+    else box.after(error(e));
   } finally {
-    render();
-    summary.textContent = "Thought";
-    if (content) turns.push({role: "assistant", content});
-    else turns.pop();                         // a turn with no answer is not sent again
-    if (!content && !reasoning) box.hidden = true;
-    controller = null;
-    $("send").disabled = !($("stop").disabled = true);
+    cancelAnimationFrame(frame);
+    if (thinking && m.seconds == null) m.seconds = (performance.now() - thinking) / 1000;
+    if (m.seconds != null) m.seconds = Math.round(m.seconds * 10) / 10;
+    box.show(true);
+    if (m.content) to.messages.push(m);           // an unanswered question is not sent again
+    else if (!m.reasoning && !stopped) box.hidden = true;
+    if (controller === mine) {
+      controller = null;
+      busy(false);
+    }
+    marks();
+    if (chats.includes(to)) save();
   }
 }
+function sent(msgs) {                           // answered questions and the last one; its images
+  const last = msgs.length - 1;                 // (the app takes images with the new message only)
+  return msgs.filter((m, i) => i === last || m.role === "assistant" || (msgs[i + 1] || {}).role === "assistant")
+    .map((m, i, all) => {
+      if (i < all.length - 1 || !Array.isArray(m.images)) return {role: m.role, content: m.content};
+      const parts = m.images.map(url => ({type: "image_url", image_url: {url}}));
+      return {role: m.role, content: m.content ? [{type: "text", text: m.content}, ...parts] : parts};
+    });
+}
+function regenerate() {
+  if (controller || !chat) return;
+  const msgs = chat.messages;
+  while (msgs.length && msgs[msgs.length - 1].role !== "user") msgs.pop();
+  if (!msgs.length) return;
+  drawLog();
+  log.focus({preventScroll: true});               // the button is gone: focus the conversation
+  reply(chat);
+}
+function cancelEdit() {
+  [editing, $("prompt").value, $("editing").hidden] = [-1, "", true];
+  $("prompt").focus();
+}
+function edit(i) {
+  if (controller) return;
+  [editing, $("prompt").value, $("editing").hidden] = [i, chat.messages[i].content, false];
+  $("prompt").focus();
+}
+function drawAttached() {
+  $("attached").replaceChildren(...attached.map((src, i) => {
+    const s = el("span");
+    s.append(Object.assign(el("img"), {src, alt: "image to send"}),
+             button("×", () => { attached.splice(i, 1); drawAttached(); }, "icon", "Remove the image"));
+    return s;
+  }));
+}
+// The view follows the newest message while the reader is at the bottom: any scroll up (not
+// a clamp at the end) stops that and shows "Latest"; back at the end, or a question sent, it
+// follows again. Whatever grows or shrinks (an answer, the window, the box) calls follow().
+const log = $("log");
+function follow() {
+  if (stick) log.scrollTop = log.scrollHeight;
+}
+log.onscroll = () => {
+  const gap = log.scrollHeight - log.scrollTop - log.clientHeight;
+  if (log.scrollTop < lastTop && gap > 1) stick = false;
+  else if (gap < 30) stick = true;
+  lastTop = log.scrollTop;
+  $("jump").hidden = stick;
+};
+new ResizeObserver(follow).observe($("turns"));
+new ResizeObserver(follow).observe(log);
+$("jump").onclick = () => {
+  stick = true;
+  follow();
+  $("prompt").focus();
+};
+// -- models and their settings
+async function loadModels(chosen) {
+  try {
+    models = (await (await api("v1/models")).json()).data;
+    $("model").replaceChildren(...models.map(m => el("option", null, m.id)));
+    if (models.some(m => m.id === chosen)) $("model").value = chosen;
+    applyModel();
+  } catch (e) {
+    if (e.status !== 401) $("turns").append(el("div", "msg error", errorText(e)));
+  }
+}
+function applyModel() {                         // the app's ranges, demo, images
+  const m = models.find(x => x.id === $("model").value) || {}, limits = m.limits || {};
+  for (const id of ["temperature", "max_tokens", "top_p"]) {
+    const [lo, hi] = limits[id] || ["", ""], label = $(id).parentNode.firstChild;
+    [$(id).min, $(id).max] = [lo, hi];
+    const name = label.textContent.split(" (")[0].trim();
+    label.textContent = hi === "" ? name : name + " (" + lo + "–" + hi + ")";
+  }
+  $("demo").hidden = !m.demo;
+  $("attach").hidden = !m.images;
+  if (!m.images && attached.length) [attached] = [[], drawAttached()];
+  $("empty").textContent = m.id ? "Ask " + m.id + (m.demo ? ", the built-in demo: canned answers, " +
+    "not the Param model." : ".") : "";
+}
 // -- monitor
-const ms = v => v == null ? "-" : v < 1 ? Math.round(v * 1000) + " ms" : v.toFixed(2) + " s";
+const ms = v => v == null ? "-" : v < 1 ? Math.round(v * 1000) + "\u00a0ms" : v.toFixed(2) + "\u00a0s";
+function url(u) {                               // wraps after a / or before :port, not in a number
+  const s = el("span", "url");
+  for (const part of u.split(/(?=:\d)|(?<=\/)(?!\/)/)) s.append(part, el("wbr"));
+  return s;
+}
 function table(title, heads, rows) {
   const section = el("section"), t = section.appendChild(el("table"));
   section.prepend(el("h3", null, title));
   t.appendChild(el("tr")).append(...heads.map(h => el("th", null, h)));
-  for (const row of rows.length ? rows : [["none"]]) t.appendChild(el("tr")).append(...row.map(v => el("td", null, v)));
+  for (const row of rows.length ? rows : [["none"]])
+    t.appendChild(el("tr")).append(...row.map(v => { const td = el("td"); td.append(v); return td; }));
   return section;
 }
 function draw(d) {
@@ -6664,27 +7231,29 @@ function draw(d) {
     return c;
   }));
   const replicas = Object.entries(d.models).flatMap(([model, list]) =>
-    list.map(x => [model, x.url, x.status, x.failures, x.last_error || "-"]));
+    list.map(x => [model, url(x.url), x.status, x.failures, x.last_error || "-"]));
   $("tables").replaceChildren(
     table("Status" + span, ["status", "requests"], Object.entries(r.by_status)),
     table("Errors by type" + span, ["type", "count"], Object.entries(r.errors)),
     table("Keys (short hash)" + span, ["key", "requests", "errors", "tokens in", "tokens out"],
       Object.entries(r.keys).map(([k, v]) => [k, v.requests, v.errors, v.tokens_in, v.tokens_out])),
-    table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
+    Object.assign(table("Replicas", ["model", "url", "state", "failures", "last error"], replicas),
+                  {className: "all"}),
     table("Upstream errors since start", ["kind", "count"], Object.entries(t.upstream_errors)));
   chart(r.series);
   $("updated").textContent = "v" + d.version + " · up " + Math.round(d.uptime_seconds) + " s · updated "
     + new Date().toLocaleTimeString();
 }
 function chart(series) {                          // bars: requests and errors; line: latency p50
-  const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight, dpr = devicePixelRatio || 1;
+  const c = $("chart"), g = c.getContext("2d"), w = c.clientWidth, h = c.clientHeight;
+  const dpr = devicePixelRatio || 1;
   const css = getComputedStyle(document.documentElement), color = n => css.getPropertyValue(n).trim();
   const most = Math.max(1, ...series.map(p => p.requests)), lat = series.map(p => p.latency_p50);
   const slowest = Math.max(0.001, ...lat.filter(v => v != null)), bw = w / series.length, top = 18, ph = h - 36;
   [c.width, c.height] = [w * dpr, h * dpr];
   g.scale(dpr, dpr);
   [g.font, g.fillStyle] = ["11px system-ui, sans-serif", color("--mute")];
-  for (const [text, x, y] of [[most + " requests", 6, 12], ["p50 " + ms(slowest), w - 6, 12],
+  for (const [text, x, y] of [[plural(most, "request"), 6, 12], ["p50 " + ms(slowest), w - 6, 12],
                               ["-" + series.length * 10 / 60 + " min", 6, h - 5], ["now", w - 6, h - 5]]) {
     g.textAlign = x > 6 ? "right" : "left";
     g.fillText(text, x, y);
@@ -6708,7 +7277,7 @@ function chart(series) {                          // bars: requests and errors; 
 let polls = 0, pause = 1500;                      // the monitor's run, and its wait
 async function poll(run) {                        // one at a time; slower while failing
   try {
-    draw(await (await api("/v1/dashboard")).json());
+    draw(await (await api("v1/dashboard")).json());
     pause = 1500;
   } catch (e) {
     $("updated").textContent = errorText(e);
@@ -6733,21 +7302,56 @@ $("keyform").onsubmit = e => {
   const key = $("key").value.trim();
   key ? sessionStorage.setItem(KEY, key) : sessionStorage.removeItem(KEY);
   [$("key").value, $("keyform").hidden] = ["", true];
-  loadModels();
+  loadModels($("model").value);
   if (!$("monitor").hidden) show("monitor");
 };
-$("ask").onsubmit = send;
+$("ask").onsubmit = submit;
 $("prompt").onkeydown = e => {                    // not while an input method composes
-  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) send(e);
+  if (e.key === "Enter" && !e.shiftKey && !e.isComposing && e.keyCode !== 229) submit(e);
+  else if (e.key === "Escape" && editing >= 0) cancelEdit();
 };
-$("stop").onclick = () => controller && controller.abort();
-$("new").onclick = () => {
-  if (controller) controller.abort();
-  [history, $("log").textContent] = [[], ""];
-  $("prompt").focus();
+$("canceledit").onclick = cancelEdit;
+$("stop").onclick = stopAnswer;
+$("new").onclick = () => pick(null);
+$("sidebtn").onclick = () => {
+  side(!$("chat").classList.contains("side"));
+  if ($("chat").classList.contains("side") && !wide.matches) $("new").focus();
 };
-loadModels();
+$("setbtn").onclick = () => {
+  $("setbtn").ariaExpanded = String($("settings").hidden);
+  $("settings").hidden = !$("settings").hidden;
+};
+$("model").onchange = () => [applyModel(), prefs()];
+SETTINGS.forEach(id => { $(id).onchange = prefs; });
+$("attach").onclick = () => $("file").click();
+$("file").onchange = () => {
+  for (const f of $("file").files) {
+    const reader = new FileReader();
+    reader.onload = () => [attached.push(reader.result), drawAttached()];
+    if (f.type.startsWith("image/")) reader.readAsDataURL(f);
+  }
+  $("file").value = "";
+};
+addEventListener("storage", e => {              // another tab saved: its list, with our open chat
+  if (e.key !== CHATS) return;
+  chats = stored().map(c => chat && c.id === chat.id ? chat : c);
+  drawChats();
+});
+document.addEventListener("keydown", e => {      // Esc closes the chat list over a narrow page
+  if (e.key === "Escape" && matchMedia("(max-width:760px)").matches && $("chat").classList.contains("side")) {
+    side(false);
+    $("sidebtn").focus();
+  }
+});
+const saved = load();
+const wide = matchMedia("(min-width:761px)");
+side(wide.matches);
+wide.onchange = () => side(wide.matches);
+drawLog();
+drawChats();
+loadModels(saved.model);
 </script></body></html>
+
 """
 
 

@@ -2299,6 +2299,39 @@ class EmbeddingTests(unittest.TestCase):
             client.embeddings.create(input="a", model=bg.DEFAULT_MODEL)
 
 
+class _UploadHandler(bg._DemoHandler):
+    def do_POST(self):
+        if self.path.endswith("/upload"):                 # Gradio's upload route
+            self.server.uploads.append(self.read_body(1 << 24))
+            self.send_json(200, ["/tmp/gradio/upload/image.png"])
+        else:
+            super().do_POST()
+
+
+class ImageGradio(FakeGradio):
+    """A Param-shaped app whose message input is a MultimodalTextbox (text and images),
+    with a max_tokens slider up to 512; ``uploads`` holds the bodies it was sent."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.RequestHandlerClass, self.uploads = _UploadHandler, []
+
+    def info_json(self):
+        info = super().info_json()
+        for name, endpoint in info["named_endpoints"].items():
+            if name == "/embed":
+                continue
+            endpoint["parameters"][0]["component"] = "MultimodalTextbox"
+            endpoint["parameters"][4]["type"]["description"] = "numeric value between 1 and 512"
+        return info
+
+    def _values(self, job):
+        values = super()._values(job)
+        if isinstance(values.get("message"), dict):
+            values["message"] = values["message"]["text"]
+        return values
+
+
 class FoldingTests(unittest.TestCase):
     def test_a_system_prompt_the_app_has_no_input_for_is_folded_into_the_message(self):
         demo = PlainChatInterface().start()
@@ -3569,6 +3602,44 @@ class PageTests(unittest.TestCase):
         self.assertEqual(request(gw.url, "HEAD", "/")[::2], (200, b""))
         self.assertEqual(request(gw.url, "POST", "/", {})[0], 405)
 
+    def test_models_tell_the_page_demo_limits_and_images_when_known(self):
+        """GET /v1/models keeps OpenAI's fields and adds the page's: demo, the app's slider
+        ranges, images; each only when known, and never waiting long on a silent upstream."""
+        openai_fields = ("id", "created", "object", "owned_by")
+        gw = start_gateway(self, self.demo.url, demo=True)
+        status, _, body = request(gw.url, "GET", "/v1/models")
+        model = json.loads(body)["data"][0]
+        self.assertEqual((status, model), (200, {
+            "id": bg.DEFAULT_MODEL, "created": gw.backend.created, "object": "model",
+            "owned_by": "bharatgen (demo upstream: canned answers)", "demo": True,
+            "limits": {"temperature": [0, 2], "max_tokens": [1, 8192], "top_p": [0, 1],
+                       "top_k": [1, 100]}}))
+        self.assertEqual(json.loads(request(gw.url, "GET", "/v1/models/" + bg.DEFAULT_MODEL)[2]),
+                         {k: model[k] for k in openai_fields})       # and the SDK's object:
+        self.assertEqual(bg.BharatGenOpenAI(base_url=gw.url + "/v1").models.list().data[0].id,
+                         bg.DEFAULT_MODEL)
+        images = ImageGradio().start()
+        self.addCleanup(images.stop)
+        gw = start_gateway(self, images.url)
+        chat(gw, "Say hello")                                  # discovery has run
+        model = json.loads(request(gw.url, "GET", "/v1/models")[2])["data"][0]
+        self.assertEqual((model["owned_by"], "demo" in model, model["images"], model["limits"]["max_tokens"]),
+                         ("bharatgen", False, True, [1, 512]))
+        silent = socket.create_server(("127.0.0.1", 0))         # connects, never answers
+        self.addCleanup(silent.close)
+        gw = start_gateway(self, "http://127.0.0.1:%d" % silent.getsockname()[1])
+        discovering = lambda: sum(t.name == "bharatgen-discover" for t in threading.enumerate())
+        threads = discovering()
+        for _ in range(3):
+            started = time.monotonic()
+            status, _, body = request(gw.url, "GET", "/v1/models")
+            self.assertLess(time.monotonic() - started, 2)
+            self.assertEqual((status, sorted(json.loads(body)["data"][0])), (200, sorted(openai_fields)))
+        self.assertEqual(discovering(), threads + 1)            # one discovery, waited on
+        down = start_gateway(self, "http://127.0.0.1:9")
+        self.assertEqual(sorted(json.loads(request(down.url, "GET", "/v1/models")[2])["data"][0]),
+                         sorted(openai_fields))
+
     def test_dashboard_needs_a_key(self):
         gw = start_gateway(self, self.demo.url, api_keys=["k1"])
         for headers, message in (({}, "Missing API key: send the header 'Authorization: Bearer <key>'"),
@@ -4666,35 +4737,6 @@ class Answering(FakeGradio):
         return super().reply(message, history, system, params)
 
 
-class _UploadHandler(bg._DemoHandler):
-    def do_POST(self):
-        if urllib.parse.urlsplit(self.path).path != "/gradio_api/upload":
-            return super().do_POST()
-        self.read_body(1 << 24)
-        with self.server.lock:
-            self.server.uploads += 1
-            name = "/tmp/gradio/upload%d.png" % self.server.uploads
-        self.send_json(200, [name])
-
-
-class MultimodalGradio(FakeGradio):
-    """A chat app whose message input is a MultimodalTextbox: it counts its uploads."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.uploads, self.RequestHandlerClass = 0, _UploadHandler
-
-    def _inputs(self):
-        return [(2, "multimodaltextbox", "message", None), (1, "chatbot", "chat_history", [])]
-
-    def info_json(self):
-        params = [{"label": "message", "parameter_name": "message", "component": "MultimodalTextbox",
-                   "parameter_has_default": False, "type": {"type": "object"}},
-                  {"label": "chat_history", "parameter_name": "chat_history", "component": "Chatbot",
-                   "parameter_has_default": True, "parameter_default": [], "type": {}}]
-        return {"named_endpoints": {"/chat_fn_1": {"parameters": params, "returns": []}}}
-
-
 def json_format(schema, strict=False):
     return {"type": "json_schema", "json_schema": {"name": "r", "schema": schema, "strict": strict}}
 
@@ -4943,21 +4985,21 @@ class AttackTests(unittest.TestCase):
         self.assertEqual(chat(gw, "300 words", max_tokens=8192)[1]["x-cache"], "miss")
 
     def test_images_are_uploaded_once_a_request_and_capped(self):
-        demo = MultimodalGradio().start()
+        demo = ImageGradio().start()
         self.addCleanup(demo.stop)
         gw = start_gateway(self, demo.url)
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
         message = [{"role": "user", "content": [{"type": "text", "text": "Hi"}] + [image] * 16}]
         self.assertEqual(chat(gw, message, n=4)[0], 200)
-        self.assertEqual(demo.uploads, 1)                        # 16 x 4 before
+        self.assertEqual(len(demo.uploads), 1)                   # 16 x 4 before
         other = {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}
         self.assertEqual(chat(gw, [dict(message[0], content=[image, other])], n=3)[0], 200)
-        self.assertEqual(demo.uploads, 3)
+        self.assertEqual(len(demo.uploads), 3)
         status, _, body = chat(gw, [dict(message[0], content=[image] * 17)])
         self.assertEqual((status, json.loads(body)["error"]), (400, {
             "message": "a message may hold at most 16 images", "type": "invalid_request_error",
             "param": "messages[0].content[16]", "code": "too_many_images"}))
-        self.assertEqual(demo.uploads, 3)
+        self.assertEqual(len(demo.uploads), 3)
 
     def test_keys_are_known_by_their_whole_digest_and_wrong_ones_are_limited(self):
         demo = start_demo(self)
@@ -5940,29 +5982,117 @@ def _launch(test, gr, app, **queue):
     return "http://127.0.0.1:%d" % port
 
 
+class _PrefixProxy(http.server.ThreadingHTTPServer):
+    """A reverse proxy serving ``upstream`` under /llm/ (the prefix stripped), streaming each
+    response through chunk by chunk; ``paths`` holds every path it was asked for."""
+
+    daemon_threads = True
+
+    def __init__(self, upstream):
+        self.upstream, self.paths = upstream, []
+        super().__init__(("127.0.0.1", 0), _PrefixHandler)
+
+    @property
+    def url(self):
+        return "http://127.0.0.1:%d" % self.server_address[1]
+
+
+class _PrefixHandler(http.server.BaseHTTPRequestHandler):
+    def forward(self):
+        self.server.paths.append(self.path)
+        if not (self.path + "/").startswith("/llm/"):
+            self.send_error(404)
+            return
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        host, port = self.server.upstream.split("//")[1].split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=TIMEOUT)
+        try:
+            conn.request(self.command, self.path[4:] or "/", body or None, {
+                k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")})
+            resp = conn.getresponse()
+            self.send_response(resp.status)
+            for name, value in resp.getheaders():
+                if name.lower() not in ("connection", "transfer-encoding", "content-length",
+                                        "date", "server"):
+                    self.send_header(name, value)
+            self.end_headers()                         # HTTP/1.0: the body ends at close
+            for chunk in iter(lambda: resp.read1(65536), b""):
+                self.wfile.write(chunk)
+                self.wfile.flush()
+        finally:
+            conn.close()
+
+    do_GET = do_POST = forward
+
+    def log_message(self, *args):
+        pass
+
+
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def png(width, height, rgb):
+    """A PNG of one colour (for the image button)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    rows = b"".join(b"\0" + bytes(rgb) * width for _ in range(height))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)) \
+        + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+# Markdown as people (and models) write it; the demo echoes a system prompt back as its answer.
+MARKDOWN = """Intro
+
+| name | n | note |
+|:-:|--:|---|
+| a **b** | 1 | `c\\|d` |
+| e | 2 |
+
+> quoted *text*
+> > nested
+
+- one
+  - one.a
+    - one.a.i
+- two [site](https://example.org/x?a=1&b=2) and [mail](mailto:a@example.org)
+
+3. third
+4. fourth
+
+[bad](javascript:alert(1)) <javascript:alert(2)> [data](data:text/html,x) see https://example.com/p.
+
+```python
+print('hi')
+```
+
+End"""
 
 
 @needs("selenium", CHROMIUM, CHROMEDRIVER)
 class BrowserTests(unittest.TestCase):
-    """The page at / in headless Chromium, against a keyed gateway and the demo upstream.
+    """The page at / in headless Chromium, against a keyed gateway and the demo upstream (no
+    token delay unless a test times something), at 1280x800 and 390x844, light and dark.
     Screenshots go to $BHARATGEN_SCREENSHOTS (or a temporary directory); their paths are
     printed."""
 
     KEY = "sk-browser"
+    SIZES = {"wide": (1280, 800), "narrow": (390, 844)}
 
     @classmethod
     def setUpClass(cls):
         from selenium import webdriver
         from selenium.webdriver.chrome.service import Service
         import tempfile
-        cls.demo = FakeGradio(token_delay=0.01).start()
+        cls.demo = FakeGradio().start()
         cls.gw = bg.GatewayServer(bg.Config(upstream=[cls.demo.url], port=0, timeout=10, demo=True,
                                             api_keys=[cls.KEY])).start()
         options = webdriver.ChromeOptions()
         options.binary_location = CHROMIUM
         for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                    "--window-size=1100,900"):
+                    "--window-size=1280,900"):
             options.add_argument(arg)
         try:
             cls.driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
@@ -5980,6 +6110,22 @@ class BrowserTests(unittest.TestCase):
         cls.gw.stop()
         cls.demo.stop()
 
+    def setUp(self):
+        self.viewport("wide")
+
+    def viewport(self, size, dark=False):
+        """The window's inner size exactly (a phone's for "narrow"), light or dark."""
+        width, height = self.SIZES[size]
+        self.driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", {
+            "width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600})
+        self.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
+            {"name": "prefers-color-scheme", "value": "dark" if dark else "light"}]})
+
+    def slow(self, delay=0.01):
+        """The demo's tokens ``delay`` seconds apart, for this test."""
+        self.demo.token_delay = delay
+        self.addCleanup(setattr, self.demo, "token_delay", 0.0)
+
     def wait(self, predicate, message="", timeout=TIMEOUT):
         from selenium.webdriver.support.ui import WebDriverWait
         return WebDriverWait(self.driver, timeout, poll_frequency=0.05).until(
@@ -5993,48 +6139,101 @@ class BrowserTests(unittest.TestCase):
 
     def text(self, css):
         """The textContent of the last element matching ``css`` (folded parts included)."""
-        found = self.find(css)
-        return found[-1].get_attribute("textContent") if found else None
+        found = self.texts(css)
+        return found[-1] if found else None
+
+    def texts(self, css):
+        return self.js("return [...document.querySelectorAll(arguments[0])].map(e => e.textContent)", css)
 
     def screenshot(self, name):
         path = os.path.join(self.shots, name + ".png")
         self.driver.save_screenshot(path)
         sys.stderr.write("\nscreenshot: %s\n" % path)
 
-    def open_page(self):
-        """A fresh page given the key (asked for, as the server has keys)."""
-        self.driver.get(self.gw.url + "/")
-        self.js("sessionStorage.clear()")
-        self.driver.get(self.gw.url + "/")
-        self.wait(lambda: self.find("#keyform")[0].is_displayed(), "no key asked for")
-        self.wait(lambda: self.text("#keymsg") == "Missing API key: send the header "
-                  "'Authorization: Bearer <key>'", "no key message")
-        self.find("#key")[0].send_keys(self.KEY + "\n")
+    def open_page(self, url=None, key=KEY):
+        """A fresh page (nothing stored) given the key, when the server asks for one."""
+        url = url or self.gw.url + "/"
+        self.driver.get(url)
+        self.js("sessionStorage.clear(); localStorage.clear()")
+        self.driver.get(url)
+        if key:
+            self.wait(lambda: self.find("#keyform")[0].is_displayed(), "no key asked for")
+            self.wait(lambda: self.text("#keymsg") == "Missing API key: send the header "
+                      "'Authorization: Bearer <key>'", "no key message")
+            self.driver.switch_to.active_element.send_keys(key + "\n")
+        self.models_loaded()
+        if key:
+            self.assertEqual(self.js("return sessionStorage.getItem('bharatgen_openai.key')"), key)
+            self.assertFalse(self.find("#keyform")[0].is_displayed())
+
+    def models_loaded(self):
         self.wait(lambda: self.js("return document.getElementById('model').value") == bg.DEFAULT_MODEL,
                   "the models did not load")
-        self.assertEqual(self.js("return sessionStorage.getItem('bharatgen_openai.key')"), self.KEY)
-        self.assertFalse(self.find("#keyform")[0].is_displayed())
 
-    def send(self, prompt, done=True):
-        """Type ``prompt`` and press Enter; with ``done``, wait for the answer to end."""
-        answers = len(self.find(".answer"))
+    def send(self, prompt, done=True, answers=None):
+        """Type ``prompt`` and press Enter; wait for the answer box (the ``answers``-th), and
+        with ``done`` for the answer to end."""
+        answers = len(self.find(".answer")) + 1 if answers is None else answers
         self.find("#prompt")[0].send_keys(prompt + "\n")
-        self.wait(lambda: len(self.find(".answer")) == answers + 1, "no answer box")
+        self.wait(lambda: len(self.find(".answer")) == answers, "no answer box")
         if done:
             self.wait(lambda: self.find("#send")[0].is_enabled(), "the answer did not end")
+
+    def geometry(self):
+        """Where the message box and the conversation are, and how far from its end it is
+        scrolled; ``last`` is the newest message's box."""
+        return self.js("""const box = id => document.getElementById(id).getBoundingClientRect();
+            const log = document.getElementById('log'), msgs = document.querySelectorAll('#turns > .msg');
+            const last = msgs[msgs.length - 1].getBoundingClientRect();
+            return {ask_top: box('ask').top, ask_bottom: box('ask').bottom, log_top: box('log').top,
+                    log_bottom: box('log').bottom, height: innerHeight, last_top: last.top,
+                    last_bottom: last.bottom, scrolls: log.scrollHeight > log.clientHeight,
+                    gap: log.scrollHeight - log.scrollTop - log.clientHeight, top: log.scrollTop,
+                    sideways: document.documentElement.scrollWidth > innerWidth}""")
+
+    def fits(self, css):
+        """(text width, room) of the placeholder, or the chosen option, of ``css``."""
+        return self.js("""const e = document.querySelector(arguments[0]), s = getComputedStyle(e);
+            const g = document.createElement('canvas').getContext('2d');
+            g.font = s.font;
+            const text = e.tagName === 'SELECT' ? e.selectedOptions[0].text : e.placeholder;
+            const arrow = e.tagName === 'SELECT' ? 20 : 0;
+            return [Math.ceil(g.measureText(text).width) + arrow,
+                    e.clientWidth - parseFloat(s.paddingLeft) - parseFloat(s.paddingRight)];""", css)
+
+    def spy_clipboard(self, api=True, exec_command=True):
+        """The clipboard API (and execCommand('copy')) replaced by recorders: window.copied."""
+        self.js("""window.copied = [];
+            const writeText = t => arguments[0] ? (copied.push(['api', t]), Promise.resolve())
+                                                : Promise.reject(new DOMException('no', 'NotAllowedError'));
+            Object.defineProperty(navigator, 'clipboard', {value: {writeText}, configurable: true});
+            document.execCommand = cmd => arguments[1] &&
+                !!copied.push([cmd, document.activeElement.value]);""", api, exec_command)
+
+    # -- the chat ---------------------------------------------------------------------------
 
     def test_chat_streams_folds_the_thought_keeps_history_and_shows_api_errors(self):
         self.open_page()
         self.assertEqual(self.js("return getComputedStyle(document.body).backgroundColor"),
                          "rgb(255, 255, 255)")                          # light by default
-        self.find("#chat summary")[0].click()                           # the settings
+        self.assertEqual((self.find("#demo")[0].is_displayed(), self.text("#empty")),
+                         (True, "Ask %s, the built-in demo: canned answers, not the Param model."
+                          % bg.DEFAULT_MODEL))
+        width, room = self.fits("#model")                               # the whole model id
+        self.assertLessEqual(width, room)
+        self.find("#setbtn")[0].click()                                 # the settings
+        self.assertEqual(self.texts("#settings label"), [
+            "Temperature (0–2)", "Max tokens (1–8192)", "Top-p (0–1)", "System prompt"])
+        self.assertEqual([self.find("#" + i)[0].get_attribute("max") for i in
+                          ("temperature", "max_tokens", "top_p")], ["2", "8192", "1"])
         self.find("#system")[0].send_keys("Be brief.")
+        self.assertFalse(self.find("#attach")[0].is_displayed())        # the demo takes text
         self.send("Say hello")
         self.assertEqual(self.text(".answer"), HELLO)
         thought = self.find("details.thought")[-1]
         self.assertEqual((thought.is_displayed(), thought.get_attribute("open"), self.text(
-            "details.thought summary"), self.text("details.thought div")),
-            (True, None, "Thought", thought_of("Say hello")))
+            "details.thought div")), (True, None, thought_of("Say hello")))
+        self.assertRegex(self.text("details.thought summary"), r"^Thought for \d+\.\d s$")
         self.send("history please")                                     # the turns so far
         history = self.demo.calls[-1][1]
         self.assertEqual(self.text(".answer"), "SYSTEM=Be brief. | HISTORY=%s"
@@ -6044,35 +6243,270 @@ class BrowserTests(unittest.TestCase):
                          [("user", "Say hello"), ("assistant", HELLO)])
         self.send("show formatting")                                    # markdown, as elements
         self.assertEqual([e.tag_name for e in self.find(".answer")[-1].find_elements("xpath", "./*")],
-                         ["p", "ol", "p", "pre", "pre", "p"])
+                         ["p", "ol", "p", "div", "div", "p"])
         self.assertEqual(self.text(".answer p"), "Math: 3 < 5 and 7 > 2; AT&T; 'quotes' \"double\"  "
                                                  "two  spaces.\nTrailing line")
-        self.assertEqual([e.get_attribute("textContent") for e in self.find(".answer ol li")],
-                         ["Red", "Blue", "Green"])
+        self.assertEqual(self.texts(".answer ol li")[-3:], ["Red", "Blue", "Green"])
         self.assertEqual(self.text(".answer pre code"), "def f(x):\n    if x:\n        return x * 2\n"
                                                         "    return None")
         self.assertEqual(self.find(".answer pre code")[-2].get_attribute("textContent"),
                          '<div class="box">a < b && c > d</div>')
         self.assertEqual(self.find(".answer div.box"), [])
         self.find("#new")[0].click()                                    # a new chat
-        self.assertEqual(self.find("#log > *"), [])
+        self.assertEqual(self.find("#turns > *"), [])
         self.send("history please")
         self.assertEqual(self.text(".answer"), "SYSTEM=Be brief. | HISTORY=[]")
         max_tokens = self.find("#max_tokens")[0]                        # an API error, as given
-        max_tokens.clear()
         max_tokens.send_keys("0")
-        self.send("Say hello")
+        self.send("Say hello", answers=len(self.find(".answer")) + 1)
         status, _, body = chat(self.gw, [{"role": "system", "content": "Be brief."},
                                          {"role": "user", "content": "Say hello"}], stream=True,
-                               headers={"Authorization": "Bearer " + self.KEY}, temperature=0.7,
-                               max_tokens=0)
+                               headers={"Authorization": "Bearer " + self.KEY}, max_tokens=0)
         error = json.loads(body)["error"]
-        self.assertEqual(self.text(".msg.error"), "%d · %s · %s: %s" % (
+        self.assertEqual(self.text(".msg.error"), "%d · %s · %s: %sRetry" % (
             status, error["type"], error["code"], error["message"]))
         self.assertEqual(status, 400)
-        self.screenshot("chat-wide-light")
+        self.assertEqual(self.js("return getComputedStyle(arguments[0]).borderColor", max_tokens),
+                         "rgb(194, 40, 47)")                              # out of the app's range
+        self.screenshot("chat-error-wide-light")
+
+    def test_the_box_stays_at_the_bottom_and_the_view_follows_a_long_chat(self):
+        for size, dark in (("wide", False), ("narrow", True)):
+            with self.subTest(size=size):
+                self.viewport(size, dark)
+                self.open_page()
+                for i in range(8):                      # 8 long answers: each comes into view
+                    self.send("%d words" % (300 + i))        # its end shown at the next frame:
+                    self.wait(lambda: self.geometry()["gap"] <= 1, "not scrolled to the end")
+                    g = self.geometry()
+                    self.assertEqual((g["ask_bottom"], g["log_bottom"], g["sideways"]),
+                                     (g["height"], g["ask_top"], False), g)
+                    self.assertTrue(g["log_top"] < g["last_bottom"] <= g["log_bottom"], g)
+                self.assertTrue(g["scrolls"], g)
+                self.assertEqual(len(self.texts(".answer")[-1].split()), 307)
+                self.assertEqual(self.js("return getComputedStyle(document.body).backgroundColor"),
+                                 "rgb(20, 21, 25)" if dark else "rgb(255, 255, 255)")
+                self.screenshot("chat-long-%s-%s" % (size, "dark" if dark else "light"))
+
+    def test_following_stops_when_the_reader_scrolls_up_and_the_thought_is_timed(self):
+        from selenium.webdriver.common.action_chains import ActionChains
+        from selenium.webdriver.common.actions.wheel_input import ScrollOrigin
+        for size, dark in (("narrow", False), ("wide", True)):
+            with self.subTest(size=size):
+                self.viewport(size, dark)
+                self.open_page()
+                self.send("300 words")
+                self.slow(0.005)
+                self.send("3000 words", done=False)
+                self.wait(lambda: len(self.text(".answer")) > 300, "no streamed text")
+                self.assertLessEqual(self.geometry()["gap"], 1)          # followed so far
+                ActionChains(self.driver).scroll_from_origin(
+                    ScrollOrigin.from_element(self.find("#log")[0]), 0, -400).perform()
+                self.wait(lambda: self.find("#jump")[0].is_displayed(), "no jump control")
+                self.wait(lambda: self.geometry()["gap"] > 300, "not scrolled up")
+                top, length = self.geometry()["top"], len(self.text(".answer"))
+                self.wait(lambda: len(self.text(".answer")) > length + 500, "the answer stopped")
+                self.assertEqual(self.geometry()["top"], top)             # it stays where it was
+                self.screenshot("chat-scrolled-up-%s-%s" % (size, "dark" if dark else "light"))
+                self.find("#jump")[0].click()
+                self.wait(lambda: self.geometry()["gap"] <= 1, "not brought back")
+                self.assertFalse(self.find("#jump")[0].is_displayed())
+                length = len(self.text(".answer"))
+                self.wait(lambda: len(self.text(".answer")) > length + 500, "the answer stopped")
+                self.assertLessEqual(self.geometry()["gap"], 1)          # following again
+                self.find("#stop")[0].click()
+                self.wait(lambda: self.find("#send")[0].is_enabled() and self.geometry()["gap"] <= 1,
+                          "not at the end when stopped")
+        self.slow(0.03)                                   # "Thinking…" while the thought streams
+        self.js("""window.seen = [];
+            new MutationObserver(() => {
+                const s = [...document.querySelectorAll('.thought summary')].pop();
+                const a = [...document.querySelectorAll('.answer')].pop();
+                if (s && !s.parentNode.hidden) seen.push([s.textContent, a.textContent.length]);
+            }).observe(document.getElementById('turns'), {subtree: true, childList: true, characterData: true});""")
+        self.send("Say hello")
+        seen = self.js("return seen")
+        self.assertEqual({label for label, length in seen if length == 0}, {"Thinking…"}, seen)
+        self.assertEqual({re.sub(r"\d", "N", label) for label, length in seen if length > 0},
+                         {"Thought for N.N s"}, seen)
+        self.assertGreaterEqual(float(self.text(".thought summary").split()[2]), 0.2)  # 11 tokens
+
+    def test_markdown_as_people_write_it_links_only_when_safe_and_code_copied(self):
+        for size, dark in (("wide", True), ("narrow", False)):
+            with self.subTest(size=size):
+                self.viewport(size, dark)
+                self.open_page()
+                self.find("#setbtn")[0].click()
+                self.js("arguments[0].value = arguments[1]", self.find("#system")[0], MARKDOWN)
+                self.find("#setbtn")[0].click()
+                self.send("history please")
+                answer = self.find(".answer")[-1]
+                self.assertEqual([e.tag_name for e in answer.find_elements("xpath", "./*")],
+                                 ["p", "div", "blockquote", "ul", "ol", "p", "div", "p"])
+                rows = self.js("""return [...arguments[0].querySelectorAll('tr')].map(r =>
+                    [...r.children].map(c => [c.tagName, c.className, c.textContent]))""", answer)
+                self.assertEqual(rows, [[["TH", "c", "name"], ["TH", "r", "n"], ["TH", "", "note"]],
+                                        [["TD", "c", "a b"], ["TD", "r", "1"], ["TD", "", "c|d"]],
+                                        [["TD", "c", "e"], ["TD", "r", "2"], ["TD", "", ""]]])
+                self.assertEqual(self.texts(".answer td strong"), ["b"])
+                self.assertEqual((self.texts(".answer blockquote > p"), self.texts(".answer blockquote em"),
+                                  self.text(".answer blockquote blockquote")),
+                                 (["quoted text", "nested"], ["text"], "nested"))
+                self.assertEqual(self.js("""const t = e => e.firstChild.textContent;
+                    return [...arguments[0].querySelectorAll(':scope > ul > li')].map(li => [t(li),
+                        [...li.querySelectorAll(':scope > ul > li')].map(l => [t(l),
+                            [...l.querySelectorAll(':scope > ul > li')].map(t)])])""", answer),
+                    [["one", [["one.a", ["one.a.i"]]]], ["two ", []]])
+                self.assertEqual((self.find(".answer ol")[-1].get_attribute("start"),
+                                  self.texts(".answer ol li")), ("3", ["third", "fourth"]))
+                links = self.js("""return [...arguments[0].querySelectorAll('a')].map(a =>
+                    [a.getAttribute('href'), a.textContent, a.target, a.rel])""", answer)
+                self.assertEqual(links, [
+                    ["https://example.org/x?a=1&b=2", "site", "_blank", "noopener noreferrer"],
+                    ["mailto:a@example.org", "mail", "_blank", "noopener noreferrer"],
+                    ["https://example.com/p", "https://example.com/p", "_blank", "noopener noreferrer"]])
+                self.assertEqual(self.find(".answer p")[-2].get_attribute("textContent"),
+                                 "[bad](javascript:alert(1)) <javascript:alert(2)> [data](data:text/html,x) "
+                                 "see https://example.com/p.")           # the rest stays text
+                self.assertEqual((self.text(".answer .code span"), self.text(".answer pre code")),
+                                 ("python", "print('hi')"))
+                self.screenshot("markdown-%s-%s" % (size, "dark" if dark else "light"))
+        copy = self.find(".answer .code button")[-1]                     # the code, copied
+        for api, exec_command, said, copied in (
+                (True, True, "Copied", [["api", "print('hi')"]]),
+                (False, True, "Copied", [["copy", "print('hi')"]]),   # refused: execCommand
+                (False, False, "Press Ctrl+C", [])):                  # that too: selected
+            self.spy_clipboard(api, exec_command)
+            copy.click()
+            self.wait(lambda: copy.text == said, "not %s" % said)
+            self.assertEqual(self.js("return copied"), copied)
+        self.assertEqual(self.js("return getSelection().toString()"), "print('hi')")
+        self.assertEqual(self.driver.switch_to.active_element, copy)   # focus kept
+        self.wait(lambda: copy.text == "Copy", "the button did not reset")
+
+    def test_markdown_is_drawn_in_linear_time_and_streams_as_it_draws_whole(self):
+        self.open_page()
+        same = self.js("""const text = arguments[0], whole = document.createElement('div');
+            renderer(whole)(text, true);
+            const streamed = document.createElement('div'), draw = renderer(streamed);
+            for (let i = 1; i < text.length; i += 3) draw(text.slice(0, i), false);
+            draw(text, true);
+            return [whole.innerHTML === streamed.innerHTML, whole.querySelectorAll('*').length]""",
+                       MARKDOWN + "\n\n" + MARKDOWN.replace("\n\n", "\n"))
+        self.assertEqual(same, [True, same[1]])
+        self.assertGreater(same[1], 60)
+        took = self.js("""const time = (text, deltas) => {      // ms to stream text in deltas
+                const t0 = performance.now(), draw = renderer(document.createElement('div'));
+                for (let i = 1; i <= deltas; i++) draw(text.slice(0, Math.round(text.length * i / deltas)), i === deltas);
+                return performance.now() - t0;
+            };
+            const many = n => Array.from({length: n}, (_, i) => i % 3 ? '- item **' + i + '** [x](https://e.org/' + i + ')'
+                                                            : '\\n```\\ncode ' + i + '\\n```\\n').join('\\n') + '\\n';
+            return {blocks: time(many(3000), 1500),             // 120 KB in 1500 deltas
+                    stars: time('*a '.repeat(100000), 1), brackets: time('['.repeat(200000) + '](javascript:x)', 1),
+                    angles: time('<'.repeat(200000) + '>', 1), ticks: time('`a'.repeat(100000), 1),
+                    under: time('_a_b'.repeat(50000), 1), links: time('https://e.org/'.repeat(20000), 1),
+                    quotes: time('>'.repeat(50000) + ' deep', 1),
+                    lists: time(Array.from({length: 500}, (_, i) => ' '.repeat(2 * i) + '- x').join('\\n'), 1)}""")
+        for name, ms in took.items():
+            self.assertLess(ms, 2000, took)
+
+    # -- conversations kept ------------------------------------------------------------------
+
+    def test_chats_are_kept_across_reloads_renamed_deleted_regenerated_and_edited(self):
+        self.viewport("narrow")
+        self.open_page()
+        self.assertFalse(self.find("#side")[0].is_displayed())          # folded on a phone
+        self.send("Say hello")
+        self.send("tamil please")
+        self.find("#sidebtn")[0].click()
+        self.find("#new")[0].click()
+        self.assertFalse(self.find("#side")[0].is_displayed())
+        self.send("hindi please", answers=1)
+        self.driver.refresh()                                             # a reload keeps them
+        self.models_loaded()
+        self.assertEqual((self.texts("#turns .user .text"), self.texts(".answer")),
+                         (["hindi please"], [HINDI]))
+        self.assertEqual(self.texts("#chats .open"), ["hindi please", "Say hello"])
+        stored = self.js("return Object.entries(localStorage)")
+        self.assertFalse(any(self.KEY in value for _, value in stored), stored)   # the key is not
+        self.viewport("wide")
+        self.find("#chats .open")[1].click()
+        tamil = bg._demo_reply("tamil please", [], None, [])[1]
+        self.assertEqual(self.texts(".answer"), [HELLO, tamil])
+        self.spy_clipboard()                                              # copy an answer
+        self.find(".bot .acts button")[0].click()
+        self.wait(lambda: self.js("return copied") == [["api", HELLO]], "not copied")
+        self.assertEqual([b.is_displayed() for b in self.find(".regen")], [False, True])
+        calls = len(self.demo.calls)
+        self.find(".regen")[-1].click()                                   # regenerate the last
+        self.wait(lambda: len(self.demo.calls) == calls + 1 and self.find("#send")[0].is_enabled(),
+                  "not regenerated")
+        self.assertEqual((self.texts(".answer"), self.demo.calls[-1][0], len(self.demo.calls[-1][1])),
+                         ([HELLO, tamil], "tamil please", 2))
+        self.find(".user .edit")[0].click()                               # edit and resend
+        prompt = self.find("#prompt")[0]
+        self.assertEqual((prompt.get_attribute("value"), self.find("#editing")[0].is_displayed()),
+                         ("Say hello", True))
+        prompt.clear()
+        self.send("history please", answers=1)
+        self.assertEqual((self.texts("#turns .user .text"), self.demo.calls[-1][1]), (["history please"], []))
+        self.find("#chats li[aria-current] button[aria-label=Rename]")[0].click()   # rename
+        name = self.driver.switch_to.active_element
+        name.send_keys("Greetings\n")
+        self.wait(lambda: self.texts("#chats .open") == ["Greetings", "hindi please"], "not renamed")
+        self.driver.refresh()
+        self.models_loaded()
+        self.assertEqual((self.texts("#chats .open"), self.text("#chats li[aria-current] .open")),
+                         (["Greetings", "hindi please"], "Greetings"))
+        delete = self.find("#chats li button[aria-label=Delete]")[1]       # delete: asked twice
+        delete.click()
+        self.assertEqual((delete.text, len(self.find("#chats li"))), ("Delete?", 2))
+        delete.click()
+        self.wait(lambda: self.texts("#chats .open") == ["Greetings"], "not deleted")
+        self.js("""localStorage.setItem('bharatgen_openai.chats', JSON.stringify(Array.from({length: 60},
+            (_, i) => ({id: 'c' + i, title: 'chat ' + i, at: i, messages: [{role: 'user', content: 'q'}]}))))""")
+        self.driver.refresh()                                             # at most 50 kept
+        self.models_loaded()
+        self.send("Say hello")
+        stored = json.loads(self.js("return localStorage.getItem('bharatgen_openai.chats')"))
+        self.assertEqual((len(stored), stored[0]["title"], stored[-1]["title"]), (50, "Say hello", "chat 11"))
+        self.screenshot("chats-wide-light")
+        self.viewport("narrow")
+        self.find("#sidebtn")[0].click()
+        self.assertEqual(self.driver.switch_to.active_element, self.find("#new")[0])
+        self.screenshot("chats-narrow-light")
+        self.js("localStorage.setItem('bharatgen_openai.chats', '[{\"title\": 1}, 2'); "
+                "localStorage.setItem('bharatgen_openai.prefs', '{')")     # whatever is stored
+        self.driver.refresh()
+        self.models_loaded()
+        self.assertEqual((self.find("#chats li"), self.find("#turns > *")), ([], []))
+
+    def test_two_tabs_share_the_list_of_chats(self):
+        self.open_page()
+        self.send("Say hello")
+        first = self.driver.current_window_handle
+        self.driver.switch_to.new_window("tab")
+        second = self.driver.current_window_handle
+
+        def close():
+            self.driver.switch_to.window(second)
+            self.driver.close()
+            self.driver.switch_to.window(first)
+        self.addCleanup(close)
+        self.driver.get(self.gw.url + "/")
+        self.driver.switch_to.active_element.send_keys(self.KEY + "\n")   # a key per tab
+        self.models_loaded()
+        self.find("#new")[0].click()
+        self.send("hindi please", answers=1)
+        self.driver.switch_to.window(first)          # the first tab sees it, and keeps both
+        self.wait(lambda: self.texts("#chats .open") == ["hindi please", "Say hello"], "not shared")
+        self.send("tamil please")
+        self.assertEqual([c["title"] for c in json.loads(self.js(
+            "return localStorage.getItem('bharatgen_openai.chats')"))], ["Say hello", "hindi please"])
 
     def test_new_chat_mid_answer_and_enter_while_an_input_method_composes(self):
+        self.slow()
         self.open_page()
         self.send("3000 words", done=False)
         self.wait(lambda: len(self.text(".answer")) > 100, "no streamed text")
@@ -6080,6 +6514,9 @@ class BrowserTests(unittest.TestCase):
         self.wait(lambda: self.find("#send")[0].is_enabled(), "the answer did not end")
         self.send("history please")
         self.assertEqual(self.demo.calls[-1][1], [])
+        self.find("#chats .open")[1].click()
+        self.wait(lambda: len(self.texts(".answer")) == 1 and self.find(".stopped") == [], "old chat")
+        self.assertTrue(bg._demo_reply("3000 words", [], None, [])[1].startswith(self.text(".answer")))
         prompt = self.find("#prompt")[0]
         prompt.send_keys("नमस्ते")
         answers = len(self.find(".answer"))
@@ -6096,23 +6533,115 @@ class BrowserTests(unittest.TestCase):
         return recent["by_status"].get("499", 0), sum(p["errors"] for p in recent["series"])
 
     def test_stop_cancels_the_upstream_job(self):
+        self.slow()
         self.open_page()
         full = bg._demo_reply("3000 words", [], None, [])[1]
         cancels, (gone, errors) = len(self.demo.cancels), self.dashboard()
         self.send("3000 words", done=False)
         self.wait(lambda: len(self.text(".answer")) > 200, "no streamed text")
-        self.assertTrue(self.find("#stop")[0].is_enabled())           # shown before the end
-        self.assertFalse(self.find("#send")[0].is_enabled())
+        self.assertTrue(self.find("#stop")[0].is_displayed())          # shown before the end
+        self.assertFalse(self.find("#send")[0].is_displayed())
         self.find("#stop")[0].click()
         self.wait(lambda: self.find(".stopped"), "not stopped")
         self.wait(lambda: len(self.demo.cancels) == cancels + 1, "no cancel reached the upstream")
         self.wait(lambda: not self.demo.running, "the upstream job still runs")
         text = self.text(".answer")
         self.assertTrue(full.startswith(text) and 200 < len(text) < len(full) / 2, len(text))
-        self.assertEqual((self.find("#send")[0].is_enabled(), self.find("#stop")[0].is_enabled(),
+        self.assertEqual((self.find("#send")[0].is_displayed(), self.find("#stop")[0].is_displayed(),
                           self.text(".stopped")), (True, False, "Stopped."))
+        self.assertEqual([b.text for b in self.find(".bot .acts button") if b.is_displayed()],
+                         ["Copy", "Regenerate"])                       # what was said, kept
         self.wait(lambda: self.dashboard() == (gone + 1, errors), "not one 499 (not an error)")
-        self.screenshot("chat-stopped")
+        self.screenshot("chat-stopped-wide-light")
+
+    def test_settings_follow_the_app_and_an_image_is_sent(self):
+        app = ImageGradio().start()
+        self.addCleanup(app.stop)
+        gw = bg.GatewayServer(bg.Config(upstream=[app.url], port=0, timeout=10)).start()
+        self.addCleanup(gw.stop)
+        self.open_page(gw.url + "/", key=None)
+        self.wait(lambda: self.find("#attach")[0].is_displayed(), "no image button")
+        self.assertFalse(self.find("#demo")[0].is_displayed())
+        image = png(96, 64, (36, 83, 201))
+        self.find("#setbtn")[0].click()
+        self.assertEqual(self.texts("#settings label")[:3], ["Temperature (0–2)", "Max tokens (1–512)",
+                                                            "Top-p (0–1)"])
+        for name, value in (("temperature", "0.3"), ("max_tokens", "100"), ("top_p", "0.5")):
+            self.find("#" + name)[0].send_keys(value)
+        self.js("""const dt = new DataTransfer(), input = document.getElementById('file');
+            dt.items.add(new File([Uint8Array.from(atob(arguments[0]), c => c.charCodeAt(0))], 'dot.png',
+                                  {type: 'image/png'}));
+            input.files = dt.files;
+            input.dispatchEvent(new Event('change'));""", base64.b64encode(image).decode())
+        self.wait(lambda: self.find("#attached img"), "no preview")
+        self.assertTrue(self.find("#attached img")[0].get_attribute("src").startswith("data:image/png;base64,"))
+        self.send("Say hello")
+        self.assertEqual((self.text(".answer"), app.calls[-1][0]["text"], app.calls[-1][3:6]),
+                         (HELLO, "Say hello", [0.3, 100, 0.5]))
+        self.assertEqual([f["path"] for f in app.calls[-1][0]["files"]], ["/tmp/gradio/upload/image.png"])
+        self.assertIn(image, app.uploads[-1])
+        self.assertEqual((len(self.find(".user img")), self.find("#attached img")), (1, []))
+        self.send("history please")                     # the image goes with its question only
+        self.assertEqual((len(app.uploads), self.find(".msg.error")), (1, []))
+        self.assertTrue(self.text(".answer").endswith('"type": "text"}], "role": "assistant"}]'))
+        self.screenshot("chat-image-wide-light")
+
+    def test_under_a_path_prefix_behind_a_proxy(self):
+        self.slow()
+        proxy = _PrefixProxy(self.gw.url)
+        threading.Thread(target=proxy.serve_forever, args=(0.05,), daemon=True).start()
+        self.addCleanup(proxy.server_close)
+        self.addCleanup(proxy.shutdown)
+        self.open_page(proxy.url + "/llm/")
+        self.send("300 words", done=False)                 # it streams through, piece by piece
+        self.wait(lambda: 0 < len(self.text(".answer")) and self.find("#stop")[0].is_displayed(),
+                  "no streamed text")
+        self.wait(lambda: self.find("#send")[0].is_enabled(), "the answer did not end")
+        self.assertEqual(self.text(".answer"), bg._demo_reply("300 words", [], None, [])[1])
+        self.find("#tab-monitor")[0].click()
+        self.wait(lambda: self.find("#m-requests b"), "no monitor numbers")
+        self.driver.get(proxy.url + "/llm")                # without the slash too
+        self.models_loaded()
+        self.assertEqual(self.texts("#chats .open"), ["300 words"])
+        self.assertEqual([p for p in proxy.paths if not p.startswith("/llm/")], ["/llm"])
+        self.assertEqual(sorted(set(p for p in proxy.paths if p.startswith("/llm/v1"))),
+                         ["/llm/v1/chat/completions", "/llm/v1/dashboard", "/llm/v1/models"])
+        self.screenshot("chat-prefix-wide-light")
+
+    def test_keyboard_only(self):
+        from selenium.webdriver.common.keys import Keys
+        self.open_page()                                  # the key typed into the focused field
+        active = lambda: self.js("""const e = document.activeElement, s = getComputedStyle(e);
+            return [e.id || e.getAttribute('aria-label') || e.textContent, s.outlineStyle !== 'none'
+                    && parseFloat(s.outlineWidth) >= 2]""")
+        self.find("#prompt")[0].send_keys("Say hello\n")
+        self.wait(lambda: self.find("#send")[0].is_enabled() and self.text(".answer") == HELLO, "no answer")
+        self.js("document.getElementById('tab-chat').focus()")  # from the top
+        stops = [["tab-chat", True]]
+        for _ in range(13):
+            self.driver.switch_to.active_element.send_keys(Keys.TAB)
+            stops.append(active())
+        self.assertEqual(stops[:13], [[name, True] for name in (
+            "tab-chat", "tab-monitor", "keybtn", "new", "Say hello", "Rename", "Delete", "sidebtn",
+            "model", "setbtn", "log", "Edit and send again", "Copy")], stops)
+        self.assertRegex(stops[13][0], r"^Thought for \d+\.\d s$")      # the thought, folded
+        for _ in range(3):                                 # the answer's Copy, Regenerate, prompt
+            self.driver.switch_to.active_element.send_keys(Keys.TAB)
+        self.assertEqual(active()[0], "prompt")
+        calls = len(self.demo.calls)
+        self.driver.switch_to.active_element.send_keys(Keys.SHIFT, Keys.TAB)
+        self.assertEqual(active(), ["Answer again", True])
+        self.driver.switch_to.active_element.send_keys(Keys.ENTER)   # Regenerate
+        self.wait(lambda: len(self.demo.calls) == calls + 1 and self.find("#send")[0].is_enabled(), "no answer")
+        self.assertEqual(active(), ["log", True])          # its button redrawn: focus not lost
+        self.screenshot("keyboard-wide-light")
+        self.viewport("narrow")                          # the chat list over a phone's page
+        self.find("#sidebtn")[0].send_keys(Keys.ENTER)
+        self.assertEqual(active()[0], "new")
+        self.driver.switch_to.active_element.send_keys(Keys.ESCAPE)
+        self.assertEqual((self.find("#side")[0].is_displayed(), active()[0]), (False, "sidebtn"))
+
+    # -- the monitor and small things --------------------------------------------------------
 
     def test_monitor_numbers_move_and_the_chart_is_drawn(self):
         self.open_page()
@@ -6126,30 +6655,55 @@ class BrowserTests(unittest.TestCase):
         self.assertIn(short_key(self.KEY), tables)
         self.assertIn("%sup0-" % self.gw.backend.routes[bg.DEFAULT_MODEL].pool.replicas[0].client.base_url,
                       tables)                                            # url, state, failures, error
-        self.assertRegex(self.text("#m-latency b"), r"^\d+(\.\d\d)? m?s / \d+(\.\d\d)? m?s$")
+        self.assertRegex(self.text("#m-latency b"), r"^\d+(\.\d\d)?\xa0m?s / \d+(\.\d\d)?\xa0m?s$")
         painted = self.js("""const c = document.getElementById('chart'), g = c.getContext('2d');
             const d = g.getImageData(Math.floor(c.width * 0.9), 0, Math.ceil(c.width * 0.1), c.height).data;
             let n = 0; for (let i = 3; i < d.length; i += 4) n += d[i] > 0; return n;""")
         self.assertGreater(painted, 500)                                  # the recent bars
         self.screenshot("monitor-wide-light")
 
-    def test_narrow_dark_window(self):
-        self.driver.set_window_size(390, 844)
-        self.driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [
-            {"name": "prefers-color-scheme", "value": "dark"}]})
-        self.addCleanup(self.driver.set_window_size, 1100, 900)
-        self.addCleanup(self.driver.execute_cdp_cmd, "Emulation.setEmulatedMedia", {"features": []})
-        self.open_page()
-        self.assertEqual(self.js("return getComputedStyle(document.body).backgroundColor"),
-                         "rgb(20, 21, 25)")
-        self.send("show formatting")
-        no_sideways = "return document.documentElement.scrollWidth <= document.documentElement.clientWidth"
-        self.assertTrue(self.js(no_sideways))
-        self.screenshot("chat-narrow-dark")
-        self.find("#tab-monitor")[0].click()
-        self.wait(lambda: self.find("#m-requests b"), "no monitor numbers")
-        self.assertTrue(self.js(no_sideways))
-        self.screenshot("monitor-narrow-dark")
+    def test_small_things_on_a_phone_and_in_the_dark(self):
+        gw = bg.GatewayServer(bg.Config(upstream=[self.demo.url], port=0, timeout=10)).start()
+        self.addCleanup(gw.stop)                           # its first request: the page's models
+        for size, dark in (("narrow", True), ("wide", False)):
+            with self.subTest(size=size):
+                self.viewport(size, dark)
+                self.driver.get(gw.url + "/")
+                self.models_loaded()
+                for css in ("#model", "#key"):             # the model id, the key's placeholder
+                    self.js("document.getElementById('keyform').hidden = false")
+                    width, room = self.fits(css)
+                    self.assertLessEqual(width, room, css)
+                self.js("document.getElementById('keyform').hidden = true")
+                self.assertEqual(self.js("return document.querySelector('header').offsetHeight < 50"), True)
+                self.js("""window.drawn = [];
+                    const fill = CanvasRenderingContext2D.prototype.fillText;
+                    CanvasRenderingContext2D.prototype.fillText = function (t, ...rest) {
+                        drawn.push(t); return fill.call(this, t, ...rest); };""")
+                self.find("#tab-monitor")[0].click()
+                self.wait(lambda: self.find("#m-requests b"), "no monitor numbers")
+                if size == "narrow":
+                    self.assertEqual((self.text("#m-requests b"), self.js("return drawn[0]")), ("1", "1 request"))
+                self.assertRegex(self.js("return drawn[0]"), r"^(1 request|([02-9]|\d\d+) requests)$")
+                d = json.loads(request(gw.url, "GET", "/v1/dashboard")[2])    # long values
+                d["recent"]["latency"], d["recent"]["ttft"] = {"p50": 12.345, "p95": 123.456}, {"p50": 0.5, "p95": 1}
+                pieces = self.js("""polls++; clearTimeout(timer); draw(arguments[0]);
+                    return [...document.querySelectorAll('.card b')].flatMap(b => {
+                        const t = b.firstChild, s = t.textContent; let at = 0;
+                        return s.split(' / ').map(p => { const r = document.createRange();
+                            r.setStart(t, at); r.setEnd(t, at + p.length); at += p.length + 3;
+                            return [p, new Set([...r.getClientRects()].map(x => Math.round(x.top))).size]; }); })""", d)
+                self.assertEqual({n for _, n in pieces}, {1}, pieces)      # "12.35 s" kept whole
+                self.assertIn(["123.46\xa0s", 1], pieces)
+                pieces = self.js("""return [...document.querySelectorAll('.url')].flatMap(u =>
+                    [...u.childNodes].filter(n => n.nodeType === 3).map(n => {
+                        const r = document.createRange(); r.selectNodeContents(n);
+                        return [n.textContent, r.getClientRects().length]; }))""")
+                self.assertEqual([n for _, n in pieces], [1] * len(pieces), pieces)   # not broken
+                self.assertEqual("".join(p for p, _ in pieces), gw.backend.routes[
+                    bg.DEFAULT_MODEL].pool.replicas[0].client.base_url)
+                self.assertFalse(self.js("return document.documentElement.scrollWidth > innerWidth"))
+                self.screenshot("monitor-%s-%s" % (size, "dark" if dark else "light"))
 
 
 @needs("gradio")
