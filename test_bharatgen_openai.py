@@ -5160,6 +5160,76 @@ class ShutdownTests(unittest.TestCase):
         self.assertIn("stopped", err)
 
 
+class DrainTests(unittest.TestCase):
+    """``GatewayServer.drain`` as a load balancer sees it: ``/health`` and new requests are
+    503s at once, the listener stays open and what is in flight finishes."""
+
+    def open_stream(self, gw, prompt):
+        conn = http.client.HTTPConnection("127.0.0.1", gw.server_port, timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": prompt}], "stream": True}),
+            {"Content-Type": "application/json", "Authorization": "Bearer sk-a"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        return resp
+
+    def start_draining(self, gw, grace):
+        result = []
+        t = threading.Thread(target=lambda: result.append(gw.drain(grace)))
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        self.assertTrue(gw.draining.wait(TIMEOUT))
+        return t, result
+
+    def test_health_and_new_requests_are_503_while_a_stream_finishes(self):
+        demo = start_demo(self, token_delay=0.005)
+        gw = start_gateway(self, demo.url, api_keys=["sk-a"])
+        self.assertEqual(request(gw.url, "GET", "/health")[0], 200)
+        resp = self.open_stream(gw, "150 words")
+        t, result = self.start_draining(gw, grace=TIMEOUT)
+        status, _, body = request(gw.url, "GET", "/health")     # a new connection: accepted
+        self.assertEqual((status, json.loads(body)), (503, {"status": "draining"}))
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-a\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        for extra in (b"", b"Expect: 100-continue\r\n"):      # the body is never sent
+            status, head_text, body = parse_response(raw_exchange(gw.server_port,
+                                                                  head[:-2] + extra + b"\r\n"))
+            self.assertEqual((status, json.loads(body)["error"]["code"]),
+                             (503, "server_shutting_down"), head_text)
+            self.assertLessEqual({"Retry-After: 1", "Connection: close"},
+                                 set(head_text.split("\r\n")))
+            self.assertNotIn(b"100 Continue", head_text.encode())
+        status, _, body = request(gw.url, "GET", "/v1/models", headers={"Authorization": "Bearer sk-a"})
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (503, "server_error"))
+        self.assertTrue(t.is_alive())                            # still serving the stream
+        events = sse_events(resp.read())
+        self.assertEqual(streamed_text(events), bg._demo_reply("150 words", [], "", [0] * 4)[1])
+        self.assertEqual(events[-1], "[DONE]")
+        t.join(TIMEOUT)
+        self.assertEqual(result, [True])
+        with self.assertRaises(OSError):                         # then the listener is closed
+            socket.create_connection(("127.0.0.1", gw.server_port), timeout=TIMEOUT).close()
+
+    def test_a_drain_with_nothing_in_flight_ends_at_once(self):
+        gw = start_gateway(self, start_demo(self).url)
+        started = time.monotonic()
+        self.assertTrue(gw.drain(30))
+        self.assertLess(time.monotonic() - started, 2)
+
+    def test_closing_cuts_the_streams_still_running_after_the_grace(self):
+        demo = start_demo(self, token_delay=0.01)
+        gw = start_gateway(self, demo.url, api_keys=["sk-a"])
+        resp = self.open_stream(gw, "2000 words")
+        started = time.monotonic()
+        t, result = self.start_draining(gw, grace=0.5)
+        events = sse_events(resp.read())
+        t.join(TIMEOUT)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(result, [False])
+        self.assertEqual((events[-2]["error"]["code"], events[-1]), ("server_overloaded", "[DONE]"))
+
+
 class UsabilityTests(unittest.TestCase):
     """What a new user meets at the command line (issue 17's first part)."""
 
