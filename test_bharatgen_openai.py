@@ -5408,8 +5408,9 @@ class DeploymentTests(unittest.TestCase):
         self.assertEqual(status, 200)
         return self.upstreams(headers["x-request-id"])[-1][0]
 
-    def open_stream(self, key, prompt):
-        conn = http.client.HTTPConnection("127.0.0.1", int(self.url.rpartition(":")[2]),
+    def open_stream(self, key, prompt, port=None):
+        """A streamed chat through nginx (or straight to the copy on ``port``), head read."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or int(self.url.rpartition(":")[2]),
                                           timeout=TIMEOUT)
         self.addCleanup(conn.close)
         conn.request("POST", "/v1/chat/completions", json.dumps(
@@ -5500,6 +5501,25 @@ class DeploymentTests(unittest.TestCase):
             self.assertEqual((streamed_text(events), events[-1]), (self.expected("600 words"), "[DONE]"))
         self.assertEqual(copy.proc.wait(TIMEOUT), 0)
         copy.wait_for(r"^stopped$")                              # none was cut
+
+    def test_with_every_copy_draining_a_client_gets_their_503_not_nginx_502(self):
+        import signal
+        streams = [self.open_stream(self.KEYS[0], "500 words", port) for port in self.ports]
+        for resp in streams:
+            self.first_text(resp)
+        for copy in self.copies:
+            copy.proc.send_signal(signal.SIGTERM)
+        for copy in self.copies:
+            copy.wait_for(r"stopping: /health and new requests get 503")
+        for key in self.KEYS[:3]:            # max_fails=0: no copy is taken out by a 503
+            status, headers, body = self.call("POST", "/v1/chat/completions", key, {
+                "messages": [{"role": "user", "content": "Say hello"}]})
+            self.assertEqual(status, 503, body[:300])     # not nginx's "no live upstreams"
+            self.assertEqual((json.loads(body)["error"]["code"], headers["Retry-After"]),
+                             ("server_shutting_down", "1"))
+            self.assertEqual([s for _, s in self.upstreams(headers["x-request-id"])], [503] * 3)
+        for resp in streams:
+            self.assertEqual(sse_events(resp.read())[-1], "[DONE]")
 
     def test_sighup_reloads_the_keys_file_in_every_copy(self):
         import signal
