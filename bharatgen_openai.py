@@ -5110,6 +5110,10 @@ class _GatewayHandler(_Handler):
                 raise MethodNotAllowedError("%s is not allowed on %s; use %s"
                                             % (self.command, path, ", ".join(methods)),
                                             headers={"Allow": ", ".join(methods)})
+            if srv.draining.is_set() and path not in self._unlimited:   # before the body:
+                raise ServerOverloadedError(                             # a proxy resends it
+                    "the server is shutting down and takes no new requests; retry (another "
+                    "copy behind the load balancer answers)", code="server_shutting_down")
             if path not in self._unlimited:
                 self._extra = srv.limiter.take(self._who)
             body = self._request_json() if method == "POST" else None   # before a slot:
@@ -5198,9 +5202,13 @@ class _GatewayHandler(_Handler):
     # -- operations ---------------------------------------------------------------------
 
     def _op_health(self, body: None) -> int:
-        """Up or down for anyone; the replicas' states only with a valid key (if keys are set)."""
+        """Up or down for anyone (503 ``draining`` from the start of :meth:`GatewayServer.drain`,
+        so a load balancer sends no more); the replicas' states only with a valid key (if
+        keys are set)."""
         ok, report = self.server.backend.health()
         body: Dict[str, Any] = {"status": "ok" if ok else "unavailable"}
+        if self.server.draining.is_set():
+            ok, body["status"] = False, "draining"
         try:
             if self.server.keys.enabled:
                 self.server.keys.identify(self.headers.get("Authorization"))
@@ -5419,7 +5427,8 @@ class GatewayServer(_Server):
         import ipaddress
         self.trusted = [ipaddress.ip_network(p, strict=False) for p in config.trusted_proxies]
         self.slots = threading.BoundedSemaphore(config.max_concurrent)
-        self.closing = threading.Event()
+        self.draining = threading.Event()        # /health and new requests are 503s
+        self.closing = threading.Event()         # streams still running are cut off
         self.in_flight = 0
         self.clients: Dict[str, int] = {}        # open connections by client address
         self.max_connections = config.max_connections
@@ -5451,16 +5460,21 @@ class GatewayServer(_Server):
         self.metrics.inc("bharatgen_requests_in_flight", delta)
 
     def drain(self, grace: float) -> bool:
-        """Stop accepting, let requests in flight finish for up to ``grace`` seconds, then
-        cut off the streams still running (each gets an error event).  True if none was cut."""
+        """Drain as a load balancer expects: at once ``/health`` says 503 and each new request
+        gets a 503 ``server_shutting_down`` before its body is read (nginx's
+        ``proxy_next_upstream http_503`` resends it to another copy), while the listener
+        stays open and the requests in flight finish, for up to ``grace`` seconds or until
+        :attr:`closing` is set; then stop accepting and cut off the streams still running
+        (each gets an error event).  True if none was cut."""
+        self.draining.set()
+        deadline = time.monotonic() + grace
+        while self.in_flight > 0 and time.monotonic() < deadline and not self.closing.is_set():
+            time.sleep(0.05)
         if self._thread is not None:
             self.shutdown()
             self._thread.join(5)
             self._thread = None
         self.socket.close()
-        deadline = time.monotonic() + grace
-        while self.in_flight > 0 and time.monotonic() < deadline and not self.closing.is_set():
-            time.sleep(0.05)
         clean = self.in_flight == 0
         self.closing.set()
         deadline = time.monotonic() + 5
@@ -6130,8 +6144,8 @@ def _cmd_serve(args: Any) -> int:
     try:
         while not stop.wait(0.5):
             pass
-        print("stopping: no new connections; letting requests in flight finish (up to %gs)"
-              % config.grace, file=sys.stderr, flush=True)
+        print("stopping: /health and new requests get 503; letting requests in flight finish "
+              "(up to %gs)" % config.grace, file=sys.stderr, flush=True)
         clean = server.drain(config.grace)
         print("stopped%s" % ("" if clean else "; streams still running were cut off"),
               file=sys.stderr, flush=True)

@@ -5346,6 +5346,383 @@ class ShutdownTests(unittest.TestCase):
         self.assertIn("stopped", err)
 
 
+class DrainTests(unittest.TestCase):
+    """``GatewayServer.drain`` as a load balancer sees it: ``/health`` and new requests are
+    503s at once, the listener stays open and what is in flight finishes."""
+
+    def open_stream(self, gw, prompt):
+        conn = http.client.HTTPConnection("127.0.0.1", gw.server_port, timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": prompt}], "stream": True}),
+            {"Content-Type": "application/json", "Authorization": "Bearer sk-a"})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        return resp
+
+    def start_draining(self, gw, grace):
+        result = []
+        t = threading.Thread(target=lambda: result.append(gw.drain(grace)))
+        t.start()
+        self.addCleanup(t.join, TIMEOUT)
+        self.assertTrue(gw.draining.wait(TIMEOUT))
+        return t, result
+
+    def test_health_and_new_requests_are_503_while_a_stream_finishes(self):
+        demo = start_demo(self, token_delay=0.005)
+        gw = start_gateway(self, demo.url, api_keys=["sk-a"])
+        self.assertEqual(request(gw.url, "GET", "/health")[0], 200)
+        resp = self.open_stream(gw, "150 words")
+        t, result = self.start_draining(gw, grace=TIMEOUT)
+        status, _, body = request(gw.url, "GET", "/health")     # a new connection: accepted
+        self.assertEqual((status, json.loads(body)), (503, {"status": "draining"}))
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sk-a\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n")
+        for extra in (b"", b"Expect: 100-continue\r\n"):      # the body is never sent
+            status, head_text, body = parse_response(raw_exchange(gw.server_port,
+                                                                  head[:-2] + extra + b"\r\n"))
+            self.assertEqual((status, json.loads(body)["error"]["code"]),
+                             (503, "server_shutting_down"), head_text)
+            self.assertLessEqual({"Retry-After: 1", "Connection: close"},
+                                 set(head_text.split("\r\n")))
+            self.assertNotIn(b"100 Continue", head_text.encode())
+        status, _, body = request(gw.url, "GET", "/v1/models", headers={"Authorization": "Bearer sk-a"})
+        self.assertEqual((status, json.loads(body)["error"]["type"]), (503, "server_error"))
+        self.assertTrue(t.is_alive())                            # still serving the stream
+        events = sse_events(resp.read())
+        self.assertEqual(streamed_text(events), bg._demo_reply("150 words", [], "", [0] * 4)[1])
+        self.assertEqual(events[-1], "[DONE]")
+        t.join(TIMEOUT)
+        self.assertEqual(result, [True])
+        with self.assertRaises(OSError):                         # then the listener is closed
+            socket.create_connection(("127.0.0.1", gw.server_port), timeout=TIMEOUT).close()
+
+    def test_a_drain_with_nothing_in_flight_ends_at_once(self):
+        gw = start_gateway(self, start_demo(self).url)
+        started = time.monotonic()
+        self.assertTrue(gw.drain(30))
+        self.assertLess(time.monotonic() - started, 2)
+
+    def test_closing_cuts_the_streams_still_running_after_the_grace(self):
+        demo = start_demo(self, token_delay=0.01)
+        gw = start_gateway(self, demo.url, api_keys=["sk-a"])
+        resp = self.open_stream(gw, "2000 words")
+        started = time.monotonic()
+        t, result = self.start_draining(gw, grace=0.5)
+        events = sse_events(resp.read())
+        t.join(TIMEOUT)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(result, [False])
+        self.assertEqual((events[-2]["error"]["code"], events[-1]), ("server_shutting_down", "[DONE]"))
+
+
+NGINX = "/usr/sbin/nginx"
+
+
+def readme_nginx_block():
+    """The first nginx block under the README's "## Deployment": the recipe as it is pasted."""
+    text = (HERE / "README.md").read_text(encoding="utf-8")
+    return re.search(r"\n```nginx\n(.*?)```\n", text[text.index("\n## Deployment\n"):],
+                     re.S).group(1)
+
+
+class _Child:
+    """``python bharatgen_openai.py ARGS`` in a process of its own, its stderr read by a
+    thread into ``lines`` (so its pipe never fills)."""
+
+    def __init__(self, args):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BHARATGEN_")}
+        self.proc = subprocess.Popen([sys.executable, "bharatgen_openai.py"] + args, cwd=str(HERE),
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, env=env)
+        self.lines, self.closed, self.changed = [], False, threading.Condition()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.proc.stderr:
+            with self.changed:
+                self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def wait_for(self, pattern, start=0, timeout=TIMEOUT):
+        """The first match of ``pattern`` in the lines from ``start`` on, waited for."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for line in self.lines[start:]:
+                    m = re.search(pattern, line)
+                    if m:
+                        return m
+                left = deadline - time.monotonic()
+                if self.closed or left <= 0:
+                    raise AssertionError("no %r from %s: %s" % (pattern, self.proc.args[2:4],
+                                                                "".join(self.lines)[-2000:]))
+                self.changed.wait(left)
+
+    def stop(self):
+        """SIGTERM, then SIGKILL if it has not exited within 5 s."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.reader.join(5)
+        self.proc.stderr.close()
+
+
+@needs("http.client", NGINX)            # nginx, from Debian (.ci/run installs it)
+class DeploymentTests(unittest.TestCase):
+    """The README's deployment, run: its nginx block, ports filled in, in front of three
+    ``serve`` copies (keys from one keys file, rate limits on) over one demo upstream,
+    each a process of its own; then copies are killed, drained and reloaded."""
+
+    KEYS = ["sk-deploy-%02d" % i for i in range(12)]
+    RPM = 3
+
+    @classmethod
+    def setUpClass(cls):
+        demo = _Child(["demo", "--port", "0", "--token-delay", "0.004"])
+        cls.addClassCleanup(demo.stop)
+        cls.demo_url = demo.wait_for(r"at (http://127\.0\.0\.1:\d+)").group(1)
+
+    def setUp(self):
+        import shutil
+        import tempfile
+        self.dir = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        os.chmod(self.dir, 0o755)            # nginx's worker, as nobody when run by root
+        self.keys_file = os.path.join(self.dir, "keys")
+        self.write_keys(self.KEYS)
+        self.copies = [_Child(["serve", "--host", "127.0.0.1", "--port", "0", "--upstream",
+                               self.demo_url, "--api-key-file", self.keys_file,
+                               "--trusted-proxy", "127.0.0.1", "--rate-limit-rpm", str(self.RPM),
+                               "--grace", "10"]) for _ in range(3)]
+        for copy in self.copies:
+            self.addCleanup(copy.stop)
+        self.ports = [int(c.wait_for(r"OpenAI API at http://127\.0\.0\.1:(\d+)/v1").group(1))
+                      for c in self.copies]
+        self.url = "http://127.0.0.1:%d" % self.start_nginx()
+
+    def write_keys(self, keys):
+        with open(self.keys_file + ".new", "w") as f:
+            f.write("# the gateway's keys\n" + "".join(k + "\n" for k in keys))
+        os.chmod(self.keys_file + ".new", 0o600)
+        os.replace(self.keys_file + ".new", self.keys_file)    # read whole, or not at all
+
+    def start_nginx(self):
+        """nginx with the README's block in a config of its own; its port."""
+        block = readme_nginx_block()
+        placeholders = re.findall(r"server 127\.0\.0\.1:(\d+)", block)
+        self.assertEqual(len(placeholders), 3, block)
+        ports = dict(zip(placeholders, map(str, self.ports)))
+        block = re.sub(r"(server 127\.0\.0\.1:)(\d+)", lambda m: m.group(1) + ports[m.group(2)],
+                       block)
+        port = _free_port()
+        block, n = re.subn(r"\blisten 80;", "listen 127.0.0.1:%d;" % port, block)
+        self.assertEqual(n, 1, block)
+        d = self.dir
+        conf = os.path.join(d, "nginx.conf")
+        with open(conf, "w") as f:
+            f.write("daemon off;\nmaster_process off;\npid %s/nginx.pid;\n"
+                    "error_log %s/error.log info;\nevents { worker_connections 256; }\nhttp {\n"
+                    "    log_format upstreams '$upstream_http_x_request_id|$status|"
+                    "$upstream_addr|$upstream_status';\n"
+                    "    access_log %s/access.log upstreams;\n" % (d, d, d)
+                    + "".join("    %s_temp_path %s/%s;\n" % (kind, d, kind) for kind in
+                              ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+                    + block + "}\n")
+        proc = subprocess.Popen([NGINX, "-p", d, "-c", conf, "-e", d + "/error.log"],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+        def stop():
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(5)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+        self.addCleanup(stop)
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return port
+            except OSError:
+                time.sleep(0.02)
+        with open(d + "/error.log") as f:
+            self.fail("nginx did not start: %s" % f.read()[-2000:])
+
+    # -- through nginx ----------------------------------------------------------------
+
+    def call(self, method, path, key=None, body=None, headers=None):
+        headers = dict(headers or {})
+        if key:
+            headers["Authorization"] = "Bearer " + key
+        return request(self.url, method, path, body, headers)
+
+    def hello(self, key):
+        status, headers, body = self.call("POST", "/v1/chat/completions", key, {
+            "messages": [{"role": "user", "content": "Say hello"}]})
+        self.assertEqual(status, 200, body)
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], HELLO)
+        return headers["x-request-id"]
+
+    def upstreams(self, request_id):
+        """``[(copy's port, its status), ...]``: the copies nginx tried for a request, in order."""
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            with open(os.path.join(self.dir, "access.log")) as f:
+                for line in f:
+                    ids, _, addrs, statuses = line.rstrip("\n").split("|")
+                    if request_id in ids:
+                        return [(int(a.rpartition(":")[2]), int(s)) for a, s in
+                                zip(addrs.split(", "), statuses.split(", "))]
+            time.sleep(0.02)
+        self.fail("nginx logged no request %s" % request_id)
+
+    def copy_of(self, key):
+        """The port of the copy ``key``'s requests go to (the dashboard spends no request)."""
+        status, headers, _ = self.call("GET", "/v1/dashboard", key)
+        self.assertEqual(status, 200)
+        return self.upstreams(headers["x-request-id"])[-1][0]
+
+    def open_stream(self, key, prompt, port=None):
+        """A streamed chat through nginx (or straight to the copy on ``port``), head read."""
+        conn = http.client.HTTPConnection("127.0.0.1", port or int(self.url.rpartition(":")[2]),
+                                          timeout=TIMEOUT)
+        self.addCleanup(conn.close)
+        conn.request("POST", "/v1/chat/completions", json.dumps(
+            {"messages": [{"role": "user", "content": prompt}], "stream": True}),
+            {"Content-Type": "application/json", "Authorization": "Bearer " + key})
+        resp = conn.getresponse()
+        self.assertEqual(resp.status, 200)
+        return resp
+
+    @staticmethod
+    def first_text(resp):
+        """Read up to the first event with answer text; the bytes read."""
+        seen = b""
+        while b'"content"' not in seen:
+            line = resp.readline()
+            if not line:
+                raise AssertionError("the stream ended before any text: %r" % seen)
+            seen += line
+        return seen
+
+    def expected(self, prompt):
+        return bg._demo_reply(prompt, [], "", [0] * 4)[1]
+
+    # -- the tests ------------------------------------------------------------------------
+
+    def test_the_page_models_health_and_a_stream_not_buffered(self):
+        status, headers, body = self.call("GET", "/")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
+        self.assertEqual(self.call("GET", "/health")[:1], (200,))
+        status, _, body = self.call("GET", "/v1/models", self.KEYS[0],
+                                    headers={"Host": "api.example.com"})   # any Host, with keys
+        self.assertEqual((status, json.loads(body)["data"][0]["id"]), (200, bg.DEFAULT_MODEL))
+        started = time.monotonic()
+        resp = self.open_stream(self.KEYS[0], "300 words")
+        first = self.first_text(resp)
+        first_at = time.monotonic() - started
+        events = sse_events(first + resp.read())
+        took = time.monotonic() - started
+        self.assertEqual((streamed_text(events), events[-1]), (self.expected("300 words"), "[DONE]"))
+        self.assertGreater(took, 1.0)
+        self.assertLess(first_at, took / 5, (first_at, took))      # nothing held it back
+
+    def test_a_key_gets_exactly_its_rate_limit_whichever_copy_it_lands_on(self):
+        homes = {}
+        for key in self.KEYS:
+            homes.setdefault(self.copy_of(key), key)
+            if len(homes) == 2:
+                break
+        self.assertEqual(len(homes), 2, "all of %d keys went to one copy" % len(self.KEYS))
+        for port, key in homes.items():
+            answers = [self.call("GET", "/v1/models", key) for _ in range(self.RPM + 2)]
+            self.assertEqual([a[0] for a in answers], [200] * self.RPM + [429, 429])
+            self.assertEqual(json.loads(answers[-1][2])["error"]["code"], "rate_limit_exceeded")
+            self.assertEqual({self.upstreams(a[1]["x-request-id"])[-1][0] for a in answers}, {port})
+
+    def test_a_copy_killed_mid_stream_cuts_that_stream_and_the_others_answer(self):
+        key = self.KEYS[0]
+        port = self.copy_of(key)
+        resp = self.open_stream(key, "2000 words")
+        self.first_text(resp)
+        copy = self.copies[self.ports.index(port)]
+        copy.proc.kill()
+        copy.proc.wait(TIMEOUT)
+        with self.assertRaises(http.client.IncompleteRead) as cm:   # never a clean, short end
+            resp.read()
+        self.assertNotIn(b"[DONE]", cm.exception.partial)
+        for key in self.KEYS:                                        # theirs moved on
+            self.assertNotEqual(self.upstreams(self.hello(key))[-1][0], port)
+
+    def test_sigterm_drains_a_copy_while_nginx_sends_new_requests_elsewhere(self):
+        import signal
+        key = self.KEYS[0]
+        port = self.copy_of(key)
+        copy = self.copies[self.ports.index(port)]
+        streams = [self.open_stream(key, "600 words") for _ in range(2)]
+        starts = [self.first_text(resp) for resp in streams]
+        copy.proc.send_signal(signal.SIGTERM)
+        copy.wait_for(r"stopping: /health and new requests get 503")
+        status, _, body = request("http://127.0.0.1:%d" % port, "GET", "/health")
+        self.assertEqual((status, json.loads(body)), (503, {"status": "draining"}))
+        tried = self.upstreams(self.hello(key))                 # a POST, sent on by nginx
+        self.assertEqual(tried[0], (port, 503))
+        self.assertNotEqual(tried[-1][0], port)
+        for other in self.KEYS[1:]:
+            self.assertEqual(self.call("GET", "/v1/models", other)[0], 200)
+        for start, resp in zip(starts, streams):                # the streams end whole
+            events = sse_events(start + resp.read())
+            self.assertEqual((streamed_text(events), events[-1]), (self.expected("600 words"), "[DONE]"))
+        self.assertEqual(copy.proc.wait(TIMEOUT), 0)
+        copy.wait_for(r"^stopped$")                              # none was cut
+
+    def test_with_every_copy_draining_a_client_gets_their_503_not_nginx_502(self):
+        import signal
+        streams = [self.open_stream(self.KEYS[0], "500 words", port) for port in self.ports]
+        for resp in streams:
+            self.first_text(resp)
+        for copy in self.copies:
+            copy.proc.send_signal(signal.SIGTERM)
+        for copy in self.copies:
+            copy.wait_for(r"stopping: /health and new requests get 503")
+        for key in self.KEYS[:3]:            # max_fails=0: no copy is taken out by a 503
+            status, headers, body = self.call("POST", "/v1/chat/completions", key, {
+                "messages": [{"role": "user", "content": "Say hello"}]})
+            self.assertEqual(status, 503, body[:300])     # not nginx's "no live upstreams"
+            self.assertEqual((json.loads(body)["error"]["code"], headers["Retry-After"]),
+                             ("server_shutting_down", "1"))
+            self.assertEqual([s for _, s in self.upstreams(headers["x-request-id"])], [503] * 3)
+        for resp in streams:
+            self.assertEqual(sse_events(resp.read())[-1], "[DONE]")
+
+    def test_sighup_reloads_the_keys_file_in_every_copy(self):
+        import signal
+        new, removed = "sk-deploy-new", self.KEYS[0]
+        self.assertEqual(self.call("GET", "/v1/models", new)[0], 401)
+        self.assertEqual(self.call("GET", "/v1/models", removed)[0], 200)
+        self.write_keys(self.KEYS[1:] + [new])
+        marks = [len(c.lines) for c in self.copies]
+        for copy in self.copies:
+            copy.proc.send_signal(signal.SIGHUP)
+        for copy, mark in zip(self.copies, marks):
+            copy.wait_for(r"reloaded %d API keys" % len(self.KEYS), start=mark)
+        self.assertEqual(self.call("GET", "/v1/models", new)[0], 200)
+        status, _, body = self.call("GET", "/v1/models", removed)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_api_key"))
+
+
 class UsabilityTests(unittest.TestCase):
     """What a new user meets at the command line (issue 17's first part)."""
 
