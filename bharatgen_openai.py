@@ -2969,6 +2969,8 @@ class _Generation:
         self.answer: List[List[str]] = [[] for _ in range(sampling.n)]
         self._closed = threading.Event()
         self._counts: Dict[Tuple[int, int, int], int] = {}   # see _tokens
+        self.gone: Callable[[], bool] = lambda: False   # the client left (the server says)
+        self._looked = 0.0
 
     def _choice(self, index: int) -> Iterator[_Piece]:
         """One choice's pieces; in shape (tools, JSON) after up to ``repairs`` more turns.
@@ -3058,6 +3060,10 @@ class _Generation:
                     yield _Piece(index, "content", text)
                 if cutter.stopped or self._closed.is_set() or (budget and budget.spent):
                     break
+                if time.monotonic() > self._looked + 0.2:       # nobody to answer: the
+                    self._looked = time.monotonic()             # app's job is cancelled
+                    if self.gone():
+                        raise ConnectionAbortedError("the client went away")
             text = cutter.flush()
             text = budget.take(text) if budget and text else text
             if text:
@@ -5274,7 +5280,8 @@ class _GatewayHandler(_Handler):
         answer = self.server.backend.generate(op, body, self._key)
         self._extra.update(self.server.tokens.take(self._who, answer.reserve))   # tokens a
         self._answer = answer                    # minute: reserved now, settled in _finish
-        answer.chunks = self._while_connected(answer.chunks)
+        for gen in answer.gens:                  # a held or non-streamed answer writes
+            getattr(gen, "gen", gen).gone = self._gone   # nothing: the app's job stops too
         if not answer.stream:
             whole = answer.whole()
             return self._respond(answer.reasoning.rename(whole.to_dict()) if op == "chat" else whole)
@@ -5285,19 +5292,14 @@ class _GatewayHandler(_Handler):
             (lambda chunk: _sse(chunk.to_dict()))
         return self._stream(map(encode, answer.chunks), answer, done=b"data: [DONE]\n\n")
 
-    def _while_connected(self, items: Iterator[Any]) -> Iterator[Any]:
-        """``items``, cut (an ``OSError``, as a failed write) once the client hangs up: a
-        non-streamed answer, or a held one, writes nothing until its end.  Looked at
-        between items, five times a second at most."""
-        due = time.monotonic() + 0.2
-        for item in items:
-            yield item
-            if time.monotonic() > due:
-                due = time.monotonic() + 0.2
-                with selectors.DefaultSelector() as ready:
-                    ready.register(self.connection, selectors.EVENT_READ)
-                    if ready.select(0) and not self.connection.recv(1, socket.MSG_PEEK):
-                        raise ConnectionAbortedError("the client went away")
+    def _gone(self) -> bool:
+        """Whether the client hung up (its socket reads as ended)."""
+        try:
+            with selectors.DefaultSelector() as ready:
+                ready.register(self.connection, selectors.EVENT_READ)
+                return bool(ready.select(0)) and not self.connection.recv(1, socket.MSG_PEEK)
+        except OSError:
+            return True
 
     @staticmethod
     def _chunk_encoder(reasoning: _Reasoning) -> Callable[[ChatCompletionChunk], bytes]:
@@ -5709,7 +5711,7 @@ class DemoUpstream(_Server):
     def __init__(self, host: str = "127.0.0.1", port: int = 0, *, token_delay: float = 0.0,
                  queue: bool = True) -> None:
         self.token_delay, self.queue = token_delay, queue
-        self.jobs: Dict[str, _DemoJob] = {}      # submitted, not streamed yet (at most 256)
+        self.jobs: Dict[str, _DemoJob] = {}      # submitted, not streamed yet (at most 64)
         self.running: Dict[int, _DemoJob] = {}   # streaming; a job's inputs go when it ends
         self.lock = threading.Lock()
         super().__init__((host, port), _DemoHandler)
@@ -5773,7 +5775,7 @@ class DemoUpstream(_Server):
         job = _DemoJob(body["data"], os.urandom(16).hex(), queue, endpoint=body.get("endpoint"))
         with self.lock:
             self.jobs["session:" + str(body.get("session_hash")) if queue else job.event_id] = job
-            while len(self.jobs) > 256:          # never streamed: the oldest are dropped
+            while len(self.jobs) > 64:           # never streamed: the oldest are dropped
                 del self.jobs[next(iter(self.jobs))]
         return 200, {"event_id": job.event_id}
 
