@@ -1052,15 +1052,11 @@ def _redact(url: str) -> str:
 
 def _message_text(content: Any) -> str:
     """The text of a chatbot message's content: a string or a list of parts."""
-    if isinstance(content, str):
-        return content
     if isinstance(content, list):
-        texts = [p.get("text") or "" for p in content
-                 if isinstance(p, dict) and p.get("type", "text") == "text"]
-        return texts[0] if len(texts) == 1 else "".join(texts)
-    if isinstance(content, dict):
-        return content.get("text") or ""
-    return ""
+        return "".join(p.get("text") or "" for p in content
+                       if isinstance(p, dict) and p.get("type", "text") == "text")
+    return content if isinstance(content, str) else (content.get("text") or "") if isinstance(
+        content, dict) else ""
 
 
 def _reply_from_output(output: Any) -> str:
@@ -1140,31 +1136,21 @@ def _upstream_error_message(payload: Any) -> str:
 def _apply_diff(value: Any, diff: List[Any]) -> Any:
     """Apply a queue-protocol diff (``[[op, path, value], ...]``) as Gradio's clients do."""
     for op, path, new in diff:
+        if op not in ("replace", "append", "add", "delete")[:4 if path else 2]:
+            raise UpstreamError("the Gradio app sent a diff this client cannot apply: %r" % op)
         if not path:
-            if op == "replace":
-                value = new
-            elif op == "append":
-                value = value + new
-            else:
-                raise UpstreamError("the Gradio app sent a diff this client cannot apply: %r" % op)
+            value = new if op == "replace" else value + new
             continue
-        target = value
-        for key in path[:-1]:
-            target = target[key]
-        last = path[-1]
-        if op == "replace":
+        target = functools.reduce(lambda t, key: t[key], path[:-1], value)
+        last = int(path[-1]) if isinstance(target, list) and op in ("add", "delete") else path[-1]
+        if op == "replace" or (op == "add" and not isinstance(target, list)):
             target[last] = new
         elif op == "append":
             target[last] += new
         elif op == "add":
-            if isinstance(target, list):
-                target.insert(int(last), new)
-            else:
-                target[last] = new
-        elif op == "delete":
-            del target[int(last) if isinstance(target, list) else last]
+            target.insert(last, new)
         else:
-            raise UpstreamError("the Gradio app sent a diff this client cannot apply: %r" % op)
+            del target[last]
     return value
 
 
@@ -3357,53 +3343,48 @@ class _ModelRoute:
 
 
 def _load_models(config: Config) -> List[_ModelRoute]:
-    """The served models: from ``models_file`` (JSON) if given, else the one in ``config``.
+    """The served models: from ``models_file`` (JSON) if given, else the one in ``config``
+    (and the demo upstream's embedding model beside it).
 
     The file: ``{"models": [{"id", "upstreams": [url, ...], "endpoint", "protocol",
     "params": {openai_field: app_parameter}, "system_prompt", "display_name", "kind":
-    "chat" | "embedding", "truncate": bool}]}``.  The demo upstream serves an embedding
-    model beside its chat one.
+    "chat" | "embedding", "truncate": bool, "tokenizer", "context_length"}]}``.
     """
-    def pool(urls: Any, spec: Dict[str, Any]) -> _UpstreamPool:
-        urls = [urls] if isinstance(urls, str) else urls
-        if not urls or not all(isinstance(u, str) for u in urls):
-            raise ValueError("model %r needs 'upstreams': a list of URLs" % spec.get("id"))
-        return _UpstreamPool([GradioClient(
-            u, endpoint=spec.get("endpoint") or config.endpoint,
-            protocol=spec.get("protocol") or config.protocol, timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            first_event_timeout=config.first_event_timeout, param_names=spec.get("params"),
-            max_event_bytes=config.max_event_bytes, max_body=config.max_upstream_body,
-            kind=spec.get("kind") or "chat") for u in urls], backoff=config.backoff)
-
-    if not config.models_file:
-        if not config.upstream:
-            raise ValueError("no upstream: give base_url / --upstream, or set BHARATGEN_BASE_URL")
-        demo = [_ModelRoute(_DEMO_EMBEDDING, pool(config.upstream, {"kind": "embedding"}),
-                            kind="embedding", truncate=True)] if config.demo else []
-        return [_ModelRoute(config.model, pool(config.upstream, {}), config.system_prompt,
-                            counter=_counter(config.tokenizer),
-                            context_length=config.context_length)] + demo
-    try:
-        with open(config.models_file, encoding="utf-8") as f:
-            spec = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError("cannot read the models file %s: %s" % (config.models_file, exc)) from None
-    models = spec.get("models") if isinstance(spec, dict) else None
-    if not isinstance(models, list) or not models:
-        raise ValueError("the models file %s needs {\"models\": [...]}" % config.models_file)
+    name = config.models_file
+    if name:
+        try:
+            with open(name, encoding="utf-8") as f:
+                specs = json.load(f)
+        except (OSError, ValueError) as exc:
+            raise ValueError("cannot read the models file %s: %s" % (name, exc)) from None
+        specs = specs.get("models") if isinstance(specs, dict) else None
+        if not isinstance(specs, list) or not specs:
+            raise ValueError("the models file %s needs {\"models\": [...]}" % name)
+    elif config.upstream:
+        specs = [{"id": config.model, "upstreams": config.upstream}] + [
+            {"id": _DEMO_EMBEDDING, "upstreams": config.upstream, "kind": "embedding",
+             "truncate": True}] * config.demo
+    else:
+        raise ValueError("no upstream: give base_url / --upstream, or set BHARATGEN_BASE_URL")
     routes = []
-    for m in models:
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str):
-            raise ValueError("each model in %s needs an 'id'" % config.models_file)
-        if m.get("kind", "chat") not in ("chat", "embedding"):
-            raise ValueError("model %r: 'kind' is 'chat' or 'embedding'" % m["id"])
-        routes.append(_ModelRoute(m["id"], pool(m.get("upstreams") or m.get("upstream"), m),
-                                  m.get("system_prompt", config.system_prompt),
-                                  m.get("display_name"), m.get("kind", "chat"),
-                                  m.get("truncate") is True, _counter(m.get(
-                                      "tokenizer", config.tokenizer)), int(m.get(
-                                          "context_length", config.context_length))))
+    for m in specs:
+        urls = m.get("upstreams") or m.get("upstream") if isinstance(m, dict) else None
+        urls = [urls] if isinstance(urls, str) else urls
+        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not urls or not all(
+                isinstance(u, str) for u in urls) or m.get("kind", "chat") not in ("chat",
+                                                                                   "embedding"):
+            raise ValueError("each model needs an 'id', 'upstreams' (a list of URLs) and a "
+                             "'kind' of 'chat' (the default) or 'embedding': %s" % str(m)[:100])
+        routes.append(_ModelRoute(m["id"], _UpstreamPool([GradioClient(
+            u, endpoint=m.get("endpoint") or config.endpoint, protocol=m.get("protocol") or
+            config.protocol, timeout=config.timeout, connect_timeout=config.connect_timeout,
+            first_event_timeout=config.first_event_timeout, param_names=m.get("params"),
+            max_event_bytes=config.max_event_bytes, max_body=config.max_upstream_body,
+            kind=m.get("kind", "chat")) for u in urls], backoff=config.backoff),
+            m.get("system_prompt", config.system_prompt), m.get("display_name"),
+            m.get("kind", "chat"), m.get("truncate") is True,
+            _counter(m.get("tokenizer", config.tokenizer)),
+            int(m.get("context_length", config.context_length))))
     return routes
 
 
