@@ -75,6 +75,7 @@ import dataclasses
 import errno
 import functools
 import hashlib
+import heapq
 import html
 import http.client
 import http.server
@@ -90,15 +91,17 @@ import selectors
 import socket
 import socketserver
 import ssl
+import struct
 import sys
 import threading
 import time
+import unicodedata
 import urllib.parse
 import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 from html.parser import HTMLParser
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 DEFAULT_MODEL = "bharatgen-param-17b"      # the id the Param gateway's documents use
 _DEMO_EMBEDDING = "bharatgen-demo-embedding"   # the demo upstream's embedding model
@@ -726,6 +729,540 @@ def estimate_tokens(text: str) -> int:
     total += sum(1 if ord(c) < 0x2000 else 2 for c in re.findall(
         "[^%s0-9%s%s\\s%s]" % (_LATIN, _INDIC, _CJK, _PUNCT), text))
     return int(round(total))
+
+
+###############################################################################
+# Exact token counts: a tokenizer.json applied in pure Python #################
+###############################################################################
+# Gives the ids of Hugging Face `tokenizers` (tested id for id against it) for the added
+# tokens, normalizers, pre-tokenizers and BPE / Unigram models of GPT-2, Llama and
+# SentencePiece conversions.  Not applied: the post-processor (BOS/EOS templates are not the
+# text's tokens), truncation, padding.  Each char of a normalized piece carries the index of
+# the original char it stands for, moved as tokenizers moves its alignments, so that a
+# token's end offset is the library's.
+
+_TOKENIZER_FILE_LIMIT = 64 << 20  # bytes: the largest tokenizer.json read
+_WORD_CACHE_SIZE = 1 << 16        # pre-token words whose tokens are kept (LRU)
+_LONG_WORD = 256                  # chars: a longer word is not cached (a BPE one is cut before
+                                  # its "▁" runs first, where that is exact)
+_WHITE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000" + "".join(
+    map(chr, range(0x2000, 0x200B)))  # Unicode White_Space: Rust's \s and char::is_whitespace
+_GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_BYTE_CHARS = {b: chr(256 + i) for i, b in enumerate(  # GPT-2's stand-ins for unprintable bytes
+    b for b in range(256) if not (33 <= b <= 126 or 161 <= b <= 172 or b >= 174))}
+_ASTRAL = re.compile("[\U00010000-\U0010ffff]")
+_Aligned = Tuple[str, Sequence[int]]  # normalized text; per char, its original char's index
+_Regex = Tuple["re.Pattern[str]", bool]  # compiled; True: astral chars matched by stand-ins
+_Added = Dict[str, Tuple[int, bool, bool, bool]]  # content: id, single_word, lstrip, rstrip
+
+
+@functools.lru_cache(maxsize=1)
+def _category_runs() -> List[Tuple[int, int, str]]:
+    """(first, last, category) of each run of code points of one Unicode category."""
+    runs: List[Tuple[int, int, str]] = []
+    for cat, group in itertools.groupby(map(unicodedata.category, map(chr, range(0x110000)))):
+        first = runs[-1][1] + 1 if runs else 0
+        runs.append((first, first + len(list(group)) - 1, cat))
+    return runs
+
+
+@functools.lru_cache(maxsize=None)
+def _category_class(categories: str, bmp: bool = False) -> str:
+    """Regex class body of the code points (under U+10000 if ``bmp``) whose category starts
+    with one of the space-separated ``categories``: how ``\\p{..}`` is translated."""
+    want, top = tuple(categories.split()), 0xFFFF if bmp else 0x10FFFF
+    return "".join("\\U%08x-\\U%08x" % (a, min(b, top)) for a, b, cat in _category_runs()
+                   if cat.startswith(want) and a <= top)
+
+
+@functools.lru_cache(maxsize=1)
+def _stand_ins() -> Dict[str, str]:
+    """Per Unicode category, its last char under U+10000."""
+    return {cat: chr(min(b, 0xFFFF)) for a, b, cat in _category_runs() if a <= 0xFFFF}
+
+
+def _finditer(rx: _Regex, text: str) -> Iterator["re.Match[str]"]:
+    """Matches of a pattern.  Python's re tries a class's ranges above U+FFFF one by one, so a
+    pattern with only ASCII literals keeps the first 64K chars of its classes, and each astral
+    char is matched as the stand-in of its category (one char for one: the same spans)."""
+    if rx[1] and _ASTRAL.search(text):
+        text = _ASTRAL.sub(lambda m: _stand_ins()[unicodedata.category(m.group())], text)
+    return rx[0].finditer(text)
+
+
+def _onig(pattern: str) -> _Regex:
+    """Compile an Oniguruma pattern (tokenizers' regex engine) with ``re``: ``\\p{..}``,
+    ``\\P{..}`` become classes from unicodedata, ``\\s``, ``\\S`` mean Unicode White_Space."""
+    bmp, out, depth = pattern.isascii() and not re.search(r"\\[xuUN0-7]", pattern), [], 0
+    for tok in re.findall(r"\\[pP]\{\w+\}|\\[pP]\w|\\.|\[\^?|\]|[^\\\[\]]+", pattern, re.S):
+        kind, name = tok[:2], tok[3:-1] if "{" in tok else tok[2:]
+        if kind not in ("\\p", "\\P", "\\s", "\\S"):
+            depth += (tok[0] == "[") - (tok == "]" and depth > 0)
+            out.append(tok)
+            continue
+        if kind in ("\\P", "\\S") and depth or kind[1] in "pP" and name not in {
+                c[:k] for *_, c in _category_runs() for k in (1, 2)}:
+            raise ValueError("unsupported regex class %s%s" % (tok, " inside [...]" * bool(depth)))
+        body = re.escape(_WHITE) if kind[1] in "sS" else _category_class(name, bmp)
+        out.append(body if depth else ("[^%s]" if kind[1] in "PS" else "[%s]") % body)
+    try:
+        return re.compile("".join(out)), bmp
+    except re.error as e:
+        raise ValueError("regex %r: %s" % (pattern, e)) from None
+
+
+def _edit(src: Sequence[int], items: List[Tuple[str, int]]) -> _Aligned:
+    """Apply (char, change) edits as tokenizers' NormalizedString.transform does: a char with
+    change <= 0 takes the next old char's alignment and skips -change more; change 1 inserts
+    a char sharing the previous old char's alignment."""
+    chars, new, i = [], [], 0
+    for c, d in items:
+        new.append(src[i - 1 if d > 0 and i else i])
+        i += 1 - d if d <= 0 else 0
+        chars.append(c)
+    return "".join(chars), new
+
+
+def _nf(form: str, text: str, src: Sequence[int]) -> _Aligned:
+    """NFC/NFD/NFKC/NFKD with the changes of the unicode-normalization-alignments crate:
+    decompose, sort marks by combining class, then (C forms) recompose."""
+    if unicodedata.is_normalized(form, text):
+        return text, src
+    ccc, nfd = unicodedata.combining, form[:-1] + "D"
+    dec = [(d, int(k > 0)) for c in text for k, d in enumerate(unicodedata.normalize(nfd, c))]
+    run = list(itertools.accumulate(int(not ccc(d)) for d, _ in dec))  # marks sort within a run
+    items = [dec[i] for i in sorted(range(len(dec)), key=lambda i: (run[i], ccc(dec[i][0])))]
+    if form[-1] == "C":
+        out, comp, held, last = [], None, [], -1  # held: marks blocked from the composee
+        for c, d in items:
+            cc = ccc(c)
+            pair = comp and last < cc and _compose(comp[0], c)
+            if pair:
+                comp = (pair, comp[1] + d - 1)
+            elif comp and cc:
+                held.append((c, d))
+                last = cc
+            elif cc:
+                out.append((c, d))
+            else:
+                out += ([comp] if comp else []) + held
+                comp, held, last = (c, d), [], -1
+        items = out + ([comp] if comp else []) + held
+    return _edit(src, items)
+
+
+@functools.lru_cache(maxsize=4096)
+def _compose(a: str, b: str) -> Optional[str]:
+    """The primary composite of ``a`` and ``b``, if there is one."""
+    c = unicodedata.normalize("NFC", a + b)
+    return c if len(c) == 1 else None
+
+
+def _lowercase(text: str, src: Sequence[int]) -> _Aligned:
+    """Lowercase char by char, as Rust's char::to_lowercase (no final-sigma rule)."""
+    low = text.lower()
+    if len(low) == len(text) and "\u03a3" not in text:
+        return low, src
+    return _edit(src, [(x, int(k > 0)) for c in text for k, x in enumerate(c.lower())])
+
+
+def _strip(left: bool, right: bool, text: str, src: Sequence[int]) -> _Aligned:
+    """Strip Unicode White_Space; the chars kept keep their alignment."""
+    a = len(text) - len(text.lstrip(_WHITE)) if left else 0
+    b = len(text.rstrip(_WHITE)) if right else len(text)
+    return text[a:b], src[a:b]
+
+
+def _replace(rx: _Regex, content: str, text: str, src: Sequence[int]) -> _Aligned:
+    """Replace each match by ``content``, whose chars share the alignment of the match's last."""
+    old = rx[0].pattern[-1:]
+    if len(content) == 1 and old and re.escape(old) == rx[0].pattern:  # one char for one char:
+        return text.replace(old, content), src                          # the same alignments
+    chars, new, prev = [], [], 0
+    for m in _finditer(rx, text):
+        chars += [text[prev:m.start()], content]
+        new += list(src[prev:m.start()]) + [src[max(m.end() - 1, 0)]] * len(content)
+        prev = m.end()
+    return ("".join(chars) + text[prev:], new + list(src[prev:])) if chars and text else (text, src)
+
+
+def _prepend(s: str, text: str, src: Sequence[int]) -> _Aligned:
+    """Prepend ``s``, aligned with the first char (nothing on an empty piece)."""
+    return (s + text, [src[0]] * len(s) + list(src)) if text else (text, src)
+
+
+class _Charsmap:
+    """SentencePiece's precompiled_charsmap: a darts-clone double array of UTF-8 keys whose
+    values index NUL-ended replacements.  Applied as tokenizers' Precompiled normalizer: a
+    grapheme under 6 bytes as a whole, else char by char (graphemes: a char and its marks,
+    which is exact where it matters, for clusters under 6 bytes)."""
+
+    def __init__(self, blob: bytes) -> None:
+        size = struct.unpack_from("<I", blob)[0] if len(blob) >= 4 else 0
+        if size < 4 or size % 4 or size + 4 > len(blob):
+            raise ValueError("precompiled_charsmap is not a SentencePiece charsmap")
+        self._units = struct.unpack_from("<%dI" % (size // 4), blob, 4)
+        self._text = blob[4 + size:]
+        self._text.decode()  # UnicodeDecodeError (a ValueError) if it is not UTF-8
+        self._cluster = re.compile("\r\n|[^\\x00-\\x1f\\x7f-\\x9f\u2028\u2029][%s\u200c\u200d"
+                                   "\U0001f3fb-\U0001f3ff]+" % _category_class("M"))
+        self._char = functools.lru_cache(maxsize=4096)(self._lookup)
+
+    def _lookup(self, key: str) -> Optional[str]:
+        """The replacement of the shortest key that starts ``key`` (darts' first result)."""
+        units, pos = self._units, self._units[0] >> 10 << ((self._units[0] & 512) >> 6)
+        for c in key.encode():
+            pos ^= c
+            unit = units[pos] if pos < len(units) else 0
+            if not c or unit & 0x800000FF != c:
+                return None
+            pos ^= unit >> 10 << ((unit & 512) >> 6)
+            if unit >> 8 & 1:
+                start = units[pos] & 0x7FFFFFFF
+                end = self._text.find(b"\0", start)
+                return self._text[start:end if end >= 0 else None].decode()
+        return None
+
+    def __call__(self, text: str, src: Sequence[int]) -> _Aligned:
+        whole = {m.start(): m.group() for m in self._cluster.finditer(text)
+                 if len(m.group().encode()) < 6 and self._lookup(m.group()) is not None}
+        if not whole and all(self._char(c) is None for c in set(text)):
+            return text, src
+        items: List[Tuple[str, int]] = []
+        i = 0
+        while i < len(text):
+            part = whole.get(i) or text[i]
+            new = self._char(part)
+            items += [(c, 0) for c in (part if new is None else new)]
+            diff = 0 if new is None else len(new) - len(part)
+            if diff > 0:  # tokenizers: the last chars are the added ones; a removal is told
+                items[-diff:] = [(c, 1) for c, _ in items[-diff:]]
+            elif diff < 0 and items:  # by the char before, even one of an earlier part
+                items[-1] = (items[-1][0], items[-1][1] + diff)
+            i += len(part)
+        return _edit(src, items)
+
+
+def _split(text: str, src: Sequence[int], rx: _Regex, matches: bool = True, gaps: bool = True
+           ) -> List[_Aligned]:
+    """The words of a piece: each match of ``rx`` and each gap between matches (if kept)."""
+    out, prev = [], 0
+    for m in _finditer(rx, text):
+        a, b = m.span()
+        out += [(text[prev:a], src[prev:a])] if gaps and a > prev else []
+        out += [(text[a:b], src[a:b])] if matches and b > a else []
+        prev = b
+    return out + [(text[prev:], src[prev:])] if gaps and prev < len(text) else out
+
+
+def _spaced(rep: str, scheme: str, rx: Optional[_Regex], text: str, src: Sequence[int]
+            ) -> List[_Aligned]:
+    """The ByteLevel (``rep`` " ") and Metaspace pre-tokenizers: spaces become ``rep``, ``rep``
+    goes before a piece that lacks it (always, or at the text's start), then the words of
+    ``rx``.  ByteLevel's bytes-to-chars step is done by the model, per cached word."""
+    text = text.replace(" ", rep)
+    if not text.startswith(rep) and (scheme == "always" or scheme == "first" and src[0] == 0):
+        text, src = _prepend(rep, text, src)
+    return _split(text, src, rx) if rx else [(text, src)]
+
+
+def _one_of(value: Any, allowed: Sequence[Any], what: str) -> Any:
+    """``value`` if it is ``allowed``; else ValueError."""
+    if value not in allowed:
+        raise ValueError("unsupported %s %r" % (what, value))
+    return value
+
+
+def _pattern(p: Dict[str, str]) -> _Regex:
+    """A Split/Replace pattern: {"String": literal} or {"Regex": Oniguruma pattern}."""
+    return (re.compile(re.escape(p["String"])), False) if "String" in p else _onig(p["Regex"])
+
+
+_NORMALIZERS: Dict[str, Callable[[Dict[str, Any]], Callable[[str, Sequence[int]], _Aligned]]] = {
+    **{f: lambda n: functools.partial(_nf, n["type"]) for f in ("NFC", "NFKC", "NFD", "NFKD")},
+    "Lowercase": lambda n: _lowercase,
+    "Prepend": lambda n: functools.partial(_prepend, n["prepend"]),
+    "Strip": lambda n: functools.partial(_strip, n["strip_left"], n["strip_right"]),
+    "Replace": lambda n: functools.partial(_replace, _pattern(n["pattern"]), n["content"]),
+    "Precompiled": lambda n: _Charsmap(base64.b64decode(n["precompiled_charsmap"] or "")),
+}
+
+
+def _pre_tokenizer(p: Dict[str, Any]) -> Callable[[str, Sequence[int]], List[_Aligned]]:
+    """One pre-tokenizer from its spec, as a function from a piece to its words."""
+    if p["type"] == "ByteLevel":
+        rx = _onig(_GPT2_SPLIT) if p.get("use_regex", True) else None
+        scheme = "always" if p.get("add_prefix_space", True) else "never"
+        return functools.partial(_spaced, " ", scheme, rx)
+    if p["type"] == "Metaspace":  # its split: a word per "▁[^▁]*"
+        rep = p["replacement"]
+        rx = re.compile("%s[^%s]*|[^%s]+" % ((re.escape(rep),) * 3)), False
+        scheme = _one_of(p.get("prepend_scheme", "always"), ("always", "first", "never"), "scheme")
+        scheme = "never" if p.get("add_prefix_space") is False else scheme
+        return functools.partial(_spaced, rep, scheme, rx if p.get("split", True) else None)
+    if p["type"] == "Split":  # Isolated keeps the matches and the gaps, Removed one of them
+        keep = _one_of(p["behavior"], ("Isolated", "Removed"), "Split behavior") == "Isolated"
+        return functools.partial(_split, rx=_pattern(p["pattern"]), matches=keep or p["invert"],
+                                 gaps=keep or not p["invert"])
+    raise ValueError("unsupported %r" % p["type"])
+
+
+class _Tokenizer:
+    """A tokenizer.json applied in pure Python: ``encode`` gives each token's id and the end of
+    the text it covers (in chars of the original text); ``count`` how many tokens there are."""
+
+    @classmethod
+    def load(cls, source: Union[str, "os.PathLike[str]", Dict[str, Any]]) -> "_Tokenizer":
+        """Read a tokenizer.json (a path or the parsed dict); ValueError names what is wrong."""
+        if not isinstance(source, dict):
+            if os.path.getsize(source) > _TOKENIZER_FILE_LIMIT:
+                raise ValueError("tokenizer.json: larger than %d bytes" % _TOKENIZER_FILE_LIMIT)
+            try:
+                with open(source, encoding="utf-8") as f:
+                    source = json.load(f)
+            except ValueError as e:  # also UnicodeDecodeError
+                raise ValueError("tokenizer.json: not JSON: %s" % e) from None
+        if not isinstance(source, dict):
+            raise ValueError("tokenizer.json: not a JSON object")
+        self = cls()
+        for part in ("model", "normalizer", "pre_tokenizer", "added_tokens"):
+            try:
+                getattr(self, "_load_" + part)(source.get(part))
+            except (KeyError, TypeError, AttributeError, IndexError, ValueError) as e:
+                why = "missing %s" % e if isinstance(e, KeyError) else str(e)
+                raise ValueError("tokenizer.json: bad %s: %s" % (part, why)) from None
+        self._word = functools.lru_cache(maxsize=_WORD_CACHE_SIZE)(self._tokenize_word)
+        return self
+
+    def _load_model(self, m: Dict[str, Any]) -> None:
+        """BPE (vocab; merges as "a b" or ["a", "b"]) or Unigram (vocab of [piece, score])."""
+        kind, self._byte_ids = m.get("type") or ("BPE" if "merges" in m else "Unigram"), None
+        if kind == "Unigram":
+            self._pieces = {str(p): (i, _serde_float(s)) for i, (p, s) in enumerate(m["vocab"])}
+            self._unk, self._model, self._cut = m.get("unk_id"), self._unigram, None
+            if self._unk is not None and not 0 <= self._unk < len(m["vocab"]):
+                raise ValueError("unk_id %r is not in the vocab" % self._unk)
+            self._unk_score = min(s for _, s in self._pieces.values()) - 10.0  # tokenizers' penalty
+            self._longest = max(map(len, self._pieces))  # chars: Viterbi looks no further
+            if m.get("byte_fallback"):
+                self._byte_ids = [self._pieces.get("<0x%02X>" % b, (None,))[0] for b in range(256)]
+            return
+        if _one_of(kind, ("BPE",), "model") and m.get("dropout"):
+            raise ValueError("BPE dropout is random")
+        v = self._vocab = {str(k): int(i) for k, i in m["vocab"].items()}
+        pre = m.get("continuing_subword_prefix") or ""
+        self._suffix = m.get("end_of_word_suffix") or ""
+        self._prefix, self._merges, crossing, self._model = pre, {}, False, self._bpe
+        for rank, pair in enumerate(p for p in m["merges"] if not str(p).startswith("#version")):
+            a, b = pair.split(" ") if isinstance(pair, str) else pair
+            ab = a + b[len(pre):]
+            if not (a in v and b in v and ab in v):
+                raise ValueError("merge %r: a token not in the vocab" % (pair,))
+            self._merges[v[a], v[b]] = (rank, v[ab])
+            crossing = crossing or "\u2581" in ab.lstrip("\u2581")  # has "x▁"
+        if m.get("unk_token") is not None and m["unk_token"] not in v:
+            raise ValueError("unk_token %r is not in the vocab" % m["unk_token"])
+        self._unk, self._fuse = v.get(m.get("unk_token")), m.get("fuse_unk")
+        self._ignore = m.get("ignore_merges")
+        if m.get("byte_fallback"):
+            self._byte_ids = [v.get("<0x%02X>" % b) for b in range(256)]
+        exact = "\u2581" in v and not (crossing or pre or self._suffix or self._ignore)
+        self._cut = re.compile("\u2581*[^\u2581]+|\u2581+") if exact else None  # none spans "x▁"
+
+    def _load_normalizer(self, n: Optional[Dict[str, Any]]) -> None:
+        """The normalizers, in order (a Sequence flattened)."""
+        self._norms = [_NORMALIZERS[n["type"]](n) if n["type"] in _NORMALIZERS else _unsupported(n)
+                       for n in _flatten(n, "normalizers")]
+
+    def _load_pre_tokenizer(self, p: Optional[Dict[str, Any]]) -> None:
+        """The pre-tokenizers, in order; ByteLevel (last) makes the model see bytes."""
+        pres = _flatten(p, "pretokenizers")
+        self._bytes = any(p["type"] == "ByteLevel" for p in pres)
+        if self._bytes and pres[-1]["type"] != "ByteLevel":
+            raise ValueError("ByteLevel must be the last pre-tokenizer")
+        self._pres = [_pre_tokenizer(p) for p in pres]
+        self._cut = None if self._bytes else self._cut
+
+    def _load_added_tokens(self, added: Optional[List[Dict[str, Any]]]) -> None:
+        """Added tokens: those not normalized are found in the raw text, the others in each
+        normalized piece (their content normalized the same way); the longest first."""
+        raw: _Added = {}
+        norm: _Added = {}
+        for t in added or []:
+            text, normalized = t["content"], t.get("normalized", not t.get("special"))
+            key = self._normalize(text, range(len(text)))[0] if normalized else text
+            if text:
+                (norm if normalized else raw)[key] = (int(t["id"]), bool(t.get("single_word")),
+                                                      bool(t.get("lstrip")), bool(t.get("rstrip")))
+        longest_first = (sorted(t, key=len, reverse=True) for t in (raw, norm))
+        self._raw, self._norm = ((re.compile("|".join(map(re.escape, keys))) if keys else None, t)
+                                 for keys, t in zip(longest_first, (raw, norm)))
+        self._word_char = re.compile("[%s\u200c\u200d]" % _category_class("L M Nd Nl Pc")) if any(
+            t[1] for t in list(raw.values()) + list(norm.values())) else None  # Rust's \w
+
+    def _normalize(self, text: str, src: Sequence[int]) -> _Aligned:
+        """Apply the normalizers."""
+        for f in self._norms:
+            text, src = f(text, src)
+        return text, src
+
+    def _split_added(self, text: str, src: Sequence[int], rx: Optional["re.Pattern[str]"],
+                     table: _Added) -> Iterator[Tuple[Optional[int], str, Sequence[int]]]:
+        """Cut out the added tokens (id, or None for plain text) as AddedVocabulary does."""
+        prev = 0
+        for m in rx.finditer(text) if rx else ():
+            (a, b), (tid, single, lstrip, rstrip) = m.span(), table[m.group()]
+            word = self._word_char
+            if single and (a and word.match(text, a - 1) or word.match(text, b)):
+                continue
+            while lstrip and a > prev and text[a - 1] in _WHITE:
+                a -= 1
+            while rstrip and b < len(text) and text[b] in _WHITE:
+                b += 1
+            if prev < a:
+                yield None, text[prev:a], src[prev:a]
+            yield tid, text[a:b], src[a:b]
+            prev = b
+        if prev < len(text):
+            yield None, text[prev:], src[prev:]
+
+    def _words(self, text: str) -> Iterator[Tuple[Optional[int], str, Sequence[int]]]:
+        """Added tokens (with their id) and pre-token words (id None), in order."""
+        for tid, piece, src in self._split_added(text, range(len(text)), *self._raw):
+            for tid, part, psrc in [(tid, piece, src)] if tid is not None else self._split_added(
+                    *self._normalize(piece, src), *self._norm):
+                words = [(part, psrc)]
+                for f in self._pres if tid is None else ():
+                    words = [w for p in words for w in f(*p)]
+                for word, wsrc in words:
+                    if tid is None and self._cut and len(word) > _LONG_WORD:
+                        yield from ((None, m.group(), wsrc[m.start():m.end()])
+                                    for m in self._cut.finditer(word))
+                    else:
+                        yield tid, word, wsrc
+
+    def encode(self, text: str) -> List[Tuple[int, int]]:
+        """Each token's id and the end, in chars of ``text``, of the text it covers (a token from
+        inside a char, as byte fallback makes, ends where that char ends)."""
+        return [tok for tid, word, src in self._words(text) for tok in ([(tid, src[-1] + 1)]
+                if tid is not None else [(t, src[k] + 1) for t, k in self._tokens(word)])]
+
+    name = "tokenizer"                      # what x-token-counter says
+
+    def cut(self, text: str, n: int) -> str:
+        """The longest start of ``text`` of at most ``n`` tokens (a character split by
+        byte tokens is left out whole)."""
+        ends = [end for _, end in self.encode(text)]
+        if len(ends) <= n:
+            return text
+        while n > 0 and ends[n - 1] == ends[n]:
+            n -= 1
+        return text[:ends[n - 1]] if n > 0 else ""
+
+    def count(self, text: str) -> int:
+        """How many tokens ``text`` is (no BOS/EOS)."""
+        return sum(len(self._tokens(w)) if tid is None else 1 for tid, w, _ in self._words(text))
+
+    def _tokens(self, word: str) -> Sequence[Tuple[int, int]]:
+        """A word's tokens, cached unless the word is long."""
+        return self._word(word) if len(word) <= _LONG_WORD else self._tokenize_word(word)
+
+    def _tokenize_word(self, word: str) -> Tuple[Tuple[int, int], ...]:
+        """A word's tokens: (id, index in ``word`` of the last char it covers)."""
+        chars = word.encode().decode("latin-1").translate(_BYTE_CHARS) if self._bytes else word
+        at = [k for k, c in enumerate(word) for _ in c.encode()] if chars != word else None
+        return tuple((t, at[j] if at else j) for t, j in self._model(chars))
+
+    def _bpe(self, word: str) -> List[Tuple[int, int]]:
+        """Byte-pair merges, lowest rank first and leftmost on ties, as tokenizers' Word does."""
+        v, n, fb, syms, unk = self._vocab, len(word), self._byte_ids, [], None
+        if self._ignore and word in v:
+            return [(v[word], n - 1)]
+        for j, c in enumerate(word):
+            s = (self._prefix if j else "") + c + (self._suffix if j == n - 1 else "")
+            got = [fb[b] for b in s.encode()] if fb and s not in v else [None]  # byte fallback
+            if s in v:
+                syms += ([unk] if unk else []) + [(v[s], j)]
+                unk = None
+            elif None not in got:
+                syms += [(b, j) for b in got]
+            elif self._unk is not None:  # unknown chars in a row make one token if fuse_unk
+                syms += [unk] if unk and not self._fuse else []
+                unk = (self._unk, j)
+        syms += [unk] if unk else []
+        ids, ends, m = [t for t, _ in syms], [e for _, e in syms], len(syms)
+        nxt, prv, get = list(range(1, m + 1)), list(range(-1, m)), self._merges.get  # prv[m]: spare
+        heap = [(r[0], i, r[1]) for i in range(m - 1) for r in [get((ids[i], ids[i + 1]))] if r]
+        heapq.heapify(heap)
+        while heap:
+            _, i, new = heapq.heappop(heap)
+            j = nxt[i]
+            if ids[i] is None or j >= m or (get((ids[i], ids[j])) or (0, None))[1] != new:
+                continue  # an outdated pair
+            ids[i], ends[i], ids[j], nxt[i] = new, ends[j], None, nxt[j]
+            prv[nxt[i]] = i
+            for a in (prv[i], i):
+                r = get((ids[a], ids[nxt[a]])) if a >= 0 and nxt[a] < m else None
+                if r:
+                    heapq.heappush(heap, (r[0], a, r[1]))
+        return [(t, e) for t, e in zip(ids, ends) if t is not None]
+
+    def _unigram(self, word: str) -> List[Tuple[int, int]]:
+        """Viterbi over the pieces' scores (ties to the earlier start), unknown chars fused."""
+        n, pieces, unk, fb = len(word), self._pieces, self._unk, self._byte_ids
+        score, start, ids = [0.0] * (n + 1), [-1] * (n + 1), [0] * (n + 1)
+        for i in range(n):
+            for e in range(i + 1, min(n, i + self._longest) + 1):
+                hit = pieces.get(word[i:e])
+                if hit and (start[e] < 0 or hit[1] + score[i] > score[e]):
+                    score[e], start[e], ids[e] = hit[1] + score[i], i, hit[0]
+            if word[i] not in pieces and unk is None:
+                raise ValueError("Unigram: %r is unknown and there is no unk_id" % word[i])
+            through = score[i] + self._unk_score  # a char no piece covers alone: unknown
+            if word[i] not in pieces and (start[i + 1] < 0 or through > score[i + 1]):
+                score[i + 1], start[i + 1], ids[i + 1] = through, i, unk
+        spans: List[List[int]] = []
+        e = n
+        while e > 0:
+            if spans and ids[e] == unk and spans[-1][2]:
+                spans[-1][0] = start[e]
+            else:
+                spans.append([start[e], e, ids[e] == unk])
+            e = start[e]
+        out: List[Tuple[int, int]] = []
+        for s, e, _ in reversed(spans):
+            hit = pieces.get(word[s:e])
+            got = [fb[b] for b in word[s:e].encode()] if fb and not hit else [None]  # byte fallback
+            out += [(b, e - 1) for b in got] if None not in got else [
+                (hit[0] if hit else unk, e - 1)]
+        return out
+
+
+def _serde_float(x: float) -> float:
+    """``x`` as tokenizers holds it: serde_json (without float_roundtrip) reads the digits of its
+    shortest text as an integer, then multiplies or divides once by a power of ten, at times
+    1 ulp off the true value; Unigram's near-ties are decided by that value."""
+    m = re.fullmatch(r"(-?)(\d+)(?:\.(\d+))?(?:e([+-]?\d+))?", repr(float(x)))
+    if not m:  # inf or nan
+        return float(x)
+    frac = m.group(3) or ""
+    e, f = int(m.group(4) or 0) - len(frac), float(int(m.group(2) + frac))
+    f = f * float("1e%d" % e) if e >= 0 else f / float("1e%d" % -e)
+    return -f if m.group(1) else f
+
+
+def _flatten(spec: Optional[Dict[str, Any]], key: str) -> List[Dict[str, Any]]:
+    """A normalizer or pre-tokenizer spec as a list (a Sequence's parts, each flattened)."""
+    if not spec:
+        return []
+    if spec["type"] != "Sequence":
+        return [spec]
+    return [x for part in spec[key] for x in _flatten(part, key)]
+
+
+def _unsupported(spec: Dict[str, Any]) -> Any:
+    """Refuse a normalizer or pre-tokenizer this code does not reproduce."""
+    raise ValueError("unsupported %r" % spec["type"])
 
 
 ###############################################################################
@@ -3667,7 +4204,6 @@ class _Backend:
         if dims is not None:                           # cut short, then of length 1 again
             vectors = [[x / (math.sqrt(sum(y * y for y in v[:dims])) or 1.0) for x in v[:dims]]
                        for v in vectors]
-        import struct
         n = sum(map(route.counter.count, texts))
         return CreateEmbeddingResponse([Embedding(i, v if fmt == "float" else base64.b64encode(
             struct.pack("<%df" % len(v), *v)).decode()) for i, v in enumerate(vectors)],

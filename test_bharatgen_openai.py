@@ -21,16 +21,20 @@ import json
 import logging
 import os
 import pathlib
+import random
 import re
 import select
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import unicodedata
 import unittest
 import urllib.parse
+from unittest import mock
 
 import bharatgen_openai as bg
 
@@ -1127,6 +1131,375 @@ class TokenEstimateAccuracyTests(unittest.TestCase):
                 self.assertLessEqual(abs(est - real) / real, 0.15)
 
 
+# -- exact token counts: the pure-Python tokenizer against Hugging Face's ---------------------
+
+_GPT2_SPLIT, _onig, _split, _Tokenizer = bg._GPT2_SPLIT, bg._onig, bg._split, bg._Tokenizer
+
+try:
+    import tokenizers
+    from tokenizers import (AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers,
+                            trainers)
+except ImportError:  # pragma: no cover
+    tokenizers = None
+
+try:
+    import sentencepiece
+except ImportError:  # pragma: no cover
+    sentencepiece = None
+
+_SEEDS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "I'm sure they'll say it's fine; we've done it before, haven't we?",
+    "Prices rose 12.5% to $1,234.56 in Q3 2024 (see table 7).",
+    "OpenAI-compatible gateways translate requests: POST /v1/chat/completions.",
+    "résumé, naïve café, Zürich, São Paulo, Ελληνικά, Ωμέγα ΣΟΦΙΑΣ, İstanbul",
+    "ﬁne ﬂour costs ½ of ¼ kg ① ② — “quoted” ‘text’ … ™ ℃",
+    "भारत एक विशाल देश है जिसकी संस्कृति बहुत पुरानी है।",
+    "मैं आज बाज़ार जा रहा हूँ, क्या तुम भी चलोगे?",
+    "हिन्दी में क़लम, ज़मीन और फ़ारसी शब्द आते हैं।",
+    "प्रधानमंत्री ने २०२४ में नई योजनाओं की घोषणा की।",
+    "தமிழ் ஒரு பழமையான மொழி ஆகும்.",
+    "நான் இன்று பள்ளிக்குச் செல்கிறேன், நீங்கள் வருகிறீர்களா?",
+    "கொம்பு, கோவில், கௌரவம் — ௧௨௩ எண்கள்.",
+    "def add(a, b):\n    return a + b  # sum\n",
+    "for (int i = 0; i < n; ++i) { total += v[i] * 2; }",
+    "if __name__ == '__main__':\n\tmain(sys.argv[1:])\n",
+    "SELECT name, COUNT(*) FROM users WHERE age >= 18 GROUP BY name;",
+    "const f = async (x) => { await fetch(`/api/${x}`); };",
+    "<div class=\"row\"><span>Hello</span></div>",
+    "{\"key\": [1, 2, 3], \"nested\": {\"ok\": true, \"n\": null}}",
+    "Emoji: 😀 😂 👍🏽 ❤️ 🇮🇳 👨‍👩‍👧‍👦 🧑🏾‍💻 🏳️‍🌈 #️⃣",
+    "Mixed: Hello नमस्ते வணக்கம் 你好 こんにちは 안녕하세요 مرحبا",
+    "Hinglish: kal main office jaunga, phir मीटिंग है at 10am.",
+    "Numbers 0123456789 and ١٢٣ and ٤٥٦ and 一二三",
+    "Tabs\tand\ttabs\t\tand trailing spaces   ",
+    "Line one\nLine two\r\nLine three\n\n\nLine six",
+    "A very long word: pneumonoultramicroscopicsilicovolcanoconiosis.",
+    "URLs like https://example.com/path?q=1&r=two#frag are common.",
+    "e\u0301 a\u0300 o\u0302 n\u0303 (combining marks, decomposed)",
+    "\u0b95\u0bc6\u0bbe\u0bb2\u0bcd \u0b95\u0bc6\u0bb3 (Tamil vowel signs, decomposed)",
+    "\u0915\u093c\u0932\u092e \u091c\u093c\u092e\u0940\u0928 (nukta, decomposed)",
+    "Zero\u200bwidth\u200cjoiners\u200d and\u00a0no-break\u202fspaces\u3000here",
+    "CAPITAL LETTERS AND Title Case And lower case",
+    "Ünïcödé ÀÉÎÕÜ straße ΣΊΣΥΦΟΣ ǅungla",
+    "    indented code\n        more indented\n",
+    "!!! ??? ... --- *** ### $$$ %%% ^^^ &&& ((( )))",
+    "x = [i**2 for i in range(10) if i % 2 == 0]",
+    "সংখ্যা বাংলা ভাষায় ১২৩ — ગુજરાતી ਪੰਜਾਬੀ తెలుగు ಕನ್ನಡ മലയാളം",
+    "Control\x01chars\x1fand\x7fdel and \U0001F600 astral",
+    "The end. ॐ ॥ ৳ ₹ 100 only.",
+    "Marks out of order: a\u0301\u0323 q\u0307\u0323 \u1e69\u0301 \u0915\u094d\u093c",
+    "Odd spaces:\x1c\x1d\x1e\x1f|\x85|\u2028|\u2029|\u180e|\u200b|\ufeff|end",
+    "Blocked marks: a\u0305\u0301 e\u0305\u0300 o\u0316\u0300 \u1100\u1161\u11a8 \u0b47\u0b3e",
+    "Astral: x𓀀y 𝐀𝐁𝐂bold 𝟏𝟐𝟑digits 𐐀𐐨deseret a😀b 9𝟗9 'S𝐒",
+]
+_UNSEEN = [  # scripts left out of the training texts: unknown chars, byte fallback
+    "ግዕዝ ፊደል ሰላም ነው። ქართული ენა ლამაზია",
+    "Cherokee ᏣᎳᎩ and Javanese ꦧꦱꦗꦮ and 𓀀𓀁 hieroglyphs",
+]
+_SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<mask>", "[TOOL]", "wordy"]
+_SEPARATORS = ["", " ", "  ", "\n", "\n\n", "\t", " \n ", "\r\n", "      ", "\n    \n", " " * 17]
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# A precompiled_charsmap that SentencePiece built from this rule table (hex code points):
+#   3000->20, FB01->66 69, 1->(none), 65 301->E9, 41->61 ("A" + a mark is replaced whole by
+#   "a": the shortest key wins), FF21->41, D->20 ("\r\n" becomes " "), 2460->31, 958->915 93C,
+#   BCA->BC6 BBE, FE0F->(none), 200B->(none), 2026->2E 2E 2E, A0->20.
+_SMALL_CHARSMAP = (
+    "AAQAAAAMAAAAAACAAQ0AAMwQAgABAACACwAAgIEFAAAQAACAoDEAAJgNAAATAACAih0AABoAAICAJAIADSkAAIs5AACl"
+    "BAIAAwAAgKAFAAAHAACAgAQCAIBFAACBBQAADQAAgKENAACPYQAAr2wCAAkAAICRuAIAHwAAABwAAAAdAAAArNwCACMA"
+    "AACmzQAAIQAAACYAAAAnAAAAJAAAACUAAAAqAAAAKwAAACgAAAApAAAALgAAAC8AAAAsAAAALQAAALwkAgAzAAAAMAAA"
+    "ADEAAAC4iAIANwAAADQAAAA1AAAAOgAAADsAAAA4AAAAOQAAAD4AAAA/AAAAPAAAAD0AAABCAAAAQwAAAEEdAQBBAAAA"
+    "RgAAAEcAAABEAAAARQAAAEoAAABLAAAASAAAAEkAAABOAAAATwAAAEwAAABNAAAAUgAAAFMAAABQAAAAUQAAAFYAAABX"
+    "AAAAVAAAAFUAAABaAAAAWwAAAFgAAABZAAAAXgAAAF8AAABcAAAAXQAAAGIAAABjAAAAYAAAAGEAAABmAAAAZwAAAGWk"
+    "AgBlAAAAagAAAGsAAABoAAAAaQAAAG4AAABvAAAAbAAAAG0AAAByAAAAcwAAAHAAAABxAAAAdgAAAHcAAAB0AAAAdQAA"
+    "AHoAAAB7AAAAeAAAAHkAAAB+AAAAfwAAAHwAAAB9AAAAggAAAIMAAACAAAAAgQAAAIYAAACHAAAAhAAAAIUAAACKAAAA"
+    "iwAAAIgAAACJAAAAjgAAAI8AAACMAAAAjQAAAJIAAACTAAAAkAAAAJEAAACWAAAAlwAAAJQAAACVAAAAmgAAAJsAAACY"
+    "AAAAmQAAAJ4AAACfAAAAnAAAAJ0AAACiAAAAowAAAKAAAAChAAAApgAAAKcAAACkAAAApQAAAKoAAACrAAAAqAAAAKkA"
+    "AACuAAAArwAAAKwAAACtAAAAsgAAALMAAACwAAAAsQAAALYAAAC3AAAAtAAAALUAAAC6AAAAuwAAALgAAAC5AAAAvgAA"
+    "AL8AAAC8AAAAvQAAAMIAAADCpAEAwAAAAMEAAADGAAAAxwAAAMQAAADFAAAAygAAAMsAAADIAAAAyQAAAM4AAADPAAAA"
+    "zAAAAM0AAADSAAAA0wAAANAAAADRAAAA1gAAANcAAADUAAAA1QAAANoAAADbAAAA2AAAANkAAADeAAAA3wAAANwAAADd"
+    "AAAA49ABAOKwAQDgAAAA4FgBAOYAAADnAAAA5AAAAOUAAADqAAAA6wAAAOgAAADpAAAA74ABAO8AAADsAAAA7QAAAPIA"
+    "AADzAAAA8AAAAPEAAAD2AAAA9wAAAPQAAAD1AAAA+gAAAPsAAAD4AAAA+QAAAP4AAAD/AAAA/AAAAP0AAAAAIAAuLi4A"
+    "MQBBAGEAZmkAw6kA4KSV4KS8AOCvhuCuvgA="
+)
+_TRAIN_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def _llama_legacy():
+    """The normalizers of a legacy Llama conversion (no pre-tokenizer)."""
+    return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+
+
+def _corpus(n: int = 560, seed: int = 20240917, train: bool = False) -> list:
+    """Deterministic texts: the seeds, mixes of them, odd slices, specials, whitespace runs."""
+    rnd = random.Random(seed)
+    texts = ["", " ", "\n", "  ", " " * 300, "\n" * 50, "\t \n" * 20, "▁", "▁▁ ▁", "<s>",
+             " <mask> ", "".join(_SEEDS) * 3] + list(_SEEDS) + _UNSEEN
+    while len(texts) < n:
+        parts = [rnd.choice(_SEEDS if train or rnd.random() < 0.9 else _UNSEEN)
+                 for _ in range(rnd.randint(1, 4))]
+        text = "".join(p + rnd.choice(_SEPARATORS) for p in parts)
+        kind = rnd.random()
+        if kind < 0.25:  # a slice starting and ending anywhere
+            a = rnd.randrange(len(text))
+            text = text[a:rnd.randint(a, len(text))]
+        elif kind < 0.5:  # added tokens inside the text, with or without spaces around
+            for _ in range(rnd.randint(1, 3)):
+                i = rnd.randint(0, len(text))
+                text = text[:i] + rnd.choice(["", " ", "  "]) + rnd.choice(_SPECIALS) + rnd.choice(
+                    ["", " ", "\n"]) + text[i:]
+        elif kind < 0.6:
+            text = unicodedata.normalize(rnd.choice(["NFD", "NFKD", "NFC"]), text)
+        elif kind < 0.7:
+            text = rnd.choice([str.upper, str.lower, str.title])(text)
+        elif kind < 0.8:
+            text = rnd.choice(_SEPARATORS) + text + " " * rnd.randint(0, 40)
+        texts.append(text)
+    return texts
+
+
+def _charsmap_from_spm(model: bytes) -> bytes:
+    """The precompiled_charsmap in a SentencePiece model proto (field 3, then its field 2)."""
+    def field(buf: bytes, wanted: int) -> bytes:
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            if key & 7 == 0:
+                i = varint(buf, i)[1]
+            elif key & 7 in (1, 5):
+                i += 8 if key & 7 == 1 else 4
+            else:
+                size, i = varint(buf, i)
+                if key >> 3 == wanted:
+                    return buf[i:i + size]
+                i += size
+        raise ValueError("field %d not found" % wanted)
+
+    def varint(buf: bytes, i: int) -> tuple:
+        value = shift = 0
+        while True:
+            value |= (buf[i] & 127) << shift
+            shift += 7
+            i += 1
+            if buf[i - 1] < 128:
+                return value, i
+    return field(field(model, 3), 2)
+
+
+@unittest.skipIf(tokenizers is None, "the tokenizers package is not installed")
+@needs("tokenizers")
+class TokenizerTests(unittest.TestCase):
+    """_Tokenizer gives the ids and end offsets that Hugging Face tokenizers gives."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.texts = _corpus()
+        cls.train = [t for t in _corpus(300, seed=7, train=True) if t not in _UNSEEN]
+
+    def _train_bpe(self, pre, vocab_size=700, alphabet=None, **model):
+        tok = Tokenizer(models.BPE(**model))
+        tok.pre_tokenizer = pre
+        kwargs = {"initial_alphabet": alphabet} if alphabet else {"limit_alphabet": 150}
+        tok.train_from_iterator(self.train, trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False, special_tokens=_TRAIN_SPECIALS, **kwargs))
+        return tok
+
+    def _with_bytes(self, tok, score=None):
+        """The tokenizer with <0x00>..<0xFF> in its vocab and byte_fallback on."""
+        spec = json.loads(tok.to_str())
+        model = spec["model"]
+        for b in range(256):
+            if score is None:
+                model["vocab"].setdefault("<0x%02X>" % b, len(model["vocab"]))
+            else:
+                model["vocab"].append(["<0x%02X>" % b, score])
+        model["byte_fallback"] = True
+        return Tokenizer.from_str(json.dumps(spec))
+
+    def _add_tokens(self, tok):
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False),
+                                AddedToken("<mask>", lstrip=True, special=True, normalized=False)])
+        tok.add_tokens([AddedToken("[TOOL]", rstrip=True, normalized=False),
+                        AddedToken("wordy", single_word=True, normalized=True)])
+        return tok
+
+    def assertSame(self, name, tok, texts=None):
+        """Every text: same ids, count, and end offsets as the library, both reading the same
+        tokenizer.json (an edited Tokenizer object may keep stale state in older versions)."""
+        tok.post_processor = None
+        spec = tok.to_str()
+        tok, ours = Tokenizer.from_str(spec), _Tokenizer.load(json.loads(spec))
+        bad = []
+        for text in texts or self.texts:
+            want = tok.encode(text, add_special_tokens=False)
+            got = ours.encode(text)
+            ok = ([i for i, _ in got] == want.ids and ours.count(text) == len(want.ids)
+                  and [e for _, e in got] == [e for _, e in want.offsets])
+            if not ok:
+                bad.append(text)
+        if bad:  # trained models vary from run to run: keep this one
+            fd, path = tempfile.mkstemp(prefix="tokenizer-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(spec)
+            want = tok.encode(bad[0], add_special_tokens=False)
+            self.fail("%s (%s): %d of %d texts differ; first %r:\n ours %r\n lib  %r" % (
+                name, path, len(bad), len(texts or self.texts), bad[0], ours.encode(bad[0]),
+                list(zip(want.ids, [e for _, e in want.offsets]))))
+
+    def test_regex_translation(self):
+        # Oniguruma patterns (\p{..}, \s) run with Python's re split every text as the library does.
+        for pattern in (_GPT2_SPLIT, _LLAMA3, _GPT4O, r"\p{N}+|[^\p{N}\s]+", r"\P{L}+"):
+            lib, ours = pre_tokenizers.Split(Regex(pattern), behavior="isolated"), _onig(pattern)
+            for text in self.texts:
+                want = [o for _, o in lib.pre_tokenize_str(text)]
+                got = [(w[0], w[-1] + 1) for _, w in _split(text, range(len(text)), ours)]
+                self.assertEqual(got, want, "%r on %r" % (pattern, text))
+
+    def test_byte_level_bpe(self):
+        for prefix in (False, True):
+            tok = self._train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=prefix),
+                                  alphabet=pre_tokenizers.ByteLevel.alphabet())
+            self.assertSame("gpt2 prefix=%s" % prefix, self._add_tokens(tok))
+
+    def test_llama3_split_regex(self):
+        pre = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok = self._train_bpe(pre, alphabet=pre_tokenizers.ByteLevel.alphabet(), ignore_merges=True)
+        self.assertSame("llama3", self._add_tokens(tok))
+
+    def test_sentencepiece_bpe_byte_fallback(self):
+        # Trained as SentencePiece does (words start with "▁"), then run as converted Llama files:
+        # legacy (Prepend + Replace normalizers, no pre-tokenizer), and Metaspace "first".
+        tok = self._with_bytes(self._train_bpe(pre_tokenizers.Metaspace(), unk_token="<unk>",
+                                               fuse_unk=True))
+        tok.normalizer = _llama_legacy()
+        tok.pre_tokenizer = None
+        self.assertSame("llama legacy", self._add_tokens(tok))
+        tok.normalizer = None
+        for scheme, split in (("first", False), ("always", True), ("never", True)):
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=split)
+            self.assertSame("metaspace %s split=%s" % (scheme, split), tok)
+
+    def test_bpe_merges_across_words_and_unk(self):
+        # Merges that cross "x▁" (no cutting of long words), unknown chars fused or not.
+        for fuse in (True, False):
+            tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=fuse))
+            tok.normalizer = _llama_legacy()
+            tok.train_from_iterator(self.train[:40], trainers.BpeTrainer(
+                vocab_size=300, limit_alphabet=60, show_progress=False, special_tokens=["<unk>"]))
+            self.assertSame("bpe fuse_unk=%s" % fuse, tok)
+
+    def test_unigram_metaspace(self):
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
+                                               normalizers.Replace(Regex(" {2,}"), " ")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.train_from_iterator(self.train, trainers.UnigramTrainer(
+            vocab_size=600, show_progress=False, special_tokens=_TRAIN_SPECIALS, unk_token="<unk>"))
+        self.assertSame("unigram", self._add_tokens(tok))
+        tok = self._with_bytes(tok, score=-20.0)
+        tok.normalizer = normalizers.Sequence([normalizers.Strip(), normalizers.NFD(),
+                                               normalizers.Lowercase(), normalizers.NFC()])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        self.assertSame("unigram byte_fallback", tok)
+
+    def test_unigram_near_tie(self):
+        # The library reads "-2.1152937751343606" 1 ulp off (serde_json), which decides this tie:
+        # the same model built in memory splits it the other way.
+        vocab = [("<unk>", 0.0), ("▁", -2.1152937751343606), ("^", -7.290994014629568),
+                 ("^^", -7.292064820859244)]
+        tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        self.assertSame("unigram near-tie", tok, ["^^^", " ^^^^^ ^^^"])
+        self.assertEqual(Tokenizer.from_str(tok.to_str()).encode("^^^").tokens, ["▁", "^", "^^"])
+        self.assertEqual(tok.encode("^^^").tokens, ["▁", "^^", "^"])
+
+    def test_normalizers_alignment(self):
+        # Each normalizer alone, on a byte-level BPE, so offsets go through every alignment rule.
+        tok = self._train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                              alphabet=pre_tokenizers.ByteLevel.alphabet())
+        for norm in (normalizers.NFC(), normalizers.NFD(), normalizers.NFKC(), normalizers.NFKD(),
+                     normalizers.Lowercase(), normalizers.Strip(left=True, right=False),
+                     normalizers.Strip(left=False, right=True),
+                     normalizers.Replace(Regex(r"\s+"), " "), normalizers.Replace("e", ""),
+                     normalizers.Precompiled(base64.b64decode(_SMALL_CHARSMAP))):
+            tok.normalizer = norm
+            self.assertSame("normalizer %s" % norm.__class__.__name__, tok, self.texts[:200])
+
+    def test_precompiled_charsmap(self):
+        # The small charsmap above, and SentencePiece's default (nmt_nfkc) when it is installed.
+        charsmaps = [base64.b64decode(_SMALL_CHARSMAP)]
+        if sentencepiece is not None:
+            model = io.BytesIO()
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(self.train), model_writer=model, vocab_size=400,
+                hard_vocab_limit=False, normalization_rule_name="nmt_nfkc", minloglevel=2)
+            charsmaps.append(_charsmap_from_spm(model.getvalue()))
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.train_from_iterator(self.train, trainers.UnigramTrainer(
+            vocab_size=500, show_progress=False, special_tokens=["<unk>"], unk_token="<unk>"))
+        for charsmap in charsmaps:
+            tok.normalizer = normalizers.Sequence([normalizers.Precompiled(charsmap),
+                                                   normalizers.Replace(Regex(" {2,}"), " ")])
+            self.assertSame("precompiled (%d bytes)" % len(charsmap), tok)
+
+    def test_malformed(self):
+        # A bad tokenizer.json is a ValueError whose one line names the part and the fault.
+        tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        good = json.loads(tok.to_str())
+        split = {"type": "Split", "pattern": {"Regex": " "}, "behavior": "Isolated",
+                 "invert": False}
+        model, pre = good["model"], "pre_tokenizer"
+        cases = [
+            ({"model": {**model, "merges": [["a", "c"]]}}, "bad model: merge ['a', 'c']"),
+            ({"model": {**model, "type": "WordPiece"}}, "unsupported model 'WordPiece'"),
+            ({"model": {**model, "unk_token": "<unk>"}}, "unk_token '<unk>' is not in the vocab"),
+            ({"model": {**model, "vocab": None}}, "bad model: "),
+            ({"normalizer": {"type": "BertNormalizer"}}, "bad normalizer: unsupported 'Bert"),
+            ({"normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA"}},
+             "not a SentencePiece"),
+            ({pre: {**split, "pattern": {"Regex": "(?<"}}}, "bad pre_tokenizer: regex '(?<'"),
+            ({pre: {**split, "pattern": {"Regex": r"\p{Han}"}}}, r"unsupported regex class \p"),
+            ({pre: {**split, "behavior": "MergedWithNext"}}, "unsupported Split behavior"),
+            ({pre: {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "often"}},
+             "unsupported scheme 'often'"),
+            ({pre: {"type": "Sequence", "pretokenizers": [good[pre], split]}},
+             "ByteLevel must be the last"),
+        ]
+        for change, says in cases:
+            with self.assertRaises(ValueError) as caught:
+                _Tokenizer.load({**good, **change})
+            self.assertIn(says, str(caught.exception))
+            self.assertTrue(str(caught.exception).startswith("tokenizer.json: "), caught.exception)
+            self.assertNotIn("\n", str(caught.exception))
+        del good["model"]["merges"]
+        with self.assertRaisesRegex(ValueError, "^tokenizer.json: bad model: missing 'merges'$"):
+            _Tokenizer.load(good)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "tokenizer.json")
+            for content, says in (("[]", "not a JSON object"), ("{", "not JSON: Expecting"),
+                                  (json.dumps(good) + " " * 99, "larger than")):
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(content)
+                module = sys.modules[_Tokenizer.__module__]
+                with mock.patch.object(module, "_TOKENIZER_FILE_LIMIT", len(json.dumps(good)) + 50):
+                    with self.assertRaisesRegex(ValueError, "^tokenizer.json: " + says):
+                        _Tokenizer.load(path)
+
+if __name__ == "__main__":
+    unittest.main()
+
+
 class ObjectTests(unittest.TestCase):
     def test_chat_completion_json_is_exactly_openai_shaped(self):
         c = bg.ChatCompletion(id="chatcmpl-1", created=7, model="m", choices=[
@@ -2215,6 +2588,37 @@ class TokenLimitTests(unittest.TestCase):
         self.assertEqual((status, json.loads(body)["error"]["message"]), (
             429, "Request too large: %d tokens, and the limit is 600 a minute"
             % (usage["prompt_tokens"] + 1000)))
+
+    def test_a_tokenizer_counts_exactly(self):
+        """A byte-level BPE with no merges: a token a byte, easy to count by hand."""
+        chars = [chr(b) if 33 <= b <= 126 or 161 <= b <= 172 or b >= 174 else None
+                 for b in range(256)]
+        extra = iter(range(256, 512))
+        chars = [c or chr(next(extra)) for c in chars]     # GPT-2's stand-ins for the rest
+        spec = {"model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(chars)},
+                          "merges": []},
+                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                                  "trim_offsets": True, "use_regex": True}}
+        path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
+        self.addCleanup(__import__("shutil").rmtree, os.path.dirname(path))
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        nbytes = lambda text: len(text.encode("utf-8"))
+        demo = PlainChatInterface().start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url, tokenizer=path, context_length=50)
+        status, headers, body = chat(gw, "नमस्ते", max_tokens=20)
+        usage, choice = json.loads(body)["usage"], json.loads(body)["choices"][0]
+        self.assertEqual((status, headers["x-token-counter"], usage["prompt_tokens"]),
+                         (200, "tokenizer", 3 + 4 + nbytes("नमस्ते")))
+        thought = choice["message"]["reasoning_content"]        # cut at the 20th byte token,
+        self.assertEqual((choice["finish_reason"], nbytes(thought), choice["message"]["content"]),
+                         ("length", 18, ""))                   # a Devanagari letter whole
+        self.assertEqual(usage["completion_tokens"], 18)
+        status, _, body = chat(gw, "नमस्ते", max_tokens=30)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "context_length_exceeded"))
+        with self.assertRaisesRegex(ValueError, "tokenizer.json: bad model"):
+            bg._Tokenizer.load({"model": {"type": "BPE"}})
 
     def test_a_prompt_past_the_context_length_is_a_400_before_the_app_is_called(self):
         demo = start_demo(self)
