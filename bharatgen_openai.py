@@ -22,7 +22,8 @@ The parts, in the file's order (bottom-up: each uses only those before it):
 
   Errors ............. one hierarchy; each error is one OpenAI type and HTTP status
   Protocol pieces .... the SSE reader (_iter_sse), the html.parser cleaner (clean_reply,
-                       _StreamCleaner), stop sequences, token counts
+                       _StreamCleaner), stop sequences, the token estimate
+  Token counts ....... _Tokenizer: a Hugging Face tokenizer.json in pure Python (exact)
   Objects ............ dataclasses shaped like the openai SDK's (ChatCompletion, ...)
   Upstream ........... GradioClient over http.client (urllib.request's proxies): its HTTP
                        layer (_HTTP), discovery (_discover), calling (join, stream, cancel);
@@ -732,8 +733,9 @@ def estimate_tokens(text: str) -> int:
 
 
 ###############################################################################
-# Exact token counts: a tokenizer.json applied in pure Python #################
+# Token counts: a Hugging Face tokenizer.json applied in pure Python ##########
 ###############################################################################
+
 # Gives the ids of Hugging Face `tokenizers` (tested id for id against it) for the added
 # tokens, normalizers, pre-tokenizers and BPE / Unigram models of GPT-2, Llama and
 # SentencePiece conversions.  Not applied: the post-processor (BOS/EOS templates are not the
