@@ -1958,14 +1958,15 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
                             "API: did you mean %s/v1?" % http.shown if isinstance(openai, dict) and (
                                 isinstance(openai.get("data"), list) or "invalid_api_key" in str(
                                     openai.get("error"))) else ""))
-    embedding = ([n for n, e in named.items() if [p.get("component") for p in e.get(
+    chat = _pick_endpoint(named)
+    embedding = ([n for n, e in named.items() if n != chat and [p.get("component") for p in e.get(
         "parameters") or []] in (["Textbox"], ["Json"]) and [r.get("component") for r in e.get(
             "returns") or []] == ["Json"]] + [None])[0]  # text (or a list) in, numbers out
     if kind == "embedding" and not (endpoint or embedding):
         raise NotFoundError("the Gradio app at %s has no endpoint that takes text and returns "
                             "JSON (embeddings); name one with 'endpoint'" % http.shown,
                             param="model", code="model_not_found")
-    endpoint = endpoint or (embedding if kind == "embedding" else _pick_endpoint(named))
+    endpoint = endpoint or (embedding if kind == "embedding" else chat)
     parameters = list(named.get(endpoint, {}).get("parameters") or [])
     deps = [(d.get("id", i), d) for i, d in enumerate(config.get("dependencies") or [])
             if isinstance(d, dict) and d.get("api_name") == endpoint][:1]
@@ -2127,6 +2128,7 @@ class GradioClient:
         self._reading: Optional[Tuple[threading.Event, List[Any]]] = None   # under way
         self._lock = threading.Lock()
         self.bytes_read = 0                      # of event streams (the server's /metrics)
+        self._embedding = threading.BoundedSemaphore(8)   # embedding jobs at once
 
     def __repr__(self) -> str:
         return "GradioClient(%r, endpoint=%r)" % (self.base_url, self.endpoint)
@@ -2192,20 +2194,28 @@ class GradioClient:
         updates = self._queue_updates if info.use_queue else self._call_updates
         return updates(self._job(info, data, progress), progress)
 
-    def embed(self, texts: Sequence[str]) -> List[List[float]]:
+    def embed(self, texts: Sequence[str], gone: Callable[[], bool] = lambda: False
+              ) -> List[List[float]]:
         """The app's vectors of ``texts``: one call with the list when its endpoint takes
-        JSON, else one call a text, eight at a time."""
+        JSON, else one call a text, eight of this app's at a time (whatever the requests),
+        none started once the client is ``gone``."""
         info = self.discover()
+
+        def output(data: List[Any]) -> Any:
+            with self._embedding:
+                if gone():
+                    raise ConnectionAbortedError("the client went away")
+                return self._output(info, data)
         if info.parameters and info.parameters[0].get("component") == "Json":
-            vectors = self._output(info, [list(texts)])
+            vectors = output([list(texts)])
             if not isinstance(vectors, list) or len(vectors) != len(texts):
                 raise UpstreamError("the Gradio app answered %d texts with %s" % (
                     len(texts), json.dumps(vectors)[:100]))
         else:
             import concurrent.futures
             with concurrent.futures.ThreadPoolExecutor(min(8, len(texts))) as pool:
-                vectors = list(pool.map(lambda text: self._output(
-                    info, self._data(info, text, (), {}, [])), texts))
+                vectors = list(pool.map(lambda text: output(
+                    self._data(info, text, (), {}, [])), texts))
         return [_vector(v) for v in vectors]
 
     def _output(self, info: _AppInfo, data: List[Any]) -> Any:
@@ -2525,9 +2535,9 @@ class _UpstreamPool:
         """:meth:`GradioClient.stream` on the first replica that gives output."""
         return self._first(lambda client: _primed(client.stream(*args, **kwargs)))
 
-    def embed(self, texts: Sequence[str]) -> List[List[float]]:
+    def embed(self, texts: Sequence[str], gone: Callable[[], bool]) -> List[List[float]]:
         """:meth:`GradioClient.embed` on the first replica that answers."""
-        return self._first(lambda client: client.embed(texts))
+        return self._first(lambda client: client.embed(texts, gone))
 
     def _first(self, call: Callable[[GradioClient], Any]) -> Any:
         error: Optional[BharatGenError] = None
@@ -2890,9 +2900,13 @@ class _Patterns:
 
     def search(self, pattern: str, text: str, deadline: float) -> Optional[bool]:
         """Whether ``pattern`` is found in ``text``; None if that cannot be said by
-        ``deadline`` (a ``time.monotonic()``) or Python cannot compile the pattern."""
-        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        ``deadline`` (a ``time.monotonic()``) or Python cannot compile the pattern.  Every
+        worker busy until the deadline is the server's load: :class:`ServerOverloadedError`."""
+        if deadline <= time.monotonic():
             return None
+        if not self._slots.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            raise ServerOverloadedError("the workers that check patterns are all busy; retry "
+                                        "shortly", code="server_overloaded")
         proc, answer = None, b""
         try:
             with self._lock:
@@ -2985,10 +2999,13 @@ class _Schema:
     MAX_MATCHED = 10_000       # characters of a string a pattern is applied to
 
     def __init__(self, schema: Any, param: str, strict: bool = False,
-                 patterns: Optional[_Patterns] = None, at: str = "") -> None:
+                 patterns: Optional[_Patterns] = None, at: str = "",
+                 deadline: Optional[float] = None) -> None:
         self.root, self.param, self.strict, self.patterns = schema, param, strict, patterns
+        self.deadline = deadline or time.monotonic() + self.SECONDS   # to compile patterns
         self.enums: Dict[int, Tuple[Any, str]] = {}  # id(enum or const) -> (set, message)
         self.plans: Dict[int, List[Any]] = {}        # id(subschema) -> its checks, in order
+        self.pattern_chars = 0
         problem = self._read(schema, at or param, 0)
         if problem:
             raise _bad(problem, param, "invalid_schema")
@@ -3029,14 +3046,17 @@ class _Schema:
         return None
 
     def _pattern_problem(self, pattern: str, where: str) -> Optional[str]:
-        """A pattern Python cannot compile (ECMA-262 syntax it lacks) is not checked, or
-        under ``strict`` is a 400."""
-        try:
-            ok = len(pattern) <= self.MAX_PATTERN and re.compile(pattern) is not None
-        except (re.error, OverflowError, RecursionError, ValueError):
-            ok = False
-        return None if ok or not self.strict else \
-            "%s: the pattern %r cannot be checked here" % (where, pattern[:100])
+        """A schema's patterns: 64 KB in all at most.  One Python cannot compile (ECMA-262
+        syntax it lacks) is not checked, or under ``strict`` is a 400; it is compiled in a
+        pattern worker, as costly patterns take long to compile too."""
+        self.pattern_chars += len(pattern)
+        if self.pattern_chars > 1 << 16:
+            return "%s: the schema's patterns are over 64 KB in all" % where
+        if not self.strict:
+            return None
+        ok = len(pattern) <= self.MAX_PATTERN and self.patterns is not None and \
+            self.patterns.search(pattern, "", self.deadline) is not None
+        return None if ok else "%s: the pattern %r cannot be checked here" % (where, pattern[:100])
 
     def error(self, value: Any, at: str = "$") -> Optional[str]:
         """Why ``value`` does not fit the schema, or None if it does."""
@@ -3052,6 +3072,7 @@ class _Schema:
             raise _bad("%s: %s" % (self.param, exc.args[0]), self.param, "invalid_schema") from None
 
     def _match(self, pattern: str, text: str, state: Dict[str, Any]) -> bool:
+        self._spend(state)
         found = None
         if self.patterns is not None and len(text) <= self.MAX_MATCHED \
                 and len(pattern) <= self.MAX_PATTERN:
@@ -3063,16 +3084,20 @@ class _Schema:
             return True                              # not checked: taken as it is
         return found
 
-    def _check(self, value: Any, schema: Any, at: str, state: Dict[str, Any]) -> Optional[str]:
-        if schema is True or schema is False:
-            return None if schema else "%s is not allowed" % at
-        memo, key = state["memo"], (id(schema), at)
-        if key in memo:
-            return "%s: the schema loops" % at if memo[key] is None else memo[key] or None
+    def _spend(self, state: Dict[str, Any]) -> None:
+        """One step of the budget: ``STEPS`` in all, ``SECONDS`` looked at every 256."""
         state["steps"] += 1
         if state["steps"] > self.STEPS or (state["steps"] % 256 == 0
                                            and time.monotonic() > state["deadline"]):
             raise _Unchecked(None)
+
+    def _check(self, value: Any, schema: Any, at: str, state: Dict[str, Any]) -> Optional[str]:
+        if schema is True or schema is False:
+            return None if schema else "%s is not allowed" % at
+        memo, key = state["memo"], (id(schema), id(value), at)   # the place: the value's
+        if key in memo:                                          # object (and its path)
+            return "%s: the schema loops" % at if memo[key] is None else memo[key] or None
+        self._spend(state)
         memo[key] = None                             # under way: met again, it loops
         error = None
         for check in self.plans[id(schema)]:
@@ -3086,7 +3111,8 @@ class _Schema:
 def _check_ref(v: _Schema, value: Any, schema: Dict[str, Any], at: str, state: Any) -> Optional[str]:
     target = _resolve(v.root, schema["$ref"])
     if not isinstance(target, bool) and (id(target) not in v.plans
-                                         or state["memo"].get((id(target), at), "") is None):
+                                         or state["memo"].get((id(target), id(value), at),
+                                                              "") is None):
         return "%s: the schema's $ref %r cannot be followed" % (at, schema["$ref"])
     return v._check(value, target, at, state)
 
@@ -3335,6 +3361,7 @@ def _shape(body: Dict[str, Any], repairs: int, patterns: Optional[_Patterns] = N
     """The tools, tool choice and response format of a chat request, validated."""
     shape = _Shape(repairs=repairs, parallel=_flag(body, "parallel_tool_calls")
                    if body.get("parallel_tool_calls") is not None else True)
+    deadline = time.monotonic() + _Schema.SECONDS       # all its patterns compiled by then
     for name in ("functions", "function_call"):
         if body.get(name) is not None:
             raise _bad("%r is the deprecated form of 'tools' and 'tool_choice'; send those"
@@ -3353,7 +3380,7 @@ def _shape(body: Dict[str, Any], repairs: int, patterns: Optional[_Patterns] = N
             raise _bad("%s.function.name must be 1 to 64 letters, digits, '_', '.' or '-'"
                        % where, where + ".function.name", "invalid_value")
         shape.checks[name] = _Schema(fn.get("parameters", {}), where + ".function.parameters",
-                                     fn.get("strict") is True, patterns)
+                                     fn.get("strict") is True, patterns, deadline=deadline)
         if name in shape.tools:
             raise _bad("%s repeats the function name %r" % (where, name), where, "invalid_value")
         shape.tools[name] = {k: fn[k] for k in ("name", "description", "parameters") if k in fn}
@@ -3374,11 +3401,12 @@ def _shape(body: Dict[str, Any], repairs: int, patterns: Optional[_Patterns] = N
     elif choice == "required" and not shape.tools:
         raise _bad("tool_choice 'required' needs 'tools'", "tool_choice", "invalid_value")
     shape.choice = choice or "auto"
-    shape.fmt = _format(body.get("response_format"), patterns)
+    shape.fmt = _format(body.get("response_format"), patterns, deadline)
     return shape
 
 
-def _format(fmt: Any, patterns: Optional[_Patterns]) -> Optional[Dict[str, Any]]:
+def _format(fmt: Any, patterns: Optional[_Patterns],
+            deadline: Optional[float] = None) -> Optional[Dict[str, Any]]:
     """A chat request's ``response_format``: ``{"schema", "strict", "check"}`` when it
     asks for JSON, else None."""
     kind = fmt.get("type") if isinstance(fmt, dict) else None
@@ -3389,7 +3417,8 @@ def _format(fmt: Any, patterns: Optional[_Patterns]) -> Optional[Dict[str, Any]]
                        "\"schema\", \"strict\"}", "response_format", "missing_required_parameter")
         schema, strict = spec.get("schema") or {"type": "object"}, spec.get("strict") is True
         return {"schema": schema, "strict": strict, "check": _Schema(
-            schema, "response_format", strict, patterns, "response_format.json_schema.schema")}
+            schema, "response_format", strict, patterns, "response_format.json_schema.schema",
+            deadline)}
     if kind == "json_object":
         return {"schema": None, "strict": False, "check": _Schema({"type": "object"}, "r")}
     if fmt is not None and kind != "text":
@@ -4164,9 +4193,12 @@ class _Backend:
                        "model_not_supported")
         return getattr(self, "_" + op)(route, body, key)
 
-    def embed(self, body: Any, any_app: bool = False) -> CreateEmbeddingResponse:
+    def embed(self, body: Any, any_app: bool = False, admit: Callable[[int], Any] = abs,
+              gone: Callable[[], bool] = lambda: False) -> CreateEmbeddingResponse:
         """``POST /v1/embeddings``: ``input`` a string or up to 2,048, answered as floats or
-        base64.  ``any_app`` (the SDK, in front of one app): a chat model's app is asked."""
+        base64.  ``any_app`` (the SDK, in front of one app): a chat model's app is asked.
+        ``admit`` is told the tokens before the app is called (the server's limit);
+        ``gone`` says the client left."""
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object", None, "invalid_type")
         model = body.get("model") or next((r.id for r in self.routes.values()
@@ -4202,11 +4234,12 @@ class _Backend:
         if dims is not None and not route.truncate:
             raise _bad("%s does not take 'dimensions': its vectors are as long as its app makes "
                        "them" % route.id, "dimensions", "unsupported_parameter")
-        vectors = pool.embed(texts)
+        n = sum(map(route.counter.count, texts))
+        admit(n)
+        vectors = pool.embed(texts, gone)
         if dims is not None:                           # cut short, then of length 1 again
             vectors = [[x / (math.sqrt(sum(y * y for y in v[:dims])) or 1.0) for x in v[:dims]]
                        for v in vectors]
-        n = sum(map(route.counter.count, texts))
         return CreateEmbeddingResponse([Embedding(i, v if fmt == "float" else base64.b64encode(
             struct.pack("<%df" % len(v), *v)).decode()) for i, v in enumerate(vectors)],
             route.id, usage=EmbeddingUsage(n, n))
@@ -5791,7 +5824,8 @@ class _GatewayHandler(_Handler):
         return self._respond(self.server.backend.models(app=True))
 
     def _op_embed(self, body: Any) -> int:
-        return self._respond(self.server.backend.embed(body))
+        admit = lambda n: self._extra.update(self.server.tokens.take(self._who, n))
+        return self._respond(self.server.backend.embed(body, False, admit, self._gone))
 
     def _generate(self, op: str, body: Any) -> int:
         """A generation route: the answer whole, or streamed as server-sent events
@@ -6330,7 +6364,8 @@ class DemoUpstream(_Server):
         value)`` (``None`` if cancelled); subclasses add ``("error", message)``."""
         if job.endpoint == "embed":            # 16 numbers from the text's SHA-256, of length 1
             raw = [b - 127.5 for b in hashlib.sha256(str(job.data[0]).encode()).digest()[:16]]
-            yield "done", [[x / math.sqrt(sum(y * y for y in raw)) for x in raw]]
+            yield "done", [[x / math.sqrt(sum(y * y for y in raw)) for x in raw]] if \
+                self._pace(job) else None
             return
         values = self._values(job)
         message = values.get("message") if isinstance(values.get("message"), str) else ""
@@ -6598,13 +6633,17 @@ def _config_from_args(args: Any) -> Config:
     return Config.load(**{f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)})
 
 
-def _start_demo(config: Config, token_delay: float, out: Any) -> DemoUpstream:
+def _start_demo(config: Config, token_delay: float, out: Any = None) -> DemoUpstream:
+    """The built-in demo upstream, in this process; said to ``out`` (if given)."""
     demo = DemoUpstream(token_delay=token_delay).start()
     config.upstream, config.models_file, config.demo = [demo.url], None, True
-    print("DEMO: serving canned answers from the built-in demo upstream at %s; this is "
-          "NOT the Param model. Give --upstream URL (or BHARATGEN_BASE_URL) for the real one."
-          % demo.url, file=out, flush=True)
+    if out is not None:
+        print(_DEMO_SAYS % demo.url, file=out, flush=True)
     return demo
+
+
+_DEMO_SAYS = ("DEMO: serving canned answers from the built-in demo upstream at %s; this is NOT "
+              "the Param model. Give --upstream URL (or BHARATGEN_BASE_URL) for the real one.")
 
 
 def _is_loopback(host: str) -> bool:
@@ -6628,7 +6667,7 @@ def _cmd_serve(args: Any) -> int:
     _open_files(raise_soft=True)
     demo = None
     if args.demo or not (config.upstream or config.models_file):
-        demo = _start_demo(config, args.token_delay, sys.stderr)
+        demo = _start_demo(config, args.token_delay)       # said once the port is ours
     try:
         server = GatewayServer(config)
     except OSError as exc:                           # most often: the port is taken
@@ -6637,6 +6676,8 @@ def _cmd_serve(args: Any) -> int:
         print("error: cannot listen on %s port %d: %s; choose another with --port (0 picks a "
               "free one)" % (config.host, config.port, exc.strerror or exc), file=sys.stderr)
         return 2
+    if demo is not None:
+        print(_DEMO_SAYS % demo.url, file=sys.stderr, flush=True)
     for route in server.backend.routes.values():
         print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
               % (__version__, server.url, route.id, route.pool.base_url),
@@ -6699,9 +6740,10 @@ def _announce(server: GatewayServer) -> None:
                 info = replica.client.discover()
                 _log.info("model %r: %s is Gradio %s, endpoint /%s; %s", route.id,
                           replica.client.base_url, info.version or "?", info.endpoint,
-                          info.mapping())
-            except BharatGenError as exc:
-                _log.warning("model %r: %s", route.id, _printable(exc.message))
+                          info.mapping() if route.kind == "chat" else "embeddings")
+            except BharatGenError as exc:          # down (if unreachable) until it answers
+                route.pool._mark(replica, exc) if isinstance(exc, APIConnectionError) else \
+                    _log.warning("model %r: %s", route.id, _printable(exc.message))
 
 
 def _cmd_demo(args: Any) -> int:
@@ -6764,7 +6806,8 @@ def _cmd_info(args: Any) -> int:
 
 
 _CHAT_HELP = ("/reset forgets the conversation, /help shows this, /exit (or Ctrl-D) leaves; "
-              "Ctrl-C stops an answer")
+              "Ctrl-C stops an answer; a pasted text is one message; a space first sends one "
+              "that begins with /")
 
 
 def _cmd_chat(args: Any) -> int:
@@ -6797,7 +6840,8 @@ def _cmd_chat(args: Any) -> int:
               file=sys.stderr)
         while True:
             try:
-                line = input(">>> ").strip()
+                raw = _read_turn()
+                line = raw.strip()
             except EOFError:
                 print()
                 return 0
@@ -6809,8 +6853,8 @@ def _cmd_chat(args: Any) -> int:
             if line == "/reset":
                 history.clear()
                 print("(conversation forgotten)", file=sys.stderr)
-            elif line in ("/help", "/?") or re.match(r"/\w*$", line):
-                print(("" if line in ("/help", "/?") else "unknown command %s; " % line)
+            elif raw.startswith("/"):                 # a space first sends a message
+                print(("" if line in ("/help", "/?") else "unknown command %s; " % line.split()[0])
                       + _CHAT_HELP, file=sys.stderr)
             elif line:
                 try:
@@ -6822,6 +6866,18 @@ def _cmd_chat(args: Any) -> int:
             close()
         if demo is not None:
             demo.stop()
+
+
+def _read_turn() -> str:
+    """One turn at the prompt: the lines typed, or pasted together (lines that are there
+    already when one is read belong to it)."""
+    lines = [input(">>> ")]
+    if sys.stdin.isatty():
+        with selectors.DefaultSelector() as waiting:
+            waiting.register(sys.stdin, selectors.EVENT_READ)
+            while waiting.select(0.05):
+                lines.append(input())
+    return "\n".join(lines)
 
 
 def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: str,
@@ -6853,12 +6909,14 @@ def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: s
                         sys.stdout.write(delta.content)
                     sys.stdout.flush()
     except KeyboardInterrupt:
-        sys.stdout.write(" [stopped]")
-    finally:
-        sys.stdout.write("\x1b[0m\n" if thinking and dim else "\n")
+        answer.append(" [stopped]")
+        sys.stdout.write(answer[-1])
+    finally:                                # an answer (or a thought) ends its line
+        sys.stdout.write(("\x1b[0m" if thinking and dim else "") + ("\n" if answer or thinking
+                                                                      else ""))
         sys.stdout.flush()
-    history += [{"role": "user", "content": prompt},
-                {"role": "assistant", "content": "".join(answer)}]
+    history += [{"role": "user", "content": prompt}, {"role": "assistant", "content": "".join(
+        answer).replace(" [stopped]", "")}]
 
 
 # The commands' flags that set a Config field, with their help; "--first-event-timeout" sets
@@ -7885,6 +7943,7 @@ wide.onchange = () => side(wide.matches);
 drawLog();
 drawChats();
 loadModels(saved.model);
+$("prompt").focus();
 </script></body></html>
 
 """

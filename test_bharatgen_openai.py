@@ -1658,10 +1658,10 @@ POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "tags": {
     "type": "array", "items": {"type": "string"}}}, "required": ["x", "tags"]}
 
 
-def schema_problem(schema, strict=True):
+def schema_problem(schema, strict=True, patterns=None):
     """Why a schema is refused when a request brings it (None if it is taken)."""
     try:
-        bg._Schema(schema, "s", strict)
+        bg._Schema(schema, "s", strict, patterns)
     except bg.BadRequestError as exc:
         return exc.message
     return None
@@ -1746,7 +1746,7 @@ class SchemaTests(unittest.TestCase):
                 ({"minimum": 5}, True, None), ({"exclusiveMinimum": True, "minimum": 1}, 1, None),
                 (tree, deep, None)]:
             with self.subTest(schema=schema, value=value):
-                self.assertEqual(schema_problem(schema), None)
+                self.assertEqual(schema_problem(schema, patterns=self.patterns), None)
                 self.assertEqual(self.error(value, schema), error)
         self.assertEqual(bg._json_in('{"v": NaN} or {"v": 1}'), ({"v": 1}, '{"v": 1}'))
 
@@ -1770,7 +1770,8 @@ class SchemaTests(unittest.TestCase):
                  "s.properties.a: this server cannot check the keyword 'unevaluatedProperties'")]:
             with self.subTest(schema=schema):
                 self.assertEqual(schema_problem(schema, strict=False), problem)
-                self.assertEqual(schema_problem(schema, strict=True), problem or strict_problem)
+                self.assertEqual(schema_problem(schema, True, self.patterns),
+                                 problem or strict_problem)
 
     def test_a_bare_json_call_is_the_call_not_the_content(self):
         shape = bg._shape({"tools": [WEATHER], "tool_choice": "required"}, 1)
@@ -5242,6 +5243,64 @@ class AttackTests(unittest.TestCase):
             "it is too large to check against the schema (200000 steps, 1s)")
 
     @slow
+    def test_patterns_are_compiled_in_the_workers_within_the_request_s_second(self):
+        patterns = bg._Patterns(workers=1)
+        self.addCleanup(patterns.close)
+        slow = {"type": "object", "properties": {"p%d" % i: {"type": "string", "pattern": "(?i)"
+                + "[\\x01-\\uffff]" * 40 + "x%d" % i} for i in range(20)}}   # ~0.3 s each
+        started = time.monotonic()
+        bg._Schema(slow, "response_format", False, patterns)      # not strict: not compiled
+        self.assertLess(time.monotonic() - started, 0.5)
+        with self.assertRaisesRegex(bg.BadRequestError, "cannot be checked here"):
+            bg._Schema(slow, "response_format", True, patterns)   # strict: a second in all
+        self.assertLess(time.monotonic() - started, 3)
+        many = {"type": "object", "patternProperties": {"^a%d$" % i: {} for i in range(3000)}}
+        started = time.monotonic()
+        self.assertEqual(bg._Schema(many, "s", False, patterns).error({"x": 1, "y": 2}),
+                         None)                          # unchecked past its second, not spawned
+        self.assertLess(time.monotonic() - started, 3)
+        with self.assertRaisesRegex(bg.BadRequestError, "over 64 KB"):
+            bg._Schema({"properties": {"p%d" % i: {"pattern": "a" * 900} for i in range(80)}}, "s")
+        patterns._slots.acquire()                       # every worker busy: the server's load
+        self.addCleanup(patterns._slots.release)
+        with self.assertRaises(bg.ServerOverloadedError):
+            patterns.search("a", "a", time.monotonic() + 0.2)
+
+    def test_results_are_remembered_by_place_not_by_the_path_s_text(self):
+        schema = bg._Schema({"type": ["object", "integer"], "additionalProperties": {"$ref": "#"}},
+                            "s")
+        for value in ({"a.b": 1, "a": {"b": "x"}}, {"a": {"b": "x"}, "a.b": 1}):
+            self.assertEqual(schema.error(value), '$.a.b should be of type object or integer, '
+                             'not "x"')
+
+    def test_a_replica_that_failed_at_the_start_is_down_until_it_answers(self):
+        gw = start_gateway(self, "http://127.0.0.1:9")
+        bg._announce(gw)
+        status, _, body = request(gw.url, "GET", "/health")
+        self.assertEqual((status, json.loads(body)["status"]), (503, "unavailable"))
+
+    def test_embeddings_count_toward_tokens_a_minute_and_stop_when_the_client_leaves(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, demo=True, rate_limit_tpm=100)
+        status, headers, _ = request(gw.url, "POST", "/v1/embeddings", {"input": ["hello"] * 60})
+        self.assertEqual((status, headers["x-ratelimit-remaining-tokens"]), (200, "40"))
+        status, _, body = request(gw.url, "POST", "/v1/embeddings", {"input": ["hello"] * 60})
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (429, "rate_limit_exceeded"))
+        slow = start_demo(self, token_delay=0.05)
+        gw = start_gateway(self, slow.url, demo=True)
+        calls = len(slow.calls)
+        body = json.dumps({"input": ["x"] * 400}).encode()
+        sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=5)
+        sock.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + TIMEOUT
+        while len(slow.calls) < calls + 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sock.close()
+        before = len(slow.calls)
+        time.sleep(0.5)                                  # what a client-less request would start
+        self.assertLessEqual(len(slow.calls) - before, 8)    # those under way, no more
+
     def test_a_big_enum_is_made_canonical_once(self):
         items = list(range(2000))
         demo = Answering({"enum": json.dumps({"x": items})}).start()
@@ -6297,9 +6356,13 @@ class UsabilityTests(unittest.TestCase):
             self.assertIn(text, "".join(seen))
         until(">>> ")
         os.write(fd, b"/help\r")
-        until("Ctrl-C stops an answer")
-        os.write(fd, b"/nope\r")                       # not sent to the model
+        until("/help\r\n/reset forgets")
+        until(">>> ")
+        os.write(fd, b"/nope at all\r")                # not sent to the model
         until("unknown command /nope; /reset forgets the conversation")
+        os.write(fd, b"Answer\rin hindi\r")            # pasted: one message
+        until(HINDI + "\r\n>>> ")
+        self.assertEqual(demo.calls[-1][0], "Answer\nin hindi")
         os.write(fd, b"2000 words\r")
         until("Param is a bilingual")
         os.write(fd, b"\x03")                          # Ctrl-C: this answer only
