@@ -4707,6 +4707,8 @@ class UsabilityTests(unittest.TestCase):
         demo = start_demo(self, token_delay=0.01)
         pid, fd = pty.fork()
         if pid == 0:                                   # the child: the REPL on the terminal
+            import signal                              # Ctrl-C must reach it, even if this
+            signal.signal(signal.SIGINT, signal.SIG_DFL)   # test runs with SIGINT ignored
             os.chdir(str(HERE))
             os.execv(sys.executable, [sys.executable, "bharatgen_openai.py", "chat",
                                       "--show-reasoning", "--upstream", demo.url])
