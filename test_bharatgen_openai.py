@@ -1382,7 +1382,7 @@ class _DemoGateway(unittest.TestCase):
 
     @classmethod
     def setUpClass(cls):
-        cls.demo = FakeGradio(token_delay=0.001).start()
+        cls.demo = FakeGradio().start()
         cls.gw = Gateway(bg.Config(upstream=cls.demo.url, port=0, timeout=10)).start()
 
     @classmethod
@@ -1702,10 +1702,12 @@ class FakeGradio(QuickStop, bg.DemoUpstream):
     ``[[fail-midstream]]``, ``[[drop]]``, ``[[hang]]`` (no output), ``[[stall]]`` (silent
     after some output), ``[[malformed]]``, ``[[busy]]`` (a full queue).  It counts what
     it saw: ``calls``, ``cancels``, ``auth_seen``, ``accepted`` (connections) and
-    ``active_streams``."""
+    ``active_streams``.  While ``gate`` (an Event the test sets) is clear, every stream
+    waits before its next token: a test acts while streams run, then lets them finish."""
 
     def __init__(self, host="127.0.0.1", port=0, *, token_delay=0.0, version=6,
-                 chat_interface=False, queue=True, replay=None):
+                 chat_interface=False, queue=True, replay=None, gate=None):
+        self.gate = gate
         self.major, self.version = version, VERSIONS[version]
         self.chat_interface = chat_interface
         self.prefix = "" if version == 4 else "/gradio_api"
@@ -1717,6 +1719,13 @@ class FakeGradio(QuickStop, bg.DemoUpstream):
     def verify_request(self, request, client_address):
         self.accepted += 1
         return super().verify_request(request, client_address)
+
+    def _pace(self, job):
+        gate, deadline = self.gate, time.monotonic() + TIMEOUT   # the gate, then the delay
+        while gate is not None and not gate.wait(0.01):
+            if job.cancelled.is_set() or time.monotonic() > deadline:
+                break
+        return super()._pace(job)
 
     def reply(self, message, history, system, params):
         if message in HTML_ANSWERS:
@@ -1889,6 +1898,16 @@ def gradio_client(test, *args, **kwargs):
     client = bg.GradioClient(*args, **kwargs)
     test.addCleanup(client.close)
     return client
+
+
+def wait_until(predicate, timeout=TIMEOUT):
+    """Whether ``predicate()`` came true within ``timeout`` seconds (asked every 5 ms)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def start_demo(test, **kwargs):
@@ -2338,6 +2357,9 @@ class GatewayTests(_DemoGateway):
 
     def test_concurrent_streams_are_all_exact(self):
         results, errors = [], []
+        gate = self.demo.gate = threading.Event()       # all 16 run at once, then go on
+        self.addCleanup(setattr, self.demo, "gate", None)
+        self.addCleanup(gate.set)
 
         def one(i):
             try:
@@ -2350,6 +2372,8 @@ class GatewayTests(_DemoGateway):
         threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
         for t in threads:
             t.start()
+        self.assertTrue(wait_until(lambda: self.demo.active_streams == 16))
+        gate.set()
         for t in threads:
             t.join(TIMEOUT)
         self.assertEqual(errors, [])
@@ -2726,7 +2750,7 @@ class VariantTests(unittest.TestCase):
     def each_variant(self):
         for variant in VARIANTS:
             with self.subTest(**variant):
-                demo = FakeGradio(token_delay=0.0005, **variant).start()
+                demo = FakeGradio(**variant).start()
                 gw = Gateway(bg.Config(upstream=[demo.url], port=0, timeout=10)).start()
                 try:
                     yield variant, demo, gw
@@ -2942,7 +2966,7 @@ class StreamingTests(unittest.TestCase):
     """Each stream is written by its connection's thread: slow clients, TLS, replicas."""
 
     def test_a_long_stream_is_exact_and_openai_shaped(self):
-        demo = start_demo(self, token_delay=0.001)
+        demo = start_demo(self)
         answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
         gw = start_gateway(self, demo.url)
         status, _, body = chat(gw, "300 words", stream=True)
@@ -2953,7 +2977,7 @@ class StreamingTests(unittest.TestCase):
         self.assertEqual(chat(gw, "Say hello", stream=True, n=2)[0], 200)
 
     def test_the_replica_that_answers_is_pumped_after_one_that_timed_out(self):
-        slow, quick = start_demo(self, token_delay=3), start_demo(self, token_delay=0.001)
+        slow, quick = start_demo(self, gate=threading.Event()), start_demo(self)   # slow: silent
         gw = start_gateway(self, [slow.url, quick.url], first_event_timeout=0.3)
         answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
         status, _, body = chat(gw, "300 words", stream=True)     # round-robin starts at slow
@@ -3030,7 +3054,7 @@ class StreamingTests(unittest.TestCase):
 
     def test_a_tls_upstream(self):
         context, _ = tls_server_context(self)
-        demo = FakeGradio(token_delay=0.001)
+        demo = FakeGradio()
         demo.socket = context.wrap_socket(demo.socket, server_side=True)
         demo.start()
         self.addCleanup(demo.stop)
@@ -3147,7 +3171,7 @@ def wait_for_logs(logs, count):
 
 class LimitTests(unittest.TestCase):
     def setUp(self):
-        self.demo = start_demo(self, token_delay=0.02)
+        self.demo = start_demo(self)
 
     def test_slow_headers_and_slow_body_are_cut_off(self):
         gw = start_gateway(self, self.demo.url, header_timeout=0.3, body_timeout=0.3)
@@ -3219,19 +3243,20 @@ class LimitTests(unittest.TestCase):
 
     def test_concurrency_cap_answers_503_at_once(self):
         gw = start_gateway(self, self.demo.url, max_concurrent=2)
+        self.demo.gate = threading.Event()             # the two streams wait for it
+        self.addCleanup(self.demo.gate.set)
         results = []
         threads = [threading.Thread(target=lambda: results.append(chat(gw, "40 words", stream=True)))
                    for _ in range(2)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + TIMEOUT
-        while gw.in_flight < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.assertTrue(wait_until(lambda: len(self.demo.calls) == 2))   # each holds a slot
         started = time.monotonic()
         status, headers, body = chat(gw, "Say hello")
         self.assertLess(time.monotonic() - started, 1)
         self.assertEqual((status, headers["Retry-After"], json.loads(body)["error"]["code"]),
                          (503, "1", "server_overloaded"))
+        self.demo.gate.set()
         for t in threads:
             t.join(TIMEOUT)
         self.assertEqual([r[0] for r in results], [200, 200])
@@ -3258,16 +3283,16 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(headers["Retry-After"], "30")
         self.assertEqual(chat(gw, "Say hello", headers=b)[0], 200)       # another key
         gw2 = start_gateway(self, self.demo.url, api_keys=["sk-a"], rate_limit_streams=1)
-        held = []
+        self.demo.gate = threading.Event()             # the first stream waits for it
+        self.addCleanup(self.demo.gate.set)
+        held, calls = [], len(self.demo.calls)
         t = threading.Thread(target=lambda: held.append(chat(gw2, "60 words", stream=True, headers=a)))
         t.start()
-        deadline = time.monotonic() + TIMEOUT
-        while gw2.in_flight < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)
+        self.assertTrue(wait_until(lambda: len(self.demo.calls) > calls))   # its stream is open
         status, _, body = chat(gw2, "Say hello", stream=True, headers=a)
         self.assertEqual((status, json.loads(body)["error"]["message"]),
                          (429, "Too many concurrent streams: the limit is 1 per key"))
+        self.demo.gate.set()
         t.join(TIMEOUT)
         self.assertEqual(held[0][0], 200)
 
@@ -3563,18 +3588,18 @@ class FaultTests(unittest.TestCase):
     """Each upstream failure: the status or stream error, in time, and no thread left behind."""
 
     def test_each_upstream_failure(self):
-        demo = start_demo(self, token_delay=0.005)
+        demo = start_demo(self)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         dead = "http://127.0.0.1:%d" % sock.getsockname()[1]
         sock.close()
-        gw = start_gateway(self, demo.url, timeout=0.5)
+        gw = start_gateway(self, demo.url, timeout=0.3)
         refused = start_gateway(self, dead)
         bad_endpoint = start_gateway(self, demo.url, endpoint="no_such_fn")
-        slow = start_demo(self, token_delay=0.2)
-        slow_gw = start_gateway(self, slow.url, timeout=1)
+        slow = start_demo(self, token_delay=0.04)       # 18 tokens: 0.7 s, past the timeout
+        slow_gw = start_gateway(self, slow.url, timeout=0.4)
         chat(gw, "Say hello")                    # warm up: discovery done, threads settled
-        time.sleep(0.2)
+        self.assertTrue(wait_until(lambda: gw.connections == 0))
         before = threading.active_count()
         cases = [(refused, "Say hello", False, 502, "upstream_unreachable"),
                  (gw, "[[hang]]", False, 504, "upstream_timeout"),
@@ -3604,9 +3629,7 @@ class FaultTests(unittest.TestCase):
             for route in server.backend.routes.values():     # hold a demo thread each: not a leak
                 for replica in route.pool.replicas:
                     replica.client.close()
-        deadline = time.monotonic() + TIMEOUT
-        while threading.active_count() > before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: threading.active_count() <= before)
         self.assertLessEqual(threading.active_count(), before)
 
 
@@ -4350,7 +4373,7 @@ class UpstreamFaultTests(unittest.TestCase):
     def test_a_flooding_upstream_does_not_hold_back_another_stream(self):
         flood = faulty_gradio(self, "flood")
         gw1 = start_gateway(self, flood.url)
-        demo = start_demo(self, token_delay=0.01)
+        demo = start_demo(self)
         gw2 = start_gateway(self, demo.url)
         sock = socket.create_connection(("127.0.0.1", gw1.server_address[1]), timeout=5)
         self.addCleanup(sock.close)
