@@ -1910,6 +1910,20 @@ def wait_until(predicate, timeout=TIMEOUT):
     return True
 
 
+def wait_until_stalled(sock):
+    """Whether the bytes waiting on ``sock`` (which is not read) stopped growing, within
+    TIMEOUT: its buffers and the sender's are full, and the sender waits."""
+    import fcntl
+    import struct
+    import termios
+    sizes = []
+
+    def stalled():
+        sizes.append(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+        return len(sizes) > 10 and sizes[-1] == sizes[-11] > 0     # the same for 50 ms
+    return wait_until(stalled)
+
+
 def start_demo(test, **kwargs):
     demo = FakeGradio(**kwargs).start()
     test.addCleanup(demo.stop)
@@ -2995,7 +3009,7 @@ class StreamingTests(unittest.TestCase):
         gw = start_gateway(self, demo.url)
         gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # inherited by accept()
         sock = self.send_stream_request(gw.server_address[1], "4000 words")
-        time.sleep(0.5)                            # not reading: the gateway must wait
+        self.assertTrue(wait_until_stalled(sock))  # not reading: the gateway must wait
         self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
         self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
 
@@ -3013,7 +3027,7 @@ class StreamingTests(unittest.TestCase):
         gw.start()
         sock = self.send_stream_request(gw.server_address[1], "4000 words",
                                         __import__("ssl").create_default_context(cafile=cert))
-        time.sleep(0.5)
+        self.assertTrue(wait_until_stalled(sock))
         self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
 
     @staticmethod
@@ -3039,8 +3053,9 @@ class StreamingTests(unittest.TestCase):
             data = sock.recv(8192)
             if not data:
                 break
+            if len(raw) // 8192 < (len(raw) + len(data)) // 8192:
+                time.sleep(0.0005)                 # a pause every 8 KB (a TLS read is a record)
             raw += data
-            time.sleep(0.0005)
         sock.close()
         head, _, chunked = raw.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
@@ -3109,7 +3124,7 @@ class CancellationTests(unittest.TestCase):
         slow.sendall(b"GET /gradio_api/call/chat_fn_1/%s HTTP/1.1\r\nHost: x\r\n\r\n"
                      % json.loads(body)["event_id"].encode())
         self.assertIn(b"200 OK", slow.recv(1024))
-        time.sleep(0.3)                             # its socket buffers fill; it reads no more
+        self.assertTrue(wait_until_stalled(slow))   # its socket buffers fill; it reads no more
         status, _, body = chat(gw, "Say hello")
         self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
                          (200, HELLO))
