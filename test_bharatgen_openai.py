@@ -2091,20 +2091,23 @@ class GradioClientTests(unittest.TestCase):
             self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
 
     def test_a_connection_closed_at_rest_is_not_used_and_a_post_is_never_sent_twice(self):
-        seen, closed = [], threading.Semaphore(0)
+        seen, closed, failed = [], threading.Semaphore(0), threading.Event()
         ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
         def serve(server):
             server.settimeout(2)
             try:
                 for n in range(4):
+                    if n == 3:                        # the POST failed: was it sent again?
+                        failed.wait(5)
+                        server.settimeout(0)          # (its connection would be waiting)
                     conn, _ = server.accept()
                     with conn:
                         seen.append(conn.recv(65536).split(b" ", 2)[:2])
                         if n < 2:
                             conn.sendall(ok)          # then closed while it rests
                     closed.release()
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):
                 pass
         port, thread = scripted_server(self, serve)
         client = gradio_client(self, "http://127.0.0.1:%d" % port, timeout=5)
@@ -2114,6 +2117,7 @@ class GradioClientTests(unittest.TestCase):
             self.assertTrue(closed.acquire(timeout=5))
         with self.assertRaisesRegex(bg.APIConnectionError, "cannot reach the Gradio app"):
             client._exchange(conn, "POST", "/c", {})  # it reached the app: not sent again
+        failed.set()
         thread.join(5)
         self.assertEqual(seen, [[b"GET", b"/a"], [b"GET", b"/b"], [b"POST", b"/c"]])
 
@@ -4592,11 +4596,18 @@ class LoadTests(unittest.TestCase):
         self.assertEqual([(s, t) for s, p, t in results if (s, t) != (200, expected[p])], [])
 
 
+def streams_in_flight(url):
+    """The streams a gateway is sending, from its /metrics (no line before the first)."""
+    text = request(url, "GET", "/metrics")[2].decode()
+    found = re.search(r"^bharatgen_streams_in_flight (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 class ShutdownTests(unittest.TestCase):
     def test_sigterm_lets_a_stream_in_flight_finish(self):
         import signal
         proc = subprocess.Popen([sys.executable, "bharatgen_openai.py", "serve", "--demo",
-                                 "--port", "0", "--token-delay", "0.01", "--grace", "20"],
+                                 "--port", "0", "--token-delay", "0.004", "--grace", "20"],
                                 cwd=str(HERE), stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, BHARATGEN_UPSTREAM=""))
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
@@ -4609,7 +4620,7 @@ class ShutdownTests(unittest.TestCase):
         result = []
         t = threading.Thread(target=lambda: result.append(chat(gw, "120 words", stream=True)))
         t.start()
-        time.sleep(0.5)
+        self.assertTrue(wait_until(lambda: streams_in_flight(url) == 1))   # for 0.5 s more
         proc.send_signal(signal.SIGTERM)
         t.join(TIMEOUT)
         try:
@@ -4646,9 +4657,16 @@ class UsabilityTests(unittest.TestCase):
         t = threading.Thread(target=lambda: result.append(
             chat(type("G", (), {"url": url}), "2000 words", stream=True)))
         t.start()
-        time.sleep(0.5)
+        self.assertTrue(wait_until(lambda: streams_in_flight(url) == 1))
+
+        def refused():                                 # the first Ctrl-C was taken: it drains
+            try:
+                socket.create_connection(url.split("//")[1].split(":"), timeout=1).close()
+            except ConnectionError:                     # refused, or reset as it closed
+                return True
+            return False
         proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        self.assertTrue(wait_until(refused))
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=TIMEOUT)[1]
