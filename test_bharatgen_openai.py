@@ -1643,6 +1643,7 @@ class CacheTests(unittest.TestCase):
             "model": bg.DEFAULT_MODEL, "input": "Say hello", "stream": True}, a)
         self.assertEqual((head["x-cache"], sse_events(again)[-1]["response"]["output"][-1]),
                          ("hit", json.loads(body)["output"][-1] | {"id": sse_events(again)[-1]["response"]["output"][-1]["id"]}))
+        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
         metrics = request(gw.url, "GET", "/metrics", headers=a)[2].decode()
         self.assertIn('bharatgen_cache_total{result="hit"} 4\n', metrics)
         self.assertIn('bharatgen_cache_total{result="miss"} 6\n', metrics)
@@ -3350,6 +3351,7 @@ class LimitTests(unittest.TestCase):
         chat(gw, "Say hello")
         chat(gw, "Say hello", stream=True)
         chat(gw, "[[error]]")
+        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
         status, headers, body = request(gw.url, "GET", "/metrics")
         text = body.decode()
         self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
