@@ -3294,7 +3294,11 @@ class LimitTests(unittest.TestCase):
         a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
         first = chat(gw, "Say hello", headers=a)
         self.assertEqual((first[0], first[1]["x-ratelimit-limit-requests"],
-                          first[1]["x-ratelimit-remaining-requests"]), (200, "2", "1"))
+                          first[1]["x-ratelimit-remaining-requests"],
+                          first[1]["x-ratelimit-reset-requests"]), (200, "2", "1", "30s"))
+        self.assertEqual(bg._RateLimiter(1).take("k")["x-ratelimit-reset-requests"], "1m0s")
+        self.assertEqual([bg._duration(t) for t in (0.0004, 0.25, 1, 59.4, 59.6, 61, 360)],
+                         ["1ms", "250ms", "1s", "59s", "1m0s", "1m1s", "6m0s"])
         self.assertEqual(chat(gw, "Say hello", headers=a)[0], 200)
         status, headers, body = chat(gw, "Say hello", headers=a)
         error = json.loads(body)["error"]
@@ -3362,6 +3366,10 @@ class LimitTests(unittest.TestCase):
         self.assertIn("bharatgen_request_duration_seconds_count 2", text)
         self.assertIn("bharatgen_streams_in_flight 0", text)
         self.assertGreater(gw.metrics.value("bharatgen_upstream_bytes_total"), 1000)
+        metrics = bg._Metrics()                        # label values escaped as the format says
+        metrics.inc("bharatgen_upstream_errors_total", kind=r'a "quoted" \ back\slash')
+        self.assertIn('\nbharatgen_upstream_errors_total{kind="%s"} 1\n' % r'a \"quoted\" \\ back\\slash',
+                      metrics.render())
 
     def test_cors_origins(self):
         gw = start_gateway(self, self.demo.url, cors_origins=["http://ui.example"], api_keys=["k"])
