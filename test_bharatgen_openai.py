@@ -4109,7 +4109,7 @@ class FaultyGradio:
     # -- sockets, every wait bounded -------------------------------------------------------
 
     def _accept(self, listener):
-        listener.settimeout(0.1)
+        listener.settimeout(0.02)
         for number in range(200):                                     # connections
             while True:
                 if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
@@ -4131,7 +4131,7 @@ class FaultyGradio:
             if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
                 raise _Gone()
             try:
-                if not select.select([conn], [], [], 0.1)[0]:
+                if not select.select([conn], [], [], 0.02)[0]:
                     continue
                 data = conn.recv(65536)
             except (BlockingIOError, InterruptedError):
@@ -4151,7 +4151,7 @@ class FaultyGradio:
             if time.monotonic() > deadline:
                 return "limit"
             try:
-                if select.select([], [conn], [], 0.1)[1]:
+                if select.select([], [conn], [], 0.02)[1]:
                     count = conn.send(view)
                     view = view[count:]
                     with self.lock:
@@ -4167,7 +4167,7 @@ class FaultyGradio:
         first, else "limit" or "stop" (an early close would only end a gateway's read)."""
         while not self.stopping.is_set() and time.monotonic() < end:
             try:
-                if select.select([conn], [], [], 0.1)[0] and not conn.recv(65536):
+                if select.select([conn], [], [], 0.02)[0] and not conn.recv(65536):
                     return "peer"
             except (BlockingIOError, InterruptedError):
                 continue
