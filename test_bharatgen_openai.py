@@ -3137,12 +3137,12 @@ class CancellationTests(unittest.TestCase):
         self.assertTrue(self.wait_for(lambda: demo.active_streams == 0), "the stalled stream stays")
 
     def test_stop_sequence_ends_the_upstream_call_early(self):
-        demo = start_demo(self, token_delay=0.01)
+        demo = start_demo(self, token_delay=0.002)
         gw = start_gateway(self, demo.url)
         started = time.monotonic()
         reply = json.loads(chat(gw, "2000 words", stop="India")[2])
         self.assertEqual(reply["choices"][0]["message"]["content"], "Param is a bilingual model trained for ")
-        self.assertLess(time.monotonic() - started, 10)
+        self.assertLess(time.monotonic() - started, 2)            # the whole answer takes 4 s
         self.assertTrue(self.wait_for(lambda: demo.active_streams == 0))
         self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1))
 
@@ -4782,7 +4782,7 @@ class UsabilityTests(unittest.TestCase):
 
     def test_the_chat_repl_in_a_terminal(self):
         import pty
-        demo = start_demo(self, token_delay=0.01)
+        demo = start_demo(self, token_delay=0.002)
         pid, fd = pty.fork()
         if pid == 0:                                   # the child: the REPL on the terminal
             import signal                              # Ctrl-C must reach it, even if this
