@@ -1911,6 +1911,24 @@ def wait_until(predicate, timeout=TIMEOUT):
     return True
 
 
+def at_once(*calls):
+    """Each call run in a thread of its own, side by side (their timeouts overlap): what
+    each returned, or raised, in order."""
+    out = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            out[i] = call()
+        except BaseException as exc:           # returned, for the test to assert on
+            out[i] = exc
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    return out
+
+
 def wait_until_stalled(sock):
     """Whether the bytes waiting on ``sock`` (which is not read) stopped growing, within
     TIMEOUT: its buffers and the sender's are full, and the sender waits."""
@@ -2073,15 +2091,17 @@ class GradioClientTests(unittest.TestCase):
             list(client.stream("[[drop]]"))
         with self.assertRaisesRegex(bg.UpstreamError, r"refused the call to /nope \(HTTP 500\)"):
             list(gradio_client(self, self.demo.url, endpoint="nope").stream("x"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.3s"):
-            list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[hang]]"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.2s"):
-            list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent nothing for 0.3s"):
-            list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
+        timeouts = at_once(
+            lambda: list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[hang]]")),
+            lambda: list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]")),
+            lambda: list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]")))
+        for exc, message in zip(timeouts, ("sent no output within 0.3s", "sent no output within 0.2s",
+                                           "sent nothing for 0.3s")):
+            self.assertIsInstance(exc, bg.APITimeoutError)
+            self.assertRegex(str(exc), message)
 
     def test_a_stall_after_output_ends_within_the_timeout(self):
-        for protocol in ("queue", "call"):
+        def stall(protocol):
             client = gradio_client(self, self.demo.url, timeout=0.3, protocol=protocol)
             updates = client.stream("[[stall]] Say hello")
             next(updates)                             # output has started
@@ -2090,6 +2110,9 @@ class GradioClientTests(unittest.TestCase):
                 list(updates)
             self.assertLess(time.monotonic() - started, 2)
             self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
+        for failure in at_once(lambda: stall("queue"), lambda: stall("call")):   # side by side
+            if failure is not None:
+                raise failure
 
     def test_a_connection_closed_at_rest_is_not_used_and_a_post_is_never_sent_twice(self):
         seen, closed, failed = [], threading.Semaphore(0), threading.Event()
@@ -3200,11 +3223,13 @@ class LimitTests(unittest.TestCase):
     def test_slow_headers_and_slow_body_are_cut_off(self):
         gw = start_gateway(self, self.demo.url, header_timeout=0.3, body_timeout=0.3)
         started = time.monotonic()
-        status, _, body = parse_response(raw_exchange(gw.server_address[1], b"POST /v1/chat"))
+        slow_head, slow_body = at_once(             # side by side
+            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat"),
+            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\n"
+                                 b"Host: x\r\nContent-Length: 100\r\n\r\n{\"model\""))
+        status, _, body = parse_response(slow_head)
         self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
-        status, _, body = parse_response(raw_exchange(
-            gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
-            b"Content-Length: 100\r\n\r\n{\"model\""))
+        status, _, body = parse_response(slow_body)
         self.assertEqual((status, json.loads(body)["error"]), (408, {
             "message": "the request body did not arrive within 0.3s",
             "type": "invalid_request_error", "param": None, "code": "request_timeout"}))
@@ -3883,6 +3908,8 @@ class FramingTests(unittest.TestCase):
         port = gw.server_address[1]
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.addCleanup(sock.close)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)   # (side by side)
+        self.addCleanup(silent.close)
         head = b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
         started = time.monotonic()
         for i in range(len(head)):                 # 4 s if never cut off: bounded at 5 s
@@ -3901,8 +3928,6 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(json.loads(responses[0][2])["error"]["code"], "request_timeout")
         self.assertLess(took, 3)
         # a connection that sends nothing is closed after header_timeout, without a word
-        started = time.monotonic()
-        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.assertEqual(drain(self, silent, timeout=4), b"")
         self.assertLess(time.monotonic() - started, 3)
         self.assert_still_serving(gw)
