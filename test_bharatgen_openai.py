@@ -1791,13 +1791,25 @@ class SchemaTests(unittest.TestCase):
                 self.assertEqual(bg._json_in(text), found)
 
 
+class QuickStop:
+    """A server whose ``stop()`` waits at most 5 ms for its loop to notice, not the 50 ms
+    it polls at in the product: the suite starts and stops some 280 servers."""
+
+    def serve_forever(self, poll_interval=0.5):
+        super().serve_forever(0.005)
+
+
+class Gateway(QuickStop, bg.GatewayServer):
+    """The gateway, as the tests run it."""
+
+
 class _DemoGateway(unittest.TestCase):
     """A fast demo upstream and a gateway in front of it, shared by a class's tests."""
 
     @classmethod
     def setUpClass(cls):
-        cls.demo = FakeGradio(token_delay=0.001).start()
-        cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=10)).start()
+        cls.demo = FakeGradio().start()
+        cls.gw = Gateway(bg.Config(upstream=cls.demo.url, port=0, timeout=10)).start()
 
     @classmethod
     def tearDownClass(cls):
@@ -1987,7 +1999,7 @@ class ToolTests(_DemoGateway):
                 raise KeyError("a bug")
 
         config = bg.Config(upstream=[self.demo.url], port=0, timeout=10)
-        gw = bg.GatewayServer(config, Broken(config)).start()
+        gw = Gateway(config, Broken(config)).start()
         self.addCleanup(gw.stop)
         with self.assertLogs("bharatgen_openai", "ERROR"):
             status, _, body = chat(gw, "Say hello", stream=True)
@@ -2057,6 +2069,7 @@ class CacheTests(unittest.TestCase):
             "model": bg.DEFAULT_MODEL, "input": "Say hello", "stream": True}, a)
         self.assertEqual((head["x-cache"], sse_events(again)[-1]["response"]["output"][-1]),
                          ("hit", json.loads(body)["output"][-1] | {"id": sse_events(again)[-1]["response"]["output"][-1]["id"]}))
+        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
         metrics = request(gw.url, "GET", "/metrics", headers=a)[2].decode()
         self.assertIn('bharatgen_cache_total{result="hit"} 4\n', metrics)
         self.assertIn('bharatgen_cache_total{result="miss"} 6\n', metrics)
@@ -2107,7 +2120,7 @@ VERSIONS = {4: "4.44.1", 5: "5.50.0", 6: "6.31.0"}
 SLIDERS = {"temperature": (0, 2), "max_tokens": (1, 8192), "top_p": (0, 1), "top_k": (1, 100)}
 
 
-class FakeGradio(bg.DemoUpstream):
+class FakeGradio(QuickStop, bg.DemoUpstream):
     """The product's demo upstream made into the Gradio versions and app shapes the tests
     need: ``version`` 4, 5 or 6 (API prefix, history format, error shapes),
     ``chat_interface`` (a string reply, history kept in a State), ``queue`` (the queue
@@ -2116,10 +2129,12 @@ class FakeGradio(bg.DemoUpstream):
     ``[[fail-midstream]]``, ``[[drop]]``, ``[[hang]]`` (no output), ``[[stall]]`` (silent
     after some output), ``[[malformed]]``, ``[[busy]]`` (a full queue).  It counts what
     it saw: ``calls``, ``cancels``, ``auth_seen``, ``accepted`` (connections) and
-    ``active_streams``."""
+    ``active_streams``.  While ``gate`` (an Event the test sets) is clear, every stream
+    waits before its next token: a test acts while streams run, then lets them finish."""
 
     def __init__(self, host="127.0.0.1", port=0, *, token_delay=0.0, version=6,
-                 chat_interface=False, queue=True, replay=None):
+                 chat_interface=False, queue=True, replay=None, gate=None):
+        self.gate = gate
         self.major, self.version = version, VERSIONS[version]
         self.chat_interface = chat_interface
         self.prefix = "" if version == 4 else "/gradio_api"
@@ -2132,6 +2147,13 @@ class FakeGradio(bg.DemoUpstream):
     def verify_request(self, request, client_address):
         self.accepted += 1
         return super().verify_request(request, client_address)
+
+    def _pace(self, job):
+        gate, deadline = self.gate, time.monotonic() + TIMEOUT   # the gate, then the delay
+        while gate is not None and not gate.wait(0.01):
+            if job.cancelled.is_set() or time.monotonic() > deadline:
+                break
+        return super()._pace(job)
 
     def reply(self, message, history, system, params):
         if message in HTML_ANSWERS:
@@ -2316,6 +2338,48 @@ def gradio_client(test, *args, **kwargs):
     return client
 
 
+def wait_until(predicate, timeout=TIMEOUT):
+    """Whether ``predicate()`` came true within ``timeout`` seconds (asked every 5 ms)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def at_once(*calls):
+    """Each call run in a thread of its own, side by side (their timeouts overlap): what
+    each returned, or raised, in order."""
+    out = [None] * len(calls)
+
+    def run(i, call):
+        try:
+            out[i] = call()
+        except BaseException as exc:           # returned, for the test to assert on
+            out[i] = exc
+    threads = [threading.Thread(target=run, args=(i, call)) for i, call in enumerate(calls)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT)
+    return out
+
+
+def wait_until_stalled(sock):
+    """Whether the bytes waiting on ``sock`` (which is not read) stopped growing, within
+    TIMEOUT: its buffers and the sender's are full, and the sender waits."""
+    import fcntl
+    import struct
+    import termios
+    sizes = []
+
+    def stalled():
+        sizes.append(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+        return len(sizes) > 10 and sizes[-1] == sizes[-11] > 0     # the same for 50 ms
+    return wait_until(stalled)
+
+
 def start_demo(test, **kwargs):
     demo = FakeGradio(**kwargs).start()
     test.addCleanup(demo.stop)
@@ -2325,7 +2389,7 @@ def start_demo(test, **kwargs):
 def start_gateway(test, upstream, **kwargs):
     kwargs.setdefault("timeout", 10)
     upstream = [upstream] if isinstance(upstream, str) else upstream
-    gw = bg.GatewayServer(bg.Config(upstream=upstream, port=0, **kwargs)).start()
+    gw = Gateway(bg.Config(upstream=upstream, port=0, **kwargs)).start()
     test.addCleanup(gw.stop)
     return gw
 
@@ -2469,15 +2533,17 @@ class GradioClientTests(unittest.TestCase):
             list(client.stream("[[drop]]"))
         with self.assertRaisesRegex(bg.UpstreamError, r"refused the call to /nope \(HTTP 500\)"):
             list(gradio_client(self, self.demo.url, endpoint="nope").stream("x"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.3s"):
-            list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[hang]]"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output within 0.2s"):
-            list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]"))
-        with self.assertRaisesRegex(bg.APITimeoutError, "sent no output for 0.3s"):
-            list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]"))
+        timeouts = at_once(
+            lambda: list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[hang]]")),
+            lambda: list(gradio_client(self, self.demo.url, timeout=5, first_event_timeout=0.2).stream("[[hang]]")),
+            lambda: list(gradio_client(self, self.demo.url, timeout=0.3).stream("[[stall]]")))
+        for exc, message in zip(timeouts, ("sent no output within 0.3s", "sent no output within 0.2s",
+                                           "sent no output for 0.3s")):
+            self.assertIsInstance(exc, bg.APITimeoutError)
+            self.assertRegex(str(exc), message)
 
     def test_a_stall_after_output_ends_within_the_timeout(self):
-        for protocol in ("queue", "call"):
+        def stall(protocol):
             client = gradio_client(self, self.demo.url, timeout=0.3, protocol=protocol)
             updates = client.stream("[[stall]] Say hello")
             next(updates)                             # output has started
@@ -2486,22 +2552,28 @@ class GradioClientTests(unittest.TestCase):
                 list(updates)
             self.assertLess(time.monotonic() - started, 2)
             self.assertEqual(bg.clean_reply(list(client.stream("Say hello"))[-1][0]).answer, HELLO)
+        for failure in at_once(lambda: stall("queue"), lambda: stall("call")):   # side by side
+            if failure is not None:
+                raise failure
 
     def test_a_connection_closed_at_rest_is_not_used_and_a_post_is_never_sent_twice(self):
-        seen, closed = [], threading.Semaphore(0)
+        seen, closed, failed = [], threading.Semaphore(0), threading.Event()
         ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"
 
         def serve(server):
             server.settimeout(2)
             try:
                 for n in range(4):
+                    if n == 3:                        # the POST failed: was it sent again?
+                        failed.wait(5)
+                        server.settimeout(0)          # (its connection would be waiting)
                     conn, _ = server.accept()
                     with conn:
                         seen.append(conn.recv(65536).split(b" ", 2)[:2])
                         if n < 2:
                             conn.sendall(ok)          # then closed while it rests
                     closed.release()
-            except socket.timeout:
+            except (socket.timeout, BlockingIOError):
                 pass
         port, thread = scripted_server(self, serve)
         client = gradio_client(self, "http://127.0.0.1:%d" % port, timeout=5)
@@ -2511,6 +2583,7 @@ class GradioClientTests(unittest.TestCase):
             self.assertTrue(closed.acquire(timeout=5))
         with self.assertRaisesRegex(bg.APIConnectionError, "cannot reach the Gradio app"):
             client.http.exchange(conn, "POST", "/c", {})  # it reached the app: not sent again
+        failed.set()
         thread.join(5)
         self.assertEqual(seen, [[b"GET", b"/a"], [b"GET", b"/b"], [b"POST", b"/c"]])
 
@@ -2972,6 +3045,9 @@ class GatewayTests(_DemoGateway):
 
     def test_concurrent_streams_are_all_exact(self):
         results, errors = [], []
+        gate = self.demo.gate = threading.Event()       # all 16 run at once, then go on
+        self.addCleanup(setattr, self.demo, "gate", None)
+        self.addCleanup(gate.set)
 
         def one(i):
             try:
@@ -2984,6 +3060,8 @@ class GatewayTests(_DemoGateway):
         threads = [threading.Thread(target=one, args=(i,)) for i in range(16)]
         for t in threads:
             t.start()
+        self.assertTrue(wait_until(lambda: self.demo.active_streams == 16))
+        gate.set()
         for t in threads:
             t.join(TIMEOUT)
         self.assertEqual(errors, [])
@@ -3102,9 +3180,9 @@ class GatewayErrorTests(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.demo = FakeGradio().start()
-        cls.gw = bg.GatewayServer(bg.Config(upstream=cls.demo.url, port=0, timeout=0.5,
-                                            api_keys=["sk-one", "sk-two"],
-                                            max_body_bytes=10000)).start()
+        cls.gw = Gateway(bg.Config(upstream=cls.demo.url, port=0, timeout=0.5,
+                                   api_keys=["sk-one", "sk-two"],
+                                   max_body_bytes=10000)).start()
         cls.auth = {"Authorization": "Bearer sk-two"}
 
     @classmethod
@@ -3360,8 +3438,8 @@ class VariantTests(unittest.TestCase):
     def each_variant(self):
         for variant in VARIANTS:
             with self.subTest(**variant):
-                demo = FakeGradio(token_delay=0.0005, **variant).start()
-                gw = bg.GatewayServer(bg.Config(upstream=[demo.url], port=0, timeout=10)).start()
+                demo = FakeGradio(**variant).start()
+                gw = Gateway(bg.Config(upstream=[demo.url], port=0, timeout=10)).start()
                 try:
                     yield variant, demo, gw
                 finally:
@@ -3576,7 +3654,7 @@ class StreamingTests(unittest.TestCase):
     """Each stream is written by its connection's thread: slow clients, TLS, replicas."""
 
     def test_a_long_stream_is_exact_and_openai_shaped(self):
-        demo = start_demo(self, token_delay=0.001)
+        demo = start_demo(self)
         answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
         gw = start_gateway(self, demo.url)
         status, _, body = chat(gw, "300 words", stream=True)
@@ -3587,7 +3665,7 @@ class StreamingTests(unittest.TestCase):
         self.assertEqual(chat(gw, "Say hello", stream=True, n=2)[0], 200)
 
     def test_the_replica_that_answers_is_pumped_after_one_that_timed_out(self):
-        slow, quick = start_demo(self, token_delay=3), start_demo(self, token_delay=0.001)
+        slow, quick = start_demo(self, gate=threading.Event()), start_demo(self)   # slow: silent
         gw = start_gateway(self, [slow.url, quick.url], first_event_timeout=0.3)
         answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
         status, _, body = chat(gw, "300 words", stream=True)     # round-robin starts at slow
@@ -3605,7 +3683,7 @@ class StreamingTests(unittest.TestCase):
         gw = start_gateway(self, demo.url)
         gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # inherited by accept()
         sock = self.send_stream_request(gw.server_address[1], "4000 words")
-        time.sleep(0.5)                            # not reading: the gateway must wait
+        self.assertTrue(wait_until_stalled(sock))  # not reading: the gateway must wait
         self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
         self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
 
@@ -3614,8 +3692,8 @@ class StreamingTests(unittest.TestCase):
         demo = bg.DemoUpstream(token_delay=0)
         demo.socket = context.wrap_socket(demo.socket, server_side=True)
         self.addCleanup(demo.stop)
-        gw = bg.GatewayServer(bg.Config(upstream=["https://127.0.0.1:%d" % demo.server_address[1]],
-                                        port=0, timeout=10))
+        gw = Gateway(bg.Config(upstream=["https://127.0.0.1:%d" % demo.server_address[1]],
+                               port=0, timeout=10))
         gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
         gw.socket = context.wrap_socket(gw.socket, server_side=True)
         self.addCleanup(gw.stop)
@@ -3623,7 +3701,7 @@ class StreamingTests(unittest.TestCase):
         gw.start()
         sock = self.send_stream_request(gw.server_address[1], "4000 words",
                                         __import__("ssl").create_default_context(cafile=cert))
-        time.sleep(0.5)
+        self.assertTrue(wait_until_stalled(sock))
         self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
 
     @staticmethod
@@ -3644,27 +3722,30 @@ class StreamingTests(unittest.TestCase):
 
     def read_slowly(self, sock):
         """The streamed text of the response on ``sock``, read a little at a time."""
-        raw = b""
+        raw = bytearray()                          # (linear: a TLS read is one small record)
         while True:
             data = sock.recv(8192)
             if not data:
                 break
+            if len(raw) // 8192 < (len(raw) + len(data)) // 8192:
+                time.sleep(0.0005)                 # a pause every 8 KB
             raw += data
-            time.sleep(0.0005)
         sock.close()
-        head, _, chunked = raw.partition(b"\r\n\r\n")
+        head, _, chunked = bytes(raw).partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
-        payload, rest = b"", chunked
+        payload, at = [], 0
         while True:                                # undo the chunked framing
-            size, _, rest = rest.partition(b"\r\n")
-            if int(size, 16) == 0:
+            end = chunked.index(b"\r\n", at)
+            size = int(chunked[at:end], 16)
+            if size == 0:
                 break
-            payload, rest = payload + rest[:int(size, 16)], rest[int(size, 16) + 2:]
-        return streamed_text(sse_events(payload))
+            payload.append(chunked[end + 2:end + 2 + size])
+            at = end + 4 + size
+        return streamed_text(sse_events(b"".join(payload)))
 
     def test_a_tls_upstream(self):
         context, _ = tls_server_context(self)
-        demo = FakeGradio(token_delay=0.001)
+        demo = FakeGradio()
         demo.socket = context.wrap_socket(demo.socket, server_side=True)
         demo.start()
         self.addCleanup(demo.stop)
@@ -3684,7 +3765,7 @@ class CancellationTests(unittest.TestCase):
         while time.monotonic() < deadline:
             if predicate():
                 return True
-            time.sleep(0.02)
+            time.sleep(0.005)
         return False
 
     def test_client_disconnect_closes_the_upstream_stream(self):
@@ -3702,8 +3783,10 @@ class CancellationTests(unittest.TestCase):
             sock.close()
             self.assertTrue(self.wait_for(lambda: demo.active_streams == 0), "upstream left open")
             self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1), "no cancel sent")
-            gw.backend.close()              # the kept-alive upstream connections, and their threads
-            self.assertTrue(self.wait_for(lambda: threading.active_count() <= threads_before))
+            # the kept-alive upstream connections closed, and their threads gone (the cancel's
+            # connection comes to rest after it was counted: closed when it does)
+            self.assertTrue(self.wait_for(lambda: gw.backend.close() or
+                                          threading.active_count() <= threads_before))
 
     def test_a_demo_client_that_stops_reading_holds_up_only_its_own_stream(self):
         demo = start_demo(self, queue=False)        # /call: every event is the whole reply
@@ -3719,7 +3802,7 @@ class CancellationTests(unittest.TestCase):
         slow.sendall(b"GET /gradio_api/call/chat_fn_1/%s HTTP/1.1\r\nHost: localhost\r\n\r\n"
                      % json.loads(body)["event_id"].encode())
         self.assertIn(b"200 OK", slow.recv(1024))
-        time.sleep(0.3)                             # its socket buffers fill; it reads no more
+        self.assertTrue(wait_until_stalled(slow))   # its socket buffers fill; it reads no more
         status, _, body = chat(gw, "Say hello")
         self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
                          (200, HELLO))
@@ -3727,12 +3810,12 @@ class CancellationTests(unittest.TestCase):
         self.assertTrue(self.wait_for(lambda: demo.active_streams == 0), "the stalled stream stays")
 
     def test_stop_sequence_ends_the_upstream_call_early(self):
-        demo = start_demo(self, token_delay=0.01)
+        demo = start_demo(self, token_delay=0.002)
         gw = start_gateway(self, demo.url)
         started = time.monotonic()
         reply = json.loads(chat(gw, "2000 words", stop="India")[2])
         self.assertEqual(reply["choices"][0]["message"]["content"], "Param is a bilingual model trained for ")
-        self.assertLess(time.monotonic() - started, 10)
+        self.assertLess(time.monotonic() - started, 2)            # the whole answer takes 4 s
         self.assertTrue(self.wait_for(lambda: demo.active_streams == 0))
         self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1))
 
@@ -3781,16 +3864,19 @@ def wait_for_logs(logs, count):
 
 class LimitTests(unittest.TestCase):
     def setUp(self):
-        self.demo = start_demo(self, token_delay=0.02)
+        self.demo = start_demo(self)
 
     def test_slow_headers_and_slow_body_are_cut_off(self):
         gw = start_gateway(self, self.demo.url, header_timeout=0.3, body_timeout=0.3)
         started = time.monotonic()
-        status, _, body = parse_response(raw_exchange(gw.server_address[1], b"POST /v1/chat"))
+        slow_head, slow_body = at_once(             # side by side
+            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat"),
+            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\n"
+                                 b"Host: localhost\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 100\r\n\r\n{\"model\""))
+        status, _, body = parse_response(slow_head)
         self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
-        status, _, body = parse_response(raw_exchange(
-            gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\n"
-            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\""))
+        status, _, body = parse_response(slow_body)
         self.assertEqual((status, json.loads(body)["error"]), (408, {
             "message": "the request body did not arrive within 0.3s",
             "type": "invalid_request_error", "param": None, "code": "request_timeout"}))
@@ -3855,19 +3941,20 @@ class LimitTests(unittest.TestCase):
 
     def test_concurrency_cap_answers_503_at_once(self):
         gw = start_gateway(self, self.demo.url, max_concurrent=2)
+        self.demo.gate = threading.Event()             # the two streams wait for it
+        self.addCleanup(self.demo.gate.set)
         results = []
         threads = [threading.Thread(target=lambda: results.append(chat(gw, "40 words", stream=True)))
                    for _ in range(2)]
         for t in threads:
             t.start()
-        deadline = time.monotonic() + TIMEOUT
-        while gw.in_flight < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
+        self.assertTrue(wait_until(lambda: len(self.demo.calls) == 2))   # each holds a slot
         started = time.monotonic()
         status, headers, body = chat(gw, "Say hello")
         self.assertLess(time.monotonic() - started, 1)
         self.assertEqual((status, headers["Retry-After"], json.loads(body)["error"]["code"]),
                          (503, "1", "server_overloaded"))
+        self.demo.gate.set()
         for t in threads:
             t.join(TIMEOUT)
         self.assertEqual([r[0] for r in results], [200, 200])
@@ -3885,7 +3972,11 @@ class LimitTests(unittest.TestCase):
         a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
         first = chat(gw, "Say hello", headers=a)
         self.assertEqual((first[0], first[1]["x-ratelimit-limit-requests"],
-                          first[1]["x-ratelimit-remaining-requests"]), (200, "2", "1"))
+                          first[1]["x-ratelimit-remaining-requests"],
+                          first[1]["x-ratelimit-reset-requests"]), (200, "2", "1", "30s"))
+        self.assertEqual(bg._RateLimiter(1).take("k")["x-ratelimit-reset-requests"], "1m0s")
+        self.assertEqual([bg._duration(t) for t in (0.0004, 0.25, 1, 59.4, 59.6, 61, 360)],
+                         ["1ms", "250ms", "1s", "59s", "1m0s", "1m1s", "6m0s"])
         self.assertEqual(chat(gw, "Say hello", headers=a)[0], 200)
         status, headers, body = chat(gw, "Say hello", headers=a)
         error = json.loads(body)["error"]
@@ -3894,16 +3985,16 @@ class LimitTests(unittest.TestCase):
         self.assertEqual(headers["Retry-After"], "30")
         self.assertEqual(chat(gw, "Say hello", headers=b)[0], 200)       # another key
         gw2 = start_gateway(self, self.demo.url, api_keys=["sk-a"], rate_limit_streams=1)
-        held = []
+        self.demo.gate = threading.Event()             # the first stream waits for it
+        self.addCleanup(self.demo.gate.set)
+        held, calls = [], len(self.demo.calls)
         t = threading.Thread(target=lambda: held.append(chat(gw2, "60 words", stream=True, headers=a)))
         t.start()
-        deadline = time.monotonic() + TIMEOUT
-        while gw2.in_flight < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.1)
+        self.assertTrue(wait_until(lambda: len(self.demo.calls) > calls))   # its stream is open
         status, _, body = chat(gw2, "Say hello", stream=True, headers=a)
         self.assertEqual((status, json.loads(body)["error"]["message"]),
                          (429, "Too many concurrent streams: the limit is 1 per key"))
+        self.demo.gate.set()
         t.join(TIMEOUT)
         self.assertEqual(held[0][0], 200)
 
@@ -3942,6 +4033,7 @@ class LimitTests(unittest.TestCase):
         chat(gw, "Say hello")
         chat(gw, "Say hello", stream=True)
         chat(gw, "[[error]]")
+        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
         status, headers, body = request(gw.url, "GET", "/metrics")
         text = body.decode()
         self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
@@ -3952,6 +4044,10 @@ class LimitTests(unittest.TestCase):
         self.assertIn("bharatgen_request_duration_seconds_count 2", text)
         self.assertIn("bharatgen_streams_in_flight 0", text)
         self.assertGreater(gw.metrics.value("bharatgen_upstream_bytes_total"), 1000)
+        metrics = bg._Metrics()                        # label values escaped as the format says
+        metrics.inc("bharatgen_upstream_errors_total", kind=r'a "quoted" \ back\slash')
+        self.assertIn('\nbharatgen_upstream_errors_total{kind="%s"} 1\n' % r'a \"quoted\" \\ back\\slash',
+                      metrics.render())
 
     def test_cors_origins(self):
         gw = start_gateway(self, self.demo.url, cors_origins=["http://ui.example"], api_keys=["k"])
@@ -4241,18 +4337,18 @@ class FaultTests(unittest.TestCase):
     """Each upstream failure: the status or stream error, in time, and no thread left behind."""
 
     def test_each_upstream_failure(self):
-        demo = start_demo(self, token_delay=0.005)
+        demo = start_demo(self)
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         dead = "http://127.0.0.1:%d" % sock.getsockname()[1]
         sock.close()
-        gw = start_gateway(self, demo.url, timeout=0.5)
+        gw = start_gateway(self, demo.url, timeout=0.3)
         refused = start_gateway(self, dead)
         bad_endpoint = start_gateway(self, demo.url, endpoint="no_such_fn")
-        slow = start_demo(self, token_delay=0.2)
-        slow_gw = start_gateway(self, slow.url, timeout=1)
+        slow = start_demo(self, token_delay=0.04)       # 18 tokens: 0.7 s, past the timeout
+        slow_gw = start_gateway(self, slow.url, timeout=0.4)
         chat(gw, "Say hello")                    # warm up: discovery done, threads settled
-        time.sleep(0.2)
+        self.assertTrue(wait_until(lambda: gw.connections == 0))
         before = threading.active_count()
         cases = [(refused, "Say hello", False, 502, "upstream_unreachable"),
                  (gw, "[[hang]]", False, 504, "upstream_timeout"),
@@ -4263,11 +4359,20 @@ class FaultTests(unittest.TestCase):
                  (gw, "[[error]]", False, 502, "upstream_error"),
                  (gw, "[[error]]", True, 502, "upstream_error"),
                  (slow_gw, "Say hello", True, 200, None)]             # a slow drip still completes
-        for server, prompt, stream, status, code in cases:
+        answers = {}
+
+        def ask(i, server, prompt, stream):        # all at once: the timeouts run side by side
+            started = time.monotonic()
+            answers[i] = chat(server, prompt, stream=stream), time.monotonic() - started
+        threads = [threading.Thread(target=ask, args=(i,) + case[:3]) for i, case in enumerate(cases)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        for i, (server, prompt, stream, status, code) in enumerate(cases):
             with self.subTest(prompt=prompt, stream=stream):
-                started = time.monotonic()
-                got, _, body = chat(server, prompt, stream=stream)
-                self.assertLess(time.monotonic() - started, 10)
+                (got, _, body), took = answers[i]
+                self.assertLess(took, 10)
                 self.assertEqual(got, status)
                 if got != 200:
                     self.assertEqual(json.loads(body)["error"]["code"], code)
@@ -4278,13 +4383,13 @@ class FaultTests(unittest.TestCase):
                         self.assertEqual(events[-2]["error"]["code"], code)
                     else:
                         self.assertEqual(streamed_text(events), HELLO)
-        for server in (gw, bad_endpoint, slow_gw, refused):   # kept-alive upstream connections
-            for route in server.backend.routes.values():     # hold a demo thread each: not a leak
-                for replica in route.pool.replicas:
-                    replica.client.close()
-        deadline = time.monotonic() + TIMEOUT
-        while threading.active_count() > before and time.monotonic() < deadline:
-            time.sleep(0.05)
+        def at_rest():
+            for server in (gw, bad_endpoint, slow_gw, refused):   # kept-alive upstream connections
+                for route in server.backend.routes.values():     # hold a demo thread each: not a leak
+                    for replica in route.pool.replicas:          # (a cancel's, once it comes to rest)
+                        replica.client.close()
+            return threading.active_count() <= before
+        wait_until(at_rest)
         self.assertLessEqual(threading.active_count(), before)
 
 
@@ -4490,20 +4595,22 @@ class FramingTests(unittest.TestCase):
     # -- slow clients ----------------------------------------------------------------------
 
     def test_a_dripped_request_head_is_408_and_closed(self):
-        gw = start_gateway(self, self.demo.url, header_timeout=0.5)
+        gw = start_gateway(self, self.demo.url, header_timeout=0.25)
         port = gw.server_address[1]
         sock = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.addCleanup(sock.close)
+        silent = socket.create_connection(("127.0.0.1", port), timeout=5)   # (side by side)
+        self.addCleanup(silent.close)
         head = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nX-Pad: " + b"a" * 40 + b"\r\n\r\n"
         started = time.monotonic()
-        for i in range(len(head)):                 # 16 s if never cut off: bounded at 5 s
+        for i in range(len(head)):                 # 4 s if never cut off: bounded at 5 s
             if time.monotonic() - started > 5:
                 break
             try:
                 sock.sendall(head[i:i + 1])
             except OSError:
                 break
-            if select.select([sock], [], [], 0.2)[0]:
+            if select.select([sock], [], [], 0.05)[0]:
                 break                              # the server has said something (or closed)
         responses = split_responses(drain(self, sock))
         took = time.monotonic() - started
@@ -4512,8 +4619,6 @@ class FramingTests(unittest.TestCase):
         self.assertEqual(json.loads(responses[0][2])["error"]["code"], "request_timeout")
         self.assertLess(took, 3)
         # a connection that sends nothing is closed after header_timeout, without a word
-        started = time.monotonic()
-        silent = socket.create_connection(("127.0.0.1", port), timeout=5)
         self.assertEqual(drain(self, silent, timeout=4), b"")
         self.assertLess(time.monotonic() - started, 3)
         self.assert_still_serving(gw)
@@ -4541,7 +4646,7 @@ class FramingTests(unittest.TestCase):
         idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
         for sock in idle:
             self.addCleanup(sock.close)
-        time.sleep(0.3)                            # the server has taken all three
+        self.assertTrue(wait_until(lambda: gw.connections == 3))   # it has taken all three
         started = time.monotonic()
         responses = split_responses(read_until_close(self, port, PIPELINED, timeout=5))
         self.assertLess(time.monotonic() - started, 1)
@@ -4562,7 +4667,7 @@ class FramingTests(unittest.TestCase):
 
     def test_a_client_that_stops_reading_loses_its_stream_and_slot(self):
         demo = start_demo(self, token_delay=0.0005)
-        gw = start_gateway(self, demo.url, send_timeout=1, max_concurrent=1)
+        gw = start_gateway(self, demo.url, send_timeout=0.5, max_concurrent=1)
         gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # inherited by accept()
         sock = socket.socket()
         self.addCleanup(sock.close)
@@ -4589,7 +4694,7 @@ class FramingTests(unittest.TestCase):
                 break
             self.assertEqual((status, json.loads(answer)["error"]["code"]),
                              (503, "server_overloaded"))
-            time.sleep(0.1)
+            time.sleep(0.02)
         self.assertEqual((statuses[0], statuses[-1]), (503, 200), statuses)   # held, then freed
         self.assertLess(time.monotonic() - started, 10)
         rest = drain(self, sock)                     # the stalled stream was ended
@@ -4700,7 +4805,7 @@ class FaultyGradio:
     - ``"big_line"``: one event whose data line is 40 MB, then a normal end
     - ``"big_run"``: 40 MB without any newline, then the end of the stream
     - ``"continue_forever"``: the join is answered with "100 Continue" heads, fast, forever
-    - ``"drip_head"``: the join's response head comes one byte every 0.3 s
+    - ``"drip_head"``: the join's response head comes one byte every 0.1 s
     - ``"endless_config"`` / ``"huge_config"``: /config is an endless chunked body, or says
       Content-Length 300 MB and streams it
     - ``"drop_join"``: every join is read whole, then the connection closed without a word
@@ -4737,7 +4842,7 @@ class FaultyGradio:
     # -- sockets, every wait bounded -------------------------------------------------------
 
     def _accept(self, listener):
-        listener.settimeout(0.1)
+        listener.settimeout(0.02)
         for number in range(200):                                     # connections
             while True:
                 if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
@@ -4759,7 +4864,7 @@ class FaultyGradio:
             if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
                 raise _Gone()
             try:
-                if not select.select([conn], [], [], 0.1)[0]:
+                if not select.select([conn], [], [], 0.02)[0]:
                     continue
                 data = conn.recv(65536)
             except (BlockingIOError, InterruptedError):
@@ -4779,7 +4884,7 @@ class FaultyGradio:
             if time.monotonic() > deadline:
                 return "limit"
             try:
-                if select.select([], [conn], [], 0.1)[1]:
+                if select.select([], [conn], [], 0.02)[1]:
                     count = conn.send(view)
                     view = view[count:]
                     with self.lock:
@@ -4795,7 +4900,7 @@ class FaultyGradio:
         first, else "limit" or "stop" (an early close would only end a gateway's read)."""
         while not self.stopping.is_set() and time.monotonic() < end:
             try:
-                if select.select([conn], [], [], 0.1)[0] and not conn.recv(65536):
+                if select.select([conn], [], [], 0.02)[0] and not conn.recv(65536):
                     return "peer"
             except (BlockingIOError, InterruptedError):
                 continue
@@ -4920,7 +5025,7 @@ class FaultyGradio:
             why = self._send(conn, data[i:i + 1], end)
             if why:
                 return why
-            if self.stopping.wait(0.3):
+            if self.stopping.wait(0.1):
                 return "stop"
         return "done"
 
@@ -5039,7 +5144,7 @@ class UpstreamFaultTests(unittest.TestCase):
     def test_a_flooding_upstream_does_not_hold_back_another_stream(self):
         flood = faulty_gradio(self, "flood")
         gw1 = start_gateway(self, flood.url)
-        demo = start_demo(self, token_delay=0.01)
+        demo = start_demo(self)
         gw2 = start_gateway(self, demo.url)
         sock = socket.create_connection(("127.0.0.1", gw1.server_address[1]), timeout=5)
         self.addCleanup(sock.close)
@@ -5085,13 +5190,13 @@ class UpstreamFaultTests(unittest.TestCase):
 
     def test_endless_100_continue_is_a_504(self):
         fake = faulty_gradio(self, "continue_forever")
-        gw = start_gateway(self, fake.url, connect_timeout=1)
+        gw = start_gateway(self, fake.url, connect_timeout=0.5)
         self.assert_error(self.timed_chat(gw, "Say hello", 5), 504, {"upstream_timeout"})
         self.assertEqual(len(fake.joins), 1)
 
     def test_a_dripped_response_head_is_a_504(self):
         fake = faulty_gradio(self, "drip_head")
-        gw = start_gateway(self, fake.url, connect_timeout=1)
+        gw = start_gateway(self, fake.url, connect_timeout=0.5)
         self.assert_error(self.timed_chat(gw, "Say hello", 5), 504, {"upstream_timeout"})
         self.assertEqual(len(fake.joins), 1)
 
@@ -5720,9 +5825,9 @@ class BoundsTests(unittest.TestCase):
         gw = start_gateway(self, self.demo.url, max_concurrent=1, body_timeout=3)
         sock = socket.create_connection(("127.0.0.1", gw.server_address[1]), timeout=5)
         self.addCleanup(sock.close)
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100"
-                     b"\r\n\r\n{")
-        time.sleep(0.3)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: 100\r\n\r\n{")
+        self.assertTrue(wait_until(lambda: gw.in_flight == 1))    # reading its body
         self.assertEqual(chat(gw, "Say hello")[0], 200)
 
     def test_one_request_starts_at_most_16_generations(self):
@@ -5753,13 +5858,22 @@ class BoundsTests(unittest.TestCase):
     def test_an_upstream_that_goes_on_after_the_end_does_not_delay_the_answer(self):
         fake = faulty_gradio(self, "ping_after_complete")
         gw = start_gateway(self, fake.url, timeout=5)
-        for stream in (False, True):
+        answers = {}
+
+        def ask(stream):                           # both at once: each may read on for 1 s
             started = time.monotonic()
-            status, _, body = chat(gw, "Say hello", stream=stream)
+            answers[stream] = chat(gw, "Say hello", stream=stream), time.monotonic() - started
+        threads = [threading.Thread(target=ask, args=(stream,)) for stream in (False, True)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(TIMEOUT)
+        for stream in (False, True):
+            (status, _, body), took = answers[stream]
             text = streamed_text(sse_events(body)) if stream else \
                 json.loads(body)["choices"][0]["message"]["content"]
             self.assertEqual((status, text), (200, HELLO))
-            self.assertLess(time.monotonic() - started, 3)
+            self.assertLess(took, 3)
 
 
 class LoadTests(unittest.TestCase):
@@ -5789,11 +5903,18 @@ class LoadTests(unittest.TestCase):
         self.assertEqual([(s, t) for s, p, t in results if (s, t) != (200, expected[p])], [])
 
 
+def streams_in_flight(url):
+    """The streams a gateway is sending, from its /metrics (no line before the first)."""
+    text = request(url, "GET", "/metrics")[2].decode()
+    found = re.search(r"^bharatgen_streams_in_flight (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 class ShutdownTests(unittest.TestCase):
     def test_sigterm_lets_a_stream_in_flight_finish(self):
         import signal
         proc = subprocess.Popen([sys.executable, "bharatgen_openai.py", "serve", "--demo",
-                                 "--port", "0", "--token-delay", "0.01", "--grace", "20"],
+                                 "--port", "0", "--token-delay", "0.004", "--grace", "20"],
                                 cwd=str(HERE), stderr=subprocess.PIPE, text=True,
                                 env=dict(os.environ, BHARATGEN_UPSTREAM=""))
         self.addCleanup(lambda: proc.poll() is None and proc.kill())
@@ -5806,7 +5927,7 @@ class ShutdownTests(unittest.TestCase):
         result = []
         t = threading.Thread(target=lambda: result.append(chat(gw, "120 words", stream=True)))
         t.start()
-        time.sleep(0.5)
+        self.assertTrue(wait_until(lambda: streams_in_flight(url) == 1))   # 0.5 s of it to go
         proc.send_signal(signal.SIGTERM)
         t.join(TIMEOUT)
         try:
@@ -6220,9 +6341,9 @@ class UsabilityTests(unittest.TestCase):
         t = threading.Thread(target=lambda: result.append(
             chat(type("G", (), {"url": url}), "2000 words", stream=True)))
         t.start()
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)
-        time.sleep(0.3)
+        self.assertTrue(wait_until(lambda: streams_in_flight(url) == 1))
+        proc.send_signal(signal.SIGINT)                # taken: it drains, /health says so
+        self.assertTrue(wait_until(lambda: request(url, "GET", "/health")[0] == 503))
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         err = proc.communicate(timeout=TIMEOUT)[1]
@@ -6328,9 +6449,11 @@ class UsabilityTests(unittest.TestCase):
 
     def test_the_chat_repl_in_a_terminal(self):
         import pty
-        demo = start_demo(self, token_delay=0.01)
+        demo = start_demo(self, token_delay=0.002)
         pid, fd = pty.fork()
         if pid == 0:                                   # the child: the REPL on the terminal
+            import signal                              # Ctrl-C must reach it, even if this
+            signal.signal(signal.SIGINT, signal.SIG_DFL)   # test runs with SIGINT ignored
             os.chdir(str(HERE))
             os.execv(sys.executable, [sys.executable, "bharatgen_openai.py", "chat",
                                       "--show-reasoning", "--upstream", demo.url])
@@ -6423,8 +6546,8 @@ class _RealClientBase(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.demo = FakeGradio().start()
-        cls.gw = bg.GatewayServer(bg.Config(upstream=[cls.demo.url], port=0, timeout=10,
-                                            api_keys=["sk-test"])).start()
+        cls.gw = Gateway(bg.Config(upstream=[cls.demo.url], port=0, timeout=10,
+                                   api_keys=["sk-test"])).start()
         cls.base_url = cls.gw.url + "/v1"
 
     @classmethod
