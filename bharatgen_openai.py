@@ -1280,33 +1280,27 @@ def _extension(default: Any = None) -> Any:
     return field(default=default, metadata={"omit_none": True})
 
 
+@functools.lru_cache(maxsize=None)
+def _json_fields(cls: type) -> Tuple[Tuple[str, bool], ...]:
+    """``(name, omit_none)`` of each field, worked out once per class (a hot path)."""
+    return tuple((f.name, bool(f.metadata.get("omit_none"))) for f in dataclasses.fields(cls))
+
+
 class _Object:
     """Base of the response objects: attribute access plus OpenAI-exact JSON."""
 
     def to_dict(self) -> Dict[str, Any]:
         """The object as the OpenAI API's JSON (a fresh dict)."""
         out: Dict[str, Any] = {}
-        for name, omit_none in self._json_fields():
+        for name, omit_none in _json_fields(type(self)):
             value = getattr(self, name)
             if value is None:
                 if omit_none:
                     continue
-            elif type(value) is list:
-                value = [v.to_dict() if isinstance(v, _Object) else _to_json(v) for v in value]
-            elif isinstance(value, (_Object, dict)):
+            elif isinstance(value, (_Object, list, dict)):
                 value = _to_json(value)
             out[name] = value
         return out
-
-    @classmethod
-    def _json_fields(cls) -> Tuple[Tuple[str, bool], ...]:
-        """``(name, omit_none)`` of each field, worked out once per class (a hot path)."""
-        found = cls.__dict__.get("_fields_for_json")
-        if found is None:
-            found = tuple((f.name, bool(f.metadata.get("omit_none")))
-                          for f in dataclasses.fields(cls))  # type: ignore[arg-type]
-            setattr(cls, "_fields_for_json", found)
-        return found
 
     def model_dump(self, **_: Any) -> Dict[str, Any]:
         """Alias of :meth:`to_dict`, as pydantic (and so the openai SDK) names it."""
