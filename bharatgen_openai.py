@@ -2568,8 +2568,7 @@ def _number(body: Dict[str, Any], name: str, lo: float, hi: float,
     value = body.get(name)
     if value is None:
         return None
-    kinds = (int,) if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds):
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
         raise _bad("%r must be %s, not %s" % (name, "an integer" if integer else "a number",
                                               json.dumps(value)[:50]), name, "invalid_type")
     if not lo <= value <= hi:
@@ -2672,8 +2671,7 @@ def _conversation(messages: Any, param: str = "messages", max_messages: int = 1 
     if not turns:
         raise _bad("the messages need a user message, not only system messages", param)
     if turns[-1][0] == "assistant":
-        last = messages[max(i for i, m in enumerate(messages) if m.get("role") == "assistant")]
-        if last.get("tool_calls"):
+        if next(m for m in reversed(messages) if m.get("role") == "assistant").get("tool_calls"):
             raise _bad("the last message calls tools: send each call's result in a 'tool' "
                        "message after it", param, "invalid_value")
         _no_earlier_images(images)
@@ -2755,8 +2753,9 @@ class _Sampling:
     max_tokens_param: str = "max_tokens"        # the name the client used for it
 
 
-_IGNORED_NUMBERS = (("presence_penalty", -2, 2), ("frequency_penalty", -2, 2),
-                    ("repetition_penalty", 0, 10), ("min_p", 0, 1))
+_IGNORED_NUMBERS = (("presence_penalty", -2, 2, False), ("frequency_penalty", -2, 2, False),
+                    ("repetition_penalty", 0, 10, False), ("min_p", 0, 1, False),
+                    ("seed", -(1 << 63), (1 << 64) - 1, True))
 
 
 def _sampling(body: Dict[str, Any], max_tokens_names: Sequence[str]) -> _Sampling:
@@ -2769,21 +2768,16 @@ def _sampling(body: Dict[str, Any], max_tokens_names: Sequence[str]) -> _Samplin
         value = _number(body, name, 1, 1 << 20, integer=True)
         if value is not None:
             s.max_tokens, s.max_tokens_param = int(value), name
-    n = _number(body, "n", 1, 16, integer=True)
-    s.n = int(n) if n is not None else 1
+    s.n = int(_number(body, "n", 1, 16, integer=True) or 1)
     stop = body.get("stop")
-    if isinstance(stop, str):
-        s.stop = [stop]
-    elif isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop):
-        s.stop = list(stop)
-    elif stop is not None:
+    stop = [stop] if isinstance(stop, str) else [] if stop is None else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(x, str) for x in stop):
         raise _bad("'stop' must be a string or a list of up to 4 strings", "stop")
+    s.stop = list(stop)
     if any(len(x) > _StopCutter.MAX_STOP for x in s.stop):
         raise _bad("a stop sequence may have at most %d characters" % _StopCutter.MAX_STOP, "stop")
-    for name, lo, hi in _IGNORED_NUMBERS:
-        _number(body, name, lo, hi)
-    if body.get("seed") is not None:
-        _number(body, "seed", -(1 << 63), (1 << 64) - 1, integer=True)
+    for name, lo, hi, integer in _IGNORED_NUMBERS:
+        _number(body, name, lo, hi, integer)
     if body.get("logprobs") not in (None, False, 0) or body.get("top_logprobs"):
         raise _bad("logprobs are not available: the upstream app does not report them",
                    "logprobs", "unsupported_parameter")
@@ -2792,22 +2786,18 @@ def _sampling(body: Dict[str, Any], max_tokens_names: Sequence[str]) -> _Samplin
     return s
 
 
-def _flag(body: Dict[str, Any], name: str) -> bool:
+def _flag(body: Dict[str, Any], name: str, default: bool = False) -> bool:
     value = body.get(name)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
+    if value is not None and not isinstance(value, bool):
         raise _bad("%r must be a boolean" % name, name, "invalid_type")
-    return value
+    return default if value is None else value
 
 
 def _include_usage(body: Dict[str, Any]) -> bool:
     opts = body.get("stream_options")
-    if opts is None:
-        return False
-    if not isinstance(opts, dict):
+    if opts is not None and not isinstance(opts, dict):
         raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
-    return _flag(opts, "include_usage")
+    return _flag(opts or {}, "include_usage")
 
 
 ###############################################################################
@@ -3353,8 +3343,7 @@ class _Shape:
 
 def _shape(body: Dict[str, Any], repairs: int, patterns: Optional[_Patterns] = None) -> _Shape:
     """The tools, tool choice and response format of a chat request, validated."""
-    shape = _Shape(repairs=repairs, parallel=_flag(body, "parallel_tool_calls")
-                   if body.get("parallel_tool_calls") is not None else True)
+    shape = _Shape(repairs=repairs, parallel=_flag(body, "parallel_tool_calls", True))
     deadline = time.monotonic() + _Schema.SECONDS       # all its patterns compiled by then
     for name in ("functions", "function_call"):
         if body.get(name) is not None:
