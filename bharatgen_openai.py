@@ -3057,16 +3057,13 @@ class _Schema:
 
     def _match(self, pattern: str, text: str, state: Dict[str, Any]) -> bool:
         self._spend(state)
-        found = None
-        if self.patterns is not None and len(text) <= self.MAX_MATCHED \
-                and len(pattern) <= self.MAX_PATTERN:
-            found = self.patterns.search(pattern, text, state["deadline"])
-        if found is None:
-            if self.strict:
-                raise _Unchecked("the pattern %r could not be matched within %gs"
-                                 % (pattern[:100], self.SECONDS))
-            return True                              # not checked: taken as it is
-        return found
+        found = self.patterns.search(pattern, text, state["deadline"]) if (
+            self.patterns is not None and len(text) <= self.MAX_MATCHED
+            and len(pattern) <= self.MAX_PATTERN) else None
+        if found is None and self.strict:
+            raise _Unchecked("the pattern %r could not be matched within %gs"
+                             % (pattern[:100], self.SECONDS))
+        return found is not False                    # None: not checked, taken as it is
 
     def _spend(self, state: Dict[str, Any]) -> None:
         """One step of the budget: ``STEPS`` in all, ``SECONDS`` looked at every 256."""
@@ -3083,11 +3080,8 @@ class _Schema:
             return "%s: the schema loops" % at if memo[key] is None else memo[key] or None
         self._spend(state)
         memo[key] = None                             # under way: met again, it loops
-        error = None
-        for check in self.plans[id(schema)]:
-            error = check(self, value, schema, at, state)
-            if error:
-                break
+        error = next(filter(None, (check(self, value, schema, at, state)
+                                   for check in self.plans[id(schema)])), None)
         memo[key] = error or ""
         return error
 
