@@ -3447,12 +3447,9 @@ class _Held:
         rest = self.rest                   # short here: at most a possible call's start
         cut = rest.find(_CALL_OPEN)
         self.holding = cut >= 0
-        if cut < 0:
-            cut = len(rest)
-            for k in range(min(len(_CALL_OPEN) - 1, cut), 0, -1):
-                if rest.endswith(_CALL_OPEN[:k]):
-                    cut -= k
-                    break
+        if cut < 0:                        # a tail that may begin a call is held too
+            cut = next((len(rest) - k for k in range(min(len(_CALL_OPEN) - 1, len(rest)), 0, -1)
+                        if rest.endswith(_CALL_OPEN[:k])), len(rest))
         cut = len(rest[:cut].rstrip())
         self.held = [rest[cut:]]
         return rest[:cut]
@@ -3539,9 +3536,8 @@ class _Generation:
                 _log.debug("reply %d out of shape (%s)", attempt, error)
                 if self._closed.is_set():
                     return
-                conv = _Conversation(conv.system, conv.history + [("user", conv.message), (
-                    "assistant", "".join(reply))], _REPAIR % error, conv.prompt_tokens,
-                    conv.images, conv.uploads)
+                conv = dataclasses.replace(conv, message=_REPAIR % error, history=conv.history + [
+                    ("user", conv.message), ("assistant", "".join(reply))])
                 continue
             text, done = held.rest if error is not None else rest or "", "".join(sent)
             text = text.rstrip() if attempt == 0 and done else _after(done, text)
@@ -3576,30 +3572,25 @@ class _Generation:
         marks = len(self.thought[index]), len(self.answer[index])     # this reply's start
         budget = _Budget(s.max_tokens, self.counter) if s.max_tokens and not self.client.takes(
             "max_tokens") else None           # an app that cannot limit its answer
+
+        def out(kind: str, text: str, kept: List[str]) -> Iterator[_Piece]:
+            text = budget.take(text) if budget and text else text
+            if text:
+                kept.append(text)
+                yield _Piece(index, kind, text)
         try:
             for html_text, final, appended in upstream:
                 thought, answer = cleaner.append(html_text) if appended else \
                     cleaner.update(html_text, final)
-                thought = budget.take(thought) if budget and thought else thought
-                if thought:
-                    self.thought[index].append(thought)
-                    yield _Piece(index, "reasoning", thought)
-                text = cutter.feed(answer) if answer else ""
-                text = budget.take(text) if budget and text else text
-                if text:
-                    self.answer[index].append(text)
-                    yield _Piece(index, "content", text)
+                yield from out("reasoning", thought, self.thought[index])
+                yield from out("content", cutter.feed(answer) if answer else "", self.answer[index])
                 if cutter.stopped or self._closed.is_set() or (budget and budget.spent):
                     break
                 if time.monotonic() > self._looked + 0.2:       # nobody to answer: the
                     self._looked = time.monotonic()             # app's job is cancelled
                     if self.gone():
                         raise ConnectionAbortedError("the client went away")
-            text = cutter.flush()
-            text = budget.take(text) if budget and text else text
-            if text:
-                self.answer[index].append(text)
-                yield _Piece(index, "content", text)
+            yield from out("content", cutter.flush(), self.answer[index])
             cut = budget.spent if budget else self._used_up(index, marks)
             yield _Piece(index, "finish", "length" if cut and not cutter.stopped else "stop")
         finally:
