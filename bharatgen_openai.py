@@ -3532,28 +3532,25 @@ class _Generation:
                     yield piece
             rest, calls, error = shape.check(held.rest)
             first = first or held.rest
-            if error is not None and finish != "length":
-                _log.debug("reply %d out of shape (%s)", attempt, error)
-                if self._closed.is_set():
-                    return
-                conv = dataclasses.replace(conv, message=_REPAIR % error, history=conv.history + [
-                    ("user", conv.message), ("assistant", "".join(reply))])
-                continue
-            text, done = held.rest if error is not None else rest or "", "".join(sent)
-            text = text.rstrip() if attempt == 0 and done else _after(done, text)
-            if text:
-                yield _Piece(index, "content", text)
-            for call in calls:
-                yield _Piece(index, "tool_call", "", call)
-            yield _Piece(index, "finish", "tool_calls" if calls else finish)
-            return
-        if (shape.calls and shape.choice != "auto") or (shape.fmt or {}).get("strict"):
-            raise UpstreamError("the model's reply was not valid after %d repair turn(s): %s"
-                                % (shape.repairs, error), code="invalid_model_output")
-        text = first.rstrip() if "".join(sent) else first.strip()
+            if error is None or finish == "length":
+                text, done = held.rest if error is not None else rest or "", "".join(sent)
+                text = text.rstrip() if attempt == 0 and done else _after(done, text)
+                break
+            _log.debug("reply %d out of shape (%s)", attempt, error)
+            if self._closed.is_set():
+                return
+            conv = dataclasses.replace(conv, message=_REPAIR % error, history=conv.history + [
+                ("user", conv.message), ("assistant", "".join(reply))])
+        else:                                     # never in shape: no calls, finish "stop"
+            if (shape.calls and shape.choice != "auto") or (shape.fmt or {}).get("strict"):
+                raise UpstreamError("the model's reply was not valid after %d repair turn(s): %s"
+                                    % (shape.repairs, error), code="invalid_model_output")
+            text = first.rstrip() if "".join(sent) else first.strip()
         if text:
             yield _Piece(index, "content", text)
-        yield _Piece(index, "finish", "stop")
+        for call in calls:
+            yield _Piece(index, "tool_call", "", call)
+        yield _Piece(index, "finish", "tool_calls" if calls else finish)
 
     def _reply(self, index: int, conv: _Conversation) -> Iterator[_Piece]:
         """The pieces of one upstream call: thought, answer (stop sequences cut), finish."""
