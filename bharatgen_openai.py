@@ -3036,10 +3036,8 @@ class _Schema:
         self.pattern_chars += len(pattern)
         if self.pattern_chars > 1 << 16:
             return "%s: the schema's patterns are over 64 KB in all" % where
-        if not self.strict:
-            return None
-        ok = len(pattern) <= self.MAX_PATTERN and self.patterns is not None and \
-            self.patterns.search(pattern, "", self.deadline) is not None
+        ok = not self.strict or len(pattern) <= self.MAX_PATTERN and self.patterns is not None \
+            and self.patterns.search(pattern, "", self.deadline) is not None
         return None if ok else "%s: the pattern %r cannot be checked here" % (where, pattern[:100])
 
     def error(self, value: Any, at: str = "$") -> Optional[str]:
@@ -3213,8 +3211,7 @@ def _json_in(text: str) -> Optional[Tuple[Any, str]]:
     """``(value, its JSON text)`` of the first JSON object or array in a reply: inside
     a code fence if there is one, else the first ``{`` or ``[`` that starts one."""
     fence = re.search(r"```(?:json)?\s*\n(.*?)```", text, re.S)
-    if fence:
-        text = fence.group(1)
+    text = fence.group(1) if fence else text
     for tries, m in enumerate(re.finditer(r"[{\[]", text)):
         if tries == 64 or tries * len(text) > 1 << 22:   # 64 starts, 4M characters read
             break
@@ -3462,10 +3459,6 @@ class _Budget:
     def __init__(self, limit: int, counter: Any = _Estimate) -> None:
         self.left, self.counter = limit, counter
 
-    @property
-    def spent(self) -> bool:
-        return self.left <= 0
-
     def take(self, text: str) -> str:
         """What of ``text`` fits: all of it, or its longest start within the budget (each
         piece counted alone: a token across two pieces counts twice, never too few)."""
@@ -3581,14 +3574,14 @@ class _Generation:
                     cleaner.update(html_text, final)
                 yield from out("reasoning", thought, self.thought[index])
                 yield from out("content", cutter.feed(answer) if answer else "", self.answer[index])
-                if cutter.stopped or self._closed.is_set() or (budget and budget.spent):
+                if cutter.stopped or self._closed.is_set() or (budget and budget.left <= 0):
                     break
                 if time.monotonic() > self._looked + 0.2:       # nobody to answer: the
                     self._looked = time.monotonic()             # app's job is cancelled
                     if self.gone():
                         raise ConnectionAbortedError("the client went away")
             yield from out("content", cutter.flush(), self.answer[index])
-            cut = budget.spent if budget else self._used_up(index, marks)
+            cut = budget.left <= 0 if budget else self._used_up(index, marks)
             yield _Piece(index, "finish", "length" if cut and not cutter.stopped else "stop")
         finally:
             upstream.close()
