@@ -3622,15 +3622,11 @@ class _Generation:
         for i in range(self.sampling.n):
             threading.Thread(target=run, args=(i,), daemon=True,
                              name="bharatgen-choice-%d" % i).start()
-        running = self.sampling.n
         try:
-            while running:
-                item = pieces.get()
-                if item is None:
-                    running -= 1
-                elif isinstance(item, BaseException):
-                    raise item
-                else:
+            for _ in range(self.sampling.n):           # each choice's pieces end with a None
+                for item in iter(pieces.get, None):
+                    if isinstance(item, BaseException):
+                        raise item
                     yield item
         finally:
             self._closed.set()
