@@ -1384,15 +1384,23 @@ class Choice(_Object):
 
 
 @dataclass
-class ChatCompletion(_Object):
-    """A non-streamed chat completion (``object: "chat.completion"``)."""
+class _Completions(_Object):
+    """The fields, in their order, of a chat completion, its chunks and a text completion:
+    each of those names the type of its choices and sets ``object``."""
     id: str = ""
-    choices: List[Choice] = field(default_factory=list)
+    choices: List[Any] = field(default_factory=list)
     created: int = 0
     model: str = DEFAULT_MODEL
-    object: str = "chat.completion"
+    object: str = ""
     system_fingerprint: Optional[str] = None
     usage: Optional[CompletionUsage] = None
+
+
+@dataclass
+class ChatCompletion(_Completions):
+    """A non-streamed chat completion (``object: "chat.completion"``)."""
+    choices: List[Choice] = field(default_factory=list)
+    object: str = "chat.completion"
 
 
 @dataclass
@@ -1414,15 +1422,10 @@ class ChunkChoice(_Object):
 
 
 @dataclass
-class ChatCompletionChunk(_Object):
+class ChatCompletionChunk(_Completions):
     """One streamed piece of a chat completion (``object: "chat.completion.chunk"``)."""
-    id: str = ""
     choices: List[ChunkChoice] = field(default_factory=list)
-    created: int = 0
-    model: str = DEFAULT_MODEL
     object: str = "chat.completion.chunk"
-    system_fingerprint: Optional[str] = None
-    usage: Optional[CompletionUsage] = None
 
 
 @dataclass
@@ -1435,15 +1438,10 @@ class CompletionChoice(_Object):
 
 
 @dataclass
-class Completion(_Object):
+class Completion(_Completions):
     """A legacy text completion (``object: "text_completion"``), streamed or not."""
-    id: str = ""
     choices: List[CompletionChoice] = field(default_factory=list)
-    created: int = 0
-    model: str = DEFAULT_MODEL
     object: str = "text_completion"
-    system_fingerprint: Optional[str] = None
-    usage: Optional[CompletionUsage] = None
 
 
 @dataclass
