@@ -3766,10 +3766,6 @@ class _Cached:
 # Configuration #################################################################
 ###############################################################################
 
-def _split_list(value: str) -> List[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 @dataclass
 class Config:
     """Every setting, filled from flags, then the environment (``BHARATGEN_<NAME>``), then
@@ -3849,7 +3845,7 @@ class Config:
         kind = str(f.type)                  # "<class 'int'>", "typing.Optional[float]", ...
         try:
             if "List" in kind:
-                return _split_list(raw)
+                return [v.strip() for v in raw.split(",") if v.strip()]
             if "bool" in kind:
                 return raw.strip().lower() in ("1", "true", "yes", "on")
             if "int" in kind:
@@ -3871,12 +3867,10 @@ class Config:
             if not ok or not re.fullmatch(r"[\w.:\[\]-]+", parts.hostname or ""):
                 raise ValueError("upstream %r is not a URL of a Gradio app (http(s)://host[:port]"
                                  "[/path]) nor a Hugging Face Space (owner/space)" % _redact(url))
-        if self.reasoning not in REASONING_MODES:
-            raise ValueError("reasoning must be one of %s, not %r"
-                             % (", ".join(REASONING_MODES), self.reasoning))
-        if self.protocol not in PROTOCOLS:
-            raise ValueError("protocol must be one of %s, not %r"
-                             % (", ".join(PROTOCOLS), self.protocol))
+        for name, allowed in (("reasoning", REASONING_MODES), ("protocol", PROTOCOLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError("%s must be one of %s, not %r"
+                                 % (name, ", ".join(allowed), getattr(self, name)))
         if min(self.timeout, self.connect_timeout, self.first_event_timeout or 1,
                self.header_timeout, self.body_timeout, self.send_timeout) <= 0:
             raise ValueError("timeouts must be positive")
