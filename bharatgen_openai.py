@@ -6482,10 +6482,7 @@ def _via_gateway(url: str, prompt: str, timeout: float, kept: Any,
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %r" % (resp.status, resp.read()[:200]))
         ttft, seen = None, b""
-        while True:
-            block = resp.read1(65536)
-            if not block:
-                break
+        for block in iter(lambda: resp.read1(65536), b""):
             if ttft is None:
                 seen = seen[-64:] + block
                 if re.search(rb'"content":"[^"]', seen):
@@ -6516,28 +6513,19 @@ def _load(fn: Callable[[Any, float], Tuple[float, float]], concurrency: int,
     """``requests`` calls of ``fn`` on ``concurrency`` threads that start together; each
     call's times count from when it was due (the start, or the end of its thread's last
     call), so a load generator slowed by its own work does not flatter the figures."""
-    ttfts: List[float] = []
-    totals: List[float] = []
+    times: List[Tuple[float, float]] = []       # (ttft, total) of each call that worked
     errors: List[str] = []
-    left, lock, go = [requests], threading.Lock(), threading.Event()
+    left, go = threading.Semaphore(requests), threading.Event()   # a call each acquire
 
     def worker() -> None:
         kept = threading.local()
         go.wait()
         due = begun
-        while True:
-            with lock:
-                if left[0] <= 0:
-                    return
-                left[0] -= 1
+        while left.acquire(blocking=False):
             try:
-                ttft, total = fn(kept, due)
-                with lock:
-                    ttfts.append(ttft)
-                    totals.append(total)
+                times.append(fn(kept, due))     # list.append is atomic: no lock
             except Exception as exc:          # counted and shown, the run goes on
-                with lock:
-                    errors.append(repr(exc)[:200])
+                errors.append(repr(exc)[:200])
             due = time.monotonic()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
@@ -6547,9 +6535,10 @@ def _load(fn: Callable[[Any, float], Tuple[float, float]], concurrency: int,
     go.set()
     for t in threads:
         t.join()
+    ttfts = [ttft for ttft, _ in times]
     return {"wall": time.monotonic() - begun, "ttft": _percentile(ttfts, .5),
-            "ttft95": _percentile(ttfts, .95), "total": _percentile(totals, .5),
-            "errors": errors}
+            "ttft95": _percentile(ttfts, .95),
+            "total": _percentile([total for _, total in times], .5), "errors": errors}
 
 
 _BENCH_ROW = "%5s %-8s %5s %7s %9s %9s %8s %6s %7s %7s"
