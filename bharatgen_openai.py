@@ -6270,6 +6270,9 @@ class DemoUpstream(_Server):
                 job.cancelled.set()
         super().stop()
 
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
     # -- what the app says of itself ---------------------------------------------------
 
     def _inputs(self) -> List[Tuple[int, str, str, Any]]:
@@ -6638,41 +6641,59 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_serve(args: Any) -> int:
+    import contextlib
     config = _config_from_args(args)
     if config.log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_JSONFormatter())
-    has_keys = bool(config.api_keys or config.api_key_file)
-    if not has_keys and not _is_loopback(config.host) and not config.allow_no_auth:
+    if not (config.api_keys or config.api_key_file or config.allow_no_auth
+            or _is_loopback(config.host)):
         raise SystemExit("error: refusing to serve on %s with no API key: anyone on the network "
                          "could use it. Give --api-key, --api-key-file or BHARATGEN_API_KEYS, "
                          "or --allow-no-auth if that is really what you want." % config.host)
     _open_files(raise_soft=True)
-    demo = None
-    if args.demo or not (config.upstream or config.models_file):
-        demo = _start_demo(config, args.token_delay)       # said once the port is ours
-    try:
-        server = GatewayServer(config)
-    except OSError as exc:                           # most often: the port is taken
-        if demo is not None:
-            demo.stop()
-        print("error: cannot listen on %s port %d: %s; choose another with --port (0 picks a "
-              "free one)" % (config.host, config.port, exc.strerror or exc), file=sys.stderr)
-        return 2
-    if demo is not None:
-        print(_DEMO_SAYS % demo.url, file=sys.stderr, flush=True)
-    for route in server.backend.routes.values():
-        print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
-              % (__version__, server.url, route.id, route.pool.base_url),
+    with contextlib.ExitStack() as cleanup:          # the server is closed, then the demo
+        demo = None
+        if args.demo or not (config.upstream or config.models_file):
+            demo = cleanup.enter_context(_start_demo(config, args.token_delay))  # said below
+        try:
+            server = cleanup.enter_context(GatewayServer(config))
+        except OSError as exc:                       # most often: the port is taken
+            print("error: cannot listen on %s port %d: %s; choose another with --port (0 picks "
+                  "a free one)" % (config.host, config.port, exc.strerror or exc),
+                  file=sys.stderr)
+            return 2
+        if demo is not None:                         # once the port is ours
+            print(_DEMO_SAYS % demo.url, file=sys.stderr, flush=True)
+        for route in server.backend.routes.values():
+            print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
+                  % (__version__, server.url, route.id, route.pool.base_url),
+                  file=sys.stderr, flush=True)
+        print("chat and monitor in a browser: %s/" % server.url, file=sys.stderr, flush=True)
+        if not server.keys.enabled:
+            print("WARNING: no API key configured; anyone who can reach %s can use it. "
+                  "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr,
+                  flush=True)
+        stop = _on_signals(server)
+        server.start()
+        threading.Thread(target=_announce, args=(server,), daemon=True).start()
+        while not stop.wait(0.5):
+            pass
+        print("stopping: /health and new requests get 503; letting requests in flight finish "
+              "(up to %gs)" % config.grace, file=sys.stderr, flush=True)
+        clean = server.drain(config.grace)
+        print("stopped%s" % ("" if clean else "; streams still running were cut off"),
               file=sys.stderr, flush=True)
-    print("chat and monitor in a browser: %s/" % server.url, file=sys.stderr, flush=True)
-    if not server.keys.enabled:
-        print("WARNING: no API key configured; anyone who can reach %s can use it. "
-              "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
-    stop = threading.Event()
-    import signal
+    return 0
 
-    def on_signal(*_: Any) -> None:      # the first drains, the second cuts, the third exits
+
+def _on_signals(server: GatewayServer) -> threading.Event:
+    """An event SIGTERM and SIGINT set: the first drains, the second cuts off the streams,
+    the third exits.  SIGHUP re-reads the API keys."""
+    import signal
+    stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:
         if stop.is_set() and server.closing.is_set():
             os._exit(130)
         if stop.is_set():
@@ -6684,21 +6705,7 @@ def _cmd_serve(args: Any) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: _log.info("reloaded %d API keys",
                                                           server.keys.reload()))
-    server.start()
-    threading.Thread(target=_announce, args=(server,), daemon=True).start()
-    try:
-        while not stop.wait(0.5):
-            pass
-        print("stopping: /health and new requests get 503; letting requests in flight finish "
-              "(up to %gs)" % config.grace, file=sys.stderr, flush=True)
-        clean = server.drain(config.grace)
-        print("stopped%s" % ("" if clean else "; streams still running were cut off"),
-              file=sys.stderr, flush=True)
-    finally:
-        server.server_close()
-        if demo is not None:
-            demo.stop()
-    return 0
+    return stop
 
 
 class _JSONFormatter(logging.Formatter):
@@ -6730,23 +6737,20 @@ def _announce(server: GatewayServer) -> None:
 
 
 def _cmd_demo(args: Any) -> int:
-    demo = DemoUpstream(args.host, args.port, token_delay=args.token_delay)
-    print("demo upstream (a stand-in Gradio app, not the Param model) at %s" % demo.url,
-          file=sys.stderr, flush=True)
-    try:
-        demo.serve_forever(0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        demo.stop()
+    import contextlib
+    with DemoUpstream(args.host, args.port, token_delay=args.token_delay) as demo:
+        print("demo upstream (a stand-in Gradio app, not the Param model) at %s" % demo.url,
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            demo.serve_forever(0.2)
     return 0
 
 
 def _cmd_info(args: Any) -> int:
     """What each upstream offers, and where each OpenAI field goes in it."""
+    import contextlib
     config = _config_from_args(args)
-    demo = _start_demo(config, 0.0, sys.stderr) if config.demo else None
-    try:
+    with _start_demo(config, 0.0, sys.stderr) if config.demo else contextlib.nullcontext():
         if not (config.upstream or config.models_file):
             raise SystemExit("info: give --upstream URL (or set BHARATGEN_BASE_URL), or --demo")
         for route in _load_models(config):
@@ -6782,9 +6786,6 @@ def _cmd_info(args: Any) -> int:
                     print("  %-16s %-10s %s" % (p.get("parameter_name", "-"),
                                                 p.get("component", ""), what))
                 print()
-    finally:
-        if demo is not None:
-            demo.stop()
     return 0
 
 
@@ -6794,26 +6795,24 @@ _CHAT_HELP = ("/reset forgets the conversation, /help shows this, /exit (or Ctrl
 
 
 def _cmd_chat(args: Any) -> int:
+    import contextlib
     config = _config_from_args(args)
-    demo = _start_demo(config, args.token_delay, sys.stderr) if args.demo or not config.upstream else None
-    cleanup: List[Callable[[], None]] = []
-    try:
-        client = BharatGenOpenAI(config.upstream[0], os.environ.get("OPENAI_API_KEY"),
-                                 model=config.model, timeout=config.timeout,
-                                 endpoint=config.endpoint, system_prompt=config.system_prompt,
-                                 protocol=config.protocol)
-        cleanup.append(client.close)
+    with contextlib.ExitStack() as cleanup:        # undone last first: the demo stops last
+        if args.demo or not config.upstream:
+            cleanup.callback(_start_demo(config, args.token_delay, sys.stderr).stop)
+        client = cleanup.enter_context(BharatGenOpenAI(
+            config.upstream[0], os.environ.get("OPENAI_API_KEY"), model=config.model,
+            timeout=config.timeout, endpoint=config.endpoint,
+            system_prompt=config.system_prompt, protocol=config.protocol))
         history: List[Dict[str, str]] = []
         if "log_level" not in vars(args):   # a failure is said once, as "error: ...", not
-            cleanup.append(functools.partial(_log.setLevel, _log.level))   # also as the
-            _log.setLevel(logging.ERROR)     # replica's warning
+            cleanup.callback(_log.setLevel, _log.level)   # also as the replica's warning
+            _log.setLevel(logging.ERROR)
         if args.prompt:
             _chat_turn(client, history, " ".join(args.prompt), args)
             return 0
-        try:
-            __import__("readline")          # line editing and history for input(), where it exists
-        except ImportError:
-            pass
+        with contextlib.suppress(ImportError):
+            __import__("readline")      # line editing and history for input(), where it exists
         if isinstance(client._backend, _Backend):       # the app answers, or we say so now
             for upstream in client._backend.clients():
                 upstream.discover()
@@ -6844,11 +6843,6 @@ def _cmd_chat(args: Any) -> int:
                     _chat_turn(client, history, line, args)
                 except BharatGenError as exc:         # said, and the session goes on
                     print("error: %s" % exc.message, file=sys.stderr)
-    finally:
-        for close in cleanup:
-            close()
-        if demo is not None:
-            demo.stop()
 
 
 def _read_turn() -> str:
@@ -6868,28 +6862,24 @@ def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: s
     """Stream one answer to the terminal; remember the turn unless it failed.  Ctrl-C
     stops the answer (the upstream job is cancelled) and keeps what came."""
     dim = sys.stdout.isatty()
-    messages = history + [{"role": "user", "content": prompt}]
+    opening, closing = ("\x1b[2m", "\x1b[0m\n\n") if dim else ("[thinking] ", "\n\n")
     answer: List[str] = []
     thinking = False
-    stream = client.chat.completions.create(messages=messages, stream=True,
-                                            temperature=args.temperature,
-                                            max_tokens=args.max_tokens)
+    stream = client.chat.completions.create(
+        messages=history + [{"role": "user", "content": prompt}], stream=True,
+        temperature=args.temperature, max_tokens=args.max_tokens)
     try:
         with stream:
             for chunk in stream:
                 for choice in chunk.choices:
                     delta = choice.delta
                     if delta.reasoning_content and args.show_reasoning:
-                        if not thinking:
-                            thinking = True
-                            sys.stdout.write("\x1b[2m" if dim else "[thinking] ")
-                        sys.stdout.write(delta.reasoning_content)
+                        sys.stdout.write(("" if thinking else opening) + delta.reasoning_content)
+                        thinking = True
                     if delta.content:
-                        if thinking:
-                            thinking = False
-                            sys.stdout.write("\x1b[0m\n\n" if dim else "\n\n")
+                        sys.stdout.write((closing if thinking else "") + delta.content)
                         answer.append(delta.content)
-                        sys.stdout.write(delta.content)
+                        thinking = False
                     sys.stdout.flush()
     except KeyboardInterrupt:
         answer.append(" [stopped]")
