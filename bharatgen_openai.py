@@ -6979,12 +6979,10 @@ def _parser() -> Any:
         prog="bharatgen_openai", allow_abbrev=False,
         description="An OpenAI-compatible API in front of BharatGen's Param Gradio app.")
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     log_level = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    log_level.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS,
-                           help="default: INFO")
-    parser.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS,
-                        help="default: INFO (also after the command)")
+    for p, where in ((log_level, ""), (parser, " (also after the command)")):
+        p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       default=argparse.SUPPRESS, help="default: INFO" + where)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, text: str, func: Callable[[Any], int], answers: bool = True) -> Any:
@@ -7008,16 +7006,8 @@ def _parser() -> Any:
     p.add_argument("--show-reasoning", action="store_true", help="print the thought, dimmed")
     _add_flags(command("info", "show what the upstream app offers", _cmd_info, answers=False),
                [flag for flag in _SERVE_FLAGS if flag[0] == "models_file"])
-    _bench_flags(command("bench", "measure what the gateway adds to calling the app directly",
-                         _cmd_bench, answers=None))
-    p = command("demo", "run only the demo upstream (a stand-in Gradio app)", _cmd_demo, None)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
-    return parser
-
-
-def _bench_flags(p: Any) -> None:
-    import argparse
+    p = command("bench", "measure what the gateway adds to calling the app directly", _cmd_bench,
+                answers=None)
 
     def int_list(text: str) -> List[int]:
         try:
@@ -7033,6 +7023,10 @@ def _bench_flags(p: Any) -> None:
                    help="runs of each path, alternating which goes first; medians shown")
     p.add_argument("--words", type=int, default=100, help="answer length in words (default 100)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p = command("demo", "run only the demo upstream (a stand-in Gradio app)", _cmd_demo, None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
