@@ -6202,21 +6202,19 @@ class _DemoHandler(_Handler):
         except (ValueError, BharatGenError):
             self.send_json(422, {"detail": [{"type": "json_invalid"}]})
             return
+        call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
+        join = path == srv.prefix + "/queue/join" and srv.queue
         if path == srv.prefix + "/cancel":
             srv.cancel(body)
             self.send_json(200, {"success": True})
-            return
-        call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
-        join = path == srv.prefix + "/queue/join" and srv.queue
-        if not (join or (call and call.group(1) in (srv.endpoint, "embed"))):
+        elif not (join or (call and call.group(1) in (srv.endpoint, "embed"))):
             self.send_body(500, b"Internal Server Error", "text/plain; charset=utf-8")
-            return
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        elif not isinstance(body, dict) or not isinstance(body.get("data"), list):
             self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
-            return
-        body["endpoint"] = "embed" if (call.group(1) if call else body.get("fn_index")) in (
-            "embed", 2) else srv.endpoint
-        self.send_json(*srv.submit(body, bool(join), self.headers))
+        else:
+            body["endpoint"] = "embed" if (call.group(1) if call else body.get("fn_index")) in (
+                "embed", 2) else srv.endpoint
+            self.send_json(*srv.submit(body, bool(join), self.headers))
 
     def _stream(self, job: Optional[_DemoJob],
                 render: Callable[[_DemoJob], Iterator[Optional[bytes]]]) -> None:
@@ -6303,8 +6301,7 @@ class DemoUpstream(_Server):
 
     def info_json(self) -> Dict[str, Any]:
         """What ``<prefix>/info`` answers: the endpoint's parameters (no State)."""
-        names = {"textbox": "Textbox", "chatbot": "Chatbot", "slider": "Slider"}
-        params = [{"label": name, "parameter_name": name, "component": names[kind],
+        params = [{"label": name, "parameter_name": name, "component": kind.capitalize(),
                    "parameter_has_default": default is not None, "parameter_default": default,
                    "type": {"type": "number", "description": "numeric value between %g and %g"
                             % _DEMO_SLIDERS[name]} if kind == "slider" else {"type": "string"},
@@ -6348,9 +6345,8 @@ class DemoUpstream(_Server):
             job.cancelled.wait(max(0.0, job.next_at - now))
         return not job.cancelled.is_set()
 
-    def reply(self, message: str, history: Any, system: Any, params: Sequence[Any]) -> Tuple[str, str]:
-        """The (thought, answer) for a message: :func:`_demo_reply`'s canned ones."""
-        return _demo_reply(message, history, system, params)
+    # The (thought, answer) for a message: :func:`_demo_reply`'s canned ones.
+    reply = staticmethod(_demo_reply)
 
     def _values(self, job: _DemoJob) -> Dict[str, Any]:
         """The job's inputs by parameter name."""
@@ -6558,9 +6554,9 @@ def _cmd_bench(args: Any) -> int:
             proc, upstream = _spawn(["demo", "--port", "0", "--token-delay",
                                      str(args.token_delay)], r" at (http://\S+)")
             procs.append(proc)
-        proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
-                            "--port", "0", "--max-concurrent", "100000", "--max-connections",
-                            "100000", "--max-client-connections", "100000"],
+        proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream, "--port",
+                            "0", "--max-concurrent", "100000", "--max-connections", "100000",
+                            "--max-client-connections", "100000"],
                            r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
         procs.append(proc)
         direct = BharatGenOpenAI(upstream, timeout=args.timeout)
@@ -6592,10 +6588,12 @@ def _bench_level(args: Any, conc: int, url: str, direct: Any, gateway_pid: int) 
             before = _proc_stats(gateway_pid)[0]
             runs[name].append(_load(fn, conc, n))
             cpu += _proc_stats(gateway_pid)[0] - before if name == "gateway" else 0
-    median = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2]
-                     for k in ("wall", "ttft", "ttft95", "total")} for name, rs in runs.items()}
+    keys = ("wall", "ttft", "ttft95", "total")
+    median = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in keys}
+              for name, rs in runs.items()}
     for name in ("gateway", "direct"):
-        m, errors, gw = median[name], [e for r in runs[name] for e in r["errors"]], name == "gateway"
+        m, gw = median[name], name == "gateway"
+        errors = [e for r in runs[name] for e in r["errors"]]
         print(_BENCH_ROW % (conc, name, n, "%.2f" % m["wall"], "%.0fms" % (m["ttft"] * 1000),
                             "%.0fms" % (m["ttft95"] * 1000), "%.2fs" % m["total"], len(errors),
                             "%.2fs" % (cpu / args.repeat) if gw else "-",
@@ -6603,9 +6601,7 @@ def _bench_level(args: Any, conc: int, url: str, direct: Any, gateway_pid: int) 
         for e in errors[:3]:
             print("      error: %s" % e)
     g, d = median["gateway"], median["direct"]
-    print(_BENCH_ROW % (conc, "ratio", "", "%.3fx" % (g["wall"] / d["wall"]),
-                        "%.3fx" % (g["ttft"] / d["ttft"]), "%.3fx" % (g["ttft95"] / d["ttft95"]),
-                        "%.3fx" % (g["total"] / d["total"]), "", "", ""))
+    print(_BENCH_ROW % (conc, "ratio", "", *("%.3fx" % (g[k] / d[k]) for k in keys), "", "", ""))
 
 
 ###############################################################################
