@@ -6667,9 +6667,8 @@ def _cmd_serve(args: Any) -> int:
                   file=sys.stderr, flush=True)
         print("chat and monitor in a browser: %s/" % server.url, file=sys.stderr, flush=True)
         if not server.keys.enabled:
-            print("WARNING: no API key configured; anyone who can reach %s can use it. "
-                  "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr,
-                  flush=True)
+            print("WARNING: no API key configured; anyone who can reach %s can use it. Set "
+                  "--api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
         stop = _on_signals(server)
         server.start()
         threading.Thread(target=_announce, args=(server,), daemon=True).start()
@@ -6971,9 +6970,8 @@ def _add_flags(parser: Any, flags: Sequence[Tuple[str, str]]) -> None:
 def _parser() -> Any:
     """The command line: ``serve``, ``chat``, ``info``, ``bench``, ``demo``."""
     import argparse
-    parser = argparse.ArgumentParser(
-        prog="bharatgen_openai", allow_abbrev=False,
-        description="An OpenAI-compatible API in front of BharatGen's Param Gradio app.")
+    parser = argparse.ArgumentParser(prog="bharatgen_openai", allow_abbrev=False, description=(
+        "An OpenAI-compatible API in front of BharatGen's Param Gradio app."))
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
     log_level = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     for p, where in ((log_level, ""), (parser, " (also after the command)")):
