@@ -3718,10 +3718,6 @@ class _Cached:
 # Configuration #################################################################
 ###############################################################################
 
-def _split_list(value: str) -> List[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
 @dataclass
 class Config:
     """Every setting, filled from flags, then the environment (``BHARATGEN_<NAME>``), then
@@ -3801,7 +3797,7 @@ class Config:
         kind = str(f.type)                  # "<class 'int'>", "typing.Optional[float]", ...
         try:
             if "List" in kind:
-                return _split_list(raw)
+                return [v.strip() for v in raw.split(",") if v.strip()]
             if "bool" in kind:
                 return raw.strip().lower() in ("1", "true", "yes", "on")
             if "int" in kind:
@@ -3823,12 +3819,10 @@ class Config:
             if not ok or not re.fullmatch(r"[\w.:\[\]-]+", parts.hostname or ""):
                 raise ValueError("upstream %r is not a URL of a Gradio app (http(s)://host[:port]"
                                  "[/path]) nor a Hugging Face Space (owner/space)" % _redact(url))
-        if self.reasoning not in REASONING_MODES:
-            raise ValueError("reasoning must be one of %s, not %r"
-                             % (", ".join(REASONING_MODES), self.reasoning))
-        if self.protocol not in PROTOCOLS:
-            raise ValueError("protocol must be one of %s, not %r"
-                             % (", ".join(PROTOCOLS), self.protocol))
+        for name, allowed in (("reasoning", REASONING_MODES), ("protocol", PROTOCOLS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError("%s must be one of %s, not %r"
+                                 % (name, ", ".join(allowed), getattr(self, name)))
         if min(self.timeout, self.connect_timeout, self.first_event_timeout or 1,
                self.header_timeout, self.body_timeout, self.send_timeout) <= 0:
             raise ValueError("timeouts must be positive")
@@ -6160,21 +6154,19 @@ class _DemoHandler(_Handler):
         except (ValueError, BharatGenError):
             self.send_json(422, {"detail": [{"type": "json_invalid"}]})
             return
+        call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
+        join = path == srv.prefix + "/queue/join" and srv.queue
         if path == srv.prefix + "/cancel":
             srv.cancel(body)
             self.send_json(200, {"success": True})
-            return
-        call = re.fullmatch(re.escape(srv.prefix) + r"/call/(\w+)/?", path)
-        join = path == srv.prefix + "/queue/join" and srv.queue
-        if not (join or (call and call.group(1) in (srv.endpoint, "embed"))):
+        elif not (join or (call and call.group(1) in (srv.endpoint, "embed"))):
             self.send_body(500, b"Internal Server Error", "text/plain; charset=utf-8")
-            return
-        if not isinstance(body, dict) or not isinstance(body.get("data"), list):
+        elif not isinstance(body, dict) or not isinstance(body.get("data"), list):
             self.send_json(422, {"detail": [{"type": "missing", "loc": ["body", "data"]}]})
-            return
-        body["endpoint"] = "embed" if (call.group(1) if call else body.get("fn_index")) in (
-            "embed", 2) else srv.endpoint
-        self.send_json(*srv.submit(body, bool(join), self.headers))
+        else:
+            body["endpoint"] = "embed" if (call.group(1) if call else body.get("fn_index")) in (
+                "embed", 2) else srv.endpoint
+            self.send_json(*srv.submit(body, bool(join), self.headers))
 
     def _stream(self, job: Optional[_DemoJob],
                 render: Callable[[_DemoJob], Iterator[Optional[bytes]]]) -> None:
@@ -6228,6 +6220,9 @@ class DemoUpstream(_Server):
                 job.cancelled.set()
         super().stop()
 
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
     # -- what the app says of itself ---------------------------------------------------
 
     def _inputs(self) -> List[Tuple[int, str, str, Any]]:
@@ -6258,8 +6253,7 @@ class DemoUpstream(_Server):
 
     def info_json(self) -> Dict[str, Any]:
         """What ``<prefix>/info`` answers: the endpoint's parameters (no State)."""
-        names = {"textbox": "Textbox", "chatbot": "Chatbot", "slider": "Slider"}
-        params = [{"label": name, "parameter_name": name, "component": names[kind],
+        params = [{"label": name, "parameter_name": name, "component": kind.capitalize(),
                    "parameter_has_default": default is not None, "parameter_default": default,
                    "type": {"type": "number", "description": "numeric value between %g and %g"
                             % _DEMO_SLIDERS[name]} if kind == "slider" else {"type": "string"},
@@ -6303,9 +6297,8 @@ class DemoUpstream(_Server):
             job.cancelled.wait(max(0.0, job.next_at - now))
         return not job.cancelled.is_set()
 
-    def reply(self, message: str, history: Any, system: Any, params: Sequence[Any]) -> Tuple[str, str]:
-        """The (thought, answer) for a message: :func:`_demo_reply`'s canned ones."""
-        return _demo_reply(message, history, system, params)
+    # The (thought, answer) for a message: :func:`_demo_reply`'s canned ones.
+    reply = staticmethod(_demo_reply)
 
     def _values(self, job: _DemoJob) -> Dict[str, Any]:
         """The job's inputs by parameter name."""
@@ -6440,10 +6433,7 @@ def _via_gateway(url: str, prompt: str, timeout: float, kept: Any,
         if resp.status != 200:
             raise RuntimeError("HTTP %d: %r" % (resp.status, resp.read()[:200]))
         ttft, seen = None, b""
-        while True:
-            block = resp.read1(65536)
-            if not block:
-                break
+        for block in iter(lambda: resp.read1(65536), b""):
             if ttft is None:
                 seen = seen[-64:] + block
                 if re.search(rb'"content":"[^"]', seen):
@@ -6474,28 +6464,19 @@ def _load(fn: Callable[[Any, float], Tuple[float, float]], concurrency: int,
     """``requests`` calls of ``fn`` on ``concurrency`` threads that start together; each
     call's times count from when it was due (the start, or the end of its thread's last
     call), so a load generator slowed by its own work does not flatter the figures."""
-    ttfts: List[float] = []
-    totals: List[float] = []
+    times: List[Tuple[float, float]] = []       # (ttft, total) of each call that worked
     errors: List[str] = []
-    left, lock, go = [requests], threading.Lock(), threading.Event()
+    left, go = threading.Semaphore(requests), threading.Event()   # a call each acquire
 
     def worker() -> None:
         kept = threading.local()
         go.wait()
         due = begun
-        while True:
-            with lock:
-                if left[0] <= 0:
-                    return
-                left[0] -= 1
+        while left.acquire(blocking=False):
             try:
-                ttft, total = fn(kept, due)
-                with lock:
-                    ttfts.append(ttft)
-                    totals.append(total)
+                times.append(fn(kept, due))     # list.append is atomic: no lock
             except Exception as exc:          # counted and shown, the run goes on
-                with lock:
-                    errors.append(repr(exc)[:200])
+                errors.append(repr(exc)[:200])
             due = time.monotonic()
 
     threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
@@ -6505,9 +6486,10 @@ def _load(fn: Callable[[Any, float], Tuple[float, float]], concurrency: int,
     go.set()
     for t in threads:
         t.join()
+    ttfts = [ttft for ttft, _ in times]
     return {"wall": time.monotonic() - begun, "ttft": _percentile(ttfts, .5),
-            "ttft95": _percentile(ttfts, .95), "total": _percentile(totals, .5),
-            "errors": errors}
+            "ttft95": _percentile(ttfts, .95),
+            "total": _percentile([total for _, total in times], .5), "errors": errors}
 
 
 _BENCH_ROW = "%5s %-8s %5s %7s %9s %9s %8s %6s %7s %7s"
@@ -6524,9 +6506,9 @@ def _cmd_bench(args: Any) -> int:
             proc, upstream = _spawn(["demo", "--port", "0", "--token-delay",
                                      str(args.token_delay)], r" at (http://\S+)")
             procs.append(proc)
-        proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream,
-                            "--port", "0", "--max-concurrent", "100000", "--max-connections",
-                            "100000", "--max-client-connections", "100000"],
+        proc, url = _spawn(["--log-level", "WARNING", "serve", "--upstream", upstream, "--port",
+                            "0", "--max-concurrent", "100000", "--max-connections", "100000",
+                            "--max-client-connections", "100000"],
                            r"OpenAI API at (http://[\d.:\[\]a-z]+)/v1")
         procs.append(proc)
         direct = BharatGenOpenAI(upstream, timeout=args.timeout)
@@ -6558,10 +6540,12 @@ def _bench_level(args: Any, conc: int, url: str, direct: Any, gateway_pid: int) 
             before = _proc_stats(gateway_pid)[0]
             runs[name].append(_load(fn, conc, n))
             cpu += _proc_stats(gateway_pid)[0] - before if name == "gateway" else 0
-    median = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2]
-                     for k in ("wall", "ttft", "ttft95", "total")} for name, rs in runs.items()}
+    keys = ("wall", "ttft", "ttft95", "total")
+    median = {name: {k: sorted(r[k] for r in rs)[len(rs) // 2] for k in keys}
+              for name, rs in runs.items()}
     for name in ("gateway", "direct"):
-        m, errors, gw = median[name], [e for r in runs[name] for e in r["errors"]], name == "gateway"
+        m, gw = median[name], name == "gateway"
+        errors = [e for r in runs[name] for e in r["errors"]]
         print(_BENCH_ROW % (conc, name, n, "%.2f" % m["wall"], "%.0fms" % (m["ttft"] * 1000),
                             "%.0fms" % (m["ttft95"] * 1000), "%.2fs" % m["total"], len(errors),
                             "%.2fs" % (cpu / args.repeat) if gw else "-",
@@ -6569,9 +6553,7 @@ def _bench_level(args: Any, conc: int, url: str, direct: Any, gateway_pid: int) 
         for e in errors[:3]:
             print("      error: %s" % e)
     g, d = median["gateway"], median["direct"]
-    print(_BENCH_ROW % (conc, "ratio", "", "%.3fx" % (g["wall"] / d["wall"]),
-                        "%.3fx" % (g["ttft"] / d["ttft"]), "%.3fx" % (g["ttft95"] / d["ttft95"]),
-                        "%.3fx" % (g["total"] / d["total"]), "", "", ""))
+    print(_BENCH_ROW % (conc, "ratio", "", *("%.3fx" % (g[k] / d[k]) for k in keys), "", "", ""))
 
 
 ###############################################################################
@@ -6607,41 +6589,58 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_serve(args: Any) -> int:
+    import contextlib
     config = _config_from_args(args)
     if config.log_format == "json":
         for handler in logging.getLogger().handlers:
             handler.setFormatter(_JSONFormatter())
-    has_keys = bool(config.api_keys or config.api_key_file)
-    if not has_keys and not _is_loopback(config.host) and not config.allow_no_auth:
+    if not (config.api_keys or config.api_key_file or config.allow_no_auth
+            or _is_loopback(config.host)):
         raise SystemExit("error: refusing to serve on %s with no API key: anyone on the network "
                          "could use it. Give --api-key, --api-key-file or BHARATGEN_API_KEYS, "
                          "or --allow-no-auth if that is really what you want." % config.host)
     _open_files(raise_soft=True)
-    demo = None
-    if args.demo or not (config.upstream or config.models_file):
-        demo = _start_demo(config, args.token_delay)       # said once the port is ours
-    try:
-        server = GatewayServer(config)
-    except OSError as exc:                           # most often: the port is taken
-        if demo is not None:
-            demo.stop()
-        print("error: cannot listen on %s port %d: %s; choose another with --port (0 picks a "
-              "free one)" % (config.host, config.port, exc.strerror or exc), file=sys.stderr)
-        return 2
-    if demo is not None:
-        print(_DEMO_SAYS % demo.url, file=sys.stderr, flush=True)
-    for route in server.backend.routes.values():
-        print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
-              % (__version__, server.url, route.id, route.pool.base_url),
+    with contextlib.ExitStack() as cleanup:          # the server is closed, then the demo
+        demo = None
+        if args.demo or not (config.upstream or config.models_file):
+            demo = cleanup.enter_context(_start_demo(config, args.token_delay))  # said below
+        try:
+            server = cleanup.enter_context(GatewayServer(config))
+        except OSError as exc:                       # most often: the port is taken
+            print("error: cannot listen on %s port %d: %s; choose another with --port (0 picks "
+                  "a free one)" % (config.host, config.port, exc.strerror or exc),
+                  file=sys.stderr)
+            return 2
+        if demo is not None:                         # once the port is ours
+            print(_DEMO_SAYS % demo.url, file=sys.stderr, flush=True)
+        for route in server.backend.routes.values():
+            print("bharatgen_openai %s: OpenAI API at %s/v1, model %r in front of %s"
+                  % (__version__, server.url, route.id, route.pool.base_url),
+                  file=sys.stderr, flush=True)
+        print("chat and monitor in a browser: %s/" % server.url, file=sys.stderr, flush=True)
+        if not server.keys.enabled:
+            print("WARNING: no API key configured; anyone who can reach %s can use it. Set "
+                  "--api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
+        stop = _on_signals(server)
+        server.start()
+        threading.Thread(target=_announce, args=(server,), daemon=True).start()
+        while not stop.wait(0.5):
+            pass
+        print("stopping: /health and new requests get 503; letting requests in flight finish "
+              "(up to %gs)" % config.grace, file=sys.stderr, flush=True)
+        clean = server.drain(config.grace)
+        print("stopped%s" % ("" if clean else "; streams still running were cut off"),
               file=sys.stderr, flush=True)
-    print("chat and monitor in a browser: %s/" % server.url, file=sys.stderr, flush=True)
-    if not server.keys.enabled:
-        print("WARNING: no API key configured; anyone who can reach %s can use it. "
-              "Set --api-key or BHARATGEN_API_KEYS." % server.url, file=sys.stderr, flush=True)
-    stop = threading.Event()
-    import signal
+    return 0
 
-    def on_signal(*_: Any) -> None:      # the first drains, the second cuts, the third exits
+
+def _on_signals(server: GatewayServer) -> threading.Event:
+    """An event SIGTERM and SIGINT set: the first drains, the second cuts off the streams,
+    the third exits.  SIGHUP re-reads the API keys."""
+    import signal
+    stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:
         if stop.is_set() and server.closing.is_set():
             os._exit(130)
         if stop.is_set():
@@ -6653,21 +6652,7 @@ def _cmd_serve(args: Any) -> int:
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: _log.info("reloaded %d API keys",
                                                           server.keys.reload()))
-    server.start()
-    threading.Thread(target=_announce, args=(server,), daemon=True).start()
-    try:
-        while not stop.wait(0.5):
-            pass
-        print("stopping: /health and new requests get 503; letting requests in flight finish "
-              "(up to %gs)" % config.grace, file=sys.stderr, flush=True)
-        clean = server.drain(config.grace)
-        print("stopped%s" % ("" if clean else "; streams still running were cut off"),
-              file=sys.stderr, flush=True)
-    finally:
-        server.server_close()
-        if demo is not None:
-            demo.stop()
-    return 0
+    return stop
 
 
 class _JSONFormatter(logging.Formatter):
@@ -6699,23 +6684,20 @@ def _announce(server: GatewayServer) -> None:
 
 
 def _cmd_demo(args: Any) -> int:
-    demo = DemoUpstream(args.host, args.port, token_delay=args.token_delay)
-    print("demo upstream (a stand-in Gradio app, not the Param model) at %s" % demo.url,
-          file=sys.stderr, flush=True)
-    try:
-        demo.serve_forever(0.2)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        demo.stop()
+    import contextlib
+    with DemoUpstream(args.host, args.port, token_delay=args.token_delay) as demo:
+        print("demo upstream (a stand-in Gradio app, not the Param model) at %s" % demo.url,
+              file=sys.stderr, flush=True)
+        with contextlib.suppress(KeyboardInterrupt):
+            demo.serve_forever(0.2)
     return 0
 
 
 def _cmd_info(args: Any) -> int:
     """What each upstream offers, and where each OpenAI field goes in it."""
+    import contextlib
     config = _config_from_args(args)
-    demo = _start_demo(config, 0.0, sys.stderr) if config.demo else None
-    try:
+    with _start_demo(config, 0.0, sys.stderr) if config.demo else contextlib.nullcontext():
         if not (config.upstream or config.models_file):
             raise SystemExit("info: give --upstream URL (or set BHARATGEN_BASE_URL), or --demo")
         for route in _load_models(config):
@@ -6751,9 +6733,6 @@ def _cmd_info(args: Any) -> int:
                     print("  %-16s %-10s %s" % (p.get("parameter_name", "-"),
                                                 p.get("component", ""), what))
                 print()
-    finally:
-        if demo is not None:
-            demo.stop()
     return 0
 
 
@@ -6763,26 +6742,24 @@ _CHAT_HELP = ("/reset forgets the conversation, /help shows this, /exit (or Ctrl
 
 
 def _cmd_chat(args: Any) -> int:
+    import contextlib
     config = _config_from_args(args)
-    demo = _start_demo(config, args.token_delay, sys.stderr) if args.demo or not config.upstream else None
-    cleanup: List[Callable[[], None]] = []
-    try:
-        client = BharatGenOpenAI(config.upstream[0], os.environ.get("OPENAI_API_KEY"),
-                                 model=config.model, timeout=config.timeout,
-                                 endpoint=config.endpoint, system_prompt=config.system_prompt,
-                                 protocol=config.protocol)
-        cleanup.append(client.close)
+    with contextlib.ExitStack() as cleanup:        # undone last first: the demo stops last
+        if args.demo or not config.upstream:
+            cleanup.callback(_start_demo(config, args.token_delay, sys.stderr).stop)
+        client = cleanup.enter_context(BharatGenOpenAI(
+            config.upstream[0], os.environ.get("OPENAI_API_KEY"), model=config.model,
+            timeout=config.timeout, endpoint=config.endpoint,
+            system_prompt=config.system_prompt, protocol=config.protocol))
         history: List[Dict[str, str]] = []
         if "log_level" not in vars(args):   # a failure is said once, as "error: ...", not
-            cleanup.append(functools.partial(_log.setLevel, _log.level))   # also as the
-            _log.setLevel(logging.ERROR)     # replica's warning
+            cleanup.callback(_log.setLevel, _log.level)   # also as the replica's warning
+            _log.setLevel(logging.ERROR)
         if args.prompt:
             _chat_turn(client, history, " ".join(args.prompt), args)
             return 0
-        try:
-            __import__("readline")          # line editing and history for input(), where it exists
-        except ImportError:
-            pass
+        with contextlib.suppress(ImportError):
+            __import__("readline")      # line editing and history for input(), where it exists
         if isinstance(client._backend, _Backend):       # the app answers, or we say so now
             for upstream in client._backend.clients():
                 upstream.discover()
@@ -6813,11 +6790,6 @@ def _cmd_chat(args: Any) -> int:
                     _chat_turn(client, history, line, args)
                 except BharatGenError as exc:         # said, and the session goes on
                     print("error: %s" % exc.message, file=sys.stderr)
-    finally:
-        for close in cleanup:
-            close()
-        if demo is not None:
-            demo.stop()
 
 
 def _read_turn() -> str:
@@ -6837,28 +6809,24 @@ def _chat_turn(client: BharatGenOpenAI, history: List[Dict[str, str]], prompt: s
     """Stream one answer to the terminal; remember the turn unless it failed.  Ctrl-C
     stops the answer (the upstream job is cancelled) and keeps what came."""
     dim = sys.stdout.isatty()
-    messages = history + [{"role": "user", "content": prompt}]
+    opening, closing = ("\x1b[2m", "\x1b[0m\n\n") if dim else ("[thinking] ", "\n\n")
     answer: List[str] = []
     thinking = False
-    stream = client.chat.completions.create(messages=messages, stream=True,
-                                            temperature=args.temperature,
-                                            max_tokens=args.max_tokens)
+    stream = client.chat.completions.create(
+        messages=history + [{"role": "user", "content": prompt}], stream=True,
+        temperature=args.temperature, max_tokens=args.max_tokens)
     try:
         with stream:
             for chunk in stream:
                 for choice in chunk.choices:
                     delta = choice.delta
                     if delta.reasoning_content and args.show_reasoning:
-                        if not thinking:
-                            thinking = True
-                            sys.stdout.write("\x1b[2m" if dim else "[thinking] ")
-                        sys.stdout.write(delta.reasoning_content)
+                        sys.stdout.write(("" if thinking else opening) + delta.reasoning_content)
+                        thinking = True
                     if delta.content:
-                        if thinking:
-                            thinking = False
-                            sys.stdout.write("\x1b[0m\n\n" if dim else "\n\n")
+                        sys.stdout.write((closing if thinking else "") + delta.content)
                         answer.append(delta.content)
-                        sys.stdout.write(delta.content)
+                        thinking = False
                     sys.stdout.flush()
     except KeyboardInterrupt:
         answer.append(" [stopped]")
@@ -6954,16 +6922,13 @@ def _add_flags(parser: Any, flags: Sequence[Tuple[str, str]]) -> None:
 def _parser() -> Any:
     """The command line: ``serve``, ``chat``, ``info``, ``bench``, ``demo``."""
     import argparse
-    parser = argparse.ArgumentParser(
-        prog="bharatgen_openai", allow_abbrev=False,
-        description="An OpenAI-compatible API in front of BharatGen's Param Gradio app.")
+    parser = argparse.ArgumentParser(prog="bharatgen_openai", allow_abbrev=False, description=(
+        "An OpenAI-compatible API in front of BharatGen's Param Gradio app."))
     parser.add_argument("--version", action="version", version="%(prog)s " + __version__)
-    levels = ("DEBUG", "INFO", "WARNING", "ERROR")
     log_level = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    log_level.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS,
-                           help="default: INFO")
-    parser.add_argument("--log-level", choices=levels, default=argparse.SUPPRESS,
-                        help="default: INFO (also after the command)")
+    for p, where in ((log_level, ""), (parser, " (also after the command)")):
+        p.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                       default=argparse.SUPPRESS, help="default: INFO" + where)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     def command(name: str, text: str, func: Callable[[Any], int], answers: bool = True) -> Any:
@@ -6987,16 +6952,8 @@ def _parser() -> Any:
     p.add_argument("--show-reasoning", action="store_true", help="print the thought, dimmed")
     _add_flags(command("info", "show what the upstream app offers", _cmd_info, answers=False),
                [flag for flag in _SERVE_FLAGS if flag[0] == "models_file"])
-    _bench_flags(command("bench", "measure what the gateway adds to calling the app directly",
-                         _cmd_bench, answers=None))
-    p = command("demo", "run only the demo upstream (a stand-in Gradio app)", _cmd_demo, None)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
-    return parser
-
-
-def _bench_flags(p: Any) -> None:
-    import argparse
+    p = command("bench", "measure what the gateway adds to calling the app directly", _cmd_bench,
+                answers=None)
 
     def int_list(text: str) -> List[int]:
         try:
@@ -7012,6 +6969,10 @@ def _bench_flags(p: Any) -> None:
                    help="runs of each path, alternating which goes first; medians shown")
     p.add_argument("--words", type=int, default=100, help="answer length in words (default 100)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
+    p = command("demo", "run only the demo upstream (a stand-in Gradio app)", _cmd_demo, None)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks one)")
+    return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
