@@ -72,6 +72,7 @@ __all__ = [
 ]
 
 import base64
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -6589,7 +6590,6 @@ def _is_loopback(host: str) -> bool:
 
 
 def _cmd_serve(args: Any) -> int:
-    import contextlib
     config = _config_from_args(args)
     if config.log_format == "json":
         for handler in logging.getLogger().handlers:
@@ -6684,7 +6684,6 @@ def _announce(server: GatewayServer) -> None:
 
 
 def _cmd_demo(args: Any) -> int:
-    import contextlib
     with DemoUpstream(args.host, args.port, token_delay=args.token_delay) as demo:
         print("demo upstream (a stand-in Gradio app, not the Param model) at %s" % demo.url,
               file=sys.stderr, flush=True)
@@ -6695,7 +6694,6 @@ def _cmd_demo(args: Any) -> int:
 
 def _cmd_info(args: Any) -> int:
     """What each upstream offers, and where each OpenAI field goes in it."""
-    import contextlib
     config = _config_from_args(args)
     with _start_demo(config, 0.0, sys.stderr) if config.demo else contextlib.nullcontext():
         if not (config.upstream or config.models_file):
@@ -6742,7 +6740,6 @@ _CHAT_HELP = ("/reset forgets the conversation, /help shows this, /exit (or Ctrl
 
 
 def _cmd_chat(args: Any) -> int:
-    import contextlib
     config = _config_from_args(args)
     with contextlib.ExitStack() as cleanup:        # undone last first: the demo stops last
         if args.demo or not config.upstream:
