@@ -3938,28 +3938,24 @@ def _load_models(config: Config) -> List[_ModelRoute]:
     for m in specs:
         urls = m.get("upstreams") or m.get("upstream") if isinstance(m, dict) else None
         urls = [urls] if isinstance(urls, str) else urls
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not urls or not all(
-                isinstance(u, str) for u in urls) or m.get("kind", "chat") not in ("chat",
-                                                                                   "embedding"):
+        kind = m.get("kind", "chat") if isinstance(m, dict) else None
+        if kind not in ("chat", "embedding") or not isinstance(m.get("id"), str) or not urls \
+                or not all(isinstance(u, str) for u in urls):
             raise ValueError("each model needs an 'id', 'upstreams' (a list of URLs) and a "
                              "'kind' of 'chat' (the default) or 'embedding': %s" % str(m)[:100])
-        routes.append(_ModelRoute(m["id"], _UpstreamPool([GradioClient(
+        tokenizer = m.get("tokenizer", config.tokenizer)
+        clients = [GradioClient(
             u, endpoint=m.get("endpoint") or config.endpoint, protocol=m.get("protocol") or
             config.protocol, timeout=config.timeout, connect_timeout=config.connect_timeout,
             first_event_timeout=config.first_event_timeout, param_names=m.get("params"),
             max_event_bytes=config.max_event_bytes, max_body=config.max_upstream_body,
-            kind=m.get("kind", "chat")) for u in urls], backoff=config.backoff),
-            m.get("system_prompt", config.system_prompt), m.get("display_name"),
-            m.get("kind", "chat"), m.get("truncate") is True,
-            _counter(m.get("tokenizer", config.tokenizer)),
+            kind=kind) for u in urls]
+        routes.append(_ModelRoute(  # the counter: the tokenizer.json's if given, else the estimate
+            m["id"], _UpstreamPool(clients, backoff=config.backoff),
+            m.get("system_prompt", config.system_prompt), m.get("display_name"), kind,
+            m.get("truncate") is True, _Tokenizer.load(tokenizer) if tokenizer else _Estimate,
             int(m.get("context_length", config.context_length))))
     return routes
-
-
-def _counter(tokenizer: Optional[str]) -> Any:
-    """The token counter of a model: its tokenizer's (a ``tokenizer.json``), or the
-    estimate."""
-    return _Tokenizer.load(tokenizer) if tokenizer else _Estimate
 
 
 class _Reasoning:
@@ -4021,10 +4017,6 @@ class _Answer:
             gen.close()
         getattr(self.chunks, "close", lambda: None)()
 
-    def usage(self) -> CompletionUsage:
-        """Token counts of every generation so far."""
-        return _usage(self.gens)
-
 
 def _usage(gens: List[Any]) -> CompletionUsage:
     """The token counts of ``gens`` added up."""
@@ -4038,29 +4030,23 @@ def _usage(gens: List[Any]) -> CompletionUsage:
 
 def _fold_chat(chunks: Iterator[ChatCompletionChunk]) -> ChatCompletion:
     """A chat completion from its chunks: texts joined, tool calls assembled."""
-    whole, found = ChatCompletion(), {}
+    whole, found = ChatCompletion(), {}   # index -> ([finish reason], content, thought, calls)
     for chunk in chunks:
         whole.id, whole.created, whole.model, whole.usage = (
             chunk.id, chunk.created, chunk.model, chunk.usage or whole.usage)
         for c in chunk.choices:
-            if c.index not in found:
-                found[c.index] = Choice(c.index, ChatCompletionMessage(content=""), None)
-                found[c.index].texts = ([], [], {})      # type: ignore[attr-defined]
-            content, thought, calls = found[c.index].texts  # type: ignore[attr-defined]
+            finish, content, thought, calls = found.setdefault(c.index, ([None], [], [], {}))
             content.append(c.delta.content or "")
             thought.append(c.delta.reasoning_content or "")
             for d in c.delta.tool_calls or ():
                 call = calls.setdefault(d.index, ChatCompletionMessageToolCall(d.id or ""))
                 call.function.name = call.function.name or (d.function and d.function.name)
                 call.function.arguments += d.function.arguments if d.function else ""
-            found[c.index].finish_reason = c.finish_reason or found[c.index].finish_reason
-    for choice in found.values():
-        content, thought, calls = choice.texts                  # type: ignore[attr-defined]
-        del choice.texts                                        # type: ignore[attr-defined]
-        choice.message = ChatCompletionMessage(
-            content="".join(content) or (None if calls else ""), reasoning_content="".join(
-                thought) or None, tool_calls=[calls[i] for i in sorted(calls)] or None)
-    whole.choices = [found[i] for i in sorted(found)]
+            finish[0] = c.finish_reason or finish[0]
+    whole.choices = [Choice(i, ChatCompletionMessage(
+        content="".join(content) or (None if calls else ""), reasoning_content="".join(
+            thought) or None, tool_calls=[calls[k] for k in sorted(calls)] or None), finish[0])
+        for i, (finish, content, thought, calls) in sorted(found.items())]
     whole.system_fingerprint = _FINGERPRINT
     return whole
 
@@ -4081,10 +4067,7 @@ def _fold_completion(chunks: Iterator[Completion]) -> Completion:
 
 def _fold_response(events: Iterator[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
     """A response from its events: the last one holds it whole."""
-    last: Dict[str, Any] = {}
-    for _, last in events:
-        pass
-    return last["response"]
+    return deque(events, maxlen=1)[0][1]["response"]
 
 
 _CHAT_ONLY = "is a parameter of /v1/chat/completions and /v1/responses, not of /v1/completions"
@@ -4105,10 +4088,6 @@ class _Backend:
         self._discovering: Dict[str, threading.Thread] = {}    # model id -> for the page
         self._lock = threading.Lock()
 
-    @property
-    def default_model(self) -> str:
-        return next(iter(self.routes))
-
     def clients(self) -> Iterator[GradioClient]:
         """Every upstream client, of every model."""
         pools = [route.pool for route in self.routes.values()] + [self._embedder] * bool(
@@ -4124,7 +4103,7 @@ class _Backend:
     def model(self, model_id: Optional[str] = None) -> Model:
         """One served model (the default if ``model_id`` is None); :class:`NotFoundError`
         for others."""
-        route = self.routes.get(self.default_model if model_id is None else model_id)
+        route = self.routes.get(next(iter(self.routes)) if model_id is None else model_id)
         if route is None:
             raise NotFoundError("The model %r does not exist; this server serves %s"
                                 % (model_id, ", ".join(repr(r) for r in self.routes)),
@@ -4292,13 +4271,11 @@ class _Backend:
     @staticmethod
     def _chat_chunks(gen: Any, model: str, usage: bool,
                      reasoning: _Reasoning) -> Iterator[ChatCompletionChunk]:
-        cid, created = _new_id("chatcmpl-"), int(time.time())
+        stamp = dict(id=_new_id("chatcmpl-"), created=int(time.time()), model=model,
+                     system_fingerprint=_FINGERPRINT)
 
         def chunk(index: int, delta: ChoiceDelta, finish: Optional[str] = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=cid, created=created, model=model,
-                                       system_fingerprint=_FINGERPRINT,
-                                       choices=[ChunkChoice(index=index, delta=delta,
-                                                            finish_reason=finish)])
+            return ChatCompletionChunk(choices=[ChunkChoice(index, delta, finish)], **stamp)
 
         pieces, calls = _primed(gen), [0] * gen.sampling.n  # a failure before output raises
         for i in range(gen.sampling.n):
@@ -4316,8 +4293,7 @@ class _Backend:
             if piece.kind == "finish":
                 yield chunk(i, ChoiceDelta(), piece.text)
         if usage:
-            yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
-                                      system_fingerprint=_FINGERPRINT, usage=gen.usage())
+            yield ChatCompletionChunk(usage=gen.usage(), **stamp)
 
     def _completions(self, route: _ModelRoute, body: Dict[str, Any],
                      key: Optional[str]) -> _Answer:
@@ -4351,12 +4327,11 @@ class _Backend:
     @staticmethod
     def _completion_chunks(gens: List[Any], prompts: List[str], echo: bool, model: str,
                            usage: bool, reasoning: _Reasoning) -> Iterator[Completion]:
-        cid, created, n = _new_id("cmpl-"), int(time.time()), gens[0].sampling.n
+        stamp, n = dict(id=_new_id("cmpl-"), created=int(time.time()), model=model,
+                        system_fingerprint=_FINGERPRINT), gens[0].sampling.n
 
         def chunk(index: int, text: str, finish: Optional[str] = None) -> Completion:
-            return Completion(id=cid, created=created, model=model, system_fingerprint=_FINGERPRINT,
-                              choices=[CompletionChoice(index=index, text=text,
-                                                        finish_reason=finish)])
+            return Completion(choices=[CompletionChoice(index, text, finish)], **stamp)
 
         for p, gen in enumerate(gens):
             pieces = _primed(gen)
@@ -4369,8 +4344,7 @@ class _Backend:
                 if piece.kind == "finish":
                     yield chunk(p * n + piece.index, "", piece.text)
         if usage:
-            yield Completion(id=cid, created=created, model=model, system_fingerprint=_FINGERPRINT,
-                             usage=_usage(gens))
+            yield Completion(usage=_usage(gens), **stamp)
 
     # -- responses ----------------------------------------------------------------------
 
@@ -5708,7 +5682,7 @@ class _GatewayHandler(_Handler):
 
     def _finish(self, route: str, status: int, took: float) -> None:
         """Metrics and the access-log line of one request."""
-        usage = self._answer.usage() if self._answer else CompletionUsage()
+        usage = _usage(self._answer.gens) if self._answer else CompletionUsage()
         if self._answer is not None:
             self.server.tokens.settle(self._who, usage.total_tokens - self._answer.reserve)
         self.server.metrics.record(
