@@ -4298,9 +4298,9 @@ class _Backend:
     def _completions(self, route: _ModelRoute, body: Dict[str, Any],
                      key: Optional[str]) -> _Answer:
         """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        prompts = [body["prompt"]] if isinstance(body.get("prompt"), str) else body.get("prompt")
+        if not isinstance(prompts, list) or not prompts or not all(
+                isinstance(p, str) for p in prompts):
             raise _bad("'prompt' must be a string or a non-empty list of strings", "prompt",
                        "invalid_type" if not isinstance(prompts, list) else "invalid_value")
         if len(prompts) > self.config.max_messages or sum(map(len, prompts)) > self.config.max_chars:
@@ -4457,6 +4457,7 @@ def _response_events(gen: Any, base: Dict[str, Any],
         return kind, dict(type=kind, sequence_number=next(seq), **data)
 
     def opened(kind: str, call: Optional[Dict[str, str]] = None) -> Iterator[Any]:
+        yield from closed() if output else ()            # the item before, if any
         output.append(_response_item(kind, "", "in_progress", call=call))
         texts.clear()
         yield event("response.output_item.added", output_index=len(output) - 1, item=output[-1])
@@ -4488,28 +4489,22 @@ def _response_events(gen: Any, base: Dict[str, Any],
             continue
         kind = {"reasoning": "reasoning", "content": "message"}.get(piece.kind, "function_call")
         if not output or output[-1]["type"] != kind or piece.call:
-            yield from closed() if output else ()
             yield from opened(kind, piece.call)
         texts.append(piece.call["arguments"] if piece.call else piece.text)
         name, extra = _RESPONSE_TEXT[kind]
         yield event(name + ".delta", item_id=output[-1]["id"], output_index=len(output) - 1,
                     delta=texts[-1], **({} if piece.call else dict(extra, content_index=0)))
     if not any(o["type"] in ("message", "function_call") for o in output):
-        yield from closed() if output else ()
         yield from opened("message")
-    status = "incomplete" if "length" in finish else "completed"
+    status, u = "incomplete" if "length" in finish else "completed", gen.usage()
     yield from closed(status if output[-1]["type"] == "message" else "completed")
     yield event("response." + status, response=dict(
         base, output=output, status=status, incomplete_details={"reason": "max_output_tokens"}
-        if status == "incomplete" else None, usage=_response_usage(gen.usage())))
-
-
-def _response_usage(u: CompletionUsage) -> Dict[str, Any]:
-    """``usage`` as the Responses API names its counts."""
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+        if status == "incomplete" else None, usage={     # as the Responses API names them
+            "input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": u.completion_tokens, "output_tokens_details": {
                 "reasoning_tokens": u.completion_tokens_details.reasoning_tokens},  # type: ignore
-            "total_tokens": u.total_tokens}
+            "total_tokens": u.total_tokens}))
 
 
 ###############################################################################
@@ -4555,10 +4550,9 @@ def _from_dict(cls: Any, data: Any) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in data:
             kind, value = inner(hints[f.name]), data[f.name]
-            if isinstance(value, list) and kind:
-                value = [_from_dict(kind, v) for v in value]
-            elif kind:
-                value = _from_dict(kind, value)
+            if kind:
+                value = [_from_dict(kind, v) for v in value] if isinstance(value, list) else \
+                    _from_dict(kind, value)
             values[f.name] = value
     return cls(**values)
 
@@ -4633,10 +4627,11 @@ class _OpenAIBackend:
         resp.conn = conn                                # type: ignore[attr-defined]
         return resp
 
-    def _json(self, method: str, path: str, body: Any = None) -> Any:
+    def _json(self, cls: Any, method: str, path: str, body: Any = None) -> Any:
+        """The answer to one request, as an object of ``cls``."""
         resp = self._request(method, path, body)
         try:
-            return json.loads(resp.read(MAX_UPSTREAM_BODY))
+            return _from_dict(cls, json.loads(resp.read(MAX_UPSTREAM_BODY)))
         finally:
             resp.conn.close()
 
@@ -4656,21 +4651,20 @@ class _OpenAIBackend:
         """``op`` of ``body`` on the API: an answer shaped as :class:`_Backend`'s."""
         path, chunk, whole, _ = _OPERATIONS[op]
         body = dict(body, model=body.get("model") or self.model)
-        if body.get("stream"):
-            chunks: Iterator[Any] = self._events(self._request("POST", path, body), chunk)
-            return _Answer([], chunks, True, next, _Reasoning("separate"))
-        return _Answer([], iter([_from_dict(whole, self._json("POST", path, body))]), False,
-                       next, _Reasoning("separate"))
+        stream = bool(body.get("stream"))
+        chunks = self._events(self._request("POST", path, body), chunk) if stream else iter(
+            [self._json(whole, "POST", path, body)])
+        return _Answer([], chunks, stream, next, _Reasoning("separate"))
 
     def embed(self, body: Dict[str, Any], any_app: bool = True) -> CreateEmbeddingResponse:
-        return _from_dict(CreateEmbeddingResponse, self._json("POST", "/embeddings", dict(
-            body, model=body.get("model") or self.model)))
+        return self._json(CreateEmbeddingResponse, "POST", "/embeddings", dict(
+            body, model=body.get("model") or self.model))
 
     def models(self) -> ModelList:
-        return _from_dict(ModelList, self._json("GET", "/models"))
+        return self._json(ModelList, "GET", "/models")
 
     def model(self, model_id: str) -> Model:
-        return _from_dict(Model, self._json("GET", "/models/" + urllib.parse.quote(model_id)))
+        return self._json(Model, "GET", "/models/" + urllib.parse.quote(model_id))
 
     def close(self) -> None:
         pass
@@ -4963,15 +4957,14 @@ class _RateLimiter:
     def close_stream(self, who: str) -> None:
         if self.streams:
             with self._lock:
-                left = self._open.get(who, 1) - 1
-                if left:
-                    self._open[who] = left
-                else:
-                    self._open.pop(who, None)
+                self._open[who] = self._open.get(who, 1) - 1
+                if not self._open[who]:
+                    del self._open[who]
 
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+_KEY_COUNTS = ("requests", "errors", "tokens_in", "tokens_out")     # the monitor's, by key
 
 
 def _percentile(values: List[float], q: float) -> float:
@@ -5033,8 +5026,7 @@ class _Metrics:
             self._values[name] = {(): value}
 
     def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        return self.series(name).get(tuple(sorted(labels.items())), 0.0)
 
     def series(self, name: str) -> Dict[Tuple[Tuple[str, str], ...], float]:
         """A counter's values by their labels (a copy)."""
@@ -5078,11 +5070,9 @@ class _Metrics:
             if error:
                 errors[error] = errors.get(error, 0) + 1
             if key != "-":
-                k = keys.setdefault(key, {"requests": 0, "errors": 0, "tokens_in": 0, "tokens_out": 0})
-                k["requests"] += 1
-                k["errors"] += failed
-                k["tokens_in"] += tokens_in
-                k["tokens_out"] += tokens_out
+                k = keys.setdefault(key, dict.fromkeys(_KEY_COUNTS, 0))
+                for name, n in zip(_KEY_COUNTS, (1, failed, tokens_in, tokens_out)):
+                    k[name] += n
             point = points[min(len(points) - 1, int((t - now + self.window) / self.bucket))]
             point["requests"] += 1
             point["errors"] += failed
@@ -5421,23 +5411,6 @@ _MAX_CONTAINERS = 200_000      # objects and arrays a request body may hold (eac
                                # ~100 bytes parsed: a body of 4 MiB of "{}," would take 100 MB)
 
 
-def _json_body(raw: bytes) -> Any:
-    """A request body's JSON: strict UTF-8, at most :data:`_MAX_CONTAINERS` containers."""
-    if not raw.strip():
-        raise _bad("the request has no body; send a JSON object", None, "invalid_body")
-    if raw.count(b"{") + raw.count(b"[") > _MAX_CONTAINERS:
-        raise _bad("the JSON body holds over %d objects and arrays" % _MAX_CONTAINERS, None,
-                   "invalid_json")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _bad("the request body is not valid UTF-8", None, "invalid_body") from None
-    except RecursionError:
-        raise _bad("the JSON body is nested too deeply", None, "invalid_json") from None
-    except ValueError as exc:
-        raise _bad("could not parse the JSON body: %s" % exc, None, "invalid_json") from None
-
-
 def _shutting_down() -> "ServerOverloadedError":
     return ServerOverloadedError("the server is shutting down; the stream was cut off "
                                  "after the grace period", code="server_shutting_down")
@@ -5515,11 +5488,6 @@ class _GatewayHandler(_Handler):
         except OSError:
             pass
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
-
     def do_OPTIONS(self) -> None:
         """CORS preflight: answered without a key, as browsers send none."""
         self.request_id = _new_id("req_")
@@ -5559,13 +5527,13 @@ class _GatewayHandler(_Handler):
         return "/v1" + path if not path.startswith("/v1/") and "/v1" + path in self._routes \
             else path
 
-    def _route(self, path: str) -> Tuple[str, Dict[str, str], Optional[str]]:
-        """``(path, methods, model_id)`` for the request; :class:`NotFoundError` if none."""
+    def _route(self, path: str) -> Tuple[Dict[str, str], Optional[str]]:
+        """``(methods, model_id)`` for the request; :class:`NotFoundError` if none."""
         if path in self._routes:
-            return path, self._routes[path], None
+            return self._routes[path], None
         m = re.fullmatch(r"/v1/models/(.+)", path)
         if m:
-            return path, {"GET": "get_model"}, urllib.parse.unquote(m.group(1))
+            return {"GET": "get_model"}, urllib.parse.unquote(m.group(1))
         raise NotFoundError("Unknown request URL: %s %s. Please check the URL for typos; "
                             "this server serves /v1/chat/completions, /v1/completions, "
                             "/v1/responses, /v1/embeddings and /v1/models" % (self.command, path[:200]),
@@ -5635,7 +5603,7 @@ class _GatewayHandler(_Handler):
                 self._check_host()
             elif path not in self._public:
                 self._authenticate()
-            path, methods, model_id = self._route(path)
+            methods, model_id = self._route(path)
             route = path if not model_id else "/v1/models/{id}"
             method = "GET" if self.command == "HEAD" else self.command
             if method not in methods:
@@ -5680,6 +5648,8 @@ class _GatewayHandler(_Handler):
             finally:
                 srv.track(-1)
 
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
+
     def _finish(self, route: str, status: int, took: float) -> None:
         """Metrics and the access-log line of one request."""
         usage = _usage(self._answer.gens) if self._answer else CompletionUsage()
@@ -5721,12 +5691,26 @@ class _GatewayHandler(_Handler):
                               self._headers())
 
     def _request_json(self) -> Any:
+        """The request body's JSON: strict UTF-8, at most :data:`_MAX_CONTAINERS` containers."""
         kind = self.headers.get_content_type()
         if kind != "application/json":     # a web page's plain form or text/plain post
             raise BadRequestError("send the body as JSON with 'Content-Type: application/json' "
                                   "(not %s)" % kind[:100], status=415,
                                   code="unsupported_media_type")
-        body = _json_body(self.read_body(self.server.config.max_body_bytes))
+        raw = self.read_body(self.server.config.max_body_bytes)
+        if not raw.strip():
+            raise _bad("the request has no body; send a JSON object", None, "invalid_body")
+        if raw.count(b"{") + raw.count(b"[") > _MAX_CONTAINERS:
+            raise _bad("the JSON body holds over %d objects and arrays" % _MAX_CONTAINERS, None,
+                       "invalid_json")
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _bad("the request body is not valid UTF-8", None, "invalid_body") from None
+        except RecursionError:
+            raise _bad("the JSON body is nested too deeply", None, "invalid_json") from None
+        except ValueError as exc:
+            raise _bad("could not parse the JSON body: %s" % exc, None, "invalid_json") from None
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             self._model = body["model"][:100]
         return body
