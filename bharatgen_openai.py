@@ -3997,9 +3997,8 @@ class _Answer:
     to stream as they come or to fold into the whole object, so that the two agree by
     construction; and what the server records of it (usage, the cache's word)."""
 
-    def __init__(self, gens: List[Any], chunks: Iterator[Any], stream: bool,
-                 fold: Callable[[Iterator[Any]], Any], reasoning: _Reasoning,
-                 cache: Optional[str] = None) -> None:
+    def __init__(self, gens: List[Any], chunks: Iterator[Any], stream: bool, fold: Callable[
+            [Iterator[Any]], Any], reasoning: _Reasoning, cache: Optional[str] = None) -> None:
         self.gens, self.chunks, self.stream, self.fold = gens, chunks, stream, fold
         self.reasoning, self.cache = reasoning, cache
         self.counter, self.reserve = "estimate", 0      # who counts its tokens; at most
@@ -4105,9 +4104,9 @@ class _Backend:
         for others."""
         route = self.routes.get(next(iter(self.routes)) if model_id is None else model_id)
         if route is None:
-            raise NotFoundError("The model %r does not exist; this server serves %s"
-                                % (model_id, ", ".join(repr(r) for r in self.routes)),
-                                param="model", code="model_not_found")
+            raise NotFoundError("The model %r does not exist; this server serves %s" % (
+                model_id, ", ".join(repr(r) for r in self.routes)), param="model",
+                code="model_not_found")
         return Model(id=route.id, created=self.created, display_name=route.display_name,
                      owned_by="bharatgen (demo upstream: canned answers)" if self.config.demo
                      else "bharatgen")
@@ -4134,9 +4133,8 @@ class _Backend:
                 if all(x.client._info is None for x in r.pool.replicas) and not (
                         thread and thread.is_alive()):
                     client = min(r.pool.replicas, key=lambda x: x.down_until).client
-                    thread = self._discovering[r.id] = threading.Thread(
-                        target=lambda c=client: self._quietly(c.discover), daemon=True,
-                        name="bharatgen-discover")
+                    thread = self._discovering[r.id] = threading.Thread(target=lambda c=client:
+                        self._quietly(c.discover), daemon=True, name="bharatgen-discover")
                     thread.start()
                 waits += [thread] if thread else []
         for thread in waits:
@@ -4295,8 +4293,7 @@ class _Backend:
         if usage:
             yield ChatCompletionChunk(usage=gen.usage(), **stamp)
 
-    def _completions(self, route: _ModelRoute, body: Dict[str, Any],
-                     key: Optional[str]) -> _Answer:
+    def _completions(self, route: _ModelRoute, body: Dict[str, Any], key: Optional[str]) -> _Answer:
         """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
         prompts = [body["prompt"]] if isinstance(body.get("prompt"), str) else body.get("prompt")
         if not isinstance(prompts, list) or not prompts or not all(
@@ -5442,9 +5439,8 @@ class _GatewayHandler(_Handler):
     request_id = ""
 
     def setup(self) -> None:
-        config = self.server.config
-        self.header_timeout, self.body_timeout = config.header_timeout, config.body_timeout
-        self.send_timeout = config.send_timeout
+        for name in ("header_timeout", "body_timeout", "send_timeout"):     # the server's own
+            setattr(self, name, getattr(self.server.config, name))
         super().setup()
         self._extra: Dict[str, str] = {}
         self._answer: Optional[_Answer] = None
