@@ -3885,28 +3885,24 @@ def _load_models(config: Config) -> List[_ModelRoute]:
     for m in specs:
         urls = m.get("upstreams") or m.get("upstream") if isinstance(m, dict) else None
         urls = [urls] if isinstance(urls, str) else urls
-        if not isinstance(m, dict) or not isinstance(m.get("id"), str) or not urls or not all(
-                isinstance(u, str) for u in urls) or m.get("kind", "chat") not in ("chat",
-                                                                                   "embedding"):
+        kind = m.get("kind", "chat") if isinstance(m, dict) else None
+        if kind not in ("chat", "embedding") or not isinstance(m.get("id"), str) or not urls \
+                or not all(isinstance(u, str) for u in urls):
             raise ValueError("each model needs an 'id', 'upstreams' (a list of URLs) and a "
                              "'kind' of 'chat' (the default) or 'embedding': %s" % str(m)[:100])
-        routes.append(_ModelRoute(m["id"], _UpstreamPool([GradioClient(
+        tokenizer = m.get("tokenizer", config.tokenizer)
+        clients = [GradioClient(
             u, endpoint=m.get("endpoint") or config.endpoint, protocol=m.get("protocol") or
             config.protocol, timeout=config.timeout, connect_timeout=config.connect_timeout,
             first_event_timeout=config.first_event_timeout, param_names=m.get("params"),
             max_event_bytes=config.max_event_bytes, max_body=config.max_upstream_body,
-            kind=m.get("kind", "chat")) for u in urls], backoff=config.backoff),
-            m.get("system_prompt", config.system_prompt), m.get("display_name"),
-            m.get("kind", "chat"), m.get("truncate") is True,
-            _counter(m.get("tokenizer", config.tokenizer)),
+            kind=kind) for u in urls]
+        routes.append(_ModelRoute(  # the counter: the tokenizer.json's if given, else the estimate
+            m["id"], _UpstreamPool(clients, backoff=config.backoff),
+            m.get("system_prompt", config.system_prompt), m.get("display_name"), kind,
+            m.get("truncate") is True, _Tokenizer.load(tokenizer) if tokenizer else _Estimate,
             int(m.get("context_length", config.context_length))))
     return routes
-
-
-def _counter(tokenizer: Optional[str]) -> Any:
-    """The token counter of a model: its tokenizer's (a ``tokenizer.json``), or the
-    estimate."""
-    return _Tokenizer.load(tokenizer) if tokenizer else _Estimate
 
 
 class _Reasoning:
@@ -3948,9 +3944,8 @@ class _Answer:
     to stream as they come or to fold into the whole object, so that the two agree by
     construction; and what the server records of it (usage, the cache's word)."""
 
-    def __init__(self, gens: List[Any], chunks: Iterator[Any], stream: bool,
-                 fold: Callable[[Iterator[Any]], Any], reasoning: _Reasoning,
-                 cache: Optional[str] = None) -> None:
+    def __init__(self, gens: List[Any], chunks: Iterator[Any], stream: bool, fold: Callable[
+            [Iterator[Any]], Any], reasoning: _Reasoning, cache: Optional[str] = None) -> None:
         self.gens, self.chunks, self.stream, self.fold = gens, chunks, stream, fold
         self.reasoning, self.cache = reasoning, cache
         self.counter, self.reserve = "estimate", 0      # who counts its tokens; at most
@@ -3968,10 +3963,6 @@ class _Answer:
             gen.close()
         getattr(self.chunks, "close", lambda: None)()
 
-    def usage(self) -> CompletionUsage:
-        """Token counts of every generation so far."""
-        return _usage(self.gens)
-
 
 def _usage(gens: List[Any]) -> CompletionUsage:
     """The token counts of ``gens`` added up."""
@@ -3985,29 +3976,23 @@ def _usage(gens: List[Any]) -> CompletionUsage:
 
 def _fold_chat(chunks: Iterator[ChatCompletionChunk]) -> ChatCompletion:
     """A chat completion from its chunks: texts joined, tool calls assembled."""
-    whole, found = ChatCompletion(), {}
+    whole, found = ChatCompletion(), {}   # index -> ([finish reason], content, thought, calls)
     for chunk in chunks:
         whole.id, whole.created, whole.model, whole.usage = (
             chunk.id, chunk.created, chunk.model, chunk.usage or whole.usage)
         for c in chunk.choices:
-            if c.index not in found:
-                found[c.index] = Choice(c.index, ChatCompletionMessage(content=""), None)
-                found[c.index].texts = ([], [], {})      # type: ignore[attr-defined]
-            content, thought, calls = found[c.index].texts  # type: ignore[attr-defined]
+            finish, content, thought, calls = found.setdefault(c.index, ([None], [], [], {}))
             content.append(c.delta.content or "")
             thought.append(c.delta.reasoning_content or "")
             for d in c.delta.tool_calls or ():
                 call = calls.setdefault(d.index, ChatCompletionMessageToolCall(d.id or ""))
                 call.function.name = call.function.name or (d.function and d.function.name)
                 call.function.arguments += d.function.arguments if d.function else ""
-            found[c.index].finish_reason = c.finish_reason or found[c.index].finish_reason
-    for choice in found.values():
-        content, thought, calls = choice.texts                  # type: ignore[attr-defined]
-        del choice.texts                                        # type: ignore[attr-defined]
-        choice.message = ChatCompletionMessage(
-            content="".join(content) or (None if calls else ""), reasoning_content="".join(
-                thought) or None, tool_calls=[calls[i] for i in sorted(calls)] or None)
-    whole.choices = [found[i] for i in sorted(found)]
+            finish[0] = c.finish_reason or finish[0]
+    whole.choices = [Choice(i, ChatCompletionMessage(
+        content="".join(content) or (None if calls else ""), reasoning_content="".join(
+            thought) or None, tool_calls=[calls[k] for k in sorted(calls)] or None), finish[0])
+        for i, (finish, content, thought, calls) in sorted(found.items())]
     whole.system_fingerprint = _FINGERPRINT
     return whole
 
@@ -4028,10 +4013,7 @@ def _fold_completion(chunks: Iterator[Completion]) -> Completion:
 
 def _fold_response(events: Iterator[Tuple[str, Dict[str, Any]]]) -> Dict[str, Any]:
     """A response from its events: the last one holds it whole."""
-    last: Dict[str, Any] = {}
-    for _, last in events:
-        pass
-    return last["response"]
+    return deque(events, maxlen=1)[0][1]["response"]
 
 
 _CHAT_ONLY = "is a parameter of /v1/chat/completions and /v1/responses, not of /v1/completions"
@@ -4052,10 +4034,6 @@ class _Backend:
         self._discovering: Dict[str, threading.Thread] = {}    # model id -> for the page
         self._lock = threading.Lock()
 
-    @property
-    def default_model(self) -> str:
-        return next(iter(self.routes))
-
     def clients(self) -> Iterator[GradioClient]:
         """Every upstream client, of every model."""
         pools = [route.pool for route in self.routes.values()] + [self._embedder] * bool(
@@ -4071,11 +4049,11 @@ class _Backend:
     def model(self, model_id: Optional[str] = None) -> Model:
         """One served model (the default if ``model_id`` is None); :class:`NotFoundError`
         for others."""
-        route = self.routes.get(self.default_model if model_id is None else model_id)
+        route = self.routes.get(next(iter(self.routes)) if model_id is None else model_id)
         if route is None:
-            raise NotFoundError("The model %r does not exist; this server serves %s"
-                                % (model_id, ", ".join(repr(r) for r in self.routes)),
-                                param="model", code="model_not_found")
+            raise NotFoundError("The model %r does not exist; this server serves %s" % (
+                model_id, ", ".join(repr(r) for r in self.routes)), param="model",
+                code="model_not_found")
         return Model(id=route.id, created=self.created, display_name=route.display_name,
                      owned_by="bharatgen (demo upstream: canned answers)" if self.config.demo
                      else "bharatgen")
@@ -4102,9 +4080,8 @@ class _Backend:
                 if all(x.client._info is None for x in r.pool.replicas) and not (
                         thread and thread.is_alive()):
                     client = min(r.pool.replicas, key=lambda x: x.down_until).client
-                    thread = self._discovering[r.id] = threading.Thread(
-                        target=lambda c=client: self._quietly(c.discover), daemon=True,
-                        name="bharatgen-discover")
+                    thread = self._discovering[r.id] = threading.Thread(target=lambda c=client:
+                        self._quietly(c.discover), daemon=True, name="bharatgen-discover")
                     thread.start()
                 waits += [thread] if thread else []
         for thread in waits:
@@ -4239,13 +4216,11 @@ class _Backend:
     @staticmethod
     def _chat_chunks(gen: Any, model: str, usage: bool,
                      reasoning: _Reasoning) -> Iterator[ChatCompletionChunk]:
-        cid, created = _new_id("chatcmpl-"), int(time.time())
+        stamp = dict(id=_new_id("chatcmpl-"), created=int(time.time()), model=model,
+                     system_fingerprint=_FINGERPRINT)
 
         def chunk(index: int, delta: ChoiceDelta, finish: Optional[str] = None) -> ChatCompletionChunk:
-            return ChatCompletionChunk(id=cid, created=created, model=model,
-                                       system_fingerprint=_FINGERPRINT,
-                                       choices=[ChunkChoice(index=index, delta=delta,
-                                                            finish_reason=finish)])
+            return ChatCompletionChunk(choices=[ChunkChoice(index, delta, finish)], **stamp)
 
         pieces, calls = _primed(gen), [0] * gen.sampling.n  # a failure before output raises
         for i in range(gen.sampling.n):
@@ -4263,15 +4238,13 @@ class _Backend:
             if piece.kind == "finish":
                 yield chunk(i, ChoiceDelta(), piece.text)
         if usage:
-            yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
-                                      system_fingerprint=_FINGERPRINT, usage=gen.usage())
+            yield ChatCompletionChunk(usage=gen.usage(), **stamp)
 
-    def _completions(self, route: _ModelRoute, body: Dict[str, Any],
-                     key: Optional[str]) -> _Answer:
+    def _completions(self, route: _ModelRoute, body: Dict[str, Any], key: Optional[str]) -> _Answer:
         """``POST /v1/completions``: the legacy API, ``prompt`` a string or a list."""
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        prompts = [body["prompt"]] if isinstance(body.get("prompt"), str) else body.get("prompt")
+        if not isinstance(prompts, list) or not prompts or not all(
+                isinstance(p, str) for p in prompts):
             raise _bad("'prompt' must be a string or a non-empty list of strings", "prompt",
                        "invalid_type" if not isinstance(prompts, list) else "invalid_value")
         if len(prompts) > self.config.max_messages or sum(map(len, prompts)) > self.config.max_chars:
@@ -4298,12 +4271,11 @@ class _Backend:
     @staticmethod
     def _completion_chunks(gens: List[Any], prompts: List[str], echo: bool, model: str,
                            usage: bool, reasoning: _Reasoning) -> Iterator[Completion]:
-        cid, created, n = _new_id("cmpl-"), int(time.time()), gens[0].sampling.n
+        stamp, n = dict(id=_new_id("cmpl-"), created=int(time.time()), model=model,
+                        system_fingerprint=_FINGERPRINT), gens[0].sampling.n
 
         def chunk(index: int, text: str, finish: Optional[str] = None) -> Completion:
-            return Completion(id=cid, created=created, model=model, system_fingerprint=_FINGERPRINT,
-                              choices=[CompletionChoice(index=index, text=text,
-                                                        finish_reason=finish)])
+            return Completion(choices=[CompletionChoice(index, text, finish)], **stamp)
 
         for p, gen in enumerate(gens):
             pieces = _primed(gen)
@@ -4316,8 +4288,7 @@ class _Backend:
                 if piece.kind == "finish":
                     yield chunk(p * n + piece.index, "", piece.text)
         if usage:
-            yield Completion(id=cid, created=created, model=model, system_fingerprint=_FINGERPRINT,
-                             usage=_usage(gens))
+            yield Completion(usage=_usage(gens), **stamp)
 
     # -- responses ----------------------------------------------------------------------
 
@@ -4430,6 +4401,7 @@ def _response_events(gen: Any, base: Dict[str, Any],
         return kind, dict(type=kind, sequence_number=next(seq), **data)
 
     def opened(kind: str, call: Optional[Dict[str, str]] = None) -> Iterator[Any]:
+        yield from closed() if output else ()            # the item before, if any
         output.append(_response_item(kind, "", "in_progress", call=call))
         texts.clear()
         yield event("response.output_item.added", output_index=len(output) - 1, item=output[-1])
@@ -4461,28 +4433,22 @@ def _response_events(gen: Any, base: Dict[str, Any],
             continue
         kind = {"reasoning": "reasoning", "content": "message"}.get(piece.kind, "function_call")
         if not output or output[-1]["type"] != kind or piece.call:
-            yield from closed() if output else ()
             yield from opened(kind, piece.call)
         texts.append(piece.call["arguments"] if piece.call else piece.text)
         name, extra = _RESPONSE_TEXT[kind]
         yield event(name + ".delta", item_id=output[-1]["id"], output_index=len(output) - 1,
                     delta=texts[-1], **({} if piece.call else dict(extra, content_index=0)))
     if not any(o["type"] in ("message", "function_call") for o in output):
-        yield from closed() if output else ()
         yield from opened("message")
-    status = "incomplete" if "length" in finish else "completed"
+    status, u = "incomplete" if "length" in finish else "completed", gen.usage()
     yield from closed(status if output[-1]["type"] == "message" else "completed")
     yield event("response." + status, response=dict(
         base, output=output, status=status, incomplete_details={"reason": "max_output_tokens"}
-        if status == "incomplete" else None, usage=_response_usage(gen.usage())))
-
-
-def _response_usage(u: CompletionUsage) -> Dict[str, Any]:
-    """``usage`` as the Responses API names its counts."""
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+        if status == "incomplete" else None, usage={     # as the Responses API names them
+            "input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
             "output_tokens": u.completion_tokens, "output_tokens_details": {
                 "reasoning_tokens": u.completion_tokens_details.reasoning_tokens},  # type: ignore
-            "total_tokens": u.total_tokens}
+            "total_tokens": u.total_tokens}))
 
 
 ###############################################################################
@@ -4528,10 +4494,9 @@ def _from_dict(cls: Any, data: Any) -> Any:
     for f in dataclasses.fields(cls):
         if f.name in data:
             kind, value = inner(hints[f.name]), data[f.name]
-            if isinstance(value, list) and kind:
-                value = [_from_dict(kind, v) for v in value]
-            elif kind:
-                value = _from_dict(kind, value)
+            if kind:
+                value = [_from_dict(kind, v) for v in value] if isinstance(value, list) else \
+                    _from_dict(kind, value)
             values[f.name] = value
     return cls(**values)
 
@@ -4606,10 +4571,11 @@ class _OpenAIBackend:
         resp.conn = conn                                # type: ignore[attr-defined]
         return resp
 
-    def _json(self, method: str, path: str, body: Any = None) -> Any:
+    def _json(self, cls: Any, method: str, path: str, body: Any = None) -> Any:
+        """The answer to one request, as an object of ``cls``."""
         resp = self._request(method, path, body)
         try:
-            return json.loads(resp.read(MAX_UPSTREAM_BODY))
+            return _from_dict(cls, json.loads(resp.read(MAX_UPSTREAM_BODY)))
         finally:
             resp.conn.close()
 
@@ -4629,21 +4595,20 @@ class _OpenAIBackend:
         """``op`` of ``body`` on the API: an answer shaped as :class:`_Backend`'s."""
         path, chunk, whole, _ = _OPERATIONS[op]
         body = dict(body, model=body.get("model") or self.model)
-        if body.get("stream"):
-            chunks: Iterator[Any] = self._events(self._request("POST", path, body), chunk)
-            return _Answer([], chunks, True, next, _Reasoning("separate"))
-        return _Answer([], iter([_from_dict(whole, self._json("POST", path, body))]), False,
-                       next, _Reasoning("separate"))
+        stream = bool(body.get("stream"))
+        chunks = self._events(self._request("POST", path, body), chunk) if stream else iter(
+            [self._json(whole, "POST", path, body)])
+        return _Answer([], chunks, stream, next, _Reasoning("separate"))
 
     def embed(self, body: Dict[str, Any], any_app: bool = True) -> CreateEmbeddingResponse:
-        return _from_dict(CreateEmbeddingResponse, self._json("POST", "/embeddings", dict(
-            body, model=body.get("model") or self.model)))
+        return self._json(CreateEmbeddingResponse, "POST", "/embeddings", dict(
+            body, model=body.get("model") or self.model))
 
     def models(self) -> ModelList:
-        return _from_dict(ModelList, self._json("GET", "/models"))
+        return self._json(ModelList, "GET", "/models")
 
     def model(self, model_id: str) -> Model:
-        return _from_dict(Model, self._json("GET", "/models/" + urllib.parse.quote(model_id)))
+        return self._json(Model, "GET", "/models/" + urllib.parse.quote(model_id))
 
     def close(self) -> None:
         pass
@@ -4936,15 +4901,14 @@ class _RateLimiter:
     def close_stream(self, who: str) -> None:
         if self.streams:
             with self._lock:
-                left = self._open.get(who, 1) - 1
-                if left:
-                    self._open[who] = left
-                else:
-                    self._open.pop(who, None)
+                self._open[who] = self._open.get(who, 1) - 1
+                if not self._open[who]:
+                    del self._open[who]
 
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _GENERATION_ROUTES = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+_KEY_COUNTS = ("requests", "errors", "tokens_in", "tokens_out")     # the monitor's, by key
 
 
 def _percentile(values: List[float], q: float) -> float:
@@ -5006,8 +4970,7 @@ class _Metrics:
             self._values[name] = {(): value}
 
     def value(self, name: str, **labels: str) -> float:
-        with self._lock:
-            return self._values.get(name, {}).get(tuple(sorted(labels.items())), 0.0)
+        return self.series(name).get(tuple(sorted(labels.items())), 0.0)
 
     def series(self, name: str) -> Dict[Tuple[Tuple[str, str], ...], float]:
         """A counter's values by their labels (a copy)."""
@@ -5051,11 +5014,9 @@ class _Metrics:
             if error:
                 errors[error] = errors.get(error, 0) + 1
             if key != "-":
-                k = keys.setdefault(key, {"requests": 0, "errors": 0, "tokens_in": 0, "tokens_out": 0})
-                k["requests"] += 1
-                k["errors"] += failed
-                k["tokens_in"] += tokens_in
-                k["tokens_out"] += tokens_out
+                k = keys.setdefault(key, dict.fromkeys(_KEY_COUNTS, 0))
+                for name, n in zip(_KEY_COUNTS, (1, failed, tokens_in, tokens_out)):
+                    k[name] += n
             point = points[min(len(points) - 1, int((t - now + self.window) / self.bucket))]
             point["requests"] += 1
             point["errors"] += failed
@@ -5394,23 +5355,6 @@ _MAX_CONTAINERS = 200_000      # objects and arrays a request body may hold (eac
                                # ~100 bytes parsed: a body of 4 MiB of "{}," would take 100 MB)
 
 
-def _json_body(raw: bytes) -> Any:
-    """A request body's JSON: strict UTF-8, at most :data:`_MAX_CONTAINERS` containers."""
-    if not raw.strip():
-        raise _bad("the request has no body; send a JSON object", None, "invalid_body")
-    if raw.count(b"{") + raw.count(b"[") > _MAX_CONTAINERS:
-        raise _bad("the JSON body holds over %d objects and arrays" % _MAX_CONTAINERS, None,
-                   "invalid_json")
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise _bad("the request body is not valid UTF-8", None, "invalid_body") from None
-    except RecursionError:
-        raise _bad("the JSON body is nested too deeply", None, "invalid_json") from None
-    except ValueError as exc:
-        raise _bad("could not parse the JSON body: %s" % exc, None, "invalid_json") from None
-
-
 def _shutting_down() -> "ServerOverloadedError":
     return ServerOverloadedError("the server is shutting down; the stream was cut off "
                                  "after the grace period", code="server_shutting_down")
@@ -5442,9 +5386,8 @@ class _GatewayHandler(_Handler):
     request_id = ""
 
     def setup(self) -> None:
-        config = self.server.config
-        self.header_timeout, self.body_timeout = config.header_timeout, config.body_timeout
-        self.send_timeout = config.send_timeout
+        for name in ("header_timeout", "body_timeout", "send_timeout"):     # the server's own
+            setattr(self, name, getattr(self.server.config, name))
         super().setup()
         self._extra: Dict[str, str] = {}
         self._answer: Optional[_Answer] = None
@@ -5488,11 +5431,6 @@ class _GatewayHandler(_Handler):
         except OSError:
             pass
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
-
     def do_OPTIONS(self) -> None:
         """CORS preflight: answered without a key, as browsers send none."""
         self.request_id = _new_id("req_")
@@ -5532,13 +5470,13 @@ class _GatewayHandler(_Handler):
         return "/v1" + path if not path.startswith("/v1/") and "/v1" + path in self._routes \
             else path
 
-    def _route(self, path: str) -> Tuple[str, Dict[str, str], Optional[str]]:
-        """``(path, methods, model_id)`` for the request; :class:`NotFoundError` if none."""
+    def _route(self, path: str) -> Tuple[Dict[str, str], Optional[str]]:
+        """``(methods, model_id)`` for the request; :class:`NotFoundError` if none."""
         if path in self._routes:
-            return path, self._routes[path], None
+            return self._routes[path], None
         m = re.fullmatch(r"/v1/models/(.+)", path)
         if m:
-            return path, {"GET": "get_model"}, urllib.parse.unquote(m.group(1))
+            return {"GET": "get_model"}, urllib.parse.unquote(m.group(1))
         raise NotFoundError("Unknown request URL: %s %s. Please check the URL for typos; "
                             "this server serves /v1/chat/completions, /v1/completions, "
                             "/v1/responses, /v1/embeddings and /v1/models" % (self.command, path[:200]),
@@ -5608,7 +5546,7 @@ class _GatewayHandler(_Handler):
                 self._check_host()
             elif path not in self._public:
                 self._authenticate()
-            path, methods, model_id = self._route(path)
+            methods, model_id = self._route(path)
             route = path if not model_id else "/v1/models/{id}"
             method = "GET" if self.command == "HEAD" else self.command
             if method not in methods:
@@ -5653,9 +5591,11 @@ class _GatewayHandler(_Handler):
             finally:
                 srv.track(-1)
 
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _dispatch
+
     def _finish(self, route: str, status: int, took: float) -> None:
         """Metrics and the access-log line of one request."""
-        usage = self._answer.usage() if self._answer else CompletionUsage()
+        usage = _usage(self._answer.gens) if self._answer else CompletionUsage()
         if self._answer is not None:
             self.server.tokens.settle(self._who, usage.total_tokens - self._answer.reserve)
         self.server.metrics.record(
@@ -5694,12 +5634,26 @@ class _GatewayHandler(_Handler):
                               self._headers())
 
     def _request_json(self) -> Any:
+        """The request body's JSON: strict UTF-8, at most :data:`_MAX_CONTAINERS` containers."""
         kind = self.headers.get_content_type()
         if kind != "application/json":     # a web page's plain form or text/plain post
             raise BadRequestError("send the body as JSON with 'Content-Type: application/json' "
                                   "(not %s)" % kind[:100], status=415,
                                   code="unsupported_media_type")
-        body = _json_body(self.read_body(self.server.config.max_body_bytes))
+        raw = self.read_body(self.server.config.max_body_bytes)
+        if not raw.strip():
+            raise _bad("the request has no body; send a JSON object", None, "invalid_body")
+        if raw.count(b"{") + raw.count(b"[") > _MAX_CONTAINERS:
+            raise _bad("the JSON body holds over %d objects and arrays" % _MAX_CONTAINERS, None,
+                       "invalid_json")
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise _bad("the request body is not valid UTF-8", None, "invalid_body") from None
+        except RecursionError:
+            raise _bad("the JSON body is nested too deeply", None, "invalid_json") from None
+        except ValueError as exc:
+            raise _bad("could not parse the JSON body: %s" % exc, None, "invalid_json") from None
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             self._model = body["model"][:100]
         return body
