@@ -281,8 +281,7 @@ def _iter_sse(read: Callable[[], bytes], limit: int = MAX_EVENT_BYTES) -> Iterat
     while True:
         block = read()
         ended = not block
-        if ended:
-            block = b"\n\n"                    # the end dispatches what is pending
+        block = block or b"\n\n"                # the end dispatches what is pending
         start = 0
         while True:
             end = block.find(b"\n", start)
@@ -312,8 +311,7 @@ def _iter_sse(read: Callable[[], bytes], limit: int = MAX_EVENT_BYTES) -> Iterat
             pending.append(block[start:])
             held += len(block) - start
         if held > limit or size > limit:
-            raise UpstreamError("the Gradio app sent an event of over %d bytes (the limit)"
-                                % limit)
+            raise UpstreamError("the Gradio app sent an event of over %d bytes (the limit)" % limit)
         if ended:
             return
 
@@ -366,10 +364,8 @@ def _primed(items: Iterator[Any]) -> Iterator[Any]:
 class _TagReader(HTMLParser):
     """Reads the name and attributes of the first start tag it is fed."""
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tag: Optional[str] = None
-        self.attrs: Dict[str, str] = {}
+    tag: Optional[str] = None
+    attrs: Dict[str, str] = {}             # replaced, never changed in place
 
     def handle_starttag(self, tag: str, attrs: List[Tuple[str, Optional[str]]]) -> None:
         if self.tag is None:
@@ -653,15 +649,12 @@ class _StopCutter:
             return buf[:min(hits)]
         keep = 0                           # the longest tail that begins a stop
         for stop in self.stops:
-            start = max(0, len(buf) - len(stop) + 1)
-            while keep < len(buf) - start:
-                start = buf.find(stop[0], start)
-                if start < 0 or len(buf) - start <= keep:
-                    break
+            start = buf.find(stop[0], max(0, len(buf) - len(stop) + 1))
+            while start >= 0 and len(buf) - start > keep:
                 if stop.startswith(buf[start:]):
                     keep = len(buf) - start
                     break
-                start += 1
+                start = buf.find(stop[0], start + 1)
         self.held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
 
@@ -691,25 +684,6 @@ _INDIC_CHARS_PER_TOKEN = (
 )
 
 
-class _Estimate:
-    """The token counter when the model's tokenizer is not given: :func:`estimate_tokens`."""
-
-    name = "estimate"
-
-    @staticmethod
-    def count(text: str) -> int:
-        return estimate_tokens(text)
-
-    @staticmethod
-    def cut(text: str, n: int) -> str:
-        """The longest start of ``text`` of at most ``n`` tokens (a binary search)."""
-        lo, hi = 0, len(text)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if estimate_tokens(text[:mid]) <= n else (lo, mid - 1)
-        return text[:lo]
-
-
 def estimate_tokens(text: str) -> int:
     """Estimate how many tokens ``text`` takes, by script; far closer than ``len/4``.
 
@@ -730,6 +704,22 @@ def estimate_tokens(text: str) -> int:
     total += sum(1 if ord(c) < 0x2000 else 2 for c in re.findall(
         "[^%s0-9%s%s\\s%s]" % (_LATIN, _INDIC, _CJK, _PUNCT), text))
     return int(round(total))
+
+
+class _Estimate:
+    """The token counter when the model's tokenizer is not given: :func:`estimate_tokens`."""
+
+    name = "estimate"
+    count = staticmethod(estimate_tokens)
+
+    @staticmethod
+    def cut(text: str, n: int) -> str:
+        """The longest start of ``text`` of at most ``n`` tokens (a binary search)."""
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if estimate_tokens(text[:mid]) <= n else (lo, mid - 1)
+        return text[:lo]
 
 
 ###############################################################################
