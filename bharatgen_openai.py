@@ -463,17 +463,13 @@ def _split_thought(html_text: str, final: bool = True) -> Tuple[str, bool, Optio
     thought block, ends them with a tail; Gradio's own thought messages come as
     ``class='thought message'`` (see :func:`_reply_from_output`) and have none."""
     m = _DETAILS_RE.match(html_text)
-    if m is None:
-        partial = not final and _PARTIAL_TAG_RE.match(html_text.lstrip())
-        return ("", False, None, True) if partial else ("", True, 0, False)
-    attrs = _parse_tag(m.group().strip())[1]
+    attrs = _parse_tag(m.group().strip())[1] if m else {}
     classes = attrs.get("class", "").split()
-    if "thought" not in classes:
-        return "", True, 0, False
-    body = m.end()
-    s = _SUMMARY_RE.match(html_text, body)
-    if s is not None:
-        body = s.end()
+    if m is None or "thought" not in classes:     # no thought block, or (before the end) its start
+        partial = m is None and not final and _PARTIAL_TAG_RE.match(html_text.lstrip())
+        return ("", False, None, True) if partial else ("", True, 0, False)
+    s = _SUMMARY_RE.match(html_text, m.end())
+    body = s.end() if s else m.end()
     end = html_text.find(_DETAILS_END, body)
     if end < 0:                                       # still thinking
         return html.unescape(html_text[body:]).strip(), False, None, True
@@ -1565,10 +1561,7 @@ def _normalize_base_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     parts = urllib.parse.urlsplit(url)
-    path = parts.path.rstrip("/")
-    for tail in ("/gradio_api", "/config", "/info"):
-        if path.endswith(tail):
-            path = path[:-len(tail)]
+    path = re.sub(r"(/info)?(/config)?(/gradio_api)?\Z", "", parts.path.rstrip("/"))  # each once
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
@@ -1608,11 +1601,8 @@ def _reply_from_output(output: Any) -> str:
             and len(value[-1]) == 2:
         return value[-1][1] if isinstance(value[-1][1], str) else ""          # pairs
     if isinstance(value, list) and (not value or isinstance(value[-1], dict)):
-        turn: List[Dict[str, Any]] = []
-        for message in reversed(value):
-            if not isinstance(message, dict) or message.get("role", "assistant") != "assistant":
-                break
-            turn.insert(0, message)
+        turn = list(itertools.takewhile(lambda m: isinstance(m, dict) and m.get(
+            "role", "assistant") == "assistant", reversed(value)))[::-1]
         thoughts = [m for m in turn if (m.get("metadata") or {}).get("title")]
         answer = "\n\n".join(_message_text(m.get("content")) for m in turn if m not in thoughts)
         if not thoughts:
@@ -1732,8 +1722,8 @@ class _TimedReader(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self.timed.readers -= 1
-            if self.timed.closing and not self.timed.readers:
-                self.timed.sock.close()
+            if self.timed.closing:
+                self.timed.close()                 # closes the socket once no reader is left
         super().close()
 
     def readinto(self, buf: Any) -> int:
@@ -1848,8 +1838,7 @@ class _HTTP:
         once more on a new one; a POST never is: it may have reached the app, and a
         second would be a second job."""
         data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"User-Agent": "bharatgen_openai/" + __version__,
-                   "Accept-Encoding": "identity"}
+        headers = {"User-Agent": "bharatgen_openai/" + __version__, "Accept-Encoding": "identity"}
         if data is not None:
             headers["Content-Type"] = content_type
         if self.token:
@@ -1983,13 +1972,11 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
 
 def _pick_endpoint(named: Dict[str, Any]) -> str:
     """A known chat endpoint's name, else the one taking a Textbox and a Chatbot."""
-    for name in _ENDPOINT_PREFERENCE:
-        if name in named:
-            return name
+    known = [name for name in _ENDPOINT_PREFERENCE if name in named]
     chats = [n for n, e in named.items()
              if {"Textbox", "Chatbot"} <= {p.get("component") for p in e.get("parameters") or []}]
-    if len(chats) == 1:
-        return chats[0]
+    if known or len(chats) == 1:
+        return (known or chats)[0]
     return next(iter(named)) if len(named) == 1 else DEFAULT_ENDPOINT
 
 
@@ -2192,10 +2179,20 @@ class GradioClient:
         info = self.discover()
 
         def output(data: List[Any]) -> Any:
+            """The last output (its first value) of one job."""
             with self._embedding:
                 if gone():
                     raise ConnectionAbortedError("the client went away")
-                return self._output(info, data)
+                progress, value = _Progress(), None
+                parse = self._queue_updates if info.use_queue else self._call_updates
+                updates = parse(self._job(info, data, progress), progress, lambda output: output[0]
+                                if isinstance(output, list) and output else output)
+                try:
+                    for value, _, _ in updates:
+                        pass
+                    return value
+                finally:
+                    updates.close()
         if info.parameters and info.parameters[0].get("component") == "Json":
             vectors = output([list(texts)])
             if not isinstance(vectors, list) or len(vectors) != len(texts):
@@ -2207,19 +2204,6 @@ class GradioClient:
                 vectors = list(pool.map(lambda text: output(
                     self._data(info, text, (), {}, [])), texts))
         return [_vector(v) for v in vectors]
-
-    def _output(self, info: _AppInfo, data: List[Any]) -> Any:
-        """The last output (its first value) of one job of an endpoint that is not a chat."""
-        progress, value = _Progress(), None
-        parse = self._queue_updates if info.use_queue else self._call_updates
-        updates = parse(self._job(info, data, progress), progress, lambda output: output[0]
-                        if isinstance(output, list) and output else output)
-        try:
-            for value, _, _ in updates:
-                pass
-            return value
-        finally:
-            updates.close()
 
     def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
               values: Dict[str, Any], files: Sequence[Dict[str, Any]]) -> List[Any]:
