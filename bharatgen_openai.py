@@ -2067,6 +2067,27 @@ def _vector(value: Any) -> List[float]:
     return [float(x) for x in value]
 
 
+def _call_message(event: str, payload: str) -> Any:
+    """A ``/call`` event as the queue message it stands for (its output whole), or None."""
+    if event == "error":
+        try:
+            detail = json.loads(payload) if payload else None
+        except ValueError:
+            detail = payload
+        return {"msg": "unexpected_error", "message": detail}
+    if event not in ("generating", "complete"):
+        return None
+    try:
+        output = json.loads(payload)
+    except ValueError:
+        raise UpstreamError("the Gradio app sent a malformed %s event: %r"
+                            % (event, payload[:200])) from None
+    if output is None:
+        raise UpstreamError("the Gradio app cancelled the job")
+    return {"msg": "process_" + ("generating" if event == "generating" else "completed"),
+            "output": {"data": output}}
+
+
 @dataclass
 class _Progress:
     """How far one upstream job has come."""
@@ -2168,8 +2189,8 @@ class GradioClient:
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
             "top_p": top_p, "top_k": top_k}, [uploads[self.base_url, url] for url, _ in images])
         progress = _Progress()
-        updates = self._queue_updates if info.use_queue else self._call_updates
-        return updates(self._job(info, data, progress), progress)
+        return self._queue_updates(self._job(info, data, progress), progress,
+                                   call=not info.use_queue)
 
     def embed(self, texts: Sequence[str], gone: Callable[[], bool] = lambda: False
               ) -> List[List[float]]:
@@ -2184,9 +2205,9 @@ class GradioClient:
                 if gone():
                     raise ConnectionAbortedError("the client went away")
                 progress, value = _Progress(), None
-                parse = self._queue_updates if info.use_queue else self._call_updates
-                updates = parse(self._job(info, data, progress), progress, lambda output: output[0]
-                                if isinstance(output, list) and output else output)
+                updates = self._queue_updates(self._job(info, data, progress), progress, lambda
+                                              output: output[0] if isinstance(output, list) and
+                                              output else output, not info.use_queue)
                 try:
                     for value, _, _ in updates:
                         pass
@@ -2348,63 +2369,36 @@ class GradioClient:
                 self._cancel(info, session, event_id)
 
     @staticmethod
-    def _call_updates(events: Iterator[Tuple[str, str]], progress: _Progress,
-                      reply: Callable[[Any], Any] = _reply_from_output
-                      ) -> Iterator[Tuple[Any, bool, bool]]:
-        """The ``/call`` API's updates (``reply`` of each output): each event holds the
-        whole output."""
-        try:
-            for event, payload in events:
-                if event in ("generating", "complete"):
-                    progress.outputs += 1
-                    try:
-                        output = json.loads(payload)
-                    except ValueError:
-                        raise UpstreamError("the Gradio app sent a malformed %s event: %r"
-                                            % (event, payload[:200])) from None
-                    if output is None:
-                        raise UpstreamError("the Gradio app cancelled the job")
-                    progress.done = event == "complete"
-                    yield reply(output), progress.done, False
-                    if progress.done:
-                        return
-                elif event == "error":
-                    progress.done = True
-                    try:
-                        detail = json.loads(payload) if payload else None
-                    except ValueError:
-                        detail = payload
-                    raise UpstreamError(_upstream_error_message(detail))
-            raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
-        finally:
-            events.close()          # type: ignore[attr-defined]
-
-    @staticmethod
     def _queue_updates(events: Iterator[Tuple[str, str]], progress: _Progress,
-                       reply: Callable[[Any], Any] = _reply_from_output
+                       reply: Callable[[Any], Any] = _reply_from_output, call: bool = False
                        ) -> Iterator[Tuple[Any, bool, bool]]:
-        """The queue protocol's updates: the whole output, then the ``process_generating``
-        diffs applied (appends to the reply passed on as they are)."""
+        """A job's updates (``reply`` of each output): the queue protocol's whole output,
+        then the ``process_generating`` diffs applied (appends to the reply passed on as
+        they are); with ``call``, the ``/call`` API's events, each holding the whole output
+        (read as the queue messages they stand for: :func:`_call_message`)."""
         try:
             outputs: Any = None
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
-            for _, payload in events:
-                try:
-                    msg = json.loads(payload)
-                except ValueError:
-                    raise UpstreamError("the Gradio app sent a malformed queue message: %r"
-                                        % payload[:200]) from None
+            for event, payload in events:
+                if call:
+                    msg = _call_message(event, payload)
+                else:
+                    try:
+                        msg = json.loads(payload)
+                    except ValueError:
+                        raise UpstreamError("the Gradio app sent a malformed queue message: %r"
+                                            % payload[:200]) from None
                 kind = msg.get("msg") if isinstance(msg, dict) else None
                 if kind in ("process_generating", "process_completed"):
                     progress.outputs += 1
                 if kind == "process_generating":
                     got = (msg.get("output") or {}).get("data")
-                    if path is not None and _is_append_to(got, path):
+                    if not call and path is not None and _is_append_to(got, path):
                         appended.append(got[0][0][2])     # kept aside: no copy of the reply
                         yield got[0][0][2], False, True
                         continue
-                    if outputs is None:
+                    if outputs is None or call:
                         outputs = got
                     else:
                         if appended:
