@@ -1781,9 +1781,7 @@ class _HTTP:
         self.shown = _redact(url)                # shown and logged; credentials kept apart
         self.connect_timeout, self.timeout, self.max_body = connect_timeout, timeout, max_body
         self.token = token                       # a Hugging Face token, for private Spaces
-        self.basic = "Basic " + base64.b64encode(("%s:%s" % (   # user:password@ in the URL
-            urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
-        )).encode()).decode() if parts.username else None
+        self.basic = self._basic(parts) if parts.username else None   # user:password@ in the URL
         self.https = parts.scheme == "https"
         self.host, self.root = parts.hostname or "127.0.0.1", parts.path
         self.port = parts.port or (443 if self.https else 80)
@@ -1791,13 +1789,17 @@ class _HTTP:
         proxy = urllib.request.getproxies().get(parts.scheme)
         self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy) \
             if proxy and not urllib.request.proxy_bypass(self.host) else None
-        self.proxy_headers: Dict[str, str] = {}
-        if self.proxy is not None and self.proxy.username:
-            self.proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
-                ("%s:%s" % (urllib.parse.unquote(self.proxy.username), urllib.parse.unquote(
-                    self.proxy.password or ""))).encode()).decode()
+        self.proxy_headers: Dict[str, str] = {"Proxy-Authorization": self._basic(self.proxy)} \
+            if self.proxy is not None and self.proxy.username else {}
         self._idle: List[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _basic(parts: urllib.parse.SplitResult) -> str:
+        """The basic credentials of a URL's ``user:password@``."""
+        user, password = urllib.parse.unquote(parts.username or ""), parts.password or ""
+        return "Basic " + base64.b64encode(
+            ("%s:%s" % (user, urllib.parse.unquote(password))).encode()).decode()
 
     def connection(self) -> http.client.HTTPConnection:
         """A kept-alive connection at rest, or a new one."""
@@ -1915,17 +1917,17 @@ class _HTTP:
 
 # -- discovery: what the app offers, from /config and <prefix>/info --------------------------
 
-def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
-              param_names: Dict[str, str], prefix_hint: str, kind: str = "chat") -> _AppInfo:
+def _discover(client: "GradioClient") -> _AppInfo:
     """Read ``/config`` and ``<prefix>/info``: the API prefix, the chat (or embedding)
     endpoint, its inputs (mapped to OpenAI fields by name, the rest filled with the
     app's defaults), their ranges, the history format and the protocol."""
+    http, endpoint, protocol, kind = client.http, client.endpoint, client.protocol, client.kind
     status, config = http.json("GET", "/config")
     if status in (401, 403):
         raise UpstreamError("the Gradio app at %s refused access (HTTP %d); for a private "
                             "Space set HF_TOKEN" % (http.shown, status))
     config = config if status == 200 and isinstance(config, dict) else {}
-    prefix = ((config.get("api_prefix") if config else prefix_hint) or "").rstrip("/")
+    prefix = ((config.get("api_prefix") if config else client._prefix_hint) or "").rstrip("/")
     version = str(config.get("version") or "")
     status, api = http.json("GET", prefix + "/info")
     named = api.get("named_endpoints") if status == 200 and isinstance(api, dict) else None
@@ -1952,7 +1954,7 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
     fn_index, dep = deps[0] if deps else (None, {})
     components = {c.get("id"): c for c in config.get("components") or [] if isinstance(c, dict)}
     types = [str(components.get(i, {}).get("type", "")).lower() for i in dep.get("inputs") or []]
-    inputs = _layout(parameters, types, param_names)
+    inputs = _layout(parameters, types, client.param_names)
     m = re.fullmatch(r"sse_v(\d+)", str(config.get("protocol") or ""))
     queue_ok = bool(m and int(m.group(1)) >= 3 and fn_index is not None)
     if protocol == "queue" and not queue_ok:
@@ -2048,9 +2050,8 @@ def _history(history: Sequence[Tuple[str, str]], fmt: str) -> List[Any]:
             else:
                 pairs[-1][1] = text
         return pairs
-    if fmt == "messages":
-        return [{"role": r, "content": t} for r, t in history]
-    return [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
+    return [{"role": r, "content": t if fmt == "messages" else [{"type": "text", "text": t}]}
+            for r, t in history]
 
 
 # -- calling: a job joined, its events streamed, cancelled if left unfinished --------------
@@ -2150,8 +2151,7 @@ class GradioClient:
             self._reading = done, found
         if first:
             try:
-                found.append(_discover(self.http, self.endpoint, self.protocol,
-                                       self.param_names, self._prefix_hint, self.kind))
+                found.append(_discover(self))
             except BharatGenError as exc:
                 found.append(exc)
             with self._lock:
@@ -2452,12 +2452,13 @@ class _UpstreamPool:
     client's to see.
     """
 
-    def __init__(self, clients: Sequence[GradioClient], backoff: float = 5.0,
-                 max_backoff: float = 60.0) -> None:
+    MAX_BACKOFF = 60.0                   # the longest a replica is marked down for
+
+    def __init__(self, clients: Sequence[GradioClient], backoff: float = 5.0) -> None:
         if not clients:
             raise ValueError("an upstream pool needs at least one upstream")
         self.replicas = [_Replica(c) for c in clients]
-        self.backoff, self.max_backoff = backoff, max_backoff
+        self.backoff = backoff
         self._next = 0
         self._lock = threading.Lock()
 
@@ -2493,7 +2494,7 @@ class _UpstreamPool:
                 delay = min(self.backoff, 1.0)
             else:
                 replica.failures += 1
-                delay = min(self.max_backoff, self.backoff * 2 ** (replica.failures - 1))
+                delay = min(self.MAX_BACKOFF, self.backoff * 2 ** (replica.failures - 1))
             replica.down_until = time.monotonic() + delay
         _log.warning("upstream %s %s for %.0fs: %s", replica.client.base_url,
                      "set aside as busy" if replica.busy else "marked down", delay,
