@@ -282,8 +282,7 @@ def _iter_sse(read: Callable[[], bytes], limit: int = MAX_EVENT_BYTES) -> Iterat
     while True:
         block = read()
         ended = not block
-        if ended:
-            block = b"\n\n"                    # the end dispatches what is pending
+        block = block or b"\n\n"                # the end dispatches what is pending
         start = 0
         while True:
             end = block.find(b"\n", start)
@@ -313,8 +312,7 @@ def _iter_sse(read: Callable[[], bytes], limit: int = MAX_EVENT_BYTES) -> Iterat
             pending.append(block[start:])
             held += len(block) - start
         if held > limit or size > limit:
-            raise UpstreamError("the Gradio app sent an event of over %d bytes (the limit)"
-                                % limit)
+            raise UpstreamError("the Gradio app sent an event of over %d bytes (the limit)" % limit)
         if ended:
             return
 
@@ -367,10 +365,8 @@ def _primed(items: Iterator[Any]) -> Iterator[Any]:
 class _TagReader(HTMLParser):
     """Reads the name and attributes of the first start tag it is fed."""
 
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.tag: Optional[str] = None
-        self.attrs: Dict[str, str] = {}
+    tag: Optional[str] = None
+    attrs: Dict[str, str] = {}             # replaced, never changed in place
 
     def handle_starttag(self, tag: str, attrs: List[Tuple[str, Optional[str]]]) -> None:
         if self.tag is None:
@@ -468,17 +464,13 @@ def _split_thought(html_text: str, final: bool = True) -> Tuple[str, bool, Optio
     thought block, ends them with a tail; Gradio's own thought messages come as
     ``class='thought message'`` (see :func:`_reply_from_output`) and have none."""
     m = _DETAILS_RE.match(html_text)
-    if m is None:
-        partial = not final and _PARTIAL_TAG_RE.match(html_text.lstrip())
-        return ("", False, None, True) if partial else ("", True, 0, False)
-    attrs = _parse_tag(m.group().strip())[1]
+    attrs = _parse_tag(m.group().strip())[1] if m else {}
     classes = attrs.get("class", "").split()
-    if "thought" not in classes:
-        return "", True, 0, False
-    body = m.end()
-    s = _SUMMARY_RE.match(html_text, body)
-    if s is not None:
-        body = s.end()
+    if m is None or "thought" not in classes:     # no thought block, or (before the end) its start
+        partial = m is None and not final and _PARTIAL_TAG_RE.match(html_text.lstrip())
+        return ("", False, None, True) if partial else ("", True, 0, False)
+    s = _SUMMARY_RE.match(html_text, m.end())
+    body = s.end() if s else m.end()
     end = html_text.find(_DETAILS_END, body)
     if end < 0:                                       # still thinking
         return html.unescape(html_text[body:]).strip(), False, None, True
@@ -654,15 +646,12 @@ class _StopCutter:
             return buf[:min(hits)]
         keep = 0                           # the longest tail that begins a stop
         for stop in self.stops:
-            start = max(0, len(buf) - len(stop) + 1)
-            while keep < len(buf) - start:
-                start = buf.find(stop[0], start)
-                if start < 0 or len(buf) - start <= keep:
-                    break
+            start = buf.find(stop[0], max(0, len(buf) - len(stop) + 1))
+            while start >= 0 and len(buf) - start > keep:
                 if stop.startswith(buf[start:]):
                     keep = len(buf) - start
                     break
-                start += 1
+                start = buf.find(stop[0], start + 1)
         self.held = buf[len(buf) - keep:] if keep else ""
         return buf[:len(buf) - keep]
 
@@ -692,25 +681,6 @@ _INDIC_CHARS_PER_TOKEN = (
 )
 
 
-class _Estimate:
-    """The token counter when the model's tokenizer is not given: :func:`estimate_tokens`."""
-
-    name = "estimate"
-
-    @staticmethod
-    def count(text: str) -> int:
-        return estimate_tokens(text)
-
-    @staticmethod
-    def cut(text: str, n: int) -> str:
-        """The longest start of ``text`` of at most ``n`` tokens (a binary search)."""
-        lo, hi = 0, len(text)
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if estimate_tokens(text[:mid]) <= n else (lo, mid - 1)
-        return text[:lo]
-
-
 def estimate_tokens(text: str) -> int:
     """Estimate how many tokens ``text`` takes, by script; far closer than ``len/4``.
 
@@ -731,6 +701,22 @@ def estimate_tokens(text: str) -> int:
     total += sum(1 if ord(c) < 0x2000 else 2 for c in re.findall(
         "[^%s0-9%s%s\\s%s]" % (_LATIN, _INDIC, _CJK, _PUNCT), text))
     return int(round(total))
+
+
+class _Estimate:
+    """The token counter when the model's tokenizer is not given: :func:`estimate_tokens`."""
+
+    name = "estimate"
+    count = staticmethod(estimate_tokens)
+
+    @staticmethod
+    def cut(text: str, n: int) -> str:
+        """The longest start of ``text`` of at most ``n`` tokens (a binary search)."""
+        lo, hi = 0, len(text)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if estimate_tokens(text[:mid]) <= n else (lo, mid - 1)
+        return text[:lo]
 
 
 ###############################################################################
@@ -1568,10 +1554,7 @@ def _normalize_base_url(url: str) -> str:
     if "://" not in url:
         url = "http://" + url
     parts = urllib.parse.urlsplit(url)
-    path = parts.path.rstrip("/")
-    for tail in ("/gradio_api", "/config", "/info"):
-        if path.endswith(tail):
-            path = path[:-len(tail)]
+    path = re.sub(r"(/info)?(/config)?(/gradio_api)?\Z", "", parts.path.rstrip("/"))  # each once
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
@@ -1611,11 +1594,8 @@ def _reply_from_output(output: Any) -> str:
             and len(value[-1]) == 2:
         return value[-1][1] if isinstance(value[-1][1], str) else ""          # pairs
     if isinstance(value, list) and (not value or isinstance(value[-1], dict)):
-        turn: List[Dict[str, Any]] = []
-        for message in reversed(value):
-            if not isinstance(message, dict) or message.get("role", "assistant") != "assistant":
-                break
-            turn.insert(0, message)
+        turn = list(itertools.takewhile(lambda m: isinstance(m, dict) and m.get(
+            "role", "assistant") == "assistant", reversed(value)))[::-1]
         thoughts = [m for m in turn if (m.get("metadata") or {}).get("title")]
         answer = "\n\n".join(_message_text(m.get("content")) for m in turn if m not in thoughts)
         if not thoughts:
@@ -1735,8 +1715,8 @@ class _TimedReader(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             self.timed.readers -= 1
-            if self.timed.closing and not self.timed.readers:
-                self.timed.sock.close()
+            if self.timed.closing:
+                self.timed.close()                 # closes the socket once no reader is left
         super().close()
 
     def readinto(self, buf: Any) -> int:
@@ -1794,9 +1774,7 @@ class _HTTP:
         self.shown = _redact(url)                # shown and logged; credentials kept apart
         self.connect_timeout, self.timeout, self.max_body = connect_timeout, timeout, max_body
         self.token = token                       # a Hugging Face token, for private Spaces
-        self.basic = "Basic " + base64.b64encode(("%s:%s" % (   # user:password@ in the URL
-            urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
-        )).encode()).decode() if parts.username else None
+        self.basic = self._basic(parts) if parts.username else None   # user:password@ in the URL
         self.https = parts.scheme == "https"
         self.host, self.root = parts.hostname or "127.0.0.1", parts.path
         self.port = parts.port or (443 if self.https else 80)
@@ -1804,13 +1782,17 @@ class _HTTP:
         proxy = urllib.request.getproxies().get(parts.scheme)
         self.proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy) \
             if proxy and not urllib.request.proxy_bypass(self.host) else None
-        self.proxy_headers: Dict[str, str] = {}
-        if self.proxy is not None and self.proxy.username:
-            self.proxy_headers["Proxy-Authorization"] = "Basic " + base64.b64encode(
-                ("%s:%s" % (urllib.parse.unquote(self.proxy.username), urllib.parse.unquote(
-                    self.proxy.password or ""))).encode()).decode()
+        self.proxy_headers: Dict[str, str] = {"Proxy-Authorization": self._basic(self.proxy)} \
+            if self.proxy is not None and self.proxy.username else {}
         self._idle: List[http.client.HTTPConnection] = []
         self._lock = threading.Lock()
+
+    @staticmethod
+    def _basic(parts: urllib.parse.SplitResult) -> str:
+        """The basic credentials of a URL's ``user:password@``."""
+        user, password = urllib.parse.unquote(parts.username or ""), parts.password or ""
+        return "Basic " + base64.b64encode(
+            ("%s:%s" % (user, urllib.parse.unquote(password))).encode()).decode()
 
     def connection(self) -> http.client.HTTPConnection:
         """A kept-alive connection at rest, or a new one."""
@@ -1851,8 +1833,7 @@ class _HTTP:
         once more on a new one; a POST never is: it may have reached the app, and a
         second would be a second job."""
         data = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
-        headers = {"User-Agent": "bharatgen_openai/" + __version__,
-                   "Accept-Encoding": "identity"}
+        headers = {"User-Agent": "bharatgen_openai/" + __version__, "Accept-Encoding": "identity"}
         if data is not None:
             headers["Content-Type"] = content_type
         if self.token:
@@ -1929,17 +1910,17 @@ class _HTTP:
 
 # -- discovery: what the app offers, from /config and <prefix>/info --------------------------
 
-def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
-              param_names: Dict[str, str], prefix_hint: str, kind: str = "chat") -> _AppInfo:
+def _discover(client: "GradioClient") -> _AppInfo:
     """Read ``/config`` and ``<prefix>/info``: the API prefix, the chat (or embedding)
     endpoint, its inputs (mapped to OpenAI fields by name, the rest filled with the
     app's defaults), their ranges, the history format and the protocol."""
+    http, endpoint, protocol, kind = client.http, client.endpoint, client.protocol, client.kind
     status, config = http.json("GET", "/config")
     if status in (401, 403):
         raise UpstreamError("the Gradio app at %s refused access (HTTP %d); for a private "
                             "Space set HF_TOKEN" % (http.shown, status))
     config = config if status == 200 and isinstance(config, dict) else {}
-    prefix = ((config.get("api_prefix") if config else prefix_hint) or "").rstrip("/")
+    prefix = ((config.get("api_prefix") if config else client._prefix_hint) or "").rstrip("/")
     version = str(config.get("version") or "")
     status, api = http.json("GET", prefix + "/info")
     named = api.get("named_endpoints") if status == 200 and isinstance(api, dict) else None
@@ -1966,7 +1947,7 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
     fn_index, dep = deps[0] if deps else (None, {})
     components = {c.get("id"): c for c in config.get("components") or [] if isinstance(c, dict)}
     types = [str(components.get(i, {}).get("type", "")).lower() for i in dep.get("inputs") or []]
-    inputs = _layout(parameters, types, param_names)
+    inputs = _layout(parameters, types, client.param_names)
     m = re.fullmatch(r"sse_v(\d+)", str(config.get("protocol") or ""))
     queue_ok = bool(m and int(m.group(1)) >= 3 and fn_index is not None)
     if protocol == "queue" and not queue_ok:
@@ -1986,13 +1967,11 @@ def _discover(http: _HTTP, endpoint: Optional[str], protocol: str,
 
 def _pick_endpoint(named: Dict[str, Any]) -> str:
     """A known chat endpoint's name, else the one taking a Textbox and a Chatbot."""
-    for name in _ENDPOINT_PREFERENCE:
-        if name in named:
-            return name
+    known = [name for name in _ENDPOINT_PREFERENCE if name in named]
     chats = [n for n, e in named.items()
              if {"Textbox", "Chatbot"} <= {p.get("component") for p in e.get("parameters") or []}]
-    if len(chats) == 1:
-        return chats[0]
+    if known or len(chats) == 1:
+        return (known or chats)[0]
     return next(iter(named)) if len(named) == 1 else DEFAULT_ENDPOINT
 
 
@@ -2064,9 +2043,8 @@ def _history(history: Sequence[Tuple[str, str]], fmt: str) -> List[Any]:
             else:
                 pairs[-1][1] = text
         return pairs
-    if fmt == "messages":
-        return [{"role": r, "content": t} for r, t in history]
-    return [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in history]
+    return [{"role": r, "content": t if fmt == "messages" else [{"type": "text", "text": t}]}
+            for r, t in history]
 
 
 # -- calling: a job joined, its events streamed, cancelled if left unfinished --------------
@@ -2081,6 +2059,27 @@ def _vector(value: Any) -> List[float]:
         raise UpstreamError("the Gradio app's embedding is not a list of numbers: %s"
                             % json.dumps(value)[:100])
     return [float(x) for x in value]
+
+
+def _call_message(event: str, payload: str) -> Any:
+    """A ``/call`` event as the queue message it stands for (its output whole), or None."""
+    if event == "error":
+        try:
+            detail = json.loads(payload) if payload else None
+        except ValueError:
+            detail = payload
+        return {"msg": "unexpected_error", "message": detail}
+    if event not in ("generating", "complete"):
+        return None
+    try:
+        output = json.loads(payload)
+    except ValueError:
+        raise UpstreamError("the Gradio app sent a malformed %s event: %r"
+                            % (event, payload[:200])) from None
+    if output is None:
+        raise UpstreamError("the Gradio app cancelled the job")
+    return {"msg": "process_" + ("generating" if event == "generating" else "completed"),
+            "output": {"data": output}}
 
 
 @dataclass
@@ -2145,8 +2144,7 @@ class GradioClient:
             self._reading = done, found
         if first:
             try:
-                found.append(_discover(self.http, self.endpoint, self.protocol,
-                                       self.param_names, self._prefix_hint, self.kind))
+                found.append(_discover(self))
             except BharatGenError as exc:
                 found.append(exc)
             with self._lock:
@@ -2184,8 +2182,8 @@ class GradioClient:
             "system": system_prompt, "temperature": temperature, "max_tokens": max_tokens,
             "top_p": top_p, "top_k": top_k}, [uploads[self.base_url, url] for url, _ in images])
         progress = _Progress()
-        updates = self._queue_updates if info.use_queue else self._call_updates
-        return updates(self._job(info, data, progress), progress)
+        return self._queue_updates(self._job(info, data, progress), progress,
+                                   call=not info.use_queue)
 
     def embed(self, texts: Sequence[str], gone: Callable[[], bool] = lambda: False
               ) -> List[List[float]]:
@@ -2195,10 +2193,20 @@ class GradioClient:
         info = self.discover()
 
         def output(data: List[Any]) -> Any:
+            """The last output (its first value) of one job."""
             with self._embedding:
                 if gone():
                     raise ConnectionAbortedError("the client went away")
-                return self._output(info, data)
+                progress, value = _Progress(), None
+                updates = self._queue_updates(self._job(info, data, progress), progress, lambda
+                                              output: output[0] if isinstance(output, list) and
+                                              output else output, not info.use_queue)
+                try:
+                    for value, _, _ in updates:
+                        pass
+                    return value
+                finally:
+                    updates.close()
         if info.parameters and info.parameters[0].get("component") == "Json":
             vectors = output([list(texts)])
             if not isinstance(vectors, list) or len(vectors) != len(texts):
@@ -2210,19 +2218,6 @@ class GradioClient:
                 vectors = list(pool.map(lambda text: output(
                     self._data(info, text, (), {}, [])), texts))
         return [_vector(v) for v in vectors]
-
-    def _output(self, info: _AppInfo, data: List[Any]) -> Any:
-        """The last output (its first value) of one job of an endpoint that is not a chat."""
-        progress, value = _Progress(), None
-        parse = self._queue_updates if info.use_queue else self._call_updates
-        updates = parse(self._job(info, data, progress), progress, lambda output: output[0]
-                        if isinstance(output, list) and output else output)
-        try:
-            for value, _, _ in updates:
-                pass
-            return value
-        finally:
-            updates.close()
 
     def _data(self, info: _AppInfo, message: str, history: Sequence[Tuple[str, str]],
               values: Dict[str, Any], files: Sequence[Dict[str, Any]]) -> List[Any]:
@@ -2367,63 +2362,36 @@ class GradioClient:
                 self._cancel(info, session, event_id)
 
     @staticmethod
-    def _call_updates(events: Iterator[Tuple[str, str]], progress: _Progress,
-                      reply: Callable[[Any], Any] = _reply_from_output
-                      ) -> Iterator[Tuple[Any, bool, bool]]:
-        """The ``/call`` API's updates (``reply`` of each output): each event holds the
-        whole output."""
-        try:
-            for event, payload in events:
-                if event in ("generating", "complete"):
-                    progress.outputs += 1
-                    try:
-                        output = json.loads(payload)
-                    except ValueError:
-                        raise UpstreamError("the Gradio app sent a malformed %s event: %r"
-                                            % (event, payload[:200])) from None
-                    if output is None:
-                        raise UpstreamError("the Gradio app cancelled the job")
-                    progress.done = event == "complete"
-                    yield reply(output), progress.done, False
-                    if progress.done:
-                        return
-                elif event == "error":
-                    progress.done = True
-                    try:
-                        detail = json.loads(payload) if payload else None
-                    except ValueError:
-                        detail = payload
-                    raise UpstreamError(_upstream_error_message(detail))
-            raise APIConnectionError("the Gradio app ended the stream before the reply was complete")
-        finally:
-            events.close()          # type: ignore[attr-defined]
-
-    @staticmethod
     def _queue_updates(events: Iterator[Tuple[str, str]], progress: _Progress,
-                       reply: Callable[[Any], Any] = _reply_from_output
+                       reply: Callable[[Any], Any] = _reply_from_output, call: bool = False
                        ) -> Iterator[Tuple[Any, bool, bool]]:
-        """The queue protocol's updates: the whole output, then the ``process_generating``
-        diffs applied (appends to the reply passed on as they are)."""
+        """A job's updates (``reply`` of each output): the queue protocol's whole output,
+        then the ``process_generating`` diffs applied (appends to the reply passed on as
+        they are); with ``call``, the ``/call`` API's events, each holding the whole output
+        (read as the queue messages they stand for: :func:`_call_message`)."""
         try:
             outputs: Any = None
             path: Optional[List[Any]] = None      # where the reply text sits in output 0
             appended: List[str] = []              # appends to it not yet applied to outputs
-            for _, payload in events:
-                try:
-                    msg = json.loads(payload)
-                except ValueError:
-                    raise UpstreamError("the Gradio app sent a malformed queue message: %r"
-                                        % payload[:200]) from None
+            for event, payload in events:
+                if call:
+                    msg = _call_message(event, payload)
+                else:
+                    try:
+                        msg = json.loads(payload)
+                    except ValueError:
+                        raise UpstreamError("the Gradio app sent a malformed queue message: %r"
+                                            % payload[:200]) from None
                 kind = msg.get("msg") if isinstance(msg, dict) else None
                 if kind in ("process_generating", "process_completed"):
                     progress.outputs += 1
                 if kind == "process_generating":
                     got = (msg.get("output") or {}).get("data")
-                    if path is not None and _is_append_to(got, path):
+                    if not call and path is not None and _is_append_to(got, path):
                         appended.append(got[0][0][2])     # kept aside: no copy of the reply
                         yield got[0][0][2], False, True
                         continue
-                    if outputs is None:
+                    if outputs is None or call:
                         outputs = got
                     else:
                         if appended:
@@ -2477,12 +2445,13 @@ class _UpstreamPool:
     client's to see.
     """
 
-    def __init__(self, clients: Sequence[GradioClient], backoff: float = 5.0,
-                 max_backoff: float = 60.0) -> None:
+    MAX_BACKOFF = 60.0                   # the longest a replica is marked down for
+
+    def __init__(self, clients: Sequence[GradioClient], backoff: float = 5.0) -> None:
         if not clients:
             raise ValueError("an upstream pool needs at least one upstream")
         self.replicas = [_Replica(c) for c in clients]
-        self.backoff, self.max_backoff = backoff, max_backoff
+        self.backoff = backoff
         self._next = 0
         self._lock = threading.Lock()
 
@@ -2518,7 +2487,7 @@ class _UpstreamPool:
                 delay = min(self.backoff, 1.0)
             else:
                 replica.failures += 1
-                delay = min(self.max_backoff, self.backoff * 2 ** (replica.failures - 1))
+                delay = min(self.MAX_BACKOFF, self.backoff * 2 ** (replica.failures - 1))
             replica.down_until = time.monotonic() + delay
         _log.warning("upstream %s %s for %.0fs: %s", replica.client.base_url,
                      "set aside as busy" if replica.busy else "marked down", delay,
