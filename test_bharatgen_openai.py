@@ -6070,57 +6070,105 @@ class _Child:
         self.proc.stderr.close()
 
 
+class HeldGradio(FakeGradio):
+    """The demo upstream, whose long answers ("600 words") each send their first ``OPEN``
+    tokens (the thought, a few words) and then wait, before each next token, until
+    ``release`` (an Event the test sets) is set: a test sees a stream's first text, acts
+    while the stream runs, then lets it finish.  Other answers are never held."""
+
+    OPEN = 16
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.release = threading.Event()
+
+    def _pace(self, job):
+        job.paced = getattr(job, "paced", 0) + 1
+        if job.paced > self.OPEN and any(re.search(r"\d+ words", str(v)) for v in job.data):
+            release, deadline = self.release, time.monotonic() + TIMEOUT
+            while not release.wait(0.01) and not job.cancelled.is_set():
+                if time.monotonic() > deadline:
+                    break
+        return super()._pace(job)
+
+
 @needs("http.client", NGINX)            # nginx, from Debian (.ci/run installs it)
 class DeploymentTests(unittest.TestCase):
     """The README's deployment, run: its nginx block, ports filled in, in front of three
     ``serve`` copies (keys from one keys file, rate limits on) over one demo upstream,
-    each a process of its own; then copies are killed, drained and reloaded."""
+    each copy a process of its own; then copies are killed, drained and reloaded.  The
+    copies and nginx are the class's: a test that stops a copy starts it again on its
+    port, and each test has keys of its own (the rate limits count per key)."""
 
-    KEYS = ["sk-deploy-%02d" % i for i in range(12)]
+    KEYS = ["sk-deploy-%02d" % i for i in range(72)]
     RPM = 3
+    used = 0                               # the tests that took their keys
 
     @classmethod
     def setUpClass(cls):
-        demo = _Child(["demo", "--port", "0", "--token-delay", "0.004"])
-        cls.addClassCleanup(demo.stop)
-        cls.demo_url = demo.wait_for(r"at (http://127\.0\.0\.1:\d+)").group(1)
-
-    def setUp(self):
         import shutil
         import tempfile
-        self.dir = tempfile.mkdtemp()
-        self.addCleanup(shutil.rmtree, self.dir, True)
-        os.chmod(self.dir, 0o755)            # nginx's worker, as nobody when run by root
-        self.keys_file = os.path.join(self.dir, "keys")
-        self.write_keys(self.KEYS)
-        self.copies = [_Child(["serve", "--host", "127.0.0.1", "--port", "0", "--upstream",
-                               self.demo_url, "--api-key-file", self.keys_file,
-                               "--trusted-proxy", "127.0.0.1", "--rate-limit-rpm", str(self.RPM),
-                               "--grace", "10"]) for _ in range(3)]
-        for copy in self.copies:
-            self.addCleanup(copy.stop)
-        self.ports = [int(c.wait_for(r"OpenAI API at http://127\.0\.0\.1:(\d+)/v1").group(1))
-                      for c in self.copies]
-        self.url = "http://127.0.0.1:%d" % self.start_nginx()
+        cls.demo = HeldGradio().start()
+        cls.addClassCleanup(cls.demo.stop)
+        cls.demo_url = cls.demo.url
+        cls.dir = tempfile.mkdtemp()
+        cls.addClassCleanup(shutil.rmtree, cls.dir, True)
+        os.chmod(cls.dir, 0o755)            # nginx's worker, as nobody when run by root
+        cls.keys_file = os.path.join(cls.dir, "keys")
+        cls.write_keys(cls.KEYS)
+        cls.copies = [cls.start_copy() for _ in range(3)]
+        cls.addClassCleanup(lambda: [copy.stop() for copy in cls.copies])
+        cls.ports = [cls.port_of(copy) for copy in cls.copies]
+        cls.url = "http://127.0.0.1:%d" % cls.start_nginx()
 
-    def write_keys(self, keys):
-        with open(self.keys_file + ".new", "w") as f:
+    def setUp(self):
+        n, type(self).used = type(self).used, type(self).used + 1
+        self.keys = self.KEYS[12 * n:12 * n + 12]
+        self.assertEqual(len(self.keys), 12, "more tests than keys")
+        self.demo.release = threading.Event()
+        self.addCleanup(self.demo.release.set)
+
+    @classmethod
+    def start_copy(cls, port=0):
+        return _Child(["serve", "--host", "127.0.0.1", "--port", str(port), "--upstream",
+                       cls.demo_url, "--api-key-file", cls.keys_file, "--trusted-proxy",
+                       "127.0.0.1", "--rate-limit-rpm", str(cls.RPM), "--grace", "10"])
+
+    @staticmethod
+    def port_of(copy):
+        return int(copy.wait_for(r"OpenAI API at http://127\.0\.0\.1:(\d+)/v1").group(1))
+
+    def restart_later(self, copy):
+        """Copy ``copy`` (stopped by the test) started again on its port, after the test."""
+        i = self.copies.index(copy)
+
+        def restart():
+            self.demo.release.set()
+            self.copies[i].stop()
+            self.copies[i] = self.start_copy(self.ports[i])
+            self.assertEqual(self.port_of(self.copies[i]), self.ports[i])
+        self.addCleanup(restart)
+
+    @classmethod
+    def write_keys(cls, keys):
+        with open(cls.keys_file + ".new", "w") as f:
             f.write("# the gateway's keys\n" + "".join(k + "\n" for k in keys))
-        os.chmod(self.keys_file + ".new", 0o600)
-        os.replace(self.keys_file + ".new", self.keys_file)    # read whole, or not at all
+        os.chmod(cls.keys_file + ".new", 0o600)
+        os.replace(cls.keys_file + ".new", cls.keys_file)    # read whole, or not at all
 
-    def start_nginx(self):
+    @classmethod
+    def start_nginx(cls):
         """nginx with the README's block in a config of its own; its port."""
         block = readme_nginx_block()
         placeholders = re.findall(r"server 127\.0\.0\.1:(\d+)", block)
-        self.assertEqual(len(placeholders), 3, block)
-        ports = dict(zip(placeholders, map(str, self.ports)))
+        assert len(placeholders) == 3, block
+        ports = dict(zip(placeholders, map(str, cls.ports)))
         block = re.sub(r"(server 127\.0\.0\.1:)(\d+)", lambda m: m.group(1) + ports[m.group(2)],
                        block)
         port = _free_port()
         block, n = re.subn(r"\blisten 80;", "listen 127.0.0.1:%d;" % port, block)
-        self.assertEqual(n, 1, block)
-        d = self.dir
+        assert n == 1, block
+        d = cls.dir
         conf = os.path.join(d, "nginx.conf")
         with open(conf, "w") as f:
             f.write("daemon off;\nmaster_process off;\npid %s/nginx.pid;\n"
@@ -6143,7 +6191,7 @@ class DeploymentTests(unittest.TestCase):
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait(5)
-        self.addCleanup(stop)
+        cls.addClassCleanup(stop)
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline and proc.poll() is None:
             try:
@@ -6152,7 +6200,7 @@ class DeploymentTests(unittest.TestCase):
             except OSError:
                 time.sleep(0.02)
         with open(d + "/error.log") as f:
-            self.fail("nginx did not start: %s" % f.read()[-2000:])
+            raise AssertionError("nginx did not start: %s" % f.read()[-2000:])
 
     # -- through nginx ----------------------------------------------------------------
 
@@ -6220,26 +6268,22 @@ class DeploymentTests(unittest.TestCase):
         status, headers, body = self.call("GET", "/")
         self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
         self.assertEqual(self.call("GET", "/health")[:1], (200,))
-        status, _, body = self.call("GET", "/v1/models", self.KEYS[0],
+        status, _, body = self.call("GET", "/v1/models", self.keys[0],
                                     headers={"Host": "api.example.com"})   # any Host, with keys
         self.assertEqual((status, json.loads(body)["data"][0]["id"]), (200, bg.DEFAULT_MODEL))
-        started = time.monotonic()
-        resp = self.open_stream(self.KEYS[0], "300 words")
-        first = self.first_text(resp)
-        first_at = time.monotonic() - started
+        resp = self.open_stream(self.keys[0], "300 words")
+        first = self.first_text(resp)        # while the answer is held: nothing held it back
+        self.demo.release.set()
         events = sse_events(first + resp.read())
-        took = time.monotonic() - started
         self.assertEqual((streamed_text(events), events[-1]), (self.expected("300 words"), "[DONE]"))
-        self.assertGreater(took, 1.0)
-        self.assertLess(first_at, took / 5, (first_at, took))      # nothing held it back
 
     def test_a_key_gets_exactly_its_rate_limit_whichever_copy_it_lands_on(self):
         homes = {}
-        for key in self.KEYS:
+        for key in self.keys:
             homes.setdefault(self.copy_of(key), key)
             if len(homes) == 2:
                 break
-        self.assertEqual(len(homes), 2, "all of %d keys went to one copy" % len(self.KEYS))
+        self.assertEqual(len(homes), 2, "all of %d keys went to one copy" % len(self.keys))
         for port, key in homes.items():
             answers = [self.call("GET", "/v1/models", key) for _ in range(self.RPM + 2)]
             self.assertEqual([a[0] for a in answers], [200] * self.RPM + [429, 429])
@@ -6247,24 +6291,26 @@ class DeploymentTests(unittest.TestCase):
             self.assertEqual({self.upstreams(a[1]["x-request-id"])[-1][0] for a in answers}, {port})
 
     def test_a_copy_killed_mid_stream_cuts_that_stream_and_the_others_answer(self):
-        key = self.KEYS[0]
+        key = self.keys[0]
         port = self.copy_of(key)
         resp = self.open_stream(key, "2000 words")
         self.first_text(resp)
         copy = self.copies[self.ports.index(port)]
+        self.restart_later(copy)
         copy.proc.kill()
         copy.proc.wait(TIMEOUT)
         with self.assertRaises(http.client.IncompleteRead) as cm:   # never a clean, short end
             resp.read()
         self.assertNotIn(b"[DONE]", cm.exception.partial)
-        for key in self.KEYS:                                        # theirs moved on
+        for key in self.keys:                                        # theirs moved on
             self.assertNotEqual(self.upstreams(self.hello(key))[-1][0], port)
 
     def test_sigterm_drains_a_copy_while_nginx_sends_new_requests_elsewhere(self):
         import signal
-        key = self.KEYS[0]
+        key = self.keys[0]
         port = self.copy_of(key)
         copy = self.copies[self.ports.index(port)]
+        self.restart_later(copy)
         streams = [self.open_stream(key, "600 words") for _ in range(2)]
         starts = [self.first_text(resp) for resp in streams]
         copy.proc.send_signal(signal.SIGTERM)
@@ -6274,8 +6320,9 @@ class DeploymentTests(unittest.TestCase):
         tried = self.upstreams(self.hello(key))                 # a POST, sent on by nginx
         self.assertEqual(tried[0], (port, 503))
         self.assertNotEqual(tried[-1][0], port)
-        for other in self.KEYS[1:]:
+        for other in self.keys[1:]:
             self.assertEqual(self.call("GET", "/v1/models", other)[0], 200)
+        self.demo.release.set()
         for start, resp in zip(starts, streams):                # the streams end whole
             events = sse_events(start + resp.read())
             self.assertEqual((streamed_text(events), events[-1]), (self.expected("600 words"), "[DONE]"))
@@ -6284,29 +6331,31 @@ class DeploymentTests(unittest.TestCase):
 
     def test_with_every_copy_draining_a_client_gets_their_503_not_nginx_502(self):
         import signal
-        streams = [self.open_stream(self.KEYS[0], "500 words", port) for port in self.ports]
+        streams = [self.open_stream(self.keys[0], "500 words", port) for port in self.ports]
         for resp in streams:
             self.first_text(resp)
         for copy in self.copies:
+            self.restart_later(copy)
             copy.proc.send_signal(signal.SIGTERM)
         for copy in self.copies:
             copy.wait_for(r"stopping: /health and new requests get 503")
-        for key in self.KEYS[:3]:            # max_fails=0: no copy is taken out by a 503
+        for key in self.keys[:3]:            # max_fails=0: no copy is taken out by a 503
             status, headers, body = self.call("POST", "/v1/chat/completions", key, {
                 "messages": [{"role": "user", "content": "Say hello"}]})
             self.assertEqual(status, 503, body[:300])     # not nginx's "no live upstreams"
             self.assertEqual((json.loads(body)["error"]["code"], headers["Retry-After"]),
                              ("server_shutting_down", "1"))
             self.assertEqual([s for _, s in self.upstreams(headers["x-request-id"])], [503] * 3)
+        self.demo.release.set()
         for resp in streams:
             self.assertEqual(sse_events(resp.read())[-1], "[DONE]")
 
     def test_sighup_reloads_the_keys_file_in_every_copy(self):
         import signal
-        new, removed = "sk-deploy-new", self.KEYS[0]
+        new, removed = "sk-deploy-new", self.keys[0]
         self.assertEqual(self.call("GET", "/v1/models", new)[0], 401)
         self.assertEqual(self.call("GET", "/v1/models", removed)[0], 200)
-        self.write_keys(self.KEYS[1:] + [new])
+        self.write_keys([k for k in self.KEYS if k != removed] + [new])
         marks = [len(c.lines) for c in self.copies]
         for copy in self.copies:
             copy.proc.send_signal(signal.SIGHUP)
