@@ -5021,7 +5021,8 @@ class _Metrics:
                               "%s_sum %.6f" % (name, h[-2]), "%s_count %d" % (name, h[-1])]
                     continue
                 for labels, v in sorted(self._values.get(name, {}).items()):
-                    tag = ",".join('%s="%s"' % (k, str(val).replace("\\", "\\\\").replace('"', '\\"'))
+                    tag = ",".join('%s="%s"' % (k, str(val).replace("\\", "\\\\").replace('"', '\\"')
+                                                           .replace("\n", "\\n"))
                                    for k, val in labels)
                     lines.append("%s%s %s" % (name, "{%s}" % tag if tag else "", "%g" % v))
         return "\n".join(lines) + "\n"

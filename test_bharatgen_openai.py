@@ -4048,6 +4048,10 @@ class LimitTests(unittest.TestCase):
         metrics.inc("bharatgen_upstream_errors_total", kind=r'a "quoted" \ back\slash')
         self.assertIn('\nbharatgen_upstream_errors_total{kind="%s"} 1\n' % r'a \"quoted\" \\ back\\slash',
                       metrics.render())
+        metrics = bg._Metrics()                        # and a newline as \n, on one line
+        metrics.inc("bharatgen_upstream_errors_total", kind='two\nlines "q" \\')
+        self.assertIn('\nbharatgen_upstream_errors_total{kind="two\\nlines \\"q\\" \\\\"} 1\n',
+                      metrics.render())
 
     def test_cors_origins(self):
         gw = start_gateway(self, self.demo.url, cors_origins=["http://ui.example"], api_keys=["k"])
