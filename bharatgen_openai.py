@@ -4906,6 +4906,7 @@ class _Metrics:
     }
     window = 600.0                     # seconds of requests the monitor summarizes
     bucket = 10.0                      # seconds per point of its chart
+    clock = time.time                  # the time of day (a test moves it on)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -4960,13 +4961,13 @@ class _Metrics:
                 self.inc("bharatgen_tokens_total", n, direction=direction)
         if recent:
             with self._lock:
-                self._recent.append((time.time(), status, error, ttft, latency, key) + tokens)
+                self._recent.append((self.clock(), status, error, ttft, latency, key) + tokens)
 
     def recent(self) -> Dict[str, Any]:
         """The monitor's view of the last :attr:`window` seconds: counts, p50/p95 of the
         time to first token and of generation latency, usage by key, and a point every
         :attr:`bucket` seconds for its chart."""
-        now = time.time()
+        now = self.clock()
         with self._lock:
             if now - self._summary[0] < 1.0 and len(self._recent) > 2000:
                 return self._summary[1]    # a large window is summed at most once a second
