@@ -2332,6 +2332,28 @@ class FakeGradio(QuickStop, bg.DemoUpstream):
         return self._counted(self._replay(job) or super().queue_events(job))
 
 
+class HeldGradio(FakeGradio):
+    """The demo upstream, whose long answers ("600 words") each send their first ``OPEN``
+    tokens (the thought, a few words) and then wait, before each next token, until
+    ``release`` (an Event the test sets) is set: a test sees a stream's first text, acts
+    while the stream runs, then lets it finish.  Other answers are never held."""
+
+    OPEN = 16
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.release = threading.Event()
+
+    def _pace(self, job):
+        job.paced = getattr(job, "paced", 0) + 1
+        if job.paced > self.OPEN and any(re.search(r"\d+ words", str(v)) for v in job.data):
+            release, deadline = self.release, time.monotonic() + TIMEOUT
+            while not release.wait(0.01) and not job.cancelled.is_set():
+                if time.monotonic() > deadline:
+                    break
+        return super()._pace(job)
+
+
 def gradio_client(test, *args, **kwargs):
     client = bg.GradioClient(*args, **kwargs)
     test.addCleanup(client.close)
@@ -5972,7 +5994,10 @@ class DrainTests(unittest.TestCase):
         return t, result
 
     def test_health_and_new_requests_are_503_while_a_stream_finishes(self):
-        demo = start_demo(self, token_delay=0.005)
+        demo = HeldGradio().start()             # the stream waits until the test is done
+        self.addCleanup(demo.stop)
+        gate = demo.release
+        self.addCleanup(gate.set)
         gw = start_gateway(self, demo.url, api_keys=["sk-a"])
         self.assertEqual(request(gw.url, "GET", "/health")[0], 200)
         resp = self.open_stream(gw, "150 words")
@@ -5992,6 +6017,7 @@ class DrainTests(unittest.TestCase):
         status, _, body = request(gw.url, "GET", "/v1/models", headers={"Authorization": "Bearer sk-a"})
         self.assertEqual((status, json.loads(body)["error"]["type"]), (503, "server_error"))
         self.assertTrue(t.is_alive())                            # still serving the stream
+        gate.set()
         events = sse_events(resp.read())
         self.assertEqual(streamed_text(events), bg._demo_reply("150 words", [], "", [0] * 4)[1])
         self.assertEqual(events[-1], "[DONE]")
@@ -6011,7 +6037,7 @@ class DrainTests(unittest.TestCase):
         gw = start_gateway(self, demo.url, api_keys=["sk-a"])
         resp = self.open_stream(gw, "2000 words")
         started = time.monotonic()
-        t, result = self.start_draining(gw, grace=0.5)
+        t, result = self.start_draining(gw, grace=0.1)
         events = sse_events(resp.read())
         t.join(TIMEOUT)
         self.assertLess(time.monotonic() - started, 5)
@@ -6077,28 +6103,6 @@ class _Child:
                 self.proc.wait(5)
         self.reader.join(5)
         self.proc.stderr.close()
-
-
-class HeldGradio(FakeGradio):
-    """The demo upstream, whose long answers ("600 words") each send their first ``OPEN``
-    tokens (the thought, a few words) and then wait, before each next token, until
-    ``release`` (an Event the test sets) is set: a test sees a stream's first text, acts
-    while the stream runs, then lets it finish.  Other answers are never held."""
-
-    OPEN = 16
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.release = threading.Event()
-
-    def _pace(self, job):
-        job.paced = getattr(job, "paced", 0) + 1
-        if job.paced > self.OPEN and any(re.search(r"\d+ words", str(v)) for v in job.data):
-            release, deadline = self.release, time.monotonic() + TIMEOUT
-            while not release.wait(0.01) and not job.cancelled.is_set():
-                if time.monotonic() > deadline:
-                    break
-        return super()._pace(job)
 
 
 @needs("http.client", NGINX)            # nginx, from Debian (.ci/run installs it)
