@@ -38,6 +38,10 @@ from unittest import mock
 
 import bharatgen_openai as bg
 
+###############################################################################
+# Shared helpers: fixtures, fake upstreams, servers and requests ##############
+###############################################################################
+
 HERE = pathlib.Path(__file__).resolve().parent
 TIMEOUT = 20
 
@@ -61,26 +65,6 @@ def fixture(name):
 def events_of(read):
     """The events of an SSE stream, unbatched."""
     return list(bg._iter_sse(read))
-
-
-def snapshots(capture):
-    """The reply HTML of every generating/complete event of a /call capture."""
-    out = []
-    for event, data in events_of(io.BytesIO(capture).readline):
-        if event in ("generating", "complete"):
-            out.append((bg._reply_from_output(json.loads(data)), event == "complete"))
-    return out
-
-
-def stream_clean(snaps):
-    """Run snapshots through the streaming cleaner; return (deltas, final CleanReply)."""
-    cleaner = bg._StreamCleaner()
-    thoughts, answers = [], []
-    for html_text, final in snaps:
-        t, a = cleaner.update(html_text, final)
-        thoughts.append(t)
-        answers.append(a)
-    return thoughts, answers
 
 
 def needs(module, *files):
@@ -777,877 +761,12 @@ CAPTURES = {
     ),
 }
 
-
-TOKEN_SAMPLES = {
-"english": """The Indian monsoon is a seasonal reversal of winds that brings most of the country's annual rainfall between June and September. Farmers across the Gangetic plain plan their sowing around its arrival, and a delay of even two weeks can change what a whole district earns that year. Meteorologists watch sea-surface temperatures in the Indian Ocean, the strength of the Somali jet, and the position of the monsoon trough to forecast it. In recent decades, heavy downpours have become more frequent while the number of light rain days has fallen, which makes both floods and dry spells more likely. Understanding these patterns helps cities prepare their drains, reservoirs and emergency services well before the first clouds appear.""",
-"hindi": """भारतीय मानसून हवाओं का एक मौसमी बदलाव है जो जून से सितंबर के बीच देश की अधिकांश वार्षिक वर्षा लाता है। गंगा के मैदान के किसान इसके आगमन के अनुसार अपनी बुवाई की योजना बनाते हैं, और केवल दो सप्ताह की देरी भी पूरे ज़िले की उस साल की कमाई बदल सकती है। मौसम वैज्ञानिक इसका पूर्वानुमान लगाने के लिए हिंद महासागर के समुद्री सतह के तापमान और मानसून द्रोणी की स्थिति पर नज़र रखते हैं। हाल के दशकों में भारी बारिश की घटनाएँ बढ़ी हैं जबकि हल्की बारिश वाले दिनों की संख्या घटी है। इन पैटर्न को समझने से शहर अपनी नालियों, जलाशयों और आपातकालीन सेवाओं को पहले से तैयार कर पाते हैं।""",
-"tamil": """இந்தியப் பருவமழை என்பது ஜூன் முதல் செப்டம்பர் வரை நாட்டின் பெரும்பாலான ஆண்டு மழையைக் கொண்டுவரும் காற்றின் பருவகால மாற்றமாகும். கங்கைச் சமவெளியின் விவசாயிகள் அதன் வருகையைப் பொறுத்து விதைப்பைத் திட்டமிடுகின்றனர், இரண்டு வாரத் தாமதம்கூட ஒரு மாவட்டத்தின் அந்த ஆண்டு வருமானத்தை மாற்றக்கூடும். வானிலை ஆய்வாளர்கள் இந்தியப் பெருங்கடலின் கடல் மேற்பரப்பு வெப்பநிலையைக் கவனித்து அதை முன்னறிவிக்கின்றனர். சமீபத்திய பத்தாண்டுகளில் கனமழை நிகழ்வுகள் அதிகரித்துள்ளன, லேசான மழை நாட்களின் எண்ணிக்கை குறைந்துள்ளது. இந்த முறைகளைப் புரிந்துகொள்வது நகரங்கள் தங்கள் வடிகால்களையும் நீர்த்தேக்கங்களையும் முன்கூட்டியே தயார் செய்ய உதவுகிறது.""",
-"code": '''def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Merge overlapping closed intervals, e.g. [(1, 3), (2, 6)] -> [(1, 6)]."""
-    if not intervals:
-        return []
-    intervals = sorted(intervals, key=lambda iv: iv[0])
-    merged = [intervals[0]]
-    for start, end in intervals[1:]:
-        last_start, last_end = merged[-1]
-        if start <= last_end:
-            merged[-1] = (last_start, max(last_end, end))
-        else:
-            merged.append((start, end))
-    return merged
-
-
-class Cache:
-    def __init__(self, size=128):
-        self._data = {}
-        self._size = size
-
-    def get(self, key, default=None):
-        return self._data.get(key, default)
-
-    def put(self, key, value):
-        if len(self._data) >= self._size:
-            self._data.pop(next(iter(self._data)))
-        self._data[key] = value
-''',
-}
-
-
-# -- the contract --------------------------------------------------------------------------
-
-class ContractTests(unittest.TestCase):
-    def test_all_lists_exactly_the_public_names(self):
-        public = {name for name, value in vars(bg).items()
-                  if not name.startswith("_") and getattr(value, "__module__", None) == bg.__name__}
-        public |= {"APIError", "UpstreamTimeout"}          # aliases of public classes
-        self.assertEqual(set(bg.__all__), public)
-
-    def test_product_imports_only_the_standard_library(self):
-        import ast
-        tree = ast.parse((HERE / "bharatgen_openai.py").read_text(encoding="utf-8"))
-        names = set()
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names |= {a.name.split(".")[0] for a in node.names}
-            elif isinstance(node, ast.ImportFrom) and node.module:
-                names.add(node.module.split(".")[0])
-        stdlib = getattr(sys, "stdlib_module_names", None)
-        if stdlib is None:
-            self.skipTest("sys.stdlib_module_names needs Python 3.10")
-        self.assertEqual(names - set(stdlib) - {"__future__"}, set())
-
-    def test_error_hierarchy_maps_each_error_to_one_status_and_type(self):
-        cases = [(bg.BadRequestError, 400, "invalid_request_error"),
-                 (bg.AuthenticationError, 401, "invalid_request_error"),
-                 (bg.NotFoundError, 404, "invalid_request_error"),
-                 (bg.MethodNotAllowedError, 405, "invalid_request_error"),
-                 (bg.RequestTooLargeError, 413, "invalid_request_error"),
-                 (bg.RateLimitError, 429, "requests"),
-                 (bg.InternalServerError, 500, "server_error"),
-                 (bg.UpstreamError, 502, "upstream_error"),
-                 (bg.UpstreamOverloadedError, 503, "upstream_error"),
-                 (bg.APIConnectionError, 502, "upstream_error"),
-                 (bg.APITimeoutError, 504, "upstream_error")]
-        for cls, status, kind in cases:
-            exc = cls("boom", param="p")
-            self.assertIsInstance(exc, bg.BharatGenError)
-            self.assertEqual((exc.status, exc.type), (status, kind), cls)
-            self.assertEqual(exc.to_dict(), {"error": {"message": "boom", "type": kind,
-                                                       "param": "p", "code": cls.code}})
-        self.assertTrue(issubclass(bg.UpstreamTimeout, TimeoutError))
-        self.assertTrue(issubclass(bg.APIConnectionError, ConnectionError))
-        self.assertTrue(issubclass(bg.APITimeoutError, bg.APIConnectionError))
-        self.assertFalse(issubclass(bg.APIConnectionError, bg.InternalServerError))   # as openai
-        self.assertEqual((bg.NotFoundError("x").status_code, bg.APITimeoutError("x").status_code),
-                         (404, 504))
-
-
-# -- protocol pieces -----------------------------------------------------------------------
-
-class SSETests(unittest.TestCase):
-    def events(self, raw):
-        return events_of(io.BytesIO(raw).readline)
-
-    def test_events_multiline_data_comments_and_crlf(self):
-        raw = (b"event: generating\r\ndata: [1,\r\ndata: 2]\r\n\r\n: a comment\n\n"
-               b"data: plain\n\nevent: heartbeat\ndata: null\n\nevent: complete\ndata:[3]")
-        self.assertEqual(self.events(raw), [("generating", "[1,\n2]"), ("message", "plain"),
-                                            ("heartbeat", "null"), ("complete", "[3]")])
-
-    def test_blocks_split_anywhere_give_the_same_events(self):
-        import random
-        raw = fixture("call_hindi_please.sse").replace(b"\n", b"\r\n")
-        expected = self.events(fixture("call_hindi_please.sse"))
-        rng = random.Random(7)
-        for _ in range(20):
-            cuts = sorted(rng.sample(range(1, len(raw)), 40))
-            blocks = iter([raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])])
-            self.assertEqual(events_of(lambda: next(blocks, b"")), expected)
-
-    def test_events_cut_anywhere_come_whole(self):
-        blocks = iter([b"data: 1\n\ndata: 2\n\nda", b"ta: 3\n", b"\n", b"data: 4\n\ndata: 5\n\n",
-                       b": just a comment\n\n", b"data: 6"])
-        self.assertEqual([d for _, d in bg._iter_sse(lambda: next(blocks, b""))],
-                         ["1", "2", "3", "4", "5", "6"])
-
-    def test_a_line_or_an_event_over_the_limit_ends_the_stream(self):
-        def feed(*blocks):
-            it = iter(blocks)
-            return lambda: next(it, b"")
-        self.assertEqual([d for _, d in bg._iter_sse(feed(b"data: " + b"x" * 94 + b"\n\n"), 100)],
-                         ["x" * 94])
-        for blocks in ([b"data: " + b"x" * 60, b"x" * 60],                  # one line, no end
-                       [b"data: " + b"x" * 60 + b"\n", b"data: " + b"y" * 60 + b"\n"],   # one event
-                       [b"x" * 101]):
-            with self.assertRaisesRegex(bg.UpstreamError, "an event of over 100 bytes"):
-                list(bg._iter_sse(feed(*blocks), 100))
-        with self.assertRaisesRegex(bg.UpstreamError, "not UTF-8"):
-            list(bg._iter_sse(feed(b"data: \xff\n\n")))
-
-    def test_reading_is_linear_in_the_bytes(self):
-        # a 4 MB event in 4 KB blocks: each block is searched once (it took minutes when
-        # the buffer was searched from its start on every read)
-        calls = [0]
-        block = b"y" * 4096
-
-        def read():
-            calls[0] += 1
-            if calls[0] == 1:
-                return b"data: "
-            return block if calls[0] < 1026 else b"\n\n" if calls[0] == 1026 else b""
-        started = time.monotonic()
-        [(_, data)] = list(bg._iter_sse(read))
-        self.assertEqual(len(data), 4096 * 1024)
-        self.assertLess(time.monotonic() - started, 5)
-
-    def test_fixture_streams_parse_into_events(self):
-        events = self.events(fixture("call_Say_hello.sse"))
-        self.assertEqual([e for e, _ in events[-2:]], ["generating", "complete"])
-        self.assertEqual(self.events(fixture("call_crash.sse")),
-                         [("error", '{"error": "internal failure in model worker", "visible": true}')])
-
-
-class CleanerTests(unittest.TestCase):
-    FORMATTING = bg._DEMO_FORMATTING
-
-    def check_capture(self, name, answer, thought):
-        snaps = snapshots(fixture(name))
-        final = bg.clean_reply(snaps[-1][0])
-        self.assertEqual(final.answer, answer)
-        self.assertEqual(final.thought, thought)
-        thoughts, answers = stream_clean(snaps)
-        self.assertEqual("".join(answers), answer)
-        self.assertEqual("".join(thoughts), thought)
-        for piece in answers + thoughts:
-            self.assertNotIn("\ufffd", piece)
-        return answers
-
-    def test_say_hello_capture(self):
-        self.check_capture("call_Say_hello.sse", HELLO, thought_of("Say hello"))
-
-    def test_formatting_capture_keeps_code_tags_indentation_and_ampersands(self):
-        answers = self.check_capture("call_show_formatting.sse", self.FORMATTING,
-                                     thought_of("show formatting"))
-        self.assertGreater(sum(1 for a in answers if a), 5)      # it really streamed
-
-    def test_hindi_capture_never_sends_a_half_written_character(self):
-        self.check_capture("call_hindi_please.sse", HINDI, thought_of("hindi please"))
-
-    def test_history_capture(self):
-        answers = self.check_capture("call_history_messages_gradio6.sse", None or
-                                     bg.clean_reply(snapshots(fixture(
-                                         "call_history_messages_gradio6.sse"))[-1][0]).answer,
-                                     thought_of("tell me the history"))
-        self.assertTrue("".join(answers).startswith("SYSTEM=Be terse. | HISTORY=[{\"content\""))
-
-    def test_thought_is_unescaped_and_answer_is_verbatim(self):
-        html_text = ("<details class='thought'><summary>🧠 Thinking...</summary>\n\n"
-                     "a &lt; b &amp;&amp; &quot;c&quot;\n\n</details>\n\n"
-                     "x &amp; <b>y</b>\n  indented\n\n\nend\n\n"
-                     "<details style='opacity:0.6'><summary>d</summary><pre>x</pre></details>\n"
-                     "<div style='color:#666'>⏱️ Latency: 1s</div>")
-        reply = bg.clean_reply(html_text)
-        self.assertEqual(reply.thought, 'a < b && "c"')
-        self.assertEqual(reply.answer, "x &amp; <b>y</b>\n  indented\n\n\nend")
-
-    def test_markup_drift_double_quotes_other_labels_and_attribute_order(self):
-        html_text = ('<details open="" class="thought x"><summary>Thinking</summary>T</details>'
-                     'Answer <div class="box">kept</div>'
-                     '<details class="dbg" style="font-size: 1em; opacity: 0.5">x</details>'
-                     '<div style="font-size:1em; color: #666">L</div>')
-        reply = bg.clean_reply(html_text)
-        self.assertEqual((reply.thought, reply.answer), ("T", 'Answer <div class="box">kept</div>'))
-
-    def test_plain_text_without_blocks_is_the_answer(self):
-        self.assertEqual(bg.clean_reply("Echo: Hello there"),
-                         bg.CleanReply("Echo: Hello there", "", True, False))
-
-    def test_open_thought_has_no_answer_yet(self):
-        reply = bg.clean_reply("<details class='thought' open><summary>s</summary>\n\nThe user\n\n</details>")
-        self.assertEqual((reply.thought, reply.answer, reply.thought_done), ("The user", "", False))
-
-    def test_stream_holds_back_partial_tags_whitespace_and_replacement_chars(self):
-        head = "<details class='thought'><summary>s</summary>\n\nT\n\n</details>\n\n"
-        steps = ["<det", "<details class='tho", head + "a <", head + "a < b", head + "a < b\n\n<d",
-                 head + "a < b\n\n<details style='opa",
-                 head + "a < b\n\nनमस\ufffd", head + "a < b\n\nनमस्ते",
-                 head + "a < b\n\nनमस्ते\n\n<details style='opacity:1'>x</details>"]
-        cleaner = bg._StreamCleaner()
-        out = [cleaner.update(s) for s in steps]
-        self.assertEqual([a for _, a in out],
-                         ["", "", "a", " < b", "", "", "\n\nनमस", "्ते", ""])
-        self.assertEqual("".join(t for t, _ in out), "T")
-
-    def test_appends_give_the_same_text_as_whole_snapshots(self):
-        for prompt in ("Say hello", "show formatting", "hindi please", "tamil", "90 words"):
-            snaps = list(bg._demo_html(*bg._demo_reply(prompt, [], "", [0] * 4)))
-            whole, appended = bg._StreamCleaner(), bg._StreamCleaner()
-            out_whole, out_appended, prev = [], [], None
-            for i, snap in enumerate(snaps):
-                final = i == len(snaps) - 1
-                out_whole.append(whole.update(snap, final))
-                if prev is not None and snap.startswith(prev) and not final:
-                    out_appended.append(appended.append(snap[len(prev):]))
-                else:
-                    out_appended.append(appended.update(snap, final))
-                prev = snap
-            self.assertEqual(out_appended, out_whole, prompt)
-            self.assertEqual("".join(a for _, a in out_whole), bg.clean_reply(snaps[-1]).answer)
-
-    def test_final_update_releases_what_was_held(self):
-        cleaner = bg._StreamCleaner()
-        self.assertEqual(cleaner.update("Echo: Hello \ufffd"), ("", "Echo: Hello"))
-        self.assertEqual(cleaner.update("Echo: Hello ✓\n", final=True), ("", " ✓\n"))
-
-
-class CleanerPropertyTests(unittest.TestCase):
-    """Answers built from the pieces that break cleaners (the app's own block markup, tags
-    left open, comments, entities written out, code, Indic text, CRLF, long lines),
-    rendered as the Param app renders them, a few characters at a time with a
-    half-written character first shown as U+FFFD, then cleaned whole and streamed (as
-    queue appends and as whole snapshots): every way gives exactly what went in, and
-    nothing sent is ever taken back."""
-
-    SEED, COUNT = 20261202, 2000
-    PIECES = ["<details class='thought'>", "<details class='thought' open>",
-              "<summary>\U0001f9e0 Thinking...</summary>", "</details>", "</summary>",
-              "<details style='opacity:0.6; font-size:0.85em'>",
-              "<summary>\U0001f50d Debug: Raw Response</summary>", "<pre>", "</pre>",
-              "<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; "
-              "margin-top:8px; padding-top:4px'>", "\u23f1\ufe0f Latency: 1.23s", "</div>",
-              "<details>", "<div", "<div>", "<span", "<!--", "-->", "<script>x()</script>",
-              "&amp;lt;", "&lt;", "&", "a < b", "c > d", "x<y", "```html\n", "```", "\n",
-              "\n\n", "\r\n", " ", "\t", "\u0928\u092e\u0938\u094d\u0924\u0947",
-              "\u0bb5\u0ba3\u0b95\u0bcd\u0b95\u0bae\u0bcd", "\U0001f64f", "x" * 300, "word",
-              "Hello, world.", "<", ">", "\ufffd"]
-
-    def render(self, rng, thought, answer):
-        """The app's snapshots of a reply: the thought growing in an open block, then the
-        answer growing after the closed one, then the debug block and latency line."""
-        def growing(text):
-            i = 0
-            while i < len(text):
-                i = min(len(text), i + rng.randint(1, 5))
-                if ord(text[i - 1]) > 0x7f and rng.random() < 0.5:
-                    yield text[:i - 1] + "\ufffd"          # half a character, first
-                yield text[:i]
-        snaps = [bg._THOUGHT_HEAD % " open" + html.escape(part) + "\n\n</details>"
-                 for part in growing(thought)]
-        closed = bg._THOUGHT_HEAD % "" + html.escape(thought) + "\n\n</details>\n\n"
-        snaps += [closed + part for part in growing(answer)]
-        return snaps, (closed + answer + bg._DEBUG_HEAD + html.escape(
-            "<think>%s</think>%s" % (thought, answer)) + bg._LATENCY % (1.5, 1.25))
-
-    def stream(self, snaps, final, appends):
-        cleaner, thoughts, answers, last = bg._StreamCleaner(), [], [], ""
-        for snap in snaps:
-            if appends and last and snap.startswith(last):
-                t, a = cleaner.append(snap[len(last):])
-            else:
-                t, a = cleaner.update(snap)
-            thoughts.append(t)
-            answers.append(a)
-            last = snap
-        t, a = cleaner.update(final, True)
-        self.assertFalse(cleaner.diverged)
-        return "".join(thoughts) + t, "".join(answers) + a
-
-    def test_every_way_of_cleaning_gives_what_went_in(self):
-        import random
-        rng = random.Random(self.SEED)
-        for n in range(self.COUNT):
-            answer = "".join(rng.choice(self.PIECES) for _ in range(rng.randint(0, 12)))
-            thought = " ".join(rng.choice(self.PIECES) for _ in range(rng.randint(1, 6))).strip()
-            thought = thought or "hmm"
-            snaps, final = self.render(rng, thought, answer)
-            with self.subTest(n=n, answer=answer, thought=thought):
-                reply = bg.clean_reply(final)
-                self.assertEqual((reply.thought, reply.answer), (thought, answer))
-                for appends in (True, False):
-                    self.assertEqual(self.stream(snaps, final, appends), (thought, answer))
-
-
-class StopCutterTests(unittest.TestCase):
-    def run_cutter(self, stops, deltas):
-        cutter = bg._StopCutter(stops)
-        out = [cutter.feed(d) for d in deltas]
-        return out, cutter.flush(), cutter.stopped
-
-    def test_stop_split_across_deltas_is_caught(self):
-        self.assertEqual(self.run_cutter(["END"], ["abc E", "N", "Dxyz", "more"]),
-                         (["abc ", "", "", ""], "", True))
-
-    def test_false_start_is_released(self):
-        self.assertEqual(self.run_cutter(["END"], ["a EN", "X b"]), (["a ", "ENX b"], "", False))
-
-    def test_earliest_of_several_stops_wins_and_tail_is_flushed(self):
-        self.assertEqual(self.run_cutter(["yy", "x"], ["a yy b x"]), (["a "], "", True))
-        self.assertEqual(self.run_cutter(["zz"], ["tail z"]), (["tail "], "z", False))
-
-
-class TokenEstimateTests(unittest.TestCase):
-    def test_counts_by_script(self):
-        self.assertEqual(bg.estimate_tokens(""), 0)
-        self.assertEqual(bg.estimate_tokens("Hello, world!"), 4)
-        self.assertEqual(bg.estimate_tokens("1234567"), 3)
-        self.assertEqual(bg.estimate_tokens(HINDI), 14)
-        self.assertEqual(bg.estimate_tokens("def f(x):\n    return x"), 8)
-
-    def test_far_better_than_four_characters_a_token_for_hindi(self):
-        text = HINDI * 10
-        self.assertGreater(bg.estimate_tokens(text), len(text.encode("utf-8")) / 8)
-
-
-@needs("bpe_openai")
-class TokenEstimateAccuracyTests(unittest.TestCase):
-    """The estimate within 15% of o200k_base (bpe_openai ships that vocabulary offline)."""
-
-    def test_within_fifteen_percent_on_english_hindi_tamil_and_code(self):
-        import bpe_openai
-        enc = bpe_openai.get_encoding("o200k_base")
-        for name, text in TOKEN_SAMPLES.items():
-            real, est = len(enc.encode(text)), bg.estimate_tokens(text)
-            with self.subTest(name=name, real=real, estimate=est):
-                self.assertLessEqual(abs(est - real) / real, 0.15)
-
-
-# -- exact token counts: the pure-Python tokenizer against Hugging Face's ---------------------
-
-_GPT2_SPLIT, _onig, _split, _Tokenizer = bg._GPT2_SPLIT, bg._onig, bg._split, bg._Tokenizer
-
 try:
     import tokenizers
     from tokenizers import (AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers,
                             trainers)
 except ImportError:  # pragma: no cover
     tokenizers = None
-
-try:
-    import sentencepiece
-except ImportError:  # pragma: no cover
-    sentencepiece = None
-
-_SEEDS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "I'm sure they'll say it's fine; we've done it before, haven't we?",
-    "Prices rose 12.5% to $1,234.56 in Q3 2024 (see table 7).",
-    "OpenAI-compatible gateways translate requests: POST /v1/chat/completions.",
-    "résumé, naïve café, Zürich, São Paulo, Ελληνικά, Ωμέγα ΣΟΦΙΑΣ, İstanbul",
-    "ﬁne ﬂour costs ½ of ¼ kg ① ② — “quoted” ‘text’ … ™ ℃",
-    "भारत एक विशाल देश है जिसकी संस्कृति बहुत पुरानी है।",
-    "मैं आज बाज़ार जा रहा हूँ, क्या तुम भी चलोगे?",
-    "हिन्दी में क़लम, ज़मीन और फ़ारसी शब्द आते हैं।",
-    "प्रधानमंत्री ने २०२४ में नई योजनाओं की घोषणा की।",
-    "தமிழ் ஒரு பழமையான மொழி ஆகும்.",
-    "நான் இன்று பள்ளிக்குச் செல்கிறேன், நீங்கள் வருகிறீர்களா?",
-    "கொம்பு, கோவில், கௌரவம் — ௧௨௩ எண்கள்.",
-    "def add(a, b):\n    return a + b  # sum\n",
-    "for (int i = 0; i < n; ++i) { total += v[i] * 2; }",
-    "if __name__ == '__main__':\n\tmain(sys.argv[1:])\n",
-    "SELECT name, COUNT(*) FROM users WHERE age >= 18 GROUP BY name;",
-    "const f = async (x) => { await fetch(`/api/${x}`); };",
-    "<div class=\"row\"><span>Hello</span></div>",
-    "{\"key\": [1, 2, 3], \"nested\": {\"ok\": true, \"n\": null}}",
-    "Emoji: 😀 😂 👍🏽 ❤️ 🇮🇳 👨‍👩‍👧‍👦 🧑🏾‍💻 🏳️‍🌈 #️⃣",
-    "Mixed: Hello नमस्ते வணக்கம் 你好 こんにちは 안녕하세요 مرحبا",
-    "Hinglish: kal main office jaunga, phir मीटिंग है at 10am.",
-    "Numbers 0123456789 and ١٢٣ and ٤٥٦ and 一二三",
-    "Tabs\tand\ttabs\t\tand trailing spaces   ",
-    "Line one\nLine two\r\nLine three\n\n\nLine six",
-    "A very long word: pneumonoultramicroscopicsilicovolcanoconiosis.",
-    "URLs like https://example.com/path?q=1&r=two#frag are common.",
-    "e\u0301 a\u0300 o\u0302 n\u0303 (combining marks, decomposed)",
-    "\u0b95\u0bc6\u0bbe\u0bb2\u0bcd \u0b95\u0bc6\u0bb3 (Tamil vowel signs, decomposed)",
-    "\u0915\u093c\u0932\u092e \u091c\u093c\u092e\u0940\u0928 (nukta, decomposed)",
-    "Zero\u200bwidth\u200cjoiners\u200d and\u00a0no-break\u202fspaces\u3000here",
-    "CAPITAL LETTERS AND Title Case And lower case",
-    "Ünïcödé ÀÉÎÕÜ straße ΣΊΣΥΦΟΣ ǅungla",
-    "    indented code\n        more indented\n",
-    "!!! ??? ... --- *** ### $$$ %%% ^^^ &&& ((( )))",
-    "x = [i**2 for i in range(10) if i % 2 == 0]",
-    "সংখ্যা বাংলা ভাষায় ১২৩ — ગુજરાતી ਪੰਜਾਬੀ తెలుగు ಕನ್ನಡ മലയാളം",
-    "Control\x01chars\x1fand\x7fdel and \U0001F600 astral",
-    "The end. ॐ ॥ ৳ ₹ 100 only.",
-    "Marks out of order: a\u0301\u0323 q\u0307\u0323 \u1e69\u0301 \u0915\u094d\u093c",
-    "Odd spaces:\x1c\x1d\x1e\x1f|\x85|\u2028|\u2029|\u180e|\u200b|\ufeff|end",
-    "Blocked marks: a\u0305\u0301 e\u0305\u0300 o\u0316\u0300 \u1100\u1161\u11a8 \u0b47\u0b3e",
-    "Astral: x𓀀y 𝐀𝐁𝐂bold 𝟏𝟐𝟑digits 𐐀𐐨deseret a😀b 9𝟗9 'S𝐒",
-]
-_UNSEEN = [  # scripts left out of the training texts: unknown chars, byte fallback
-    "ግዕዝ ፊደል ሰላም ነው። ქართული ენა ლამაზია",
-    "Cherokee ᏣᎳᎩ and Javanese ꦧꦱꦗꦮ and 𓀀𓀁 hieroglyphs",
-]
-_SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<mask>", "[TOOL]", "wordy"]
-_SEPARATORS = ["", " ", "  ", "\n", "\n\n", "\t", " \n ", "\r\n", "      ", "\n    \n", " " * 17]
-_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
-          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
-          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
-          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-
-# A precompiled_charsmap that SentencePiece built from this rule table (hex code points):
-#   3000->20, FB01->66 69, 1->(none), 65 301->E9, 41->61 ("A" + a mark is replaced whole by
-#   "a": the shortest key wins), FF21->41, D->20 ("\r\n" becomes " "), 2460->31, 958->915 93C,
-#   BCA->BC6 BBE, FE0F->(none), 200B->(none), 2026->2E 2E 2E, A0->20.
-_SMALL_CHARSMAP = (
-    "AAQAAAAMAAAAAACAAQ0AAMwQAgABAACACwAAgIEFAAAQAACAoDEAAJgNAAATAACAih0AABoAAICAJAIADSkAAIs5AACl"
-    "BAIAAwAAgKAFAAAHAACAgAQCAIBFAACBBQAADQAAgKENAACPYQAAr2wCAAkAAICRuAIAHwAAABwAAAAdAAAArNwCACMA"
-    "AACmzQAAIQAAACYAAAAnAAAAJAAAACUAAAAqAAAAKwAAACgAAAApAAAALgAAAC8AAAAsAAAALQAAALwkAgAzAAAAMAAA"
-    "ADEAAAC4iAIANwAAADQAAAA1AAAAOgAAADsAAAA4AAAAOQAAAD4AAAA/AAAAPAAAAD0AAABCAAAAQwAAAEEdAQBBAAAA"
-    "RgAAAEcAAABEAAAARQAAAEoAAABLAAAASAAAAEkAAABOAAAATwAAAEwAAABNAAAAUgAAAFMAAABQAAAAUQAAAFYAAABX"
-    "AAAAVAAAAFUAAABaAAAAWwAAAFgAAABZAAAAXgAAAF8AAABcAAAAXQAAAGIAAABjAAAAYAAAAGEAAABmAAAAZwAAAGWk"
-    "AgBlAAAAagAAAGsAAABoAAAAaQAAAG4AAABvAAAAbAAAAG0AAAByAAAAcwAAAHAAAABxAAAAdgAAAHcAAAB0AAAAdQAA"
-    "AHoAAAB7AAAAeAAAAHkAAAB+AAAAfwAAAHwAAAB9AAAAggAAAIMAAACAAAAAgQAAAIYAAACHAAAAhAAAAIUAAACKAAAA"
-    "iwAAAIgAAACJAAAAjgAAAI8AAACMAAAAjQAAAJIAAACTAAAAkAAAAJEAAACWAAAAlwAAAJQAAACVAAAAmgAAAJsAAACY"
-    "AAAAmQAAAJ4AAACfAAAAnAAAAJ0AAACiAAAAowAAAKAAAAChAAAApgAAAKcAAACkAAAApQAAAKoAAACrAAAAqAAAAKkA"
-    "AACuAAAArwAAAKwAAACtAAAAsgAAALMAAACwAAAAsQAAALYAAAC3AAAAtAAAALUAAAC6AAAAuwAAALgAAAC5AAAAvgAA"
-    "AL8AAAC8AAAAvQAAAMIAAADCpAEAwAAAAMEAAADGAAAAxwAAAMQAAADFAAAAygAAAMsAAADIAAAAyQAAAM4AAADPAAAA"
-    "zAAAAM0AAADSAAAA0wAAANAAAADRAAAA1gAAANcAAADUAAAA1QAAANoAAADbAAAA2AAAANkAAADeAAAA3wAAANwAAADd"
-    "AAAA49ABAOKwAQDgAAAA4FgBAOYAAADnAAAA5AAAAOUAAADqAAAA6wAAAOgAAADpAAAA74ABAO8AAADsAAAA7QAAAPIA"
-    "AADzAAAA8AAAAPEAAAD2AAAA9wAAAPQAAAD1AAAA+gAAAPsAAAD4AAAA+QAAAP4AAAD/AAAA/AAAAP0AAAAAIAAuLi4A"
-    "MQBBAGEAZmkAw6kA4KSV4KS8AOCvhuCuvgA="
-)
-_TRAIN_SPECIALS = ["<unk>", "<s>", "</s>"]
-
-
-def _llama_legacy():
-    """The normalizers of a legacy Llama conversion (no pre-tokenizer)."""
-    return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-
-
-def _corpus(n: int = 560, seed: int = 20240917, train: bool = False) -> list:
-    """Deterministic texts: the seeds, mixes of them, odd slices, specials, whitespace runs."""
-    rnd = random.Random(seed)
-    texts = ["", " ", "\n", "  ", " " * 300, "\n" * 50, "\t \n" * 20, "▁", "▁▁ ▁", "<s>",
-             " <mask> ", "".join(_SEEDS) * 3] + list(_SEEDS) + _UNSEEN
-    while len(texts) < n:
-        parts = [rnd.choice(_SEEDS if train or rnd.random() < 0.9 else _UNSEEN)
-                 for _ in range(rnd.randint(1, 4))]
-        text = "".join(p + rnd.choice(_SEPARATORS) for p in parts)
-        kind = rnd.random()
-        if kind < 0.25:  # a slice starting and ending anywhere
-            a = rnd.randrange(len(text))
-            text = text[a:rnd.randint(a, len(text))]
-        elif kind < 0.5:  # added tokens inside the text, with or without spaces around
-            for _ in range(rnd.randint(1, 3)):
-                i = rnd.randint(0, len(text))
-                text = text[:i] + rnd.choice(["", " ", "  "]) + rnd.choice(_SPECIALS) + rnd.choice(
-                    ["", " ", "\n"]) + text[i:]
-        elif kind < 0.6:
-            text = unicodedata.normalize(rnd.choice(["NFD", "NFKD", "NFC"]), text)
-        elif kind < 0.7:
-            text = rnd.choice([str.upper, str.lower, str.title])(text)
-        elif kind < 0.8:
-            text = rnd.choice(_SEPARATORS) + text + " " * rnd.randint(0, 40)
-        texts.append(text)
-    return texts
-
-
-def _charsmap_from_spm(model: bytes) -> bytes:
-    """The precompiled_charsmap in a SentencePiece model proto (field 3, then its field 2)."""
-    def field(buf: bytes, wanted: int) -> bytes:
-        i = 0
-        while i < len(buf):
-            key, i = varint(buf, i)
-            if key & 7 == 0:
-                i = varint(buf, i)[1]
-            elif key & 7 in (1, 5):
-                i += 8 if key & 7 == 1 else 4
-            else:
-                size, i = varint(buf, i)
-                if key >> 3 == wanted:
-                    return buf[i:i + size]
-                i += size
-        raise ValueError("field %d not found" % wanted)
-
-    def varint(buf: bytes, i: int) -> tuple:
-        value = shift = 0
-        while True:
-            value |= (buf[i] & 127) << shift
-            shift += 7
-            i += 1
-            if buf[i - 1] < 128:
-                return value, i
-    return field(field(model, 3), 2)
-
-
-@unittest.skipIf(tokenizers is None, "the tokenizers package is not installed")
-@needs("tokenizers")
-class TokenizerTests(unittest.TestCase):
-    """_Tokenizer gives the ids and end offsets that Hugging Face tokenizers gives."""
-
-    @classmethod
-    def setUpClass(cls) -> None:
-        cls.texts = _corpus()
-        cls.train = [t for t in _corpus(300, seed=7, train=True) if t not in _UNSEEN]
-
-    def _train_bpe(self, pre, vocab_size=700, alphabet=None, **model):
-        tok = Tokenizer(models.BPE(**model))
-        tok.pre_tokenizer = pre
-        kwargs = {"initial_alphabet": alphabet} if alphabet else {"limit_alphabet": 150}
-        tok.train_from_iterator(self.train, trainers.BpeTrainer(
-            vocab_size=vocab_size, show_progress=False, special_tokens=_TRAIN_SPECIALS, **kwargs))
-        return tok
-
-    def _with_bytes(self, tok, score=None):
-        """The tokenizer with <0x00>..<0xFF> in its vocab and byte_fallback on."""
-        spec = json.loads(tok.to_str())
-        model = spec["model"]
-        for b in range(256):
-            if score is None:
-                model["vocab"].setdefault("<0x%02X>" % b, len(model["vocab"]))
-            else:
-                model["vocab"].append(["<0x%02X>" % b, score])
-        model["byte_fallback"] = True
-        return Tokenizer.from_str(json.dumps(spec))
-
-    def _add_tokens(self, tok):
-        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False),
-                                AddedToken("<mask>", lstrip=True, special=True, normalized=False)])
-        tok.add_tokens([AddedToken("[TOOL]", rstrip=True, normalized=False),
-                        AddedToken("wordy", single_word=True, normalized=True)])
-        return tok
-
-    def assertSame(self, name, tok, texts=None):
-        """Every text: same ids, count, and end offsets as the library, both reading the same
-        tokenizer.json (an edited Tokenizer object may keep stale state in older versions)."""
-        tok.post_processor = None
-        spec = tok.to_str()
-        tok, ours = Tokenizer.from_str(spec), _Tokenizer.load(json.loads(spec))
-        bad = []
-        for text in texts or self.texts:
-            want = tok.encode(text, add_special_tokens=False)
-            got = ours.encode(text)
-            ok = ([i for i, _ in got] == want.ids and ours.count(text) == len(want.ids)
-                  and [e for _, e in got] == [e for _, e in want.offsets])
-            if not ok:
-                bad.append(text)
-        if bad:  # trained models vary from run to run: keep this one
-            fd, path = tempfile.mkstemp(prefix="tokenizer-", suffix=".json")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(spec)
-            want = tok.encode(bad[0], add_special_tokens=False)
-            self.fail("%s (%s): %d of %d texts differ; first %r:\n ours %r\n lib  %r" % (
-                name, path, len(bad), len(texts or self.texts), bad[0], ours.encode(bad[0]),
-                list(zip(want.ids, [e for _, e in want.offsets]))))
-
-    def test_regex_translation(self):
-        # Oniguruma patterns (\p{..}, \s) run with Python's re split every text as the library does.
-        for pattern in (_GPT2_SPLIT, _LLAMA3, _GPT4O, r"\p{N}+|[^\p{N}\s]+", r"\P{L}+"):
-            lib, ours = pre_tokenizers.Split(Regex(pattern), behavior="isolated"), _onig(pattern)
-            for text in self.texts:
-                want = [o for _, o in lib.pre_tokenize_str(text)]
-                got = [(w[0], w[-1] + 1) for _, w in _split(text, range(len(text)), ours)]
-                self.assertEqual(got, want, "%r on %r" % (pattern, text))
-
-    def test_byte_level_bpe(self):
-        for prefix in (False, True):
-            tok = self._train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=prefix),
-                                  alphabet=pre_tokenizers.ByteLevel.alphabet())
-            self.assertSame("gpt2 prefix=%s" % prefix, self._add_tokens(tok))
-
-    def test_llama3_split_regex(self):
-        pre = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(_LLAMA3), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-        tok = self._train_bpe(pre, alphabet=pre_tokenizers.ByteLevel.alphabet(), ignore_merges=True)
-        self.assertSame("llama3", self._add_tokens(tok))
-
-    def test_sentencepiece_bpe_byte_fallback(self):
-        # Trained as SentencePiece does (words start with "▁"), then run as converted Llama files:
-        # legacy (Prepend + Replace normalizers, no pre-tokenizer), and Metaspace "first".
-        tok = self._with_bytes(self._train_bpe(pre_tokenizers.Metaspace(), unk_token="<unk>",
-                                               fuse_unk=True))
-        tok.normalizer = _llama_legacy()
-        tok.pre_tokenizer = None
-        self.assertSame("llama legacy", self._add_tokens(tok))
-        tok.normalizer = None
-        for scheme, split in (("first", False), ("always", True), ("never", True)):
-            tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=split)
-            self.assertSame("metaspace %s split=%s" % (scheme, split), tok)
-
-    def test_bpe_merges_across_words_and_unk(self):
-        # Merges that cross "x▁" (no cutting of long words), unknown chars fused or not.
-        for fuse in (True, False):
-            tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=fuse))
-            tok.normalizer = _llama_legacy()
-            tok.train_from_iterator(self.train[:40], trainers.BpeTrainer(
-                vocab_size=300, limit_alphabet=60, show_progress=False, special_tokens=["<unk>"]))
-            self.assertSame("bpe fuse_unk=%s" % fuse, tok)
-
-    def test_unigram_metaspace(self):
-        tok = Tokenizer(models.Unigram())
-        tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
-                                               normalizers.Replace(Regex(" {2,}"), " ")])
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.train_from_iterator(self.train, trainers.UnigramTrainer(
-            vocab_size=600, show_progress=False, special_tokens=_TRAIN_SPECIALS, unk_token="<unk>"))
-        self.assertSame("unigram", self._add_tokens(tok))
-        tok = self._with_bytes(tok, score=-20.0)
-        tok.normalizer = normalizers.Sequence([normalizers.Strip(), normalizers.NFD(),
-                                               normalizers.Lowercase(), normalizers.NFC()])
-        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
-        self.assertSame("unigram byte_fallback", tok)
-
-    def test_unigram_near_tie(self):
-        # The library reads "-2.1152937751343606" 1 ulp off (serde_json), which decides this tie:
-        # the same model built in memory splits it the other way.
-        vocab = [("<unk>", 0.0), ("▁", -2.1152937751343606), ("^", -7.290994014629568),
-                 ("^^", -7.292064820859244)]
-        tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        self.assertSame("unigram near-tie", tok, ["^^^", " ^^^^^ ^^^"])
-        self.assertEqual(Tokenizer.from_str(tok.to_str()).encode("^^^").tokens, ["▁", "^", "^^"])
-        self.assertEqual(tok.encode("^^^").tokens, ["▁", "^^", "^"])
-
-    def test_normalizers_alignment(self):
-        # Each normalizer alone, on a byte-level BPE, so offsets go through every alignment rule.
-        tok = self._train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
-                              alphabet=pre_tokenizers.ByteLevel.alphabet())
-        for norm in (normalizers.NFC(), normalizers.NFD(), normalizers.NFKC(), normalizers.NFKD(),
-                     normalizers.Lowercase(), normalizers.Strip(left=True, right=False),
-                     normalizers.Strip(left=False, right=True),
-                     normalizers.Replace(Regex(r"\s+"), " "), normalizers.Replace("e", ""),
-                     normalizers.Precompiled(base64.b64decode(_SMALL_CHARSMAP))):
-            tok.normalizer = norm
-            self.assertSame("normalizer %s" % norm.__class__.__name__, tok, self.texts[:200])
-
-    def test_precompiled_charsmap(self):
-        # The small charsmap above, and SentencePiece's default (nmt_nfkc) when it is installed.
-        charsmaps = [base64.b64decode(_SMALL_CHARSMAP)]
-        if sentencepiece is not None:
-            model = io.BytesIO()
-            sentencepiece.SentencePieceTrainer.train(
-                sentence_iterator=iter(self.train), model_writer=model, vocab_size=400,
-                hard_vocab_limit=False, normalization_rule_name="nmt_nfkc", minloglevel=2)
-            charsmaps.append(_charsmap_from_spm(model.getvalue()))
-        tok = Tokenizer(models.Unigram())
-        tok.pre_tokenizer = pre_tokenizers.Metaspace()
-        tok.train_from_iterator(self.train, trainers.UnigramTrainer(
-            vocab_size=500, show_progress=False, special_tokens=["<unk>"], unk_token="<unk>"))
-        for charsmap in charsmaps:
-            tok.normalizer = normalizers.Sequence([normalizers.Precompiled(charsmap),
-                                                   normalizers.Replace(Regex(" {2,}"), " ")])
-            self.assertSame("precompiled (%d bytes)" % len(charsmap), tok)
-
-    def test_malformed(self):
-        # A bad tokenizer.json is a ValueError whose one line names the part and the fault.
-        tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-        good = json.loads(tok.to_str())
-        split = {"type": "Split", "pattern": {"Regex": " "}, "behavior": "Isolated",
-                 "invert": False}
-        model, pre = good["model"], "pre_tokenizer"
-        cases = [
-            ({"model": {**model, "merges": [["a", "c"]]}}, "bad model: merge ['a', 'c']"),
-            ({"model": {**model, "type": "WordPiece"}}, "unsupported model 'WordPiece'"),
-            ({"model": {**model, "unk_token": "<unk>"}}, "unk_token '<unk>' is not in the vocab"),
-            ({"model": {**model, "vocab": None}}, "bad model: "),
-            ({"normalizer": {"type": "BertNormalizer"}}, "bad normalizer: unsupported 'Bert"),
-            ({"normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA"}},
-             "not a SentencePiece"),
-            ({pre: {**split, "pattern": {"Regex": "(?<"}}}, "bad pre_tokenizer: regex '(?<'"),
-            ({pre: {**split, "pattern": {"Regex": r"\p{Han}"}}}, r"unsupported regex class \p"),
-            ({pre: {**split, "behavior": "MergedWithNext"}}, "unsupported Split behavior"),
-            ({pre: {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "often"}},
-             "unsupported scheme 'often'"),
-            ({pre: {"type": "Sequence", "pretokenizers": [good[pre], split]}},
-             "ByteLevel must be the last"),
-        ]
-        for change, says in cases:
-            with self.assertRaises(ValueError) as caught:
-                _Tokenizer.load({**good, **change})
-            self.assertIn(says, str(caught.exception))
-            self.assertTrue(str(caught.exception).startswith("tokenizer.json: "), caught.exception)
-            self.assertNotIn("\n", str(caught.exception))
-        del good["model"]["merges"]
-        with self.assertRaisesRegex(ValueError, "^tokenizer.json: bad model: missing 'merges'$"):
-            _Tokenizer.load(good)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "tokenizer.json")
-            for content, says in (("[]", "not a JSON object"), ("{", "not JSON: Expecting"),
-                                  (json.dumps(good) + " " * 99, "larger than")):
-                with open(path, "w", encoding="utf-8") as f:
-                    f.write(content)
-                module = sys.modules[_Tokenizer.__module__]
-                with mock.patch.object(module, "_TOKENIZER_FILE_LIMIT", len(json.dumps(good)) + 50):
-                    with self.assertRaisesRegex(ValueError, "^tokenizer.json: " + says):
-                        _Tokenizer.load(path)
-
-if __name__ == "__main__":
-    unittest.main()
-
-
-class ObjectTests(unittest.TestCase):
-    def test_chat_completion_json_is_exactly_openai_shaped(self):
-        c = bg.ChatCompletion(id="chatcmpl-1", created=7, model="m", choices=[
-            bg.Choice(message=bg.ChatCompletionMessage(content="hi"))],
-            usage=bg.CompletionUsage(1, 2, 3))
-        self.assertEqual(c.to_dict(), {
-            "id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
-            "system_fingerprint": None,
-            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
-                         "message": {"role": "assistant", "content": "hi", "refusal": None,
-                                     "annotations": []}}],
-            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
-        self.assertEqual(c.model_dump(), c.to_dict())
-        self.assertEqual(c.choices[0].message.content, "hi")
-        self.assertEqual(json.loads(c.model_dump_json()), c.to_dict())
-
-    def test_chunk_delta_leaves_out_unset_fields(self):
-        chunk = bg.ChatCompletionChunk(id="x", choices=[bg.ChunkChoice(delta=bg.ChoiceDelta(
-            reasoning_content="r"))])
-        self.assertEqual(chunk.to_dict()["choices"][0]["delta"], {"reasoning_content": "r"})
-
-class ConfigTests(unittest.TestCase):
-    def test_flags_win_over_environment_over_defaults(self):
-        env = {"BHARATGEN_MODEL": "env-model", "BHARATGEN_TIMEOUT": "5",
-               "BHARATGEN_API_KEYS": "a, b", "BHARATGEN_BASE_URL": "http://x"}
-        c = bg.Config.load(env, model="flag-model")
-        self.assertEqual((c.model, c.timeout, c.api_keys, c.upstream, c.port),
-                         ("flag-model", 5.0, ["a", "b"], ["http://x"], 8000))
-        self.assertEqual(bg.Config.load({"BHARATGEN_UPSTREAM": "http://a, http://b"}).upstream,
-                         ["http://a", "http://b"])
-        self.assertEqual(bg.Config.load({}).model, bg.DEFAULT_MODEL)
-        c = bg.Config.load({"BHARATGEN_FIRST_EVENT_TIMEOUT": "2.5", "BHARATGEN_ALLOW_NO_AUTH": "yes",
-                            "BHARATGEN_MAX_CONCURRENT": "9", "BHARATGEN_CORS_ORIGINS": "*"})
-        self.assertEqual((c.first_event_timeout, c.allow_no_auth, c.max_concurrent, c.cors_origins),
-                         (2.5, True, 9, ["*"]))
-        import argparse
-        self.assertEqual(bg._config_from_args(argparse.Namespace(
-            max_connections=7, send_timeout=2.5, max_event_bytes=99)).max_connections, 7)
-        c = bg.Config.load({"BHARATGEN_MAX_CONNECTIONS": "3", "BHARATGEN_SEND_TIMEOUT": "1.5",
-                            "BHARATGEN_MAX_EVENT_BYTES": "1024"})
-        self.assertEqual((c.max_connections, c.send_timeout, c.max_event_bytes), (3, 1.5, 1024))
-
-    def test_bad_environment_values_are_reported(self):
-        with self.assertRaisesRegex(ValueError, "BHARATGEN_TIMEOUT='soon' is not a valid"):
-            bg.Config.load({"BHARATGEN_TIMEOUT": "soon"})
-        with self.assertRaisesRegex(ValueError, "reasoning must be one of"):
-            bg.Config.load({}, reasoning="loud")
-
-
-class RequestMappingTests(unittest.TestCase):
-    def test_system_developer_history_and_merged_turns(self):
-        conv = bg._conversation([
-            {"role": "system", "content": "S1"}, {"role": "user", "content": "u1"},
-            {"role": "assistant", "content": None}, {"role": "developer", "content": "S2"},
-            {"role": "user", "content": [{"type": "text", "text": "u2"}]},
-            {"role": "user", "content": "u3"}])
-        self.assertEqual((conv.system, conv.history, conv.message),
-                         ("S1\n\nS2", [("user", "u1"), ("assistant", "")], "u2\n\nu3"))
-
-    def assert_bad(self, fn, param, message_part, code=None):
-        with self.assertRaises(bg.BadRequestError) as cm:
-            fn()
-        self.assertEqual(cm.exception.param, param)
-        self.assertIn(message_part, cm.exception.message)
-        if code:
-            self.assertEqual(cm.exception.code, code)
-
-    def test_invalid_messages_name_the_param(self):
-        self.assert_bad(lambda: bg._conversation([]), "messages", "non-empty list")
-        self.assert_bad(lambda: bg._conversation([{"role": "tool", "content": "x"}]),
-                        "messages[0].tool_call_id", "is required", "missing_required_parameter")
-        self.assert_bad(lambda: bg._conversation([{"role": "robot", "content": "x"}]),
-                        "messages[0].role", "must be one of", None)
-        self.assert_bad(lambda: bg._conversation([{"role": "assistant", "tool_calls": [
-            {"id": "c", "function": {"name": "f", "arguments": {"a": 1}}}]}]),
-            "messages[0].tool_calls[0]", "\"arguments\": \"<JSON>\"", "invalid_value")
-        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"}, {
-            "role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
-            {"role": "user", "content": "b"}]),
-            "messages[1].content[0]", "text only", "unsupported_content_type")
-        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "b"},
-            {"role": "user", "content": "c"}]),
-            "messages[0].content[0]", "earlier message", "unsupported_content_type")
-        conv = bg._conversation([{"role": "user", "content": [
-            {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {
-                "url": "data:image/png;base64,AA=="}}]}, {"role": "user", "content": [
-                    {"type": "input_image", "image_url": "https://example.org/b.png"}]}])
-        self.assertEqual((conv.message, conv.images), ("What is it?\n\n", [
-            ("data:image/png;base64,AA==", "messages[0].content[1]"),
-            ("https://example.org/b.png", "messages[1].content[0]")]))
-        conv = bg._conversation([{"role": "user", "content": "a"},
-                                 {"role": "assistant", "content": "b"}])   # LangGraph's last call
-        self.assertEqual((conv.history, conv.message), ([("user", "a"), ("assistant", "b")],
-                                                        "Go on from your last reply."))
-        conv = bg._conversation([{"role": "user", "content": "a"}, {"role": "assistant",
-                                 "content": "b"}], shaped=True)
-        self.assertEqual(conv.message, "Give your last reply again, in the output format.")
-        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"}, {
-            "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
-                "name": "f", "arguments": "{}"}}]}]), "messages", "send each call's result")
-        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "b"}]),
-            "messages[0].content[0]", "earlier message", "unsupported_content_type")
-        self.assert_bad(lambda: bg._conversation([{"role": "system", "content": "a"}]),
-                        "messages", "need a user message")
-        self.assert_bad(lambda: bg._conversation([{"role": "robot", "content": "a"}]),
-                        "messages[0].role", "must be one of")
-
-    def test_sampling_ranges_and_types(self):
-        s = bg._sampling({"temperature": 0, "top_p": 1, "top_k": 40, "max_tokens": 9,
-                          "max_completion_tokens": 12, "stop": "x", "n": 2,
-                          "seed": 1, "presence_penalty": 0.5, "response_format": {"type": "text"}},
-                         ("max_tokens", "max_completion_tokens"))
-        self.assertEqual((s.temperature, s.top_p, s.top_k, s.max_tokens, s.stop, s.n),
-                         (0, 1, 40, 12, ["x"], 2))
-        self.assert_bad(lambda: bg._sampling({"temperature": 2.5}, ()), "temperature", "between 0 and 2")
-        self.assert_bad(lambda: bg._sampling({"temperature": "hot"}, ()), "temperature", "a number")
-        self.assert_bad(lambda: bg._sampling({"max_tokens": True}, ("max_tokens",)), "max_tokens", "an integer")
-        self.assert_bad(lambda: bg._sampling({"stop": ["a"] * 5}, ()), "stop", "up to 4")
-        self.assert_bad(lambda: bg._sampling({"logprobs": True}, ()), "logprobs", "not available")
-        self.assertEqual(bg._sampling({"tools": []}, ()).n, 1)
-
-    def test_tools_and_formats_are_checked(self):
-        fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
-        for body, param, text in [
-                ({"tools": {}}, "tools", "must be a list"),
-                ({"tools": [{"type": "web_search"}]}, "tools[0]", "calls functions only"),
-                ({"tools": [{"type": "function", "function": {"name": "a b"}}]},
-                 "tools[0].function.name", "1 to 64"),
-                ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
-                 "tools[0].function.parameters", "JSON Schema object"),
-                ({"tools": [fn, fn]}, "tools[1]", "repeats the function name 'f'"),
-                ({"tools": [fn], "tool_choice": "always"}, "tool_choice", "must be 'none'"),
-                ({"tools": [fn], "tool_choice": {"type": "function", "function": {"name": "g"}}},
-                 "tool_choice", "names \"g\", which is not in 'tools'"),
-                ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
-                ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "must be a boolean"),
-                ({"response_format": {"type": "xml"}}, "response_format", "must have type"),
-                ({"response_format": {"type": "json_schema", "json_schema": {"schema": 1}}},
-                 "response_format", "must be a JSON Schema object")]:
-            with self.subTest(body=body):
-                self.assert_bad(lambda: bg._shape(body, 1), param, text)
-        shape = bg._shape({"tools": [fn], "tool_choice": {"type": "function", "function": {
-            "name": "f"}}, "response_format": {"type": "json_schema", "json_schema": {
-                "name": "x", "schema": {"type": "array"}, "strict": True}}}, 2)
-        self.assertEqual((shape.choice, shape.fmt["schema"], shape.fmt["strict"], shape.repairs,
-                          shape.hold_all), ("f", {"type": "array"}, True, 2, True))
 
 
 WEATHER = {"type": "function", "function": {
@@ -1656,139 +775,6 @@ WEATHER = {"type": "function", "function": {
                    "required": ["city"], "additionalProperties": False}}}
 POINT = {"type": "object", "properties": {"x": {"type": "integer"}, "tags": {
     "type": "array", "items": {"type": "string"}}}, "required": ["x", "tags"]}
-
-
-def schema_problem(schema, strict=True, patterns=None):
-    """Why a schema is refused when a request brings it (None if it is taken)."""
-    try:
-        bg._Schema(schema, "s", strict, patterns)
-    except bg.BadRequestError as exc:
-        return exc.message
-    return None
-
-
-class SchemaTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.patterns = bg._Patterns()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.patterns.close()
-
-    def error(self, value, schema, strict=False):
-        return bg._Schema(schema, "s", strict, self.patterns).error(value)
-
-    def test_the_validator_says_what_is_wrong(self):
-        defs = {"$defs": {"P": POINT}, "type": "object", "properties": {
-            "p": {"$ref": "#/$defs/P"}, "kind": {"enum": ["a", "b"]},
-            "n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
-            "s": {"type": "string", "maxLength": 3}}, "additionalProperties": False}
-        for value, error in [
-                ({"p": {"x": 1, "tags": ["t"]}, "kind": "a", "n": None, "s": "abc"}, None),
-                ({"p": {"x": 1.5, "tags": []}}, "$.p.x should be of type integer, not 1.5"),
-                ({"p": {"x": True, "tags": []}}, "$.p.x should be of type integer, not true"),
-                ({"p": {"x": 2.0, "tags": [3]}}, "$.p.tags[0] should be of type string, not 3"),
-                ({"p": {"tags": []}}, "$.p is missing the required property 'x'"),
-                ({"kind": "c"}, "$.kind should be one of [\"a\", \"b\"]"),
-                ({"n": 0}, "$.n fits none of the schemas it may take"),
-                ({"s": "abcd"}, "$.s should have a maxLength of 3"),
-                ({"t": 1}, "$.t is not a property the schema allows"),
-                ([], "$ should be of type object, not []")]:
-            with self.subTest(value=value):
-                self.assertEqual(self.error(value, defs), error)
-        loop = {"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}
-        self.assertEqual(self.error(1, loop), "$: the schema's $ref '#/$defs/A' cannot be followed")
-        self.assertEqual(self.error(1, {"$ref": "http://x/s.json"}),
-                         "$: the schema's $ref 'http://x/s.json' cannot be followed")
-
-    def test_a_value_nested_past_the_stack_is_an_error_to_repair(self):
-        shape = bg._shape({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
-            "type": "object", "properties": {"a": {"$ref": "#/$defs/T"}}, "$defs": {
-                "T": {"type": "array", "items": {"$ref": "#/$defs/T"}}}}}}]}, 1)
-        call = '<tool_call>{"name": "f", "arguments": {"a": %s}}</tool_call>' % ("[" * 900 + "]" * 900)
-        self.assertEqual(shape.check(call), (None, [], "the call of f is invalid: it is nested "
-                                                       "too deeply to check"))
-        self.assertEqual(schema_problem({"allOf": [{"allOf": [{}]}]}), None)
-        deep = {}
-        for _ in range(65):
-            deep = {"allOf": [deep]}
-        self.assertEqual(schema_problem(deep, strict=False), "s" + ".allOf[0]" * 65 + " must be a "
-                         "JSON Schema object (at most 64 levels deep)")
-
-    def test_checked_keywords_and_json_equality(self):
-        tree = {"$defs": {"N": {"type": "object", "properties": {"kids": {"type": "array",
-                                                                        "items": {"$ref": "#/$defs/N"}}}}},
-                "$ref": "#/$defs/N"}
-        deep = {}
-        for _ in range(40):
-            deep = {"kids": [deep]}
-        for schema, value, error in [
-                ({"enum": [1, 2]}, True, "$ should be one of [1, 2]"),
-                ({"enum": [1, 2]}, 1.0, None),
-                ({"const": False}, 0, "$ should be false"),
-                ({"const": {"a": 1}}, {"a": True}, '$ should be {"a": 1}'),
-                ({"oneOf": [{"type": "integer"}, {"minimum": 0}]}, 5,
-                 "$ should fit exactly one of the schemas it may take"),
-                ({"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "minimum": 5}, 1,
-                 "$ should be minimum 5"),
-                ({"$defs": {"a/b": {"type": "string"}}, "$ref": "#/$defs/a~1b"}, 1,
-                 "$ should be of type string, not 1"),
-                ({"pattern": "^[0-9]+$"}, "abc", "$ should match the pattern '^[0-9]+$'"),
-                ({"uniqueItems": True}, [1, 1.0], "$ should hold no item twice"),
-                ({"uniqueItems": True}, [1, True], None),
-                ({"multipleOf": 0.5}, 1.25, "$ should be multipleOf 0.5"),
-                ({"not": {"type": "string"}}, "x", "$ should not fit the schema it is told not to"),
-                ({"prefixItems": [{"type": "string"}], "items": False}, ["a", 1],
-                 "$[1] is not allowed"),
-                ({"minProperties": 1}, {}, "$ should have a minProperties of 1"),
-                ({"maxItems": 1}, "abc", None), ({"maxLength": 1}, [1, 2], None),
-                ({"minimum": 5}, True, None), ({"exclusiveMinimum": True, "minimum": 1}, 1, None),
-                (tree, deep, None)]:
-            with self.subTest(schema=schema, value=value):
-                self.assertEqual(schema_problem(schema, patterns=self.patterns), None)
-                self.assertEqual(self.error(value, schema), error)
-        self.assertEqual(bg._json_in('{"v": NaN} or {"v": 1}'), ({"v": 1}, '{"v": 1}'))
-
-    def test_schemas_that_cannot_be_checked_are_refused(self):
-        for schema, problem, strict_problem in [
-                ({"type": {}}, "s.type is not a valid 'type'", None),
-                ({"type": ["x"]}, "s.type is not a valid 'type'", None),
-                ({"required": 5}, "s.required is not a valid 'required'", None),
-                ({"enum": "abc"}, "s.enum is not a valid 'enum'", None),
-                ({"allOf": 5}, "s.allOf is not a valid 'allOf'", None),
-                ({"maxLength": -1}, "s.maxLength is not a valid 'maxLength'", None),
-                ({"multipleOf": 0}, "s.multipleOf is not a valid 'multipleOf'", None),
-                ({"items": [{}]}, "s.items must be a JSON Schema object (at most 64 levels "
-                                  "deep)", None),
-                ({"pattern": "("}, None, "s.pattern: the pattern '(' cannot be checked here"),
-                ({"pattern": "a" * 1001}, None, "s.pattern: the pattern %r cannot be checked "
-                                               "here" % ("a" * 100)),
-                ({"patternProperties": {"\\p{L}": {}}}, None,
-                 "s.patternProperties: the pattern '\\\\p{L}' cannot be checked here"),
-                ({"properties": {"a": {"unevaluatedProperties": False}}}, None,
-                 "s.properties.a: this server cannot check the keyword 'unevaluatedProperties'")]:
-            with self.subTest(schema=schema):
-                self.assertEqual(schema_problem(schema, strict=False), problem)
-                self.assertEqual(schema_problem(schema, True, self.patterns),
-                                 problem or strict_problem)
-
-    def test_a_bare_json_call_is_the_call_not_the_content(self):
-        shape = bg._shape({"tools": [WEATHER], "tool_choice": "required"}, 1)
-        rest, calls, error = shape.check('{"name": "get_weather", "arguments": {"city": "Pune"}}')
-        self.assertEqual((rest.strip(), [(c["name"], c["arguments"]) for c in calls], error),
-                         ("", [("get_weather", '{"city": "Pune"}')], None))
-        shape = bg._shape({"tools": [WEATHER]}, 1)
-        self.assertEqual(shape.check("I would write <tool_call> tags here."),
-                         ("I would write <tool_call> tags here.", [], None))   # prose: no call
-
-    def test_json_is_found_in_fences_and_prose(self):
-        for text, found in [('{"a": 1}', ({"a": 1}, '{"a": 1}')),
-                            ('Sure:\n```json\n{"a": [1]}\n```\nDone.', ({"a": [1]}, '{"a": [1]}')),
-                            ('The set {x} is {"b": 2} here', ({"b": 2}, '{"b": 2}')),
-                            ('no json at all', None), ('{' * 100 + '"a"', None)]:
-            with self.subTest(text=text):
-                self.assertEqual(bg._json_in(text), found)
 
 
 class QuickStop:
@@ -1815,280 +801,6 @@ class _DemoGateway(unittest.TestCase):
     def tearDownClass(cls):
         cls.gw.stop()
         cls.demo.stop()
-
-
-class ToolTests(_DemoGateway):
-    """Tool calls and structured output against the demo upstream, which calls the
-    weather tool when asked about the weather and answers in JSON when asked to."""
-
-    def both(self, prompt, **extra):
-        """``(message, finish_reason)`` of the answer, checked the same when streamed."""
-        status, _, body = chat(self.gw, prompt, **extra)
-        self.assertEqual(status, 200, body)
-        choice = json.loads(body)["choices"][0]
-        status, _, body = chat(self.gw, prompt, stream=True, **extra)
-        events = sse_events(body)[:-1]
-        calls = {}
-        for e in events:
-            for d in e["choices"][0]["delta"].get("tool_calls") or ():
-                call = calls.setdefault(d["index"], {"id": None, "type": None, "function": {
-                    "name": None, "arguments": ""}})
-                call["id"] = d.get("id") or call["id"]
-                call["type"] = d.get("type") or call["type"]
-                call["function"]["name"] = d.get("function", {}).get("name") or call["function"]["name"]
-                call["function"]["arguments"] += d.get("function", {}).get("arguments", "")
-        message = choice["message"]
-        self.assertEqual((streamed_text(events) or None, [
-            dict(c, id=None) for _, c in sorted(calls.items())] or None,
-            events[-1]["choices"][0]["finish_reason"]),
-            (message["content"] or None, [dict(c, id=None) for c in message.get("tool_calls", [])]
-             or None, choice["finish_reason"]))
-        return message, choice["finish_reason"]
-
-    def calls(self, message):
-        return [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
-                for c in message.get("tool_calls", ())]
-
-    def test_a_call_and_its_result(self):
-        message, finish = self.both("What is the weather in Pune and Delhi?", tools=[WEATHER])
-        self.assertEqual((message["content"], self.calls(message), finish), (
-            "Let me check.", [("function", "get_weather", {"city": "Pune"}),
-                              ("function", "get_weather", {"city": "Delhi"})], "tool_calls"))
-        self.assertTrue(all(c["id"].startswith("call_") for c in message["tool_calls"]))
-        system = self.demo.calls[-1][2]
-        self.assertTrue(system.startswith("# Tools\n\nYou may call one or more functions"), system)
-        self.assertIn('\n<tools>\n%s\n</tools>\n' % json.dumps(WEATHER, ensure_ascii=False), system)
-        history = [{"role": "user", "content": "What is the weather in Pune?"},
-                   {"role": "assistant", "content": None, "tool_calls": [
-                       {"id": "call_a", "type": "function",
-                        "function": {"name": "get_weather", "arguments": "{\"city\": \"Pune\"}"}}]},
-                   {"role": "tool", "tool_call_id": "call_a", "content": "31 C, sunny"}]
-        message, finish = self.both(history, tools=[WEATHER])
-        self.assertEqual((message["content"], finish),
-                         ("Here is what the tools said: get_weather: 31 C, sunny", "stop"))
-        self.assertEqual(self.demo.calls[-1][:2], [
-            '<tool_response>\n{"name": "get_weather", "content": "31 C, sunny"}\n</tool_response>',
-            [{"role": "user", "content": [{"type": "text", "text": "What is the weather in Pune?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text":
-                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pune"}}\n</tool_call>'}]}]])
-
-    def test_tool_choice_forms(self):
-        message, finish = self.both("Say hello", tools=[WEATHER])
-        self.assertEqual((message["content"], finish), (HELLO, "stop"))
-        message, finish = self.both("weather in Pune", tools=[WEATHER], tool_choice="none")
-        self.assertEqual((message["content"][:40], finish, "<tools>" in self.demo.calls[-1][2]),
-                         ("This is the bharatgen_openai demo upstre", "stop", False))
-        message, _ = self.both("weather in Pune", tools=[WEATHER], tool_choice={
-            "type": "function", "function": {"name": "get_weather"}})
-        self.assertEqual(self.calls(message), [("function", "get_weather", {"city": "Pune"})])
-        self.assertIn(" You must call the function 'get_weather'.", self.demo.calls[-1][2])
-        status, _, body = chat(self.gw, "[[no-call]] Say hello", tools=[WEATHER],
-                               tool_choice="required")
-        self.assertEqual((status, json.loads(body)["error"]["message"], len(self.demo.calls[-1][1])),
-                         (502, "the model's reply was not valid after 1 repair turn(s): it calls "
-                               "no function, and a function call is required", 2))
-        status, _, body = chat(self.gw, "weather in Pune and Delhi", tools=[WEATHER],
-                               parallel_tool_calls=False)
-        self.assertEqual((status, json.loads(body)["choices"][0]["finish_reason"]), (200, "stop"))
-        self.assertIn(" Call at most one function.", self.demo.calls[-1][2])
-
-    def test_a_bad_call_gets_one_repair_and_is_never_returned(self):
-        message, finish = self.both("weather in Pune, a bad call once", tools=[WEATHER])
-        self.assertEqual((self.calls(message), finish),
-                         ([("function", "get_weather", {"city": "Pune"})], "tool_calls"))
-        self.assertEqual(self.demo.calls[-1][0], "Your last reply was not valid: the call of "
-                         "get_weather is invalid: arguments is missing the required property "
-                         "'city'. Reply again, correctly.")
-        bad = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
-        message, finish = self.both("[[bad-call]] weather in Pune", tools=[WEATHER])
-        self.assertEqual((message["content"], "tool_calls" in message, finish), (bad, False, "stop"))
-        gw = start_gateway(self, self.demo.url, tool_repairs=0)
-        status, _, body = chat(gw, "weather in Pune, a bad call once", tools=[WEATHER])
-        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], bad)
-        status, _, body = chat(gw, "[[bad-call]] weather in Pune", tools=[WEATHER],
-                               tool_choice="required")
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "invalid_model_output"))
-        status, _, body = chat(gw, "[[bad-call]] weather in Pune", tools=[WEATHER],
-                               tool_choice="required", stream=True)   # the thought went out
-        events = sse_events(body)
-        self.assertEqual((status, streamed_text(events[:-2]), events[-2]["error"]["code"],
-                          events[-1]), (200, "", "invalid_model_output", "[DONE]"))
-
-    def test_structured_output(self):
-        schema = {"type": "json_schema", "json_schema": {"name": "point", "strict": True,
-                                                          "schema": POINT}}
-        for fmt, prompt, content in [
-                ({"type": "json_object"}, "give me json", '{"answer": "Param"}'),
-                (schema, "a point please", '{"x": 1, "tags": ["Param"]}'),
-                (schema, "a point, bad json once", '{"x": 1, "tags": ["Param"]}'),
-                ({"type": "json_object"}, "[[bad-json]]", "Sure! {not json")]:
-            with self.subTest(fmt=fmt["type"], prompt=prompt):
-                message, finish = self.both(prompt, response_format=fmt)
-                self.assertEqual((message["content"], finish), (content, "stop"))
-        self.both("a point please", response_format=schema)
-        self.assertEqual(self.demo.calls[-1][2], "# Output format\n\nReply with JSON only, no "
-                         "other text: one JSON value valid against this JSON Schema:\n"
-                         + json.dumps(POINT))
-        error = "the model's reply was not valid after 1 repair turn(s): it holds no JSON"
-        status, _, body = chat(self.gw, "[[bad-json]]", response_format=schema)
-        self.assertEqual((status, json.loads(body)["error"]["message"]), (502, error))
-        status, _, body = chat(self.gw, "[[bad-json]]", True, response_format=schema)
-        events = sse_events(body)
-        self.assertEqual((status, streamed_text(events[:-2]), events[-2]["error"]["message"]),
-                         (200, "", error))
-
-    def test_odd_requests_get_a_clear_400(self):
-        fn = WEATHER["function"]
-        for path, body, param, text in [
-                ("/v1/chat/completions", {"functions": [fn]}, "functions", "deprecated form"),
-                ("/v1/chat/completions", {"tools": [WEATHER], "function_call": "auto"},
-                 "function_call", "deprecated form"),
-                ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {
-                    "type": "allowed_tools"}}, "tool_choice", 'type "allowed_tools" is not'),
-                ("/v1/chat/completions", {"response_format": {"type": "json_schema"}},
-                 "response_format", "needs 'json_schema'"),
-                ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
-                    "name": "x", "schema": {"type": {}}}}}, "response_format", "not a valid 'type'"),
-                ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
-                    "name": "f", "parameters": {"required": 5}}}]}, "tools[0].function.parameters",
-                 "not a valid 'required'"),
-                ("/v1/chat/completions", {"messages": [
-                    {"role": "user", "content": "hi"},
-                    {"role": "assistant", "tool_calls": [{"id": ["x"], "type": "function",
-                                                          "function": {"name": "f", "arguments": "{}"}}]},
-                    {"role": "tool", "tool_call_id": "x", "content": "1"}]},
-                 "messages[1].tool_calls[0]", "must be {\"id\""),
-                ("/v1/chat/completions", {"messages": [
-                    {"role": "user", "content": "hi"},
-                    {"role": "tool", "tool_call_id": "nope", "content": "1"}]},
-                 "messages[1].tool_call_id", 'the tool call "nope", which no earlier'),
-                ("/v1/completions", {"prompt": "hi", "tool_choice": "auto"}, "tool_choice",
-                 "not of /v1/completions"),
-                ("/v1/responses", {"input": "hi", "response_format": {"type": "json_object"}},
-                 "response_format", "takes text.format"),
-                ("/v1/responses", {"input": "hi", "text": "json"}, "text", "must be an object")]:
-            with self.subTest(path=path, param=param):
-                body = dict({"model": bg.DEFAULT_MODEL}, **body)
-                if path == "/v1/chat/completions":
-                    body.setdefault("messages", [{"role": "user", "content": "hi"}])
-                status, _, raw = request(self.gw.url, "POST", path, body)
-                error = json.loads(raw)["error"]
-                self.assertEqual((status, error["param"], error["type"]),
-                                 (400, param, "invalid_request_error"))
-                self.assertIn(text, error["message"])
-
-    def test_a_repair_sends_nothing_twice_and_a_failed_one_returns_the_first_reply(self):
-        both = dict(WEATHER["function"], parameters={
-            "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
-            "required": ["city", "unit"]})
-        message, finish = self.both("weather in Delhi", tools=[{"type": "function", "function": both}])
-        self.assertEqual((message["content"], finish), (
-            'Let me check.\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Delhi"}}'
-            '\n</tool_call>', "stop"))
-        status, _, body = chat(self.gw, "weather in Delhi", tools=[{"type": "function", "function": both}])
-        self.assertEqual(json.loads(body)["choices"][0]["message"]["reasoning_content"],
-                         thought_of("weather in Delhi") + "\n\n" + thought_of(
-                             "Your last reply was not valid: the call of get_weather is invalid: "
-                             "arguments is missing the required property 'unit'. Reply again, "
-                             "correctly."))
-
-    def test_a_failure_after_output_began_is_an_error_event_not_a_second_response(self):
-        class Broken(bg._Backend):
-            def _chat_chunks(self, *args):
-                yield from itertools.islice(super()._chat_chunks(*args), 2)
-                raise KeyError("a bug")
-
-        config = bg.Config(upstream=[self.demo.url], port=0, timeout=10)
-        gw = Gateway(config, Broken(config)).start()
-        self.addCleanup(gw.stop)
-        with self.assertLogs("bharatgen_openai", "ERROR"):
-            status, _, body = chat(gw, "Say hello", stream=True)
-        events = sse_events(body)
-        self.assertEqual((status, events[-2]["error"]["type"], events[-1]),
-                         (200, "server_error", "[DONE]"))
-        self.assertNotIn(b"HTTP/1.1", body)
-
-    def test_responses_api_tools(self):
-        tool = dict(WEATHER["function"], type="function")
-        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
-            "model": bg.DEFAULT_MODEL, "input": "weather in Pune", "tools": [tool]})
-        resp = json.loads(body)
-        call = resp["output"][-1]
-        self.assertEqual((status, [o["type"] for o in resp["output"]], call["name"],
-                          call["arguments"], call["status"], resp["tools"]),
-                         (200, ["reasoning", "message", "function_call"], "get_weather",
-                          '{"city": "Pune"}', "completed", [tool]))
-        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
-            "model": bg.DEFAULT_MODEL, "tools": [tool], "stream": True, "input": [
-                {"role": "user", "content": "weather in Pune"},
-                {"type": "function_call", "call_id": call["call_id"], "name": "get_weather",
-                 "arguments": call["arguments"]},
-                {"type": "function_call_output", "call_id": call["call_id"], "output": "rain"}]})
-        self.assertEqual(sse_events(body)[-1]["response"]["output"][-1]["content"][0]["text"],
-                         "Here is what the tools said: get_weather: rain")
-        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
-            "model": bg.DEFAULT_MODEL, "input": "point", "text": {"format": {
-                "type": "json_schema", "name": "p", "schema": POINT, "strict": True}}})
-        self.assertEqual(json.loads(body)["output"][-1]["content"][0]["text"],
-                         '{"x": 1, "tags": ["Param"]}')
-        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
-            "model": bg.DEFAULT_MODEL, "input": "hi", "tools": [{"type": "web_search"}]})
-        self.assertEqual((status, json.loads(body)["error"]["param"]), (400, "tools[0]"))
-
-
-class CacheTests(unittest.TestCase):
-    def test_a_cached_answer_is_served_again_for_the_same_request_and_key_only(self):
-        demo = start_demo(self)
-        gw = start_gateway(self, demo.url, api_keys=["sk-a", "sk-b"], cache_ttl=60, cache_size=2)
-        a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
-
-        def ask(prompt, headers, stream=False, **extra):
-            status, head, body = chat(gw, prompt, stream, headers, **extra)
-            self.assertEqual(status, 200, body)
-            events = sse_events(body)[:-1] if stream else None
-            text = streamed_text(events) if stream else json.loads(body)["choices"][0]["message"]["content"]
-            return head["x-cache"], text
-
-        calls = len(demo.calls)
-        self.assertEqual(ask("Say hello", a), ("miss", HELLO))
-        self.assertEqual(ask("Say hello", a), ("hit", HELLO))
-        self.assertEqual(ask("Say hello", a, stream=True), ("hit", HELLO))   # stream or not
-        self.assertEqual(ask("Say hello", b), ("miss", HELLO))               # another key
-        self.assertEqual(ask("Say hello", a, temperature=0.1), ("miss", HELLO))  # another request
-        self.assertEqual(len(demo.calls), calls + 3)
-        self.assertEqual(ask("hindi please", a, stream=True), ("miss", HINDI))
-        self.assertEqual(ask("hindi please", a), ("hit", HINDI))
-        self.assertEqual(ask("Say hello", a), ("miss", HELLO))     # size 2: the oldest went
-        status, head, _ = chat(gw, "[[error]]", False, a)
-        status2, head2, _ = chat(gw, "[[error]]", False, a)
-        self.assertEqual((status, head["x-cache"], status2, head2["x-cache"]),
-                         (502, "miss", 502, "miss"))                      # errors are not kept
-        _, _, body = request(gw.url, "POST", "/v1/responses", {
-            "model": bg.DEFAULT_MODEL, "input": "Say hello"}, a)
-        _, head, again = request(gw.url, "POST", "/v1/responses", {
-            "model": bg.DEFAULT_MODEL, "input": "Say hello", "stream": True}, a)
-        self.assertEqual((head["x-cache"], sse_events(again)[-1]["response"]["output"][-1]),
-                         ("hit", json.loads(body)["output"][-1] | {"id": sse_events(again)[-1]["response"]["output"][-1]["id"]}))
-        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
-        metrics = request(gw.url, "GET", "/metrics", headers=a)[2].decode()
-        self.assertIn('bharatgen_cache_total{result="hit"} 4\n', metrics)
-        self.assertIn('bharatgen_cache_total{result="miss"} 6\n', metrics)
-        gw = start_gateway(self, demo.url, cache_ttl=0.2)
-        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "miss")
-        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "hit")
-        time.sleep(0.3)
-        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "miss")         # expired
-        self.assertNotIn("x-cache", chat(start_gateway(self, demo.url), "Say hello")[1])
-
-
-class UrlTests(unittest.TestCase):
-    def test_accepts_root_gradio_api_and_spaces(self):
-        norm = bg._normalize_base_url
-        self.assertEqual(norm("https://abc.gradio.live/gradio_api/"), "https://abc.gradio.live")
-        self.assertEqual(norm("http://127.0.0.1:7860"), "http://127.0.0.1:7860")
-        self.assertEqual(norm("localhost:7860/app/gradio_api"), "http://localhost:7860/app")
-        self.assertEqual(norm("BharatGen/Param_Chat"), "https://bharatgen-param-chat.hf.space")
-        self.assertEqual(norm("https://huggingface.co/spaces/a/b"), "https://a-b.hf.space")
 
 
 # -- real sockets ---------------------------------------------------------------------------
@@ -2452,6 +1164,1398 @@ def streamed_text(events, field="content", index=0):
                    if c != "[DONE]" and c["choices"] and c["choices"][0]["index"] == index)
 
 
+class PlainChatInterface(FakeGradio):
+    """A ``gr.ChatInterface(fn)`` with no extra inputs: message and its State."""
+
+    def __init__(self, **kwargs):
+        super().__init__(chat_interface=True, **kwargs)
+
+    def _inputs(self):
+        return super()._inputs()[:2]
+
+
+class _UploadHandler(bg._DemoHandler):
+    def do_POST(self):
+        if self.path.endswith("/upload"):                 # Gradio's upload route
+            self.server.uploads.append(self.read_body(1 << 24))
+            self.send_json(200, ["/tmp/gradio/upload/image.png"])
+        else:
+            super().do_POST()
+
+
+class ImageGradio(FakeGradio):
+    """A Param-shaped app whose message input is a MultimodalTextbox (text and images),
+    with a max_tokens slider up to 512; ``uploads`` holds the bodies it was sent."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.RequestHandlerClass, self.uploads = _UploadHandler, []
+
+    def info_json(self):
+        info = super().info_json()
+        for name, endpoint in info["named_endpoints"].items():
+            if name == "/embed":
+                continue
+            endpoint["parameters"][0]["component"] = "MultimodalTextbox"
+            endpoint["parameters"][4]["type"]["description"] = "numeric value between 1 and 512"
+        return info
+
+    def _values(self, job):
+        values = super()._values(job)
+        if isinstance(values.get("message"), dict):
+            values["message"] = values["message"]["text"]
+        return values
+
+
+def raw_exchange(port, data, shut_write=False, timeout=TIMEOUT):
+    """Send raw bytes; return everything the server answers until it closes or goes quiet."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+        if shut_write:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+            if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
+                break
+        return b"".join(chunks)
+    finally:
+        sock.close()
+
+
+def _complete(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    m = re.search(rb"(?i)content-length: (\d+)", head)
+    return m is not None and len(body) >= int(m.group(1))
+
+
+def parse_response(raw):
+    head, _, body = raw.partition(b"\r\n\r\n")
+    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
+    return status, head.decode("latin-1"), body
+
+
+def wait_for_logs(logs, count):
+    """The server logs a request after answering it: wait for its line."""
+    deadline = time.monotonic() + TIMEOUT
+    while len(logs.records) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+CHAT_72 = b'{"messages":[{"role":"user","content":"Say hello, please. Thank you."}]}'   # 72 bytes
+
+
+def drain(test, sock, timeout=5.0):
+    """Everything the server sends on ``sock`` until it closes; fails the test if it has
+    not closed within ``timeout`` seconds.  A reset counts as a close (Linux resets a
+    connection closed with unread bytes, after the bytes already sent)."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                test.fail("the server did not close the connection within %ss; it sent %r"
+                          % (timeout, b"".join(chunks)[:300]))
+            sock.settimeout(left)
+            try:
+                chunk = sock.recv(65536)
+            except socket.timeout:
+                continue
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        sock.close()
+    return b"".join(chunks)
+
+
+def read_until_close(test, port, data, timeout=5.0):
+    """Send ``data`` in one write on a fresh connection; everything answered until close."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    try:
+        sock.sendall(data)
+    except OSError:                       # answered and closed before all was taken
+        pass
+    return drain(test, sock, timeout)
+
+
+def split_responses(raw):
+    """``[(status, head text, body bytes)]``: the responses in ``raw``, framed by their
+    Content-Length (a body without one runs to the end)."""
+    out = []
+    while raw:
+        head, sep, rest = raw.partition(b"\r\n\r\n")
+        match = re.match(rb"HTTP/1\.[01] (\d{3}) ", head)
+        status = int(match.group(1)) if match else None
+        if not sep or status is None:
+            out.append((status, head.decode("latin-1"), rest))
+            break
+        length = None
+        for line in head.split(b"\r\n")[1:]:
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length" and value.strip().isdigit():
+                length = int(value.strip())
+        if 100 <= status < 200 or status in (204, 304):
+            length = 0
+        if length is None:
+            length = len(rest)
+        out.append((status, head.decode("latin-1"), rest[:length]))
+        raw = rest[length:]
+    return out
+
+
+# -- security: a misbehaving upstream --------------------------------------------------
+
+FAKE_CONFIG = {"version": "6.31.0", "api_prefix": "/gradio_api", "protocol": "sse_v3",
+               "dependencies": [{"id": 0, "api_name": "chat_fn_1", "inputs": [1], "outputs": [2]}],
+               "components": [{"id": 1, "type": "textbox"}, {"id": 2, "type": "textbox"}]}
+FAKE_INFO = {"named_endpoints": {"/chat_fn_1": {"parameters": [
+    {"parameter_name": "message", "component": "Textbox"}]}}}
+FAKE_STREAM_BYTES = 100 << 20      # no stream the fake sends goes beyond this ...
+FAKE_STREAM_SECONDS = 15           # ... or lasts longer than this
+FAKE_LIFETIME = 30                 # and the fake serves nothing after this
+BIG = 40 << 20                     # the size of the "big" events
+PIECE = b"a" * 65536
+
+
+class _Gone(Exception):
+    """The peer closed, the fake is stopping, or its time is up."""
+
+
+class FaultyGradio:
+    """A Gradio 6 app (queue protocol, one Textbox in and out) on a raw socket, that
+    misbehaves as ``behaviour`` says:
+
+    - ``"hello"``: behaves, answers ``text`` (process_generating whole, then an append diff,
+      then process_completed); connections are kept alive as uvicorn does
+    - ``"flood"``: the event stream sends append diffs as fast as the reader takes them
+      (past FAKE_STREAM_BYTES, one diff every 0.1 s, so that a reader that reads ahead
+      still sees a live stream)
+    - ``"big_line"``: one event whose data line is 40 MB, then a normal end
+    - ``"big_run"``: 40 MB without any newline, then the end of the stream
+    - ``"continue_forever"``: the join is answered with "100 Continue" heads, fast, forever
+    - ``"drip_head"``: the join's response head comes one byte every 0.1 s
+    - ``"endless_config"`` / ``"huge_config"``: /config is an endless chunked body, or says
+      Content-Length 300 MB and streams it
+    - ``"drop_join"``: every join is read whole, then the connection closed without a word
+    - ``"drop_second_join"``: the second join only
+    - ``"trickle"``: some output, then one byte of an event every 0.2 s, never ending it
+    - ``"heartbeats"``: some output, then heartbeat events as fast as the reader takes them
+
+    Every stream stops after FAKE_STREAM_BYTES (then holds the connection open, silent) or
+    FAKE_STREAM_SECONDS, or when its reader is gone; ``ended`` says which ("peer", "limit",
+    "stop", "done"), ``peer_gone`` is set when a reader went away, ``sent`` counts bytes.
+    ``joins`` holds the join bodies received, ``log`` the requests as (connection number,
+    method, path).  Stopped (threads joined) at the test's cleanup."""
+
+    def __init__(self, test, behaviour, text=HELLO):
+        self.behaviour, self.text = behaviour, text
+        self.joins, self.log, self.ended, self.threads = [], [], [], []
+        self.sent = 0                         # bytes sent, all connections together
+        self.peer_gone, self.stopping = threading.Event(), threading.Event()
+        self.lock = threading.Lock()
+        self.born = time.monotonic()
+        port, accepter = scripted_server(test, self._accept)
+        with self.lock:
+            self.threads.append(accepter)
+        self.url = "http://127.0.0.1:%d" % port
+        test.addCleanup(self.stop)          # runs before scripted_server closes the listener
+
+    def stop(self):
+        self.stopping.set()
+        with self.lock:
+            threads = list(self.threads)
+        for thread in threads:
+            thread.join(2)
+
+    # -- sockets, every wait bounded -------------------------------------------------------
+
+    def _accept(self, listener):
+        listener.settimeout(0.02)
+        for number in range(200):                                     # connections
+            while True:
+                if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
+                    return
+                try:
+                    conn, _ = listener.accept()
+                    break
+                except socket.timeout:
+                    continue
+                except OSError:
+                    return
+            thread = threading.Thread(target=self._connection, args=(conn, number), daemon=True)
+            with self.lock:
+                self.threads.append(thread)
+            thread.start()
+
+    def _recv(self, conn):
+        while True:
+            if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
+                raise _Gone()
+            try:
+                if not select.select([conn], [], [], 0.02)[0]:
+                    continue
+                data = conn.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                raise _Gone() from None
+            if not data:
+                raise _Gone()
+            return data
+
+    def _send(self, conn, data, deadline):
+        """Send all of ``data``: None, or why not ("peer", "limit", "stop")."""
+        view = memoryview(data)
+        while view:
+            if self.stopping.is_set():
+                return "stop"
+            if time.monotonic() > deadline:
+                return "limit"
+            try:
+                if select.select([], [conn], [], 0.02)[1]:
+                    count = conn.send(view)
+                    view = view[count:]
+                    with self.lock:
+                        self.sent += count
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return "peer"
+        return None
+
+    def _stall(self, conn, end):
+        """Say nothing more, keep the connection open: "peer" if the reader goes away
+        first, else "limit" or "stop" (an early close would only end a gateway's read)."""
+        while not self.stopping.is_set() and time.monotonic() < end:
+            try:
+                if select.select([conn], [], [], 0.02)[0] and not conn.recv(65536):
+                    return "peer"
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                return "peer"
+        return "stop" if self.stopping.is_set() else "limit"
+
+    def _end(self, reason):
+        with self.lock:
+            self.ended.append(reason)
+        if reason == "peer":
+            self.peer_gone.set()
+        return False                     # the connection is done
+
+    # -- HTTP ------------------------------------------------------------------------------
+
+    def _connection(self, conn, number):
+        conn.setblocking(False)
+        buf = b""
+        with conn:
+            try:
+                for _ in range(50):                                  # requests per connection
+                    while b"\r\n\r\n" not in buf:
+                        if len(buf) > 65536:
+                            return
+                        buf += self._recv(conn)
+                    head, _, buf = buf.partition(b"\r\n\r\n")
+                    lines = head.decode("latin-1").split("\r\n")
+                    method, target = (lines[0].split(" ") + [""])[:2]
+                    fields = {}
+                    for line in lines[1:]:
+                        name, _, value = line.partition(":")
+                        fields[name.strip().lower()] = value.strip()
+                    if "chunked" in fields.get("transfer-encoding", "").lower():
+                        body = b""
+                        while True:
+                            while b"\r\n" not in buf:
+                                buf += self._recv(conn)
+                            size_line, _, buf = buf.partition(b"\r\n")
+                            size = int(size_line.split(b";")[0], 16)
+                            while len(buf) < size + 2:
+                                buf += self._recv(conn)
+                            body, buf = body + buf[:size], buf[size + 2:]
+                            if size == 0:
+                                break
+                    else:
+                        length = int(fields.get("content-length") or 0)
+                        while len(buf) < length:
+                            buf += self._recv(conn)
+                        body, buf = buf[:length], buf[length:]
+                    with self.lock:
+                        self.log.append((number, method, target))
+                    if not self._answer(conn, method, target, body):
+                        return
+            except _Gone:
+                return
+
+    def _json(self, conn, value, status="200 OK"):
+        data = json.dumps(value).encode()
+        return self._send(conn, b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: %d\r\n\r\n%s" % (status.encode(), len(data), data),
+                          time.monotonic() + 5) is None
+
+    def _answer(self, conn, method, target, body):
+        path, _, query = target.partition("?")
+        how, end = self.behaviour, time.monotonic() + FAKE_STREAM_SECONDS
+        if method == "GET" and path == "/config":
+            if how in ("endless_config", "huge_config"):
+                return self._end(self._big_config(conn, end, chunked=how == "endless_config"))
+            return self._json(conn, FAKE_CONFIG)
+        if method == "GET" and path == "/gradio_api/info":
+            return self._json(conn, FAKE_INFO)
+        if method == "POST" and path == "/gradio_api/queue/join":
+            try:
+                join = json.loads(body)
+            except ValueError:
+                join = body
+            with self.lock:
+                self.joins.append(join)
+                count = len(self.joins)
+            if how == "drop_join" or (how == "drop_second_join" and count == 2):
+                return False                                         # closed without a word
+            answer = json.dumps({"event_id": "e%d" % count}).encode()
+            answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
+            if how == "continue_forever":
+                return self._end(self._repeat(conn, b"HTTP/1.1 100 Continue\r\n\r\n" * 2000, end))
+            if how == "drip_head":
+                return self._end(self._drip(conn, answer, end))
+            return self._send(conn, answer, end) is None
+        if method == "GET" and path == "/gradio_api/queue/data":
+            return self._events(conn, query, end)
+        if method == "POST" and path == "/gradio_api/cancel":
+            return self._json(conn, {"success": True})
+        return self._json(conn, {"detail": "Not Found"}, "404 Not Found")
+
+    # -- the misbehaviours, each bounded -----------------------------------------------------
+
+    def _repeat(self, conn, data, end, sent=0, trickle=None):
+        """Send ``data`` again and again up to FAKE_STREAM_BYTES; then stall, or send
+        ``trickle`` ten times a second (a stream that goes on, but costs nothing)."""
+        while sent < FAKE_STREAM_BYTES:
+            why = self._send(conn, data, end)
+            if why:
+                return why
+            sent += len(data)
+        if trickle is None:
+            return self._stall(conn, end)
+        while not self.stopping.wait(0.1):
+            why = self._send(conn, trickle, end)
+            if why:
+                return why
+        return "stop"
+
+    def _chunks(self, conn, data, end, sent=0, trickle=None):
+        """Send ``data`` as one chunk after another, endlessly (bounded)."""
+        return self._repeat(conn, b"%x\r\n%s\r\n" % (len(data), data), end, sent,
+                            trickle and b"%x\r\n%s\r\n" % (len(trickle), trickle))
+
+    def _drip(self, conn, data, end):
+        for i in range(len(data)):
+            why = self._send(conn, data[i:i + 1], end)
+            if why:
+                return why
+            if self.stopping.wait(0.1):
+                return "stop"
+        return "done"
+
+    def _big_config(self, conn, end, chunked):
+        if chunked:
+            start = b'{"version": "6.31.0", "api_prefix": "/gradio_api", "pad": "'
+            why = self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                             b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
+                             % (len(start), start), end)
+            return why or self._chunks(conn, PIECE, end)
+        why = self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 300000000\r\n\r\n{\"pad\": \"", end)
+        return why or self._repeat(conn, PIECE, end)
+
+    def _events(self, conn, query, end):
+        session = urllib.parse.parse_qs(query).get("session_hash", [""])[0]
+        event_id, wait_until = None, time.monotonic() + 2
+        while event_id is None and time.monotonic() < wait_until and not self.stopping.is_set():
+            with self.lock:                  # the join that named this session
+                event_id = next(("e%d" % (i + 1) for i, j in enumerate(self.joins)
+                                 if isinstance(j, dict) and j.get("session_hash") == session),
+                                None)
+            if event_id is None:
+                time.sleep(0.02)
+        event_id = event_id or "e1"
+
+        def event(msg, **fields):
+            data = json.dumps(dict({"msg": msg, "event_id": event_id}, **fields)).encode()
+            return b"data: %s\n\n" % data
+
+        def chunk(data):
+            return b"%x\r\n%s\r\n" % (len(data), data)
+
+        def generating(output):
+            return event("process_generating", output={"data": output, "is_generating": True},
+                         success=True)
+
+        how = self.behaviour
+        why = self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; "
+                         b"charset=utf-8\r\nCache-Control: no-cache\r\nTransfer-Encoding: "
+                         b"chunked\r\n\r\n" + chunk(event("estimation", rank=0, queue_size=1)
+                                                      + event("process_starts")), end)
+        if why:
+            return self._end(why)
+        if how == "flood":
+            why = self._send(conn, chunk(generating(["flood "])), end)
+            one = generating([[["append", [], "flood "]]])
+            return self._end(why or self._chunks(conn, one * (65536 // len(one)), end,
+                                                 trickle=one))
+        if how in ("big_line", "big_run"):
+            start = (b'data: {"msg": "process_generating", "event_id": "%s", "output": '
+                     b'{"data": ["' % event_id.encode())
+            why = self._send(conn, chunk(start), end)
+            sent = 0
+            while not why and sent < BIG:
+                why, sent = self._send(conn, chunk(PIECE), end), sent + len(PIECE)
+            if why:
+                return self._end(why)
+            if how == "big_run":                 # no newline at all, then the end
+                return self._end(self._send(conn, b"0\r\n\r\n", end) or "done")
+            tail = b'"], "is_generating": true}, "success": true}\n\n'
+            why = self._send(conn, chunk(tail + event(
+                "process_completed", output={"data": ["done"]}, success=True)) + b"0\r\n\r\n",
+                end)
+            return self._end(why or "done")
+        if how == "trickle":                     # output, then an event a byte at a time
+            why = self._send(conn, chunk(generating([self.text])), end)
+            while not why and not self.stopping.wait(0.2) and time.monotonic() < end:
+                why = self._send(conn, chunk(b"d"), end)
+            return self._end(why or "done")
+        if how == "heartbeats":                  # output, then heartbeats as fast as they go
+            beat = event("heartbeat")
+            why = self._send(conn, chunk(generating([self.text])), end)
+            return self._end(why or self._chunks(conn, beat * (65536 // len(beat)), end))
+        if how == "ping_after_complete":         # the job is done, the stream goes on
+            why = self._send(conn, chunk(generating([self.text])) + chunk(event(
+                "process_completed", output={"data": [self.text]}, success=True)), end)
+            while not why and not self.stopping.wait(0.3) and time.monotonic() < end:
+                why = self._send(conn, chunk(b": ping\n\n"), end)
+            return self._end(why or "done")
+        half = len(self.text) // 2
+        why = self._send(conn, chunk(generating([self.text[:half]])) + chunk(
+            generating([[["append", [], self.text[half:]]]])) + chunk(
+            event("process_completed", output={"data": [self.text]}, success=True)
+            + b'data: {"msg": "close_stream", "event_id": null}\n\n') + b"0\r\n\r\n", end)
+        if why:
+            return self._end(why)
+        with self.lock:
+            self.ended.append("done")
+        return True                              # kept alive, as uvicorn does
+
+
+def faulty_gradio(test, behaviour, text=HELLO):
+    """A :class:`FaultyGradio` serving until the test ends."""
+    return FaultyGradio(test, behaviour, text)
+
+
+slow = unittest.skipUnless(os.environ.get("BHARATGEN_SLOW_TESTS") == "1",
+                           "a slow attack test: BHARATGEN_SLOW_TESTS=1 runs it (.ci/run does)")
+
+
+def streams_in_flight(url):
+    """The streams a gateway is sending, from its /metrics (no line before the first)."""
+    text = request(url, "GET", "/metrics")[2].decode()
+    found = re.search(r"^bharatgen_streams_in_flight (\S+)$", text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
+class _RealClientBase(unittest.TestCase):
+    """A demo upstream and a keyed gateway, shared by a class of real-client tests."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.demo = FakeGradio().start()
+        cls.gw = Gateway(bg.Config(upstream=[cls.demo.url], port=0, timeout=10,
+                                   api_keys=["sk-test"])).start()
+        cls.base_url = cls.gw.url + "/v1"
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.gw.stop()
+        cls.demo.stop()
+
+
+def _free_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def _launch(test, gr, app, **queue):
+    """Launch a Gradio app on a free loopback port; its URL."""
+    port = _free_port()
+    app.queue(**queue).launch(server_name="127.0.0.1", server_port=port,
+                              prevent_thread_lock=True, quiet=True, show_error=True)
+    test.addCleanup(app.close)
+    return "http://127.0.0.1:%d" % port
+
+
+###############################################################################
+# The contract ################################################################
+###############################################################################
+
+# -- the contract --------------------------------------------------------------------------
+
+class ContractTests(unittest.TestCase):
+    def test_all_lists_exactly_the_public_names(self):
+        public = {name for name, value in vars(bg).items()
+                  if not name.startswith("_") and getattr(value, "__module__", None) == bg.__name__}
+        public |= {"APIError", "UpstreamTimeout"}          # aliases of public classes
+        self.assertEqual(set(bg.__all__), public)
+
+    def test_product_imports_only_the_standard_library(self):
+        import ast
+        tree = ast.parse((HERE / "bharatgen_openai.py").read_text(encoding="utf-8"))
+        names = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module.split(".")[0])
+        stdlib = getattr(sys, "stdlib_module_names", None)
+        if stdlib is None:
+            self.skipTest("sys.stdlib_module_names needs Python 3.10")
+        self.assertEqual(names - set(stdlib) - {"__future__"}, set())
+
+    def test_error_hierarchy_maps_each_error_to_one_status_and_type(self):
+        cases = [(bg.BadRequestError, 400, "invalid_request_error"),
+                 (bg.AuthenticationError, 401, "invalid_request_error"),
+                 (bg.NotFoundError, 404, "invalid_request_error"),
+                 (bg.MethodNotAllowedError, 405, "invalid_request_error"),
+                 (bg.RequestTooLargeError, 413, "invalid_request_error"),
+                 (bg.RateLimitError, 429, "requests"),
+                 (bg.InternalServerError, 500, "server_error"),
+                 (bg.UpstreamError, 502, "upstream_error"),
+                 (bg.UpstreamOverloadedError, 503, "upstream_error"),
+                 (bg.APIConnectionError, 502, "upstream_error"),
+                 (bg.APITimeoutError, 504, "upstream_error")]
+        for cls, status, kind in cases:
+            exc = cls("boom", param="p")
+            self.assertIsInstance(exc, bg.BharatGenError)
+            self.assertEqual((exc.status, exc.type), (status, kind), cls)
+            self.assertEqual(exc.to_dict(), {"error": {"message": "boom", "type": kind,
+                                                       "param": "p", "code": cls.code}})
+        self.assertTrue(issubclass(bg.UpstreamTimeout, TimeoutError))
+        self.assertTrue(issubclass(bg.APIConnectionError, ConnectionError))
+        self.assertTrue(issubclass(bg.APITimeoutError, bg.APIConnectionError))
+        self.assertFalse(issubclass(bg.APIConnectionError, bg.InternalServerError))   # as openai
+        self.assertEqual((bg.NotFoundError("x").status_code, bg.APITimeoutError("x").status_code),
+                         (404, 504))
+
+
+###############################################################################
+# Errors: tested where each is raised #########################################
+###############################################################################
+# (no test class of its own)
+
+
+###############################################################################
+# Protocol pieces: SSE, the HTML cleaner, stop sequences, token estimate ######
+###############################################################################
+
+# -- protocol pieces -----------------------------------------------------------------------
+
+class SSETests(unittest.TestCase):
+    def events(self, raw):
+        return events_of(io.BytesIO(raw).readline)
+
+    def test_events_multiline_data_comments_and_crlf(self):
+        raw = (b"event: generating\r\ndata: [1,\r\ndata: 2]\r\n\r\n: a comment\n\n"
+               b"data: plain\n\nevent: heartbeat\ndata: null\n\nevent: complete\ndata:[3]")
+        self.assertEqual(self.events(raw), [("generating", "[1,\n2]"), ("message", "plain"),
+                                            ("heartbeat", "null"), ("complete", "[3]")])
+
+    def test_blocks_split_anywhere_give_the_same_events(self):
+        import random
+        raw = fixture("call_hindi_please.sse").replace(b"\n", b"\r\n")
+        expected = self.events(fixture("call_hindi_please.sse"))
+        rng = random.Random(7)
+        for _ in range(20):
+            cuts = sorted(rng.sample(range(1, len(raw)), 40))
+            blocks = iter([raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])])
+            self.assertEqual(events_of(lambda: next(blocks, b"")), expected)
+
+    def test_events_cut_anywhere_come_whole(self):
+        blocks = iter([b"data: 1\n\ndata: 2\n\nda", b"ta: 3\n", b"\n", b"data: 4\n\ndata: 5\n\n",
+                       b": just a comment\n\n", b"data: 6"])
+        self.assertEqual([d for _, d in bg._iter_sse(lambda: next(blocks, b""))],
+                         ["1", "2", "3", "4", "5", "6"])
+
+    def test_a_line_or_an_event_over_the_limit_ends_the_stream(self):
+        def feed(*blocks):
+            it = iter(blocks)
+            return lambda: next(it, b"")
+        self.assertEqual([d for _, d in bg._iter_sse(feed(b"data: " + b"x" * 94 + b"\n\n"), 100)],
+                         ["x" * 94])
+        for blocks in ([b"data: " + b"x" * 60, b"x" * 60],                  # one line, no end
+                       [b"data: " + b"x" * 60 + b"\n", b"data: " + b"y" * 60 + b"\n"],   # one event
+                       [b"x" * 101]):
+            with self.assertRaisesRegex(bg.UpstreamError, "an event of over 100 bytes"):
+                list(bg._iter_sse(feed(*blocks), 100))
+        with self.assertRaisesRegex(bg.UpstreamError, "not UTF-8"):
+            list(bg._iter_sse(feed(b"data: \xff\n\n")))
+
+    def test_reading_is_linear_in_the_bytes(self):
+        # a 4 MB event in 4 KB blocks: each block is searched once (it took minutes when
+        # the buffer was searched from its start on every read)
+        calls = [0]
+        block = b"y" * 4096
+
+        def read():
+            calls[0] += 1
+            if calls[0] == 1:
+                return b"data: "
+            return block if calls[0] < 1026 else b"\n\n" if calls[0] == 1026 else b""
+        started = time.monotonic()
+        [(_, data)] = list(bg._iter_sse(read))
+        self.assertEqual(len(data), 4096 * 1024)
+        self.assertLess(time.monotonic() - started, 5)
+
+    def test_fixture_streams_parse_into_events(self):
+        events = self.events(fixture("call_Say_hello.sse"))
+        self.assertEqual([e for e, _ in events[-2:]], ["generating", "complete"])
+        self.assertEqual(self.events(fixture("call_crash.sse")),
+                         [("error", '{"error": "internal failure in model worker", "visible": true}')])
+
+
+def snapshots(capture):
+    """The reply HTML of every generating/complete event of a /call capture."""
+    out = []
+    for event, data in events_of(io.BytesIO(capture).readline):
+        if event in ("generating", "complete"):
+            out.append((bg._reply_from_output(json.loads(data)), event == "complete"))
+    return out
+
+
+def stream_clean(snaps):
+    """Run snapshots through the streaming cleaner; return (deltas, final CleanReply)."""
+    cleaner = bg._StreamCleaner()
+    thoughts, answers = [], []
+    for html_text, final in snaps:
+        t, a = cleaner.update(html_text, final)
+        thoughts.append(t)
+        answers.append(a)
+    return thoughts, answers
+
+
+class CleanerTests(unittest.TestCase):
+    FORMATTING = bg._DEMO_FORMATTING
+
+    def check_capture(self, name, answer, thought):
+        snaps = snapshots(fixture(name))
+        final = bg.clean_reply(snaps[-1][0])
+        self.assertEqual(final.answer, answer)
+        self.assertEqual(final.thought, thought)
+        thoughts, answers = stream_clean(snaps)
+        self.assertEqual("".join(answers), answer)
+        self.assertEqual("".join(thoughts), thought)
+        for piece in answers + thoughts:
+            self.assertNotIn("\ufffd", piece)
+        return answers
+
+    def test_say_hello_capture(self):
+        self.check_capture("call_Say_hello.sse", HELLO, thought_of("Say hello"))
+
+    def test_formatting_capture_keeps_code_tags_indentation_and_ampersands(self):
+        answers = self.check_capture("call_show_formatting.sse", self.FORMATTING,
+                                     thought_of("show formatting"))
+        self.assertGreater(sum(1 for a in answers if a), 5)      # it really streamed
+
+    def test_hindi_capture_never_sends_a_half_written_character(self):
+        self.check_capture("call_hindi_please.sse", HINDI, thought_of("hindi please"))
+
+    def test_history_capture(self):
+        answers = self.check_capture("call_history_messages_gradio6.sse", None or
+                                     bg.clean_reply(snapshots(fixture(
+                                         "call_history_messages_gradio6.sse"))[-1][0]).answer,
+                                     thought_of("tell me the history"))
+        self.assertTrue("".join(answers).startswith("SYSTEM=Be terse. | HISTORY=[{\"content\""))
+
+    def test_thought_is_unescaped_and_answer_is_verbatim(self):
+        html_text = ("<details class='thought'><summary>🧠 Thinking...</summary>\n\n"
+                     "a &lt; b &amp;&amp; &quot;c&quot;\n\n</details>\n\n"
+                     "x &amp; <b>y</b>\n  indented\n\n\nend\n\n"
+                     "<details style='opacity:0.6'><summary>d</summary><pre>x</pre></details>\n"
+                     "<div style='color:#666'>⏱️ Latency: 1s</div>")
+        reply = bg.clean_reply(html_text)
+        self.assertEqual(reply.thought, 'a < b && "c"')
+        self.assertEqual(reply.answer, "x &amp; <b>y</b>\n  indented\n\n\nend")
+
+    def test_markup_drift_double_quotes_other_labels_and_attribute_order(self):
+        html_text = ('<details open="" class="thought x"><summary>Thinking</summary>T</details>'
+                     'Answer <div class="box">kept</div>'
+                     '<details class="dbg" style="font-size: 1em; opacity: 0.5">x</details>'
+                     '<div style="font-size:1em; color: #666">L</div>')
+        reply = bg.clean_reply(html_text)
+        self.assertEqual((reply.thought, reply.answer), ("T", 'Answer <div class="box">kept</div>'))
+
+    def test_plain_text_without_blocks_is_the_answer(self):
+        self.assertEqual(bg.clean_reply("Echo: Hello there"),
+                         bg.CleanReply("Echo: Hello there", "", True, False))
+
+    def test_open_thought_has_no_answer_yet(self):
+        reply = bg.clean_reply("<details class='thought' open><summary>s</summary>\n\nThe user\n\n</details>")
+        self.assertEqual((reply.thought, reply.answer, reply.thought_done), ("The user", "", False))
+
+    def test_stream_holds_back_partial_tags_whitespace_and_replacement_chars(self):
+        head = "<details class='thought'><summary>s</summary>\n\nT\n\n</details>\n\n"
+        steps = ["<det", "<details class='tho", head + "a <", head + "a < b", head + "a < b\n\n<d",
+                 head + "a < b\n\n<details style='opa",
+                 head + "a < b\n\nनमस\ufffd", head + "a < b\n\nनमस्ते",
+                 head + "a < b\n\nनमस्ते\n\n<details style='opacity:1'>x</details>"]
+        cleaner = bg._StreamCleaner()
+        out = [cleaner.update(s) for s in steps]
+        self.assertEqual([a for _, a in out],
+                         ["", "", "a", " < b", "", "", "\n\nनमस", "्ते", ""])
+        self.assertEqual("".join(t for t, _ in out), "T")
+
+    def test_appends_give_the_same_text_as_whole_snapshots(self):
+        for prompt in ("Say hello", "show formatting", "hindi please", "tamil", "90 words"):
+            snaps = list(bg._demo_html(*bg._demo_reply(prompt, [], "", [0] * 4)))
+            whole, appended = bg._StreamCleaner(), bg._StreamCleaner()
+            out_whole, out_appended, prev = [], [], None
+            for i, snap in enumerate(snaps):
+                final = i == len(snaps) - 1
+                out_whole.append(whole.update(snap, final))
+                if prev is not None and snap.startswith(prev) and not final:
+                    out_appended.append(appended.append(snap[len(prev):]))
+                else:
+                    out_appended.append(appended.update(snap, final))
+                prev = snap
+            self.assertEqual(out_appended, out_whole, prompt)
+            self.assertEqual("".join(a for _, a in out_whole), bg.clean_reply(snaps[-1]).answer)
+
+    def test_final_update_releases_what_was_held(self):
+        cleaner = bg._StreamCleaner()
+        self.assertEqual(cleaner.update("Echo: Hello \ufffd"), ("", "Echo: Hello"))
+        self.assertEqual(cleaner.update("Echo: Hello ✓\n", final=True), ("", " ✓\n"))
+
+
+class CleanerPropertyTests(unittest.TestCase):
+    """Answers built from the pieces that break cleaners (the app's own block markup, tags
+    left open, comments, entities written out, code, Indic text, CRLF, long lines),
+    rendered as the Param app renders them, a few characters at a time with a
+    half-written character first shown as U+FFFD, then cleaned whole and streamed (as
+    queue appends and as whole snapshots): every way gives exactly what went in, and
+    nothing sent is ever taken back."""
+
+    SEED, COUNT = 20261202, 2000
+    PIECES = ["<details class='thought'>", "<details class='thought' open>",
+              "<summary>\U0001f9e0 Thinking...</summary>", "</details>", "</summary>",
+              "<details style='opacity:0.6; font-size:0.85em'>",
+              "<summary>\U0001f50d Debug: Raw Response</summary>", "<pre>", "</pre>",
+              "<div style='color:#666; font-size:0.85em; border-top:1px solid #eee; "
+              "margin-top:8px; padding-top:4px'>", "\u23f1\ufe0f Latency: 1.23s", "</div>",
+              "<details>", "<div", "<div>", "<span", "<!--", "-->", "<script>x()</script>",
+              "&amp;lt;", "&lt;", "&", "a < b", "c > d", "x<y", "```html\n", "```", "\n",
+              "\n\n", "\r\n", " ", "\t", "\u0928\u092e\u0938\u094d\u0924\u0947",
+              "\u0bb5\u0ba3\u0b95\u0bcd\u0b95\u0bae\u0bcd", "\U0001f64f", "x" * 300, "word",
+              "Hello, world.", "<", ">", "\ufffd"]
+
+    def render(self, rng, thought, answer):
+        """The app's snapshots of a reply: the thought growing in an open block, then the
+        answer growing after the closed one, then the debug block and latency line."""
+        def growing(text):
+            i = 0
+            while i < len(text):
+                i = min(len(text), i + rng.randint(1, 5))
+                if ord(text[i - 1]) > 0x7f and rng.random() < 0.5:
+                    yield text[:i - 1] + "\ufffd"          # half a character, first
+                yield text[:i]
+        snaps = [bg._THOUGHT_HEAD % " open" + html.escape(part) + "\n\n</details>"
+                 for part in growing(thought)]
+        closed = bg._THOUGHT_HEAD % "" + html.escape(thought) + "\n\n</details>\n\n"
+        snaps += [closed + part for part in growing(answer)]
+        return snaps, (closed + answer + bg._DEBUG_HEAD + html.escape(
+            "<think>%s</think>%s" % (thought, answer)) + bg._LATENCY % (1.5, 1.25))
+
+    def stream(self, snaps, final, appends):
+        cleaner, thoughts, answers, last = bg._StreamCleaner(), [], [], ""
+        for snap in snaps:
+            if appends and last and snap.startswith(last):
+                t, a = cleaner.append(snap[len(last):])
+            else:
+                t, a = cleaner.update(snap)
+            thoughts.append(t)
+            answers.append(a)
+            last = snap
+        t, a = cleaner.update(final, True)
+        self.assertFalse(cleaner.diverged)
+        return "".join(thoughts) + t, "".join(answers) + a
+
+    def test_every_way_of_cleaning_gives_what_went_in(self):
+        import random
+        rng = random.Random(self.SEED)
+        for n in range(self.COUNT):
+            answer = "".join(rng.choice(self.PIECES) for _ in range(rng.randint(0, 12)))
+            thought = " ".join(rng.choice(self.PIECES) for _ in range(rng.randint(1, 6))).strip()
+            thought = thought or "hmm"
+            snaps, final = self.render(rng, thought, answer)
+            with self.subTest(n=n, answer=answer, thought=thought):
+                reply = bg.clean_reply(final)
+                self.assertEqual((reply.thought, reply.answer), (thought, answer))
+                for appends in (True, False):
+                    self.assertEqual(self.stream(snaps, final, appends), (thought, answer))
+
+
+class StopCutterTests(unittest.TestCase):
+    def run_cutter(self, stops, deltas):
+        cutter = bg._StopCutter(stops)
+        out = [cutter.feed(d) for d in deltas]
+        return out, cutter.flush(), cutter.stopped
+
+    def test_stop_split_across_deltas_is_caught(self):
+        self.assertEqual(self.run_cutter(["END"], ["abc E", "N", "Dxyz", "more"]),
+                         (["abc ", "", "", ""], "", True))
+
+    def test_false_start_is_released(self):
+        self.assertEqual(self.run_cutter(["END"], ["a EN", "X b"]), (["a ", "ENX b"], "", False))
+
+    def test_earliest_of_several_stops_wins_and_tail_is_flushed(self):
+        self.assertEqual(self.run_cutter(["yy", "x"], ["a yy b x"]), (["a "], "", True))
+        self.assertEqual(self.run_cutter(["zz"], ["tail z"]), (["tail "], "z", False))
+
+
+class TokenEstimateTests(unittest.TestCase):
+    def test_counts_by_script(self):
+        self.assertEqual(bg.estimate_tokens(""), 0)
+        self.assertEqual(bg.estimate_tokens("Hello, world!"), 4)
+        self.assertEqual(bg.estimate_tokens("1234567"), 3)
+        self.assertEqual(bg.estimate_tokens(HINDI), 14)
+        self.assertEqual(bg.estimate_tokens("def f(x):\n    return x"), 8)
+
+    def test_far_better_than_four_characters_a_token_for_hindi(self):
+        text = HINDI * 10
+        self.assertGreater(bg.estimate_tokens(text), len(text.encode("utf-8")) / 8)
+
+
+TOKEN_SAMPLES = {
+"english": """The Indian monsoon is a seasonal reversal of winds that brings most of the country's annual rainfall between June and September. Farmers across the Gangetic plain plan their sowing around its arrival, and a delay of even two weeks can change what a whole district earns that year. Meteorologists watch sea-surface temperatures in the Indian Ocean, the strength of the Somali jet, and the position of the monsoon trough to forecast it. In recent decades, heavy downpours have become more frequent while the number of light rain days has fallen, which makes both floods and dry spells more likely. Understanding these patterns helps cities prepare their drains, reservoirs and emergency services well before the first clouds appear.""",
+"hindi": """भारतीय मानसून हवाओं का एक मौसमी बदलाव है जो जून से सितंबर के बीच देश की अधिकांश वार्षिक वर्षा लाता है। गंगा के मैदान के किसान इसके आगमन के अनुसार अपनी बुवाई की योजना बनाते हैं, और केवल दो सप्ताह की देरी भी पूरे ज़िले की उस साल की कमाई बदल सकती है। मौसम वैज्ञानिक इसका पूर्वानुमान लगाने के लिए हिंद महासागर के समुद्री सतह के तापमान और मानसून द्रोणी की स्थिति पर नज़र रखते हैं। हाल के दशकों में भारी बारिश की घटनाएँ बढ़ी हैं जबकि हल्की बारिश वाले दिनों की संख्या घटी है। इन पैटर्न को समझने से शहर अपनी नालियों, जलाशयों और आपातकालीन सेवाओं को पहले से तैयार कर पाते हैं।""",
+"tamil": """இந்தியப் பருவமழை என்பது ஜூன் முதல் செப்டம்பர் வரை நாட்டின் பெரும்பாலான ஆண்டு மழையைக் கொண்டுவரும் காற்றின் பருவகால மாற்றமாகும். கங்கைச் சமவெளியின் விவசாயிகள் அதன் வருகையைப் பொறுத்து விதைப்பைத் திட்டமிடுகின்றனர், இரண்டு வாரத் தாமதம்கூட ஒரு மாவட்டத்தின் அந்த ஆண்டு வருமானத்தை மாற்றக்கூடும். வானிலை ஆய்வாளர்கள் இந்தியப் பெருங்கடலின் கடல் மேற்பரப்பு வெப்பநிலையைக் கவனித்து அதை முன்னறிவிக்கின்றனர். சமீபத்திய பத்தாண்டுகளில் கனமழை நிகழ்வுகள் அதிகரித்துள்ளன, லேசான மழை நாட்களின் எண்ணிக்கை குறைந்துள்ளது. இந்த முறைகளைப் புரிந்துகொள்வது நகரங்கள் தங்கள் வடிகால்களையும் நீர்த்தேக்கங்களையும் முன்கூட்டியே தயார் செய்ய உதவுகிறது.""",
+"code": '''def merge_intervals(intervals: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge overlapping closed intervals, e.g. [(1, 3), (2, 6)] -> [(1, 6)]."""
+    if not intervals:
+        return []
+    intervals = sorted(intervals, key=lambda iv: iv[0])
+    merged = [intervals[0]]
+    for start, end in intervals[1:]:
+        last_start, last_end = merged[-1]
+        if start <= last_end:
+            merged[-1] = (last_start, max(last_end, end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+class Cache:
+    def __init__(self, size=128):
+        self._data = {}
+        self._size = size
+
+    def get(self, key, default=None):
+        return self._data.get(key, default)
+
+    def put(self, key, value):
+        if len(self._data) >= self._size:
+            self._data.pop(next(iter(self._data)))
+        self._data[key] = value
+''',
+}
+
+
+@needs("bpe_openai")
+class TokenEstimateAccuracyTests(unittest.TestCase):
+    """The estimate within 15% of o200k_base (bpe_openai ships that vocabulary offline)."""
+
+    def test_within_fifteen_percent_on_english_hindi_tamil_and_code(self):
+        import bpe_openai
+        enc = bpe_openai.get_encoding("o200k_base")
+        for name, text in TOKEN_SAMPLES.items():
+            real, est = len(enc.encode(text)), bg.estimate_tokens(text)
+            with self.subTest(name=name, real=real, estimate=est):
+                self.assertLessEqual(abs(est - real) / real, 0.15)
+
+
+###############################################################################
+# Token counts: tokenizer.json, and the limits counted with it ################
+###############################################################################
+
+# -- exact token counts: the pure-Python tokenizer against Hugging Face's ---------------------
+
+_GPT2_SPLIT, _onig, _split, _Tokenizer = bg._GPT2_SPLIT, bg._onig, bg._split, bg._Tokenizer
+
+try:
+    import sentencepiece
+except ImportError:  # pragma: no cover
+    sentencepiece = None
+
+_SEEDS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "I'm sure they'll say it's fine; we've done it before, haven't we?",
+    "Prices rose 12.5% to $1,234.56 in Q3 2024 (see table 7).",
+    "OpenAI-compatible gateways translate requests: POST /v1/chat/completions.",
+    "résumé, naïve café, Zürich, São Paulo, Ελληνικά, Ωμέγα ΣΟΦΙΑΣ, İstanbul",
+    "ﬁne ﬂour costs ½ of ¼ kg ① ② — “quoted” ‘text’ … ™ ℃",
+    "भारत एक विशाल देश है जिसकी संस्कृति बहुत पुरानी है।",
+    "मैं आज बाज़ार जा रहा हूँ, क्या तुम भी चलोगे?",
+    "हिन्दी में क़लम, ज़मीन और फ़ारसी शब्द आते हैं।",
+    "प्रधानमंत्री ने २०२४ में नई योजनाओं की घोषणा की।",
+    "தமிழ் ஒரு பழமையான மொழி ஆகும்.",
+    "நான் இன்று பள்ளிக்குச் செல்கிறேன், நீங்கள் வருகிறீர்களா?",
+    "கொம்பு, கோவில், கௌரவம் — ௧௨௩ எண்கள்.",
+    "def add(a, b):\n    return a + b  # sum\n",
+    "for (int i = 0; i < n; ++i) { total += v[i] * 2; }",
+    "if __name__ == '__main__':\n\tmain(sys.argv[1:])\n",
+    "SELECT name, COUNT(*) FROM users WHERE age >= 18 GROUP BY name;",
+    "const f = async (x) => { await fetch(`/api/${x}`); };",
+    "<div class=\"row\"><span>Hello</span></div>",
+    "{\"key\": [1, 2, 3], \"nested\": {\"ok\": true, \"n\": null}}",
+    "Emoji: 😀 😂 👍🏽 ❤️ 🇮🇳 👨‍👩‍👧‍👦 🧑🏾‍💻 🏳️‍🌈 #️⃣",
+    "Mixed: Hello नमस्ते வணக்கம் 你好 こんにちは 안녕하세요 مرحبا",
+    "Hinglish: kal main office jaunga, phir मीटिंग है at 10am.",
+    "Numbers 0123456789 and ١٢٣ and ٤٥٦ and 一二三",
+    "Tabs\tand\ttabs\t\tand trailing spaces   ",
+    "Line one\nLine two\r\nLine three\n\n\nLine six",
+    "A very long word: pneumonoultramicroscopicsilicovolcanoconiosis.",
+    "URLs like https://example.com/path?q=1&r=two#frag are common.",
+    "e\u0301 a\u0300 o\u0302 n\u0303 (combining marks, decomposed)",
+    "\u0b95\u0bc6\u0bbe\u0bb2\u0bcd \u0b95\u0bc6\u0bb3 (Tamil vowel signs, decomposed)",
+    "\u0915\u093c\u0932\u092e \u091c\u093c\u092e\u0940\u0928 (nukta, decomposed)",
+    "Zero\u200bwidth\u200cjoiners\u200d and\u00a0no-break\u202fspaces\u3000here",
+    "CAPITAL LETTERS AND Title Case And lower case",
+    "Ünïcödé ÀÉÎÕÜ straße ΣΊΣΥΦΟΣ ǅungla",
+    "    indented code\n        more indented\n",
+    "!!! ??? ... --- *** ### $$$ %%% ^^^ &&& ((( )))",
+    "x = [i**2 for i in range(10) if i % 2 == 0]",
+    "সংখ্যা বাংলা ভাষায় ১২৩ — ગુજરાતી ਪੰਜਾਬੀ తెలుగు ಕನ್ನಡ മലയാളം",
+    "Control\x01chars\x1fand\x7fdel and \U0001F600 astral",
+    "The end. ॐ ॥ ৳ ₹ 100 only.",
+    "Marks out of order: a\u0301\u0323 q\u0307\u0323 \u1e69\u0301 \u0915\u094d\u093c",
+    "Odd spaces:\x1c\x1d\x1e\x1f|\x85|\u2028|\u2029|\u180e|\u200b|\ufeff|end",
+    "Blocked marks: a\u0305\u0301 e\u0305\u0300 o\u0316\u0300 \u1100\u1161\u11a8 \u0b47\u0b3e",
+    "Astral: x𓀀y 𝐀𝐁𝐂bold 𝟏𝟐𝟑digits 𐐀𐐨deseret a😀b 9𝟗9 'S𝐒",
+]
+_UNSEEN = [  # scripts left out of the training texts: unknown chars, byte fallback
+    "ግዕዝ ፊደል ሰላም ነው። ქართული ენა ლამაზია",
+    "Cherokee ᏣᎳᎩ and Javanese ꦧꦱꦗꦮ and 𓀀𓀁 hieroglyphs",
+]
+_SPECIALS = ["<|endoftext|>", "<s>", "</s>", "<mask>", "[TOOL]", "wordy"]
+_SEPARATORS = ["", " ", "  ", "\n", "\n\n", "\t", " \n ", "\r\n", "      ", "\n    \n", " " * 17]
+_LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+           r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_GPT4O = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+          r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+          r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# A precompiled_charsmap that SentencePiece built from this rule table (hex code points):
+#   3000->20, FB01->66 69, 1->(none), 65 301->E9, 41->61 ("A" + a mark is replaced whole by
+#   "a": the shortest key wins), FF21->41, D->20 ("\r\n" becomes " "), 2460->31, 958->915 93C,
+#   BCA->BC6 BBE, FE0F->(none), 200B->(none), 2026->2E 2E 2E, A0->20.
+_SMALL_CHARSMAP = (
+    "AAQAAAAMAAAAAACAAQ0AAMwQAgABAACACwAAgIEFAAAQAACAoDEAAJgNAAATAACAih0AABoAAICAJAIADSkAAIs5AACl"
+    "BAIAAwAAgKAFAAAHAACAgAQCAIBFAACBBQAADQAAgKENAACPYQAAr2wCAAkAAICRuAIAHwAAABwAAAAdAAAArNwCACMA"
+    "AACmzQAAIQAAACYAAAAnAAAAJAAAACUAAAAqAAAAKwAAACgAAAApAAAALgAAAC8AAAAsAAAALQAAALwkAgAzAAAAMAAA"
+    "ADEAAAC4iAIANwAAADQAAAA1AAAAOgAAADsAAAA4AAAAOQAAAD4AAAA/AAAAPAAAAD0AAABCAAAAQwAAAEEdAQBBAAAA"
+    "RgAAAEcAAABEAAAARQAAAEoAAABLAAAASAAAAEkAAABOAAAATwAAAEwAAABNAAAAUgAAAFMAAABQAAAAUQAAAFYAAABX"
+    "AAAAVAAAAFUAAABaAAAAWwAAAFgAAABZAAAAXgAAAF8AAABcAAAAXQAAAGIAAABjAAAAYAAAAGEAAABmAAAAZwAAAGWk"
+    "AgBlAAAAagAAAGsAAABoAAAAaQAAAG4AAABvAAAAbAAAAG0AAAByAAAAcwAAAHAAAABxAAAAdgAAAHcAAAB0AAAAdQAA"
+    "AHoAAAB7AAAAeAAAAHkAAAB+AAAAfwAAAHwAAAB9AAAAggAAAIMAAACAAAAAgQAAAIYAAACHAAAAhAAAAIUAAACKAAAA"
+    "iwAAAIgAAACJAAAAjgAAAI8AAACMAAAAjQAAAJIAAACTAAAAkAAAAJEAAACWAAAAlwAAAJQAAACVAAAAmgAAAJsAAACY"
+    "AAAAmQAAAJ4AAACfAAAAnAAAAJ0AAACiAAAAowAAAKAAAAChAAAApgAAAKcAAACkAAAApQAAAKoAAACrAAAAqAAAAKkA"
+    "AACuAAAArwAAAKwAAACtAAAAsgAAALMAAACwAAAAsQAAALYAAAC3AAAAtAAAALUAAAC6AAAAuwAAALgAAAC5AAAAvgAA"
+    "AL8AAAC8AAAAvQAAAMIAAADCpAEAwAAAAMEAAADGAAAAxwAAAMQAAADFAAAAygAAAMsAAADIAAAAyQAAAM4AAADPAAAA"
+    "zAAAAM0AAADSAAAA0wAAANAAAADRAAAA1gAAANcAAADUAAAA1QAAANoAAADbAAAA2AAAANkAAADeAAAA3wAAANwAAADd"
+    "AAAA49ABAOKwAQDgAAAA4FgBAOYAAADnAAAA5AAAAOUAAADqAAAA6wAAAOgAAADpAAAA74ABAO8AAADsAAAA7QAAAPIA"
+    "AADzAAAA8AAAAPEAAAD2AAAA9wAAAPQAAAD1AAAA+gAAAPsAAAD4AAAA+QAAAP4AAAD/AAAA/AAAAP0AAAAAIAAuLi4A"
+    "MQBBAGEAZmkAw6kA4KSV4KS8AOCvhuCuvgA="
+)
+_TRAIN_SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+def _llama_legacy():
+    """The normalizers of a legacy Llama conversion (no pre-tokenizer)."""
+    return normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+
+
+def _corpus(n: int = 560, seed: int = 20240917, train: bool = False) -> list:
+    """Deterministic texts: the seeds, mixes of them, odd slices, specials, whitespace runs."""
+    rnd = random.Random(seed)
+    texts = ["", " ", "\n", "  ", " " * 300, "\n" * 50, "\t \n" * 20, "▁", "▁▁ ▁", "<s>",
+             " <mask> ", "".join(_SEEDS) * 3] + list(_SEEDS) + _UNSEEN
+    while len(texts) < n:
+        parts = [rnd.choice(_SEEDS if train or rnd.random() < 0.9 else _UNSEEN)
+                 for _ in range(rnd.randint(1, 4))]
+        text = "".join(p + rnd.choice(_SEPARATORS) for p in parts)
+        kind = rnd.random()
+        if kind < 0.25:  # a slice starting and ending anywhere
+            a = rnd.randrange(len(text))
+            text = text[a:rnd.randint(a, len(text))]
+        elif kind < 0.5:  # added tokens inside the text, with or without spaces around
+            for _ in range(rnd.randint(1, 3)):
+                i = rnd.randint(0, len(text))
+                text = text[:i] + rnd.choice(["", " ", "  "]) + rnd.choice(_SPECIALS) + rnd.choice(
+                    ["", " ", "\n"]) + text[i:]
+        elif kind < 0.6:
+            text = unicodedata.normalize(rnd.choice(["NFD", "NFKD", "NFC"]), text)
+        elif kind < 0.7:
+            text = rnd.choice([str.upper, str.lower, str.title])(text)
+        elif kind < 0.8:
+            text = rnd.choice(_SEPARATORS) + text + " " * rnd.randint(0, 40)
+        texts.append(text)
+    return texts
+
+
+def _charsmap_from_spm(model: bytes) -> bytes:
+    """The precompiled_charsmap in a SentencePiece model proto (field 3, then its field 2)."""
+    def field(buf: bytes, wanted: int) -> bytes:
+        i = 0
+        while i < len(buf):
+            key, i = varint(buf, i)
+            if key & 7 == 0:
+                i = varint(buf, i)[1]
+            elif key & 7 in (1, 5):
+                i += 8 if key & 7 == 1 else 4
+            else:
+                size, i = varint(buf, i)
+                if key >> 3 == wanted:
+                    return buf[i:i + size]
+                i += size
+        raise ValueError("field %d not found" % wanted)
+
+    def varint(buf: bytes, i: int) -> tuple:
+        value = shift = 0
+        while True:
+            value |= (buf[i] & 127) << shift
+            shift += 7
+            i += 1
+            if buf[i - 1] < 128:
+                return value, i
+    return field(field(model, 3), 2)
+
+
+@unittest.skipIf(tokenizers is None, "the tokenizers package is not installed")
+@needs("tokenizers")
+class TokenizerTests(unittest.TestCase):
+    """_Tokenizer gives the ids and end offsets that Hugging Face tokenizers gives."""
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.texts = _corpus()
+        cls.train = [t for t in _corpus(300, seed=7, train=True) if t not in _UNSEEN]
+
+    def _train_bpe(self, pre, vocab_size=700, alphabet=None, **model):
+        tok = Tokenizer(models.BPE(**model))
+        tok.pre_tokenizer = pre
+        kwargs = {"initial_alphabet": alphabet} if alphabet else {"limit_alphabet": 150}
+        tok.train_from_iterator(self.train, trainers.BpeTrainer(
+            vocab_size=vocab_size, show_progress=False, special_tokens=_TRAIN_SPECIALS, **kwargs))
+        return tok
+
+    def _with_bytes(self, tok, score=None):
+        """The tokenizer with <0x00>..<0xFF> in its vocab and byte_fallback on."""
+        spec = json.loads(tok.to_str())
+        model = spec["model"]
+        for b in range(256):
+            if score is None:
+                model["vocab"].setdefault("<0x%02X>" % b, len(model["vocab"]))
+            else:
+                model["vocab"].append(["<0x%02X>" % b, score])
+        model["byte_fallback"] = True
+        return Tokenizer.from_str(json.dumps(spec))
+
+    def _add_tokens(self, tok):
+        tok.add_special_tokens([AddedToken("<|endoftext|>", special=True, normalized=False),
+                                AddedToken("<mask>", lstrip=True, special=True, normalized=False)])
+        tok.add_tokens([AddedToken("[TOOL]", rstrip=True, normalized=False),
+                        AddedToken("wordy", single_word=True, normalized=True)])
+        return tok
+
+    def assertSame(self, name, tok, texts=None):
+        """Every text: same ids, count, and end offsets as the library, both reading the same
+        tokenizer.json (an edited Tokenizer object may keep stale state in older versions)."""
+        tok.post_processor = None
+        spec = tok.to_str()
+        tok, ours = Tokenizer.from_str(spec), _Tokenizer.load(json.loads(spec))
+        bad = []
+        for text in texts or self.texts:
+            want = tok.encode(text, add_special_tokens=False)
+            got = ours.encode(text)
+            ok = ([i for i, _ in got] == want.ids and ours.count(text) == len(want.ids)
+                  and [e for _, e in got] == [e for _, e in want.offsets])
+            if not ok:
+                bad.append(text)
+        if bad:  # trained models vary from run to run: keep this one
+            fd, path = tempfile.mkstemp(prefix="tokenizer-", suffix=".json")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(spec)
+            want = tok.encode(bad[0], add_special_tokens=False)
+            self.fail("%s (%s): %d of %d texts differ; first %r:\n ours %r\n lib  %r" % (
+                name, path, len(bad), len(texts or self.texts), bad[0], ours.encode(bad[0]),
+                list(zip(want.ids, [e for _, e in want.offsets]))))
+
+    def test_regex_translation(self):
+        # Oniguruma patterns (\p{..}, \s) run with Python's re split every text as the library does.
+        for pattern in (_GPT2_SPLIT, _LLAMA3, _GPT4O, r"\p{N}+|[^\p{N}\s]+", r"\P{L}+"):
+            lib, ours = pre_tokenizers.Split(Regex(pattern), behavior="isolated"), _onig(pattern)
+            for text in self.texts:
+                want = [o for _, o in lib.pre_tokenize_str(text)]
+                got = [(w[0], w[-1] + 1) for _, w in _split(text, range(len(text)), ours)]
+                self.assertEqual(got, want, "%r on %r" % (pattern, text))
+
+    def test_byte_level_bpe(self):
+        for prefix in (False, True):
+            tok = self._train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=prefix),
+                                  alphabet=pre_tokenizers.ByteLevel.alphabet())
+            self.assertSame("gpt2 prefix=%s" % prefix, self._add_tokens(tok))
+
+    def test_llama3_split_regex(self):
+        pre = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(_LLAMA3), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        tok = self._train_bpe(pre, alphabet=pre_tokenizers.ByteLevel.alphabet(), ignore_merges=True)
+        self.assertSame("llama3", self._add_tokens(tok))
+
+    def test_sentencepiece_bpe_byte_fallback(self):
+        # Trained as SentencePiece does (words start with "▁"), then run as converted Llama files:
+        # legacy (Prepend + Replace normalizers, no pre-tokenizer), and Metaspace "first".
+        tok = self._with_bytes(self._train_bpe(pre_tokenizers.Metaspace(), unk_token="<unk>",
+                                               fuse_unk=True))
+        tok.normalizer = _llama_legacy()
+        tok.pre_tokenizer = None
+        self.assertSame("llama legacy", self._add_tokens(tok))
+        tok.normalizer = None
+        for scheme, split in (("first", False), ("always", True), ("never", True)):
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme=scheme, split=split)
+            self.assertSame("metaspace %s split=%s" % (scheme, split), tok)
+
+    def test_bpe_merges_across_words_and_unk(self):
+        # Merges that cross "x▁" (no cutting of long words), unknown chars fused or not.
+        for fuse in (True, False):
+            tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=fuse))
+            tok.normalizer = _llama_legacy()
+            tok.train_from_iterator(self.train[:40], trainers.BpeTrainer(
+                vocab_size=300, limit_alphabet=60, show_progress=False, special_tokens=["<unk>"]))
+            self.assertSame("bpe fuse_unk=%s" % fuse, tok)
+
+    def test_unigram_metaspace(self):
+        tok = Tokenizer(models.Unigram())
+        tok.normalizer = normalizers.Sequence([normalizers.NFKC(),
+                                               normalizers.Replace(Regex(" {2,}"), " ")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.train_from_iterator(self.train, trainers.UnigramTrainer(
+            vocab_size=600, show_progress=False, special_tokens=_TRAIN_SPECIALS, unk_token="<unk>"))
+        self.assertSame("unigram", self._add_tokens(tok))
+        tok = self._with_bytes(tok, score=-20.0)
+        tok.normalizer = normalizers.Sequence([normalizers.Strip(), normalizers.NFD(),
+                                               normalizers.Lowercase(), normalizers.NFC()])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        self.assertSame("unigram byte_fallback", tok)
+
+    def test_unigram_near_tie(self):
+        # The library reads "-2.1152937751343606" 1 ulp off (serde_json), which decides this tie:
+        # the same model built in memory splits it the other way.
+        vocab = [("<unk>", 0.0), ("▁", -2.1152937751343606), ("^", -7.290994014629568),
+                 ("^^", -7.292064820859244)]
+        tok = Tokenizer(models.Unigram(vocab, unk_id=0, byte_fallback=False))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        self.assertSame("unigram near-tie", tok, ["^^^", " ^^^^^ ^^^"])
+        self.assertEqual(Tokenizer.from_str(tok.to_str()).encode("^^^").tokens, ["▁", "^", "^^"])
+        self.assertEqual(tok.encode("^^^").tokens, ["▁", "^^", "^"])
+
+    def test_normalizers_alignment(self):
+        # Each normalizer alone, on a byte-level BPE, so offsets go through every alignment rule.
+        tok = self._train_bpe(pre_tokenizers.ByteLevel(add_prefix_space=False),
+                              alphabet=pre_tokenizers.ByteLevel.alphabet())
+        for norm in (normalizers.NFC(), normalizers.NFD(), normalizers.NFKC(), normalizers.NFKD(),
+                     normalizers.Lowercase(), normalizers.Strip(left=True, right=False),
+                     normalizers.Strip(left=False, right=True),
+                     normalizers.Replace(Regex(r"\s+"), " "), normalizers.Replace("e", ""),
+                     normalizers.Precompiled(base64.b64decode(_SMALL_CHARSMAP))):
+            tok.normalizer = norm
+            self.assertSame("normalizer %s" % norm.__class__.__name__, tok, self.texts[:200])
+
+    def test_precompiled_charsmap(self):
+        # The small charsmap above, and SentencePiece's default (nmt_nfkc) when it is installed.
+        charsmaps = [base64.b64decode(_SMALL_CHARSMAP)]
+        if sentencepiece is not None:
+            model = io.BytesIO()
+            sentencepiece.SentencePieceTrainer.train(
+                sentence_iterator=iter(self.train), model_writer=model, vocab_size=400,
+                hard_vocab_limit=False, normalization_rule_name="nmt_nfkc", minloglevel=2)
+            charsmaps.append(_charsmap_from_spm(model.getvalue()))
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace()
+        tok.train_from_iterator(self.train, trainers.UnigramTrainer(
+            vocab_size=500, show_progress=False, special_tokens=["<unk>"], unk_token="<unk>"))
+        for charsmap in charsmaps:
+            tok.normalizer = normalizers.Sequence([normalizers.Precompiled(charsmap),
+                                                   normalizers.Replace(Regex(" {2,}"), " ")])
+            self.assertSame("precompiled (%d bytes)" % len(charsmap), tok)
+
+    def test_malformed(self):
+        # A bad tokenizer.json is a ValueError whose one line names the part and the fault.
+        tok = Tokenizer(models.BPE(vocab={"a": 0, "b": 1, "ab": 2}, merges=[("a", "b")]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+        good = json.loads(tok.to_str())
+        split = {"type": "Split", "pattern": {"Regex": " "}, "behavior": "Isolated",
+                 "invert": False}
+        model, pre = good["model"], "pre_tokenizer"
+        cases = [
+            ({"model": {**model, "merges": [["a", "c"]]}}, "bad model: merge ['a', 'c']"),
+            ({"model": {**model, "type": "WordPiece"}}, "unsupported model 'WordPiece'"),
+            ({"model": {**model, "unk_token": "<unk>"}}, "unk_token '<unk>' is not in the vocab"),
+            ({"model": {**model, "vocab": None}}, "bad model: "),
+            ({"normalizer": {"type": "BertNormalizer"}}, "bad normalizer: unsupported 'Bert"),
+            ({"normalizer": {"type": "Precompiled", "precompiled_charsmap": "AAAA"}},
+             "not a SentencePiece"),
+            ({pre: {**split, "pattern": {"Regex": "(?<"}}}, "bad pre_tokenizer: regex '(?<'"),
+            ({pre: {**split, "pattern": {"Regex": r"\p{Han}"}}}, r"unsupported regex class \p"),
+            ({pre: {**split, "behavior": "MergedWithNext"}}, "unsupported Split behavior"),
+            ({pre: {"type": "Metaspace", "replacement": "▁", "prepend_scheme": "often"}},
+             "unsupported scheme 'often'"),
+            ({pre: {"type": "Sequence", "pretokenizers": [good[pre], split]}},
+             "ByteLevel must be the last"),
+        ]
+        for change, says in cases:
+            with self.assertRaises(ValueError) as caught:
+                _Tokenizer.load({**good, **change})
+            self.assertIn(says, str(caught.exception))
+            self.assertTrue(str(caught.exception).startswith("tokenizer.json: "), caught.exception)
+            self.assertNotIn("\n", str(caught.exception))
+        del good["model"]["merges"]
+        with self.assertRaisesRegex(ValueError, "^tokenizer.json: bad model: missing 'merges'$"):
+            _Tokenizer.load(good)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "tokenizer.json")
+            for content, says in (("[]", "not a JSON object"), ("{", "not JSON: Expecting"),
+                                  (json.dumps(good) + " " * 99, "larger than")):
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(content)
+                module = sys.modules[_Tokenizer.__module__]
+                with mock.patch.object(module, "_TOKENIZER_FILE_LIMIT", len(json.dumps(good)) + 50):
+                    with self.assertRaisesRegex(ValueError, "^tokenizer.json: " + says):
+                        _Tokenizer.load(path)
+
+if __name__ == "__main__":
+    unittest.main()
+
+
+class TokenLimitTests(unittest.TestCase):
+    def test_tokens_a_minute_are_reserved_then_settled_with_what_was_used(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, api_keys=["k"], rate_limit_tpm=600)
+        key = {"Authorization": "Bearer k"}
+        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
+        usage = json.loads(body)["usage"]
+        self.assertEqual((status, headers["x-ratelimit-limit-tokens"], headers["x-token-counter"]),
+                         (200, "600", "estimate"))
+        reserved = usage["prompt_tokens"] + 550
+        self.assertIn(int(headers["x-ratelimit-remaining-tokens"]), (600 - reserved, 601 - reserved))
+        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
+        left = 600 - usage["total_tokens"] - reserved       # the first settled with what it used
+        self.assertEqual(status, 200)
+        self.assertIn(int(headers["x-ratelimit-remaining-tokens"]) - left, range(0, 5))
+        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
+        self.assertEqual((status, json.loads(body)["error"]["code"], "Retry-After" in headers),
+                         (429, "rate_limit_exceeded", True))
+        self.assertTrue(json.loads(body)["error"]["message"].startswith(
+            "Rate limit reached: 600 tokens per minute; retry in "), body)
+        status, _, body = chat(gw, "Say hello", headers=key, max_tokens=1000)
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (
+            429, "Request too large: %d tokens, and the limit is 600 a minute"
+            % (usage["prompt_tokens"] + 1000)))
+
+    def test_a_tokenizer_counts_exactly(self):
+        """A byte-level BPE with no merges: a token a byte, easy to count by hand."""
+        chars = [chr(b) if 33 <= b <= 126 or 161 <= b <= 172 or b >= 174 else None
+                 for b in range(256)]
+        extra = iter(range(256, 512))
+        chars = [c or chr(next(extra)) for c in chars]     # GPT-2's stand-ins for the rest
+        spec = {"model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(chars)},
+                          "merges": []},
+                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                                  "trim_offsets": True, "use_regex": True}}
+        path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
+        self.addCleanup(__import__("shutil").rmtree, os.path.dirname(path))
+        with open(path, "w") as f:
+            json.dump(spec, f)
+        nbytes = lambda text: len(text.encode("utf-8"))
+        demo = PlainChatInterface().start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url, tokenizer=path, context_length=50)
+        status, headers, body = chat(gw, "नमस्ते", max_tokens=20)
+        usage, choice = json.loads(body)["usage"], json.loads(body)["choices"][0]
+        self.assertEqual((status, headers["x-token-counter"], usage["prompt_tokens"]),
+                         (200, "tokenizer", 3 + 4 + nbytes("नमस्ते")))
+        thought = choice["message"]["reasoning_content"]        # cut at the 20th byte token,
+        self.assertEqual((choice["finish_reason"], nbytes(thought), choice["message"]["content"]),
+                         ("length", 18, ""))                   # a Devanagari letter whole
+        self.assertEqual(usage["completion_tokens"], 18)
+        status, _, body = chat(gw, "नमस्ते", max_tokens=30)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "context_length_exceeded"))
+        with self.assertRaisesRegex(ValueError, "tokenizer.json: bad model"):
+            bg._Tokenizer.load({"model": {"type": "BPE"}})
+
+    def test_a_prompt_past_the_context_length_is_a_400_before_the_app_is_called(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, context_length=64)
+        calls = len(demo.calls)
+        status, _, body = chat(gw, "Say hello", max_completion_tokens=100)
+        self.assertEqual((status, json.loads(body)["error"]), (400, {
+            "message": "This model's maximum context length is 64 tokens. However, you "
+                       "requested 109 tokens (9 in the messages, 100 in the completion); the "
+                       "app's chat template is not counted.", "type": "invalid_request_error",
+            "param": "max_completion_tokens", "code": "context_length_exceeded"}))
+        self.assertEqual((len(demo.calls), chat(gw, "Say hello", max_tokens=50)[0]), (calls, 200))
+
+
+###############################################################################
+# Objects shaped like the openai SDK's ########################################
+###############################################################################
+
+class ObjectTests(unittest.TestCase):
+    def test_chat_completion_json_is_exactly_openai_shaped(self):
+        c = bg.ChatCompletion(id="chatcmpl-1", created=7, model="m", choices=[
+            bg.Choice(message=bg.ChatCompletionMessage(content="hi"))],
+            usage=bg.CompletionUsage(1, 2, 3))
+        self.assertEqual(c.to_dict(), {
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 7, "model": "m",
+            "system_fingerprint": None,
+            "choices": [{"index": 0, "finish_reason": "stop", "logprobs": None,
+                         "message": {"role": "assistant", "content": "hi", "refusal": None,
+                                     "annotations": []}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}})
+        self.assertEqual(c.model_dump(), c.to_dict())
+        self.assertEqual(c.choices[0].message.content, "hi")
+        self.assertEqual(json.loads(c.model_dump_json()), c.to_dict())
+
+    def test_chunk_delta_leaves_out_unset_fields(self):
+        chunk = bg.ChatCompletionChunk(id="x", choices=[bg.ChunkChoice(delta=bg.ChoiceDelta(
+            reasoning_content="r"))])
+        self.assertEqual(chunk.to_dict()["choices"][0]["delta"], {"reasoning_content": "r"})
+
+
+###############################################################################
+# Upstream: the Gradio client, its protocol versions, captures and faults #####
+###############################################################################
+
 class GradioClientTests(unittest.TestCase):
     def setUp(self):
         self.demo = start_demo(self)
@@ -2618,237 +2722,127 @@ class GradioClientTests(unittest.TestCase):
             list(gradio_client(self, "http://127.0.0.1:%d" % port).stream("x"))
 
 
-class PlainChatInterface(FakeGradio):
-    """A ``gr.ChatInterface(fn)`` with no extra inputs: message and its State."""
+class DiffTests(unittest.TestCase):
+    def test_queue_diff_operations(self):
+        value = [{"content": [{"text": "Echo:"}]}, ["a"], {"k": 1}]
+        value = bg._apply_diff(value, [["append", [0, "content", 0, "text"], " Hi"],
+                                       ["add", [1, 0], "z"], ["add", [2, "j"], 2],
+                                       ["delete", [2, "k"], None], ["replace", [1, 1], "b"]])
+        self.assertEqual(value, [{"content": [{"text": "Echo: Hi"}]}, ["z", "b"], {"j": 2}])
+        self.assertEqual(bg._apply_diff("ab", [["append", [], "c"]]), "abc")
+        self.assertEqual(bg._apply_diff("ab", [["replace", [], "x"]]), "x")
+        with self.assertRaisesRegex(bg.UpstreamError, "cannot apply: 'move'"):
+            bg._apply_diff([1], [["move", [0], 1]])
 
-    def __init__(self, **kwargs):
-        super().__init__(chat_interface=True, **kwargs)
+    def test_call_and_queue_captures_give_the_same_text(self):
+        for name, answer in (("hindi_please", HINDI), ("show_formatting", bg._DEMO_FORMATTING)):
+            prompt = name.replace("_", " ")
+            texts = []
+            for queue, capture in ((False, "call_%s.sse" % name), (True, "queue_%s.sse" % name)):
+                demo = start_demo(self, queue=queue, replay={prompt: fixture(capture)})
+                gw = start_gateway(self, demo.url)
+                for stream in (False, True):
+                    status, _, body = chat(gw, prompt, stream=stream)
+                    texts.append(streamed_text(sse_events(body)) if stream else
+                                 json.loads(body)["choices"][0]["message"]["content"])
+            self.assertEqual(texts, [answer] * 4, name)
 
-    def _inputs(self):
-        return super()._inputs()[:2]
+
+class UrlTests(unittest.TestCase):
+    def test_accepts_root_gradio_api_and_spaces(self):
+        norm = bg._normalize_base_url
+        self.assertEqual(norm("https://abc.gradio.live/gradio_api/"), "https://abc.gradio.live")
+        self.assertEqual(norm("http://127.0.0.1:7860"), "http://127.0.0.1:7860")
+        self.assertEqual(norm("localhost:7860/app/gradio_api"), "http://localhost:7860/app")
+        self.assertEqual(norm("BharatGen/Param_Chat"), "https://bharatgen-param-chat.hf.space")
+        self.assertEqual(norm("https://huggingface.co/spaces/a/b"), "https://a-b.hf.space")
 
 
-class MaxTokensTests(unittest.TestCase):
-    def test_an_app_with_no_max_tokens_input_is_cut_by_the_gateway(self):
-        demo = PlainChatInterface(token_delay=0.005).start()
-        self.addCleanup(demo.stop)
-        gw = start_gateway(self, demo.url)
-        for stream in (False, True):
-            status, _, body = chat(gw, "300 words", stream=stream, max_tokens=5)
-            if stream:
-                events = sse_events(body)[:-1]
-                thought, text = streamed_text(events, "reasoning_content"), streamed_text(events)
-                finish = events[-1]["choices"][0]["finish_reason"]
+# The demo upstream's variants: Gradio 4, 5 and 6, over /call and over the queue, and a
+# gr.ChatInterface.  Every text case runs across all of them.
+VARIANTS = [dict(version=v, queue=q) for v in (6, 5, 4) for q in (True, False)] + \
+    [dict(version=6, chat_interface=True, queue=True), dict(version=5, chat_interface=True, queue=False),
+     dict(version=4, chat_interface=True, queue=True)]
+
+
+class VariantTests(unittest.TestCase):
+    def each_variant(self):
+        for variant in VARIANTS:
+            with self.subTest(**variant):
+                demo = FakeGradio(**variant).start()
+                gw = Gateway(bg.Config(upstream=[demo.url], port=0, timeout=10)).start()
+                try:
+                    yield variant, demo, gw
+                finally:
+                    gw.stop()
+                    demo.stop()
+
+    def test_discovery_of_each_variant(self):
+        for variant, demo, gw in self.each_variant():
+            info = gradio_client(self, demo.url).discover()
+            v, ci = variant["version"], variant.get("chat_interface", False)
+            self.assertEqual(info.prefix, "" if v == 4 else "/gradio_api")
+            self.assertEqual(info.use_queue, variant["queue"])
+            self.assertEqual(info.endpoint, ("respond" if v == 6 else "chat") if ci else "chat_fn_1")
+            self.assertEqual(info.has_history, not ci)
+            if not ci:
+                self.assertEqual(info.history_format, {4: "pairs", 5: "messages", 6: "parts"}[v])
+                self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system",
+                                                               "temperature", "max_tokens",
+                                                               "top_p", "top_k"])
             else:
-                choice = json.loads(body)["choices"][0]
-                thought, text = choice["message"]["reasoning_content"], choice["message"]["content"]
-                finish = choice["finish_reason"]
-            self.assertEqual((status, finish), (200, "length"))
-            self.assertEqual(thought, "The user said: 300")         # 5 tokens, no more
-            self.assertEqual(text, "")
-            self.assertEqual(bg.estimate_tokens(thought) + bg.estimate_tokens(text), 5)
-        deadline = time.monotonic() + TIMEOUT            # the app's job was stopped at the cut
-        while len(demo.cancels) < 2 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        self.assertEqual(len(demo.cancels), 2)
-        status, _, body = chat(gw, "300 words", max_tokens=30)
-        choice = json.loads(body)["choices"][0]
-        self.assertEqual((choice["finish_reason"], choice["message"]["content"]), (
-            "length", bg._demo_reply("300 words", [], "", [0] * 4)[1][:len(choice["message"]["content"])]))
-        self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 30)
-        choice = json.loads(chat(gw, "Say hello", max_tokens=30)[2])["choices"][0]
-        self.assertEqual((choice["finish_reason"], choice["message"]["content"]), ("stop", HELLO))
+                self.assertEqual(info.inputs, [("message", None), ("state", None),
+                                               ("system", "You are a friendly bot."),
+                                               ("temperature", 0.7)])
 
+    def test_text_cases_streamed_and_not_on_every_variant(self):
+        cases = (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
+                 ("hindi please", HINDI), ("250 words", bg._demo_reply("250 words", [], "", [0] * 4)[1]))
+        for variant, demo, gw in self.each_variant():
+            for prompt, answer in cases:
+                status, _, body = chat(gw, prompt)
+                message = json.loads(body)["choices"][0]["message"]
+                self.assertEqual((status, message["content"], message["reasoning_content"]),
+                                 (200, answer, thought_of(prompt)), prompt)
+                events = sse_events(chat(gw, prompt, stream=True)[2])
+                self.assertEqual(streamed_text(events), answer, prompt)
+                self.assertEqual(streamed_text(events, "reasoning_content"), thought_of(prompt))
 
-class TokenLimitTests(unittest.TestCase):
-    def test_tokens_a_minute_are_reserved_then_settled_with_what_was_used(self):
-        demo = start_demo(self)
-        gw = start_gateway(self, demo.url, api_keys=["k"], rate_limit_tpm=600)
-        key = {"Authorization": "Bearer k"}
-        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
-        usage = json.loads(body)["usage"]
-        self.assertEqual((status, headers["x-ratelimit-limit-tokens"], headers["x-token-counter"]),
-                         (200, "600", "estimate"))
-        reserved = usage["prompt_tokens"] + 550
-        self.assertIn(int(headers["x-ratelimit-remaining-tokens"]), (600 - reserved, 601 - reserved))
-        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
-        left = 600 - usage["total_tokens"] - reserved       # the first settled with what it used
-        self.assertEqual(status, 200)
-        self.assertIn(int(headers["x-ratelimit-remaining-tokens"]) - left, range(0, 5))
-        status, headers, body = chat(gw, "Say hello", headers=key, max_tokens=550)
-        self.assertEqual((status, json.loads(body)["error"]["code"], "Retry-After" in headers),
-                         (429, "rate_limit_exceeded", True))
-        self.assertTrue(json.loads(body)["error"]["message"].startswith(
-            "Rate limit reached: 600 tokens per minute; retry in "), body)
-        status, _, body = chat(gw, "Say hello", headers=key, max_tokens=1000)
-        self.assertEqual((status, json.loads(body)["error"]["message"]), (
-            429, "Request too large: %d tokens, and the limit is 600 a minute"
-            % (usage["prompt_tokens"] + 1000)))
-
-    def test_a_tokenizer_counts_exactly(self):
-        """A byte-level BPE with no merges: a token a byte, easy to count by hand."""
-        chars = [chr(b) if 33 <= b <= 126 or 161 <= b <= 172 or b >= 174 else None
-                 for b in range(256)]
-        extra = iter(range(256, 512))
-        chars = [c or chr(next(extra)) for c in chars]     # GPT-2's stand-ins for the rest
-        spec = {"model": {"type": "BPE", "vocab": {c: i for i, c in enumerate(chars)},
-                          "merges": []},
-                "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
-                                  "trim_offsets": True, "use_regex": True}}
-        path = os.path.join(tempfile.mkdtemp(), "tokenizer.json")
-        self.addCleanup(__import__("shutil").rmtree, os.path.dirname(path))
-        with open(path, "w") as f:
-            json.dump(spec, f)
-        nbytes = lambda text: len(text.encode("utf-8"))
-        demo = PlainChatInterface().start()
-        self.addCleanup(demo.stop)
-        gw = start_gateway(self, demo.url, tokenizer=path, context_length=50)
-        status, headers, body = chat(gw, "नमस्ते", max_tokens=20)
-        usage, choice = json.loads(body)["usage"], json.loads(body)["choices"][0]
-        self.assertEqual((status, headers["x-token-counter"], usage["prompt_tokens"]),
-                         (200, "tokenizer", 3 + 4 + nbytes("नमस्ते")))
-        thought = choice["message"]["reasoning_content"]        # cut at the 20th byte token,
-        self.assertEqual((choice["finish_reason"], nbytes(thought), choice["message"]["content"]),
-                         ("length", 18, ""))                   # a Devanagari letter whole
-        self.assertEqual(usage["completion_tokens"], 18)
-        status, _, body = chat(gw, "नमस्ते", max_tokens=30)
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "context_length_exceeded"))
-        with self.assertRaisesRegex(ValueError, "tokenizer.json: bad model"):
-            bg._Tokenizer.load({"model": {"type": "BPE"}})
-
-    def test_a_prompt_past_the_context_length_is_a_400_before_the_app_is_called(self):
-        demo = start_demo(self)
-        gw = start_gateway(self, demo.url, context_length=64)
-        calls = len(demo.calls)
-        status, _, body = chat(gw, "Say hello", max_completion_tokens=100)
-        self.assertEqual((status, json.loads(body)["error"]), (400, {
-            "message": "This model's maximum context length is 64 tokens. However, you "
-                       "requested 109 tokens (9 in the messages, 100 in the completion); the "
-                       "app's chat template is not counted.", "type": "invalid_request_error",
-            "param": "max_completion_tokens", "code": "context_length_exceeded"}))
-        self.assertEqual((len(demo.calls), chat(gw, "Say hello", max_tokens=50)[0]), (calls, 200))
-
-
-def demo_vector(text):
-    """The demo upstream's embedding of ``text`` (16 numbers from its SHA-256, of length 1)."""
-    raw = [b - 127.5 for b in hashlib.sha256(text.encode()).digest()[:16]]
-    return [x / (sum(y * y for y in raw) ** 0.5) for x in raw]
-
-
-class EmbeddingTests(unittest.TestCase):
-    """/v1/embeddings in front of the demo upstream's embedding endpoint."""
-
-    def setUp(self):
-        self.demo = start_demo(self)
-        self.gw = start_gateway(self, self.demo.url, demo=True)
-
-    def embed(self, **body):
-        status, _, answer = request(self.gw.url, "POST", "/v1/embeddings", body)
-        return status, json.loads(answer)
-
-    def test_floats_base64_and_a_batch(self):
-        status, answer = self.embed(input=["hello", "नमस्ते"])
-        tokens = bg.estimate_tokens("hello") + bg.estimate_tokens("नमस्ते")
-        self.assertEqual((status, answer["model"], answer["object"], answer["usage"]),
-                         (200, "bharatgen-demo-embedding", "list",
-                          {"prompt_tokens": tokens, "total_tokens": tokens}))
-        self.assertEqual([d["embedding"] for d in answer["data"]],
-                         [demo_vector("hello"), demo_vector("नमस्ते")])   # to the last bit
-        status, answer = self.embed(input="hello", encoding_format="base64")
-        self.assertEqual(base64.b64decode(answer["data"][0]["embedding"]),
-                         struct.pack("<16f", *demo_vector("hello")))
-        status, answer = self.embed(input="hello", dimensions=4)
-        cut = demo_vector("hello")[:4]
-        self.assertEqual(answer["data"][0]["embedding"],
-                         [x / sum(y * y for y in cut) ** 0.5 for x in cut])
-        self.assertEqual([len(d["embedding"]) for d in self.embed(input=["x"] * 40)[1]["data"]],
-                         [16] * 40)
-
-    def test_what_is_refused(self):
-        for body, status, param, message in [
-                ({"input": [[15339, 1917]]}, 400, "input", "'input' holds token ids; this server "
-                 "embeds text: send strings (for LangChain's OpenAIEmbeddings, "
-                 "check_embedding_ctx_length=False)"),
-                ({"input": [1, 2]}, 400, "input", "'input' holds token ids; this server embeds "
-                 "text: send strings (for LangChain's OpenAIEmbeddings, "
-                 "check_embedding_ctx_length=False)"),
-                ({"input": []}, 400, "input", "'input' must be a string or a non-empty list of "
-                 "strings"),
-                ({"input": ["x"] * 2049}, 400, "input", "the input is more than this server takes "
-                 "(2048 texts, 1000000 characters)"),
-                ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format",
-                 "'encoding_format' must be 'float' or 'base64'"),
-                ({"input": "x", "model": bg.DEFAULT_MODEL}, 404, "model",
-                 "bharatgen-param-17b is a chat model and serves no embeddings")]:
-            with self.subTest(body=str(body)[:60]):
-                got, answer = self.embed(**body)
-                self.assertEqual((got, answer["error"]["param"], answer["error"]["message"]),
-                                 (status, param, message))
-        status, _, answer = chat(self.gw, "Say hello", model="bharatgen-demo-embedding")
-        self.assertEqual((status, json.loads(answer)["error"]["message"]), (
-            400, "bharatgen-demo-embedding is an embedding model: ask /v1/embeddings"))
-
-    def test_the_sdk_against_the_app_and_against_the_gateway(self):
-        with bg.BharatGenOpenAI(self.demo.url) as client:
-            reply = client.embeddings.create(input=["a", "b"], model="anything")
-        self.assertEqual([d.embedding for d in reply.data], [demo_vector("a"), demo_vector("b")])
-        with bg.BharatGenOpenAI(self.gw.url + "/v1") as client:
-            reply = client.embeddings.create(input="a", model="bharatgen-demo-embedding")
-        self.assertEqual((reply.data[0].embedding, reply.usage.total_tokens), (demo_vector("a"), 1))
-        with bg.BharatGenOpenAI(self.gw.url + "/v1") as client, self.assertRaises(bg.NotFoundError):
-            client.embeddings.create(input="a", model=bg.DEFAULT_MODEL)
-
-
-class _UploadHandler(bg._DemoHandler):
-    def do_POST(self):
-        if self.path.endswith("/upload"):                 # Gradio's upload route
-            self.server.uploads.append(self.read_body(1 << 24))
-            self.send_json(200, ["/tmp/gradio/upload/image.png"])
-        else:
-            super().do_POST()
-
-
-class ImageGradio(FakeGradio):
-    """A Param-shaped app whose message input is a MultimodalTextbox (text and images),
-    with a max_tokens slider up to 512; ``uploads`` holds the bodies it was sent."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.RequestHandlerClass, self.uploads = _UploadHandler, []
-
-    def info_json(self):
-        info = super().info_json()
-        for name, endpoint in info["named_endpoints"].items():
-            if name == "/embed":
-                continue
-            endpoint["parameters"][0]["component"] = "MultimodalTextbox"
-            endpoint["parameters"][4]["type"]["description"] = "numeric value between 1 and 512"
-        return info
-
-    def _values(self, job):
-        values = super()._values(job)
-        if isinstance(values.get("message"), dict):
-            values["message"] = values["message"]["text"]
-        return values
-
-
-class FoldingTests(unittest.TestCase):
-    def test_a_system_prompt_the_app_has_no_input_for_is_folded_into_the_message(self):
-        demo = PlainChatInterface().start()
-        self.addCleanup(demo.stop)
-        gw = start_gateway(self, demo.url)
+    def test_history_and_system_prompt_on_every_variant(self):
         messages = [{"role": "system", "content": "Be terse."},
                     {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                    {"role": "user", "content": "Say hello"}]
-        status, _, body = chat(gw, messages, temperature=0.2, max_tokens=100)
-        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
-                         (200, HELLO))
-        self.assertEqual(demo.calls[-1], ["System: Be terse.\n\nUser: Hi\n\nAssistant: Hello!"
-                                          "\n\nUser: Say hello", None])
-        chat(gw, [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
-        self.assertEqual(demo.calls[-1], ["System: Be terse.\n\nUser: Hi", None])
-        chat(gw, "Hi")
-        self.assertEqual(demo.calls[-1], ["Hi", None])
+                    {"role": "user", "content": "tell me the history"}]
+        for variant, demo, gw in self.each_variant():
+            reply = json.loads(chat(gw, messages, temperature=0.3)[2])
+            text = reply["choices"][0]["message"]["content"]
+            sent = demo.calls[-1]
+            if variant.get("chat_interface"):
+                folded = "User: Hi\n\nAssistant: Hello!\n\nUser: tell me the history"
+                self.assertEqual(sent[0], folded)
+                self.assertEqual(sent[1:], ([None] if variant["queue"] or variant["version"] < 6
+                                            else []) + ["Be terse.", 0.3])
+                self.assertEqual(text, "SYSTEM=Be terse. | HISTORY=[]")
+                continue
+            history = {6: [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
+                           {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}],
+                       5: [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
+                       4: [["Hi", "Hello!"]]}[variant["version"]]
+            self.assertEqual(sent, ["tell me the history", history, "Be terse.", 0.3,
+                                    bg.DEFAULT_MAX_TOKENS, bg.DEFAULT_TOP_P, bg.DEFAULT_TOP_K])
+            self.assertEqual(text, "SYSTEM=Be terse. | HISTORY=" + json.dumps(history, sort_keys=True))
+
+    def test_errors_on_every_variant(self):
+        for variant, demo, gw in self.each_variant():
+            status, _, body = chat(gw, "[[error]]")
+            message = json.loads(body)["error"]["message"]
+            self.assertEqual(status, 502)
+            if variant["queue"] or variant["version"] == 6:
+                self.assertEqual(message, "the Gradio app reported an error: Model is overloaded, try again")
+            else:     # Gradio 4 and 5 hide the message on /call
+                self.assertEqual(message, "the Gradio app failed without a message (it may hide "
+                                          "errors; see its logs)")
+            events = sse_events(chat(gw, "[[fail-midstream]]", stream=True)[2])
+            self.assertEqual((events[-1], events[-2]["error"]["type"]), ("[DONE]", "upstream_error"))
 
 
 class ReplayTests(unittest.TestCase):
@@ -2946,6 +2940,1273 @@ class ReplayTests(unittest.TestCase):
             "message": "the Gradio app reported an error: internal failure in model worker",
             "type": "upstream_error", "param": None, "code": "upstream_error"}}))
 
+
+class UpstreamFaultTests(unittest.TestCase):
+    """A Gradio app that floods, sends huge events, stalls its head or drops a join: the
+    gateway answers in time, within its caps, and never sends a POST twice."""
+
+    def timed_chat(self, gw, prompt, limit, **extra):
+        started = time.monotonic()
+        status, headers, body = chat(gw, prompt, **extra)
+        self.assertLess(time.monotonic() - started, limit)
+        return status, headers, body
+
+    def assert_error(self, answer, status, codes):
+        got, _, body = answer
+        self.assertEqual(got, status, body[:300])
+        error = json.loads(body)["error"]
+        self.assertEqual(set(error), {"message", "type", "param", "code"})
+        self.assertIn(error["code"], codes)
+        return error
+
+    def test_a_flooding_upstream_does_not_hold_back_another_stream(self):
+        flood = faulty_gradio(self, "flood")
+        gw1 = start_gateway(self, flood.url)
+        demo = start_demo(self)
+        gw2 = start_gateway(self, demo.url)
+        sock = socket.create_connection(("127.0.0.1", gw1.server_address[1]), timeout=5)
+        self.addCleanup(sock.close)
+        body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
+                           "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        got, deadline = b"", time.monotonic() + 5
+        while b"flood" not in got and time.monotonic() < deadline:   # read a little
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            got += chunk
+        self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got[:300])
+        self.assertIn(b"flood", got)
+        answer = bg._demo_reply("40 words", [], "", [0] * 4)[1]
+        self.assertEqual(len(answer.split()), 40)
+        started = time.monotonic()
+        status, _, reply = chat(gw2, "40 words", stream=True)
+        took = time.monotonic() - started
+        self.assertEqual((status, streamed_text(sse_events(reply))), (200, answer))
+        self.assertLess(took, 10)
+        self.assertGreater(len(sock.recv(65536)), 0)        # the flood's stream still moves
+        sock.close()
+        self.assertTrue(flood.peer_gone.wait(5), flood.ended)   # and its upstream read ended
+
+    def test_a_40_mb_event_is_cut_at_max_event_bytes(self):
+        import tracemalloc
+        if not tracemalloc.is_tracing():
+            tracemalloc.start()
+            self.addCleanup(tracemalloc.stop)
+        for behaviour in ("big_line", "big_run"):
+            with self.subTest(behaviour=behaviour):
+                fake = faulty_gradio(self, behaviour)
+                gw = start_gateway(self, fake.url, max_event_bytes=1 << 20)
+                before = tracemalloc.get_traced_memory()[0]
+                tracemalloc.reset_peak()
+                self.assert_error(self.timed_chat(gw, "Say hello", 10), 502, {"upstream_error"})
+                self.assertLess(tracemalloc.get_traced_memory()[1] - before, BIG // 2)
+                self.assertEqual(len(fake.joins), 1)
+                self.assertTrue(fake.peer_gone.wait(5), fake.ended)   # let go, not read out
+                self.assertLess(fake.sent, BIG)
+
+    def test_endless_100_continue_is_a_504(self):
+        fake = faulty_gradio(self, "continue_forever")
+        gw = start_gateway(self, fake.url, connect_timeout=0.25)
+        self.assert_error(self.timed_chat(gw, "Say hello", 5), 504, {"upstream_timeout"})
+        self.assertEqual(len(fake.joins), 1)
+
+    def test_a_dripped_response_head_is_a_504(self):
+        fake = faulty_gradio(self, "drip_head")
+        gw = start_gateway(self, fake.url, connect_timeout=0.25)     # a byte each 0.1 s
+        self.assert_error(self.timed_chat(gw, "Say hello", 5), 504, {"upstream_timeout"})
+        self.assertEqual(len(fake.joins), 1)
+
+    def test_an_endless_config_is_cut_at_max_upstream_body(self):
+        for behaviour in ("endless_config", "huge_config"):
+            with self.subTest(behaviour=behaviour):
+                fake = faulty_gradio(self, behaviour)
+                gw = start_gateway(self, fake.url, max_upstream_body=1 << 20)
+                self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
+                                  {"upstream_error", "upstream_unreachable"})
+                self.assertEqual(fake.joins, [])
+                self.assertTrue(fake.peer_gone.wait(5), fake.ended)   # let go, not read out
+                self.assertLess(fake.sent, FAKE_STREAM_BYTES)
+
+    def test_a_dropped_join_is_never_sent_twice(self):
+        fake = faulty_gradio(self, "drop_join")
+        gw = start_gateway(self, fake.url)
+        for count in (1, 2):             # the second may ride a kept-alive connection
+            self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
+                              {"upstream_error", "upstream_unreachable"})
+            self.assertEqual(len(fake.joins), count, fake.log)
+
+    def test_a_join_dropped_on_a_kept_alive_connection_is_never_sent_twice(self):
+        fake = faulty_gradio(self, "drop_second_join")
+        gw = start_gateway(self, fake.url)
+        status, _, body = self.timed_chat(gw, "Say hello", 10)
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, HELLO))
+        self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
+                          {"upstream_error", "upstream_unreachable"})
+        self.assertEqual(len(fake.joins), 2, fake.log)
+
+
+###############################################################################
+# Requests: validation and the mapping onto the app ###########################
+###############################################################################
+
+class RequestMappingTests(unittest.TestCase):
+    def test_system_developer_history_and_merged_turns(self):
+        conv = bg._conversation([
+            {"role": "system", "content": "S1"}, {"role": "user", "content": "u1"},
+            {"role": "assistant", "content": None}, {"role": "developer", "content": "S2"},
+            {"role": "user", "content": [{"type": "text", "text": "u2"}]},
+            {"role": "user", "content": "u3"}])
+        self.assertEqual((conv.system, conv.history, conv.message),
+                         ("S1\n\nS2", [("user", "u1"), ("assistant", "")], "u2\n\nu3"))
+
+    def assert_bad(self, fn, param, message_part, code=None):
+        with self.assertRaises(bg.BadRequestError) as cm:
+            fn()
+        self.assertEqual(cm.exception.param, param)
+        self.assertIn(message_part, cm.exception.message)
+        if code:
+            self.assertEqual(cm.exception.code, code)
+
+    def test_invalid_messages_name_the_param(self):
+        self.assert_bad(lambda: bg._conversation([]), "messages", "non-empty list")
+        self.assert_bad(lambda: bg._conversation([{"role": "tool", "content": "x"}]),
+                        "messages[0].tool_call_id", "is required", "missing_required_parameter")
+        self.assert_bad(lambda: bg._conversation([{"role": "robot", "content": "x"}]),
+                        "messages[0].role", "must be one of", None)
+        self.assert_bad(lambda: bg._conversation([{"role": "assistant", "tool_calls": [
+            {"id": "c", "function": {"name": "f", "arguments": {"a": 1}}}]}]),
+            "messages[0].tool_calls[0]", "\"arguments\": \"<JSON>\"", "invalid_value")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"}, {
+            "role": "assistant", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+            {"role": "user", "content": "b"}]),
+            "messages[1].content[0]", "text only", "unsupported_content_type")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "b"},
+            {"role": "user", "content": "c"}]),
+            "messages[0].content[0]", "earlier message", "unsupported_content_type")
+        conv = bg._conversation([{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {
+                "url": "data:image/png;base64,AA=="}}]}, {"role": "user", "content": [
+                    {"type": "input_image", "image_url": "https://example.org/b.png"}]}])
+        self.assertEqual((conv.message, conv.images), ("What is it?\n\n", [
+            ("data:image/png;base64,AA==", "messages[0].content[1]"),
+            ("https://example.org/b.png", "messages[1].content[0]")]))
+        conv = bg._conversation([{"role": "user", "content": "a"},
+                                 {"role": "assistant", "content": "b"}])   # LangGraph's last call
+        self.assertEqual((conv.history, conv.message), ([("user", "a"), ("assistant", "b")],
+                                                        "Go on from your last reply."))
+        conv = bg._conversation([{"role": "user", "content": "a"}, {"role": "assistant",
+                                 "content": "b"}], shaped=True)
+        self.assertEqual(conv.message, "Give your last reply again, in the output format.")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": "a"}, {
+            "role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {
+                "name": "f", "arguments": "{}"}}]}]), "messages", "send each call's result")
+        self.assert_bad(lambda: bg._conversation([{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}, {"role": "assistant", "content": "b"}]),
+            "messages[0].content[0]", "earlier message", "unsupported_content_type")
+        self.assert_bad(lambda: bg._conversation([{"role": "system", "content": "a"}]),
+                        "messages", "need a user message")
+        self.assert_bad(lambda: bg._conversation([{"role": "robot", "content": "a"}]),
+                        "messages[0].role", "must be one of")
+
+    def test_sampling_ranges_and_types(self):
+        s = bg._sampling({"temperature": 0, "top_p": 1, "top_k": 40, "max_tokens": 9,
+                          "max_completion_tokens": 12, "stop": "x", "n": 2,
+                          "seed": 1, "presence_penalty": 0.5, "response_format": {"type": "text"}},
+                         ("max_tokens", "max_completion_tokens"))
+        self.assertEqual((s.temperature, s.top_p, s.top_k, s.max_tokens, s.stop, s.n),
+                         (0, 1, 40, 12, ["x"], 2))
+        self.assert_bad(lambda: bg._sampling({"temperature": 2.5}, ()), "temperature", "between 0 and 2")
+        self.assert_bad(lambda: bg._sampling({"temperature": "hot"}, ()), "temperature", "a number")
+        self.assert_bad(lambda: bg._sampling({"max_tokens": True}, ("max_tokens",)), "max_tokens", "an integer")
+        self.assert_bad(lambda: bg._sampling({"stop": ["a"] * 5}, ()), "stop", "up to 4")
+        self.assert_bad(lambda: bg._sampling({"logprobs": True}, ()), "logprobs", "not available")
+        self.assertEqual(bg._sampling({"tools": []}, ()).n, 1)
+
+    def test_tools_and_formats_are_checked(self):
+        fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+        for body, param, text in [
+                ({"tools": {}}, "tools", "must be a list"),
+                ({"tools": [{"type": "web_search"}]}, "tools[0]", "calls functions only"),
+                ({"tools": [{"type": "function", "function": {"name": "a b"}}]},
+                 "tools[0].function.name", "1 to 64"),
+                ({"tools": [{"type": "function", "function": {"name": "f", "parameters": []}}]},
+                 "tools[0].function.parameters", "JSON Schema object"),
+                ({"tools": [fn, fn]}, "tools[1]", "repeats the function name 'f'"),
+                ({"tools": [fn], "tool_choice": "always"}, "tool_choice", "must be 'none'"),
+                ({"tools": [fn], "tool_choice": {"type": "function", "function": {"name": "g"}}},
+                 "tool_choice", "names \"g\", which is not in 'tools'"),
+                ({"tool_choice": "required"}, "tool_choice", "needs 'tools'"),
+                ({"parallel_tool_calls": "yes"}, "parallel_tool_calls", "must be a boolean"),
+                ({"response_format": {"type": "xml"}}, "response_format", "must have type"),
+                ({"response_format": {"type": "json_schema", "json_schema": {"schema": 1}}},
+                 "response_format", "must be a JSON Schema object")]:
+            with self.subTest(body=body):
+                self.assert_bad(lambda: bg._shape(body, 1), param, text)
+        shape = bg._shape({"tools": [fn], "tool_choice": {"type": "function", "function": {
+            "name": "f"}}, "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": {"type": "array"}, "strict": True}}}, 2)
+        self.assertEqual((shape.choice, shape.fmt["schema"], shape.fmt["strict"], shape.repairs,
+                          shape.hold_all), ("f", {"type": "array"}, True, 2, True))
+
+
+class FoldingTests(unittest.TestCase):
+    def test_a_system_prompt_the_app_has_no_input_for_is_folded_into_the_message(self):
+        demo = PlainChatInterface().start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        messages = [{"role": "system", "content": "Be terse."},
+                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
+                    {"role": "user", "content": "Say hello"}]
+        status, _, body = chat(gw, messages, temperature=0.2, max_tokens=100)
+        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                         (200, HELLO))
+        self.assertEqual(demo.calls[-1], ["System: Be terse.\n\nUser: Hi\n\nAssistant: Hello!"
+                                          "\n\nUser: Say hello", None])
+        chat(gw, [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}])
+        self.assertEqual(demo.calls[-1], ["System: Be terse.\n\nUser: Hi", None])
+        chat(gw, "Hi")
+        self.assertEqual(demo.calls[-1], ["Hi", None])
+
+
+class MaxTokensTests(unittest.TestCase):
+    def test_an_app_with_no_max_tokens_input_is_cut_by_the_gateway(self):
+        demo = PlainChatInterface(token_delay=0.005).start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, demo.url)
+        for stream in (False, True):
+            status, _, body = chat(gw, "300 words", stream=stream, max_tokens=5)
+            if stream:
+                events = sse_events(body)[:-1]
+                thought, text = streamed_text(events, "reasoning_content"), streamed_text(events)
+                finish = events[-1]["choices"][0]["finish_reason"]
+            else:
+                choice = json.loads(body)["choices"][0]
+                thought, text = choice["message"]["reasoning_content"], choice["message"]["content"]
+                finish = choice["finish_reason"]
+            self.assertEqual((status, finish), (200, "length"))
+            self.assertEqual(thought, "The user said: 300")         # 5 tokens, no more
+            self.assertEqual(text, "")
+            self.assertEqual(bg.estimate_tokens(thought) + bg.estimate_tokens(text), 5)
+        deadline = time.monotonic() + TIMEOUT            # the app's job was stopped at the cut
+        while len(demo.cancels) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.assertEqual(len(demo.cancels), 2)
+        status, _, body = chat(gw, "300 words", max_tokens=30)
+        choice = json.loads(body)["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"]["content"]), (
+            "length", bg._demo_reply("300 words", [], "", [0] * 4)[1][:len(choice["message"]["content"])]))
+        self.assertEqual(json.loads(body)["usage"]["completion_tokens"], 30)
+        choice = json.loads(chat(gw, "Say hello", max_tokens=30)[2])["choices"][0]
+        self.assertEqual((choice["finish_reason"], choice["message"]["content"]), ("stop", HELLO))
+
+
+###############################################################################
+# Tools and JSON Schema #######################################################
+###############################################################################
+
+def schema_problem(schema, strict=True, patterns=None):
+    """Why a schema is refused when a request brings it (None if it is taken)."""
+    try:
+        bg._Schema(schema, "s", strict, patterns)
+    except bg.BadRequestError as exc:
+        return exc.message
+    return None
+
+
+class SchemaTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.patterns = bg._Patterns()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.patterns.close()
+
+    def error(self, value, schema, strict=False):
+        return bg._Schema(schema, "s", strict, self.patterns).error(value)
+
+    def test_the_validator_says_what_is_wrong(self):
+        defs = {"$defs": {"P": POINT}, "type": "object", "properties": {
+            "p": {"$ref": "#/$defs/P"}, "kind": {"enum": ["a", "b"]},
+            "n": {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]},
+            "s": {"type": "string", "maxLength": 3}}, "additionalProperties": False}
+        for value, error in [
+                ({"p": {"x": 1, "tags": ["t"]}, "kind": "a", "n": None, "s": "abc"}, None),
+                ({"p": {"x": 1.5, "tags": []}}, "$.p.x should be of type integer, not 1.5"),
+                ({"p": {"x": True, "tags": []}}, "$.p.x should be of type integer, not true"),
+                ({"p": {"x": 2.0, "tags": [3]}}, "$.p.tags[0] should be of type string, not 3"),
+                ({"p": {"tags": []}}, "$.p is missing the required property 'x'"),
+                ({"kind": "c"}, "$.kind should be one of [\"a\", \"b\"]"),
+                ({"n": 0}, "$.n fits none of the schemas it may take"),
+                ({"s": "abcd"}, "$.s should have a maxLength of 3"),
+                ({"t": 1}, "$.t is not a property the schema allows"),
+                ([], "$ should be of type object, not []")]:
+            with self.subTest(value=value):
+                self.assertEqual(self.error(value, defs), error)
+        loop = {"$ref": "#/$defs/A", "$defs": {"A": {"$ref": "#/$defs/A"}}}
+        self.assertEqual(self.error(1, loop), "$: the schema's $ref '#/$defs/A' cannot be followed")
+        self.assertEqual(self.error(1, {"$ref": "http://x/s.json"}),
+                         "$: the schema's $ref 'http://x/s.json' cannot be followed")
+
+    def test_a_value_nested_past_the_stack_is_an_error_to_repair(self):
+        shape = bg._shape({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+            "type": "object", "properties": {"a": {"$ref": "#/$defs/T"}}, "$defs": {
+                "T": {"type": "array", "items": {"$ref": "#/$defs/T"}}}}}}]}, 1)
+        call = '<tool_call>{"name": "f", "arguments": {"a": %s}}</tool_call>' % ("[" * 900 + "]" * 900)
+        self.assertEqual(shape.check(call), (None, [], "the call of f is invalid: it is nested "
+                                                       "too deeply to check"))
+        self.assertEqual(schema_problem({"allOf": [{"allOf": [{}]}]}), None)
+        deep = {}
+        for _ in range(65):
+            deep = {"allOf": [deep]}
+        self.assertEqual(schema_problem(deep, strict=False), "s" + ".allOf[0]" * 65 + " must be a "
+                         "JSON Schema object (at most 64 levels deep)")
+
+    def test_checked_keywords_and_json_equality(self):
+        tree = {"$defs": {"N": {"type": "object", "properties": {"kids": {"type": "array",
+                                                                        "items": {"$ref": "#/$defs/N"}}}}},
+                "$ref": "#/$defs/N"}
+        deep = {}
+        for _ in range(40):
+            deep = {"kids": [deep]}
+        for schema, value, error in [
+                ({"enum": [1, 2]}, True, "$ should be one of [1, 2]"),
+                ({"enum": [1, 2]}, 1.0, None),
+                ({"const": False}, 0, "$ should be false"),
+                ({"const": {"a": 1}}, {"a": True}, '$ should be {"a": 1}'),
+                ({"oneOf": [{"type": "integer"}, {"minimum": 0}]}, 5,
+                 "$ should fit exactly one of the schemas it may take"),
+                ({"$defs": {"A": {"type": "integer"}}, "$ref": "#/$defs/A", "minimum": 5}, 1,
+                 "$ should be minimum 5"),
+                ({"$defs": {"a/b": {"type": "string"}}, "$ref": "#/$defs/a~1b"}, 1,
+                 "$ should be of type string, not 1"),
+                ({"pattern": "^[0-9]+$"}, "abc", "$ should match the pattern '^[0-9]+$'"),
+                ({"uniqueItems": True}, [1, 1.0], "$ should hold no item twice"),
+                ({"uniqueItems": True}, [1, True], None),
+                ({"multipleOf": 0.5}, 1.25, "$ should be multipleOf 0.5"),
+                ({"not": {"type": "string"}}, "x", "$ should not fit the schema it is told not to"),
+                ({"prefixItems": [{"type": "string"}], "items": False}, ["a", 1],
+                 "$[1] is not allowed"),
+                ({"minProperties": 1}, {}, "$ should have a minProperties of 1"),
+                ({"maxItems": 1}, "abc", None), ({"maxLength": 1}, [1, 2], None),
+                ({"minimum": 5}, True, None), ({"exclusiveMinimum": True, "minimum": 1}, 1, None),
+                (tree, deep, None)]:
+            with self.subTest(schema=schema, value=value):
+                self.assertEqual(schema_problem(schema, patterns=self.patterns), None)
+                self.assertEqual(self.error(value, schema), error)
+        self.assertEqual(bg._json_in('{"v": NaN} or {"v": 1}'), ({"v": 1}, '{"v": 1}'))
+
+    def test_schemas_that_cannot_be_checked_are_refused(self):
+        for schema, problem, strict_problem in [
+                ({"type": {}}, "s.type is not a valid 'type'", None),
+                ({"type": ["x"]}, "s.type is not a valid 'type'", None),
+                ({"required": 5}, "s.required is not a valid 'required'", None),
+                ({"enum": "abc"}, "s.enum is not a valid 'enum'", None),
+                ({"allOf": 5}, "s.allOf is not a valid 'allOf'", None),
+                ({"maxLength": -1}, "s.maxLength is not a valid 'maxLength'", None),
+                ({"multipleOf": 0}, "s.multipleOf is not a valid 'multipleOf'", None),
+                ({"items": [{}]}, "s.items must be a JSON Schema object (at most 64 levels "
+                                  "deep)", None),
+                ({"pattern": "("}, None, "s.pattern: the pattern '(' cannot be checked here"),
+                ({"pattern": "a" * 1001}, None, "s.pattern: the pattern %r cannot be checked "
+                                               "here" % ("a" * 100)),
+                ({"patternProperties": {"\\p{L}": {}}}, None,
+                 "s.patternProperties: the pattern '\\\\p{L}' cannot be checked here"),
+                ({"properties": {"a": {"unevaluatedProperties": False}}}, None,
+                 "s.properties.a: this server cannot check the keyword 'unevaluatedProperties'")]:
+            with self.subTest(schema=schema):
+                self.assertEqual(schema_problem(schema, strict=False), problem)
+                self.assertEqual(schema_problem(schema, True, self.patterns),
+                                 problem or strict_problem)
+
+    def test_a_bare_json_call_is_the_call_not_the_content(self):
+        shape = bg._shape({"tools": [WEATHER], "tool_choice": "required"}, 1)
+        rest, calls, error = shape.check('{"name": "get_weather", "arguments": {"city": "Pune"}}')
+        self.assertEqual((rest.strip(), [(c["name"], c["arguments"]) for c in calls], error),
+                         ("", [("get_weather", '{"city": "Pune"}')], None))
+        shape = bg._shape({"tools": [WEATHER]}, 1)
+        self.assertEqual(shape.check("I would write <tool_call> tags here."),
+                         ("I would write <tool_call> tags here.", [], None))   # prose: no call
+
+    def test_json_is_found_in_fences_and_prose(self):
+        for text, found in [('{"a": 1}', ({"a": 1}, '{"a": 1}')),
+                            ('Sure:\n```json\n{"a": [1]}\n```\nDone.', ({"a": [1]}, '{"a": [1]}')),
+                            ('The set {x} is {"b": 2} here', ({"b": 2}, '{"b": 2}')),
+                            ('no json at all', None), ('{' * 100 + '"a"', None)]:
+            with self.subTest(text=text):
+                self.assertEqual(bg._json_in(text), found)
+
+
+class ToolTests(_DemoGateway):
+    """Tool calls and structured output against the demo upstream, which calls the
+    weather tool when asked about the weather and answers in JSON when asked to."""
+
+    def both(self, prompt, **extra):
+        """``(message, finish_reason)`` of the answer, checked the same when streamed."""
+        status, _, body = chat(self.gw, prompt, **extra)
+        self.assertEqual(status, 200, body)
+        choice = json.loads(body)["choices"][0]
+        status, _, body = chat(self.gw, prompt, stream=True, **extra)
+        events = sse_events(body)[:-1]
+        calls = {}
+        for e in events:
+            for d in e["choices"][0]["delta"].get("tool_calls") or ():
+                call = calls.setdefault(d["index"], {"id": None, "type": None, "function": {
+                    "name": None, "arguments": ""}})
+                call["id"] = d.get("id") or call["id"]
+                call["type"] = d.get("type") or call["type"]
+                call["function"]["name"] = d.get("function", {}).get("name") or call["function"]["name"]
+                call["function"]["arguments"] += d.get("function", {}).get("arguments", "")
+        message = choice["message"]
+        self.assertEqual((streamed_text(events) or None, [
+            dict(c, id=None) for _, c in sorted(calls.items())] or None,
+            events[-1]["choices"][0]["finish_reason"]),
+            (message["content"] or None, [dict(c, id=None) for c in message.get("tool_calls", [])]
+             or None, choice["finish_reason"]))
+        return message, choice["finish_reason"]
+
+    def calls(self, message):
+        return [(c["type"], c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in message.get("tool_calls", ())]
+
+    def test_a_call_and_its_result(self):
+        message, finish = self.both("What is the weather in Pune and Delhi?", tools=[WEATHER])
+        self.assertEqual((message["content"], self.calls(message), finish), (
+            "Let me check.", [("function", "get_weather", {"city": "Pune"}),
+                              ("function", "get_weather", {"city": "Delhi"})], "tool_calls"))
+        self.assertTrue(all(c["id"].startswith("call_") for c in message["tool_calls"]))
+        system = self.demo.calls[-1][2]
+        self.assertTrue(system.startswith("# Tools\n\nYou may call one or more functions"), system)
+        self.assertIn('\n<tools>\n%s\n</tools>\n' % json.dumps(WEATHER, ensure_ascii=False), system)
+        history = [{"role": "user", "content": "What is the weather in Pune?"},
+                   {"role": "assistant", "content": None, "tool_calls": [
+                       {"id": "call_a", "type": "function",
+                        "function": {"name": "get_weather", "arguments": "{\"city\": \"Pune\"}"}}]},
+                   {"role": "tool", "tool_call_id": "call_a", "content": "31 C, sunny"}]
+        message, finish = self.both(history, tools=[WEATHER])
+        self.assertEqual((message["content"], finish),
+                         ("Here is what the tools said: get_weather: 31 C, sunny", "stop"))
+        self.assertEqual(self.demo.calls[-1][:2], [
+            '<tool_response>\n{"name": "get_weather", "content": "31 C, sunny"}\n</tool_response>',
+            [{"role": "user", "content": [{"type": "text", "text": "What is the weather in Pune?"}]},
+             {"role": "assistant", "content": [{"type": "text", "text":
+                 '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pune"}}\n</tool_call>'}]}]])
+
+    def test_tool_choice_forms(self):
+        message, finish = self.both("Say hello", tools=[WEATHER])
+        self.assertEqual((message["content"], finish), (HELLO, "stop"))
+        message, finish = self.both("weather in Pune", tools=[WEATHER], tool_choice="none")
+        self.assertEqual((message["content"][:40], finish, "<tools>" in self.demo.calls[-1][2]),
+                         ("This is the bharatgen_openai demo upstre", "stop", False))
+        message, _ = self.both("weather in Pune", tools=[WEATHER], tool_choice={
+            "type": "function", "function": {"name": "get_weather"}})
+        self.assertEqual(self.calls(message), [("function", "get_weather", {"city": "Pune"})])
+        self.assertIn(" You must call the function 'get_weather'.", self.demo.calls[-1][2])
+        status, _, body = chat(self.gw, "[[no-call]] Say hello", tools=[WEATHER],
+                               tool_choice="required")
+        self.assertEqual((status, json.loads(body)["error"]["message"], len(self.demo.calls[-1][1])),
+                         (502, "the model's reply was not valid after 1 repair turn(s): it calls "
+                               "no function, and a function call is required", 2))
+        status, _, body = chat(self.gw, "weather in Pune and Delhi", tools=[WEATHER],
+                               parallel_tool_calls=False)
+        self.assertEqual((status, json.loads(body)["choices"][0]["finish_reason"]), (200, "stop"))
+        self.assertIn(" Call at most one function.", self.demo.calls[-1][2])
+
+    def test_a_bad_call_gets_one_repair_and_is_never_returned(self):
+        message, finish = self.both("weather in Pune, a bad call once", tools=[WEATHER])
+        self.assertEqual((self.calls(message), finish),
+                         ([("function", "get_weather", {"city": "Pune"})], "tool_calls"))
+        self.assertEqual(self.demo.calls[-1][0], "Your last reply was not valid: the call of "
+                         "get_weather is invalid: arguments is missing the required property "
+                         "'city'. Reply again, correctly.")
+        bad = '<tool_call>\n{"name": "get_weather", "arguments": {}}\n</tool_call>'
+        message, finish = self.both("[[bad-call]] weather in Pune", tools=[WEATHER])
+        self.assertEqual((message["content"], "tool_calls" in message, finish), (bad, False, "stop"))
+        gw = start_gateway(self, self.demo.url, tool_repairs=0)
+        status, _, body = chat(gw, "weather in Pune, a bad call once", tools=[WEATHER])
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], bad)
+        status, _, body = chat(gw, "[[bad-call]] weather in Pune", tools=[WEATHER],
+                               tool_choice="required")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "invalid_model_output"))
+        status, _, body = chat(gw, "[[bad-call]] weather in Pune", tools=[WEATHER],
+                               tool_choice="required", stream=True)   # the thought went out
+        events = sse_events(body)
+        self.assertEqual((status, streamed_text(events[:-2]), events[-2]["error"]["code"],
+                          events[-1]), (200, "", "invalid_model_output", "[DONE]"))
+
+    def test_structured_output(self):
+        schema = {"type": "json_schema", "json_schema": {"name": "point", "strict": True,
+                                                          "schema": POINT}}
+        for fmt, prompt, content in [
+                ({"type": "json_object"}, "give me json", '{"answer": "Param"}'),
+                (schema, "a point please", '{"x": 1, "tags": ["Param"]}'),
+                (schema, "a point, bad json once", '{"x": 1, "tags": ["Param"]}'),
+                ({"type": "json_object"}, "[[bad-json]]", "Sure! {not json")]:
+            with self.subTest(fmt=fmt["type"], prompt=prompt):
+                message, finish = self.both(prompt, response_format=fmt)
+                self.assertEqual((message["content"], finish), (content, "stop"))
+        self.both("a point please", response_format=schema)
+        self.assertEqual(self.demo.calls[-1][2], "# Output format\n\nReply with JSON only, no "
+                         "other text: one JSON value valid against this JSON Schema:\n"
+                         + json.dumps(POINT))
+        error = "the model's reply was not valid after 1 repair turn(s): it holds no JSON"
+        status, _, body = chat(self.gw, "[[bad-json]]", response_format=schema)
+        self.assertEqual((status, json.loads(body)["error"]["message"]), (502, error))
+        status, _, body = chat(self.gw, "[[bad-json]]", True, response_format=schema)
+        events = sse_events(body)
+        self.assertEqual((status, streamed_text(events[:-2]), events[-2]["error"]["message"]),
+                         (200, "", error))
+
+    def test_odd_requests_get_a_clear_400(self):
+        fn = WEATHER["function"]
+        for path, body, param, text in [
+                ("/v1/chat/completions", {"functions": [fn]}, "functions", "deprecated form"),
+                ("/v1/chat/completions", {"tools": [WEATHER], "function_call": "auto"},
+                 "function_call", "deprecated form"),
+                ("/v1/chat/completions", {"tools": [WEATHER], "tool_choice": {
+                    "type": "allowed_tools"}}, "tool_choice", 'type "allowed_tools" is not'),
+                ("/v1/chat/completions", {"response_format": {"type": "json_schema"}},
+                 "response_format", "needs 'json_schema'"),
+                ("/v1/chat/completions", {"response_format": {"type": "json_schema", "json_schema": {
+                    "name": "x", "schema": {"type": {}}}}}, "response_format", "not a valid 'type'"),
+                ("/v1/chat/completions", {"tools": [{"type": "function", "function": {
+                    "name": "f", "parameters": {"required": 5}}}]}, "tools[0].function.parameters",
+                 "not a valid 'required'"),
+                ("/v1/chat/completions", {"messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "assistant", "tool_calls": [{"id": ["x"], "type": "function",
+                                                          "function": {"name": "f", "arguments": "{}"}}]},
+                    {"role": "tool", "tool_call_id": "x", "content": "1"}]},
+                 "messages[1].tool_calls[0]", "must be {\"id\""),
+                ("/v1/chat/completions", {"messages": [
+                    {"role": "user", "content": "hi"},
+                    {"role": "tool", "tool_call_id": "nope", "content": "1"}]},
+                 "messages[1].tool_call_id", 'the tool call "nope", which no earlier'),
+                ("/v1/completions", {"prompt": "hi", "tool_choice": "auto"}, "tool_choice",
+                 "not of /v1/completions"),
+                ("/v1/responses", {"input": "hi", "response_format": {"type": "json_object"}},
+                 "response_format", "takes text.format"),
+                ("/v1/responses", {"input": "hi", "text": "json"}, "text", "must be an object")]:
+            with self.subTest(path=path, param=param):
+                body = dict({"model": bg.DEFAULT_MODEL}, **body)
+                if path == "/v1/chat/completions":
+                    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+                status, _, raw = request(self.gw.url, "POST", path, body)
+                error = json.loads(raw)["error"]
+                self.assertEqual((status, error["param"], error["type"]),
+                                 (400, param, "invalid_request_error"))
+                self.assertIn(text, error["message"])
+
+    def test_a_repair_sends_nothing_twice_and_a_failed_one_returns_the_first_reply(self):
+        both = dict(WEATHER["function"], parameters={
+            "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}},
+            "required": ["city", "unit"]})
+        message, finish = self.both("weather in Delhi", tools=[{"type": "function", "function": both}])
+        self.assertEqual((message["content"], finish), (
+            'Let me check.\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Delhi"}}'
+            '\n</tool_call>', "stop"))
+        status, _, body = chat(self.gw, "weather in Delhi", tools=[{"type": "function", "function": both}])
+        self.assertEqual(json.loads(body)["choices"][0]["message"]["reasoning_content"],
+                         thought_of("weather in Delhi") + "\n\n" + thought_of(
+                             "Your last reply was not valid: the call of get_weather is invalid: "
+                             "arguments is missing the required property 'unit'. Reply again, "
+                             "correctly."))
+
+    def test_a_failure_after_output_began_is_an_error_event_not_a_second_response(self):
+        class Broken(bg._Backend):
+            def _chat_chunks(self, *args):
+                yield from itertools.islice(super()._chat_chunks(*args), 2)
+                raise KeyError("a bug")
+
+        config = bg.Config(upstream=[self.demo.url], port=0, timeout=10)
+        gw = Gateway(config, Broken(config)).start()
+        self.addCleanup(gw.stop)
+        with self.assertLogs("bharatgen_openai", "ERROR"):
+            status, _, body = chat(gw, "Say hello", stream=True)
+        events = sse_events(body)
+        self.assertEqual((status, events[-2]["error"]["type"], events[-1]),
+                         (200, "server_error", "[DONE]"))
+        self.assertNotIn(b"HTTP/1.1", body)
+
+    def test_responses_api_tools(self):
+        tool = dict(WEATHER["function"], type="function")
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "weather in Pune", "tools": [tool]})
+        resp = json.loads(body)
+        call = resp["output"][-1]
+        self.assertEqual((status, [o["type"] for o in resp["output"]], call["name"],
+                          call["arguments"], call["status"], resp["tools"]),
+                         (200, ["reasoning", "message", "function_call"], "get_weather",
+                          '{"city": "Pune"}', "completed", [tool]))
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "tools": [tool], "stream": True, "input": [
+                {"role": "user", "content": "weather in Pune"},
+                {"type": "function_call", "call_id": call["call_id"], "name": "get_weather",
+                 "arguments": call["arguments"]},
+                {"type": "function_call_output", "call_id": call["call_id"], "output": "rain"}]})
+        self.assertEqual(sse_events(body)[-1]["response"]["output"][-1]["content"][0]["text"],
+                         "Here is what the tools said: get_weather: rain")
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "point", "text": {"format": {
+                "type": "json_schema", "name": "p", "schema": POINT, "strict": True}}})
+        self.assertEqual(json.loads(body)["output"][-1]["content"][0]["text"],
+                         '{"x": 1, "tags": ["Param"]}')
+        status, _, body = request(self.gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "hi", "tools": [{"type": "web_search"}]})
+        self.assertEqual((status, json.loads(body)["error"]["param"]), (400, "tools[0]"))
+
+
+###############################################################################
+# The engine: snapshots -> clean deltas, reasoning modes ######################
+###############################################################################
+
+class ReasoningModeTests(unittest.TestCase):
+    def test_inline_none_and_renamed_field(self):
+        demo = start_demo(self)
+        thought = thought_of("Say hello")
+        inline = start_gateway(self, demo.url, reasoning="inline")
+        expected = "<think>\n%s\n</think>\n\n%s" % (thought, HELLO)
+        self.assertEqual(json.loads(chat(inline, "Say hello")[2])["choices"][0]["message"],
+                         {"role": "assistant", "content": expected, "refusal": None, "annotations": []})
+        self.assertEqual(streamed_text(sse_events(chat(inline, "Say hello", stream=True)[2])), expected)
+        none = start_gateway(self, demo.url, reasoning="none")
+        self.assertEqual(json.loads(chat(none, "Say hello")[2])["choices"][0]["message"]["content"], HELLO)
+        renamed = start_gateway(self, demo.url, reasoning_field="reasoning")
+        events = sse_events(chat(renamed, "Say hello", stream=True)[2])
+        self.assertEqual(streamed_text(events, "reasoning"), thought)
+        self.assertEqual(json.loads(chat(renamed, "Say hello")[2])["choices"][0]["message"]["reasoning"], thought)
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+class ConfigTests(unittest.TestCase):
+    def test_flags_win_over_environment_over_defaults(self):
+        env = {"BHARATGEN_MODEL": "env-model", "BHARATGEN_TIMEOUT": "5",
+               "BHARATGEN_API_KEYS": "a, b", "BHARATGEN_BASE_URL": "http://x"}
+        c = bg.Config.load(env, model="flag-model")
+        self.assertEqual((c.model, c.timeout, c.api_keys, c.upstream, c.port),
+                         ("flag-model", 5.0, ["a", "b"], ["http://x"], 8000))
+        self.assertEqual(bg.Config.load({"BHARATGEN_UPSTREAM": "http://a, http://b"}).upstream,
+                         ["http://a", "http://b"])
+        self.assertEqual(bg.Config.load({}).model, bg.DEFAULT_MODEL)
+        c = bg.Config.load({"BHARATGEN_FIRST_EVENT_TIMEOUT": "2.5", "BHARATGEN_ALLOW_NO_AUTH": "yes",
+                            "BHARATGEN_MAX_CONCURRENT": "9", "BHARATGEN_CORS_ORIGINS": "*"})
+        self.assertEqual((c.first_event_timeout, c.allow_no_auth, c.max_concurrent, c.cors_origins),
+                         (2.5, True, 9, ["*"]))
+        import argparse
+        self.assertEqual(bg._config_from_args(argparse.Namespace(
+            max_connections=7, send_timeout=2.5, max_event_bytes=99)).max_connections, 7)
+        c = bg.Config.load({"BHARATGEN_MAX_CONNECTIONS": "3", "BHARATGEN_SEND_TIMEOUT": "1.5",
+                            "BHARATGEN_MAX_EVENT_BYTES": "1024"})
+        self.assertEqual((c.max_connections, c.send_timeout, c.max_event_bytes), (3, 1.5, 1024))
+
+    def test_bad_environment_values_are_reported(self):
+        with self.assertRaisesRegex(ValueError, "BHARATGEN_TIMEOUT='soon' is not a valid"):
+            bg.Config.load({"BHARATGEN_TIMEOUT": "soon"})
+        with self.assertRaisesRegex(ValueError, "reasoning must be one of"):
+            bg.Config.load({}, reasoning="loud")
+
+
+###############################################################################
+# The backend: the cache and replicas #########################################
+###############################################################################
+
+class CacheTests(unittest.TestCase):
+    def test_a_cached_answer_is_served_again_for_the_same_request_and_key_only(self):
+        demo = start_demo(self)
+        gw = start_gateway(self, demo.url, api_keys=["sk-a", "sk-b"], cache_ttl=60, cache_size=2)
+        a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+
+        def ask(prompt, headers, stream=False, **extra):
+            status, head, body = chat(gw, prompt, stream, headers, **extra)
+            self.assertEqual(status, 200, body)
+            events = sse_events(body)[:-1] if stream else None
+            text = streamed_text(events) if stream else json.loads(body)["choices"][0]["message"]["content"]
+            return head["x-cache"], text
+
+        calls = len(demo.calls)
+        self.assertEqual(ask("Say hello", a), ("miss", HELLO))
+        self.assertEqual(ask("Say hello", a), ("hit", HELLO))
+        self.assertEqual(ask("Say hello", a, stream=True), ("hit", HELLO))   # stream or not
+        self.assertEqual(ask("Say hello", b), ("miss", HELLO))               # another key
+        self.assertEqual(ask("Say hello", a, temperature=0.1), ("miss", HELLO))  # another request
+        self.assertEqual(len(demo.calls), calls + 3)
+        self.assertEqual(ask("hindi please", a, stream=True), ("miss", HINDI))
+        self.assertEqual(ask("hindi please", a), ("hit", HINDI))
+        self.assertEqual(ask("Say hello", a), ("miss", HELLO))     # size 2: the oldest went
+        status, head, _ = chat(gw, "[[error]]", False, a)
+        status2, head2, _ = chat(gw, "[[error]]", False, a)
+        self.assertEqual((status, head["x-cache"], status2, head2["x-cache"]),
+                         (502, "miss", 502, "miss"))                      # errors are not kept
+        _, _, body = request(gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "Say hello"}, a)
+        _, head, again = request(gw.url, "POST", "/v1/responses", {
+            "model": bg.DEFAULT_MODEL, "input": "Say hello", "stream": True}, a)
+        self.assertEqual((head["x-cache"], sse_events(again)[-1]["response"]["output"][-1]),
+                         ("hit", json.loads(body)["output"][-1] | {"id": sse_events(again)[-1]["response"]["output"][-1]["id"]}))
+        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
+        metrics = request(gw.url, "GET", "/metrics", headers=a)[2].decode()
+        self.assertIn('bharatgen_cache_total{result="hit"} 4\n', metrics)
+        self.assertIn('bharatgen_cache_total{result="miss"} 6\n', metrics)
+        gw = start_gateway(self, demo.url, cache_ttl=0.2)
+        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "miss")
+        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "hit")
+        time.sleep(0.3)
+        self.assertEqual(chat(gw, "Say hello")[1]["x-cache"], "miss")         # expired
+        self.assertNotIn("x-cache", chat(start_gateway(self, demo.url), "Say hello")[1])
+
+
+class ReplicaTests(unittest.TestCase):
+    def dead_url(self):
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        sock.close()
+        return "http://127.0.0.1:%d" % port
+
+    def test_round_robin_skips_a_dead_replica_and_health_reports_it(self):
+        a, b, dead = start_demo(self), start_demo(self), self.dead_url()
+        gw = start_gateway(self, [a.url, dead, b.url], backoff=30)
+        for _ in range(6):
+            reply = json.loads(chat(gw, "Say hello")[2])
+            self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        self.assertEqual((len(a.calls), len(b.calls)), (3, 3))
+        status, _, body = request(gw.url, "GET", "/health")
+        states = json.loads(body)["models"][bg.DEFAULT_MODEL]
+        self.assertEqual((status, [s["status"] for s in states]), (200, ["up", "down", "up"]))
+        self.assertIn("cannot reach the Gradio app", states[1]["last_error"])
+
+    def test_all_replicas_down_is_502_and_health_503(self):
+        gw = start_gateway(self, [self.dead_url(), self.dead_url()], backoff=30)
+        status, _, body = chat(gw, "Say hello")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "upstream_unreachable"))
+        self.assertEqual(request(gw.url, "GET", "/health")[0], 503)
+
+    def test_overloaded_replica_is_retried_on_the_next(self):
+        a, b = start_demo(self), start_demo(self)
+        gw = start_gateway(self, [a.url, b.url])
+        status, _, body = chat(gw, "[[busy]] hello")
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (503, "upstream_overloaded"))
+        self.assertEqual(len(a.calls) + len(b.calls), 0)     # both were tried, both refused
+        status, _, body = request(gw.url, "GET", "/health")   # busy, not down: still healthy
+        states = json.loads(body)["models"][bg.DEFAULT_MODEL]
+        self.assertEqual((status, [(s["status"], s["failures"]) for s in states]),
+                         (200, [("busy", 0), ("busy", 0)]))
+        reply = json.loads(chat(gw, "Say hello")[2])   # busy replicas are still tried
+        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        self.assertEqual([s["status"] for s in json.loads(request(gw.url, "GET", "/health")[2])
+                          ["models"][bg.DEFAULT_MODEL]].count("up"), 1)
+
+    def test_models_file_declares_several_models(self):
+        import tempfile
+        six, four = start_demo(self), start_demo(self, version=4, chat_interface=True)
+        spec = {"models": [
+            {"id": bg.DEFAULT_MODEL, "upstreams": [six.url], "display_name": "Param 1",
+             "system_prompt": "From the file."},
+            {"id": "echo-4", "upstreams": [four.url], "protocol": "call",
+             "params": {"system": "system_prompt"}}]}
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(spec, f)
+        self.addCleanup(os.unlink, f.name)
+        gw = start_gateway(self, [], models_file=f.name)
+        models = json.loads(request(gw.url, "GET", "/v1/models")[2])["data"]
+        self.assertEqual([(m["id"], m.get("display_name")) for m in models],
+                         [(bg.DEFAULT_MODEL, "Param 1"), ("echo-4", None)])
+        reply = json.loads(chat(gw, "Say hello", model="echo-4")[2])
+        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        self.assertEqual((len(four.calls), len(six.calls)), (1, 0))
+        chat(gw, "Say hello", model=bg.DEFAULT_MODEL)
+        self.assertEqual(six.calls[-1][2], "From the file.")
+
+
+###############################################################################
+# SDK: BharatGenOpenAI ########################################################
+###############################################################################
+
+class SDKTests(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.demo = FakeGradio().start()
+        cls.client = bg.BharatGenOpenAI(cls.demo.url, timeout=10)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.client.close()
+        cls.demo.stop()
+
+    def test_create_stream_and_not(self):
+        reply = self.client.chat.completions.create(
+            messages=[{"role": "user", "content": "show formatting"}])
+        self.assertEqual(reply.choices[0].message.content, bg._DEMO_FORMATTING)
+        self.assertEqual(reply.choices[0].message.reasoning_content, thought_of("show formatting"))
+        with self.client.chat.completions.create(
+                messages=[{"role": "user", "content": "show formatting"}], stream=True) as stream:
+            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        self.assertEqual(text, bg._DEMO_FORMATTING)
+
+    def test_responses(self):
+        resp = self.client.responses.create(input="Say hello", instructions="Be kind.")
+        self.assertEqual((resp.output_text, resp.status, [o.type for o in resp.output],
+                          resp.output[0].content[0].text),
+                         (HELLO, "completed", ["reasoning", "message"], thought_of("Say hello")))
+        self.assertEqual(self.demo.calls[-1][2], "Be kind.")
+        with self.client.responses.create(input="hindi please", stream=True) as stream:
+            events = list(stream)
+        self.assertEqual(("".join(e.delta for e in events if e.type == "response.output_text.delta"),
+                          events[-1].type, events[-1].response.output_text),
+                         (HINDI, "response.completed", HINDI))
+
+    def test_tools(self):
+        reply = self.client.chat.completions.create(
+            messages=[{"role": "user", "content": "weather in Pune"}], tools=[WEATHER])
+        call = reply.choices[0].message.tool_calls[0]
+        self.assertEqual((reply.choices[0].finish_reason, call.function.name,
+                          call.function.arguments), ("tool_calls", "get_weather", '{"city": "Pune"}'))
+        chunks = list(self.client.chat.completions.create(
+            messages=[{"role": "user", "content": "weather in Pune"}], tools=[WEATHER], stream=True))
+        self.assertEqual([d.function.to_dict() for c in chunks for d in c.choices[0].delta.tool_calls or ()],
+                         [{"name": "get_weather", "arguments": ""}, {"arguments": '{"city": "Pune"}'}])
+
+    def test_models_and_errors(self):
+        self.assertEqual([m.id for m in self.client.models.list()], [bg.DEFAULT_MODEL])
+        with self.assertRaises(bg.NotFoundError):
+            self.client.models.retrieve("other")
+        with self.assertRaisesRegex(bg.UpstreamError, "Model is overloaded"):
+            self.client.chat.completions.create(messages=[{"role": "user", "content": "[[error]]"}])
+        with self.assertRaises(bg.BadRequestError):
+            self.client.chat.completions.create(messages=[{"role": "user", "content": "x"}],
+                                                temperature=9)
+
+    def test_environment_fills_base_url(self):
+        os.environ["BHARATGEN_BASE_URL"] = self.demo.url + "/gradio_api"
+        self.addCleanup(os.environ.pop, "BHARATGEN_BASE_URL")
+        with bg.BharatGenOpenAI() as client:
+            self.assertEqual(client.base_url, self.demo.url)
+
+    def test_async_client(self):
+        async def run():
+            client = bg.AsyncBharatGenOpenAI(self.demo.url, timeout=10)
+            reply = await client.chat.completions.create(
+                messages=[{"role": "user", "content": "hindi please"}])
+            stream = await client.chat.completions.create(
+                messages=[{"role": "user", "content": "hindi please"}], stream=True)
+            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
+            models = await client.models.list()
+            await client.close()
+            return reply.choices[0].message.content, "".join(parts), models.data[0].id
+        self.assertEqual(asyncio.run(run()), (HINDI, HINDI, bg.DEFAULT_MODEL))
+
+
+###############################################################################
+# Server pieces: keys, rate limits, metrics, and HTTP limits ##################
+###############################################################################
+
+class LimitTests(unittest.TestCase):
+    def setUp(self):
+        self.demo = start_demo(self)
+
+    def test_slow_headers_and_slow_body_are_cut_off(self):
+        gw = start_gateway(self, self.demo.url, header_timeout=0.3, body_timeout=0.3)
+        started = time.monotonic()
+        slow_head, slow_body = at_once(             # side by side
+            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat"),
+            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\n"
+                                 b"Host: localhost\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: 100\r\n\r\n{\"model\""))
+        status, _, body = parse_response(slow_head)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
+        status, _, body = parse_response(slow_body)
+        self.assertEqual((status, json.loads(body)["error"]), (408, {
+            "message": "the request body did not arrive within 0.3s",
+            "type": "invalid_request_error", "param": None, "code": "request_timeout"}))
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertEqual(chat(gw, "Say hello")[0], 200)
+
+    def test_header_fields_are_parsed_as_http_server_would(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["sk-a"])
+        port, body = gw.server_address[1], json.dumps(
+            {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+        head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n"
+                b"content-type: application/json\r\n"
+                b"AUTHORIZATION:Bearer sk-a  \r\nConnection: close\r\n"
+                % len(body))
+        status, head_in, answer = parse_response(raw_exchange(port, head + b"\r\n" + body))
+        self.assertEqual((status, json.loads(answer)["choices"][0]["message"]["content"]),
+                         (200, "Hello! How are you doing today?"))
+        self.assertRegex(head_in, r"\r\nConnection: close(\r\n|$)")   # said, then done
+        for extra, code, message in (
+                (b"X-Bad : 1\r\n", 400, "Bad header field ('X-Bad : 1')"),
+                (b"NoColon\r\n", 400, "Bad header field ('NoColon')"),
+                (b"X-Folded: a\r\n b\r\n", 400, "Bad header field (' b')"),
+                (b"X-A: 1\r\n" * 101, 431, "Too many headers")):
+            status, _, answer = parse_response(raw_exchange(port, head + extra + b"\r\n" + body))
+            self.assertEqual((status, json.loads(answer)["error"]), (code, {
+                "message": message, "type": "invalid_request_error", "param": None,
+                "code": "bad_request"}))
+        self.assertEqual(chat(gw, "Say hello", headers={"authorization": "Bearer sk-a"})[0], 200)
+
+    def test_the_edges_of_http_are_answered_as_http_server_would(self):
+        gw = start_gateway(self, self.demo.url)
+        port, body = gw.server_address[1], json.dumps(
+            {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
+        raw = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nExpect: "
+                                 b"100-continue\r\nContent-Length: %d\r\nConnection: close\r\n"
+                                 b"Content-Type: application/json\r\n\r\n%s"
+                           % (len(body), body))
+        interim, _, rest = raw.partition(b"\r\n\r\n")
+        status, head, answer = parse_response(rest)
+        self.assertEqual((interim, status, json.loads(answer)["choices"][0]["message"]["content"]),
+                         (b"HTTP/1.1 100 Continue", 200, "Hello! How are you doing today?"))
+        date = re.match(r"HTTP/1\.1 200 OK\r\nServer: bharatgen_openai/%s\r\nDate: ([^\r]+)\r\n"
+                        % re.escape(bg.__version__), head).group(1)
+        self.assertEqual(date, email.utils.formatdate(
+            email.utils.parsedate_to_datetime(date).timestamp(), usegmt=True))
+        self.assertLess(abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()), 60)
+        for request, status, message, code in (
+                (b"GET /%s HTTP/1.1\r\n\r\n" % (b"a" * 65540), 414, http.HTTPStatus(414).phrase,
+                 "bad_request"),
+                (b"BREW /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n", 405, "Unsupported method ('BREW')",
+                 "method_not_allowed"),
+                (b"GET /health HTTP/2.0\r\n\r\n", 400, "Invalid HTTP version (2.0)", "bad_request"),
+                (b"GET /health HTTP/1.1 x\r\n\r\n", 400, "Bad request version ('x')", "bad_request")):
+            got_status, head, answer = parse_response(raw_exchange(port, request))
+            self.assertEqual((got_status, json.loads(answer)["error"]), (status, {
+                "message": message, "type": "invalid_request_error", "param": None, "code": code}))
+            self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")
+        status, head, answer = parse_response(raw_exchange(port, b"GET /health HTTP/1.0\r\n\r\n"))
+        self.assertEqual((status, json.loads(answer)["status"]), (200, "ok"))
+        self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")              # HTTP/1.0: closed
+        self.assertEqual(chat(gw, "Say hello")[0], 200)
+
+    def test_concurrency_cap_answers_503_at_once(self):
+        gw = start_gateway(self, self.demo.url, max_concurrent=2)
+        self.demo.gate = threading.Event()             # the two streams wait for it
+        self.addCleanup(self.demo.gate.set)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(chat(gw, "40 words", stream=True)))
+                   for _ in range(2)]
+        for t in threads:
+            t.start()
+        self.assertTrue(wait_until(lambda: len(self.demo.calls) == 2))   # each holds a slot
+        started = time.monotonic()
+        status, headers, body = chat(gw, "Say hello")
+        self.assertLess(time.monotonic() - started, 1)
+        self.assertEqual((status, headers["Retry-After"], json.loads(body)["error"]["code"]),
+                         (503, "1", "server_overloaded"))
+        self.demo.gate.set()
+        for t in threads:
+            t.join(TIMEOUT)
+        self.assertEqual([r[0] for r in results], [200, 200])
+
+    def test_message_and_character_limits(self):
+        gw = start_gateway(self, self.demo.url, max_messages=3, max_chars=50)
+        status, _, body = chat(gw, [{"role": "user", "content": "a"}] * 4)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "too_many_messages"))
+        status, _, body = chat(gw, "x" * 51)
+        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "context_length_exceeded"))
+
+    def test_rate_limits_per_key(self):
+        gw = start_gateway(self, self.demo.url, api_keys=["sk-a", "sk-b"], rate_limit_rpm=2,
+                           rate_limit_streams=1)
+        a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
+        first = chat(gw, "Say hello", headers=a)
+        self.assertEqual((first[0], first[1]["x-ratelimit-limit-requests"],
+                          first[1]["x-ratelimit-remaining-requests"],
+                          first[1]["x-ratelimit-reset-requests"]), (200, "2", "1", "30s"))
+        self.assertEqual(bg._RateLimiter(1).take("k")["x-ratelimit-reset-requests"], "1m0s")
+        self.assertEqual([bg._duration(t) for t in (0.0004, 0.25, 1, 59.4, 59.6, 61, 360)],
+                         ["1ms", "250ms", "1s", "59s", "1m0s", "1m1s", "6m0s"])
+        self.assertEqual(chat(gw, "Say hello", headers=a)[0], 200)
+        status, headers, body = chat(gw, "Say hello", headers=a)
+        error = json.loads(body)["error"]
+        self.assertEqual((status, error["type"], error["code"]), (429, "requests", "rate_limit_exceeded"))
+        self.assertTrue(error["message"].startswith("Rate limit reached: 2 requests per minute"))
+        self.assertEqual(headers["Retry-After"], "30")
+        self.assertEqual(chat(gw, "Say hello", headers=b)[0], 200)       # another key
+        gw2 = start_gateway(self, self.demo.url, api_keys=["sk-a"], rate_limit_streams=1)
+        self.demo.gate = threading.Event()             # the first stream waits for it
+        self.addCleanup(self.demo.gate.set)
+        held, calls = [], len(self.demo.calls)
+        t = threading.Thread(target=lambda: held.append(chat(gw2, "60 words", stream=True, headers=a)))
+        t.start()
+        self.assertTrue(wait_until(lambda: len(self.demo.calls) > calls))   # its stream is open
+        status, _, body = chat(gw2, "Say hello", stream=True, headers=a)
+        self.assertEqual((status, json.loads(body)["error"]["message"]),
+                         (429, "Too many concurrent streams: the limit is 1 per key"))
+        self.demo.gate.set()
+        t.join(TIMEOUT)
+        self.assertEqual(held[0][0], 200)
+
+    def test_key_file_reload_and_keys_never_logged(self):
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
+            f.write("# team keys\nsk-file-one\n\n")
+        self.addCleanup(os.unlink, f.name)
+        gw = start_gateway(self, self.demo.url, api_key_file=f.name)
+        with self.assertLogs("bharatgen_openai", "INFO") as logs:
+            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-one"})[0], 200)
+            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-two"})[0], 401)
+            with open(f.name, "a") as out:
+                out.write("sk-file-two\n")
+            self.assertEqual(gw.keys.reload(), 2)
+            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-two"})[0], 200)
+            wait_for_logs(logs, 3)
+        text = "\n".join(logs.output)
+        self.assertNotIn("sk-file", text)
+        self.assertIn("key=%s" % short_key("sk-file-two"), text)
+
+    def test_access_log_line_and_json_format(self):
+        gw = start_gateway(self, self.demo.url, log_format="json")
+        with self.assertLogs("bharatgen_openai.access", "INFO") as logs:
+            chat(gw, "Say hello", stream=True)
+            wait_for_logs(logs, 1)
+        line = json.loads(logs.records[-1].getMessage())
+        self.assertEqual((line["method"], line["path"], line["status"], line["model"], line["key"]),
+                         ("POST", "/v1/chat/completions", 200, bg.DEFAULT_MODEL, "-"))
+        self.assertTrue(line["request_id"].startswith("req_"))
+        self.assertGreater(line["bytes"], 100)
+        self.assertIsInstance(line["ttft"], float)
+
+    def test_metrics(self):
+        gw = start_gateway(self, self.demo.url)
+        chat(gw, "Say hello")
+        chat(gw, "Say hello", stream=True)
+        chat(gw, "[[error]]")
+        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
+        status, headers, body = request(gw.url, "GET", "/metrics")
+        text = body.decode()
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        self.assertIn('bharatgen_requests_total{route="/v1/chat/completions",status="200"} 2', text)
+        self.assertIn('bharatgen_requests_total{route="/v1/chat/completions",status="502"} 1', text)
+        self.assertIn('bharatgen_upstream_errors_total{kind="upstream_error"} 1', text)
+        self.assertIn("bharatgen_time_to_first_token_seconds_count 1", text)
+        self.assertIn("bharatgen_request_duration_seconds_count 2", text)
+        self.assertIn("bharatgen_streams_in_flight 0", text)
+        self.assertGreater(gw.metrics.value("bharatgen_upstream_bytes_total"), 1000)
+        metrics = bg._Metrics()                        # label values escaped as the format says
+        metrics.inc("bharatgen_upstream_errors_total", kind=r'a "quoted" \ back\slash')
+        self.assertIn('\nbharatgen_upstream_errors_total{kind="%s"} 1\n' % r'a \"quoted\" \\ back\\slash',
+                      metrics.render())
+        metrics = bg._Metrics()                        # and a newline as \n, on one line
+        metrics.inc("bharatgen_upstream_errors_total", kind='two\nlines "q" \\')
+        self.assertIn('\nbharatgen_upstream_errors_total{kind="two\\nlines \\"q\\" \\\\"} 1\n',
+                      metrics.render())
+
+    def test_cors_origins(self):
+        gw = start_gateway(self, self.demo.url, cors_origins=["http://ui.example"], api_keys=["k"])
+        status, headers, _ = request(gw.url, "OPTIONS", "/v1/chat/completions", headers={
+            "Origin": "http://ui.example", "Access-Control-Request-Headers": "authorization, x-stainless-os"})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"], headers["Vary"],
+                          headers["Access-Control-Allow-Headers"]),
+                         (204, "http://ui.example", "Origin", "authorization, x-stainless-os"))
+        status, headers, _ = request(gw.url, "OPTIONS", "/v1/models", headers={"Origin": "http://evil"})
+        self.assertEqual(status, 204)
+        self.assertNotIn("Access-Control-Allow-Origin", headers)
+        status, headers, _ = chat(gw, "Say hello", headers={"Origin": "http://ui.example",
+                                                           "Authorization": "Bearer k"})
+        self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (200, "http://ui.example"))
+
+    def test_non_loopback_bind_without_keys_is_refused(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            bg.main(["serve", "--host", "0.0.0.0", "--port", "0", "--demo"])
+        self.assertIn("refusing to serve on 0.0.0.0 with no API key", str(cm.exception.code))
+
+
+###############################################################################
+# HTTP serving: each stream written by its connection's thread ################
+###############################################################################
+
+# A self-signed certificate for 127.0.0.1 (its own CA), for the TLS upstream test
+TEST_CERT = """-----BEGIN CERTIFICATE-----
+MIIDHDCCAgSgAwIBAgIUP/yj6H8eg0l8P1R779TeJ5W0LsgwDQYJKoZIhvcNAQEL
+BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyODE1NDYxM1oYDzIxMjYx
+MTA0MTU0NjEzWjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
+AQUAA4IBDwAwggEKAoIBAQDIN5BVDon3paXwpGSLYAlslyH+JnbNJo26OgAwx83Q
+a+BDtUzY9WVLHA3dLMC2OV2kNNGloCBfu5YiXVUN/0UcZFbjjSGylWtK33sF0qEa
+X7EA6uEaz6BWpV1YEFdW97PWHDyEzhFjbTWUbS4XRtOmd2vhWzD1yT4UeRNT89+O
+DiWwa0Qjv6M4/l1hM3kFU5gbKrkpxAoJ8jnhc2aCIkZ2lQ7co3QfzJECs6LEcJpn
+ur+KmM0oTA9UQRWX7WnvU5COhCPHgLJF+wTUsPQFRDPadVCGaKVY/tU6+0GwrDPW
++OX+N7fyMn5UN6ISUoR6m1MlpgAGFwFhxxo1IY2pEyPXAgMBAAGjZDBiMB0GA1Ud
+DgQWBBTa98NrITrHiBOqLL3Lzoig9BPoSTAfBgNVHSMEGDAWgBTa98NrITrHiBOq
+LL3Lzoig9BPoSTAPBgNVHRMBAf8EBTADAQH/MA8GA1UdEQQIMAaHBH8AAAEwDQYJ
+KoZIhvcNAQELBQADggEBAEyn9Qy88t+IzyX2jbKljG2Tg8AX2m8Ymtx9Ve9VUFZM
+k0pDxxtwXFUtud9x//OZ9ib6276U/QZczX0H7ob0x5tJPYqQLgTnn5TMUss4IIK0
+c+N4WXZcpAXkrUkwPJnoXL9MGCQyJwy5+4D8xitiJDRkxKptZ3OPGECLiWoDiKxe
+Ko+0t68/rxcMZwW2K5ZQsXXO1YDRsa6NSAOgZFRywZRdwriRzBqxJcMU1cJyCBj/
+PHI2Q0lj3kq1ZKLUE6cVtDgp9zC/sruPrrzzJcFY+D97JB0J3ZGrINA2tFOW914i
+e5RuFGUCbfP1Qc2QIj04fuVht7iZkvO7clv1zjxPjTY=
+-----END CERTIFICATE-----
+"""
+TEST_KEY = """-----BEGIN PRIVATE KEY-----
+MIIEvAIBADANBgkqhkiG9w0BAQEFAASCBKYwggSiAgEAAoIBAQDIN5BVDon3paXw
+pGSLYAlslyH+JnbNJo26OgAwx83Qa+BDtUzY9WVLHA3dLMC2OV2kNNGloCBfu5Yi
+XVUN/0UcZFbjjSGylWtK33sF0qEaX7EA6uEaz6BWpV1YEFdW97PWHDyEzhFjbTWU
+bS4XRtOmd2vhWzD1yT4UeRNT89+ODiWwa0Qjv6M4/l1hM3kFU5gbKrkpxAoJ8jnh
+c2aCIkZ2lQ7co3QfzJECs6LEcJpnur+KmM0oTA9UQRWX7WnvU5COhCPHgLJF+wTU
+sPQFRDPadVCGaKVY/tU6+0GwrDPW+OX+N7fyMn5UN6ISUoR6m1MlpgAGFwFhxxo1
+IY2pEyPXAgMBAAECggEAC5vtKoFlTo60SHe/vLUc1scMmYfxa4PIw/uI90sei+81
+WbexdQMFlI1T4Hcv1WEOJO9LGKdoOSTPV77Bp8YdY8ANqbQNOCWhyv2aTIQiAz15
+LexwkPVo/p0oBGsuJUTHkKqid7DbIUC70pdiDMd2jjhucOqwtA+vIdDDZiLF256s
+BuspGIVKroSYyM0xdR8vf8F9TjxEHE5tJ7U06SSK824cPRk9pnSewf38XsYB+4rX
+nKNZbf7qvw4dhH3qreuXP5RtN4rqpCObedTwF/9F09IALp37aaD5ckfSm6d4DLIh
+m8QbOO27S+TbRCvDwZ4cv1w9KkkdAp0qTGGAJZwKgQKBgQD2p962uVdpP/b7qWEF
+Zxt8vADwX5ulcR6mc0EdAwlPgH3gocNt47BSE0ClIixd8vGtbngtd/B+8URztukr
+I69gNBrEPOVOwNccpQC/aWhLj1F9e6WXKUdGC+JmrYUMnLRBco3+2LIzQswrV8nq
+7F7vSta3EM2kDyXVoDKzWWYl3wKBgQDPzVHOYVqJeva4qfIY6z7NS7HMCrnALfGo
+kzmFbkrPnrWnRubYcdokntOSmgWq1gKGjrlGrAXSRl1VtjVYaA15b7jQc/ZS4Fci
+BrNPOUY6AVDTihPCwo3aatWyW2Z/35P7dS5fS48ZYBiFv/0EcYu5t7YwRBbAPOzt
+tQOREwgRCQKBgDxn7EEvrtqV0bTcTGh4UeEAYfJ8V6/yviDhhQbH4ZXYz/sdYrEc
+2+ed020dq2PuxYVF0qTABOPxzmPQXdY0zRRwbkW07CuXSpc3SbGW7PXkSX7Ds1AL
+yeq7qlyfDkCCeBq3JVNOWoX3S+0peMfRz4Ym++KleNc+5nMk4oXN1RhdAoGAKCKt
+9ECVbgxT7uLUIb/+B0TheFlx+w5kqHyXFZBx3pv21fI50ABdc8lBcAVTpuVi435Z
+hq7fCPgSOuXQc9zVDWlotspO/z7ZVXcZ1ulnCPkMFW+L1YgiQdd0othIedZDDMRb
+SoibgPkwg1TLl7oelKZJCBV+l26tDFRz9edJHZECgYBDa/WQHr8l7VaO1YBTlshC
+fJLMhbEdu15zWXEigcqNyfxFVMUHR7vxS30Nifs8gIiVRxW+C2FcDAgiRhYpSMyt
+hzNDG6tlV4xcrjlDqFKZCKCAJpGs4bx+tzrdrXju5OoKS832raTqQv0vYe6gGCZV
+y6hwNtJBrFTtLz+OuvqjoQ==
+-----END PRIVATE KEY-----
+"""
+
+
+def tls_server_context(test):
+    """``(server context, certificate file)`` for 127.0.0.1, the certificate trusted
+    (through SSL_CERT_FILE, as a private CA would be) until the test ends."""
+    import ssl
+    import tempfile
+    folder = tempfile.mkdtemp()
+    test.addCleanup(__import__("shutil").rmtree, folder)
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    with open(cert, "w") as f:
+        f.write(TEST_CERT)
+    with open(key, "w") as f:
+        f.write(TEST_KEY)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    old = os.environ.get("SSL_CERT_FILE")
+    os.environ["SSL_CERT_FILE"] = cert
+    test.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if old is None
+                    else os.environ.__setitem__("SSL_CERT_FILE", old))
+    return context, cert
+
+
+class StreamingTests(unittest.TestCase):
+    """Each stream is written by its connection's thread: slow clients, TLS, replicas."""
+
+    def test_a_long_stream_is_exact_and_openai_shaped(self):
+        demo = start_demo(self)
+        answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
+        gw = start_gateway(self, demo.url)
+        status, _, body = chat(gw, "300 words", stream=True)
+        events = sse_events(body)
+        self.assertEqual((status, streamed_text(events)), (200, answer))
+        self.assertEqual((events[0]["choices"][0]["delta"], events[-1]), (
+            {"role": "assistant", "content": ""}, "[DONE]"))
+        self.assertEqual(chat(gw, "Say hello", stream=True, n=2)[0], 200)
+
+    def test_the_replica_that_answers_is_pumped_after_one_that_timed_out(self):
+        slow, quick = start_demo(self, gate=threading.Event()), start_demo(self)   # slow: silent
+        gw = start_gateway(self, [slow.url, quick.url], first_event_timeout=0.3)
+        answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
+        status, _, body = chat(gw, "300 words", stream=True)     # round-robin starts at slow
+        self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
+        self.assertEqual((len(slow.calls), len(quick.calls)), (1, 1))
+
+    def test_responses_leave_without_waiting_for_delayed_acks(self):
+        # TCP_NODELAY on every connection (socketserver sets it in setup()): without it a
+        # kept-alive client waited 40 ms for the body that followed the head
+        for handler in (bg._GatewayHandler, bg._DemoHandler):
+            self.assertTrue(handler.disable_nagle_algorithm, handler)
+
+    def test_a_slow_client_holds_back_its_own_upstream_only(self):
+        demo = start_demo(self, token_delay=0)
+        gw = start_gateway(self, demo.url)
+        gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # inherited by accept()
+        sock = self.send_stream_request(gw.server_address[1], "4000 words")
+        self.assertTrue(wait_until_stalled(sock))  # not reading: the gateway must wait
+        self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
+        self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
+
+    def test_a_slow_client_over_tls_gets_its_whole_answer(self):
+        context, cert = tls_server_context(self)
+        demo = bg.DemoUpstream(token_delay=0)
+        demo.socket = context.wrap_socket(demo.socket, server_side=True)
+        self.addCleanup(demo.stop)
+        gw = Gateway(bg.Config(upstream=["https://127.0.0.1:%d" % demo.server_address[1]],
+                               port=0, timeout=10))
+        gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        gw.socket = context.wrap_socket(gw.socket, server_side=True)
+        self.addCleanup(gw.stop)
+        demo.start()
+        gw.start()
+        sock = self.send_stream_request(gw.server_address[1], "4000 words",
+                                        __import__("ssl").create_default_context(cafile=cert))
+        self.assertTrue(wait_until_stalled(sock))
+        self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
+
+    @staticmethod
+    def send_stream_request(port, prompt, tls=None):
+        """A socket with a small receive buffer that has sent one streamed chat request."""
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.settimeout(TIMEOUT)
+        sock.connect(("127.0.0.1", port))
+        if tls is not None:
+            sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
+        body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True, "max_tokens": 8192,
+                           "messages": [{"role": "user", "content": prompt}]}).encode()
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (len(body), body))
+        return sock
+
+    def read_slowly(self, sock):
+        """The streamed text of the response on ``sock``, read a little at a time."""
+        raw = bytearray()                          # (linear: a TLS read is one small record)
+        while True:
+            data = sock.recv(8192)
+            if not data:
+                break
+            if len(raw) // 8192 < (len(raw) + len(data)) // 8192:
+                time.sleep(0.0005)                 # a pause every 8 KB
+            raw += data
+        sock.close()
+        head, _, chunked = bytes(raw).partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
+        payload, at = [], 0
+        while True:                                # undo the chunked framing
+            end = chunked.index(b"\r\n", at)
+            size = int(chunked[at:end], 16)
+            if size == 0:
+                break
+            payload.append(chunked[end + 2:end + 2 + size])
+            at = end + 4 + size
+        return streamed_text(sse_events(b"".join(payload)))
+
+    def test_a_tls_upstream(self):
+        context, _ = tls_server_context(self)
+        demo = FakeGradio()
+        demo.socket = context.wrap_socket(demo.socket, server_side=True)
+        demo.start()
+        self.addCleanup(demo.stop)
+        gw = start_gateway(self, "https://127.0.0.1:%d" % demo.server_address[1])
+        for prompt, answer in (("300 words", bg._demo_reply("300 words", [], "", [0] * 4)[1]),
+                               ("hindi please", HINDI)):
+            status, _, body = chat(gw, prompt, stream=True)
+            self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
+        status, _, body = chat(gw, "[[fail-midstream]]", stream=True)
+        self.assertEqual(sse_events(body)[-2]["error"]["message"],
+                         "the Gradio app reported an error: error after output began")
+
+
+###############################################################################
+# The gateway: routes, errors, embeddings, cancelling, the page ###############
+###############################################################################
 
 class GatewayTests(_DemoGateway):
     def answer(self, prompt, **extra):
@@ -3332,453 +4593,74 @@ class GatewayErrorTests(unittest.TestCase):
         self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "upstream_unreachable"))
 
 
-class ReasoningModeTests(unittest.TestCase):
-    def test_inline_none_and_renamed_field(self):
-        demo = start_demo(self)
-        thought = thought_of("Say hello")
-        inline = start_gateway(self, demo.url, reasoning="inline")
-        expected = "<think>\n%s\n</think>\n\n%s" % (thought, HELLO)
-        self.assertEqual(json.loads(chat(inline, "Say hello")[2])["choices"][0]["message"],
-                         {"role": "assistant", "content": expected, "refusal": None, "annotations": []})
-        self.assertEqual(streamed_text(sse_events(chat(inline, "Say hello", stream=True)[2])), expected)
-        none = start_gateway(self, demo.url, reasoning="none")
-        self.assertEqual(json.loads(chat(none, "Say hello")[2])["choices"][0]["message"]["content"], HELLO)
-        renamed = start_gateway(self, demo.url, reasoning_field="reasoning")
-        events = sse_events(chat(renamed, "Say hello", stream=True)[2])
-        self.assertEqual(streamed_text(events, "reasoning"), thought)
-        self.assertEqual(json.loads(chat(renamed, "Say hello")[2])["choices"][0]["message"]["reasoning"], thought)
+def demo_vector(text):
+    """The demo upstream's embedding of ``text`` (16 numbers from its SHA-256, of length 1)."""
+    raw = [b - 127.5 for b in hashlib.sha256(text.encode()).digest()[:16]]
+    return [x / (sum(y * y for y in raw) ** 0.5) for x in raw]
 
 
-class SDKTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.demo = FakeGradio().start()
-        cls.client = bg.BharatGenOpenAI(cls.demo.url, timeout=10)
+class EmbeddingTests(unittest.TestCase):
+    """/v1/embeddings in front of the demo upstream's embedding endpoint."""
 
-    @classmethod
-    def tearDownClass(cls):
-        cls.client.close()
-        cls.demo.stop()
+    def setUp(self):
+        self.demo = start_demo(self)
+        self.gw = start_gateway(self, self.demo.url, demo=True)
 
-    def test_create_stream_and_not(self):
-        reply = self.client.chat.completions.create(
-            messages=[{"role": "user", "content": "show formatting"}])
-        self.assertEqual(reply.choices[0].message.content, bg._DEMO_FORMATTING)
-        self.assertEqual(reply.choices[0].message.reasoning_content, thought_of("show formatting"))
-        with self.client.chat.completions.create(
-                messages=[{"role": "user", "content": "show formatting"}], stream=True) as stream:
-            text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
-        self.assertEqual(text, bg._DEMO_FORMATTING)
+    def embed(self, **body):
+        status, _, answer = request(self.gw.url, "POST", "/v1/embeddings", body)
+        return status, json.loads(answer)
 
-    def test_responses(self):
-        resp = self.client.responses.create(input="Say hello", instructions="Be kind.")
-        self.assertEqual((resp.output_text, resp.status, [o.type for o in resp.output],
-                          resp.output[0].content[0].text),
-                         (HELLO, "completed", ["reasoning", "message"], thought_of("Say hello")))
-        self.assertEqual(self.demo.calls[-1][2], "Be kind.")
-        with self.client.responses.create(input="hindi please", stream=True) as stream:
-            events = list(stream)
-        self.assertEqual(("".join(e.delta for e in events if e.type == "response.output_text.delta"),
-                          events[-1].type, events[-1].response.output_text),
-                         (HINDI, "response.completed", HINDI))
+    def test_floats_base64_and_a_batch(self):
+        status, answer = self.embed(input=["hello", "नमस्ते"])
+        tokens = bg.estimate_tokens("hello") + bg.estimate_tokens("नमस्ते")
+        self.assertEqual((status, answer["model"], answer["object"], answer["usage"]),
+                         (200, "bharatgen-demo-embedding", "list",
+                          {"prompt_tokens": tokens, "total_tokens": tokens}))
+        self.assertEqual([d["embedding"] for d in answer["data"]],
+                         [demo_vector("hello"), demo_vector("नमस्ते")])   # to the last bit
+        status, answer = self.embed(input="hello", encoding_format="base64")
+        self.assertEqual(base64.b64decode(answer["data"][0]["embedding"]),
+                         struct.pack("<16f", *demo_vector("hello")))
+        status, answer = self.embed(input="hello", dimensions=4)
+        cut = demo_vector("hello")[:4]
+        self.assertEqual(answer["data"][0]["embedding"],
+                         [x / sum(y * y for y in cut) ** 0.5 for x in cut])
+        self.assertEqual([len(d["embedding"]) for d in self.embed(input=["x"] * 40)[1]["data"]],
+                         [16] * 40)
 
-    def test_tools(self):
-        reply = self.client.chat.completions.create(
-            messages=[{"role": "user", "content": "weather in Pune"}], tools=[WEATHER])
-        call = reply.choices[0].message.tool_calls[0]
-        self.assertEqual((reply.choices[0].finish_reason, call.function.name,
-                          call.function.arguments), ("tool_calls", "get_weather", '{"city": "Pune"}'))
-        chunks = list(self.client.chat.completions.create(
-            messages=[{"role": "user", "content": "weather in Pune"}], tools=[WEATHER], stream=True))
-        self.assertEqual([d.function.to_dict() for c in chunks for d in c.choices[0].delta.tool_calls or ()],
-                         [{"name": "get_weather", "arguments": ""}, {"arguments": '{"city": "Pune"}'}])
+    def test_what_is_refused(self):
+        for body, status, param, message in [
+                ({"input": [[15339, 1917]]}, 400, "input", "'input' holds token ids; this server "
+                 "embeds text: send strings (for LangChain's OpenAIEmbeddings, "
+                 "check_embedding_ctx_length=False)"),
+                ({"input": [1, 2]}, 400, "input", "'input' holds token ids; this server embeds "
+                 "text: send strings (for LangChain's OpenAIEmbeddings, "
+                 "check_embedding_ctx_length=False)"),
+                ({"input": []}, 400, "input", "'input' must be a string or a non-empty list of "
+                 "strings"),
+                ({"input": ["x"] * 2049}, 400, "input", "the input is more than this server takes "
+                 "(2048 texts, 1000000 characters)"),
+                ({"input": "x", "encoding_format": "int8"}, 400, "encoding_format",
+                 "'encoding_format' must be 'float' or 'base64'"),
+                ({"input": "x", "model": bg.DEFAULT_MODEL}, 404, "model",
+                 "bharatgen-param-17b is a chat model and serves no embeddings")]:
+            with self.subTest(body=str(body)[:60]):
+                got, answer = self.embed(**body)
+                self.assertEqual((got, answer["error"]["param"], answer["error"]["message"]),
+                                 (status, param, message))
+        status, _, answer = chat(self.gw, "Say hello", model="bharatgen-demo-embedding")
+        self.assertEqual((status, json.loads(answer)["error"]["message"]), (
+            400, "bharatgen-demo-embedding is an embedding model: ask /v1/embeddings"))
 
-    def test_models_and_errors(self):
-        self.assertEqual([m.id for m in self.client.models.list()], [bg.DEFAULT_MODEL])
-        with self.assertRaises(bg.NotFoundError):
-            self.client.models.retrieve("other")
-        with self.assertRaisesRegex(bg.UpstreamError, "Model is overloaded"):
-            self.client.chat.completions.create(messages=[{"role": "user", "content": "[[error]]"}])
-        with self.assertRaises(bg.BadRequestError):
-            self.client.chat.completions.create(messages=[{"role": "user", "content": "x"}],
-                                                temperature=9)
-
-    def test_environment_fills_base_url(self):
-        os.environ["BHARATGEN_BASE_URL"] = self.demo.url + "/gradio_api"
-        self.addCleanup(os.environ.pop, "BHARATGEN_BASE_URL")
-        with bg.BharatGenOpenAI() as client:
-            self.assertEqual(client.base_url, self.demo.url)
-
-    def test_async_client(self):
-        async def run():
-            client = bg.AsyncBharatGenOpenAI(self.demo.url, timeout=10)
-            reply = await client.chat.completions.create(
-                messages=[{"role": "user", "content": "hindi please"}])
-            stream = await client.chat.completions.create(
-                messages=[{"role": "user", "content": "hindi please"}], stream=True)
-            parts = [c.choices[0].delta.content or "" async for c in stream if c.choices]
-            models = await client.models.list()
-            await client.close()
-            return reply.choices[0].message.content, "".join(parts), models.data[0].id
-        self.assertEqual(asyncio.run(run()), (HINDI, HINDI, bg.DEFAULT_MODEL))
-
-
-class DiffTests(unittest.TestCase):
-    def test_queue_diff_operations(self):
-        value = [{"content": [{"text": "Echo:"}]}, ["a"], {"k": 1}]
-        value = bg._apply_diff(value, [["append", [0, "content", 0, "text"], " Hi"],
-                                       ["add", [1, 0], "z"], ["add", [2, "j"], 2],
-                                       ["delete", [2, "k"], None], ["replace", [1, 1], "b"]])
-        self.assertEqual(value, [{"content": [{"text": "Echo: Hi"}]}, ["z", "b"], {"j": 2}])
-        self.assertEqual(bg._apply_diff("ab", [["append", [], "c"]]), "abc")
-        self.assertEqual(bg._apply_diff("ab", [["replace", [], "x"]]), "x")
-        with self.assertRaisesRegex(bg.UpstreamError, "cannot apply: 'move'"):
-            bg._apply_diff([1], [["move", [0], 1]])
-
-    def test_call_and_queue_captures_give_the_same_text(self):
-        for name, answer in (("hindi_please", HINDI), ("show_formatting", bg._DEMO_FORMATTING)):
-            prompt = name.replace("_", " ")
-            texts = []
-            for queue, capture in ((False, "call_%s.sse" % name), (True, "queue_%s.sse" % name)):
-                demo = start_demo(self, queue=queue, replay={prompt: fixture(capture)})
-                gw = start_gateway(self, demo.url)
-                for stream in (False, True):
-                    status, _, body = chat(gw, prompt, stream=stream)
-                    texts.append(streamed_text(sse_events(body)) if stream else
-                                 json.loads(body)["choices"][0]["message"]["content"])
-            self.assertEqual(texts, [answer] * 4, name)
-
-
-# The demo upstream's variants: Gradio 4, 5 and 6, over /call and over the queue, and a
-# gr.ChatInterface.  Every text case runs across all of them.
-VARIANTS = [dict(version=v, queue=q) for v in (6, 5, 4) for q in (True, False)] + \
-    [dict(version=6, chat_interface=True, queue=True), dict(version=5, chat_interface=True, queue=False),
-     dict(version=4, chat_interface=True, queue=True)]
-
-
-class VariantTests(unittest.TestCase):
-    def each_variant(self):
-        for variant in VARIANTS:
-            with self.subTest(**variant):
-                demo = FakeGradio(**variant).start()
-                gw = Gateway(bg.Config(upstream=[demo.url], port=0, timeout=10)).start()
-                try:
-                    yield variant, demo, gw
-                finally:
-                    gw.stop()
-                    demo.stop()
-
-    def test_discovery_of_each_variant(self):
-        for variant, demo, gw in self.each_variant():
-            info = gradio_client(self, demo.url).discover()
-            v, ci = variant["version"], variant.get("chat_interface", False)
-            self.assertEqual(info.prefix, "" if v == 4 else "/gradio_api")
-            self.assertEqual(info.use_queue, variant["queue"])
-            self.assertEqual(info.endpoint, ("respond" if v == 6 else "chat") if ci else "chat_fn_1")
-            self.assertEqual(info.has_history, not ci)
-            if not ci:
-                self.assertEqual(info.history_format, {4: "pairs", 5: "messages", 6: "parts"}[v])
-                self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system",
-                                                               "temperature", "max_tokens",
-                                                               "top_p", "top_k"])
-            else:
-                self.assertEqual(info.inputs, [("message", None), ("state", None),
-                                               ("system", "You are a friendly bot."),
-                                               ("temperature", 0.7)])
-
-    def test_text_cases_streamed_and_not_on_every_variant(self):
-        cases = (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
-                 ("hindi please", HINDI), ("250 words", bg._demo_reply("250 words", [], "", [0] * 4)[1]))
-        for variant, demo, gw in self.each_variant():
-            for prompt, answer in cases:
-                status, _, body = chat(gw, prompt)
-                message = json.loads(body)["choices"][0]["message"]
-                self.assertEqual((status, message["content"], message["reasoning_content"]),
-                                 (200, answer, thought_of(prompt)), prompt)
-                events = sse_events(chat(gw, prompt, stream=True)[2])
-                self.assertEqual(streamed_text(events), answer, prompt)
-                self.assertEqual(streamed_text(events, "reasoning_content"), thought_of(prompt))
-
-    def test_history_and_system_prompt_on_every_variant(self):
-        messages = [{"role": "system", "content": "Be terse."},
-                    {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                    {"role": "user", "content": "tell me the history"}]
-        for variant, demo, gw in self.each_variant():
-            reply = json.loads(chat(gw, messages, temperature=0.3)[2])
-            text = reply["choices"][0]["message"]["content"]
-            sent = demo.calls[-1]
-            if variant.get("chat_interface"):
-                folded = "User: Hi\n\nAssistant: Hello!\n\nUser: tell me the history"
-                self.assertEqual(sent[0], folded)
-                self.assertEqual(sent[1:], ([None] if variant["queue"] or variant["version"] < 6
-                                            else []) + ["Be terse.", 0.3])
-                self.assertEqual(text, "SYSTEM=Be terse. | HISTORY=[]")
-                continue
-            history = {6: [{"role": "user", "content": [{"type": "text", "text": "Hi"}]},
-                           {"role": "assistant", "content": [{"type": "text", "text": "Hello!"}]}],
-                       5: [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}],
-                       4: [["Hi", "Hello!"]]}[variant["version"]]
-            self.assertEqual(sent, ["tell me the history", history, "Be terse.", 0.3,
-                                    bg.DEFAULT_MAX_TOKENS, bg.DEFAULT_TOP_P, bg.DEFAULT_TOP_K])
-            self.assertEqual(text, "SYSTEM=Be terse. | HISTORY=" + json.dumps(history, sort_keys=True))
-
-    def test_errors_on_every_variant(self):
-        for variant, demo, gw in self.each_variant():
-            status, _, body = chat(gw, "[[error]]")
-            message = json.loads(body)["error"]["message"]
-            self.assertEqual(status, 502)
-            if variant["queue"] or variant["version"] == 6:
-                self.assertEqual(message, "the Gradio app reported an error: Model is overloaded, try again")
-            else:     # Gradio 4 and 5 hide the message on /call
-                self.assertEqual(message, "the Gradio app failed without a message (it may hide "
-                                          "errors; see its logs)")
-            events = sse_events(chat(gw, "[[fail-midstream]]", stream=True)[2])
-            self.assertEqual((events[-1], events[-2]["error"]["type"]), ("[DONE]", "upstream_error"))
-
-
-class ReplicaTests(unittest.TestCase):
-    def dead_url(self):
-        sock = socket.socket()
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-        sock.close()
-        return "http://127.0.0.1:%d" % port
-
-    def test_round_robin_skips_a_dead_replica_and_health_reports_it(self):
-        a, b, dead = start_demo(self), start_demo(self), self.dead_url()
-        gw = start_gateway(self, [a.url, dead, b.url], backoff=30)
-        for _ in range(6):
-            reply = json.loads(chat(gw, "Say hello")[2])
-            self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
-        self.assertEqual((len(a.calls), len(b.calls)), (3, 3))
-        status, _, body = request(gw.url, "GET", "/health")
-        states = json.loads(body)["models"][bg.DEFAULT_MODEL]
-        self.assertEqual((status, [s["status"] for s in states]), (200, ["up", "down", "up"]))
-        self.assertIn("cannot reach the Gradio app", states[1]["last_error"])
-
-    def test_all_replicas_down_is_502_and_health_503(self):
-        gw = start_gateway(self, [self.dead_url(), self.dead_url()], backoff=30)
-        status, _, body = chat(gw, "Say hello")
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (502, "upstream_unreachable"))
-        self.assertEqual(request(gw.url, "GET", "/health")[0], 503)
-
-    def test_overloaded_replica_is_retried_on_the_next(self):
-        a, b = start_demo(self), start_demo(self)
-        gw = start_gateway(self, [a.url, b.url])
-        status, _, body = chat(gw, "[[busy]] hello")
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (503, "upstream_overloaded"))
-        self.assertEqual(len(a.calls) + len(b.calls), 0)     # both were tried, both refused
-        status, _, body = request(gw.url, "GET", "/health")   # busy, not down: still healthy
-        states = json.loads(body)["models"][bg.DEFAULT_MODEL]
-        self.assertEqual((status, [(s["status"], s["failures"]) for s in states]),
-                         (200, [("busy", 0), ("busy", 0)]))
-        reply = json.loads(chat(gw, "Say hello")[2])   # busy replicas are still tried
-        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
-        self.assertEqual([s["status"] for s in json.loads(request(gw.url, "GET", "/health")[2])
-                          ["models"][bg.DEFAULT_MODEL]].count("up"), 1)
-
-    def test_models_file_declares_several_models(self):
-        import tempfile
-        six, four = start_demo(self), start_demo(self, version=4, chat_interface=True)
-        spec = {"models": [
-            {"id": bg.DEFAULT_MODEL, "upstreams": [six.url], "display_name": "Param 1",
-             "system_prompt": "From the file."},
-            {"id": "echo-4", "upstreams": [four.url], "protocol": "call",
-             "params": {"system": "system_prompt"}}]}
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(spec, f)
-        self.addCleanup(os.unlink, f.name)
-        gw = start_gateway(self, [], models_file=f.name)
-        models = json.loads(request(gw.url, "GET", "/v1/models")[2])["data"]
-        self.assertEqual([(m["id"], m.get("display_name")) for m in models],
-                         [(bg.DEFAULT_MODEL, "Param 1"), ("echo-4", None)])
-        reply = json.loads(chat(gw, "Say hello", model="echo-4")[2])
-        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
-        self.assertEqual((len(four.calls), len(six.calls)), (1, 0))
-        chat(gw, "Say hello", model=bg.DEFAULT_MODEL)
-        self.assertEqual(six.calls[-1][2], "From the file.")
-
-
-# A self-signed certificate for 127.0.0.1 (its own CA), for the TLS upstream test
-TEST_CERT = """-----BEGIN CERTIFICATE-----
-MIIDHDCCAgSgAwIBAgIUP/yj6H8eg0l8P1R779TeJ5W0LsgwDQYJKoZIhvcNAQEL
-BQAwFDESMBAGA1UEAwwJMTI3LjAuMC4xMCAXDTI2MTEyODE1NDYxM1oYDzIxMjYx
-MTA0MTU0NjEzWjAUMRIwEAYDVQQDDAkxMjcuMC4wLjEwggEiMA0GCSqGSIb3DQEB
-AQUAA4IBDwAwggEKAoIBAQDIN5BVDon3paXwpGSLYAlslyH+JnbNJo26OgAwx83Q
-a+BDtUzY9WVLHA3dLMC2OV2kNNGloCBfu5YiXVUN/0UcZFbjjSGylWtK33sF0qEa
-X7EA6uEaz6BWpV1YEFdW97PWHDyEzhFjbTWUbS4XRtOmd2vhWzD1yT4UeRNT89+O
-DiWwa0Qjv6M4/l1hM3kFU5gbKrkpxAoJ8jnhc2aCIkZ2lQ7co3QfzJECs6LEcJpn
-ur+KmM0oTA9UQRWX7WnvU5COhCPHgLJF+wTUsPQFRDPadVCGaKVY/tU6+0GwrDPW
-+OX+N7fyMn5UN6ISUoR6m1MlpgAGFwFhxxo1IY2pEyPXAgMBAAGjZDBiMB0GA1Ud
-DgQWBBTa98NrITrHiBOqLL3Lzoig9BPoSTAfBgNVHSMEGDAWgBTa98NrITrHiBOq
-LL3Lzoig9BPoSTAPBgNVHRMBAf8EBTADAQH/MA8GA1UdEQQIMAaHBH8AAAEwDQYJ
-KoZIhvcNAQELBQADggEBAEyn9Qy88t+IzyX2jbKljG2Tg8AX2m8Ymtx9Ve9VUFZM
-k0pDxxtwXFUtud9x//OZ9ib6276U/QZczX0H7ob0x5tJPYqQLgTnn5TMUss4IIK0
-c+N4WXZcpAXkrUkwPJnoXL9MGCQyJwy5+4D8xitiJDRkxKptZ3OPGECLiWoDiKxe
-Ko+0t68/rxcMZwW2K5ZQsXXO1YDRsa6NSAOgZFRywZRdwriRzBqxJcMU1cJyCBj/
-PHI2Q0lj3kq1ZKLUE6cVtDgp9zC/sruPrrzzJcFY+D97JB0J3ZGrINA2tFOW914i
-e5RuFGUCbfP1Qc2QIj04fuVht7iZkvO7clv1zjxPjTY=
------END CERTIFICATE-----
-"""
-TEST_KEY = """-----BEGIN PRIVATE KEY-----
-MIIEvAIBADANBgkqhkiG9w0BAQEFAASCBKYwggSiAgEAAoIBAQDIN5BVDon3paXw
-pGSLYAlslyH+JnbNJo26OgAwx83Qa+BDtUzY9WVLHA3dLMC2OV2kNNGloCBfu5Yi
-XVUN/0UcZFbjjSGylWtK33sF0qEaX7EA6uEaz6BWpV1YEFdW97PWHDyEzhFjbTWU
-bS4XRtOmd2vhWzD1yT4UeRNT89+ODiWwa0Qjv6M4/l1hM3kFU5gbKrkpxAoJ8jnh
-c2aCIkZ2lQ7co3QfzJECs6LEcJpnur+KmM0oTA9UQRWX7WnvU5COhCPHgLJF+wTU
-sPQFRDPadVCGaKVY/tU6+0GwrDPW+OX+N7fyMn5UN6ISUoR6m1MlpgAGFwFhxxo1
-IY2pEyPXAgMBAAECggEAC5vtKoFlTo60SHe/vLUc1scMmYfxa4PIw/uI90sei+81
-WbexdQMFlI1T4Hcv1WEOJO9LGKdoOSTPV77Bp8YdY8ANqbQNOCWhyv2aTIQiAz15
-LexwkPVo/p0oBGsuJUTHkKqid7DbIUC70pdiDMd2jjhucOqwtA+vIdDDZiLF256s
-BuspGIVKroSYyM0xdR8vf8F9TjxEHE5tJ7U06SSK824cPRk9pnSewf38XsYB+4rX
-nKNZbf7qvw4dhH3qreuXP5RtN4rqpCObedTwF/9F09IALp37aaD5ckfSm6d4DLIh
-m8QbOO27S+TbRCvDwZ4cv1w9KkkdAp0qTGGAJZwKgQKBgQD2p962uVdpP/b7qWEF
-Zxt8vADwX5ulcR6mc0EdAwlPgH3gocNt47BSE0ClIixd8vGtbngtd/B+8URztukr
-I69gNBrEPOVOwNccpQC/aWhLj1F9e6WXKUdGC+JmrYUMnLRBco3+2LIzQswrV8nq
-7F7vSta3EM2kDyXVoDKzWWYl3wKBgQDPzVHOYVqJeva4qfIY6z7NS7HMCrnALfGo
-kzmFbkrPnrWnRubYcdokntOSmgWq1gKGjrlGrAXSRl1VtjVYaA15b7jQc/ZS4Fci
-BrNPOUY6AVDTihPCwo3aatWyW2Z/35P7dS5fS48ZYBiFv/0EcYu5t7YwRBbAPOzt
-tQOREwgRCQKBgDxn7EEvrtqV0bTcTGh4UeEAYfJ8V6/yviDhhQbH4ZXYz/sdYrEc
-2+ed020dq2PuxYVF0qTABOPxzmPQXdY0zRRwbkW07CuXSpc3SbGW7PXkSX7Ds1AL
-yeq7qlyfDkCCeBq3JVNOWoX3S+0peMfRz4Ym++KleNc+5nMk4oXN1RhdAoGAKCKt
-9ECVbgxT7uLUIb/+B0TheFlx+w5kqHyXFZBx3pv21fI50ABdc8lBcAVTpuVi435Z
-hq7fCPgSOuXQc9zVDWlotspO/z7ZVXcZ1ulnCPkMFW+L1YgiQdd0othIedZDDMRb
-SoibgPkwg1TLl7oelKZJCBV+l26tDFRz9edJHZECgYBDa/WQHr8l7VaO1YBTlshC
-fJLMhbEdu15zWXEigcqNyfxFVMUHR7vxS30Nifs8gIiVRxW+C2FcDAgiRhYpSMyt
-hzNDG6tlV4xcrjlDqFKZCKCAJpGs4bx+tzrdrXju5OoKS832raTqQv0vYe6gGCZV
-y6hwNtJBrFTtLz+OuvqjoQ==
------END PRIVATE KEY-----
-"""
-
-
-def tls_server_context(test):
-    """``(server context, certificate file)`` for 127.0.0.1, the certificate trusted
-    (through SSL_CERT_FILE, as a private CA would be) until the test ends."""
-    import ssl
-    import tempfile
-    folder = tempfile.mkdtemp()
-    test.addCleanup(__import__("shutil").rmtree, folder)
-    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
-    with open(cert, "w") as f:
-        f.write(TEST_CERT)
-    with open(key, "w") as f:
-        f.write(TEST_KEY)
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert, key)
-    old = os.environ.get("SSL_CERT_FILE")
-    os.environ["SSL_CERT_FILE"] = cert
-    test.addCleanup(lambda: os.environ.pop("SSL_CERT_FILE") if old is None
-                    else os.environ.__setitem__("SSL_CERT_FILE", old))
-    return context, cert
-
-
-class StreamingTests(unittest.TestCase):
-    """Each stream is written by its connection's thread: slow clients, TLS, replicas."""
-
-    def test_a_long_stream_is_exact_and_openai_shaped(self):
-        demo = start_demo(self)
-        answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
-        gw = start_gateway(self, demo.url)
-        status, _, body = chat(gw, "300 words", stream=True)
-        events = sse_events(body)
-        self.assertEqual((status, streamed_text(events)), (200, answer))
-        self.assertEqual((events[0]["choices"][0]["delta"], events[-1]), (
-            {"role": "assistant", "content": ""}, "[DONE]"))
-        self.assertEqual(chat(gw, "Say hello", stream=True, n=2)[0], 200)
-
-    def test_the_replica_that_answers_is_pumped_after_one_that_timed_out(self):
-        slow, quick = start_demo(self, gate=threading.Event()), start_demo(self)   # slow: silent
-        gw = start_gateway(self, [slow.url, quick.url], first_event_timeout=0.3)
-        answer = bg._demo_reply("300 words", [], "", [0] * 4)[1]
-        status, _, body = chat(gw, "300 words", stream=True)     # round-robin starts at slow
-        self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
-        self.assertEqual((len(slow.calls), len(quick.calls)), (1, 1))
-
-    def test_responses_leave_without_waiting_for_delayed_acks(self):
-        # TCP_NODELAY on every connection (socketserver sets it in setup()): without it a
-        # kept-alive client waited 40 ms for the body that followed the head
-        for handler in (bg._GatewayHandler, bg._DemoHandler):
-            self.assertTrue(handler.disable_nagle_algorithm, handler)
-
-    def test_a_slow_client_holds_back_its_own_upstream_only(self):
-        demo = start_demo(self, token_delay=0)
-        gw = start_gateway(self, demo.url)
-        gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # inherited by accept()
-        sock = self.send_stream_request(gw.server_address[1], "4000 words")
-        self.assertTrue(wait_until_stalled(sock))  # not reading: the gateway must wait
-        self.assertEqual(streamed_text(sse_events(chat(gw, "Say hello", stream=True)[2])), HELLO)
-        self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
-
-    def test_a_slow_client_over_tls_gets_its_whole_answer(self):
-        context, cert = tls_server_context(self)
-        demo = bg.DemoUpstream(token_delay=0)
-        demo.socket = context.wrap_socket(demo.socket, server_side=True)
-        self.addCleanup(demo.stop)
-        gw = Gateway(bg.Config(upstream=["https://127.0.0.1:%d" % demo.server_address[1]],
-                               port=0, timeout=10))
-        gw.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        gw.socket = context.wrap_socket(gw.socket, server_side=True)
-        self.addCleanup(gw.stop)
-        demo.start()
-        gw.start()
-        sock = self.send_stream_request(gw.server_address[1], "4000 words",
-                                        __import__("ssl").create_default_context(cafile=cert))
-        self.assertTrue(wait_until_stalled(sock))
-        self.assertEqual(self.read_slowly(sock), bg._demo_reply("4000 words", [], "", [0] * 4)[1])
-
-    @staticmethod
-    def send_stream_request(port, prompt, tls=None):
-        """A socket with a small receive buffer that has sent one streamed chat request."""
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.settimeout(TIMEOUT)
-        sock.connect(("127.0.0.1", port))
-        if tls is not None:
-            sock = tls.wrap_socket(sock, server_hostname="127.0.0.1")
-        body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True, "max_tokens": 8192,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                     % (len(body), body))
-        return sock
-
-    def read_slowly(self, sock):
-        """The streamed text of the response on ``sock``, read a little at a time."""
-        raw = bytearray()                          # (linear: a TLS read is one small record)
-        while True:
-            data = sock.recv(8192)
-            if not data:
-                break
-            if len(raw) // 8192 < (len(raw) + len(data)) // 8192:
-                time.sleep(0.0005)                 # a pause every 8 KB
-            raw += data
-        sock.close()
-        head, _, chunked = bytes(raw).partition(b"\r\n\r\n")
-        self.assertTrue(head.startswith(b"HTTP/1.1 200"), head)
-        payload, at = [], 0
-        while True:                                # undo the chunked framing
-            end = chunked.index(b"\r\n", at)
-            size = int(chunked[at:end], 16)
-            if size == 0:
-                break
-            payload.append(chunked[end + 2:end + 2 + size])
-            at = end + 4 + size
-        return streamed_text(sse_events(b"".join(payload)))
-
-    def test_a_tls_upstream(self):
-        context, _ = tls_server_context(self)
-        demo = FakeGradio()
-        demo.socket = context.wrap_socket(demo.socket, server_side=True)
-        demo.start()
-        self.addCleanup(demo.stop)
-        gw = start_gateway(self, "https://127.0.0.1:%d" % demo.server_address[1])
-        for prompt, answer in (("300 words", bg._demo_reply("300 words", [], "", [0] * 4)[1]),
-                               ("hindi please", HINDI)):
-            status, _, body = chat(gw, prompt, stream=True)
-            self.assertEqual((status, streamed_text(sse_events(body))), (200, answer))
-        status, _, body = chat(gw, "[[fail-midstream]]", stream=True)
-        self.assertEqual(sse_events(body)[-2]["error"]["message"],
-                         "the Gradio app reported an error: error after output began")
+    def test_the_sdk_against_the_app_and_against_the_gateway(self):
+        with bg.BharatGenOpenAI(self.demo.url) as client:
+            reply = client.embeddings.create(input=["a", "b"], model="anything")
+        self.assertEqual([d.embedding for d in reply.data], [demo_vector("a"), demo_vector("b")])
+        with bg.BharatGenOpenAI(self.gw.url + "/v1") as client:
+            reply = client.embeddings.create(input="a", model="bharatgen-demo-embedding")
+        self.assertEqual((reply.data[0].embedding, reply.usage.total_tokens), (demo_vector("a"), 1))
+        with bg.BharatGenOpenAI(self.gw.url + "/v1") as client, self.assertRaises(bg.NotFoundError):
+            client.embeddings.create(input="a", model=bg.DEFAULT_MODEL)
 
 
 class CancellationTests(unittest.TestCase):
@@ -3840,260 +4722,6 @@ class CancellationTests(unittest.TestCase):
         self.assertLess(time.monotonic() - started, 2)            # the whole answer takes 4 s
         self.assertTrue(self.wait_for(lambda: demo.active_streams == 0))
         self.assertTrue(self.wait_for(lambda: len(demo.cancels) == 1))
-
-
-def raw_exchange(port, data, shut_write=False, timeout=TIMEOUT):
-    """Send raw bytes; return everything the server answers until it closes or goes quiet."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(data)
-        if shut_write:
-            sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while True:
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-            if b"\r\n\r\n" in b"".join(chunks) and _complete(b"".join(chunks)):
-                break
-        return b"".join(chunks)
-    finally:
-        sock.close()
-
-
-def _complete(raw):
-    head, _, body = raw.partition(b"\r\n\r\n")
-    m = re.search(rb"(?i)content-length: (\d+)", head)
-    return m is not None and len(body) >= int(m.group(1))
-
-
-def parse_response(raw):
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status = int(head.split(b" ", 2)[1]) if head.startswith(b"HTTP/1.1 ") else None
-    return status, head.decode("latin-1"), body
-
-
-def wait_for_logs(logs, count):
-    """The server logs a request after answering it: wait for its line."""
-    deadline = time.monotonic() + TIMEOUT
-    while len(logs.records) < count and time.monotonic() < deadline:
-        time.sleep(0.01)
-
-
-class LimitTests(unittest.TestCase):
-    def setUp(self):
-        self.demo = start_demo(self)
-
-    def test_slow_headers_and_slow_body_are_cut_off(self):
-        gw = start_gateway(self, self.demo.url, header_timeout=0.3, body_timeout=0.3)
-        started = time.monotonic()
-        slow_head, slow_body = at_once(             # side by side
-            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat"),
-            lambda: raw_exchange(gw.server_address[1], b"POST /v1/chat/completions HTTP/1.1\r\n"
-                                 b"Host: localhost\r\nContent-Type: application/json\r\n"
-                                 b"Content-Length: 100\r\n\r\n{\"model\""))
-        status, _, body = parse_response(slow_head)
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (408, "request_timeout"))
-        status, _, body = parse_response(slow_body)
-        self.assertEqual((status, json.loads(body)["error"]), (408, {
-            "message": "the request body did not arrive within 0.3s",
-            "type": "invalid_request_error", "param": None, "code": "request_timeout"}))
-        self.assertLess(time.monotonic() - started, 5)
-        self.assertEqual(chat(gw, "Say hello")[0], 200)
-
-    def test_header_fields_are_parsed_as_http_server_would(self):
-        gw = start_gateway(self, self.demo.url, api_keys=["sk-a"])
-        port, body = gw.server_address[1], json.dumps(
-            {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
-        head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n"
-                b"content-type: application/json\r\n"
-                b"AUTHORIZATION:Bearer sk-a  \r\nConnection: close\r\n"
-                % len(body))
-        status, head_in, answer = parse_response(raw_exchange(port, head + b"\r\n" + body))
-        self.assertEqual((status, json.loads(answer)["choices"][0]["message"]["content"]),
-                         (200, "Hello! How are you doing today?"))
-        self.assertRegex(head_in, r"\r\nConnection: close(\r\n|$)")   # said, then done
-        for extra, code, message in (
-                (b"X-Bad : 1\r\n", 400, "Bad header field ('X-Bad : 1')"),
-                (b"NoColon\r\n", 400, "Bad header field ('NoColon')"),
-                (b"X-Folded: a\r\n b\r\n", 400, "Bad header field (' b')"),
-                (b"X-A: 1\r\n" * 101, 431, "Too many headers")):
-            status, _, answer = parse_response(raw_exchange(port, head + extra + b"\r\n" + body))
-            self.assertEqual((status, json.loads(answer)["error"]), (code, {
-                "message": message, "type": "invalid_request_error", "param": None,
-                "code": "bad_request"}))
-        self.assertEqual(chat(gw, "Say hello", headers={"authorization": "Bearer sk-a"})[0], 200)
-
-    def test_the_edges_of_http_are_answered_as_http_server_would(self):
-        gw = start_gateway(self, self.demo.url)
-        port, body = gw.server_address[1], json.dumps(
-            {"model": bg.DEFAULT_MODEL, "messages": [{"role": "user", "content": "Say hello"}]}).encode()
-        raw = raw_exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nExpect: "
-                                 b"100-continue\r\nContent-Length: %d\r\nConnection: close\r\n"
-                                 b"Content-Type: application/json\r\n\r\n%s"
-                           % (len(body), body))
-        interim, _, rest = raw.partition(b"\r\n\r\n")
-        status, head, answer = parse_response(rest)
-        self.assertEqual((interim, status, json.loads(answer)["choices"][0]["message"]["content"]),
-                         (b"HTTP/1.1 100 Continue", 200, "Hello! How are you doing today?"))
-        date = re.match(r"HTTP/1\.1 200 OK\r\nServer: bharatgen_openai/%s\r\nDate: ([^\r]+)\r\n"
-                        % re.escape(bg.__version__), head).group(1)
-        self.assertEqual(date, email.utils.formatdate(
-            email.utils.parsedate_to_datetime(date).timestamp(), usegmt=True))
-        self.assertLess(abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()), 60)
-        for request, status, message, code in (
-                (b"GET /%s HTTP/1.1\r\n\r\n" % (b"a" * 65540), 414, http.HTTPStatus(414).phrase,
-                 "bad_request"),
-                (b"BREW /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n", 405, "Unsupported method ('BREW')",
-                 "method_not_allowed"),
-                (b"GET /health HTTP/2.0\r\n\r\n", 400, "Invalid HTTP version (2.0)", "bad_request"),
-                (b"GET /health HTTP/1.1 x\r\n\r\n", 400, "Bad request version ('x')", "bad_request")):
-            got_status, head, answer = parse_response(raw_exchange(port, request))
-            self.assertEqual((got_status, json.loads(answer)["error"]), (status, {
-                "message": message, "type": "invalid_request_error", "param": None, "code": code}))
-            self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")
-        status, head, answer = parse_response(raw_exchange(port, b"GET /health HTTP/1.0\r\n\r\n"))
-        self.assertEqual((status, json.loads(answer)["status"]), (200, "ok"))
-        self.assertRegex(head, r"\r\nConnection: close(\r\n|$)")              # HTTP/1.0: closed
-        self.assertEqual(chat(gw, "Say hello")[0], 200)
-
-    def test_concurrency_cap_answers_503_at_once(self):
-        gw = start_gateway(self, self.demo.url, max_concurrent=2)
-        self.demo.gate = threading.Event()             # the two streams wait for it
-        self.addCleanup(self.demo.gate.set)
-        results = []
-        threads = [threading.Thread(target=lambda: results.append(chat(gw, "40 words", stream=True)))
-                   for _ in range(2)]
-        for t in threads:
-            t.start()
-        self.assertTrue(wait_until(lambda: len(self.demo.calls) == 2))   # each holds a slot
-        started = time.monotonic()
-        status, headers, body = chat(gw, "Say hello")
-        self.assertLess(time.monotonic() - started, 1)
-        self.assertEqual((status, headers["Retry-After"], json.loads(body)["error"]["code"]),
-                         (503, "1", "server_overloaded"))
-        self.demo.gate.set()
-        for t in threads:
-            t.join(TIMEOUT)
-        self.assertEqual([r[0] for r in results], [200, 200])
-
-    def test_message_and_character_limits(self):
-        gw = start_gateway(self, self.demo.url, max_messages=3, max_chars=50)
-        status, _, body = chat(gw, [{"role": "user", "content": "a"}] * 4)
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "too_many_messages"))
-        status, _, body = chat(gw, "x" * 51)
-        self.assertEqual((status, json.loads(body)["error"]["code"]), (400, "context_length_exceeded"))
-
-    def test_rate_limits_per_key(self):
-        gw = start_gateway(self, self.demo.url, api_keys=["sk-a", "sk-b"], rate_limit_rpm=2,
-                           rate_limit_streams=1)
-        a, b = {"Authorization": "Bearer sk-a"}, {"Authorization": "Bearer sk-b"}
-        first = chat(gw, "Say hello", headers=a)
-        self.assertEqual((first[0], first[1]["x-ratelimit-limit-requests"],
-                          first[1]["x-ratelimit-remaining-requests"],
-                          first[1]["x-ratelimit-reset-requests"]), (200, "2", "1", "30s"))
-        self.assertEqual(bg._RateLimiter(1).take("k")["x-ratelimit-reset-requests"], "1m0s")
-        self.assertEqual([bg._duration(t) for t in (0.0004, 0.25, 1, 59.4, 59.6, 61, 360)],
-                         ["1ms", "250ms", "1s", "59s", "1m0s", "1m1s", "6m0s"])
-        self.assertEqual(chat(gw, "Say hello", headers=a)[0], 200)
-        status, headers, body = chat(gw, "Say hello", headers=a)
-        error = json.loads(body)["error"]
-        self.assertEqual((status, error["type"], error["code"]), (429, "requests", "rate_limit_exceeded"))
-        self.assertTrue(error["message"].startswith("Rate limit reached: 2 requests per minute"))
-        self.assertEqual(headers["Retry-After"], "30")
-        self.assertEqual(chat(gw, "Say hello", headers=b)[0], 200)       # another key
-        gw2 = start_gateway(self, self.demo.url, api_keys=["sk-a"], rate_limit_streams=1)
-        self.demo.gate = threading.Event()             # the first stream waits for it
-        self.addCleanup(self.demo.gate.set)
-        held, calls = [], len(self.demo.calls)
-        t = threading.Thread(target=lambda: held.append(chat(gw2, "60 words", stream=True, headers=a)))
-        t.start()
-        self.assertTrue(wait_until(lambda: len(self.demo.calls) > calls))   # its stream is open
-        status, _, body = chat(gw2, "Say hello", stream=True, headers=a)
-        self.assertEqual((status, json.loads(body)["error"]["message"]),
-                         (429, "Too many concurrent streams: the limit is 1 per key"))
-        self.demo.gate.set()
-        t.join(TIMEOUT)
-        self.assertEqual(held[0][0], 200)
-
-    def test_key_file_reload_and_keys_never_logged(self):
-        import tempfile
-        with tempfile.NamedTemporaryFile("w", suffix=".keys", delete=False) as f:
-            f.write("# team keys\nsk-file-one\n\n")
-        self.addCleanup(os.unlink, f.name)
-        gw = start_gateway(self, self.demo.url, api_key_file=f.name)
-        with self.assertLogs("bharatgen_openai", "INFO") as logs:
-            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-one"})[0], 200)
-            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-two"})[0], 401)
-            with open(f.name, "a") as out:
-                out.write("sk-file-two\n")
-            self.assertEqual(gw.keys.reload(), 2)
-            self.assertEqual(chat(gw, "Say hello", headers={"Authorization": "Bearer sk-file-two"})[0], 200)
-            wait_for_logs(logs, 3)
-        text = "\n".join(logs.output)
-        self.assertNotIn("sk-file", text)
-        self.assertIn("key=%s" % short_key("sk-file-two"), text)
-
-    def test_access_log_line_and_json_format(self):
-        gw = start_gateway(self, self.demo.url, log_format="json")
-        with self.assertLogs("bharatgen_openai.access", "INFO") as logs:
-            chat(gw, "Say hello", stream=True)
-            wait_for_logs(logs, 1)
-        line = json.loads(logs.records[-1].getMessage())
-        self.assertEqual((line["method"], line["path"], line["status"], line["model"], line["key"]),
-                         ("POST", "/v1/chat/completions", 200, bg.DEFAULT_MODEL, "-"))
-        self.assertTrue(line["request_id"].startswith("req_"))
-        self.assertGreater(line["bytes"], 100)
-        self.assertIsInstance(line["ttft"], float)
-
-    def test_metrics(self):
-        gw = start_gateway(self, self.demo.url)
-        chat(gw, "Say hello")
-        chat(gw, "Say hello", stream=True)
-        chat(gw, "[[error]]")
-        self.assertTrue(wait_until(lambda: gw.in_flight == 0))   # counted after its answer
-        status, headers, body = request(gw.url, "GET", "/metrics")
-        text = body.decode()
-        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
-        self.assertIn('bharatgen_requests_total{route="/v1/chat/completions",status="200"} 2', text)
-        self.assertIn('bharatgen_requests_total{route="/v1/chat/completions",status="502"} 1', text)
-        self.assertIn('bharatgen_upstream_errors_total{kind="upstream_error"} 1', text)
-        self.assertIn("bharatgen_time_to_first_token_seconds_count 1", text)
-        self.assertIn("bharatgen_request_duration_seconds_count 2", text)
-        self.assertIn("bharatgen_streams_in_flight 0", text)
-        self.assertGreater(gw.metrics.value("bharatgen_upstream_bytes_total"), 1000)
-        metrics = bg._Metrics()                        # label values escaped as the format says
-        metrics.inc("bharatgen_upstream_errors_total", kind=r'a "quoted" \ back\slash')
-        self.assertIn('\nbharatgen_upstream_errors_total{kind="%s"} 1\n' % r'a \"quoted\" \\ back\\slash',
-                      metrics.render())
-        metrics = bg._Metrics()                        # and a newline as \n, on one line
-        metrics.inc("bharatgen_upstream_errors_total", kind='two\nlines "q" \\')
-        self.assertIn('\nbharatgen_upstream_errors_total{kind="two\\nlines \\"q\\" \\\\"} 1\n',
-                      metrics.render())
-
-    def test_cors_origins(self):
-        gw = start_gateway(self, self.demo.url, cors_origins=["http://ui.example"], api_keys=["k"])
-        status, headers, _ = request(gw.url, "OPTIONS", "/v1/chat/completions", headers={
-            "Origin": "http://ui.example", "Access-Control-Request-Headers": "authorization, x-stainless-os"})
-        self.assertEqual((status, headers["Access-Control-Allow-Origin"], headers["Vary"],
-                          headers["Access-Control-Allow-Headers"]),
-                         (204, "http://ui.example", "Origin", "authorization, x-stainless-os"))
-        status, headers, _ = request(gw.url, "OPTIONS", "/v1/models", headers={"Origin": "http://evil"})
-        self.assertEqual(status, 204)
-        self.assertNotIn("Access-Control-Allow-Origin", headers)
-        status, headers, _ = chat(gw, "Say hello", headers={"Origin": "http://ui.example",
-                                                           "Authorization": "Bearer k"})
-        self.assertEqual((status, headers["Access-Control-Allow-Origin"]), (200, "http://ui.example"))
-
-    def test_non_loopback_bind_without_keys_is_refused(self):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
-            bg.main(["serve", "--host", "0.0.0.0", "--port", "0", "--demo"])
-        self.assertIn("refusing to serve on 0.0.0.0 with no API key", str(cm.exception.code))
 
 
 class PageTests(unittest.TestCase):
@@ -4270,6 +4898,188 @@ class PageTests(unittest.TestCase):
         self.assertTrue(0 < gw.backend.cache.bytes < 2000, gw.backend.cache.bytes)
 
 
+###############################################################################
+# The demo upstream: every gateway test runs on it ############################
+###############################################################################
+# (no test class of its own)
+
+
+###############################################################################
+# Benchmark: run from the command line, in CLITests ###########################
+###############################################################################
+# (no test class of its own)
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+class CLITests(unittest.TestCase):
+    def test_help_and_version(self):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as cm:
+            bg.main(["--help"])
+        self.assertEqual(cm.exception.code, 0)
+        self.assertIn("serve", out.getvalue())
+        proc = subprocess.run([sys.executable, "-m", "bharatgen_openai", "--version"], cwd=str(HERE),
+                              capture_output=True, text=True, timeout=TIMEOUT)
+        self.assertEqual(proc.stdout.strip(), "bharatgen_openai " + bg.__version__)
+        for command, present, absent in (("info", "--connect-timeout", "--system-prompt"),
+                                         ("chat", "--system-prompt", "--cache-ttl"),
+                                         ("serve", "--tool-repairs", "--show-reasoning")):
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
+                bg.main([command, "--help"])
+            self.assertEqual((present in out.getvalue(), absent in out.getvalue(),
+                              re.search(r"\n  --\S+(?: \S+)?\n(?!  {10})", out.getvalue())),
+                             (True, False, None), out.getvalue())    # every flag has its help
+
+    def test_bench_compares_the_gateway_with_direct_calls(self):
+        proc = subprocess.run([sys.executable, "bharatgen_openai.py", "bench", "--concurrency", "2",
+                               "--words", "5", "--token-delay", "0.001", "--repeat", "2"],
+                              cwd=str(HERE), capture_output=True, text=True, timeout=60)
+        self.assertEqual(proc.returncode, 0, proc.stderr)
+        rows = [line.split() for line in proc.stdout.splitlines() if line[:5].strip() == "2"]
+        self.assertEqual([r[1] for r in rows], ["gateway", "direct", "ratio"])
+        for r in rows[:2]:
+            self.assertEqual((r[2], r[7]), ("2", "0"))        # requests, errors
+        self.assertRegex(rows[0][9], r"^\d+MB$")                  # the gateway's peak memory
+
+    def test_chat_one_prompt_prints_the_answer(self):
+        demo = start_demo(self)
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = bg.main(["chat", "--upstream", demo.url, "hindi", "please"])
+        self.assertEqual((code, out.getvalue()), (0, HINDI + "\n"))
+
+    def test_interactive_chat_keeps_history_and_resets(self):
+        demo = start_demo(self)
+        out, err, stdin = io.StringIO(), io.StringIO(), io.StringIO(
+            "Say hello\ntell me the history\n/reset\ntell me the history\n/exit\n")
+        old, sys.stdin = sys.stdin, stdin
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                code = bg.main(["chat", "--upstream", demo.url])
+        finally:
+            sys.stdin = old
+        history = [{"content": [{"text": "Say hello", "type": "text"}], "role": "user"},
+                   {"content": [{"text": HELLO, "type": "text"}], "role": "assistant"}]
+        system = bg.DEFAULT_SYSTEM_PROMPT
+        self.assertEqual((code, out.getvalue()), (0, (
+            ">>> %s\n>>> SYSTEM=%s | HISTORY=%s\n>>> >>> SYSTEM=%s | HISTORY=[]\n>>> "
+            % (HELLO, system, json.dumps(history, sort_keys=True), system))))
+        self.assertIn("(conversation forgotten)", err.getvalue())
+
+    def test_chat_shows_the_reasoning_when_asked(self):
+        demo = start_demo(self)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            bg.main(["chat", "--upstream", demo.url, "--show-reasoning", "Say hello"])
+        self.assertEqual(out.getvalue(), "[thinking] %s\n\n%s\n" % (thought_of("Say hello"), HELLO))
+
+    def test_info_prints_what_was_found(self):
+        demo = start_demo(self)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bg.main(["info", "--upstream", demo.url])
+        self.assertIn("gradio:         6.31.0, API at /gradio_api", out.getvalue())
+        self.assertIn("chat endpoint:  /chat_fn_1", out.getvalue())
+        self.assertIn("  top_k            Slider     <- OpenAI top_k (1 to 100)\n", out.getvalue())
+        self.assertIn("openai fields:  system -> its input, history -> its input, temperature ->"
+                      " its input, max_tokens -> its input, top_p -> its input, top_k -> its "
+                      "input\n", out.getvalue())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            bg.main(["info", "--demo"])
+        self.assertIn("gradio:         6.31.0, API at /gradio_api", out.getvalue())
+        chat_interface = start_demo(self, chat_interface=True)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bg.main(["info", "--upstream", chat_interface.url])
+        self.assertIn("history:        not an input: folded into the message\n", out.getvalue())
+        self.assertIn("openai fields:  system -> its input, history -> the message, temperature "
+                      "-> its input, max_tokens -> nowhere, top_p -> nowhere, top_k -> nowhere",
+                      out.getvalue())
+
+    def test_info_follows_the_models_file_and_serve_logs_each_discovery(self):
+        demo, plain = start_demo(self), PlainChatInterface().start()
+        self.addCleanup(plain.stop)
+        path = os.path.join(self.tmp(), "models.json")
+        with open(path, "w") as f:
+            json.dump({"models": [{"id": "param", "upstreams": [demo.url]},
+                                  {"id": "plain", "upstreams": [plain.url]}]}, f)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            bg.main(["info", "--config", path])
+        self.assertEqual(re.findall(r"model: +(\S+)\napp: +(\S+)", out.getvalue()),
+                         [("param", demo.url), ("plain", plain.url)])
+        gw = bg.GatewayServer(bg.Config(models_file=path, port=0))
+        self.addCleanup(gw.server_close)
+        with self.assertLogs("bharatgen_openai", "INFO") as logs:
+            bg._announce(gw)
+        self.assertEqual(logs.output[1], "INFO:bharatgen_openai:model 'plain': %s is Gradio "
+                         "6.31.0, endpoint /respond; system -> the message, history -> the "
+                         "message, temperature -> nowhere, max_tokens -> nowhere, top_p -> "
+                         "nowhere, top_k -> nowhere" % plain.url)
+        dead = bg.GatewayServer(bg.Config(upstream=["http://127.0.0.1:9"], port=0))
+        self.addCleanup(dead.server_close)
+        with self.assertLogs("bharatgen_openai", "WARNING") as logs:
+            bg._announce(dead)
+        self.assertIn("cannot reach the Gradio app at http://127.0.0.1:9", logs.output[0])
+
+    def tmp(self):
+        import tempfile
+        path = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, path)
+        return path
+
+    def test_info_on_something_that_is_not_gradio_says_so(self):
+        gw = start_gateway(self, start_demo(self).url)
+        with self.assertRaises(SystemExit) as cm:
+            bg.main(["info", "--upstream", gw.url + "/v1"])
+        self.assertEqual(str(cm.exception), "info: %s/v1 does not answer as a Gradio app: "
+                         "neither /config nor /info describes one" % gw.url)
+        with self.assertRaises(bg.UpstreamError) as cm:         # the gateway's root, not /v1
+            bg.BharatGenOpenAI(gw.url).chat.completions.create(messages=[{"role": "user",
+                                                                          "content": "Hi"}])
+        self.assertEqual(cm.exception.message, "%s does not answer as a Gradio app: neither "
+                         "/config nor /info describes one; it answers as an OpenAI API: did you "
+                         "mean %s/v1?" % (gw.url, gw.url))
+        with self.assertRaises(SystemExit) as cm:
+            bg.main(["serve", "--demo", "--upstream", gw.url])
+        self.assertEqual(cm.exception.code, 2)
+
+    def test_bad_flag_values_exit_with_a_message(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
+            bg.main(["serve", "--reasoning", "loud"])
+        self.assertEqual(cm.exception.code, 2)
+
+    def test_serve_demo_in_a_subprocess(self):
+        proc = subprocess.Popen([sys.executable, "bharatgen_openai.py", "serve", "--port", "0",
+                                 "--token-delay", "0"], cwd=str(HERE), stderr=subprocess.PIPE,
+                                text=True, env=dict(os.environ, BHARATGEN_UPSTREAM=""))
+        self.addCleanup(proc.wait, TIMEOUT)
+        self.addCleanup(proc.terminate)
+        lines, deadline = [], time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            lines.append(line)
+            m = re.search(r"OpenAI API at (http://[\d.:]+)/v1", line)
+            if m:
+                break
+        else:
+            self.fail("serve did not start: %r" % lines)
+        self.assertIn("DEMO", "".join(lines))
+        reply = json.loads(chat(type("G", (), {"url": m.group(1)}), "Say hello")[2])
+        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
+        proc.stderr.close()
+
+
+###############################################################################
+# Whole-server properties: faults, framing, attacks, bounds, load, shutdown ###
+###############################################################################
+
 class FuzzTests(unittest.TestCase):
     """Malformed requests, from a fixed seed: each gets a 4xx OpenAI error (or, when the
     fuzzer happened to build a valid request, a 200), never a 5xx or a silent close, and
@@ -4425,69 +5235,6 @@ class FaultTests(unittest.TestCase):
 # -- security: request framing ---------------------------------------------------------
 
 PIPELINED = b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\n\r\n"      # must never be answered
-CHAT_72 = b'{"messages":[{"role":"user","content":"Say hello, please. Thank you."}]}'   # 72 bytes
-
-
-def drain(test, sock, timeout=5.0):
-    """Everything the server sends on ``sock`` until it closes; fails the test if it has
-    not closed within ``timeout`` seconds.  A reset counts as a close (Linux resets a
-    connection closed with unread bytes, after the bytes already sent)."""
-    deadline = time.monotonic() + timeout
-    chunks = []
-    try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                test.fail("the server did not close the connection within %ss; it sent %r"
-                          % (timeout, b"".join(chunks)[:300]))
-            sock.settimeout(left)
-            try:
-                chunk = sock.recv(65536)
-            except socket.timeout:
-                continue
-            except ConnectionResetError:
-                break
-            if not chunk:
-                break
-            chunks.append(chunk)
-    finally:
-        sock.close()
-    return b"".join(chunks)
-
-
-def read_until_close(test, port, data, timeout=5.0):
-    """Send ``data`` in one write on a fresh connection; everything answered until close."""
-    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-    try:
-        sock.sendall(data)
-    except OSError:                       # answered and closed before all was taken
-        pass
-    return drain(test, sock, timeout)
-
-
-def split_responses(raw):
-    """``[(status, head text, body bytes)]``: the responses in ``raw``, framed by their
-    Content-Length (a body without one runs to the end)."""
-    out = []
-    while raw:
-        head, sep, rest = raw.partition(b"\r\n\r\n")
-        match = re.match(rb"HTTP/1\.[01] (\d{3}) ", head)
-        status = int(match.group(1)) if match else None
-        if not sep or status is None:
-            out.append((status, head.decode("latin-1"), rest))
-            break
-        length = None
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length" and value.strip().isdigit():
-                length = int(value.strip())
-        if 100 <= status < 200 or status in (204, 304):
-            length = 0
-        if length is None:
-            length = len(rest)
-        out.append((status, head.decode("latin-1"), rest[:length]))
-        raw = rest[length:]
-    return out
 
 
 def header_values(head, name):
@@ -4804,461 +5551,6 @@ class FramingTests(unittest.TestCase):
         self.assertIn(bg.DEFAULT_MODEL, report["models"])
 
 
-# -- security: a misbehaving upstream --------------------------------------------------
-
-FAKE_CONFIG = {"version": "6.31.0", "api_prefix": "/gradio_api", "protocol": "sse_v3",
-               "dependencies": [{"id": 0, "api_name": "chat_fn_1", "inputs": [1], "outputs": [2]}],
-               "components": [{"id": 1, "type": "textbox"}, {"id": 2, "type": "textbox"}]}
-FAKE_INFO = {"named_endpoints": {"/chat_fn_1": {"parameters": [
-    {"parameter_name": "message", "component": "Textbox"}]}}}
-FAKE_STREAM_BYTES = 100 << 20      # no stream the fake sends goes beyond this ...
-FAKE_STREAM_SECONDS = 15           # ... or lasts longer than this
-FAKE_LIFETIME = 30                 # and the fake serves nothing after this
-BIG = 40 << 20                     # the size of the "big" events
-PIECE = b"a" * 65536
-
-
-class _Gone(Exception):
-    """The peer closed, the fake is stopping, or its time is up."""
-
-
-class FaultyGradio:
-    """A Gradio 6 app (queue protocol, one Textbox in and out) on a raw socket, that
-    misbehaves as ``behaviour`` says:
-
-    - ``"hello"``: behaves, answers ``text`` (process_generating whole, then an append diff,
-      then process_completed); connections are kept alive as uvicorn does
-    - ``"flood"``: the event stream sends append diffs as fast as the reader takes them
-      (past FAKE_STREAM_BYTES, one diff every 0.1 s, so that a reader that reads ahead
-      still sees a live stream)
-    - ``"big_line"``: one event whose data line is 40 MB, then a normal end
-    - ``"big_run"``: 40 MB without any newline, then the end of the stream
-    - ``"continue_forever"``: the join is answered with "100 Continue" heads, fast, forever
-    - ``"drip_head"``: the join's response head comes one byte every 0.1 s
-    - ``"endless_config"`` / ``"huge_config"``: /config is an endless chunked body, or says
-      Content-Length 300 MB and streams it
-    - ``"drop_join"``: every join is read whole, then the connection closed without a word
-    - ``"drop_second_join"``: the second join only
-    - ``"trickle"``: some output, then one byte of an event every 0.2 s, never ending it
-    - ``"heartbeats"``: some output, then heartbeat events as fast as the reader takes them
-
-    Every stream stops after FAKE_STREAM_BYTES (then holds the connection open, silent) or
-    FAKE_STREAM_SECONDS, or when its reader is gone; ``ended`` says which ("peer", "limit",
-    "stop", "done"), ``peer_gone`` is set when a reader went away, ``sent`` counts bytes.
-    ``joins`` holds the join bodies received, ``log`` the requests as (connection number,
-    method, path).  Stopped (threads joined) at the test's cleanup."""
-
-    def __init__(self, test, behaviour, text=HELLO):
-        self.behaviour, self.text = behaviour, text
-        self.joins, self.log, self.ended, self.threads = [], [], [], []
-        self.sent = 0                         # bytes sent, all connections together
-        self.peer_gone, self.stopping = threading.Event(), threading.Event()
-        self.lock = threading.Lock()
-        self.born = time.monotonic()
-        port, accepter = scripted_server(test, self._accept)
-        with self.lock:
-            self.threads.append(accepter)
-        self.url = "http://127.0.0.1:%d" % port
-        test.addCleanup(self.stop)          # runs before scripted_server closes the listener
-
-    def stop(self):
-        self.stopping.set()
-        with self.lock:
-            threads = list(self.threads)
-        for thread in threads:
-            thread.join(2)
-
-    # -- sockets, every wait bounded -------------------------------------------------------
-
-    def _accept(self, listener):
-        listener.settimeout(0.02)
-        for number in range(200):                                     # connections
-            while True:
-                if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
-                    return
-                try:
-                    conn, _ = listener.accept()
-                    break
-                except socket.timeout:
-                    continue
-                except OSError:
-                    return
-            thread = threading.Thread(target=self._connection, args=(conn, number), daemon=True)
-            with self.lock:
-                self.threads.append(thread)
-            thread.start()
-
-    def _recv(self, conn):
-        while True:
-            if self.stopping.is_set() or time.monotonic() > self.born + FAKE_LIFETIME:
-                raise _Gone()
-            try:
-                if not select.select([conn], [], [], 0.02)[0]:
-                    continue
-                data = conn.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                raise _Gone() from None
-            if not data:
-                raise _Gone()
-            return data
-
-    def _send(self, conn, data, deadline):
-        """Send all of ``data``: None, or why not ("peer", "limit", "stop")."""
-        view = memoryview(data)
-        while view:
-            if self.stopping.is_set():
-                return "stop"
-            if time.monotonic() > deadline:
-                return "limit"
-            try:
-                if select.select([], [conn], [], 0.02)[1]:
-                    count = conn.send(view)
-                    view = view[count:]
-                    with self.lock:
-                        self.sent += count
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return "peer"
-        return None
-
-    def _stall(self, conn, end):
-        """Say nothing more, keep the connection open: "peer" if the reader goes away
-        first, else "limit" or "stop" (an early close would only end a gateway's read)."""
-        while not self.stopping.is_set() and time.monotonic() < end:
-            try:
-                if select.select([conn], [], [], 0.02)[0] and not conn.recv(65536):
-                    return "peer"
-            except (BlockingIOError, InterruptedError):
-                continue
-            except OSError:
-                return "peer"
-        return "stop" if self.stopping.is_set() else "limit"
-
-    def _end(self, reason):
-        with self.lock:
-            self.ended.append(reason)
-        if reason == "peer":
-            self.peer_gone.set()
-        return False                     # the connection is done
-
-    # -- HTTP ------------------------------------------------------------------------------
-
-    def _connection(self, conn, number):
-        conn.setblocking(False)
-        buf = b""
-        with conn:
-            try:
-                for _ in range(50):                                  # requests per connection
-                    while b"\r\n\r\n" not in buf:
-                        if len(buf) > 65536:
-                            return
-                        buf += self._recv(conn)
-                    head, _, buf = buf.partition(b"\r\n\r\n")
-                    lines = head.decode("latin-1").split("\r\n")
-                    method, target = (lines[0].split(" ") + [""])[:2]
-                    fields = {}
-                    for line in lines[1:]:
-                        name, _, value = line.partition(":")
-                        fields[name.strip().lower()] = value.strip()
-                    if "chunked" in fields.get("transfer-encoding", "").lower():
-                        body = b""
-                        while True:
-                            while b"\r\n" not in buf:
-                                buf += self._recv(conn)
-                            size_line, _, buf = buf.partition(b"\r\n")
-                            size = int(size_line.split(b";")[0], 16)
-                            while len(buf) < size + 2:
-                                buf += self._recv(conn)
-                            body, buf = body + buf[:size], buf[size + 2:]
-                            if size == 0:
-                                break
-                    else:
-                        length = int(fields.get("content-length") or 0)
-                        while len(buf) < length:
-                            buf += self._recv(conn)
-                        body, buf = buf[:length], buf[length:]
-                    with self.lock:
-                        self.log.append((number, method, target))
-                    if not self._answer(conn, method, target, body):
-                        return
-            except _Gone:
-                return
-
-    def _json(self, conn, value, status="200 OK"):
-        data = json.dumps(value).encode()
-        return self._send(conn, b"HTTP/1.1 %s\r\nContent-Type: application/json\r\n"
-                          b"Content-Length: %d\r\n\r\n%s" % (status.encode(), len(data), data),
-                          time.monotonic() + 5) is None
-
-    def _answer(self, conn, method, target, body):
-        path, _, query = target.partition("?")
-        how, end = self.behaviour, time.monotonic() + FAKE_STREAM_SECONDS
-        if method == "GET" and path == "/config":
-            if how in ("endless_config", "huge_config"):
-                return self._end(self._big_config(conn, end, chunked=how == "endless_config"))
-            return self._json(conn, FAKE_CONFIG)
-        if method == "GET" and path == "/gradio_api/info":
-            return self._json(conn, FAKE_INFO)
-        if method == "POST" and path == "/gradio_api/queue/join":
-            try:
-                join = json.loads(body)
-            except ValueError:
-                join = body
-            with self.lock:
-                self.joins.append(join)
-                count = len(self.joins)
-            if how == "drop_join" or (how == "drop_second_join" and count == 2):
-                return False                                         # closed without a word
-            answer = json.dumps({"event_id": "e%d" % count}).encode()
-            answer = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                      b"Content-Length: %d\r\n\r\n%s" % (len(answer), answer))
-            if how == "continue_forever":
-                return self._end(self._repeat(conn, b"HTTP/1.1 100 Continue\r\n\r\n" * 2000, end))
-            if how == "drip_head":
-                return self._end(self._drip(conn, answer, end))
-            return self._send(conn, answer, end) is None
-        if method == "GET" and path == "/gradio_api/queue/data":
-            return self._events(conn, query, end)
-        if method == "POST" and path == "/gradio_api/cancel":
-            return self._json(conn, {"success": True})
-        return self._json(conn, {"detail": "Not Found"}, "404 Not Found")
-
-    # -- the misbehaviours, each bounded -----------------------------------------------------
-
-    def _repeat(self, conn, data, end, sent=0, trickle=None):
-        """Send ``data`` again and again up to FAKE_STREAM_BYTES; then stall, or send
-        ``trickle`` ten times a second (a stream that goes on, but costs nothing)."""
-        while sent < FAKE_STREAM_BYTES:
-            why = self._send(conn, data, end)
-            if why:
-                return why
-            sent += len(data)
-        if trickle is None:
-            return self._stall(conn, end)
-        while not self.stopping.wait(0.1):
-            why = self._send(conn, trickle, end)
-            if why:
-                return why
-        return "stop"
-
-    def _chunks(self, conn, data, end, sent=0, trickle=None):
-        """Send ``data`` as one chunk after another, endlessly (bounded)."""
-        return self._repeat(conn, b"%x\r\n%s\r\n" % (len(data), data), end, sent,
-                            trickle and b"%x\r\n%s\r\n" % (len(trickle), trickle))
-
-    def _drip(self, conn, data, end):
-        for i in range(len(data)):
-            why = self._send(conn, data[i:i + 1], end)
-            if why:
-                return why
-            if self.stopping.wait(0.1):
-                return "stop"
-        return "done"
-
-    def _big_config(self, conn, end, chunked):
-        if chunked:
-            start = b'{"version": "6.31.0", "api_prefix": "/gradio_api", "pad": "'
-            why = self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                             b"Transfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n"
-                             % (len(start), start), end)
-            return why or self._chunks(conn, PIECE, end)
-        why = self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 300000000\r\n\r\n{\"pad\": \"", end)
-        return why or self._repeat(conn, PIECE, end)
-
-    def _events(self, conn, query, end):
-        session = urllib.parse.parse_qs(query).get("session_hash", [""])[0]
-        event_id, wait_until = None, time.monotonic() + 2
-        while event_id is None and time.monotonic() < wait_until and not self.stopping.is_set():
-            with self.lock:                  # the join that named this session
-                event_id = next(("e%d" % (i + 1) for i, j in enumerate(self.joins)
-                                 if isinstance(j, dict) and j.get("session_hash") == session),
-                                None)
-            if event_id is None:
-                time.sleep(0.02)
-        event_id = event_id or "e1"
-
-        def event(msg, **fields):
-            data = json.dumps(dict({"msg": msg, "event_id": event_id}, **fields)).encode()
-            return b"data: %s\n\n" % data
-
-        def chunk(data):
-            return b"%x\r\n%s\r\n" % (len(data), data)
-
-        def generating(output):
-            return event("process_generating", output={"data": output, "is_generating": True},
-                         success=True)
-
-        how = self.behaviour
-        why = self._send(conn, b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream; "
-                         b"charset=utf-8\r\nCache-Control: no-cache\r\nTransfer-Encoding: "
-                         b"chunked\r\n\r\n" + chunk(event("estimation", rank=0, queue_size=1)
-                                                      + event("process_starts")), end)
-        if why:
-            return self._end(why)
-        if how == "flood":
-            why = self._send(conn, chunk(generating(["flood "])), end)
-            one = generating([[["append", [], "flood "]]])
-            return self._end(why or self._chunks(conn, one * (65536 // len(one)), end,
-                                                 trickle=one))
-        if how in ("big_line", "big_run"):
-            start = (b'data: {"msg": "process_generating", "event_id": "%s", "output": '
-                     b'{"data": ["' % event_id.encode())
-            why = self._send(conn, chunk(start), end)
-            sent = 0
-            while not why and sent < BIG:
-                why, sent = self._send(conn, chunk(PIECE), end), sent + len(PIECE)
-            if why:
-                return self._end(why)
-            if how == "big_run":                 # no newline at all, then the end
-                return self._end(self._send(conn, b"0\r\n\r\n", end) or "done")
-            tail = b'"], "is_generating": true}, "success": true}\n\n'
-            why = self._send(conn, chunk(tail + event(
-                "process_completed", output={"data": ["done"]}, success=True)) + b"0\r\n\r\n",
-                end)
-            return self._end(why or "done")
-        if how == "trickle":                     # output, then an event a byte at a time
-            why = self._send(conn, chunk(generating([self.text])), end)
-            while not why and not self.stopping.wait(0.2) and time.monotonic() < end:
-                why = self._send(conn, chunk(b"d"), end)
-            return self._end(why or "done")
-        if how == "heartbeats":                  # output, then heartbeats as fast as they go
-            beat = event("heartbeat")
-            why = self._send(conn, chunk(generating([self.text])), end)
-            return self._end(why or self._chunks(conn, beat * (65536 // len(beat)), end))
-        if how == "ping_after_complete":         # the job is done, the stream goes on
-            why = self._send(conn, chunk(generating([self.text])) + chunk(event(
-                "process_completed", output={"data": [self.text]}, success=True)), end)
-            while not why and not self.stopping.wait(0.3) and time.monotonic() < end:
-                why = self._send(conn, chunk(b": ping\n\n"), end)
-            return self._end(why or "done")
-        half = len(self.text) // 2
-        why = self._send(conn, chunk(generating([self.text[:half]])) + chunk(
-            generating([[["append", [], self.text[half:]]]])) + chunk(
-            event("process_completed", output={"data": [self.text]}, success=True)
-            + b'data: {"msg": "close_stream", "event_id": null}\n\n') + b"0\r\n\r\n", end)
-        if why:
-            return self._end(why)
-        with self.lock:
-            self.ended.append("done")
-        return True                              # kept alive, as uvicorn does
-
-
-def faulty_gradio(test, behaviour, text=HELLO):
-    """A :class:`FaultyGradio` serving until the test ends."""
-    return FaultyGradio(test, behaviour, text)
-
-
-class UpstreamFaultTests(unittest.TestCase):
-    """A Gradio app that floods, sends huge events, stalls its head or drops a join: the
-    gateway answers in time, within its caps, and never sends a POST twice."""
-
-    def timed_chat(self, gw, prompt, limit, **extra):
-        started = time.monotonic()
-        status, headers, body = chat(gw, prompt, **extra)
-        self.assertLess(time.monotonic() - started, limit)
-        return status, headers, body
-
-    def assert_error(self, answer, status, codes):
-        got, _, body = answer
-        self.assertEqual(got, status, body[:300])
-        error = json.loads(body)["error"]
-        self.assertEqual(set(error), {"message", "type", "param", "code"})
-        self.assertIn(error["code"], codes)
-        return error
-
-    def test_a_flooding_upstream_does_not_hold_back_another_stream(self):
-        flood = faulty_gradio(self, "flood")
-        gw1 = start_gateway(self, flood.url)
-        demo = start_demo(self)
-        gw2 = start_gateway(self, demo.url)
-        sock = socket.create_connection(("127.0.0.1", gw1.server_address[1]), timeout=5)
-        self.addCleanup(sock.close)
-        body = json.dumps({"model": bg.DEFAULT_MODEL, "stream": True,
-                           "messages": [{"role": "user", "content": "Say hello"}]}).encode()
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
-                     b"application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        got, deadline = b"", time.monotonic() + 5
-        while b"flood" not in got and time.monotonic() < deadline:   # read a little
-            chunk = sock.recv(4096)
-            if not chunk:
-                break
-            got += chunk
-        self.assertTrue(got.startswith(b"HTTP/1.1 200 "), got[:300])
-        self.assertIn(b"flood", got)
-        answer = bg._demo_reply("40 words", [], "", [0] * 4)[1]
-        self.assertEqual(len(answer.split()), 40)
-        started = time.monotonic()
-        status, _, reply = chat(gw2, "40 words", stream=True)
-        took = time.monotonic() - started
-        self.assertEqual((status, streamed_text(sse_events(reply))), (200, answer))
-        self.assertLess(took, 10)
-        self.assertGreater(len(sock.recv(65536)), 0)        # the flood's stream still moves
-        sock.close()
-        self.assertTrue(flood.peer_gone.wait(5), flood.ended)   # and its upstream read ended
-
-    def test_a_40_mb_event_is_cut_at_max_event_bytes(self):
-        import tracemalloc
-        if not tracemalloc.is_tracing():
-            tracemalloc.start()
-            self.addCleanup(tracemalloc.stop)
-        for behaviour in ("big_line", "big_run"):
-            with self.subTest(behaviour=behaviour):
-                fake = faulty_gradio(self, behaviour)
-                gw = start_gateway(self, fake.url, max_event_bytes=1 << 20)
-                before = tracemalloc.get_traced_memory()[0]
-                tracemalloc.reset_peak()
-                self.assert_error(self.timed_chat(gw, "Say hello", 10), 502, {"upstream_error"})
-                self.assertLess(tracemalloc.get_traced_memory()[1] - before, BIG // 2)
-                self.assertEqual(len(fake.joins), 1)
-                self.assertTrue(fake.peer_gone.wait(5), fake.ended)   # let go, not read out
-                self.assertLess(fake.sent, BIG)
-
-    def test_endless_100_continue_is_a_504(self):
-        fake = faulty_gradio(self, "continue_forever")
-        gw = start_gateway(self, fake.url, connect_timeout=0.25)
-        self.assert_error(self.timed_chat(gw, "Say hello", 5), 504, {"upstream_timeout"})
-        self.assertEqual(len(fake.joins), 1)
-
-    def test_a_dripped_response_head_is_a_504(self):
-        fake = faulty_gradio(self, "drip_head")
-        gw = start_gateway(self, fake.url, connect_timeout=0.25)     # a byte each 0.1 s
-        self.assert_error(self.timed_chat(gw, "Say hello", 5), 504, {"upstream_timeout"})
-        self.assertEqual(len(fake.joins), 1)
-
-    def test_an_endless_config_is_cut_at_max_upstream_body(self):
-        for behaviour in ("endless_config", "huge_config"):
-            with self.subTest(behaviour=behaviour):
-                fake = faulty_gradio(self, behaviour)
-                gw = start_gateway(self, fake.url, max_upstream_body=1 << 20)
-                self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
-                                  {"upstream_error", "upstream_unreachable"})
-                self.assertEqual(fake.joins, [])
-                self.assertTrue(fake.peer_gone.wait(5), fake.ended)   # let go, not read out
-                self.assertLess(fake.sent, FAKE_STREAM_BYTES)
-
-    def test_a_dropped_join_is_never_sent_twice(self):
-        fake = faulty_gradio(self, "drop_join")
-        gw = start_gateway(self, fake.url)
-        for count in (1, 2):             # the second may ride a kept-alive connection
-            self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
-                              {"upstream_error", "upstream_unreachable"})
-            self.assertEqual(len(fake.joins), count, fake.log)
-
-    def test_a_join_dropped_on_a_kept_alive_connection_is_never_sent_twice(self):
-        fake = faulty_gradio(self, "drop_second_join")
-        gw = start_gateway(self, fake.url)
-        status, _, body = self.timed_chat(gw, "Say hello", 10)
-        self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
-                         (200, HELLO))
-        self.assert_error(self.timed_chat(gw, "Say hello", 10), 502,
-                          {"upstream_error", "upstream_unreachable"})
-        self.assertEqual(len(fake.joins), 2, fake.log)
-
-
 # -- what one request can do: each attack of the security review, with its bound ------------
 
 class Answering(FakeGradio):
@@ -5312,10 +5604,6 @@ class StreamWatch:
     def longest_gap(self, start, end):
         times = [start] + [t for t in self.times if start < t < end] + [end]
         return max(b - a for a, b in zip(times, times[1:]))
-
-
-slow = unittest.skipUnless(os.environ.get("BHARATGEN_SLOW_TESTS") == "1",
-                           "a slow attack test: BHARATGEN_SLOW_TESTS=1 runs it (.ci/run does)")
 
 
 class AttackTests(unittest.TestCase):
@@ -5932,13 +6220,6 @@ class LoadTests(unittest.TestCase):
         self.assertEqual([(s, t) for s, p, t in results if (s, t) != (200, expected[p])], [])
 
 
-def streams_in_flight(url):
-    """The streams a gateway is sending, from its /metrics (no line before the first)."""
-    text = request(url, "GET", "/metrics")[2].decode()
-    found = re.search(r"^bharatgen_streams_in_flight (\S+)$", text, re.M)
-    return float(found.group(1)) if found else 0.0
-
-
 class ShutdownTests(unittest.TestCase):
     def test_sigterm_lets_a_stream_in_flight_finish(self):
         import signal
@@ -6379,6 +6660,10 @@ class DeploymentTests(unittest.TestCase):
         self.assertEqual((status, json.loads(body)["error"]["code"]), (401, "invalid_api_key"))
 
 
+###############################################################################
+# Using it: a new user at the command line, and the README's examples #########
+###############################################################################
+
 class UsabilityTests(unittest.TestCase):
     """What a new user meets at the command line (issue 17's first part)."""
 
@@ -6600,21 +6885,9 @@ class ReadmeTests(unittest.TestCase):
                 self.assertTrue(done.stdout.strip())
 
 
-class _RealClientBase(unittest.TestCase):
-    """A demo upstream and a keyed gateway, shared by a class of real-client tests."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.demo = FakeGradio().start()
-        cls.gw = Gateway(bg.Config(upstream=[cls.demo.url], port=0, timeout=10,
-                                   api_keys=["sk-test"])).start()
-        cls.base_url = cls.gw.url + "/v1"
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.gw.stop()
-        cls.demo.stop()
-
+###############################################################################
+# Real clients and real Gradio (optional packages) ############################
+###############################################################################
 
 @needs("openai")
 class OpenAISDKTests(_RealClientBase):
@@ -6953,12 +7226,66 @@ class AgentTests(_RealClientBase):
         self.assertEqual(reply.tool_calls[0]["args"], {"counts": {}})
 
 
-def _free_port():
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    return port
+@needs("gradio")
+@needs("openai")
+class RealEmbeddingTests(unittest.TestCase):
+    """A real Gradio app that computes vectors (one text at a time, or a list), behind the
+    gateway, through the openai SDK (floats, and its default base64) and LangChain."""
+
+    @staticmethod
+    def vector(text):
+        import math
+        return [math.sin(len(text) + i) / 3.0 for i in range(8)]
+
+    def setUp(self):
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        import gradio as gr
+        import warnings
+        caught = warnings.catch_warnings()
+        caught.__enter__()
+        self.addCleanup(caught.__exit__, None, None, None)
+        warnings.filterwarnings("ignore", module=r"gradio\.")
+        with gr.Blocks() as one:
+            box, out = gr.Textbox(), gr.JSON()
+            box.submit(self.vector, box, out, api_name="embed")
+        with gr.Blocks() as many:
+            texts, out = gr.JSON(), gr.JSON()
+            texts.change(lambda ts: [self.vector(t) for t in ts], texts, out, api_name="embed_all")
+        models = {"models": [{"id": "one", "kind": "embedding", "upstreams": [_launch(self, gr, one)]},
+                             {"id": "many", "kind": "embedding", "upstreams": [_launch(self, gr, many)]}]}
+        import tempfile
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(models, f)
+        self.addCleanup(os.unlink, f.name)
+        self.gw = bg.GatewayServer(bg.Config(models_file=f.name, port=0, timeout=30)).start()
+        self.addCleanup(self.gw.stop)
+
+    def test_the_openai_sdk_and_langchain(self):
+        import openai
+        client = openai.OpenAI(base_url=self.gw.url + "/v1", api_key="x", max_retries=0)
+        texts = ["a", "Param", "नमस्ते दुनिया"]
+        for model in ("one", "many"):
+            floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
+            self.assertEqual([d.embedding for d in floats.data], [self.vector(t) for t in texts])
+            default = client.embeddings.create(model=model, input=texts)    # base64 asked
+            self.assertEqual([d.embedding for d in default.data],
+                             [list(struct.unpack("<8f", struct.pack("<8f", *self.vector(t))))
+                              for t in texts])
+            raw = json.loads(request(self.gw.url, "POST", "/v1/embeddings", {
+                "model": model, "input": texts, "encoding_format": "base64"})[2])
+            self.assertEqual([base64.b64decode(d["embedding"]) for d in raw["data"]],
+                             [struct.pack("<8f", *self.vector(t)) for t in texts])
+        try:
+            from langchain_openai import OpenAIEmbeddings
+        except ImportError:
+            if os.environ.get("BHARATGEN_REQUIRE_EXTRAS") == "1":
+                raise
+            return
+        lc = OpenAIEmbeddings(base_url=self.gw.url + "/v1", api_key="x", model="one",
+                              check_embedding_ctx_length=False)        # as the README says
+        as32 = [list(struct.unpack("<8f", struct.pack("<8f", *self.vector(t)))) for t in texts]
+        self.assertEqual(lc.embed_documents(texts), as32)          # it asks for base64
+        self.assertEqual(lc.embed_query("Param"), as32[1])
 
 
 def _param_app(gr, outcomes=None):
@@ -7012,13 +7339,371 @@ def _param_app(gr, outcomes=None):
     return app
 
 
-def _launch(test, gr, app, **queue):
-    """Launch a Gradio app on a free loopback port; its URL."""
-    port = _free_port()
-    app.queue(**queue).launch(server_name="127.0.0.1", server_port=port,
-                              prevent_thread_lock=True, quiet=True, show_error=True)
-    test.addCleanup(app.close)
-    return "http://127.0.0.1:%d" % port
+@needs("gradio")
+class RealGradioTests(unittest.TestCase):
+    """The gateway in front of a real Gradio server running a Param-shaped app."""
+
+    @classmethod
+    def setUpClass(cls):
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        import gradio as gr
+        import warnings
+        # Gradio's queue warns about pandas on every job, and its launch leaves event
+        # loops to the garbage collector: warnings that are not ours
+        cls.warnings = warnings.catch_warnings()
+        cls.warnings.__enter__()
+        warnings.filterwarnings("ignore", module=r"gradio\.")
+        warnings.filterwarnings("ignore", "unclosed event loop", ResourceWarning)
+        cls.gr, cls.outcomes, cls.major = gr, [], int(gr.__version__.split(".")[0])
+        cls.app = _param_app(gr, cls.outcomes)
+        port = _free_port()
+        cls.app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
+                               quiet=True, show_error=True)
+        cls.url = "http://127.0.0.1:%d" % port
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.app.close()
+        import gc
+        gc.collect()                            # those event loops, under the filters
+        cls.warnings.__exit__(None, None, None)
+
+    def gateways(self):
+        for protocol in ("queue", "call"):
+            with self.subTest(protocol=protocol):
+                gw = start_gateway(self, self.url, protocol=protocol, timeout=TIMEOUT)
+                gw.protocol = protocol
+                yield gw
+
+    def error(self, gw, message):
+        """The error a gateway reports: Gradio before 6.13 sends /call errors without text."""
+        if gw.protocol == "call" and self.major < 6:
+            return "the Gradio app failed without a message (it may hide errors; see its logs)"
+        return "the Gradio app reported an error: " + message
+
+    def wait_for_outcome(self):
+        deadline = time.monotonic() + 5
+        while not self.outcomes and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return [o[:2] for o in self.outcomes]
+
+    def test_answers_about_html_come_through_whole(self):
+        for gw in self.gateways():
+            for prompt, answer in HTML_ANSWERS.items():
+                for stream in (False, True):
+                    status, _, body = chat(gw, prompt, stream=stream)
+                    text = streamed_text(sse_events(body)) if stream else \
+                        json.loads(body)["choices"][0]["message"]["content"]
+                    self.assertEqual((status, text), (200, answer), (prompt, stream))
+
+    def test_discovery(self):
+        info = gradio_client(self, self.url + "/gradio_api").discover()
+        self.assertEqual((info.prefix, info.endpoint, info.history_format, info.use_queue),
+                         ("/gradio_api", "chat_fn_1", "parts" if self.major >= 6 else "messages",
+                          True))
+        self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system", "temperature",
+                                                       "max_tokens", "top_p", "top_k"])
+        self.assertEqual(info.limits, {"temperature": (0, 2), "max_tokens": (1, 4096),
+                                       "top_p": (0, 1), "top_k": (1, 100)})
+
+    def test_text_history_and_errors_over_both_protocols(self):
+        messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello!"}]
+        history = [{"content": [{"text": "Hi", "type": "text"}], "role": "user"},
+                   {"content": [{"text": "Hello!", "type": "text"}], "role": "assistant"}]
+        if self.major < 6:                              # Gradio 5: content as strings
+            history = [{"content": "Hi", "role": "user"}, {"content": "Hello!", "role": "assistant"}]
+        for gw in self.gateways():
+            for prompt, answer in (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
+                                   ("hindi please", HINDI),
+                                   ("tell me the history", "SYSTEM=Be terse. | HISTORY=" +
+                                    json.dumps(history, sort_keys=True))):
+                with self.subTest(prompt=prompt):
+                    conv = messages + [{"role": "user", "content": prompt}]
+                    status, _, body = chat(gw, conv)
+                    self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                                     (200, answer))
+                    self.assertEqual(streamed_text(sse_events(chat(gw, conv, stream=True)[2])), answer)
+            for stream in (False, True):
+                status, _, body = chat(gw, "[[error]]", stream)
+                self.assertEqual((status, json.loads(body)["error"]["message"]),
+                                 (502, self.error(gw, "Model is overloaded, try again")))
+
+    def test_sampling_values_and_the_apps_slider_ranges(self):
+        for gw in self.gateways():
+            status, _, body = chat(gw, "params", temperature=0.2, max_tokens=4096, top_p=0.5, top_k=7)
+            self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
+                             (200, "PARAMS temperature=0.2 max_tokens=4096 top_p=0.5 top_k=7"))
+            status, _, body = chat(gw, "params", max_tokens=8192)
+            self.assertEqual((status, json.loads(body)), (400, {"error": {
+                "message": "max_tokens=8192 is more than this model accepts (at most 4096)",
+                "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}}))
+
+    def test_app_error_mid_stream(self):
+        full = bg._demo_reply("[[fail-midstream]]", [], None, [None] * 4)[1]
+        for gw in self.gateways():
+            message = self.error(gw, "the GPU went away")
+            status, _, body = chat(gw, "[[fail-midstream]]")
+            self.assertEqual((status, json.loads(body)["error"]["message"]), (502, message))
+            status, _, body = chat(gw, "[[fail-midstream]]", stream=True)
+            events = sse_events(body)
+            self.assertEqual((status, events[-2], events[-1]), (200, {"error": {
+                "message": message, "type": "upstream_error", "param": None,
+                "code": "upstream_error"}}, "[DONE]"))
+            text = streamed_text(events[:-2])
+            self.assertTrue(full.startswith(text) and text != full, text)
+
+    def test_full_queue_is_503(self):
+        url = _launch(self, self.gr, _param_app(self.gr), max_size=0)
+        for protocol in ("queue", "call"):
+            gw = start_gateway(self, url, protocol=protocol, timeout=TIMEOUT)
+            for stream in (False, True):
+                with self.subTest(protocol=protocol, stream=stream):
+                    status, headers, body = chat(gw, "Say hello", stream)
+                    self.assertEqual((status, headers.get("Retry-After"), json.loads(body)), (503, "1", {
+                        "error": {"message": "the Gradio app's queue is full; try again later",
+                                  "type": "upstream_error", "param": None,
+                                  "code": "upstream_overloaded"}}))
+
+    def test_tools_and_structured_output_with_the_openai_sdk(self):
+        """The official SDK's tool loop and ``parse()`` through this app, over both protocols."""
+        import openai
+        import pydantic
+        from typing import List
+
+        class Point(pydantic.BaseModel):
+            x: int
+            tags: List[str]
+
+        class Trip(pydantic.BaseModel):                 # nested: its schema has $defs
+            name: str
+            stops: List[Point]
+
+        for gw in self.gateways():
+            client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0,
+                                   timeout=TIMEOUT)
+            ask = [{"role": "user", "content": "What is the weather in Pune and Delhi?"}]
+            expected = [("get_weather", {"city": "Pune"}), ("get_weather", {"city": "Delhi"})]
+            reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=ask,
+                                                   tools=[WEATHER])
+            message = reply.choices[0].message
+            self.assertEqual((reply.choices[0].finish_reason, [
+                (c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]),
+                ("tool_calls", expected))
+            with client.chat.completions.stream(model=bg.DEFAULT_MODEL, messages=ask,
+                                                tools=[WEATHER]) as stream:
+                final = stream.get_final_completion().choices[0]
+            self.assertEqual((final.finish_reason, [
+                (c.function.name, json.loads(c.function.arguments)) for c in final.message.tool_calls]),
+                ("tool_calls", expected))
+            weather = {"Pune": "31 C", "Delhi": "25 C"}
+            loop = ask + [message.model_dump(exclude_none=True)] + [
+                {"role": "tool", "tool_call_id": c.id,
+                 "content": weather[json.loads(c.function.arguments)["city"]]}
+                for c in message.tool_calls]
+            reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=loop,
+                                                   tools=[WEATHER])
+            self.assertEqual((reply.choices[0].message.content, reply.choices[0].finish_reason),
+                             ("Here is what the tools said: get_weather: 31 C; get_weather: 25 C",
+                              "stop"))
+            named = client.chat.completions.create(
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "weather in Agra"}],
+                tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
+            self.assertEqual(named.choices[0].message.tool_calls[0].function.arguments,
+                             '{"city": "Agra"}')
+            with self.assertRaises(openai.APIStatusError) as caught:
+                client.chat.completions.create(
+                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "[[no-call]] hi"}],
+                    tools=[WEATHER], tool_choice="required")
+            self.assertEqual((caught.exception.status_code, caught.exception.body["code"]),
+                             (502, "invalid_model_output"))
+            parsed = client.chat.completions.parse(
+                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "plan a trip"}],
+                response_format=Trip).choices[0].message.parsed
+            self.assertEqual(parsed, Trip(name="Param", stops=[Point(x=1, tags=["Param"])]))
+            with self.assertRaises(openai.APIStatusError) as caught:
+                client.chat.completions.parse(
+                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "[[bad-json]]"}],
+                    response_format=Point)
+            self.assertEqual(caught.exception.status_code, 502)
+
+    def test_langchain_tools_and_structured_output(self):
+        """LangChain's ``bind_tools`` and ``with_structured_output`` through this app."""
+        from langchain_core.messages import HumanMessage, ToolMessage
+        from langchain_core.tools import tool
+        from langchain_openai import ChatOpenAI
+        import pydantic
+        from typing import List
+
+        @tool
+        def get_weather(city: str) -> str:
+            """The weather in a city now."""
+            return {"Pune": "31 C"}.get(city, "unknown")
+
+        class Point(pydantic.BaseModel):
+            x: int
+            tags: List[str]
+
+        gw = start_gateway(self, self.url, timeout=TIMEOUT)
+        llm = ChatOpenAI(base_url=gw.url + "/v1", api_key="x", model=bg.DEFAULT_MODEL,
+                         max_retries=0, timeout=TIMEOUT)
+        bound = llm.bind_tools([get_weather])
+        history = [HumanMessage("What is the weather in Pune?")]
+        ai = bound.invoke(history)
+        self.assertEqual([(c["name"], c["args"]) for c in ai.tool_calls],
+                         [("get_weather", {"city": "Pune"})])
+        streamed = None
+        for chunk in bound.stream(history):
+            streamed = chunk if streamed is None else streamed + chunk
+        self.assertEqual([(c["name"], c["args"]) for c in streamed.tool_calls],
+                         [("get_weather", {"city": "Pune"})])
+        history += [ai, ToolMessage(get_weather.invoke(ai.tool_calls[0]["args"]),
+                                    tool_call_id=ai.tool_calls[0]["id"])]
+        self.assertEqual(bound.invoke(history).content,
+                         "Here is what the tools said: get_weather: 31 C")
+        for method in ("json_schema", "function_calling"):     # a format, or a forced call
+            with self.subTest(method=method):
+                self.assertEqual(llm.with_structured_output(Point, method=method).invoke(
+                    "a point please"), Point(x=1, tags=["Param"]))
+
+    def test_stop_and_disconnect_cancel_the_gradio_job(self):
+        prompt = "300 words slowly"             # about 330 snapshots, 20 ms apart
+        for gw in self.gateways():
+            for stream in (False, True):
+                del self.outcomes[:]
+                status, _, body = chat(gw, prompt, stream, stop=["bilingual"])
+                text = (streamed_text(sse_events(body)) if stream
+                        else json.loads(body)["choices"][0]["message"]["content"])
+                self.assertEqual((status, text), (200, "Param is a "))
+                self.assertEqual(self.wait_for_outcome(), [(prompt, "cancelled")])
+                self.assertLess(self.outcomes[0][2], 150)
+            del self.outcomes[:]
+            conn = http.client.HTTPConnection(*gw.server_address[:2], timeout=TIMEOUT)
+            try:
+                conn.request("POST", "/v1/chat/completions", json.dumps({
+                    "model": bg.DEFAULT_MODEL, "stream": True,
+                    "messages": [{"role": "user", "content": prompt}]}),
+                    {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                self.assertEqual(resp.status, 200)
+                self.assertTrue(resp.read1(1000).startswith(b"data: "))
+                conn.sock.shutdown(socket.SHUT_RDWR)     # the client goes away mid-stream
+            finally:
+                conn.close()
+            self.assertEqual(self.wait_for_outcome(), [(prompt, "cancelled")])
+            status, _, body = chat(gw, "Say hello")            # the queue is free again
+            self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], HELLO)
+
+
+@needs("gradio")
+@needs("openai")
+class RealChatInterfaceTests(unittest.TestCase):
+    """Real ``gr.ChatInterface`` shapes behind the gateway, driven by the official openai
+    SDK: thoughts as ``gr.ChatMessage`` (one message then a list, or lists from the
+    start), a plain one given a system prompt, a multimodal one."""
+
+    @classmethod
+    def setUpClass(cls):
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+        import gradio as gr
+        import warnings
+        cls.warnings = warnings.catch_warnings()
+        cls.warnings.__enter__()
+        warnings.filterwarnings("ignore", module=r"gradio\.")
+        warnings.filterwarnings("ignore", "unclosed event loop", ResourceWarning)
+        cls.calls = []
+
+        def one_then_list(message, history):
+            thought = gr.ChatMessage(content="", metadata={"title": "Thinking", "status": "pending"})
+            for word in "Consider the question carefully.".split():
+                thought.content = (thought.content + " " + word).strip()
+                yield thought
+            thought.metadata["status"] = "done"
+            yield thought
+            answer = ""
+            for word in "The capital of India is New Delhi.".split():
+                answer = (answer + " " + word).strip()
+                yield [thought, gr.ChatMessage(content=answer)]
+
+        def lists(message, history):
+            thought = gr.ChatMessage(content="A short thought.",
+                                     metadata={"title": "Thinking", "status": "done"})
+            yield [thought]
+            yield [thought, gr.ChatMessage(content="Answer one.")]
+
+        def plain(message, history):
+            cls.calls.append(message)
+            yield "You said: " + message
+
+        def multimodal(message, history):
+            cls.calls.append(message)
+            files = [f if isinstance(f, str) else f.get("path") for f in message["files"]]
+            sizes = [os.path.getsize(f) for f in files]
+            yield "Text was: %s" % message["text"] + ("; files of %s bytes" % sizes if files else "")
+
+        def chat_interface(fn, **kwargs):
+            try:
+                return gr.ChatInterface(fn, type="messages", **kwargs)     # Gradio 5
+            except TypeError:
+                return gr.ChatInterface(fn, **kwargs)                      # Gradio 6
+        cls.apps = {"one_then_list": chat_interface(one_then_list), "lists": chat_interface(lists),
+                    "plain": chat_interface(plain),
+                    "multimodal": chat_interface(multimodal, multimodal=True)}
+        cls.urls = {}
+        for name, app in cls.apps.items():
+            port = _free_port()
+            app.queue().launch(server_name="127.0.0.1", server_port=port,
+                               prevent_thread_lock=True, quiet=True, show_error=True)
+            cls.urls[name] = "http://127.0.0.1:%d" % port
+
+    @classmethod
+    def tearDownClass(cls):
+        for app in cls.apps.values():
+            app.close()
+        import gc
+        gc.collect()
+        cls.warnings.__exit__(None, None, None)
+
+    def ask(self, name, messages, **extra):
+        """``[(content, reasoning)]``: non-streamed, then streamed, through the openai SDK."""
+        import openai
+        gw = start_gateway(self, self.urls[name], timeout=TIMEOUT, **extra)
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
+        self.addCleanup(client.close)
+        reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=messages)
+        message = reply.choices[0].message
+        out = [(message.content, (message.model_extra or {}).get("reasoning_content"))]
+        content, reasoning = [], []
+        for chunk in client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=messages,
+                                                    stream=True):
+            for choice in chunk.choices:
+                content.append(choice.delta.content or "")
+                reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
+        out.append(("".join(content), "".join(reasoning) or None))
+        return out
+
+    def test_chat_message_thoughts_are_the_reasoning(self):
+        hi = [{"role": "user", "content": "What is the capital of India?"}]
+        self.assertEqual(self.ask("one_then_list", hi), [(
+            "The capital of India is New Delhi.", "Consider the question carefully.")] * 2)
+        self.assertEqual(self.ask("lists", hi), [("Answer one.", "A short thought.")] * 2)
+
+    def test_a_plain_chat_interface_gets_the_system_prompt_in_the_message(self):
+        messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
+        self.assertEqual(self.ask("plain", messages), [
+            ("You said: System: Be terse.\n\nUser: Hi", None)] * 2)
+
+    def test_a_multimodal_chat_interface_gets_text_and_files(self):
+        self.assertEqual(self.ask("multimodal", [{"role": "user", "content": "Hi"}]),
+                         [("Text was: Hi", None)] * 2)
+        self.assertEqual(self.calls[-1], {"text": "Hi", "files": []})
+        png = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06"
+               b"\x00\x00\x00\x1f\x15\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\xff\xff?\x00\x05\xfe"
+               b"\x02\xfe\xa7\x35\x81\x84\x00\x00\x00\x00IEND\xaeB`\x82")
+        url = "data:image/png;base64," + __import__("base64").b64encode(png).decode()
+        self.assertEqual(self.ask("multimodal", [{"role": "user", "content": [
+            {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}]}]),
+            [("Text was: What is it?; files of [%d] bytes" % len(png), None)] * 2)
 
 
 class _PrefixProxy(http.server.ThreadingHTTPServer):
@@ -7743,597 +8428,6 @@ class BrowserTests(unittest.TestCase):
                     bg.DEFAULT_MODEL].pool.replicas[0].client.base_url)
                 self.assertFalse(self.js("return document.documentElement.scrollWidth > innerWidth"))
                 self.screenshot("monitor-%s-%s" % (size, "dark" if dark else "light"))
-
-
-@needs("gradio")
-@needs("openai")
-class RealEmbeddingTests(unittest.TestCase):
-    """A real Gradio app that computes vectors (one text at a time, or a list), behind the
-    gateway, through the openai SDK (floats, and its default base64) and LangChain."""
-
-    @staticmethod
-    def vector(text):
-        import math
-        return [math.sin(len(text) + i) / 3.0 for i in range(8)]
-
-    def setUp(self):
-        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        import gradio as gr
-        import warnings
-        caught = warnings.catch_warnings()
-        caught.__enter__()
-        self.addCleanup(caught.__exit__, None, None, None)
-        warnings.filterwarnings("ignore", module=r"gradio\.")
-        with gr.Blocks() as one:
-            box, out = gr.Textbox(), gr.JSON()
-            box.submit(self.vector, box, out, api_name="embed")
-        with gr.Blocks() as many:
-            texts, out = gr.JSON(), gr.JSON()
-            texts.change(lambda ts: [self.vector(t) for t in ts], texts, out, api_name="embed_all")
-        models = {"models": [{"id": "one", "kind": "embedding", "upstreams": [_launch(self, gr, one)]},
-                             {"id": "many", "kind": "embedding", "upstreams": [_launch(self, gr, many)]}]}
-        import tempfile
-        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-            json.dump(models, f)
-        self.addCleanup(os.unlink, f.name)
-        self.gw = bg.GatewayServer(bg.Config(models_file=f.name, port=0, timeout=30)).start()
-        self.addCleanup(self.gw.stop)
-
-    def test_the_openai_sdk_and_langchain(self):
-        import openai
-        client = openai.OpenAI(base_url=self.gw.url + "/v1", api_key="x", max_retries=0)
-        texts = ["a", "Param", "नमस्ते दुनिया"]
-        for model in ("one", "many"):
-            floats = client.embeddings.create(model=model, input=texts, encoding_format="float")
-            self.assertEqual([d.embedding for d in floats.data], [self.vector(t) for t in texts])
-            default = client.embeddings.create(model=model, input=texts)    # base64 asked
-            self.assertEqual([d.embedding for d in default.data],
-                             [list(struct.unpack("<8f", struct.pack("<8f", *self.vector(t))))
-                              for t in texts])
-            raw = json.loads(request(self.gw.url, "POST", "/v1/embeddings", {
-                "model": model, "input": texts, "encoding_format": "base64"})[2])
-            self.assertEqual([base64.b64decode(d["embedding"]) for d in raw["data"]],
-                             [struct.pack("<8f", *self.vector(t)) for t in texts])
-        try:
-            from langchain_openai import OpenAIEmbeddings
-        except ImportError:
-            if os.environ.get("BHARATGEN_REQUIRE_EXTRAS") == "1":
-                raise
-            return
-        lc = OpenAIEmbeddings(base_url=self.gw.url + "/v1", api_key="x", model="one",
-                              check_embedding_ctx_length=False)        # as the README says
-        as32 = [list(struct.unpack("<8f", struct.pack("<8f", *self.vector(t)))) for t in texts]
-        self.assertEqual(lc.embed_documents(texts), as32)          # it asks for base64
-        self.assertEqual(lc.embed_query("Param"), as32[1])
-
-
-@needs("gradio")
-class RealGradioTests(unittest.TestCase):
-    """The gateway in front of a real Gradio server running a Param-shaped app."""
-
-    @classmethod
-    def setUpClass(cls):
-        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        import gradio as gr
-        import warnings
-        # Gradio's queue warns about pandas on every job, and its launch leaves event
-        # loops to the garbage collector: warnings that are not ours
-        cls.warnings = warnings.catch_warnings()
-        cls.warnings.__enter__()
-        warnings.filterwarnings("ignore", module=r"gradio\.")
-        warnings.filterwarnings("ignore", "unclosed event loop", ResourceWarning)
-        cls.gr, cls.outcomes, cls.major = gr, [], int(gr.__version__.split(".")[0])
-        cls.app = _param_app(gr, cls.outcomes)
-        port = _free_port()
-        cls.app.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True,
-                               quiet=True, show_error=True)
-        cls.url = "http://127.0.0.1:%d" % port
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.app.close()
-        import gc
-        gc.collect()                            # those event loops, under the filters
-        cls.warnings.__exit__(None, None, None)
-
-    def gateways(self):
-        for protocol in ("queue", "call"):
-            with self.subTest(protocol=protocol):
-                gw = start_gateway(self, self.url, protocol=protocol, timeout=TIMEOUT)
-                gw.protocol = protocol
-                yield gw
-
-    def error(self, gw, message):
-        """The error a gateway reports: Gradio before 6.13 sends /call errors without text."""
-        if gw.protocol == "call" and self.major < 6:
-            return "the Gradio app failed without a message (it may hide errors; see its logs)"
-        return "the Gradio app reported an error: " + message
-
-    def wait_for_outcome(self):
-        deadline = time.monotonic() + 5
-        while not self.outcomes and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return [o[:2] for o in self.outcomes]
-
-    def test_answers_about_html_come_through_whole(self):
-        for gw in self.gateways():
-            for prompt, answer in HTML_ANSWERS.items():
-                for stream in (False, True):
-                    status, _, body = chat(gw, prompt, stream=stream)
-                    text = streamed_text(sse_events(body)) if stream else \
-                        json.loads(body)["choices"][0]["message"]["content"]
-                    self.assertEqual((status, text), (200, answer), (prompt, stream))
-
-    def test_discovery(self):
-        info = gradio_client(self, self.url + "/gradio_api").discover()
-        self.assertEqual((info.prefix, info.endpoint, info.history_format, info.use_queue),
-                         ("/gradio_api", "chat_fn_1", "parts" if self.major >= 6 else "messages",
-                          True))
-        self.assertEqual([r for r, _ in info.inputs], ["message", "history", "system", "temperature",
-                                                       "max_tokens", "top_p", "top_k"])
-        self.assertEqual(info.limits, {"temperature": (0, 2), "max_tokens": (1, 4096),
-                                       "top_p": (0, 1), "top_k": (1, 100)})
-
-    def test_text_history_and_errors_over_both_protocols(self):
-        messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-                    {"role": "assistant", "content": "Hello!"}]
-        history = [{"content": [{"text": "Hi", "type": "text"}], "role": "user"},
-                   {"content": [{"text": "Hello!", "type": "text"}], "role": "assistant"}]
-        if self.major < 6:                              # Gradio 5: content as strings
-            history = [{"content": "Hi", "role": "user"}, {"content": "Hello!", "role": "assistant"}]
-        for gw in self.gateways():
-            for prompt, answer in (("Say hello", HELLO), ("show formatting", bg._DEMO_FORMATTING),
-                                   ("hindi please", HINDI),
-                                   ("tell me the history", "SYSTEM=Be terse. | HISTORY=" +
-                                    json.dumps(history, sort_keys=True))):
-                with self.subTest(prompt=prompt):
-                    conv = messages + [{"role": "user", "content": prompt}]
-                    status, _, body = chat(gw, conv)
-                    self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
-                                     (200, answer))
-                    self.assertEqual(streamed_text(sse_events(chat(gw, conv, stream=True)[2])), answer)
-            for stream in (False, True):
-                status, _, body = chat(gw, "[[error]]", stream)
-                self.assertEqual((status, json.loads(body)["error"]["message"]),
-                                 (502, self.error(gw, "Model is overloaded, try again")))
-
-    def test_sampling_values_and_the_apps_slider_ranges(self):
-        for gw in self.gateways():
-            status, _, body = chat(gw, "params", temperature=0.2, max_tokens=4096, top_p=0.5, top_k=7)
-            self.assertEqual((status, json.loads(body)["choices"][0]["message"]["content"]),
-                             (200, "PARAMS temperature=0.2 max_tokens=4096 top_p=0.5 top_k=7"))
-            status, _, body = chat(gw, "params", max_tokens=8192)
-            self.assertEqual((status, json.loads(body)), (400, {"error": {
-                "message": "max_tokens=8192 is more than this model accepts (at most 4096)",
-                "type": "invalid_request_error", "param": "max_tokens", "code": "invalid_value"}}))
-
-    def test_app_error_mid_stream(self):
-        full = bg._demo_reply("[[fail-midstream]]", [], None, [None] * 4)[1]
-        for gw in self.gateways():
-            message = self.error(gw, "the GPU went away")
-            status, _, body = chat(gw, "[[fail-midstream]]")
-            self.assertEqual((status, json.loads(body)["error"]["message"]), (502, message))
-            status, _, body = chat(gw, "[[fail-midstream]]", stream=True)
-            events = sse_events(body)
-            self.assertEqual((status, events[-2], events[-1]), (200, {"error": {
-                "message": message, "type": "upstream_error", "param": None,
-                "code": "upstream_error"}}, "[DONE]"))
-            text = streamed_text(events[:-2])
-            self.assertTrue(full.startswith(text) and text != full, text)
-
-    def test_full_queue_is_503(self):
-        url = _launch(self, self.gr, _param_app(self.gr), max_size=0)
-        for protocol in ("queue", "call"):
-            gw = start_gateway(self, url, protocol=protocol, timeout=TIMEOUT)
-            for stream in (False, True):
-                with self.subTest(protocol=protocol, stream=stream):
-                    status, headers, body = chat(gw, "Say hello", stream)
-                    self.assertEqual((status, headers.get("Retry-After"), json.loads(body)), (503, "1", {
-                        "error": {"message": "the Gradio app's queue is full; try again later",
-                                  "type": "upstream_error", "param": None,
-                                  "code": "upstream_overloaded"}}))
-
-    def test_tools_and_structured_output_with_the_openai_sdk(self):
-        """The official SDK's tool loop and ``parse()`` through this app, over both protocols."""
-        import openai
-        import pydantic
-        from typing import List
-
-        class Point(pydantic.BaseModel):
-            x: int
-            tags: List[str]
-
-        class Trip(pydantic.BaseModel):                 # nested: its schema has $defs
-            name: str
-            stops: List[Point]
-
-        for gw in self.gateways():
-            client = openai.OpenAI(base_url=gw.url + "/v1", api_key="x", max_retries=0,
-                                   timeout=TIMEOUT)
-            ask = [{"role": "user", "content": "What is the weather in Pune and Delhi?"}]
-            expected = [("get_weather", {"city": "Pune"}), ("get_weather", {"city": "Delhi"})]
-            reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=ask,
-                                                   tools=[WEATHER])
-            message = reply.choices[0].message
-            self.assertEqual((reply.choices[0].finish_reason, [
-                (c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls]),
-                ("tool_calls", expected))
-            with client.chat.completions.stream(model=bg.DEFAULT_MODEL, messages=ask,
-                                                tools=[WEATHER]) as stream:
-                final = stream.get_final_completion().choices[0]
-            self.assertEqual((final.finish_reason, [
-                (c.function.name, json.loads(c.function.arguments)) for c in final.message.tool_calls]),
-                ("tool_calls", expected))
-            weather = {"Pune": "31 C", "Delhi": "25 C"}
-            loop = ask + [message.model_dump(exclude_none=True)] + [
-                {"role": "tool", "tool_call_id": c.id,
-                 "content": weather[json.loads(c.function.arguments)["city"]]}
-                for c in message.tool_calls]
-            reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=loop,
-                                                   tools=[WEATHER])
-            self.assertEqual((reply.choices[0].message.content, reply.choices[0].finish_reason),
-                             ("Here is what the tools said: get_weather: 31 C; get_weather: 25 C",
-                              "stop"))
-            named = client.chat.completions.create(
-                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "weather in Agra"}],
-                tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}})
-            self.assertEqual(named.choices[0].message.tool_calls[0].function.arguments,
-                             '{"city": "Agra"}')
-            with self.assertRaises(openai.APIStatusError) as caught:
-                client.chat.completions.create(
-                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "[[no-call]] hi"}],
-                    tools=[WEATHER], tool_choice="required")
-            self.assertEqual((caught.exception.status_code, caught.exception.body["code"]),
-                             (502, "invalid_model_output"))
-            parsed = client.chat.completions.parse(
-                model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "plan a trip"}],
-                response_format=Trip).choices[0].message.parsed
-            self.assertEqual(parsed, Trip(name="Param", stops=[Point(x=1, tags=["Param"])]))
-            with self.assertRaises(openai.APIStatusError) as caught:
-                client.chat.completions.parse(
-                    model=bg.DEFAULT_MODEL, messages=[{"role": "user", "content": "[[bad-json]]"}],
-                    response_format=Point)
-            self.assertEqual(caught.exception.status_code, 502)
-
-    def test_langchain_tools_and_structured_output(self):
-        """LangChain's ``bind_tools`` and ``with_structured_output`` through this app."""
-        from langchain_core.messages import HumanMessage, ToolMessage
-        from langchain_core.tools import tool
-        from langchain_openai import ChatOpenAI
-        import pydantic
-        from typing import List
-
-        @tool
-        def get_weather(city: str) -> str:
-            """The weather in a city now."""
-            return {"Pune": "31 C"}.get(city, "unknown")
-
-        class Point(pydantic.BaseModel):
-            x: int
-            tags: List[str]
-
-        gw = start_gateway(self, self.url, timeout=TIMEOUT)
-        llm = ChatOpenAI(base_url=gw.url + "/v1", api_key="x", model=bg.DEFAULT_MODEL,
-                         max_retries=0, timeout=TIMEOUT)
-        bound = llm.bind_tools([get_weather])
-        history = [HumanMessage("What is the weather in Pune?")]
-        ai = bound.invoke(history)
-        self.assertEqual([(c["name"], c["args"]) for c in ai.tool_calls],
-                         [("get_weather", {"city": "Pune"})])
-        streamed = None
-        for chunk in bound.stream(history):
-            streamed = chunk if streamed is None else streamed + chunk
-        self.assertEqual([(c["name"], c["args"]) for c in streamed.tool_calls],
-                         [("get_weather", {"city": "Pune"})])
-        history += [ai, ToolMessage(get_weather.invoke(ai.tool_calls[0]["args"]),
-                                    tool_call_id=ai.tool_calls[0]["id"])]
-        self.assertEqual(bound.invoke(history).content,
-                         "Here is what the tools said: get_weather: 31 C")
-        for method in ("json_schema", "function_calling"):     # a format, or a forced call
-            with self.subTest(method=method):
-                self.assertEqual(llm.with_structured_output(Point, method=method).invoke(
-                    "a point please"), Point(x=1, tags=["Param"]))
-
-    def test_stop_and_disconnect_cancel_the_gradio_job(self):
-        prompt = "300 words slowly"             # about 330 snapshots, 20 ms apart
-        for gw in self.gateways():
-            for stream in (False, True):
-                del self.outcomes[:]
-                status, _, body = chat(gw, prompt, stream, stop=["bilingual"])
-                text = (streamed_text(sse_events(body)) if stream
-                        else json.loads(body)["choices"][0]["message"]["content"])
-                self.assertEqual((status, text), (200, "Param is a "))
-                self.assertEqual(self.wait_for_outcome(), [(prompt, "cancelled")])
-                self.assertLess(self.outcomes[0][2], 150)
-            del self.outcomes[:]
-            conn = http.client.HTTPConnection(*gw.server_address[:2], timeout=TIMEOUT)
-            try:
-                conn.request("POST", "/v1/chat/completions", json.dumps({
-                    "model": bg.DEFAULT_MODEL, "stream": True,
-                    "messages": [{"role": "user", "content": prompt}]}),
-                    {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                self.assertEqual(resp.status, 200)
-                self.assertTrue(resp.read1(1000).startswith(b"data: "))
-                conn.sock.shutdown(socket.SHUT_RDWR)     # the client goes away mid-stream
-            finally:
-                conn.close()
-            self.assertEqual(self.wait_for_outcome(), [(prompt, "cancelled")])
-            status, _, body = chat(gw, "Say hello")            # the queue is free again
-            self.assertEqual(json.loads(body)["choices"][0]["message"]["content"], HELLO)
-
-
-@needs("gradio")
-@needs("openai")
-class RealChatInterfaceTests(unittest.TestCase):
-    """Real ``gr.ChatInterface`` shapes behind the gateway, driven by the official openai
-    SDK: thoughts as ``gr.ChatMessage`` (one message then a list, or lists from the
-    start), a plain one given a system prompt, a multimodal one."""
-
-    @classmethod
-    def setUpClass(cls):
-        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-        import gradio as gr
-        import warnings
-        cls.warnings = warnings.catch_warnings()
-        cls.warnings.__enter__()
-        warnings.filterwarnings("ignore", module=r"gradio\.")
-        warnings.filterwarnings("ignore", "unclosed event loop", ResourceWarning)
-        cls.calls = []
-
-        def one_then_list(message, history):
-            thought = gr.ChatMessage(content="", metadata={"title": "Thinking", "status": "pending"})
-            for word in "Consider the question carefully.".split():
-                thought.content = (thought.content + " " + word).strip()
-                yield thought
-            thought.metadata["status"] = "done"
-            yield thought
-            answer = ""
-            for word in "The capital of India is New Delhi.".split():
-                answer = (answer + " " + word).strip()
-                yield [thought, gr.ChatMessage(content=answer)]
-
-        def lists(message, history):
-            thought = gr.ChatMessage(content="A short thought.",
-                                     metadata={"title": "Thinking", "status": "done"})
-            yield [thought]
-            yield [thought, gr.ChatMessage(content="Answer one.")]
-
-        def plain(message, history):
-            cls.calls.append(message)
-            yield "You said: " + message
-
-        def multimodal(message, history):
-            cls.calls.append(message)
-            files = [f if isinstance(f, str) else f.get("path") for f in message["files"]]
-            sizes = [os.path.getsize(f) for f in files]
-            yield "Text was: %s" % message["text"] + ("; files of %s bytes" % sizes if files else "")
-
-        def chat_interface(fn, **kwargs):
-            try:
-                return gr.ChatInterface(fn, type="messages", **kwargs)     # Gradio 5
-            except TypeError:
-                return gr.ChatInterface(fn, **kwargs)                      # Gradio 6
-        cls.apps = {"one_then_list": chat_interface(one_then_list), "lists": chat_interface(lists),
-                    "plain": chat_interface(plain),
-                    "multimodal": chat_interface(multimodal, multimodal=True)}
-        cls.urls = {}
-        for name, app in cls.apps.items():
-            port = _free_port()
-            app.queue().launch(server_name="127.0.0.1", server_port=port,
-                               prevent_thread_lock=True, quiet=True, show_error=True)
-            cls.urls[name] = "http://127.0.0.1:%d" % port
-
-    @classmethod
-    def tearDownClass(cls):
-        for app in cls.apps.values():
-            app.close()
-        import gc
-        gc.collect()
-        cls.warnings.__exit__(None, None, None)
-
-    def ask(self, name, messages, **extra):
-        """``[(content, reasoning)]``: non-streamed, then streamed, through the openai SDK."""
-        import openai
-        gw = start_gateway(self, self.urls[name], timeout=TIMEOUT, **extra)
-        client = openai.OpenAI(base_url=gw.url + "/v1", api_key="unused", max_retries=0)
-        self.addCleanup(client.close)
-        reply = client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=messages)
-        message = reply.choices[0].message
-        out = [(message.content, (message.model_extra or {}).get("reasoning_content"))]
-        content, reasoning = [], []
-        for chunk in client.chat.completions.create(model=bg.DEFAULT_MODEL, messages=messages,
-                                                    stream=True):
-            for choice in chunk.choices:
-                content.append(choice.delta.content or "")
-                reasoning.append((choice.delta.model_extra or {}).get("reasoning_content") or "")
-        out.append(("".join(content), "".join(reasoning) or None))
-        return out
-
-    def test_chat_message_thoughts_are_the_reasoning(self):
-        hi = [{"role": "user", "content": "What is the capital of India?"}]
-        self.assertEqual(self.ask("one_then_list", hi), [(
-            "The capital of India is New Delhi.", "Consider the question carefully.")] * 2)
-        self.assertEqual(self.ask("lists", hi), [("Answer one.", "A short thought.")] * 2)
-
-    def test_a_plain_chat_interface_gets_the_system_prompt_in_the_message(self):
-        messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"}]
-        self.assertEqual(self.ask("plain", messages), [
-            ("You said: System: Be terse.\n\nUser: Hi", None)] * 2)
-
-    def test_a_multimodal_chat_interface_gets_text_and_files(self):
-        self.assertEqual(self.ask("multimodal", [{"role": "user", "content": "Hi"}]),
-                         [("Text was: Hi", None)] * 2)
-        self.assertEqual(self.calls[-1], {"text": "Hi", "files": []})
-        png = (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x00\x01\x00\x00\x00\x01\x08\x06"
-               b"\x00\x00\x00\x1f\x15\xc4\x89\x00\x00\x00\rIDATx\x9cc\xf8\xff\xff?\x00\x05\xfe"
-               b"\x02\xfe\xa7\x35\x81\x84\x00\x00\x00\x00IEND\xaeB`\x82")
-        url = "data:image/png;base64," + __import__("base64").b64encode(png).decode()
-        self.assertEqual(self.ask("multimodal", [{"role": "user", "content": [
-            {"type": "text", "text": "What is it?"}, {"type": "image_url", "image_url": {"url": url}}]}]),
-            [("Text was: What is it?; files of [%d] bytes" % len(png), None)] * 2)
-
-
-class CLITests(unittest.TestCase):
-    def test_help_and_version(self):
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as cm:
-            bg.main(["--help"])
-        self.assertEqual(cm.exception.code, 0)
-        self.assertIn("serve", out.getvalue())
-        proc = subprocess.run([sys.executable, "-m", "bharatgen_openai", "--version"], cwd=str(HERE),
-                              capture_output=True, text=True, timeout=TIMEOUT)
-        self.assertEqual(proc.stdout.strip(), "bharatgen_openai " + bg.__version__)
-        for command, present, absent in (("info", "--connect-timeout", "--system-prompt"),
-                                         ("chat", "--system-prompt", "--cache-ttl"),
-                                         ("serve", "--tool-repairs", "--show-reasoning")):
-            out = io.StringIO()
-            with contextlib.redirect_stdout(out), self.assertRaises(SystemExit):
-                bg.main([command, "--help"])
-            self.assertEqual((present in out.getvalue(), absent in out.getvalue(),
-                              re.search(r"\n  --\S+(?: \S+)?\n(?!  {10})", out.getvalue())),
-                             (True, False, None), out.getvalue())    # every flag has its help
-
-    def test_bench_compares_the_gateway_with_direct_calls(self):
-        proc = subprocess.run([sys.executable, "bharatgen_openai.py", "bench", "--concurrency", "2",
-                               "--words", "5", "--token-delay", "0.001", "--repeat", "2"],
-                              cwd=str(HERE), capture_output=True, text=True, timeout=60)
-        self.assertEqual(proc.returncode, 0, proc.stderr)
-        rows = [line.split() for line in proc.stdout.splitlines() if line[:5].strip() == "2"]
-        self.assertEqual([r[1] for r in rows], ["gateway", "direct", "ratio"])
-        for r in rows[:2]:
-            self.assertEqual((r[2], r[7]), ("2", "0"))        # requests, errors
-        self.assertRegex(rows[0][9], r"^\d+MB$")                  # the gateway's peak memory
-
-    def test_chat_one_prompt_prints_the_answer(self):
-        demo = start_demo(self)
-        out, err = io.StringIO(), io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            code = bg.main(["chat", "--upstream", demo.url, "hindi", "please"])
-        self.assertEqual((code, out.getvalue()), (0, HINDI + "\n"))
-
-    def test_interactive_chat_keeps_history_and_resets(self):
-        demo = start_demo(self)
-        out, err, stdin = io.StringIO(), io.StringIO(), io.StringIO(
-            "Say hello\ntell me the history\n/reset\ntell me the history\n/exit\n")
-        old, sys.stdin = sys.stdin, stdin
-        try:
-            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-                code = bg.main(["chat", "--upstream", demo.url])
-        finally:
-            sys.stdin = old
-        history = [{"content": [{"text": "Say hello", "type": "text"}], "role": "user"},
-                   {"content": [{"text": HELLO, "type": "text"}], "role": "assistant"}]
-        system = bg.DEFAULT_SYSTEM_PROMPT
-        self.assertEqual((code, out.getvalue()), (0, (
-            ">>> %s\n>>> SYSTEM=%s | HISTORY=%s\n>>> >>> SYSTEM=%s | HISTORY=[]\n>>> "
-            % (HELLO, system, json.dumps(history, sort_keys=True), system))))
-        self.assertIn("(conversation forgotten)", err.getvalue())
-
-    def test_chat_shows_the_reasoning_when_asked(self):
-        demo = start_demo(self)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            bg.main(["chat", "--upstream", demo.url, "--show-reasoning", "Say hello"])
-        self.assertEqual(out.getvalue(), "[thinking] %s\n\n%s\n" % (thought_of("Say hello"), HELLO))
-
-    def test_info_prints_what_was_found(self):
-        demo = start_demo(self)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            bg.main(["info", "--upstream", demo.url])
-        self.assertIn("gradio:         6.31.0, API at /gradio_api", out.getvalue())
-        self.assertIn("chat endpoint:  /chat_fn_1", out.getvalue())
-        self.assertIn("  top_k            Slider     <- OpenAI top_k (1 to 100)\n", out.getvalue())
-        self.assertIn("openai fields:  system -> its input, history -> its input, temperature ->"
-                      " its input, max_tokens -> its input, top_p -> its input, top_k -> its "
-                      "input\n", out.getvalue())
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
-            bg.main(["info", "--demo"])
-        self.assertIn("gradio:         6.31.0, API at /gradio_api", out.getvalue())
-        chat_interface = start_demo(self, chat_interface=True)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            bg.main(["info", "--upstream", chat_interface.url])
-        self.assertIn("history:        not an input: folded into the message\n", out.getvalue())
-        self.assertIn("openai fields:  system -> its input, history -> the message, temperature "
-                      "-> its input, max_tokens -> nowhere, top_p -> nowhere, top_k -> nowhere",
-                      out.getvalue())
-
-    def test_info_follows_the_models_file_and_serve_logs_each_discovery(self):
-        demo, plain = start_demo(self), PlainChatInterface().start()
-        self.addCleanup(plain.stop)
-        path = os.path.join(self.tmp(), "models.json")
-        with open(path, "w") as f:
-            json.dump({"models": [{"id": "param", "upstreams": [demo.url]},
-                                  {"id": "plain", "upstreams": [plain.url]}]}, f)
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            bg.main(["info", "--config", path])
-        self.assertEqual(re.findall(r"model: +(\S+)\napp: +(\S+)", out.getvalue()),
-                         [("param", demo.url), ("plain", plain.url)])
-        gw = bg.GatewayServer(bg.Config(models_file=path, port=0))
-        self.addCleanup(gw.server_close)
-        with self.assertLogs("bharatgen_openai", "INFO") as logs:
-            bg._announce(gw)
-        self.assertEqual(logs.output[1], "INFO:bharatgen_openai:model 'plain': %s is Gradio "
-                         "6.31.0, endpoint /respond; system -> the message, history -> the "
-                         "message, temperature -> nowhere, max_tokens -> nowhere, top_p -> "
-                         "nowhere, top_k -> nowhere" % plain.url)
-        dead = bg.GatewayServer(bg.Config(upstream=["http://127.0.0.1:9"], port=0))
-        self.addCleanup(dead.server_close)
-        with self.assertLogs("bharatgen_openai", "WARNING") as logs:
-            bg._announce(dead)
-        self.assertIn("cannot reach the Gradio app at http://127.0.0.1:9", logs.output[0])
-
-    def tmp(self):
-        import tempfile
-        path = tempfile.mkdtemp()
-        self.addCleanup(__import__("shutil").rmtree, path)
-        return path
-
-    def test_info_on_something_that_is_not_gradio_says_so(self):
-        gw = start_gateway(self, start_demo(self).url)
-        with self.assertRaises(SystemExit) as cm:
-            bg.main(["info", "--upstream", gw.url + "/v1"])
-        self.assertEqual(str(cm.exception), "info: %s/v1 does not answer as a Gradio app: "
-                         "neither /config nor /info describes one" % gw.url)
-        with self.assertRaises(bg.UpstreamError) as cm:         # the gateway's root, not /v1
-            bg.BharatGenOpenAI(gw.url).chat.completions.create(messages=[{"role": "user",
-                                                                          "content": "Hi"}])
-        self.assertEqual(cm.exception.message, "%s does not answer as a Gradio app: neither "
-                         "/config nor /info describes one; it answers as an OpenAI API: did you "
-                         "mean %s/v1?" % (gw.url, gw.url))
-        with self.assertRaises(SystemExit) as cm:
-            bg.main(["serve", "--demo", "--upstream", gw.url])
-        self.assertEqual(cm.exception.code, 2)
-
-    def test_bad_flag_values_exit_with_a_message(self):
-        err = io.StringIO()
-        with contextlib.redirect_stderr(err), self.assertRaises(SystemExit) as cm:
-            bg.main(["serve", "--reasoning", "loud"])
-        self.assertEqual(cm.exception.code, 2)
-
-    def test_serve_demo_in_a_subprocess(self):
-        proc = subprocess.Popen([sys.executable, "bharatgen_openai.py", "serve", "--port", "0",
-                                 "--token-delay", "0"], cwd=str(HERE), stderr=subprocess.PIPE,
-                                text=True, env=dict(os.environ, BHARATGEN_UPSTREAM=""))
-        self.addCleanup(proc.wait, TIMEOUT)
-        self.addCleanup(proc.terminate)
-        lines, deadline = [], time.monotonic() + TIMEOUT
-        while time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            lines.append(line)
-            m = re.search(r"OpenAI API at (http://[\d.:]+)/v1", line)
-            if m:
-                break
-        else:
-            self.fail("serve did not start: %r" % lines)
-        self.assertIn("DEMO", "".join(lines))
-        reply = json.loads(chat(type("G", (), {"url": m.group(1)}), "Say hello")[2])
-        self.assertEqual(reply["choices"][0]["message"]["content"], HELLO)
-        proc.stderr.close()
 
 
 if __name__ == "__main__":
