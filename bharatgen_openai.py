@@ -1933,9 +1933,13 @@ def _discover(client: "GradioClient") -> _AppInfo:
                                 isinstance(openai.get("data"), list) or "invalid_api_key" in str(
                                     openai.get("error"))) else ""))
     chat = _pick_endpoint(named)
-    embedding = ([n for n, e in named.items() if n != chat and [p.get("component") for p in e.get(
-        "parameters") or []] in (["Textbox"], ["Json"]) and [r.get("component") for r in e.get(
-            "returns") or []] == ["Json"]] + [None])[0]  # text (or a list) in, numbers out
+
+    def components(e: Dict[str, Any], key: str) -> List[Any]:
+        return [p.get("component") for p in e.get(key) or []]
+    embedding = next((n for n, e in named.items()             # text (or a list) in, numbers out
+                      if (n != chat or chat not in _ENDPOINT_PREFERENCE)     # not a chat's
+                      and components(e, "parameters") in (["Textbox"], ["Json"])
+                      and components(e, "returns") == ["Json"]), None)
     if kind == "embedding" and not (endpoint or embedding):
         raise NotFoundError("the Gradio app at %s has no endpoint that takes text and returns "
                             "JSON (embeddings); name one with 'endpoint'" % http.shown,

@@ -2453,9 +2453,6 @@ class TokenizerTests(unittest.TestCase):
                     with self.assertRaisesRegex(ValueError, "^tokenizer.json: " + says):
                         _Tokenizer.load(path)
 
-if __name__ == "__main__":
-    unittest.main()
-
 
 class TokenLimitTests(unittest.TestCase):
     def test_tokens_a_minute_are_reserved_then_settled_with_what_was_used(self):
